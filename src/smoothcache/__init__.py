@@ -1,3 +1,34 @@
-"""SmoothCache for Diffusion Transformers."""
+"""SmoothCache for Diffusion Transformers: calibrate once, then reuse layer outputs across
+denoising steps wherever the calibration says they barely change (arXiv 2411.10510)."""
 
 __version__ = "0.1.0"
+
+from .adapters import CacheableLayer, find_layers
+from .calibration import CalibrationRecorder, calibration
+from .errors import (
+    NoCacheableLayersError,
+    ProfileError,
+    ScheduleError,
+    SmoothCacheError,
+    StepMismatchError,
+)
+from .profile import CalibrationProfile, LayerInfo
+from .runtime import CacheHandle, cache
+from .schedule import Schedule
+
+__all__ = [
+    "CacheHandle",
+    "CacheableLayer",
+    "CalibrationProfile",
+    "CalibrationRecorder",
+    "LayerInfo",
+    "NoCacheableLayersError",
+    "ProfileError",
+    "Schedule",
+    "ScheduleError",
+    "SmoothCacheError",
+    "StepMismatchError",
+    "cache",
+    "calibration",
+    "find_layers",
+]

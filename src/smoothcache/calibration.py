@@ -1,0 +1,283 @@
+"""The recorder: measures, during ordinary pipeline calls, how much each layer's output changes
+between steps ``s`` and ``s + k`` for ``k = 1..lookahead``.
+
+Errors accumulate on the model's device and are copied to the host once, when recording stops.
+Each layer keeps only its last ``lookahead`` outputs (float32 copies, as the model may reuse its
+buffers).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import __version__
+from .adapters import CacheableLayer, find_layers
+from .errors import ProfileError, StepMismatchError
+from .profile import CalibrationProfile, LayerInfo
+from .steps import StepTracker, resolve_target, step_anchor
+
+__all__ = ["CalibrationRecorder", "calibration"]
+
+logger = logging.getLogger(__name__)
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a layer output: a tensor, or the tensors in a tuple/list."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for t in output if isinstance(t, torch.Tensor)]
+    raise TypeError(f"Cannot measure a layer output of type {type(output).__name__}; expected a tensor or a tuple of tensors")
+
+
+class CalibrationRecorder:
+    """Hooks that record rel-L1 error curves; use through :func:`calibration`."""
+
+    def __init__(
+        self,
+        pipe_or_module: Any,
+        layers: Sequence[CacheableLayer],
+        *,
+        lookahead: int = 3,
+        steps: int | None = None,
+        calls_per_step: int = 1,
+        measure_flops: bool = True,
+        components: Sequence[str] | None = None,
+    ) -> None:
+        if lookahead < 1:
+            raise ValueError(f"lookahead must be >= 1, got {lookahead}")
+        if steps is not None and steps < 2:
+            raise ValueError(f"steps must be >= 2 to measure errors between steps, got {steps}")
+        self.target = resolve_target(pipe_or_module)
+        if self.target.pipeline is None and steps is None:
+            raise ValueError(
+                "Calibrating a bare module needs steps= (the number of denoising steps per generation), "
+                "since there is no scheduler to tell where one generation ends"
+            )
+        self.layers = list(layers)
+        self.lookahead = lookahead
+        self.steps = steps
+        self.calls_per_step = calls_per_step
+        self.measure_flops = measure_flops
+        self.components = list(components) if components is not None else sorted({l.layer_type for l in self.layers})
+        self._tracker = StepTracker(steps, self.target.timesteps, calls_per_step)
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._runs: list[torch.Tensor] = []  # finished generations: (layers, steps, lookahead) sums
+        self._current: torch.Tensor | None = None
+        self._calls_in_generation = 0
+        self._rings: list[list[deque[list[torch.Tensor]]]] = []
+        self._step = 0
+        self._slot = 0
+        self._flops: list[float] | None = None
+        self._total_flops: float | None = None
+        self._flop_counter: FlopCounterMode | None = None
+        self._flop_marks: list[float] = []
+        self._started = 0.0
+        self._profile: CalibrationProfile | None = None
+
+    # ---- attach / detach --------------------------------------------------------------------
+    def start(self) -> CalibrationRecorder:
+        if self._hooks:
+            return self
+        self._tracker.reset()
+        self._started = time.time()
+        anchor = step_anchor(self.target.model, self.layers[0].name)
+        self._hooks.append(anchor.register_forward_pre_hook(self._before_model_call))
+        for index, layer in enumerate(self.layers):
+            self._hooks.append(layer.module.register_forward_pre_hook(lambda m, a, i=index: self._before_layer(i)))
+            self._hooks.append(layer.module.register_forward_hook(lambda m, a, out, i=index: self._after_layer(i, out)))
+        return self
+
+    def stop(self) -> CalibrationProfile:
+        """Detach the hooks and build the profile from every complete generation."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        if self._flop_counter is not None:  # stopped before a second model call
+            self._flop_counter.__exit__(None, None, None)
+            self._flop_counter = None
+        self._finish_generation()
+        self._rings = []
+        self._profile = self._build_profile()
+        return self._profile
+
+    def __enter__(self) -> CalibrationRecorder:
+        return self.start()
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.stop()
+            return
+        for hook in self._hooks:  # leave the model clean, keep the original error
+            hook.remove()
+        self._hooks.clear()
+        if self._flop_counter is not None:
+            self._flop_counter.__exit__(None, None, None)
+            self._flop_counter = None
+
+    @property
+    def profile(self) -> CalibrationProfile:
+        """The recorded profile (available once recording stopped, e.g. after the ``with`` block)."""
+        if self._profile is None:
+            raise ProfileError("The profile is ready once calibration stops: read rec.profile after the with block")
+        return self._profile
+
+    # ---- hooks ------------------------------------------------------------------------------
+    def _before_model_call(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._flop_counter is not None:
+            self._close_flop_window()
+        step, slot, new_generation = self._tracker.advance()
+        if new_generation:
+            self._finish_generation()
+            self._start_generation()
+        self._calls_in_generation += 1
+        steps = self._current.shape[1] if self._current is not None else 0
+        if step >= steps:
+            raise StepMismatchError(
+                f"Calibration for {steps} steps saw a call for step {step + 1}; pass steps= matching the "
+                "pipeline's num_inference_steps, or calls_per_step= if it calls the model several times per step"
+            )
+        self._step, self._slot = step, slot
+        if self.measure_flops and self._flops is None and self._tracker.generation == 0 and step == slot == 0:
+            self._open_flop_window()
+
+    # FLOPs are counted once, from the first model call to the second: one whole call, with the
+    # first call's lead-in (embeddings before the anchor block) stood in for by the second's.
+    def _open_flop_window(self) -> None:
+        self._flop_counter = FlopCounterMode(display=False)
+        self._flop_counter.__enter__()
+        self._flop_marks = [0.0] * len(self.layers)
+
+    def _close_flop_window(self) -> None:
+        counter, self._flop_counter = self._flop_counter, None
+        assert counter is not None
+        counter.__exit__(None, None, None)
+        self._total_flops = float(counter.get_total_flops())
+        self._flops = self._flop_marks
+
+    def _before_layer(self, index: int) -> None:
+        if self._flop_counter is not None:
+            self._flop_marks[index] = -float(self._flop_counter.get_total_flops())
+
+    def _after_layer(self, index: int, output: Any) -> None:
+        if self._flop_counter is not None:
+            self._flop_marks[index] += float(self._flop_counter.get_total_flops())
+        current = [t.detach().to(torch.float32, copy=True) for t in _tensors(output)]
+        ring = self._rings[index][self._slot]
+        if ring:
+            denominator = sum(torch.linalg.vector_norm(t, ord=1) for t in current)
+            numerators = [
+                sum(torch.linalg.vector_norm(p - c, ord=1) for p, c in zip(previous, current)) for previous in ring
+            ]
+            assert self._current is not None
+            self._current[index, self._step, : len(numerators)] += torch.stack(numerators) / denominator
+        ring.appendleft(current)
+
+    # ---- generations ------------------------------------------------------------------------
+    def _start_generation(self) -> None:
+        steps = self._tracker.generation_steps
+        if steps is None:
+            raise ValueError("Cannot tell how many steps this generation has; pass steps=")
+        if self.steps is not None and steps != self.steps:
+            raise StepMismatchError(f"Calibration was set up for steps={self.steps} but the pipeline is running {steps} steps")
+        if self._runs and steps != self._runs[0].shape[1]:
+            raise StepMismatchError(
+                f"Every calibration call must run the same number of steps: the first ran {self._runs[0].shape[1]}, "
+                f"this one runs {steps}"
+            )
+        model = self.target.model
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        if model.training:
+            logger.warning(
+                "%s is in training mode: dropout and label dropout make calibration noisy; call .eval() first",
+                type(model).__name__,
+            )
+        self._current = torch.zeros(len(self.layers), steps, self.lookahead, device=device)
+        self._calls_in_generation = 0
+        self._rings = [[deque(maxlen=self.lookahead) for _ in range(self.calls_per_step)] for _ in self.layers]
+
+    def _finish_generation(self) -> None:
+        if self._current is None:
+            return
+        steps = self._current.shape[1]
+        if self._calls_in_generation >= steps * self.calls_per_step:
+            self._runs.append(self._current)
+        else:
+            logger.warning("Dropping an incomplete calibration generation (%d of %d steps)", self._step + 1, steps)
+        self._current = None
+
+    def _build_profile(self) -> CalibrationProfile:
+        if not self._runs:
+            raise ProfileError(
+                "Calibration recorded no complete generation; run the pipeline at least once inside the with block"
+            )
+        # One device-to-host copy for everything recorded.
+        sums = torch.stack(self._runs).cpu().double().numpy() / self.calls_per_step  # (runs, layers, steps, K)
+        runs, num_layers, steps, lookahead = sums.shape
+        errors = np.full((runs, num_layers, lookahead, steps), np.nan)
+        for k in range(1, lookahead + 1):
+            # target step t = s + k holds the error against step s: shift to source indexing.
+            errors[:, :, k - 1, : steps - k] = sums[:, :, k:, k - 1]
+        flops = self._flops or [None] * num_layers
+        infos = [LayerInfo(l.name, l.layer_type, l.block, f) for l, f in zip(self.layers, flops)]
+        model = self.target.model
+        parameter = next(model.parameters(), None)
+        metadata = {
+            "model_class": type(model).__name__,
+            "pipeline_class": type(self.target.pipeline).__name__ if self.target.pipeline is not None else None,
+            "scheduler_class": self.target.scheduler_name,
+            "dtype": str(parameter.dtype).removeprefix("torch.") if parameter is not None else None,
+            "device": str(parameter.device) if parameter is not None else None,
+            "components": self.components,
+            "lookahead": lookahead,
+            "num_steps": steps,
+            "calls_per_step": self.calls_per_step,
+            "num_runs": runs,
+            "run_labels": [f"call {i}" for i in range(runs)],
+            "smoothcache_version": __version__,
+            "torch_version": torch.__version__,
+            "python": platform.python_version(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(time.time() - self._started, 3),
+        }
+        self._runs = []
+        return CalibrationProfile(infos, errors, metadata, self._total_flops)
+
+
+def calibration(
+    pipe_or_module: Any,
+    components: Sequence[str] | None = None,
+    *,
+    lookahead: int = 3,
+    steps: int | None = None,
+    calls_per_step: int = 1,
+    measure_flops: bool = True,
+) -> CalibrationRecorder:
+    """Record error curves over any number of ordinary pipeline calls.
+
+    >>> with smoothcache.calibration(pipe, components=["attn1", "ff"]) as rec:   # doctest: +SKIP
+    ...     for seed in range(4):
+    ...         pipe(class_labels=[207, 360], num_inference_steps=50, generator=torch.manual_seed(seed))
+    >>> schedule = rec.profile.schedule(alpha=0.18)                               # doctest: +SKIP
+    """
+    target = resolve_target(pipe_or_module)
+    layers = find_layers(target.model, components)
+    return CalibrationRecorder(
+        pipe_or_module,
+        layers,
+        lookahead=lookahead,
+        steps=steps,
+        calls_per_step=calls_per_step,
+        measure_flops=measure_flops,
+        components=components,
+    ).start()

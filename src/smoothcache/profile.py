@@ -1,0 +1,271 @@
+"""CalibrationProfile: the error curves one calibration recorded, with the metadata to trust them.
+
+The profile keeps the raw per-layer, per-step curves of every calibration call, so schedules for
+any threshold or budget come from it without running the model again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ProfileError
+from .schedule import Schedule
+from .solvers import greedy_schedule, schedule_for_budget
+
+__all__ = ["CalibrationProfile", "LayerInfo"]
+
+FORMAT = "smoothcache.profile"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One calibrated layer: its module path, its type key, its block index and its cost per model call."""
+
+    name: str
+    layer_type: str
+    block: int | None
+    flops: float | None = None
+
+    @property
+    def block_key(self) -> str:
+        """The per-block schedule key, e.g. ``"attn1-3"`` (the type key when the block is unknown)."""
+        return self.layer_type if self.block is None else f"{self.layer_type}-{self.block}"
+
+
+@dataclass
+class CalibrationProfile:
+    """Relative L1 errors per calibration run, layer, lookahead and step.
+
+    ``errors[r, l, k - 1, s]`` is ``||y_{s+k} - y_s||_1 / ||y_{s+k}||_1`` for layer ``l`` in run
+    ``r``: the error of reusing step ``s``'s output ``k`` steps later. Entries with
+    ``s + k >= num_steps`` are NaN.
+    """
+
+    layers: list[LayerInfo]
+    errors: np.ndarray
+    metadata: dict[str, Any] = field(default_factory=dict)
+    total_flops: float | None = None
+
+    def __post_init__(self) -> None:
+        self.errors = np.asarray(self.errors, dtype=np.float64)
+        if self.errors.ndim != 4:
+            raise ProfileError(f"errors must have shape (runs, layers, lookahead, steps), got {self.errors.shape}")
+        if self.errors.shape[0] < 1:
+            raise ProfileError("The profile holds no calibration run; run the pipeline at least once while calibrating")
+        if self.errors.shape[1] != len(self.layers):
+            raise ProfileError(f"errors cover {self.errors.shape[1]} layers but {len(self.layers)} are listed")
+        if self.lookahead < 1 or self.num_steps < 2:
+            raise ProfileError(f"A profile needs lookahead >= 1 and >= 2 steps, got {self.lookahead} and {self.num_steps}")
+
+    # ---- shape ------------------------------------------------------------------------------
+    @property
+    def num_runs(self) -> int:
+        return self.errors.shape[0]
+
+    @property
+    def lookahead(self) -> int:
+        return self.errors.shape[2]
+
+    @property
+    def num_steps(self) -> int:
+        return self.errors.shape[3]
+
+    def keys(self, per_block: bool = False) -> list[str]:
+        """Schedule keys in the model's order: layer types, or one key per block's layer."""
+        names = [layer.block_key if per_block else layer.layer_type for layer in self.layers]
+        return list(dict.fromkeys(names))
+
+    # ---- curves -----------------------------------------------------------------------------
+    def mean_errors(self) -> np.ndarray:
+        """``(layers, lookahead, steps)``: the mean over calibration runs."""
+        return self.errors.mean(axis=0)
+
+    def curves(self, key: str) -> np.ndarray:
+        """``(lookahead, steps)`` curves for a type key (mean over its blocks) or a per-block key."""
+        rows = [i for i, layer in enumerate(self.layers) if key in (layer.layer_type, layer.block_key)]
+        if not rows:
+            raise ProfileError(f"The profile has no layer for key {key!r}; it has {self.keys()} and {self.keys(True)}")
+        per_type = [i for i in rows if self.layers[i].layer_type == key]
+        rows = per_type or rows
+        return self.mean_errors()[rows].mean(axis=0)
+
+    def curves_by_key(self, keys: Sequence[str] | None = None, per_block: bool = False) -> dict[str, np.ndarray]:
+        keys = list(keys) if keys is not None else self.keys(per_block)
+        return {key: self.curves(key) for key in keys}
+
+    def key_costs(self, per_block: bool = False) -> dict[str, float]:
+        """FLOPs per model call of all layers each key governs (needs costs recorded at calibration)."""
+        if self.total_flops is None or any(layer.flops is None for layer in self.layers):
+            raise ProfileError(
+                "This profile has no measured layer costs; recalibrate with measure_flops=True "
+                "or give the budget as compute_fraction"
+            )
+        costs: dict[str, float] = {}
+        for layer in self.layers:
+            key = layer.block_key if per_block else layer.layer_type
+            costs[key] = costs.get(key, 0.0) + float(layer.flops or 0.0)
+        return costs
+
+    # ---- schedules --------------------------------------------------------------------------
+    def schedule(
+        self,
+        alpha: float | None = None,
+        *,
+        compute_fraction: float | None = None,
+        speedup: float | None = None,
+        keys: Sequence[str] | None = None,
+        per_block: bool = False,
+    ) -> Schedule:
+        """A greedy schedule at threshold ``alpha``, or at the smallest threshold meeting a budget.
+
+        ``compute_fraction`` bounds the fraction of cached-layer calls computed; ``speedup`` asks
+        for at least that ideal speedup from the measured FLOPs. Give exactly one of the three.
+
+        >>> profile.schedule(alpha=0.18)                 # doctest: +SKIP
+        >>> profile.schedule(compute_fraction=0.5)       # doctest: +SKIP
+        """
+        return self.schedule_and_threshold(
+            alpha, compute_fraction=compute_fraction, speedup=speedup, keys=keys, per_block=per_block
+        )[0]
+
+    def schedule_and_threshold(
+        self,
+        alpha: float | None = None,
+        *,
+        compute_fraction: float | None = None,
+        speedup: float | None = None,
+        keys: Sequence[str] | None = None,
+        per_block: bool = False,
+    ) -> tuple[Schedule, float]:
+        """As :meth:`schedule`, also returning the threshold used (the one found for a budget)."""
+        given = [n for n, v in (("alpha", alpha), ("compute_fraction", compute_fraction), ("speedup", speedup)) if v is not None]
+        if len(given) != 1:
+            raise ProfileError(f"Give exactly one of alpha, compute_fraction, speedup (got {given or 'none'})")
+        curves = self.curves_by_key(keys, per_block)
+        if alpha is not None:
+            if alpha < 0:
+                raise ProfileError(f"alpha must be >= 0, got {alpha}")
+            return greedy_schedule(curves, alpha), float(alpha)
+        if compute_fraction is not None:
+            if not 0 < compute_fraction <= 1:
+                raise ProfileError(f"compute_fraction must be in (0, 1], got {compute_fraction}")
+            return schedule_for_budget(
+                curves, lambda s: s.compute_fraction() <= compute_fraction + 1e-12, f"compute_fraction={compute_fraction}"
+            )
+        assert speedup is not None
+        if speedup < 1:
+            raise ProfileError(f"speedup must be >= 1, got {speedup}")
+        costs, total = self.key_costs(per_block), float(self.total_flops or 0.0)
+        return schedule_for_budget(curves, lambda s: s.estimated_speedup(costs, total) >= speedup - 1e-12, f"speedup={speedup}")
+
+    def estimated_speedup(self, schedule: Schedule) -> float:
+        """Ideal speedup of ``schedule`` on the calibrated model, from the FLOPs it skips."""
+        per_block = any(key not in self.keys() for key in schedule.keys)
+        costs = self.key_costs(per_block=False)
+        if per_block:
+            costs.update(self.key_costs(per_block=True))
+        return schedule.estimated_speedup(costs, float(self.total_flops or 0.0))
+
+    def check_steps(self, num_steps: int) -> None:
+        """Raise if this profile was recorded for another step count."""
+        if num_steps != self.num_steps:
+            raise ProfileError(
+                f"The profile was calibrated for {self.num_steps} steps but {num_steps} were asked for; "
+                f"calibrate again with {num_steps} steps"
+            )
+
+    # ---- combining --------------------------------------------------------------------------
+    @classmethod
+    def merge(cls, profiles: Sequence[CalibrationProfile]) -> CalibrationProfile:
+        """One profile holding the runs of several calibrations of the same model and steps."""
+        if not profiles:
+            raise ProfileError("Nothing to merge")
+        first = profiles[0]
+        for other in profiles[1:]:
+            if [l.name for l in other.layers] != [l.name for l in first.layers]:
+                raise ProfileError("Cannot merge profiles of different models: their calibrated layers differ")
+            if other.errors.shape[2:] != first.errors.shape[2:]:
+                raise ProfileError(
+                    f"Cannot merge profiles of {first.num_steps} and {other.num_steps} steps "
+                    f"(lookahead {first.lookahead} and {other.lookahead})"
+                )
+        metadata = dict(first.metadata)
+        metadata["run_labels"] = [label for p in profiles for label in p.metadata.get("run_labels", [None] * p.num_runs)]
+        return cls(first.layers, np.concatenate([p.errors for p in profiles]), metadata, first.total_flops)
+
+    # ---- files ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        def trimmed(curves: np.ndarray) -> list[list[float]]:
+            return [[float(v) for v in curves[k, : self.num_steps - k - 1]] for k in range(self.lookahead)]
+
+        layers = [
+            {"name": l.name, "layer_type": l.layer_type, "block": l.block, "flops": l.flops} for l in self.layers
+        ]
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "lookahead": self.lookahead,
+            "num_steps": self.num_steps,
+            "total_flops": self.total_flops,
+            "metadata": self.metadata,
+            "layers": layers,
+            "curve_layout": "errors[k-1][s] = rel-L1 between the outputs at step s+k and step s, over ||y_(s+k)||_1",
+            "runs": [{l.name: trimmed(run[i]) for i, l in enumerate(self.layers)} for run in self.errors],
+            "mean": {l.name: trimmed(curves) for l, curves in zip(self.layers, self.mean_errors())},
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | None = None) -> CalibrationProfile:
+        where = f" {source}" if source else ""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ProfileError(
+                f"Profile{where} is not a smoothcache calibration profile (no \"format\": \"{FORMAT}\"); "
+                "schedules load with Schedule.load"
+            )
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ProfileError(f"Profile{where} has format_version {data.get('format_version')}, this smoothcache reads {FORMAT_VERSION}")
+        try:
+            layers = [LayerInfo(l["name"], l["layer_type"], l["block"], l.get("flops")) for l in data["layers"]]
+            lookahead, num_steps = int(data["lookahead"]), int(data["num_steps"])
+            errors = np.full((len(data["runs"]), len(layers), lookahead, num_steps), np.nan)
+            for r, run in enumerate(data["runs"]):
+                for i, layer in enumerate(layers):
+                    rows = run[layer.name]
+                    if len(rows) != lookahead:
+                        raise ProfileError(f"Profile{where}: layer {layer.name} has {len(rows)} lookahead rows, expected {lookahead}")
+                    for k, row in enumerate(rows):
+                        if len(row) != num_steps - k - 1:
+                            raise ProfileError(
+                                f"Profile{where}: layer {layer.name}, lookahead {k + 1} has {len(row)} values, "
+                                f"expected {num_steps - k - 1} for {num_steps} steps"
+                            )
+                        errors[r, i, k, : len(row)] = row
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ProfileError):
+                raise
+            raise ProfileError(f"Profile{where} is malformed: {type(exc).__name__}: {exc}") from exc
+        return cls(layers, errors, dict(data.get("metadata") or {}), data.get("total_flops"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationProfile:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise ProfileError(f"Cannot read profile file {path}: {exc.strerror or exc}") from exc
+        except json.JSONDecodeError as exc:
+            raise ProfileError(f"Profile file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
+        return cls.from_dict(data, source=str(path))

@@ -1,0 +1,205 @@
+"""The cache: at each step, every scheduled layer either computes (and keeps its output) or returns
+the output it kept.
+
+Decisions are made once per model call, in a forward pre-hook on the first cached block: each schedule key has
+one ``_Decision`` whose ``compute`` flag is set for the step. The per-layer path is one attribute
+read and a branch. PyTorch's forward hooks cannot skip a module's computation, so a layer's
+``forward`` is shadowed by an instance attribute, as diffusers' hook registry does; removing it
+(or restoring an instance ``forward`` that was there before) puts the module back exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from torch import nn
+
+from .adapters import CacheableLayer, find_layers
+from .errors import ScheduleError, StepMismatchError
+from .schedule import Schedule, schedule_key_for
+from .steps import StepTracker, resolve_target, step_anchor
+
+__all__ = ["CacheHandle", "cache"]
+
+logger = logging.getLogger(__name__)
+
+_MISSING = object()
+
+
+class _Decision:
+    """Compute or reuse, for every layer one schedule key governs, at the current call."""
+
+    __slots__ = ("compute", "slot")
+
+    def __init__(self) -> None:
+        self.compute = True
+        self.slot = 0
+
+
+def _caching_forward(original: Callable[..., Any], decision: _Decision, outputs: list[Any]) -> Callable[..., Any]:
+    """The hot path: compute and keep, or hand back what was kept for this call slot."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if decision.compute:
+            output = original(*args, **kwargs)
+            outputs[decision.slot] = output
+            return output
+        return outputs[decision.slot]
+
+    return forward
+
+
+class CacheHandle:
+    """SmoothCache attached to one model; a context manager, and ``enable()``/``disable()`` for manual use."""
+
+    def __init__(
+        self,
+        pipe_or_module: Any,
+        schedule: Schedule,
+        *,
+        layers: Sequence[CacheableLayer] | None = None,
+        calls_per_step: int = 1,
+        steps_mismatch: Literal["error", "compute"] = "error",
+    ) -> None:
+        if not isinstance(schedule, Schedule):
+            schedule = Schedule.from_dict(schedule)
+        if steps_mismatch not in ("error", "compute"):
+            raise ValueError(f"steps_mismatch must be 'error' or 'compute', got {steps_mismatch!r}")
+        self.target = resolve_target(pipe_or_module)
+        self.schedule = schedule
+        self.steps_mismatch = steps_mismatch
+        if layers is None:
+            wanted = list(dict.fromkeys(key.rsplit("-", 1)[0] if key.rsplit("-", 1)[-1].isdigit() else key for key in schedule.keys))
+            layers = find_layers(self.target.model, wanted)
+        self.layers = list(layers)
+        self._plans = self._assign_keys()
+        self._tracker = StepTracker(schedule.num_steps, self.target.timesteps, calls_per_step)
+        self._calls_per_step = calls_per_step
+        self._decisions: list[tuple[_Decision, tuple[int, ...]]] = []
+        self._restore: list[Callable[[], None]] = []
+        self._outputs: list[list[Any]] = []
+        self.enable()
+
+    def _assign_keys(self) -> dict[str, list[CacheableLayer]]:
+        by_key: dict[str, list[CacheableLayer]] = {}
+        for layer in self.layers:
+            key = schedule_key_for(self.schedule.plans, layer.layer_type, layer.block)
+            if key is not None:
+                by_key.setdefault(key, []).append(layer)
+        unused = [key for key in self.schedule.keys if key not in by_key]
+        if unused:
+            found = sorted({layer.layer_type for layer in self.layers})
+            raise ScheduleError(
+                f"Schedule keys {unused} match no layer of {type(self.target.model).__name__}; "
+                f"its cacheable layers answer to {found} (or '<type>-<block>'). "
+                "Use a schedule made for this model, or pass components= naming its layers"
+            )
+        return by_key
+
+    # ---- attach / detach --------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return bool(self._restore)
+
+    def enable(self) -> CacheHandle:
+        """Attach to the model (idempotent). The next model call starts a new generation."""
+        if self.enabled:
+            return self
+        self._tracker.reset()
+        for key, layers in self._plans.items():
+            decision = _Decision()
+            self._decisions.append((decision, self.schedule.plans[key]))
+            for layer in layers:
+                outputs: list[Any] = [None] * self._calls_per_step
+                self._outputs.append(outputs)
+                self._restore.append(_shadow_forward(layer.module, decision, outputs))
+        anchor = step_anchor(self.target.model, self.layers[0].name)
+        hook = anchor.register_forward_pre_hook(self._before_model_call)
+        self._restore.append(hook.remove)
+        logger.debug("SmoothCache enabled on %d layers under %d keys", len(self._outputs), len(self._plans))
+        return self
+
+    def disable(self) -> None:
+        """Detach: the model's modules are exactly as before and every kept output is released."""
+        for restore in reversed(self._restore):
+            restore()
+        self._restore.clear()
+        for outputs in self._outputs:
+            outputs.clear()
+        self._outputs.clear()
+        self._decisions.clear()
+        self._tracker.reset()
+
+    def reset(self) -> None:
+        """Start over at step 0 on the next call (e.g. after an interrupted generation)."""
+        self._tracker.reset()
+
+    def __enter__(self) -> CacheHandle:
+        return self.enable()
+
+    def __exit__(self, *exc: object) -> None:
+        self.disable()
+
+    # ---- per model call ---------------------------------------------------------------------
+    def _before_model_call(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        step, slot, new_generation = self._tracker.advance()
+        num_steps = self.schedule.num_steps
+        if new_generation:
+            ran = self._tracker.generation_steps
+            if ran is not None and ran != num_steps and self.steps_mismatch == "error":
+                self._tracker.reset()
+                raise StepMismatchError(
+                    f"The schedule has {num_steps} steps but the pipeline is running {ran}; "
+                    f"calibrate for {ran} steps, call the pipeline with num_inference_steps={num_steps}, "
+                    "or pass steps_mismatch='compute' to compute every step the schedule does not cover"
+                )
+        if step >= num_steps:
+            if self.steps_mismatch == "error":
+                self._tracker.reset()
+                raise StepMismatchError(
+                    f"The schedule has {num_steps} steps but the model was called for step {step + 1}; "
+                    f"calibrate for {step + 1}+ steps, set calls_per_step if the pipeline calls the model "
+                    "several times per step, or pass steps_mismatch='compute'"
+                )
+            for decision, _ in self._decisions:
+                decision.compute, decision.slot = True, slot
+            return
+        for decision, plan in self._decisions:
+            decision.compute, decision.slot = plan[step] == 1, slot
+
+
+def _shadow_forward(module: nn.Module, decision: _Decision, outputs: list[Any]) -> Callable[[], None]:
+    """Put the caching forward on ``module``; return the function that undoes exactly that."""
+    previous = module.__dict__.get("forward", _MISSING)
+    module.forward = _caching_forward(module.forward, decision, outputs)  # type: ignore[method-assign]
+
+    def restore() -> None:
+        if previous is _MISSING:
+            module.__dict__.pop("forward", None)
+        else:
+            module.__dict__["forward"] = previous
+
+    return restore
+
+
+def cache(
+    pipe_or_module: Any,
+    schedule: Schedule | dict[str, list[int]],
+    *,
+    components: Sequence[str] | None = None,
+    calls_per_step: int = 1,
+    steps_mismatch: Literal["error", "compute"] = "error",
+) -> CacheHandle:
+    """Cache ``pipe_or_module``'s layers on ``schedule``; returns an enabled :class:`CacheHandle`.
+
+    >>> with smoothcache.cache(pipe, Schedule.load("schedule.json")):   # doctest: +SKIP
+    ...     images = pipe(class_labels=[207], num_inference_steps=50).images
+    """
+    if not isinstance(schedule, Schedule):
+        schedule = Schedule.from_dict(schedule)
+    layers = None
+    if components is not None:
+        layers = find_layers(resolve_target(pipe_or_module).model, components)
+    return CacheHandle(pipe_or_module, schedule, layers=layers, calls_per_step=calls_per_step, steps_mismatch=steps_mismatch)

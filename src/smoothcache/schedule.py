@@ -1,0 +1,171 @@
+"""Schedule: per-key 0/1 plans over denoising steps (1 = compute, 0 = reuse the cached output).
+
+Keys are layer types (``"attn1"``, ``"ff"``, ``"attn"``, ``"mlp"``) or one block's layer
+(``"attn-0"``, ``"mlp-13"``), as in the reference package's ``smoothcache_schedules/*.json``.
+A per-block key wins over the layer-type key for that block.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ScheduleError
+
+__all__ = ["Schedule", "schedule_key_for"]
+
+
+def schedule_key_for(plans: Mapping[str, object], layer_type: str, block: int | None) -> str | None:
+    """The key of ``plans`` that governs ``layer_type`` in block ``block``, or None.
+
+    >>> schedule_key_for({"attn1": [1], "attn1-3": [1]}, "attn1", 3)
+    'attn1-3'
+    """
+    if block is not None:
+        per_block = f"{layer_type}-{block}"
+        if per_block in plans:
+            return per_block
+    return layer_type if layer_type in plans else None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A validated compute/reuse plan for every cached key, all of the same number of steps."""
+
+    plans: dict[str, tuple[int, ...]]
+    source: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        plans = {key: _validated_plan(key, plan, self.source) for key, plan in dict(self.plans).items()}
+        where = _where(self.source)
+        if not plans:
+            raise ScheduleError(f"Schedule{where} has no keys; expected e.g. {{\"attn1\": [1, 0, 1, ...]}}")
+        lengths = {key: len(plan) for key, plan in plans.items()}
+        if len(set(lengths.values())) > 1:
+            listed = ", ".join(f"{key!r}: {n}" for key, n in lengths.items())
+            raise ScheduleError(
+                f"Schedule{where} has plans of unequal length ({listed}); every key must cover the same steps"
+            )
+        object.__setattr__(self, "plans", plans)
+
+    # ---- construction and files -------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Iterable[int]], source: str | None = None) -> Schedule:
+        """Build from ``{"attn1": [1, 0, ...], ...}`` (the reference package's JSON object)."""
+        if not isinstance(data, Mapping):
+            raise ScheduleError(
+                f"Schedule{_where(source)} must be a JSON object of key -> list of 0/1, got {type(data).__name__}"
+            )
+        return cls(plans=dict(data), source=source)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, path: str | Path) -> Schedule:
+        """Read a schedule JSON file; errors name the file and what is wrong with it."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ScheduleError(f"Cannot read schedule file {path}: {exc.strerror or exc}") from exc
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ScheduleError(
+                f"Schedule file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+            ) from exc
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def fixed_interval(cls, keys: Iterable[str], num_steps: int, interval: int) -> Schedule:
+        """Compute every ``interval``-th step and the last one (FORA-style), as the reference's ``*-fora.json``."""
+        if interval < 1:
+            raise ScheduleError(f"interval must be >= 1, got {interval}")
+        if num_steps < 1:
+            raise ScheduleError(f"num_steps must be >= 1, got {num_steps}")
+        plan = [1 if step % interval == 0 else 0 for step in range(num_steps)]
+        plan[-1] = 1
+        return cls({key: tuple(plan) for key in keys})
+
+    def to_dict(self) -> dict[str, list[int]]:
+        """The plain JSON-ready mapping, keys in their original order."""
+        return {key: list(plan) for key, plan in self.plans.items()}
+
+    def to_json(self) -> str:
+        """One line per key with a compact list: the layout the reference's calibration helper writes."""
+        rows = [f"    {json.dumps(key)}: {json.dumps(list(plan), separators=(',', ':'))}" for key, plan in self.plans.items()]
+        return "{\n" + ",\n".join(rows) + "\n}\n"
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_json` to ``path``, creating parent folders."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
+        return path
+
+    # ---- reading it -------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return len(next(iter(self.plans.values())))
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.plans)
+
+    def compute_fraction(self, key: str | None = None) -> float:
+        """Fraction of steps computed: for one key, or averaged over all keys."""
+        if key is not None:
+            plan = self.plans[key]
+            return sum(plan) / len(plan)
+        return sum(sum(plan) for plan in self.plans.values()) / (len(self.plans) * self.num_steps)
+
+    def compute_fractions(self) -> dict[str, float]:
+        return {key: self.compute_fraction(key) for key in self.plans}
+
+    def estimated_speedup(self, key_costs: Mapping[str, float], total_cost: float) -> float:
+        """Ideal speedup of the whole model from the cost (e.g. FLOPs per call) skipped.
+
+        ``key_costs[key]`` is the cost of all layers the key governs in one model call, and
+        ``total_cost`` the cost of the whole call; keys without a cost count as free.
+        """
+        if total_cost <= 0:
+            raise ScheduleError(f"total_cost must be positive, got {total_cost}")
+        saved = sum(key_costs.get(key, 0.0) * (1.0 - self.compute_fraction(key)) for key in self.plans)
+        remaining = total_cost - saved
+        return math.inf if remaining <= 0 else total_cost / remaining
+
+    def summary(self) -> str:
+        """A small table: key, steps computed, compute fraction."""
+        width = max(len("key"), *(len(key) for key in self.plans))
+        lines = [f"{'key':<{width}}  computed  fraction", f"{'-' * width}  --------  --------"]
+        for key, plan in self.plans.items():
+            lines.append(f"{key:<{width}}  {sum(plan):>3}/{len(plan):<4}  {sum(plan) / len(plan):8.3f}")
+        lines.append(f"{'all':<{width}}  {'':8}  {self.compute_fraction():8.3f}")
+        return "\n".join(lines)
+
+
+def _where(source: str | None) -> str:
+    return f" in {source}" if source else ""
+
+
+def _validated_plan(key: object, plan: object, source: str | None) -> tuple[int, ...]:
+    where = _where(source)
+    if not isinstance(key, str) or not key:
+        raise ScheduleError(f"Schedule{where} has a key {key!r}; keys must be non-empty strings like \"attn1\"")
+    if isinstance(plan, (str, bytes)) or not isinstance(plan, Iterable):
+        raise ScheduleError(f"Schedule {key!r}{where} must be a list of 0/1, got {type(plan).__name__}")
+    values = list(plan)
+    if not values:
+        raise ScheduleError(f"Schedule {key!r}{where} is empty; it needs one 0/1 entry per step")
+    for step, value in enumerate(values):
+        # bool is an int subclass; 1.0 and "1" are rejected so a typo cannot pass as a plan.
+        if type(value) not in (int, bool) or value not in (0, 1):
+            raise ScheduleError(
+                f"Schedule {key!r}{where} has {value!r} at step {step}; only 0 (reuse) and 1 (compute) are allowed"
+            )
+    if values[0] != 1:
+        raise ScheduleError(
+            f"Schedule {key!r}{where} starts with 0, but step 0 has nothing cached to reuse; the first step must be 1"
+        )
+    return tuple(int(v) for v in values)

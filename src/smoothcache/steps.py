@@ -1,0 +1,107 @@
+"""Which denoising step a model call belongs to, and where one generation ends and the next begins.
+
+The caching runtime and the calibration recorder both see only calls of the transformer. Given a
+pipeline, the step source is its scheduler: every pipeline call runs ``scheduler.set_timesteps``,
+which puts a new ``timesteps`` tensor on the scheduler, so a new tensor object means a new
+generation (checked by identity: no device sync). Without a scheduler, a generation ends after a
+known number of steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+__all__ = ["StepTracker", "Target", "resolve_target", "step_anchor"]
+
+
+@dataclass
+class Target:
+    """What a ``pipe_or_module`` argument resolves to: the model to hook and, for pipelines, the pipeline."""
+
+    model: nn.Module
+    pipeline: Any | None = None
+
+    def timesteps(self) -> Any | None:
+        """The pipeline scheduler's current ``timesteps`` (looked up each call: schedulers get swapped)."""
+        scheduler = getattr(self.pipeline, "scheduler", None)
+        return getattr(scheduler, "timesteps", None)
+
+    @property
+    def scheduler_name(self) -> str | None:
+        scheduler = getattr(self.pipeline, "scheduler", None)
+        return None if scheduler is None else type(scheduler).__name__
+
+
+def resolve_target(pipe_or_module: Any) -> Target:
+    """A diffusers pipeline (its ``transformer``) or any ``nn.Module``."""
+    if isinstance(pipe_or_module, nn.Module):
+        return Target(pipe_or_module)
+    model = getattr(pipe_or_module, "transformer", None)
+    if isinstance(model, nn.Module):
+        return Target(model, pipe_or_module)
+    raise TypeError(
+        f"Expected a diffusers pipeline with a .transformer or an nn.Module, got {type(pipe_or_module).__name__}; "
+        "for a pipeline whose denoiser is elsewhere (e.g. .unet), pass that module"
+    )
+
+
+def step_anchor(model: nn.Module, first_layer_name: str) -> nn.Module:
+    """The module whose every call marks one model call: the block holding the first cached layer.
+
+    Not the model itself: the original DiT's ``forward_with_cfg`` calls ``self.forward`` directly,
+    which bypasses the model's hooks, while its blocks are always called as modules.
+    """
+    parent = first_layer_name.rpartition(".")[0]
+    return model.get_submodule(parent) if parent else model.get_submodule(first_layer_name)
+
+
+class StepTracker:
+    """Maps each model call to ``(step, slot)``; ``slot`` numbers the calls within one step.
+
+    ``calls_per_step`` > 1 covers pipelines that call the model more than once per step, such as
+    classifier-free guidance run as separate conditional and unconditional calls.
+    """
+
+    def __init__(
+        self,
+        num_steps: int | None,
+        timesteps: Callable[[], Any | None] = lambda: None,
+        calls_per_step: int = 1,
+    ) -> None:
+        if calls_per_step < 1:
+            raise ValueError(f"calls_per_step must be >= 1, got {calls_per_step}")
+        self.num_steps = num_steps
+        self.calls_per_step = calls_per_step
+        self._timesteps = timesteps
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the generation in progress: the next call starts a new one."""
+        self._seen_timesteps: Any | None = None
+        self._calls = 0
+        self._limit: int | None = None
+        self.generation = -1
+        self.generation_steps: int | None = None
+
+    def advance(self) -> tuple[int, int, bool]:
+        """Account for one model call: ``(step, slot, starts_new_generation)``."""
+        timesteps = self._timesteps()
+        new = self.generation < 0
+        if timesteps is not None and timesteps is not self._seen_timesteps:
+            new = True
+        elif self._limit is not None and self._calls >= self._limit:
+            new = True
+        if new:
+            self._seen_timesteps = timesteps
+            self._calls = 0
+            self.generation += 1
+            self.generation_steps = len(timesteps) if timesteps is not None else self.num_steps
+            steps = self.generation_steps if self.generation_steps is not None else self.num_steps
+            self._limit = None if steps is None else steps * self.calls_per_step
+        step, slot = divmod(self._calls, self.calls_per_step)
+        self._calls += 1
+        return step, slot, new

@@ -1,0 +1,159 @@
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import smoothcache
+from smoothcache import NoCacheableLayersError, Schedule, ScheduleError, StepMismatchError
+
+from conftest import STEPS, CallCounter, generate, sample_loop
+
+SKIPPING = Schedule({"attn1": (1, 0, 1, 0, 0, 1, 1, 0, 1, 1), "ff": (1, 1, 0, 1, 0, 1, 0, 1, 0, 1)})
+
+
+def attn_and_ff_counters(pipe):
+    blocks = pipe.transformer.transformer_blocks
+    return CallCounter([b.attn1.to_q for b in blocks]), CallCounter([b.ff.net[2] for b in blocks])
+
+
+def test_all_ones_schedule_is_bit_identical_to_uncached(dit_pipe):
+    uncached = generate(dit_pipe)
+    with smoothcache.cache(dit_pipe, Schedule({"attn1": (1,) * STEPS, "ff": (1,) * STEPS})):
+        assert torch.equal(generate(dit_pipe), uncached)
+
+
+def test_skipped_steps_really_skip_the_layer(dit_pipe):
+    uncached = generate(dit_pipe)
+    attn, ff = attn_and_ff_counters(dit_pipe)
+    with smoothcache.cache(dit_pipe, SKIPPING):
+        cached = generate(dit_pipe)
+    blocks = len(dit_pipe.transformer.transformer_blocks)
+    assert attn.count == sum(SKIPPING.plans["attn1"]) * blocks
+    assert ff.count == sum(SKIPPING.plans["ff"]) * blocks
+    assert not torch.equal(cached, uncached)
+
+
+def test_consecutive_generations_restart_the_schedule(dit_pipe):
+    attn, _ = attn_and_ff_counters(dit_pipe)
+    with smoothcache.cache(dit_pipe, SKIPPING):
+        first = generate(dit_pipe)
+        second = generate(dit_pipe)
+        third = generate(dit_pipe, seed=5)
+    assert torch.equal(first, second)
+    assert attn.count == 3 * sum(SKIPPING.plans["attn1"]) * 2
+
+
+def test_disable_restores_the_model_exactly_and_frees_cached_outputs(dit_pipe):
+    before = generate(dit_pipe)
+    kept = []
+    spy = dit_pipe.transformer.transformer_blocks[0].attn1.register_forward_hook(
+        lambda m, a, out: kept.append(weakref.ref(out))
+    )
+    handle = smoothcache.cache(dit_pipe, SKIPPING)
+    generate(dit_pipe)
+    handle.disable()
+    spy.remove()
+    gc.collect()
+    assert kept and all(ref() is None for ref in kept)
+    for module in dit_pipe.transformer.modules():
+        assert "forward" not in module.__dict__
+        assert not module._forward_hooks and not module._forward_pre_hooks
+    assert torch.equal(generate(dit_pipe), before)
+    handle.enable()  # and it can come back
+    assert not torch.equal(generate(dit_pipe), before)
+    handle.disable()
+
+
+def test_a_previous_instance_forward_is_put_back(dit_pipe):
+    attn = dit_pipe.transformer.transformer_blocks[0].attn1
+    custom = attn.forward
+    attn.forward = custom  # e.g. another library's wrapper
+    with smoothcache.cache(dit_pipe, SKIPPING):
+        assert attn.__dict__["forward"] is not custom
+    assert attn.__dict__["forward"] is custom
+
+
+def test_per_block_keys_win_over_type_keys(dit_pipe):
+    schedule = Schedule({"attn1": (1,) * STEPS, "attn1-1": (1, 0) * (STEPS // 2)})
+    first, second = (CallCounter([b.attn1.to_q]) for b in dit_pipe.transformer.transformer_blocks)
+    with smoothcache.cache(dit_pipe, schedule):
+        generate(dit_pipe)
+    assert (first.count, second.count) == (STEPS, STEPS // 2)
+
+
+def test_step_count_mismatch_is_an_error_unless_asked_to_compute(dit_pipe):
+    with smoothcache.cache(dit_pipe, SKIPPING):
+        with pytest.raises(StepMismatchError, match="schedule has 10 steps but the pipeline is running 12"):
+            generate(dit_pipe, steps=12)
+        generate(dit_pipe)  # the handle recovers for a correct call
+    attn, _ = attn_and_ff_counters(dit_pipe)
+    with smoothcache.cache(dit_pipe, SKIPPING, steps_mismatch="compute"):
+        generate(dit_pipe, steps=12)
+    assert attn.count == (sum(SKIPPING.plans["attn1"]) + 2) * 2
+
+
+def test_keys_that_match_no_layer_are_an_error(dit_pipe):
+    with pytest.raises(ScheduleError, match=r"Schedule keys \['mlp'\] match no layer of DiTTransformer2DModel"):
+        smoothcache.cache(dit_pipe, Schedule({"attn1": (1, 0), "mlp": (1, 0)}))
+    with pytest.raises(NoCacheableLayersError, match="indexed blocks: BasicTransformerBlock with children"):
+        smoothcache.cache(dit_pipe, Schedule({"attn1": (1, 0)}), components=["attention"])
+    with pytest.raises(TypeError, match="Expected a diffusers pipeline with a .transformer or an nn.Module"):
+        smoothcache.cache(object(), SKIPPING)
+
+
+class TupleLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x, *, scale=1.0):
+        y = self.linear(x) * scale
+        return y, -y
+
+
+class TupleBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = TupleLayer()
+
+    def forward(self, x):
+        a, b = self.attn(x, scale=0.5)
+        return x + a - b
+
+
+class TupleModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([TupleBlock(), TupleBlock()])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_tuple_outputs_keyword_arguments_and_sequential_cfg():
+    torch.manual_seed(0)
+    model = TupleModel().eval()
+    counter = CallCounter([b.attn.linear for b in model.blocks])
+    schedule = Schedule({"attn": (1, 0, 1)})
+    x_cond, x_uncond = torch.randn(2, 4), torch.randn(2, 4)
+    with torch.no_grad(), smoothcache.cache(model, schedule, calls_per_step=2):
+        outs = [model(x) for _ in range(3) for x in (x_cond, x_uncond)]
+    assert counter.count == 2 * 2 * 2  # 2 computed steps x 2 calls per step x 2 blocks
+    # step 1 reuses step 0 per call slot: the conditional call gets the conditional output
+    assert torch.equal(outs[2], outs[0]) and torch.equal(outs[3], outs[1])
+    assert not torch.equal(outs[2], outs[3])
+
+
+def test_bare_module_counts_calls_and_wraps_at_the_schedule_length(original_dit):
+    x, y = torch.randn(4, 6, 16), torch.tensor([0, 1, 4, 4])
+    schedule = Schedule({"attn": (1, 0, 1, 0), "mlp": (1, 1, 0, 1)})
+    counter = CallCounter([b.attn.qkv for b in original_dit.blocks])
+    with torch.no_grad(), smoothcache.cache(original_dit, schedule):
+        a = sample_loop(original_dit.forward_with_cfg, x, 4, y=y, cfg_scale=4.0)
+        b = sample_loop(original_dit.forward_with_cfg, x, 4, y=y, cfg_scale=4.0)
+    assert torch.equal(a, b)
+    assert counter.count == 2 * 2 * 2
