@@ -1,0 +1,214 @@
+"""The ``smoothcache`` command line: calibrate, schedule, generate, inspect. The only module that prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import SmoothCacheError
+from .profile import CalibrationProfile
+from .schedule import Schedule
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="'demo', a local pipeline folder, or a hub id (loaded with from_pretrained)")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (num_inference_steps)")
+    parser.add_argument("--scheduler", help="diffusers scheduler class to swap in, e.g. DPMSolverMultistepScheduler")
+    parser.add_argument("--classes", type=_csv_ints, help="class labels, e.g. 207,360,387 (class-conditional models)")
+    parser.add_argument("--prompts", nargs="+", help="text prompts (text-conditional models)")
+    parser.add_argument("--samples", type=int, default=8, help="random classes to draw when --classes is not given")
+    parser.add_argument("--batch", type=int, default=4, help="samples per pipeline call")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (pipeline default if unset)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, list[Any], dict[str, Any]]:
+    from .adapters.diffusers_pipelines import load_pipeline, make_requests
+
+    pipe = load_pipeline(args.model, args.device, args.dtype, args.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    requests = make_requests(
+        pipe, classes=args.classes, prompts=args.prompts, samples=args.samples, batch=args.batch, seed=args.seed
+    )
+    extra = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+    return pipe, requests, extra
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .adapters.diffusers_pipelines import run_request
+    from .calibration import calibration
+
+    pipe, requests, extra = _load(args)
+    started = time.perf_counter()
+    with calibration(pipe, components=args.components, lookahead=args.lookahead, steps=args.steps) as recorder:
+        for request in tqdm(requests, desc="calibrating", unit="call", disable=args.quiet):
+            run_request(pipe, request, args.steps, **extra)
+    profile = recorder.profile
+    profile.metadata["model"] = args.model
+    profile.metadata["calibration_set"] = [
+        {"seed": r.seed, "class_labels": list(r.class_labels), "prompts": list(r.prompts)} for r in requests
+    ]
+    profile.save(args.out)
+    print(f"Calibrated {len(profile.layers)} layers ({', '.join(profile.keys())}) over {profile.num_runs} calls "
+          f"of {profile.num_steps} steps in {time.perf_counter() - started:.1f}s -> {args.out}")
+    print(_threshold_table(profile))
+    return 0
+
+
+def _threshold_table(profile: CalibrationProfile) -> str:
+    lines = ["alpha   compute  est. speedup"]
+    has_costs = profile.total_flops is not None
+    for alpha in (0.05, 0.1, 0.15, 0.18, 0.25, 0.35):
+        schedule = profile.schedule(alpha=alpha)
+        speedup = f"{profile.estimated_speedup(schedule):.2f}x" if has_costs else "n/a"
+        lines.append(f"{alpha:<6}  {schedule.compute_fraction():7.3f}  {speedup:>12}")
+    return "\n".join(lines)
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    profile = CalibrationProfile.load(args.profile)
+    schedule, alpha = profile.schedule_and_threshold(
+        args.alpha, compute_fraction=args.compute_fraction, speedup=args.speedup, keys=args.keys, per_block=args.per_block
+    )
+    schedule.save(args.out)
+    print(schedule.summary())
+    speedup = f", estimated speedup {profile.estimated_speedup(schedule):.2f}x" if profile.total_flops else ""
+    print(f"alpha {alpha:.4g}{speedup} -> {args.out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .adapters.diffusers_pipelines import run_request
+    from .runtime import cache
+
+    schedule = Schedule.load(args.schedule) if args.schedule else None
+    if schedule is not None and args.steps != schedule.num_steps:
+        raise SystemExit(f"error: {args.schedule} has {schedule.num_steps} steps but --steps is {args.steps}; pass --steps {schedule.num_steps}")
+    pipe, requests, extra = _load(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    handle = cache(pipe, schedule) if schedule is not None else None
+    written, started = [], time.perf_counter()
+    try:
+        for request in tqdm(requests, desc="generating", unit="call", disable=args.quiet):
+            images = run_request(pipe, request, args.steps, output_type="pil", **extra)
+            for image, name in zip(images, request.names()):
+                path = out / f"{len(written):04d}-{name}-seed{request.seed}.png"
+                image.save(path)
+                written.append(str(path))
+    finally:
+        if handle is not None:
+            handle.disable()
+    seconds = time.perf_counter() - started
+    (out / "generation.json").write_text(json.dumps(
+        {"model": args.model, "steps": args.steps, "schedule": args.schedule, "seconds": seconds, "files": written}, indent=1
+    ))
+    print(f"Wrote {len(written)} images to {out} in {seconds:.1f}s ({'cached: ' + args.schedule if schedule else 'uncached'})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .errors import ProfileError
+
+    try:
+        data = json.loads(Path(args.file).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"error: cannot read {args.file}: {exc}") from exc
+    if isinstance(data, dict) and data.get("format") == "smoothcache.profile":
+        profile = CalibrationProfile.from_dict(data, source=args.file)
+        meta = profile.metadata
+        print(f"profile of {meta.get('model_class')} ({meta.get('model', '?')}), scheduler {meta.get('scheduler_class')}, "
+              f"{profile.num_steps} steps, lookahead {profile.lookahead}, {profile.num_runs} runs, {len(profile.layers)} layers")
+        if profile.total_flops:
+            costs = profile.key_costs()
+            print("FLOPs share per call: " + ", ".join(f"{k} {v / profile.total_flops:.1%}" for k, v in costs.items()))
+        print(_threshold_table(profile))
+        if args.plot:
+            from .plots import plot_profile
+
+            print(f"plot -> {plot_profile(profile, args.plot, tuple(args.alpha or ()))}")
+        return 0
+    try:
+        schedule = Schedule.from_dict(data, source=args.file)
+    except SmoothCacheError as exc:
+        raise ProfileError(f"{args.file} is neither a smoothcache profile nor a schedule: {exc}") from exc
+    print(schedule.summary())
+    if args.plot:
+        from .plots import plot_schedule
+
+        print(f"plot -> {plot_schedule(schedule, args.plot)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smoothcache", description="SmoothCache for Diffusion Transformers")
+    parser.add_argument("--version", action="version", version=f"smoothcache {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    calibrate = commands.add_parser("calibrate", help="record error curves over a calibration set -> profile JSON")
+    _add_model_args(calibrate)
+    calibrate.add_argument("--components", type=_csv, help="layers to calibrate, e.g. attn1,ff (default: the model family's)")
+    calibrate.add_argument("--lookahead", type=int, default=3)
+    calibrate.add_argument("--out", required=True, help="profile JSON to write")
+    calibrate.set_defaults(func=cmd_calibrate)
+
+    schedule = commands.add_parser("schedule", help="profile -> schedule JSON at a threshold or budget")
+    schedule.add_argument("profile")
+    budget = schedule.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--alpha", type=float, help="error threshold (the paper's alpha)")
+    budget.add_argument("--compute-fraction", type=float, help="at most this fraction of cached-layer calls computed")
+    budget.add_argument("--speedup", type=float, help="at least this ideal speedup from the measured FLOPs")
+    schedule.add_argument("--keys", type=_csv, help="only these layer types")
+    schedule.add_argument("--per-block", action="store_true", help="one plan per block ('attn1-3') instead of per layer type")
+    schedule.add_argument("--out", required=True)
+    schedule.set_defaults(func=cmd_schedule)
+
+    generate = commands.add_parser("generate", help="generate images, cached on a schedule")
+    _add_model_args(generate)
+    generate.add_argument("--schedule", help="schedule JSON (omit for an uncached run)")
+    generate.add_argument("--out", required=True, help="folder for the images")
+    generate.set_defaults(func=cmd_generate)
+
+    inspect_ = commands.add_parser("inspect", help="summarise a profile or schedule, optionally as a PNG plot")
+    inspect_.add_argument("file")
+    inspect_.add_argument("--plot", help="PNG to write")
+    inspect_.add_argument("--alpha", type=float, action="append", help="threshold line(s) on a profile plot")
+    inspect_.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (SmoothCacheError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

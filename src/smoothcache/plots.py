@@ -1,0 +1,62 @@
+"""Pictures of profiles and schedules (matplotlib, imported only when a plot is asked for)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .profile import CalibrationProfile
+from .schedule import Schedule
+
+__all__ = ["plot_profile", "plot_schedule"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("Plots need matplotlib: pip install 'smoothcache[plot]'") from exc
+    return plt
+
+
+def plot_profile(profile: CalibrationProfile, path: str | Path, alphas: tuple[float, ...] = ()) -> Path:
+    """Error curves per layer type (one panel each, one line per lookahead), thresholds dashed."""
+    plt = _pyplot()
+    keys = profile.keys()
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False, sharey=True)
+    steps = np.arange(profile.num_steps)
+    for ax, key in zip(axes[0], keys):
+        curves = profile.curves(key)
+        for k in range(profile.lookahead):
+            ax.plot(steps, curves[k], marker=".", label=f"k = {k + 1}")
+        for alpha in alphas:
+            ax.axhline(alpha, linestyle="--", color="grey", linewidth=0.8)
+        ax.set_title(f"{key} (mean of {sum(l.layer_type == key for l in profile.layers)} blocks)")
+        ax.set_xlabel("step s (reused at s + k)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("relative L1 error")
+    axes[0][0].legend()
+    model = profile.metadata.get("model_class", "model")
+    fig.suptitle(f"{model}: {profile.num_runs} calibration runs, {profile.num_steps} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
+    """The plan as a grid: a row per key, a column per step, dark = computed."""
+    plt = _pyplot()
+    grid = np.array([schedule.plans[key] for key in schedule.keys])
+    fig, ax = plt.subplots(figsize=(max(6, 0.16 * schedule.num_steps), 0.6 + 0.3 * len(schedule.keys)))
+    ax.imshow(grid, aspect="auto", cmap="Greys", vmin=0, vmax=1.4, interpolation="nearest")
+    ax.set_yticks(range(len(schedule.keys)), [f"{k} ({schedule.compute_fraction(k):.2f})" for k in schedule.keys])
+    ax.set_xlabel("step (dark = compute, light = reuse)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
