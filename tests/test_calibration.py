@@ -143,3 +143,20 @@ def test_profile_files_with_problems_are_named(tmp_path):
     path.write_text('{"attn1": [1, 0]}')
     with pytest.raises(ProfileError, match=r"p\.json is not a smoothcache calibration profile"):
         CalibrationProfile.load(path)
+
+
+def test_a_profile_refuses_another_model_or_step_count(dit_pipe, original_dit):
+    with smoothcache.calibration(dit_pipe) as rec:
+        generate(dit_pipe)
+    profile = rec.profile
+    profile.check_compatible(dit_pipe, num_steps=STEPS)
+    with pytest.raises(ProfileError, match="calibrated on DiTTransformer2DModel; OriginalStyleDiT lacks 4 of its 4 layers"):
+        profile.check_compatible(original_dit)
+    with pytest.raises(ProfileError, match="calibrated for 10 steps but 20 were asked for"):
+        profile.check_compatible(dit_pipe, num_steps=20)
+    with smoothcache.calibration(dit_pipe) as other:
+        generate(dit_pipe, steps=12)
+    with pytest.raises(ProfileError, match="Cannot merge profiles of 10 and 12 steps"):
+        CalibrationProfile.merge([profile, other.profile])
+    merged = CalibrationProfile.merge([profile, profile])
+    assert merged.num_runs == 2 and merged.schedule(alpha=0.2) == profile.schedule(alpha=0.2)

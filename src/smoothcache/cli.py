@@ -162,6 +162,51 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.assets import load_demo_pipeline, load_quality_scorer
+    from .demo.figures import plot_samples, plot_tradeoff
+    from .demo.harness import DemoConfig, run_demo
+
+    config = DemoConfig(steps=args.steps, samples_per_class=args.samples_per_class, seed=args.seed)
+    pipe = load_demo_pipeline(device=args.device)
+    scorer = load_quality_scorer(device=args.device)
+    started = time.perf_counter()
+    result = run_demo(pipe, scorer, config, progress=not args.quiet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = result.report
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    result.profile.save(out / "profile.json")
+    plot_samples(result.images, out / "samples.png", columns=config.num_classes)
+    plot_tradeoff(report, out / "tradeoff.png")
+    print(_demo_table(report))
+    best = report["best_smoothcache_within_quality"]
+    if best:
+        print(f"\nFastest SmoothCache run within FID +10% and accuracy -2 points of uncached: "
+              f"{best['speedup']:.2f}x (alpha {best['alpha']:.3g}, compute fraction {best['compute_fraction']:.2f})")
+    else:
+        print("\nNo SmoothCache run kept FID within +10% and accuracy within 2 points of uncached.")
+    print(f"Done in {time.perf_counter() - started:.0f}s: {out}/report.json, samples.png, tradeoff.png, profile.json")
+    return 0
+
+
+def _demo_table(report: dict[str, Any]) -> str:
+    from .demo.harness import run_label
+
+    base = report["baseline"]
+    lines = [
+        f"{report['samples']} samples, {report['steps']} steps on {report['device']}",
+        f"{'method':<22} {'compute':>7} {'seconds':>8} {'speedup':>7} {'ideal':>6} {'FID':>7} {'acc':>6} {'PSNR':>6} {'SSIM':>6}",
+        f"{'uncached':<22} {1.0:7.2f} {base['seconds']:8.2f} {1.0:7.2f} {1.0:6.2f} {base['fid']:7.2f} {base['accuracy']:6.3f} {'':>6} {'':>6}",
+    ]
+    for r in report["runs"]:
+        lines.append(
+            f"{run_label(r):<22} {r['compute_fraction']:7.2f} {r['seconds']:8.2f} {r['speedup']:7.2f} "
+            f"{r['estimated_speedup']:6.2f} {r['fid']:7.2f} {r['accuracy']:6.3f} {r['psnr']:6.2f} {r['ssim']:6.3f}"
+        )
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoothcache", description="SmoothCache for Diffusion Transformers")
     parser.add_argument("--version", action="version", version=f"smoothcache {__version__}")
@@ -197,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_.add_argument("--plot", help="PNG to write")
     inspect_.add_argument("--alpha", type=float, action="append", help="threshold line(s) on a profile plot")
     inspect_.set_defaults(func=cmd_inspect)
+
+    demo = commands.add_parser("demo", help="offline demo on the shipped model: speed and quality of every method")
+    demo.add_argument("--out", default="demo-out", help="folder for report.json, samples.png, tradeoff.png")
+    demo.add_argument("--device", default="cpu", help="cpu or cuda")
+    demo.add_argument("--steps", type=int, default=20)
+    demo.add_argument("--samples-per-class", type=int, default=5)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

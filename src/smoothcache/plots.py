@@ -9,10 +9,10 @@ import numpy as np
 from .profile import CalibrationProfile
 from .schedule import Schedule
 
-__all__ = ["plot_profile", "plot_schedule"]
+__all__ = ["plot_profile", "plot_schedule", "pyplot"]
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 
@@ -25,7 +25,7 @@ def _pyplot():
 
 def plot_profile(profile: CalibrationProfile, path: str | Path, alphas: tuple[float, ...] = ()) -> Path:
     """Error curves per layer type (one panel each, one line per lookahead), thresholds dashed."""
-    plt = _pyplot()
+    plt = pyplot()
     keys = profile.keys()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False, sharey=True)
     steps = np.arange(profile.num_steps)
@@ -50,7 +50,7 @@ def plot_profile(profile: CalibrationProfile, path: str | Path, alphas: tuple[fl
 
 def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
     """The plan as a grid: a row per key, a column per step, dark = computed."""
-    plt = _pyplot()
+    plt = pyplot()
     grid = np.array([schedule.plans[key] for key in schedule.keys])
     fig, ax = plt.subplots(figsize=(max(6, 0.16 * schedule.num_steps), 0.6 + 0.3 * len(schedule.keys)))
     ax.imshow(grid, aspect="auto", cmap="Greys", vmin=0, vmax=1.4, interpolation="nearest")

@@ -173,9 +173,21 @@ class CalibrationProfile:
             costs.update(self.key_costs(per_block=True))
         return schedule.estimated_speedup(costs, float(self.total_flops or 0.0))
 
-    def check_steps(self, num_steps: int) -> None:
-        """Raise if this profile was recorded for another step count."""
-        if num_steps != self.num_steps:
+    def check_compatible(self, model: Any, num_steps: int | None = None) -> None:
+        """Raise :class:`ProfileError` unless ``model`` has the calibrated layers and runs ``num_steps``.
+
+        ``model`` is an ``nn.Module`` or a pipeline with a ``.transformer``.
+        """
+        model = getattr(model, "transformer", model)
+        names = {name for name, _ in model.named_modules()}
+        missing = [layer.name for layer in self.layers if layer.name not in names]
+        recorded = self.metadata.get("model_class")
+        if missing:
+            raise ProfileError(
+                f"This profile was calibrated on {recorded or 'another model'}; {type(model).__name__} lacks "
+                f"{len(missing)} of its {len(self.layers)} layers (e.g. {missing[0]}). Calibrate this model"
+            )
+        if num_steps is not None and num_steps != self.num_steps:
             raise ProfileError(
                 f"The profile was calibrated for {self.num_steps} steps but {num_steps} were asked for; "
                 f"calibrate again with {num_steps} steps"

@@ -1,0 +1,60 @@
+"""The demo's pictures: a sample grid (a row per method, the same seeds in each column) and the
+quality-vs-speed trade-off."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..plots import pyplot
+
+__all__ = ["plot_samples", "plot_tradeoff"]
+
+FAMILIES = ("smoothcache", "fixed-interval", "random", "fewer-steps")
+
+
+def plot_samples(images: list[tuple[str, torch.Tensor]], path: str | Path, columns: int = 10) -> Path:
+    plt = pyplot()
+    rows = len(images)
+    fig, axes = plt.subplots(rows, 1, figsize=(columns * 0.62 + 1.9, rows * 0.68 + 0.2), squeeze=False)
+    for ax, (label, batch) in zip(axes[:, 0], images):
+        strip = torch.cat(list(batch[:columns].clamp(0, 1)), dim=-1)  # (C, H, W * columns)
+        ax.imshow(strip.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_tradeoff(report: dict[str, Any], path: str | Path) -> Path:
+    """FID and PSNR against measured speedup; one line per method family, uncached as a star."""
+    plt = pyplot()
+    fig, (ax_fid, ax_psnr) = plt.subplots(1, 2, figsize=(10, 3.8))
+    baseline = report["baseline"]
+    for family in FAMILIES:
+        runs = sorted((r for r in report["runs"] if r["method"].startswith(family)), key=lambda r: r["speedup"])
+        if not runs:
+            continue
+        speed = [r["speedup"] for r in runs]
+        ax_fid.plot(speed, [r["fid"] for r in runs], marker="o", label=family)
+        ax_psnr.plot(speed, [r["psnr"] if math.isfinite(r["psnr"]) else float("nan") for r in runs], marker="o", label=family)
+    ax_fid.plot([1.0], [baseline["fid"]], marker="*", markersize=14, color="black", linestyle="none", label="uncached")
+    ax_fid.axhline(baseline["fid"] * 1.1, color="grey", linestyle="--", linewidth=0.8, label="uncached FID +10%")
+    ax_fid.set_xlabel("measured speedup")
+    ax_fid.set_ylabel("FID (classifier features, lower is better)")
+    ax_psnr.set_xlabel("measured speedup")
+    ax_psnr.set_ylabel("PSNR vs uncached, same seeds (dB)")
+    for ax in (ax_fid, ax_psnr):
+        ax.grid(alpha=0.3)
+    ax_fid.legend(fontsize=8)
+    fig.suptitle(f"demo model, {report['steps']} steps, {report['samples']} samples, {report['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,258 @@
+"""The quality harness: calibrate the demo model, derive schedules, generate the same classes and
+seeds with every method, and score speed and quality against the uncached run.
+
+Methods compared at matched compute: SmoothCache at several budgets; fixed-interval caching
+(FORA-style, compute every n-th step); a random schedule with the same computed steps per key as
+each SmoothCache schedule; and simply running fewer uncached steps for the same ideal speedup
+(the baseline the paper leaves out).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from ..calibration import calibration
+from ..profile import CalibrationProfile
+from ..runtime import cache
+from ..schedule import Schedule
+
+__all__ = ["DemoConfig", "DemoResult", "Method", "plan_methods", "random_schedule", "run_demo", "run_label"]
+
+logger = logging.getLogger(__name__)
+
+
+class Scorer(Protocol):
+    def accuracy(self, images: torch.Tensor, labels: Sequence[int]) -> float: ...
+    def fid(self, images: torch.Tensor) -> float: ...
+    def psnr(self, images: torch.Tensor, reference: torch.Tensor) -> float: ...
+    def ssim(self, images: torch.Tensor, reference: torch.Tensor) -> float: ...
+
+
+@dataclass
+class DemoConfig:
+    """What the demo runs; the defaults fit in two minutes on a 2-core CPU."""
+
+    steps: int = 20
+    calibration_samples_per_class: int = 1
+    samples_per_class: int = 5
+    num_classes: int = 10
+    seed: int = 0
+    guidance_scale: float = 4.0
+    compute_fractions: tuple[float, ...] = (0.8, 0.65, 0.5, 0.4)
+    fixed_intervals: tuple[int, ...] = (2, 3)
+    components: tuple[str, ...] | None = None
+    grid_columns: int = 10
+
+
+@dataclass
+class Method:
+    """One way of generating: a schedule (or none) at a number of steps."""
+
+    method: str
+    steps: int
+    schedule: Schedule | None = None
+    alpha: float | None = None
+    compute_fraction: float = 1.0
+    estimated_speedup: float = 1.0
+
+
+@dataclass
+class RunResult:
+    method: str
+    alpha: float | None
+    compute_fraction: float
+    steps: int
+    estimated_speedup: float
+    seconds: float
+    speedup: float = 1.0
+    fid: float = float("nan")
+    accuracy: float = float("nan")
+    psnr: float = float("nan")
+    ssim: float = float("nan")
+    images: torch.Tensor | None = field(default=None, repr=False)
+
+
+def random_schedule(like: Schedule, seed: int) -> Schedule:
+    """Per key, the same number of computed steps as ``like``, at random steps (first and last kept)."""
+    rng = random.Random(seed)
+    plans = {}
+    for key, plan in like.plans.items():
+        n = len(plan)
+        inner = sum(plan) - 1 - (1 if n > 1 else 0)
+        chosen = set(rng.sample(range(1, n - 1), max(inner, 0))) if n > 2 else set()
+        plans[key] = tuple(1 if s in chosen or s in (0, n - 1) else 0 for s in range(n))
+    return Schedule(plans)
+
+
+def plan_methods(profile: CalibrationProfile, config: DemoConfig) -> list[Method]:
+    """Every method the demo runs after the uncached baseline, matched in compute."""
+    methods: list[Method] = []
+    smoothcache_runs = []
+    for budget in config.compute_fractions:
+        schedule, alpha = profile.schedule_and_threshold(compute_fraction=budget)
+        if any(m.schedule == schedule for m in smoothcache_runs):
+            continue  # two budgets that land on one schedule
+        run = Method("smoothcache", config.steps, schedule, alpha, schedule.compute_fraction(), profile.estimated_speedup(schedule))
+        smoothcache_runs.append(run)
+    methods += smoothcache_runs
+    for interval in config.fixed_intervals:
+        schedule = Schedule.fixed_interval(profile.keys(), config.steps, interval)
+        methods.append(
+            Method(f"fixed-interval-{interval}", config.steps, schedule, None, schedule.compute_fraction(), profile.estimated_speedup(schedule))
+        )
+    for i, run in enumerate(smoothcache_runs):
+        assert run.schedule is not None
+        schedule = random_schedule(run.schedule, config.seed + i)
+        methods.append(Method("random", config.steps, schedule, None, schedule.compute_fraction(), profile.estimated_speedup(schedule)))
+    for run in smoothcache_runs:
+        steps = max(2, round(config.steps / run.estimated_speedup))
+        if any(m.method == "fewer-steps" and m.steps == steps for m in methods) or steps == config.steps:
+            continue
+        methods.append(Method("fewer-steps", steps, None, None, steps / config.steps, config.steps / steps))
+    return methods
+
+
+def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
+@dataclass
+class DemoResult:
+    """The JSON-ready report, and what the pictures need: each run's label and images."""
+
+    report: dict[str, Any]
+    labels: list[int]
+    images: list[tuple[str, torch.Tensor]]
+    profile: CalibrationProfile
+
+
+def run_label(run: dict[str, Any]) -> str:
+    """A short name for a run: ``smoothcache a=0.12``, ``fewer-steps 12``, ``random 0.50``."""
+    if run["method"] == "smoothcache":
+        return f"smoothcache a={run['alpha']:.3g}"
+    if run["method"] == "fewer-steps":
+        return f"fewer-steps {run['steps']}"
+    if run["method"] == "random":
+        return f"random {run['compute_fraction']:.2f}"
+    return run["method"]
+
+
+def run_demo(pipe: Any, scorer: Scorer, config: DemoConfig | None = None, progress: bool = True) -> DemoResult:
+    """Calibrate, plan, generate and score every method on the same classes and seeds.
+
+    ``pipe`` is a class-conditional pipeline with DiTPipeline's call shape.
+    """
+    config = config or DemoConfig()
+    device = torch.device(getattr(pipe, "device", "cpu"))
+    pipe.set_progress_bar_config(disable=True)
+    # 0..9, 0..9, ...: the first num_classes samples show one of each class in the grid.
+    labels = [c for _ in range(config.samples_per_class) for c in range(config.num_classes)]
+
+    def generate(steps: int, seed: int, class_labels: list[int]) -> torch.Tensor:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return pipe(
+            class_labels=class_labels,
+            num_inference_steps=steps,
+            guidance_scale=config.guidance_scale,
+            generator=generator,
+            output_type="pt",
+        ).images.float().cpu()
+
+    bar = tqdm(total=3, desc="demo", unit="stage", disable=not progress)
+    bar.set_postfix_str("calibrating")
+    calibration_labels = [c for _ in range(config.calibration_samples_per_class) for c in range(config.num_classes)]
+    started = time.perf_counter()
+    with calibration(pipe, components=list(config.components) if config.components else None, steps=config.steps) as rec:
+        generate(config.steps, config.seed + 10_000, calibration_labels)
+    profile = rec.profile
+    calibration_seconds = time.perf_counter() - started
+    methods = plan_methods(profile, config)
+    bar.update()
+
+    bar.set_postfix_str("generating")
+    generate(2, config.seed, labels[: config.num_classes])  # warm-up (allocator, kernels)
+    runs: list[RunResult] = []
+    all_methods = [Method("uncached", config.steps)] + methods
+    for method in tqdm(all_methods, desc="methods", unit="run", disable=not progress, leave=False):
+        handle = cache(pipe, method.schedule) if method.schedule is not None else None
+        try:
+            images, seconds = _timed(lambda: generate(method.steps, config.seed, labels), device)
+        finally:
+            if handle is not None:
+                handle.disable()
+        runs.append(
+            RunResult(method.method, method.alpha, method.compute_fraction, method.steps, method.estimated_speedup, seconds, images=images)
+        )
+    bar.update()
+
+    bar.set_postfix_str("scoring")
+    baseline = runs[0]
+    for run in runs:
+        assert run.images is not None and baseline.images is not None
+        run.speedup = baseline.seconds / run.seconds
+        run.fid = scorer.fid(run.images)
+        run.accuracy = scorer.accuracy(run.images, labels)
+        if run is not baseline:
+            run.psnr = scorer.psnr(run.images, baseline.images)
+            run.ssim = scorer.ssim(run.images, baseline.images)
+    bar.update()
+    bar.close()
+    report = _report(config, device, profile, calibration_seconds, runs, labels)
+    images = [("uncached", runs[0].images)] + [(run_label(r), run.images) for r, run in zip(report["runs"], runs[1:])]
+    return DemoResult(report, labels, images, profile)  # type: ignore[arg-type]
+
+
+def _report(
+    config: DemoConfig,
+    device: torch.device,
+    profile: CalibrationProfile,
+    calibration_seconds: float,
+    runs: list[RunResult],
+    labels: list[int],
+) -> dict[str, Any]:
+    baseline, others = runs[0], runs[1:]
+    within = [
+        r for r in others
+        if r.method == "smoothcache" and r.fid <= baseline.fid * 1.10 and r.accuracy >= baseline.accuracy - 0.02
+    ]
+    best = max(within, key=lambda r: r.speedup, default=None)
+
+    def row(r: RunResult) -> dict[str, Any]:
+        return {k: v for k, v in asdict(r).items() if k != "images"}
+
+    return {
+        "device": str(device) if device.type != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
+        "steps": config.steps,
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "settings": {k: v for k, v in asdict(config).items()},
+        "samples": len(labels),
+        "calibration": {
+            "seconds": calibration_seconds,
+            "samples": config.calibration_samples_per_class * config.num_classes,
+            "keys": profile.keys(),
+            "flops_share": {k: v / (profile.total_flops or 1.0) for k, v in profile.key_costs().items()}
+            if profile.total_flops
+            else None,
+        },
+        "baseline": {"seconds": baseline.seconds, "fid": baseline.fid, "accuracy": baseline.accuracy},
+        "runs": [row(r) for r in others],
+        "best_smoothcache_within_quality": None if best is None else {
+            "rule": "FID within 10% and accuracy within 2 points of uncached",
+            **row(best),
+        },
+    }

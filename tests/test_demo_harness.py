@@ -1,0 +1,41 @@
+"""The demo harness's planning: methods matched in compute, on a profile of a tiny DiT."""
+
+import pytest
+
+import smoothcache
+from smoothcache import Schedule
+from smoothcache.demo.harness import DemoConfig, plan_methods, random_schedule
+
+from conftest import generate
+
+
+@pytest.fixture(scope="module")
+def profile():
+    from conftest import make_dit_pipeline
+
+    pipe = make_dit_pipeline(num_layers=3)
+    with smoothcache.calibration(pipe) as rec:
+        generate(pipe, steps=20)
+    return rec.profile
+
+
+def test_random_schedule_matches_computed_steps_per_key():
+    like = Schedule({"attn1": (1, 0, 0, 1, 0, 1, 0, 1), "ff": (1, 1, 1, 0, 1, 0, 0, 1)})
+    for seed in range(5):
+        rnd = random_schedule(like, seed)
+        assert {k: sum(p) for k, p in rnd.plans.items()} == {k: sum(p) for k, p in like.plans.items()}
+        assert all(p[0] == 1 and p[-1] == 1 for p in rnd.plans.values())
+    assert random_schedule(like, 0) == random_schedule(like, 0)
+
+
+def test_methods_are_matched_in_compute(profile):
+    config = DemoConfig(steps=20, compute_fractions=(0.8, 0.5), fixed_intervals=(2, 3))
+    methods = plan_methods(profile, config)
+    smooth = [m for m in methods if m.method == "smoothcache"]
+    assert [m.schedule.compute_fraction() <= budget for m, budget in zip(smooth, (0.8, 0.5))] == [True, True]
+    randoms = [m for m in methods if m.method == "random"]
+    assert [r.compute_fraction for r in randoms] == [m.compute_fraction for m in smooth]
+    fewer = [m for m in methods if m.method == "fewer-steps"]
+    assert {m.steps for m in fewer} <= {max(2, round(20 / s.estimated_speedup)) for s in smooth}
+    assert all(m.schedule is None for m in fewer)
+    assert {m.method for m in methods} == {"smoothcache", "fixed-interval-2", "fixed-interval-3", "random", "fewer-steps"}
