@@ -69,7 +69,7 @@ class CalibrationRecorder:
         self.steps = steps
         self.calls_per_step = calls_per_step
         self.measure_flops = measure_flops
-        self.components = list(components) if components is not None else sorted({l.layer_type for l in self.layers})
+        self.components = list(components) if components is not None else sorted({layer.layer_type for layer in self.layers})
         self._tracker = StepTracker(steps, self.target.timesteps, calls_per_step)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._runs: list[torch.Tensor] = []  # finished generations: (layers, steps, lookahead) sums
@@ -229,7 +229,7 @@ class CalibrationRecorder:
             # target step t = s + k holds the error against step s: shift to source indexing.
             errors[:, :, k - 1, : steps - k] = sums[:, :, k:, k - 1]
         flops = self._flops or [None] * num_layers
-        infos = [LayerInfo(l.name, l.layer_type, l.block, f) for l, f in zip(self.layers, flops)]
+        infos = [LayerInfo(layer.name, layer.layer_type, layer.block, f) for layer, f in zip(self.layers, flops, strict=True)]
         model = self.target.model
         parameter = next(model.parameters(), None)
         metadata = {

@@ -35,7 +35,7 @@ def plot_profile(profile: CalibrationProfile, path: str | Path, alphas: tuple[fl
             ax.plot(steps, curves[k], marker=".", label=f"k = {k + 1}")
         for alpha in alphas:
             ax.axhline(alpha, linestyle="--", color="grey", linewidth=0.8)
-        ax.set_title(f"{key} (mean of {sum(l.layer_type == key for l in profile.layers)} blocks)")
+        ax.set_title(f"{key} (mean of {sum(layer.layer_type == key for layer in profile.layers)} blocks)")
         ax.set_xlabel("step s (reused at s + k)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("relative L1 error")

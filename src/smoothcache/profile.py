@@ -201,7 +201,7 @@ class CalibrationProfile:
             raise ProfileError("Nothing to merge")
         first = profiles[0]
         for other in profiles[1:]:
-            if [l.name for l in other.layers] != [l.name for l in first.layers]:
+            if [layer.name for layer in other.layers] != [layer.name for layer in first.layers]:
                 raise ProfileError("Cannot merge profiles of different models: their calibrated layers differ")
             if other.errors.shape[2:] != first.errors.shape[2:]:
                 raise ProfileError(
@@ -218,7 +218,7 @@ class CalibrationProfile:
             return [[float(v) for v in curves[k, : self.num_steps - k - 1]] for k in range(self.lookahead)]
 
         layers = [
-            {"name": l.name, "layer_type": l.layer_type, "block": l.block, "flops": l.flops} for l in self.layers
+            {"name": layer.name, "layer_type": layer.layer_type, "block": layer.block, "flops": layer.flops} for layer in self.layers
         ]
         return {
             "format": FORMAT,
@@ -229,8 +229,8 @@ class CalibrationProfile:
             "metadata": self.metadata,
             "layers": layers,
             "curve_layout": "errors[k-1][s] = rel-L1 between the outputs at step s+k and step s, over ||y_(s+k)||_1",
-            "runs": [{l.name: trimmed(run[i]) for i, l in enumerate(self.layers)} for run in self.errors],
-            "mean": {l.name: trimmed(curves) for l, curves in zip(self.layers, self.mean_errors())},
+            "runs": [{layer.name: trimmed(run[i]) for i, layer in enumerate(self.layers)} for run in self.errors],
+            "mean": {layer.name: trimmed(curves) for layer, curves in zip(self.layers, self.mean_errors(), strict=True)},
         }
 
     def save(self, path: str | Path) -> Path:
@@ -250,7 +250,7 @@ class CalibrationProfile:
         if data.get("format_version") != FORMAT_VERSION:
             raise ProfileError(f"Profile{where} has format_version {data.get('format_version')}, this smoothcache reads {FORMAT_VERSION}")
         try:
-            layers = [LayerInfo(l["name"], l["layer_type"], l["block"], l.get("flops")) for l in data["layers"]]
+            layers = [LayerInfo(x["name"], x["layer_type"], x["block"], x.get("flops")) for x in data["layers"]]
             lookahead, num_steps = int(data["lookahead"]), int(data["num_steps"])
             errors = np.full((len(data["runs"]), len(layers), lookahead, num_steps), np.nan)
             for r, run in enumerate(data["runs"]):
