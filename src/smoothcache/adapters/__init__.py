@@ -4,6 +4,11 @@ A layer is named by its module path (``transformer_blocks.3.attn1``); its *layer
 part (``attn1``) and its *block* the index before it (``3``), giving the schedule keys ``"attn1"``
 and ``"attn1-3"``. Known block classes are recognised by class name, so this module imports no
 model library.
+
+Where one model holds two kinds of block whose layers share names, the family gives one of them a
+prefix: Flux's single-stream ``single_transformer_blocks.3.attn`` is ``"single_attn"`` (keys
+``"single_attn"``, ``"single_attn-3"``), apart from the double-stream ``transformer_blocks.3.attn``
+(``"attn"``, ``"attn-3"``). Components name layers by these types: ``["attn", "single_attn"]``.
 """
 
 from __future__ import annotations
@@ -21,19 +26,78 @@ __all__ = ["BlockFamily", "CacheableLayer", "FAMILIES", "find_layers", "family_o
 
 @dataclass(frozen=True)
 class BlockFamily:
-    """A transformer block class and the sub-layers worth caching in it."""
+    """The transformer block classes of one model family and the sub-layers worth caching in them.
+
+    ``prefixes`` pairs a block class name with the prefix of its layer types, for models whose
+    block kinds would otherwise give the same keys. ``uncacheable`` pairs a layer type that must not
+    be cached with the reason, which the error for asking for it quotes.
+    """
 
     name: str
     block_class_names: tuple[str, ...]
     default_components: tuple[str, ...]
     components: tuple[str, ...]
+    prefixes: tuple[tuple[str, str], ...] = ()
+    uncacheable: tuple[tuple[str, str], ...] = ()
+
+    def prefix_of(self, block_class_name: str) -> str:
+        return dict(self.prefixes).get(block_class_name, "")
 
 
+# Each cacheable layer is a child its block calls once per model call; a kept output stands in for
+# its output while everything around it (norms, gates, residual adds) still runs. Defaults are
+# attention and feed-forward (the paper's choice); cross-attention is opt-in.
 FAMILIES: tuple[BlockFamily, ...] = (
-    # diffusers' DiT / PixArt block: self-attention, optional cross-attention, feed-forward.
+    # diffusers' DiT / PixArt-α/Σ block: self-attention, optional cross-attention, feed-forward.
     BlockFamily("diffusers-basic", ("BasicTransformerBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff")),
     # facebookresearch/DiT models.py: x + gate * attn(...), x + gate * mlp(...).
     BlockFamily("original-dit", ("DiTBlock",), ("attn", "mlp"), ("attn", "mlp")),
+    # SD3/3.5 MMDiT: joint attention returns (image, context); attn2 is SD3.5's extra image
+    # self-attention (some blocks only); the last block has no ff_context.
+    BlockFamily(
+        "sd3", ("JointTransformerBlock",), ("attn", "attn2", "ff", "ff_context"), ("attn", "attn2", "ff", "ff_context")
+    ),
+    # Flux: double-stream blocks like SD3's; single-stream blocks run attention and the MLP's input
+    # projection in parallel and mix them in proj_out, which always runs.
+    BlockFamily(
+        "flux",
+        ("FluxTransformerBlock", "FluxSingleTransformerBlock"),
+        ("attn", "ff", "ff_context", "single_attn", "single_proj_mlp"),
+        ("attn", "ff", "ff_context", "single_attn", "single_proj_mlp"),
+        prefixes=(("FluxSingleTransformerBlock", "single_"),),
+    ),
+    # HunyuanDiT: self-attention, cross-attention, feed-forward, each added to the residual.
+    BlockFamily("hunyuan-dit", ("HunyuanDiTBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff")),
+    # Sana: linear self-attention, cross-attention, GLUMBConv feed-forward.
+    BlockFamily("sana", ("SanaTransformerBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff")),
+    # AuraFlow: MMDiT joint blocks, then single blocks with the same child names.
+    BlockFamily(
+        "auraflow",
+        ("AuraFlowJointTransformerBlock", "AuraFlowSingleTransformerBlock"),
+        ("attn", "ff", "ff_context", "single_attn", "single_ff"),
+        ("attn", "ff", "ff_context", "single_attn", "single_ff"),
+        prefixes=(("AuraFlowSingleTransformerBlock", "single_"),),
+    ),
+    # CogView4: joint attention returns (image, text). Its one ff runs twice per block call.
+    BlockFamily(
+        "cogview4",
+        ("CogView4TransformerBlock",),
+        ("attn1",),
+        ("attn1",),
+        uncacheable=(
+            (
+                "ff",
+                (
+                    "it runs twice per block call (image tokens, then text tokens) but a cached layer keeps "
+                    "one output per model call, so a reused step would hand the text tokens' output to both"
+                ),
+            ),
+        ),
+    ),
+    # QwenImage MMDiT: joint attention returns (image, text); one MLP per stream.
+    BlockFamily(
+        "qwenimage", ("QwenImageTransformerBlock",), ("attn", "img_mlp", "txt_mlp"), ("attn", "img_mlp", "txt_mlp")
+    ),
 )
 
 
@@ -64,10 +128,12 @@ def find_layers(
 ) -> list[CacheableLayer]:
     """The cacheable layers of ``model``, in module order.
 
-    ``components`` are layer names inside blocks (``["attn1", "ff"]``) or module-path patterns
-    (``["transformer_blocks.*.attn1"]``). Without them, the known family's defaults apply.
-    ``block_classes`` restricts plain names to blocks of those classes (the reference package's
-    ``block_classes`` argument); otherwise known families' blocks, then any indexed block, match.
+    ``components`` are layer types inside blocks (``["attn1", "ff"]``; with the family's prefix
+    where it has one, ``"single_attn"``) or module-path patterns (``["transformer_blocks.*.attn1"]``).
+    Without them, the known family's defaults apply. ``block_classes`` restricts plain names to
+    blocks of those classes, whose layer types are then the bare child names (the reference
+    package's ``block_classes`` argument); otherwise known families' blocks, then any indexed block,
+    match. Asking for a layer the family marks uncacheable raises :class:`NoCacheableLayersError`.
     """
     family = family_of(model)
     if components is None:
@@ -81,21 +147,37 @@ def find_layers(
     patterns = [c for c in components if "." in c or any(ch in c for ch in "*?[")]
     plain = [c for c in components if c not in patterns]
 
+    modules = dict(model.named_modules())
     layers: list[CacheableLayer] = []
-    for name, module in model.named_modules():
+    for name, module in modules.items():
         if not name:
             continue
         parts = name.split(".")
-        parent_name, layer_type = ".".join(parts[:-1]), parts[-1]
-        wanted = any(fnmatch.fnmatchcase(name, p) for p in patterns)
-        if not wanted and layer_type in plain:
-            parent = model.get_submodule(parent_name) if parent_name else model
-            wanted = _is_block(parent, parent_name, family, block_classes)
+        parent_name = ".".join(parts[:-1])
+        parent = modules[parent_name]
+        layer_type = parts[-1]
+        if family is not None and block_classes is None:
+            layer_type = family.prefix_of(type(parent).__name__) + layer_type
+        wanted = any(fnmatch.fnmatchcase(name, p) for p in patterns) or (
+            layer_type in plain and _is_block(parent, parent_name, family, block_classes)
+        )
         if wanted:
+            _check_cacheable(name, layer_type, parent, family)
             layers.append(CacheableLayer(name, module, layer_type, _block_index(parts)))
     if not layers:
         raise NoCacheableLayersError(_nothing_found_message(model, components, block_classes))
     return layers
+
+
+def _check_cacheable(name: str, layer_type: str, parent: nn.Module, family: BlockFamily | None) -> None:
+    if family is None or type(parent).__name__ not in family.block_class_names:
+        return
+    why = dict(family.uncacheable).get(layer_type)
+    if why is not None:
+        raise NoCacheableLayersError(
+            f"{name} ({layer_type!r} of {type(parent).__name__}) cannot be cached: {why}. "
+            f"Cacheable layers of this family: {list(family.components)}"
+        )
 
 
 def _is_block(parent: nn.Module, parent_name: str, family: BlockFamily | None, block_classes: Sequence[type] | None) -> bool:

@@ -1,0 +1,127 @@
+"""Shared pieces of the model-family tests: a tiny VAE, one thread, and the checks every family passes.
+
+Each family's test builds a random-weight transformer from a tiny config and runs it through its
+real diffusers pipeline, with precomputed prompt embeddings instead of text encoders (no network).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+import smoothcache
+from smoothcache import CacheableLayer, Schedule, find_layers
+from smoothcache.schedule import schedule_key_for
+
+STEPS = 6
+
+Generate = Callable[..., torch.Tensor]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Models this small gain nothing from threads, and on a busy CPU they run many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_vae(latent_channels: int = 4, levels: int = 1, **config):
+    """An AutoencoderKL of 8 channels per level, downsampling by ``2 ** (levels - 1)``."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(8,) * levels,
+        norm_num_groups=8,
+        latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        sample_size=8,
+        **config,
+    ).eval()
+
+
+class WeightUses(TorchFunctionMode):
+    """Counts the torch calls that use each watched weight: real executions of the layers owning them.
+
+    Unlike a forward hook, this also counts a cached layer that is itself a Linear (Flux's proj_mlp):
+    hooks on it run whether it computed or handed back its kept output.
+    """
+
+    def __init__(self, layers: Sequence[CacheableLayer]) -> None:
+        super().__init__()
+        self.weights = {id(_first_weight(layer.module)): layer.name for layer in layers}
+        self.counts = dict.fromkeys(self.weights.values(), 0)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        for arg in args[:2]:
+            name = self.weights.get(id(arg)) if isinstance(arg, nn.Parameter) else None
+            if name is not None:
+                self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _first_weight(module: nn.Module) -> nn.Parameter:
+    """The weight of the first Linear or Conv2d in ``module``, used exactly when ``module`` computes."""
+    return next(m.weight for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+
+def calibrated_schedule(
+    pipe, generate: Generate, components: Sequence[str] | None = None, calls_per_step: int = 1
+) -> Schedule:
+    """Calibrate on one generation, then a schedule computing at most 60% of the layer calls."""
+    with smoothcache.calibration(pipe, components=components, calls_per_step=calls_per_step) as rec:
+        generate(pipe, seed=1)
+    schedule = rec.profile.schedule(compute_fraction=0.6)
+    assert any(0 in plan for plan in schedule.plans.values()), schedule.summary()
+    return schedule
+
+
+def assert_skips_exactly_the_scheduled_calls(
+    pipe, generate: Generate, schedule: Schedule, calls_per_step: int = 1, components: Sequence[str] | None = None
+) -> list[CacheableLayer]:
+    """A cached generation runs each layer on exactly its plan's compute steps, and changes the output.
+
+    Returns the layers the schedule governs.
+    """
+    uncached = generate(pipe)
+    handle = smoothcache.cache(pipe, schedule, components=components, calls_per_step=calls_per_step)
+    with handle, WeightUses(handle.layers) as uses:
+        cached = generate(pipe)
+    cached_layers = []
+    for layer in handle.layers:
+        key = schedule_key_for(schedule.plans, layer.layer_type, layer.block)
+        computed = sum(schedule.plans[key]) if key is not None else STEPS  # a layer no key governs always runs
+        assert uses.counts[layer.name] == computed * calls_per_step, layer.name
+        if key is not None:
+            cached_layers.append(layer)
+    assert not torch.equal(cached, uncached)
+    return cached_layers
+
+
+def assert_all_ones_is_bit_identical(
+    pipe, generate: Generate, components: Sequence[str] | None = None, calls_per_step: int = 1
+) -> None:
+    uncached = generate(pipe)
+    keys = {layer.layer_type for layer in find_layers(pipe.transformer, components)}
+    schedule = Schedule({key: (1,) * STEPS for key in keys})
+    with smoothcache.cache(pipe, schedule, calls_per_step=calls_per_step):
+        assert torch.equal(generate(pipe), uncached)
+
+
+def assert_disable_restores_the_model(pipe, generate: Generate, schedule: Schedule, calls_per_step: int = 1) -> None:
+    before = generate(pipe)
+    handle = smoothcache.cache(pipe, schedule, calls_per_step=calls_per_step)
+    cached = generate(pipe)
+    handle.disable()
+    for module in pipe.transformer.modules():
+        assert "forward" not in module.__dict__
+        assert not module._forward_hooks and not module._forward_pre_hooks
+    assert not torch.equal(cached, before)
+    assert torch.equal(generate(pipe), before)

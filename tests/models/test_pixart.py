@@ -1,0 +1,109 @@
+"""PixArt-α and PixArt-Σ: diffusers' BasicTransformerBlock (attn1, cross-attention attn2, ff),
+through PixArtAlphaPipeline and PixArtSigmaPipeline with batched classifier-free guidance."""
+
+import pytest
+import torch
+
+from smoothcache import find_layers
+
+from .conftest import (
+    STEPS,
+    assert_all_ones_is_bit_identical,
+    assert_disable_restores_the_model,
+    assert_skips_exactly_the_scheduled_calls,
+    calibrated_schedule,
+    tiny_vae,
+)
+
+CAPTION_CHANNELS = 16
+
+
+def make_pipeline(pipeline_class_name: str = "PixArtAlphaPipeline"):
+    import diffusers
+    from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_channels=CAPTION_CHANNELS,
+        in_channels=4,
+        out_channels=8,
+        cross_attention_dim=16,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    ).eval()
+    pipeline_class = getattr(diffusers, pipeline_class_name)
+    pipe = pipeline_class(
+        tokenizer=None,
+        text_encoder=None,
+        vae=tiny_vae(),
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, seed: int = 0) -> torch.Tensor:
+    # T5 embeddings stood in for by fixed random tensors; a mask that hides the last two tokens.
+    prompt = torch.randn(2, 5, CAPTION_CHANNELS, generator=torch.Generator().manual_seed(100))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    return pipe(
+        prompt_embeds=prompt,
+        prompt_attention_mask=mask,
+        negative_prompt=None,
+        negative_prompt_embeds=torch.zeros_like(prompt),
+        negative_prompt_attention_mask=torch.ones_like(mask),
+        num_inference_steps=STEPS,
+        height=8,
+        width=8,
+        use_resolution_binning=False,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
+
+
+@pytest.fixture
+def pipe():
+    return make_pipeline()
+
+
+def test_self_attention_and_feed_forward_are_the_defaults(pipe):
+    layers = find_layers(pipe.transformer)
+    assert [layer.block_key for layer in layers] == ["attn1-0", "ff-0", "attn1-1", "ff-1"]
+
+
+def test_calibrated_schedule_skips_exactly_the_scheduled_calls(pipe):
+    schedule = calibrated_schedule(pipe, generate)
+    assert set(schedule.keys) == {"attn1", "ff"}
+    assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule)
+
+
+def test_cross_attention_is_cached_when_asked_for(pipe):
+    components = ["attn1", "attn2", "ff"]
+    schedule = calibrated_schedule(pipe, generate, components)
+    assert set(schedule.keys) == set(components)
+    layers = assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule)
+    cross = [layer.module for layer in layers if layer.layer_type == "attn2"]
+    assert len(cross) == 2 and all(attn.is_cross_attention for attn in cross)
+
+
+def test_all_ones_schedule_is_bit_identical_to_uncached(pipe):
+    assert_all_ones_is_bit_identical(pipe, generate, ["attn1", "attn2", "ff"])
+
+
+def test_disable_restores_the_model_exactly(pipe):
+    assert_disable_restores_the_model(pipe, generate, calibrated_schedule(pipe, generate, ["attn1", "attn2", "ff"]))
+
+
+def test_pixart_sigma_pipeline_is_cached_the_same_way():
+    pipe = make_pipeline("PixArtSigmaPipeline")
+    assert_skips_exactly_the_scheduled_calls(pipe, generate, calibrated_schedule(pipe, generate))
