@@ -157,3 +157,31 @@ def test_bare_module_counts_calls_and_wraps_at_the_schedule_length(original_dit)
         b = sample_loop(original_dit.forward_with_cfg, x, 4, y=y, cfg_scale=4.0)
     assert torch.equal(a, b)
     assert counter.count == 2 * 2 * 2
+
+
+def test_more_calls_per_step_than_declared_is_an_error_not_a_new_generation(dit_pipe):
+    """A pipeline calling the model twice per step without calls_per_step=2 must not run silently."""
+    from types import SimpleNamespace
+
+    transformer, scheduler = dit_pipe.transformer, dit_pipe.scheduler
+    pipe = SimpleNamespace(transformer=transformer, scheduler=scheduler)
+    schedule = Schedule({"attn1": (1, 0, 1, 1)})
+    x = torch.randn(2, 4, 8, 8)
+    labels = torch.tensor([1, 2])
+    with torch.no_grad(), smoothcache.cache(pipe, schedule):
+        scheduler.set_timesteps(4)
+        with pytest.raises(StepMismatchError, match="called for step 5"):
+            for t in scheduler.timesteps:
+                for _ in range(2):  # conditional and unconditional calls
+                    transformer(x, timestep=t.expand(2), class_labels=labels)
+
+
+def test_the_step_is_anchored_at_the_first_cached_layer_in_module_order(dit_pipe):
+    # "attn1-1" (block 1) is listed first, but block 0's ff runs first: the step must advance there
+    ordered = Schedule({"attn1-1": (1,) * STEPS, "ff-0": (1,) + (0,) * (STEPS - 1)})
+    blocks = dit_pipe.transformer.transformer_blocks
+    ff0 = CallCounter([blocks[0].ff.net[2]])
+    with smoothcache.cache(dit_pipe, ordered) as handle:
+        assert [layer.name for layer in handle.layers] == ["transformer_blocks.0.ff", "transformer_blocks.1.attn1"]
+        generate(dit_pipe)
+    assert ff0.count == 1  # a stale (one step late) decision would compute it twice

@@ -73,8 +73,10 @@ class CacheHandle:
         if layers is None:
             wanted = list(dict.fromkeys(key.rsplit("-", 1)[0] if key.rsplit("-", 1)[-1].isdigit() else key for key in schedule.keys))
             layers = find_layers(self.target.model, wanted)
-        self.layers = list(layers)
-        self._plans = self._assign_keys()
+        self._plans = self._assign_keys(list(layers))
+        covered = {id(layer) for group in self._plans.values() for layer in group}
+        # module order: the first of them anchors the step, so it must run before the others
+        self.layers = [layer for layer in layers if id(layer) in covered]
         self._tracker = StepTracker(schedule.num_steps, self.target.timesteps, calls_per_step)
         self._calls_per_step = calls_per_step
         self._decisions: list[tuple[_Decision, tuple[int, ...]]] = []
@@ -82,15 +84,16 @@ class CacheHandle:
         self._outputs: list[list[Any]] = []
         self.enable()
 
-    def _assign_keys(self) -> dict[str, list[CacheableLayer]]:
+    def _assign_keys(self, layers: list[CacheableLayer]) -> dict[str, list[CacheableLayer]]:
+        """Group the layers by the schedule key that governs them; every key must govern some."""
         by_key: dict[str, list[CacheableLayer]] = {}
-        for layer in self.layers:
+        for layer in layers:
             key = schedule_key_for(self.schedule.plans, layer.layer_type, layer.block)
             if key is not None:
                 by_key.setdefault(key, []).append(layer)
         unused = [key for key in self.schedule.keys if key not in by_key]
         if unused:
-            found = sorted({layer.layer_type for layer in self.layers})
+            found = sorted({layer.layer_type for layer in layers})
             raise ScheduleError(
                 f"Schedule keys {unused} match no layer of {type(self.target.model).__name__}; "
                 f"its cacheable layers answer to {found} (or '<type>-<block>'). "

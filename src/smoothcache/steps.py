@@ -4,7 +4,7 @@ The caching runtime and the calibration recorder both see only calls of the tran
 pipeline, the step source is its scheduler: every pipeline call runs ``scheduler.set_timesteps``,
 which puts a new ``timesteps`` tensor on the scheduler, so a new tensor object means a new
 generation (checked by identity: no device sync). Without a scheduler, a generation ends after a
-known number of steps.
+known number of steps; with one, calls beyond its steps are reported, not wrapped around.
 """
 
 from __future__ import annotations
@@ -93,7 +93,9 @@ class StepTracker:
         new = self.generation < 0
         if timesteps is not None and timesteps is not self._seen_timesteps:
             new = True
-        elif self._limit is not None and self._calls >= self._limit:
+        elif timesteps is None and self._limit is not None and self._calls >= self._limit:
+            # Without a scheduler, a generation ends after its steps. With one, running past them
+            # means the pipeline calls the model more often than counted: the caller reports it.
             new = True
         if new:
             self._seen_timesteps = timesteps
