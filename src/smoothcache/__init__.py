@@ -4,6 +4,7 @@ denoising steps wherever the calibration says they barely change (arXiv 2411.105
 __version__ = "0.1.0"
 
 from .adapters import CacheableLayer, find_layers
+from .adapters.diffusers_cache_mixin import SmoothCacheConfig, install_if_diffusers_loaded
 from .calibration import CalibrationRecorder, calibration
 from .errors import (
     NoCacheableLayersError,
@@ -26,9 +27,12 @@ __all__ = [
     "ProfileError",
     "Schedule",
     "ScheduleError",
+    "SmoothCacheConfig",
     "SmoothCacheError",
     "StepMismatchError",
     "cache",
     "calibration",
     "find_layers",
 ]
+
+install_if_diffusers_loaded()
