@@ -122,6 +122,33 @@ def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Speedup over uncached (same compile setting) per schedule; bars for ours and the reference, ticks for ideal."""
+    from smoothcache.plots import pyplot
+
+    plt = pyplot()
+    panels = sorted({(r["compile"], r["batch"]) for r in result["rows"]})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharey=True, squeeze=False)
+    for ax, (compile_mode, batch) in zip(axes[0], panels, strict=True):
+        rows = [r for r in result["rows"] if r["compile"] == compile_mode and r["batch"] == batch and r["schedule"] != "uncached"]
+        names = list(dict.fromkeys(r["schedule"] for r in rows))
+        for offset, impl in ((-0.2, "smoothcache"), (0.2, "reference")):
+            values = [next((r["speedup"] for r in rows if r["schedule"] == n and r["implementation"] == impl), 0) for n in names]
+            ax.bar([i + offset for i in range(len(names))], values, width=0.4, label=impl)
+        ideal = [next(r["ideal_speedup"] for r in rows if r["schedule"] == n) for n in names]
+        ax.scatter(range(len(names)), ideal, marker="_", s=900, color="black", label="ideal (FLOPs)", zorder=3)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xticks(range(len(names)), [n.replace(" ", "\n", 1) for n in names], fontsize=7)
+        ax.set_title(f"{compile_mode}, batch {batch}", fontsize=9)
+    axes[0][0].set_ylabel("speedup vs uncached")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"DiT-XL/2-256, {result['settings']['steps']} DDIM steps, {result['settings']['dtype']}, {result['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -132,7 +159,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/gpu-dit-xl.json"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a 2-block model: checks the script, measures nothing")
+    parser.add_argument("--plot-from", type=Path, help="only redraw the plot of a result JSON")
     args = parser.parse_args()
+    if args.plot_from:
+        print(plot(json.loads(args.plot_from.read_text()), args.plot_from.with_suffix(".png")))
+        return
     device, dtype = args.device, getattr(torch, args.dtype)
     # every schedule and implementation adds graphs; keep them all compiled rather than falling back
     torch._dynamo.config.recompile_limit = 64
@@ -199,6 +230,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.out.with_suffix(".png"))
     print(json.dumps([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "runs_ms"} for r in rows]))
 
 
