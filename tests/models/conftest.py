@@ -2,6 +2,8 @@
 
 Each family's test builds a random-weight transformer from a tiny config and runs it through its
 real diffusers pipeline, with precomputed prompt embeddings instead of text encoders (no network).
+The checks also take a bare model in place of the pipeline (with ``steps=`` to calibrate it), for
+models sampled outside diffusers.
 """
 
 from __future__ import annotations
@@ -73,10 +75,14 @@ def _first_weight(module: nn.Module) -> nn.Parameter:
 
 
 def calibrated_schedule(
-    pipe, generate: Generate, components: Sequence[str] | None = None, calls_per_step: int = 1
+    pipe,
+    generate: Generate,
+    components: Sequence[str] | None = None,
+    calls_per_step: int = 1,
+    steps: int | None = None,
 ) -> Schedule:
     """Calibrate on one generation, then a schedule computing at most 60% of the layer calls."""
-    with smoothcache.calibration(pipe, components=components, calls_per_step=calls_per_step) as rec:
+    with smoothcache.calibration(pipe, components=components, calls_per_step=calls_per_step, steps=steps) as rec:
         generate(pipe, seed=1)
     schedule = rec.profile.schedule(compute_fraction=0.6)
     assert any(0 in plan for plan in schedule.plans.values()), schedule.summary()
@@ -109,7 +115,7 @@ def assert_all_ones_is_bit_identical(
     pipe, generate: Generate, components: Sequence[str] | None = None, calls_per_step: int = 1
 ) -> None:
     uncached = generate(pipe)
-    keys = {layer.layer_type for layer in find_layers(pipe.transformer, components)}
+    keys = {layer.layer_type for layer in find_layers(_model(pipe), components)}
     schedule = Schedule({key: (1,) * STEPS for key in keys})
     with smoothcache.cache(pipe, schedule, calls_per_step=calls_per_step):
         assert torch.equal(generate(pipe), uncached)
@@ -120,8 +126,13 @@ def assert_disable_restores_the_model(pipe, generate: Generate, schedule: Schedu
     handle = smoothcache.cache(pipe, schedule, calls_per_step=calls_per_step)
     cached = generate(pipe)
     handle.disable()
-    for module in pipe.transformer.modules():
+    for module in _model(pipe).modules():
         assert "forward" not in module.__dict__
         assert not module._forward_hooks and not module._forward_pre_hooks
     assert not torch.equal(cached, before)
     assert torch.equal(generate(pipe), before)
+
+
+def _model(pipe) -> nn.Module:
+    """The pipeline's transformer, or the model itself."""
+    return pipe if isinstance(pipe, nn.Module) else pipe.transformer

@@ -9,6 +9,8 @@ Where one model holds two kinds of block whose layers share names, the family gi
 prefix: Flux's single-stream ``single_transformer_blocks.3.attn`` is ``"single_attn"`` (keys
 ``"single_attn"``, ``"single_attn-3"``), apart from the double-stream ``transformer_blocks.3.attn``
 (``"attn"``, ``"attn-3"``). Components name layers by these types: ``["attn", "single_attn"]``.
+Where both kinds are one class, the prefix goes by the list holding the block: Latte's
+``temporal_transformer_blocks.3.attn1`` is ``"temporal_attn1"``.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ __all__ = ["BlockFamily", "CacheableLayer", "FAMILIES", "find_layers", "family_o
 class BlockFamily:
     """The transformer block classes of one model family and the sub-layers worth caching in them.
 
-    ``prefixes`` pairs a block class name with the prefix of its layer types, for models whose
-    block kinds would otherwise give the same keys. ``uncacheable`` pairs a layer type that must not
-    be cached with the reason, which the error for asking for it quotes.
+    ``prefixes`` pairs a block class name, or the name of the block list (``"temporal_blocks"``),
+    with the prefix of its layer types, for models whose block kinds would otherwise give the same
+    keys. ``uncacheable`` pairs a layer type that must not be cached with the reason, which the
+    error for asking for it quotes. ``model_class_names`` restricts the family to those models, for
+    models built from another family's generic blocks (Latte's are ``BasicTransformerBlock``).
     """
 
     name: str
@@ -39,10 +43,20 @@ class BlockFamily:
     components: tuple[str, ...]
     prefixes: tuple[tuple[str, str], ...] = ()
     uncacheable: tuple[tuple[str, str], ...] = ()
+    model_class_names: tuple[str, ...] = ()
 
-    def prefix_of(self, block_class_name: str) -> str:
-        return dict(self.prefixes).get(block_class_name, "")
+    def prefix_of(self, block: nn.Module, block_name: str) -> str:
+        """The prefix of the layer types in ``block``, found at module path ``block_name``."""
+        prefixes = dict(self.prefixes)
+        block_list = block_name.rpartition(".")[0].rpartition(".")[2]
+        return prefixes.get(type(block).__name__, prefixes.get(block_list, ""))
 
+
+_VACE_CHILDREN = ("proj_in", "attn1", "attn2", "ffn", "proj_out")
+_VACE_RUNS_FIRST = (
+    "VACE's control blocks all run before blocks.0, whose call marks the step, so they would compute or reuse "
+    "on the previous call's decision"
+)
 
 # Each cacheable layer is a child its block calls once per model call; a kept output stands in for
 # its output while everything around it (norms, gates, residual adds) still runs. Defaults are
@@ -98,6 +112,66 @@ FAMILIES: tuple[BlockFamily, ...] = (
     BlockFamily(
         "qwenimage", ("QwenImageTransformerBlock",), ("attn", "img_mlp", "txt_mlp"), ("attn", "img_mlp", "txt_mlp")
     ),
+    # ---- video and audio ----------------------------------------------------------------------
+    # Wan 2.1/2.2: self-attention, cross-attention (text, plus image tokens in I2V), feed-forward.
+    # VACE's control blocks run before blocks.0, whose call marks the step: not cacheable.
+    BlockFamily(
+        "wan",
+        ("WanTransformerBlock", "WanVACETransformerBlock"),
+        ("attn1", "ffn"),
+        ("attn1", "attn2", "ffn"),
+        prefixes=(("WanVACETransformerBlock", "vace_"),),
+        uncacheable=tuple((f"vace_{child}", _VACE_RUNS_FIRST) for child in _VACE_CHILDREN),
+    ),
+    # CogVideoX: joint attention returns (video, text); one ff over the concatenated tokens.
+    BlockFamily("cogvideox", ("CogVideoXBlock",), ("attn1", "ff"), ("attn1", "ff")),
+    # HunyuanVideo: double-stream blocks like Flux's, single-stream blocks with attention and the
+    # MLP input projection in parallel (proj_out always runs); the I2V token-replace variants have
+    # the same children. The text token refiner runs before them, on text only: opt-in.
+    BlockFamily(
+        "hunyuan-video",
+        (
+            "HunyuanVideoTransformerBlock",
+            "HunyuanVideoTokenReplaceTransformerBlock",
+            "HunyuanVideoSingleTransformerBlock",
+            "HunyuanVideoTokenReplaceSingleTransformerBlock",
+            "HunyuanVideoIndividualTokenRefinerBlock",
+        ),
+        ("attn", "ff", "ff_context", "single_attn", "single_proj_mlp"),
+        ("attn", "ff", "ff_context", "single_attn", "single_proj_mlp", "refiner_attn", "refiner_ff"),
+        prefixes=(
+            ("HunyuanVideoSingleTransformerBlock", "single_"),
+            ("HunyuanVideoTokenReplaceSingleTransformerBlock", "single_"),
+            ("HunyuanVideoIndividualTokenRefinerBlock", "refiner_"),
+        ),
+    ),
+    # LTX-Video: self-attention, cross-attention, feed-forward.
+    BlockFamily("ltx-video", ("LTXVideoTransformerBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff")),
+    # Mochi: joint attention returns (video, text); the last block has no ff_context.
+    BlockFamily("mochi", ("MochiTransformerBlock",), ("attn1", "ff", "ff_context"), ("attn1", "ff", "ff_context")),
+    # Allegro: self-attention, cross-attention, feed-forward.
+    BlockFamily("allegro", ("AllegroTransformerBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff")),
+    # Latte: a spatial and a temporal BasicTransformerBlock per depth, interleaved; the temporal
+    # blocks have no cross-attention. Matched by model class: its blocks are diffusers-basic's.
+    BlockFamily(
+        "latte",
+        ("BasicTransformerBlock",),
+        ("attn1", "ff", "temporal_attn1", "temporal_ff"),
+        ("attn1", "attn2", "ff", "temporal_attn1", "temporal_ff"),
+        prefixes=(("temporal_transformer_blocks", "temporal_"),),
+        model_class_names=("LatteTransformer3DModel",),
+    ),
+    # Stable Audio Open: self-attention, cross-attention, feed-forward.
+    BlockFamily("stable-audio", ("StableAudioDiTBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff")),
+    # Open-Sora 1.2 STDiT3 (hpcaitech/Open-Sora, opensora/models/stdit/stdit3.py): spatial_blocks and
+    # temporal_blocks of one class, interleaved, each with attn, cross_attn and mlp.
+    BlockFamily(
+        "open-sora-stdit3",
+        ("STDiT3Block",),
+        ("spatial_attn", "spatial_mlp", "temporal_attn", "temporal_mlp"),
+        ("spatial_attn", "spatial_cross_attn", "spatial_mlp", "temporal_attn", "temporal_cross_attn", "temporal_mlp"),
+        prefixes=(("spatial_blocks", "spatial_"), ("temporal_blocks", "temporal_")),
+    ),
 )
 
 
@@ -116,9 +190,12 @@ class CacheableLayer:
 
 
 def family_of(model: nn.Module) -> BlockFamily | None:
-    """The first known block family with a block in ``model``."""
+    """The family naming ``model``'s class, else the first other known family with a block in ``model``."""
+    named = next((f for f in FAMILIES if type(model).__name__ in f.model_class_names), None)
+    if named is not None:
+        return named
     names = {type(m).__name__ for m in model.modules()}
-    return next((f for f in FAMILIES if names.intersection(f.block_class_names)), None)
+    return next((f for f in FAMILIES if not f.model_class_names and names.intersection(f.block_class_names)), None)
 
 
 def find_layers(
@@ -138,10 +215,10 @@ def find_layers(
     family = family_of(model)
     if components is None:
         if family is None:
+            known = dict.fromkeys(n for f in FAMILIES for n in f.block_class_names)
             raise NoCacheableLayersError(
-                f"{type(model).__name__} has no block class smoothcache knows "
-                f"({', '.join(n for f in FAMILIES for n in f.block_class_names)}); pass components=, e.g. "
-                f"{_example_patterns(model)}"
+                f"{type(model).__name__} has no block class smoothcache knows ({', '.join(known)}); pass components=, "
+                f"e.g. {_example_patterns(model)}"
             )
         components = family.default_components
     patterns = [c for c in components if "." in c or any(ch in c for ch in "*?[")]
@@ -157,7 +234,7 @@ def find_layers(
         parent = modules[parent_name]
         layer_type = parts[-1]
         if family is not None and block_classes is None:
-            layer_type = family.prefix_of(type(parent).__name__) + layer_type
+            layer_type = family.prefix_of(parent, parent_name) + layer_type
         wanted = any(fnmatch.fnmatchcase(name, p) for p in patterns) or (
             layer_type in plain and _is_block(parent, parent_name, family, block_classes)
         )

@@ -1,0 +1,191 @@
+"""Wan 2.1 / 2.2: WanTransformerBlock (self-attention attn1, cross-attention attn2, feed-forward ffn),
+through WanPipeline, whose classifier-free guidance makes two sequential transformer calls per step
+(conditional, then unconditional). Wan 2.2 A14B splits the steps between two experts, `transformer`
+(high noise) and `transformer_2` (low noise)."""
+
+import pytest
+import torch
+
+import smoothcache
+from smoothcache import NoCacheableLayersError, ProfileError, Schedule, StepMismatchError, find_layers
+from smoothcache.schedule import schedule_key_for
+
+from .conftest import (
+    STEPS,
+    WeightUses,
+    assert_all_ones_is_bit_identical,
+    assert_disable_restores_the_model,
+    assert_skips_exactly_the_scheduled_calls,
+    calibrated_schedule,
+)
+
+TEXT_DIM = 16
+# With UniPC's flow shift of 3, 6 steps run at t = 999, 937, 857, 750, 600, 376: a boundary at
+# t = 800 gives each expert three steps.
+BOUNDARY_RATIO, HIGH_NOISE_STEPS = 0.8, 3
+
+
+def tiny_transformer(seed: int = 0):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=TEXT_DIM,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+
+
+def make_pipeline(two_experts: bool = False):
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=3,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ).eval()
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+        transformer=tiny_transformer(),
+        transformer_2=tiny_transformer(seed=1) if two_experts else None,
+        boundary_ratio=BOUNDARY_RATIO if two_experts else None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, seed: int = 0, guidance_scale: float = 5.0) -> torch.Tensor:
+    # UMT5 embeddings stood in for by fixed random tensors.
+    prompt = torch.randn(1, 6, TEXT_DIM, generator=torch.Generator().manual_seed(100))
+    return pipe(
+        prompt_embeds=prompt,
+        negative_prompt_embeds=torch.zeros_like(prompt),
+        guidance_scale=guidance_scale,
+        height=32,
+        width=32,
+        num_frames=5,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).frames
+
+
+def generate_without_guidance(pipe, seed: int = 0) -> torch.Tensor:
+    return generate(pipe, seed, guidance_scale=1.0)
+
+
+@pytest.fixture
+def pipe():
+    return make_pipeline()
+
+
+def test_self_attention_and_feed_forward_are_the_default(pipe):
+    assert [layer.block_key for layer in find_layers(pipe.transformer)] == ["attn1-0", "ffn-0", "attn1-1", "ffn-1"]
+
+
+def test_vace_control_blocks_are_refused_and_left_out_of_the_defaults():
+    from diffusers import WanVACETransformer3DModel
+
+    torch.manual_seed(0)
+    vace = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=TEXT_DIM,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        vace_layers=[0],
+        vace_in_channels=4,
+    )
+    assert [layer.block_key for layer in find_layers(vace)] == ["attn1-0", "ffn-0", "attn1-1", "ffn-1"]
+    assert find_layers(vace)[0].name == "blocks.0.attn1"
+    with pytest.raises(NoCacheableLayersError, match=r"vace_blocks.0.attn1 \('vace_attn1' of .*run before blocks.0"):
+        find_layers(vace, ["attn1", "vace_attn1"])
+    with pytest.raises(NoCacheableLayersError, match="run before blocks.0"):
+        find_layers(vace, ["vace_blocks.*.ffn"])
+
+
+def test_forgetting_calls_per_step_under_guidance_is_an_error(pipe):
+    with pytest.raises(StepMismatchError, match="call for step 7.*calls_per_step"):
+        with smoothcache.calibration(pipe):
+            generate(pipe)
+    with pytest.raises(StepMismatchError, match="called for step 7.*calls_per_step"):
+        with smoothcache.cache(pipe, Schedule({"attn1": (1, 0) * (STEPS // 2)})):
+            generate(pipe)
+
+
+def test_guidance_two_calls_per_step_skip_exactly_the_scheduled_calls(pipe):
+    schedule = calibrated_schedule(pipe, generate, calls_per_step=2)
+    assert set(schedule.keys) == {"attn1", "ffn"}
+    assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule, calls_per_step=2)
+
+
+def test_without_guidance_one_call_per_step_skips_exactly_the_scheduled_calls(pipe):
+    schedule = calibrated_schedule(pipe, generate_without_guidance, ["attn1", "attn2", "ffn"])
+    assert set(schedule.keys) == {"attn1", "attn2", "ffn"}
+    assert_skips_exactly_the_scheduled_calls(pipe, generate_without_guidance, schedule)
+
+
+def test_all_ones_schedule_is_bit_identical_to_uncached(pipe):
+    assert_all_ones_is_bit_identical(pipe, generate, calls_per_step=2)
+
+
+def test_disable_restores_the_model_exactly(pipe):
+    schedule = calibrated_schedule(pipe, generate, calls_per_step=2)
+    assert_disable_restores_the_model(pipe, generate, schedule, calls_per_step=2)
+
+
+def test_two_experts_are_cached_as_modules_each_with_a_schedule_for_its_own_steps():
+    # Today's recipe for Wan 2.2 A14B: each expert is a bare module that runs a fixed number of steps.
+    pipe = make_pipeline(two_experts=True)
+    experts = {pipe.transformer: HIGH_NOISE_STEPS, pipe.transformer_2: STEPS - HIGH_NOISE_STEPS}
+    recorders = [smoothcache.calibration(expert, steps=steps, calls_per_step=2) for expert, steps in experts.items()]
+    generate(pipe, seed=1)
+    schedules = [recorder.stop().schedule(compute_fraction=0.7) for recorder in recorders]  # 1 of 3 steps reused
+    assert all(0 in plan for schedule in schedules for plan in schedule.plans.values())
+
+    uncached = generate(pipe)
+    handles = [smoothcache.cache(expert, s, calls_per_step=2) for expert, s in zip(experts, schedules, strict=True)]
+    uses = [WeightUses(handle.layers) for handle in handles]  # one per expert: their layer names are the same
+    with uses[0], uses[1]:
+        cached = generate(pipe)
+    for handle in handles:
+        handle.disable()
+    for handle, schedule, expert_uses in zip(handles, schedules, uses, strict=True):
+        for layer in handle.layers:
+            computed = sum(schedule.plans[schedule_key_for(schedule.plans, layer.layer_type, layer.block)])
+            assert expert_uses.counts[layer.name] == computed * 2, layer.name
+    assert not torch.equal(cached, uncached)
+    assert torch.equal(generate(pipe), uncached)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ProfileError,
+    reason="a pipeline target is only its .transformer: the high-noise expert runs 3 of 6 steps, so calibration "
+    "drops the generation as incomplete, and transformer_2 is never hooked (see issue5_step_notes_video.md)",
+)
+def test_two_experts_are_calibrated_and_cached_through_the_pipeline():
+    pipe = make_pipeline(two_experts=True)
+    schedule = calibrated_schedule(pipe, generate, calls_per_step=2)
+    assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule, calls_per_step=2)
