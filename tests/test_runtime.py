@@ -185,3 +185,26 @@ def test_the_step_is_anchored_at_the_first_cached_layer_in_module_order(dit_pipe
         assert [layer.name for layer in handle.layers] == ["transformer_blocks.0.ff", "transformer_blocks.1.attn1"]
         generate(dit_pipe)
     assert ff0.count == 1  # a stale (one step late) decision would compute it twice
+
+
+class ControlFirstModel(nn.Module):
+    """Registers its main blocks first but runs its control blocks first (as Wan VACE does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.main_blocks = nn.ModuleList([TupleBlock()])
+        self.control_blocks = nn.ModuleList([TupleBlock()])
+
+    def forward(self, x):
+        return self.main_blocks[0](self.control_blocks[0](x))
+
+
+def test_layers_running_before_the_anchor_block_see_the_current_step():
+    torch.manual_seed(0)
+    model = ControlFirstModel().eval()
+    schedule = Schedule({"attn": (1, 0, 1, 0)})
+    control = CallCounter([model.control_blocks[0].attn.linear])
+    with torch.no_grad(), smoothcache.cache(model, schedule):
+        for _ in range(4):
+            model(torch.randn(2, 4))
+    assert control.count == 2  # steps 0 and 2; decisions one step late would compute steps 0, 1 and 3

@@ -12,7 +12,7 @@ import logging
 import platform
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from . import __version__
 from .adapters import CacheableLayer, find_layers
 from .errors import ProfileError, StepMismatchError
 from .profile import CalibrationProfile, LayerInfo
-from .steps import StepTracker, resolve_target, step_anchor
+from .steps import StepTracker, attach_step_hooks, resolve_target, step_anchor
 
 __all__ = ["CalibrationRecorder", "calibration"]
 
@@ -71,7 +71,7 @@ class CalibrationRecorder:
         self.measure_flops = measure_flops
         self.components = list(components) if components is not None else sorted({layer.layer_type for layer in self.layers})
         self._tracker = StepTracker(steps, self.target.timesteps, calls_per_step)
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._undo: list[Callable[[], None]] = []  # removes the hooks
         self._runs: list[torch.Tensor] = []  # finished generations: (layers, steps, lookahead) sums
         self._current: torch.Tensor | None = None
         self._calls_in_generation = 0
@@ -87,29 +87,33 @@ class CalibrationRecorder:
 
     # ---- attach / detach --------------------------------------------------------------------
     def start(self) -> CalibrationRecorder:
-        if self._hooks:
+        if self._undo:
             return self
         self._tracker.reset()
         self._started = time.time()
         anchor = step_anchor(self.target.model, self.layers[0].name)
-        self._hooks.append(anchor.register_forward_pre_hook(self._before_model_call))
+        self._undo = attach_step_hooks(self.target.model, anchor, self._before_model_call)
         for index, layer in enumerate(self.layers):
-            self._hooks.append(layer.module.register_forward_pre_hook(lambda m, a, i=index: self._before_layer(i)))
-            self._hooks.append(layer.module.register_forward_hook(lambda m, a, out, i=index: self._after_layer(i, out)))
+            before = layer.module.register_forward_pre_hook(lambda m, a, i=index: self._before_layer(i))
+            after = layer.module.register_forward_hook(lambda m, a, out, i=index: self._after_layer(i, out))
+            self._undo += [before.remove, after.remove]
         return self
 
     def stop(self) -> CalibrationProfile:
         """Detach the hooks and build the profile from every complete generation."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        if self._flop_counter is not None:  # stopped before a second model call
-            self._flop_counter.__exit__(None, None, None)
-            self._flop_counter = None
+        self._detach()
         self._finish_generation()
         self._rings = []
         self._profile = self._build_profile()
         return self._profile
+
+    def _detach(self) -> None:
+        for undo in self._undo:
+            undo()
+        self._undo.clear()
+        if self._flop_counter is not None:  # stopped before a second model call
+            self._flop_counter.__exit__(None, None, None)
+            self._flop_counter = None
 
     def __enter__(self) -> CalibrationRecorder:
         return self.start()
@@ -118,12 +122,7 @@ class CalibrationRecorder:
         if exc_type is None:
             self.stop()
             return
-        for hook in self._hooks:  # leave the model clean, keep the original error
-            hook.remove()
-        self._hooks.clear()
-        if self._flop_counter is not None:
-            self._flop_counter.__exit__(None, None, None)
-            self._flop_counter = None
+        self._detach()  # leave the model clean, keep the original error
 
     @property
     def profile(self) -> CalibrationProfile:
@@ -133,7 +132,7 @@ class CalibrationRecorder:
         return self._profile
 
     # ---- hooks ------------------------------------------------------------------------------
-    def _before_model_call(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def _before_model_call(self) -> None:
         if self._flop_counter is not None:
             self._close_flop_window()
         step, slot, new_generation = self._tracker.advance()

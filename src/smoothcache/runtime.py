@@ -1,7 +1,7 @@
 """The cache: at each step, every scheduled layer either computes (and keeps its output) or returns
 the output it kept.
 
-Decisions are made once per model call, in a forward pre-hook on the first cached block: each schedule key has
+Decisions are made once per model call, in a forward pre-hook (see ``steps.attach_step_hooks``): each schedule key has
 one ``_Decision`` whose ``compute`` flag is set for the step. The per-layer path is one attribute
 read and a branch. PyTorch's forward hooks cannot skip a module's computation, so a layer's
 ``forward`` is shadowed by an instance attribute, as diffusers' hook registry does; removing it
@@ -19,7 +19,7 @@ from torch import nn
 from .adapters import CacheableLayer, find_layers
 from .errors import ScheduleError, StepMismatchError
 from .schedule import Schedule, schedule_key_for
-from .steps import StepTracker, resolve_target, step_anchor
+from .steps import StepTracker, attach_step_hooks, resolve_target, step_anchor
 
 __all__ = ["CacheHandle", "cache"]
 
@@ -119,8 +119,7 @@ class CacheHandle:
                 self._outputs.append(outputs)
                 self._restore.append(_shadow_forward(layer.module, decision, outputs))
         anchor = step_anchor(self.target.model, self.layers[0].name)
-        hook = anchor.register_forward_pre_hook(self._before_model_call)
-        self._restore.append(hook.remove)
+        self._restore.extend(attach_step_hooks(self.target.model, anchor, self._before_model_call))
         logger.debug("SmoothCache enabled on %d layers under %d keys", len(self._outputs), len(self._plans))
         return self
 
@@ -146,7 +145,7 @@ class CacheHandle:
         self.disable()
 
     # ---- per model call ---------------------------------------------------------------------
-    def _before_model_call(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def _before_model_call(self) -> None:
         step, slot, new_generation = self._tracker.advance()
         num_steps = self.schedule.num_steps
         if new_generation:

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["StepTracker", "Target", "resolve_target", "step_anchor"]
+__all__ = ["StepTracker", "Target", "attach_step_hooks", "resolve_target", "step_anchor"]
 
 
 @dataclass
@@ -50,13 +50,39 @@ def resolve_target(pipe_or_module: Any) -> Target:
 
 
 def step_anchor(model: nn.Module, first_layer_name: str) -> nn.Module:
-    """The module whose every call marks one model call: the block holding the first cached layer.
-
-    Not the model itself: the original DiT's ``forward_with_cfg`` calls ``self.forward`` directly,
-    which bypasses the model's hooks, while its blocks are always called as modules.
-    """
+    """The block holding the first cached layer: it runs once per model call, before that layer."""
     parent = first_layer_name.rpartition(".")[0]
     return model.get_submodule(parent) if parent else model.get_submodule(first_layer_name)
+
+
+def attach_step_hooks(model: nn.Module, anchor: nn.Module, on_model_call: Callable[[], None]) -> list[Callable[[], None]]:
+    """Call ``on_model_call`` once at the start of every model call; return the undo functions.
+
+    The model's own pre-hook marks the call, so blocks that run before the anchor (e.g. Wan
+    VACE's control blocks) see the new step. The original DiT's ``forward_with_cfg`` calls
+    ``self.forward`` directly, which bypasses the model's hooks: then the anchor block marks it.
+    """
+    inside_model = False
+
+    def before_model(module: nn.Module, args: tuple[Any, ...]) -> None:
+        nonlocal inside_model
+        inside_model = True
+        on_model_call()
+
+    def after_model(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        nonlocal inside_model
+        inside_model = False
+
+    def before_anchor(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not inside_model:
+            on_model_call()
+
+    handles = [
+        model.register_forward_pre_hook(before_model),
+        model.register_forward_hook(after_model, always_call=True),
+        anchor.register_forward_pre_hook(before_anchor),
+    ]
+    return [handle.remove for handle in handles]
 
 
 class StepTracker:
