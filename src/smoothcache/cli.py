@@ -167,8 +167,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.figures import plot_samples, plot_tradeoff
     from .demo.harness import DemoConfig, run_demo
 
-    config = DemoConfig(steps=args.steps, samples_per_class=args.samples_per_class, seed=args.seed)
-    pipe = load_demo_pipeline(device=args.device)
+    config = DemoConfig(
+        steps=args.steps, samples_per_class=args.samples_per_class, seed=args.seed, timing_repeats=args.timing_repeats
+    )
+    pipe = load_demo_pipeline(device=args.device, progress_bar=not args.quiet)
     scorer = load_quality_scorer(device=args.device)
     started = time.perf_counter()
     result = run_demo(pipe, scorer, config, progress=not args.quiet)
@@ -249,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=20)
     demo.add_argument("--samples-per-class", type=int, default=5)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--timing-repeats", type=int, default=2, help="times each method is timed (fastest counts)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
     return parser
