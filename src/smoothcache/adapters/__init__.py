@@ -54,8 +54,8 @@ class BlockFamily:
 
 _VACE_CHILDREN = ("proj_in", "attn1", "attn2", "ffn", "proj_out")
 _VACE_RUNS_FIRST = (
-    "VACE's control blocks all run before blocks.0, whose call marks the step, so they would compute or reuse "
-    "on the previous call's decision"
+    "VACE's control blocks run before blocks.0 and feed it hints; caching them is not tested yet "
+    "(cache the main blocks, or pass module-path patterns at your own risk)"
 )
 
 # Each cacheable layer is a child its block calls once per model call; a kept output stands in for
@@ -114,7 +114,7 @@ FAMILIES: tuple[BlockFamily, ...] = (
     ),
     # ---- video and audio ----------------------------------------------------------------------
     # Wan 2.1/2.2: self-attention, cross-attention (text, plus image tokens in I2V), feed-forward.
-    # VACE's control blocks run before blocks.0, whose call marks the step: not cacheable.
+    # VACE's control blocks run before blocks.0 and feed it hints: left out until tested.
     BlockFamily(
         "wan",
         ("WanTransformerBlock", "WanVACETransformerBlock"),
