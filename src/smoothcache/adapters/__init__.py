@@ -55,7 +55,7 @@ class BlockFamily:
 _VACE_CHILDREN = ("proj_in", "attn1", "attn2", "ffn", "proj_out")
 _VACE_RUNS_FIRST = (
     "VACE's control blocks run before blocks.0 and feed it hints; caching them is not tested yet "
-    "(cache the main blocks, or pass module-path patterns at your own risk)"
+    "(the main blocks are cached)"
 )
 
 # Each cacheable layer is a child its block calls once per model call; a kept output stands in for
