@@ -89,11 +89,12 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=16, help="latent size (tokens = (sample/2)^2)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is the least noisy on a shared CPU)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead-cpu.json")
     args = parser.parse_args()
 
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads)
     pipe = tiny_pipeline(args.layers, args.width, args.sample)
     labels = list(range(args.batch))
 
