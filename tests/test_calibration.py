@@ -160,3 +160,18 @@ def test_a_profile_refuses_another_model_or_step_count(dit_pipe, original_dit):
         CalibrationProfile.merge([profile, other.profile])
     merged = CalibrationProfile.merge([profile, profile])
     assert merged.num_runs == 2 and merged.schedule(alpha=0.2) == profile.schedule(alpha=0.2)
+
+
+def test_estimated_speedup_counts_each_layer_under_the_key_that_governs_it(dit_pipe):
+    with smoothcache.calibration(dit_pipe) as rec:
+        generate(dit_pipe)
+    p = rec.profile
+    half = (1, 0) * (STEPS // 2)
+    flops = {layer.name: layer.flops for layer in p.layers}
+    # block 1's attn1 follows its own all-ones plan, block 0's the type plan
+    mixed = smoothcache.Schedule({"attn1": half, "attn1-1": (1,) * STEPS})
+    saved = 0.5 * flops["transformer_blocks.0.attn1"]
+    assert p.estimated_speedup(mixed) == pytest.approx(p.total_flops / (p.total_flops - saved))
+    assert p.estimated_speedup(smoothcache.Schedule({"attn1": half})) == pytest.approx(
+        p.total_flops / (p.total_flops - 0.5 * (flops["transformer_blocks.0.attn1"] + flops["transformer_blocks.1.attn1"]))
+    )

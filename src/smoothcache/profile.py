@@ -7,6 +7,7 @@ any threshold or budget come from it without running the model again.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ProfileError
-from .schedule import Schedule
+from .schedule import Schedule, schedule_key_for
 from .solvers import greedy_schedule, schedule_for_budget
 
 __all__ = ["CalibrationProfile", "LayerInfo"]
@@ -166,12 +167,18 @@ class CalibrationProfile:
         return schedule_for_budget(curves, lambda s: s.estimated_speedup(costs, total) >= speedup - 1e-12, f"speedup={speedup}")
 
     def estimated_speedup(self, schedule: Schedule) -> float:
-        """Ideal speedup of ``schedule`` on the calibrated model, from the FLOPs it skips."""
-        per_block = any(key not in self.keys() for key in schedule.keys)
-        costs = self.key_costs(per_block=False)
-        if per_block:
-            costs.update(self.key_costs(per_block=True))
-        return schedule.estimated_speedup(costs, float(self.total_flops or 0.0))
+        """Ideal speedup of ``schedule`` on the calibrated model, from the FLOPs it skips.
+
+        Each layer counts under the key that governs it (a per-block key before its type key).
+        """
+        self.key_costs()  # raises if this profile has no measured costs
+        total = float(self.total_flops or 0.0)
+        saved = 0.0
+        for layer in self.layers:
+            key = schedule_key_for(schedule.plans, layer.layer_type, layer.block)
+            if key is not None:
+                saved += float(layer.flops or 0.0) * (1.0 - schedule.compute_fraction(key))
+        return math.inf if saved >= total else total / (total - saved)
 
     def check_compatible(self, model: Any, num_steps: int | None = None) -> None:
         """Raise :class:`ProfileError` unless ``model`` has the calibrated layers and runs ``num_steps``.
