@@ -33,3 +33,13 @@ def test_demo_writes_report_samples_and_tradeoff(tmp_path, capsys):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "uncached" in printed and "smoothcache a=" in printed and "fewer-steps" in printed
+
+
+def test_model_demo_names_the_shipped_model_everywhere_in_the_cli(tmp_path):
+    profile, schedule, images = tmp_path / "p.json", tmp_path / "s.json", tmp_path / "img"
+    assert main(["calibrate", "--model", "demo", "--steps", "10", "--samples", "4", "--out", str(profile), "--quiet"]) == 0
+    assert main(["schedule", str(profile), "--compute-fraction", "0.6", "--out", str(schedule)]) == 0
+    assert main(["generate", "--model", "demo", "--steps", "10", "--classes", "3,7", "--schedule", str(schedule),
+                 "--out", str(images), "--quiet"]) == 0
+    assert len(list(images.glob("*.png"))) == 2
+    assert json.loads(profile.read_text())["metadata"]["pipeline_class"] == "DemoDiTPipeline"
