@@ -1,9 +1,9 @@
 """The cache: at each step, every scheduled layer either computes (and keeps its output) or returns
 the output it kept.
 
-Decisions are made once per model call, in a forward pre-hook (see ``steps.attach_step_hooks``): each schedule key has
-one ``_Decision`` whose ``compute`` flag is set for the step. The per-layer path is one attribute
-read and a branch. PyTorch's forward hooks cannot skip a module's computation, so a layer's
+Decisions are made once per model call, in a forward pre-hook (``steps.attach_step_hooks``): each
+schedule key has one ``_Decision`` whose ``compute`` flag is set for the step. The per-layer path is
+one attribute read and a branch. PyTorch's forward hooks cannot skip a module's computation, so a layer's
 ``forward`` is shadowed by an instance attribute, as diffusers' hook registry does; removing it
 (or restoring an instance ``forward`` that was there before) puts the module back exactly.
 """
@@ -71,8 +71,8 @@ class CacheHandle:
         self.schedule = schedule
         self.steps_mismatch = steps_mismatch
         if layers is None:
-            wanted = list(dict.fromkeys(key.rsplit("-", 1)[0] if key.rsplit("-", 1)[-1].isdigit() else key for key in schedule.keys))
-            layers = find_layers(self.target.model, wanted)
+            layer_types = list(dict.fromkeys(_layer_type_of(key) for key in schedule.keys))
+            layers = find_layers(self.target.model, layer_types)
         self._plans = self._assign_keys(list(layers))
         covered = {id(layer) for group in self._plans.values() for layer in group}
         # module order: the first of them anchors the step, so it must run before the others
@@ -170,6 +170,12 @@ class CacheHandle:
             return
         for decision, plan in self._decisions:
             decision.compute, decision.slot = plan[step] == 1, slot
+
+
+def _layer_type_of(key: str) -> str:
+    """``"attn1-3"`` -> ``"attn1"``; a type key stays as it is."""
+    head, _, tail = key.rpartition("-")
+    return head if head and tail.isdigit() else key
 
 
 def _shadow_forward(module: nn.Module, decision: _Decision, outputs: list[Any]) -> Callable[[], None]:
