@@ -24,7 +24,7 @@ from . import __version__
 from .adapters import CacheableLayer, find_layers
 from .errors import ProfileError, StepMismatchError
 from .profile import CalibrationProfile, LayerInfo
-from .steps import StepTracker, attach_step_hooks, resolve_target, step_anchor
+from .steps import StepTracker, attach_step_hooks, resolve_target, scheduler_step_index, step_anchor
 
 __all__ = ["CalibrationRecorder", "calibration"]
 
@@ -50,7 +50,7 @@ class CalibrationRecorder:
         *,
         lookahead: int = 3,
         steps: int | None = None,
-        calls_per_step: int = 1,
+        calls_per_step: int | None = None,
         measure_flops: bool = True,
         components: Sequence[str] | None = None,
     ) -> None:
@@ -67,15 +67,14 @@ class CalibrationRecorder:
         self.layers = list(layers)
         self.lookahead = lookahead
         self.steps = steps
-        self.calls_per_step = calls_per_step
         self.measure_flops = measure_flops
         self.components = list(components) if components is not None else sorted({layer.layer_type for layer in self.layers})
-        self._tracker = StepTracker(steps, self.target.timesteps, calls_per_step)
+        self._tracker = StepTracker(steps, self.target.timesteps, calls_per_step, scheduler_step_index(self.target))
         self._undo: list[Callable[[], None]] = []  # removes the hooks
         self._runs: list[torch.Tensor] = []  # finished generations: (layers, steps, lookahead) sums
         self._current: torch.Tensor | None = None
         self._calls_in_generation = 0
-        self._rings: list[list[deque[list[torch.Tensor]]]] = []
+        self._rings: list[dict[int, deque[list[torch.Tensor]]]] = []  # per layer: call slot -> last outputs
         self._step = 0
         self._slot = 0
         self._flops: list[float] | None = None
@@ -172,7 +171,10 @@ class CalibrationRecorder:
         if self._flop_counter is not None:
             self._flop_marks[index] += float(self._flop_counter.get_total_flops())
         current = [t.detach().to(torch.float32, copy=True) for t in _tensors(output)]
-        ring = self._rings[index][self._slot]
+        rings = self._rings[index]
+        ring = rings.get(self._slot)
+        if ring is None:
+            ring = rings[self._slot] = deque(maxlen=self.lookahead)
         if ring:
             denominator = sum(torch.linalg.vector_norm(t, ord=1) for t in current)
             numerators = [
@@ -203,13 +205,13 @@ class CalibrationRecorder:
             )
         self._current = torch.zeros(len(self.layers), steps, self.lookahead, device=device)
         self._calls_in_generation = 0
-        self._rings = [[deque(maxlen=self.lookahead) for _ in range(self.calls_per_step)] for _ in self.layers]
+        self._rings = [{} for _ in self.layers]
 
     def _finish_generation(self) -> None:
         if self._current is None:
             return
         steps = self._current.shape[1]
-        if self._calls_in_generation >= steps * self.calls_per_step:
+        if self._calls_in_generation >= steps * self._tracker.calls_per_step:
             self._runs.append(self._current)
         else:
             logger.warning("Dropping an incomplete calibration generation (%d of %d steps)", self._step + 1, steps)
@@ -221,7 +223,8 @@ class CalibrationRecorder:
                 "Calibration recorded no complete generation; run the pipeline at least once inside the with block"
             )
         # One device-to-host copy for everything recorded.
-        sums = torch.stack(self._runs).cpu().double().numpy() / self.calls_per_step  # (runs, layers, steps, K)
+        calls_per_step = self._tracker.calls_per_step
+        sums = torch.stack(self._runs).cpu().double().numpy() / calls_per_step  # (runs, layers, steps, K)
         runs, num_layers, steps, lookahead = sums.shape
         errors = np.full((runs, num_layers, lookahead, steps), np.nan)
         for k in range(1, lookahead + 1):
@@ -240,7 +243,7 @@ class CalibrationRecorder:
             "components": self.components,
             "lookahead": lookahead,
             "num_steps": steps,
-            "calls_per_step": self.calls_per_step,
+            "calls_per_step": calls_per_step,
             "num_runs": runs,
             "run_labels": [f"call {i}" for i in range(runs)],
             "smoothcache_version": __version__,
@@ -259,7 +262,7 @@ def calibration(
     *,
     lookahead: int = 3,
     steps: int | None = None,
-    calls_per_step: int = 1,
+    calls_per_step: int | None = None,
     measure_flops: bool = True,
 ) -> CalibrationRecorder:
     """Record error curves over any number of ordinary pipeline calls.

@@ -19,7 +19,7 @@ from torch import nn
 from .adapters import CacheableLayer, find_layers
 from .errors import ScheduleError, StepMismatchError
 from .schedule import Schedule, schedule_key_for
-from .steps import StepTracker, attach_step_hooks, resolve_target, step_anchor
+from .steps import StepTracker, attach_step_hooks, resolve_target, scheduler_step_index, step_anchor
 
 __all__ = ["CacheHandle", "cache"]
 
@@ -38,7 +38,7 @@ class _Decision:
         self.slot = 0
 
 
-def _caching_forward(original: Callable[..., Any], decision: _Decision, outputs: list[Any]) -> Callable[..., Any]:
+def _caching_forward(original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any]) -> Callable[..., Any]:
     """The hot path: compute and keep, or hand back what was kept for this call slot."""
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -60,7 +60,7 @@ class CacheHandle:
         schedule: Schedule,
         *,
         layers: Sequence[CacheableLayer] | None = None,
-        calls_per_step: int = 1,
+        calls_per_step: int | None = None,
         steps_mismatch: Literal["error", "compute"] = "error",
     ) -> None:
         if not isinstance(schedule, Schedule):
@@ -77,11 +77,12 @@ class CacheHandle:
         covered = {id(layer) for group in self._plans.values() for layer in group}
         # module order: the first of them anchors the step, so it must run before the others
         self.layers = [layer for layer in layers if id(layer) in covered]
-        self._tracker = StepTracker(schedule.num_steps, self.target.timesteps, calls_per_step)
-        self._calls_per_step = calls_per_step
+        self._tracker = StepTracker(
+            schedule.num_steps, self.target.timesteps, calls_per_step, scheduler_step_index(self.target)
+        )
         self._decisions: list[tuple[_Decision, tuple[int, ...]]] = []
         self._restore: list[Callable[[], None]] = []
-        self._outputs: list[list[Any]] = []
+        self._outputs: list[dict[int, Any]] = []  # per layer: call slot -> kept output
         self.enable()
 
     def _assign_keys(self, layers: list[CacheableLayer]) -> dict[str, list[CacheableLayer]]:
@@ -115,7 +116,7 @@ class CacheHandle:
             decision = _Decision()
             self._decisions.append((decision, self.schedule.plans[key]))
             for layer in layers:
-                outputs: list[Any] = [None] * self._calls_per_step
+                outputs: dict[int, Any] = {}
                 self._outputs.append(outputs)
                 self._restore.append(_shadow_forward(layer.module, decision, outputs))
         anchor = step_anchor(self.target.model, self.layers[0].name)
@@ -146,7 +147,11 @@ class CacheHandle:
 
     # ---- per model call ---------------------------------------------------------------------
     def _before_model_call(self) -> None:
-        step, slot, new_generation = self._tracker.advance()
+        try:
+            step, slot, new_generation = self._tracker.advance()
+        except StepMismatchError:
+            self._tracker.reset()
+            raise
         num_steps = self.schedule.num_steps
         if new_generation:
             ran = self._tracker.generation_steps
@@ -178,7 +183,7 @@ def _layer_type_of(key: str) -> str:
     return head if head and tail.isdigit() else key
 
 
-def _shadow_forward(module: nn.Module, decision: _Decision, outputs: list[Any]) -> Callable[[], None]:
+def _shadow_forward(module: nn.Module, decision: _Decision, outputs: dict[int, Any]) -> Callable[[], None]:
     """Put the caching forward on ``module``; return the function that undoes exactly that."""
     previous = module.__dict__.get("forward", _MISSING)
     module.forward = _caching_forward(module.forward, decision, outputs)  # type: ignore[method-assign]
@@ -197,10 +202,13 @@ def cache(
     schedule: Schedule | dict[str, list[int]],
     *,
     components: Sequence[str] | None = None,
-    calls_per_step: int = 1,
+    calls_per_step: int | None = None,
     steps_mismatch: Literal["error", "compute"] = "error",
 ) -> CacheHandle:
     """Cache ``pipe_or_module``'s layers on ``schedule``; returns an enabled :class:`CacheHandle`.
+
+    ``calls_per_step`` is how often the pipeline calls the model per denoising step; by default it
+    is read off the scheduler's step index where it has one, else 1 (see ``steps.StepTracker``).
 
     >>> with smoothcache.cache(pipe, Schedule.load("schedule.json")):   # doctest: +SKIP
     ...     images = pipe(class_labels=[207], num_inference_steps=50).images

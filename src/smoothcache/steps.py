@@ -15,7 +15,9 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["StepTracker", "Target", "attach_step_hooks", "resolve_target", "step_anchor"]
+from .errors import StepMismatchError
+
+__all__ = ["StepTracker", "Target", "attach_step_hooks", "resolve_target", "scheduler_step_index", "step_anchor"]
 
 
 @dataclass
@@ -88,21 +90,29 @@ def attach_step_hooks(model: nn.Module, anchor: nn.Module, on_model_call: Callab
 class StepTracker:
     """Maps each model call to ``(step, slot)``; ``slot`` numbers the calls within one step.
 
-    ``calls_per_step`` > 1 covers pipelines that call the model more than once per step, such as
-    classifier-free guidance run as separate conditional and unconditional calls.
+    Pipelines may call the model more than once per step (classifier-free guidance run as separate
+    conditional and unconditional calls). ``calls_per_step=None`` finds out: where the scheduler
+    has a ``step_index`` (advanced by ``scheduler.step``, read without a device sync), a call with
+    an unchanged index belongs to the same step; the count seen in the first step must then hold
+    for every step. Schedulers without one (DDIM, DDPM, PNDM) and bare modules get one call per
+    step unless told otherwise.
     """
+
+    MAX_AUTO_CALLS_PER_STEP = 8
 
     def __init__(
         self,
         num_steps: int | None,
         timesteps: Callable[[], Any | None] = lambda: None,
-        calls_per_step: int = 1,
+        calls_per_step: int | None = None,
+        step_index: Callable[[], Any] | None = None,
     ) -> None:
-        if calls_per_step < 1:
+        if calls_per_step is not None and calls_per_step < 1:
             raise ValueError(f"calls_per_step must be >= 1, got {calls_per_step}")
         self.num_steps = num_steps
-        self.calls_per_step = calls_per_step
+        self.fixed_calls_per_step = calls_per_step
         self._timesteps = timesteps
+        self._step_index = step_index
         self.reset()
 
     def reset(self) -> None:
@@ -112,6 +122,11 @@ class StepTracker:
         self._limit: int | None = None
         self.generation = -1
         self.generation_steps: int | None = None
+        self.calls_per_step = self.fixed_calls_per_step or 1
+        self._auto = False
+        self._step = 0
+        self._slot = 0
+        self._seen_index: Any = None
 
     def advance(self) -> tuple[int, int, bool]:
         """Account for one model call: ``(step, slot, starts_new_generation)``."""
@@ -124,12 +139,68 @@ class StepTracker:
             # means the pipeline calls the model more often than counted: the caller reports it.
             new = True
         if new:
-            self._seen_timesteps = timesteps
-            self._calls = 0
-            self.generation += 1
-            self.generation_steps = len(timesteps) if timesteps is not None else self.num_steps
-            steps = self.generation_steps if self.generation_steps is not None else self.num_steps
-            self._limit = None if steps is None else steps * self.calls_per_step
-        step, slot = divmod(self._calls, self.calls_per_step)
+            self._start_generation(timesteps)
+        elif self._auto:
+            self._advance_by_step_index()
+        else:
+            self._step, self._slot = divmod(self._calls, self.calls_per_step)
         self._calls += 1
-        return step, slot, new
+        return self._step, self._slot, new
+
+    def _start_generation(self, timesteps: Any | None) -> None:
+        self._seen_timesteps = timesteps
+        self._calls = 0
+        self._step = self._slot = 0
+        self.generation += 1
+        self.generation_steps = len(timesteps) if timesteps is not None else self.num_steps
+        index = self._step_index() if self._step_index is not None else _NO_INDEX
+        self._auto = self.fixed_calls_per_step is None and index is not _NO_INDEX
+        self._seen_index = index
+        if self._auto and self.generation == 0:
+            self.calls_per_step = 0  # unknown until the first step ends
+        steps = self.generation_steps if self.generation_steps is not None else self.num_steps
+        self._limit = None if steps is None else steps * max(self.calls_per_step, 1)
+
+    def _advance_by_step_index(self) -> None:
+        index = self._step_index()  # type: ignore[misc]
+        if index != self._seen_index:
+            calls_in_step = self._slot + 1
+            if self.calls_per_step == 0:
+                self.calls_per_step = calls_in_step
+            elif calls_in_step != self.calls_per_step:
+                self._varying(calls_in_step)
+            self._seen_index = index
+            self._step += 1
+            self._slot = 0
+            return
+        self._slot += 1
+        if self.calls_per_step and self._slot >= self.calls_per_step:
+            self._varying(self._slot + 1)
+        if self._slot >= self.MAX_AUTO_CALLS_PER_STEP:
+            raise StepMismatchError(
+                f"The model was called {self._slot + 1} times while the scheduler's step_index stayed at "
+                f"{self._seen_index}; if the pipeline does not call scheduler.step, pass calls_per_step="
+            )
+
+    def _varying(self, calls: int) -> None:
+        raise StepMismatchError(
+            f"The pipeline called the model {calls} times in step {self._step + 1} but {self.calls_per_step} times "
+            "per step before; a varying number of calls per step (e.g. skip-layer guidance) is not supported yet"
+        )
+
+
+_NO_INDEX = object()
+
+
+def scheduler_step_index(target: Target) -> Callable[[], Any] | None:
+    """A reader of the pipeline scheduler's ``step_index``, or None where there is none to read."""
+    if target.pipeline is None:
+        return None
+
+    def read() -> Any:
+        scheduler = getattr(target.pipeline, "scheduler", None)
+        if scheduler is None or not hasattr(type(scheduler), "step_index"):
+            return _NO_INDEX
+        return scheduler.step_index
+
+    return read

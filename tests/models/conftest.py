@@ -78,7 +78,7 @@ def calibrated_schedule(
     pipe,
     generate: Generate,
     components: Sequence[str] | None = None,
-    calls_per_step: int = 1,
+    calls_per_step: int | None = None,
     steps: int | None = None,
 ) -> Schedule:
     """Calibrate on one generation, then a schedule computing at most 60% of the layer calls."""
@@ -90,12 +90,20 @@ def calibrated_schedule(
 
 
 def assert_skips_exactly_the_scheduled_calls(
-    pipe, generate: Generate, schedule: Schedule, calls_per_step: int = 1, components: Sequence[str] | None = None
+    pipe,
+    generate: Generate,
+    schedule: Schedule,
+    calls_per_step: int | None = None,
+    components: Sequence[str] | None = None,
+    calls: int | None = None,
 ) -> list[CacheableLayer]:
     """A cached generation runs each layer on exactly its plan's compute steps, and changes the output.
 
+    ``calls_per_step`` is handed to the cache (None: found from the scheduler); ``calls`` is how
+    many model calls the pipeline really makes per step (default: ``calls_per_step`` or 1).
     Returns the layers the schedule governs.
     """
+    calls = calls or calls_per_step or 1
     uncached = generate(pipe)
     handle = smoothcache.cache(pipe, schedule, components=components, calls_per_step=calls_per_step)
     with handle, WeightUses(handle.layers) as uses:
@@ -104,7 +112,7 @@ def assert_skips_exactly_the_scheduled_calls(
     for layer in handle.layers:
         key = schedule_key_for(schedule.plans, layer.layer_type, layer.block)
         computed = sum(schedule.plans[key]) if key is not None else STEPS  # a layer no key governs always runs
-        assert uses.counts[layer.name] == computed * calls_per_step, layer.name
+        assert uses.counts[layer.name] == computed * calls, layer.name
         if key is not None:
             cached_layers.append(layer)
     assert not torch.equal(cached, uncached)
@@ -112,7 +120,7 @@ def assert_skips_exactly_the_scheduled_calls(
 
 
 def assert_all_ones_is_bit_identical(
-    pipe, generate: Generate, components: Sequence[str] | None = None, calls_per_step: int = 1
+    pipe, generate: Generate, components: Sequence[str] | None = None, calls_per_step: int | None = None
 ) -> None:
     uncached = generate(pipe)
     keys = {layer.layer_type for layer in find_layers(_model(pipe), components)}
@@ -121,7 +129,9 @@ def assert_all_ones_is_bit_identical(
         assert torch.equal(generate(pipe), uncached)
 
 
-def assert_disable_restores_the_model(pipe, generate: Generate, schedule: Schedule, calls_per_step: int = 1) -> None:
+def assert_disable_restores_the_model(
+    pipe, generate: Generate, schedule: Schedule, calls_per_step: int | None = None
+) -> None:
     before = generate(pipe)
     handle = smoothcache.cache(pipe, schedule, calls_per_step=calls_per_step)
     cached = generate(pipe)

@@ -5,7 +5,8 @@ with batched classifier-free guidance."""
 import pytest
 import torch
 
-from smoothcache import find_layers
+import smoothcache
+from smoothcache import Schedule, StepMismatchError, find_layers
 
 from .conftest import (
     STEPS,
@@ -109,3 +110,14 @@ def test_all_ones_schedule_is_bit_identical_to_uncached(pipe35):
 
 def test_disable_restores_the_model_exactly(pipe35):
     assert_disable_restores_the_model(pipe35, generate, calibrated_schedule(pipe35, generate))
+
+
+def test_skip_layer_guidance_is_refused_with_a_clear_error(pipe):
+    # SLG adds a third model call on some steps only: a varying number of calls per step.
+
+    schedule = Schedule({"attn": (1, 0) * (STEPS // 2)})
+    slg = {"skip_guidance_layers": [0], "skip_layer_guidance_start": 0.2, "skip_layer_guidance_stop": 0.8}
+    with smoothcache.cache(pipe, schedule):
+        with pytest.raises(StepMismatchError, match="varying number of calls per step"):
+            generate(pipe, **slg)
+        generate(pipe)  # and the handle still works afterwards

@@ -125,12 +125,22 @@ def test_vace_control_blocks_are_refused_and_left_out_of_the_defaults():
         find_layers(vace, ["vace_blocks.*.ffn"])
 
 
-def test_forgetting_calls_per_step_under_guidance_is_an_error(pipe):
+def test_two_calls_per_step_are_found_from_the_scheduler_step_index(pipe):
+    # Wan runs guidance as two sequential calls; FlowMatchEuler's step_index tells the steps apart.
+    with smoothcache.calibration(pipe) as rec:
+        generate(pipe, seed=1)
+    assert rec.profile.metadata["calls_per_step"] == 2 and rec.profile.num_steps == STEPS
+    schedule = rec.profile.schedule(compute_fraction=0.6)
+    assert schedule == calibrated_schedule(pipe, generate, calls_per_step=2)  # same curves as declared
+    assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule, calls=2)
+
+
+def test_a_wrong_explicit_calls_per_step_is_an_error(pipe):
     with pytest.raises(StepMismatchError, match="call for step 7.*calls_per_step"):
-        with smoothcache.calibration(pipe):
+        with smoothcache.calibration(pipe, calls_per_step=1):
             generate(pipe)
     with pytest.raises(StepMismatchError, match="called for step 7.*calls_per_step"):
-        with smoothcache.cache(pipe, Schedule({"attn1": (1, 0) * (STEPS // 2)})):
+        with smoothcache.cache(pipe, Schedule({"attn1": (1, 0) * (STEPS // 2)}), calls_per_step=1):
             generate(pipe)
 
 

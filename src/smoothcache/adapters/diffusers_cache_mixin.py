@@ -37,7 +37,7 @@ class SmoothCacheConfig:
 
     schedule: Schedule | dict[str, list[int]] | str | Path
     components: list[str] | None = None
-    calls_per_step: int = 1
+    calls_per_step: int | None = None
     steps_mismatch: Literal["error", "compute"] = "error"
 
     def __post_init__(self) -> None:
