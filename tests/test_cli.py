@@ -62,3 +62,34 @@ def test_cli_errors_are_one_clear_line(pipeline_dir, tmp_path, capsys):
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "smoothcache", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("smoothcache ")
+
+
+def test_bench_reports_speedup_ideal_and_warns_when_caching_gains_nothing(pipeline_dir, tmp_path, capsys):
+    schedule, out = tmp_path / "s.json", tmp_path / "bench.json"
+    Schedule.fixed_interval(["attn1", "ff"], 10, 2).save(schedule)
+    args = ["bench", "--model", str(pipeline_dir), "--schedule", str(schedule), "--classes", "1,2", "--repeats", "2", "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["compute_fraction"] == pytest.approx(0.6)
+    assert result["ideal_speedup"] > 1 and result["uncached_seconds"] > 0 and result["cached_seconds"] > 0
+    assert result["speedup"] == pytest.approx(result["uncached_seconds"] / result["cached_seconds"])
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_bench_diagnoses_caches_that_gain_little():
+    from smoothcache.bench import diagnose
+
+    assert "gains nothing" in diagnose(1.01, 1.0)[0]
+    assert "gains nothing" in diagnose(0.9, 2.0)[0]
+    assert "reaches 50% of its ideal 3.00x" in diagnose(1.5, 3.0)[0]
+    assert diagnose(1.9, 2.0) == [] and diagnose(1.3, None) == []
+
+
+def test_an_all_ones_schedule_has_an_ideal_speedup_of_one(dit_pipe):
+    from smoothcache.bench import benchmark_schedule, diagnose
+
+    from conftest import generate
+
+    result = benchmark_schedule(dit_pipe, Schedule({"attn1": (1,) * 10}), lambda: generate(dit_pipe), repeats=1)
+    assert result.ideal_speedup == pytest.approx(1.0) and result.compute_fraction == 1.0
+    assert result.warnings == diagnose(result.speedup, result.ideal_speedup)  # the result carries its diagnosis

@@ -47,7 +47,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace) -> tuple[Any, list[Any], dict[str, Any]]:
     from .adapters.diffusers_pipelines import load_pipeline, make_requests
 
-    pipe = load_pipeline(args.model, args.device, args.dtype, args.scheduler)
+    pipe = load_pipeline(args.model, args.device, args.dtype, args.scheduler, progress_bar=not args.quiet)
     pipe.set_progress_bar_config(disable=True)
     requests = make_requests(
         pipe, classes=args.classes, prompts=args.prompts, samples=args.samples, batch=args.batch, seed=args.seed
@@ -126,6 +126,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
         {"model": args.model, "steps": args.steps, "schedule": args.schedule, "seconds": seconds, "files": written}, indent=1
     ))
     print(f"Wrote {len(written)} images to {out} in {seconds:.1f}s ({'cached: ' + args.schedule if schedule else 'uncached'})")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .adapters.diffusers_pipelines import run_request
+    from .bench import benchmark_schedule
+
+    schedule = Schedule.load(args.schedule)
+    pipe, requests, extra = _load(args)
+    request = requests[0]
+    result = benchmark_schedule(
+        pipe, schedule, lambda: run_request(pipe, request, schedule.num_steps, **extra), repeats=args.repeats
+    )
+    ideal = f"{result.ideal_speedup:.2f}x" if result.ideal_speedup else "n/a"
+    efficiency = f"{result.efficiency:.2f}" if result.efficiency else "n/a"
+    print(f"{args.model}, {schedule.num_steps} steps, batch {request.size}, {args.device}; median of {args.repeats}")
+    print(f"uncached {result.uncached_seconds:.3f}s  cached {result.cached_seconds:.3f}s  "
+          f"speedup {result.speedup:.2f}x  ideal {ideal}  efficiency {efficiency}  compute {result.compute_fraction:.2f}")
+    if result.peak_memory_mib:
+        print("peak memory (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in result.peak_memory_mib.items()))
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     return 0
 
 
@@ -238,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--schedule", help="schedule JSON (omit for an uncached run)")
     generate.add_argument("--out", required=True, help="folder for the images")
     generate.set_defaults(func=cmd_generate)
+
+    bench = commands.add_parser("bench", help="uncached vs cached latency of a schedule on your pipeline")
+    _add_model_args(bench)
+    bench.add_argument("--schedule", required=True, help="schedule JSON; its length sets the steps")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--out", help="JSON file for the result")
+    bench.set_defaults(func=cmd_bench)
 
     inspect_ = commands.add_parser("inspect", help="summarise a profile or schedule, optionally as a PNG plot")
     inspect_.add_argument("file")

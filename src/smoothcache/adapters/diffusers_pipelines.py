@@ -32,15 +32,21 @@ class Request:
         return [f"class{c}" for c in self.class_labels] or [f"prompt{i}" for i in range(len(self.prompts))]
 
 
-def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32", scheduler: str | None = None) -> Any:
+def load_pipeline(
+    model: str, device: str = "cpu", dtype: str = "float32", scheduler: str | None = None, progress_bar: bool = True
+) -> Any:
     """A pipeline by hub id or local folder through ``from_pretrained``; ``model="demo"`` is the shipped one."""
     torch_dtype = getattr(torch, dtype)
     if model == "demo":
         from ..demo.assets import load_demo_pipeline
 
-        pipe = load_demo_pipeline(device=device, dtype=torch_dtype)
+        pipe = load_demo_pipeline(device=device, dtype=torch_dtype, progress_bar=progress_bar)
     else:
         from diffusers import DiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
+
+        if not progress_bar:
+            diffusers_logging.disable_progress_bar()
 
         with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; older know only torch_dtype
             warnings.simplefilter("ignore", FutureWarning)

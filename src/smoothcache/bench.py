@@ -1,0 +1,112 @@
+"""Does a schedule pay off on this pipeline? Uncached against cached latency, the ideal speedup
+from the FLOPs skipped, and memory, with a warning when caching gains little or nothing."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .calibration import calibration
+from .runtime import cache
+from .schedule import Schedule
+
+__all__ = ["BenchResult", "benchmark_schedule", "diagnose"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchResult:
+    """Medians over interleaved repeats; ``efficiency`` is measured over ideal speedup."""
+
+    uncached_seconds: float
+    cached_seconds: float
+    speedup: float
+    ideal_speedup: float | None
+    efficiency: float | None
+    compute_fraction: float
+    peak_memory_mib: dict[str, float] | None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def diagnose(speedup: float, ideal: float | None) -> list[str]:
+    """What to tell a user whose cache gains little: nothing at all, or far less than its ideal."""
+    if speedup < 1.05:
+        return [
+            f"caching gains nothing here ({speedup:.2f}x): the time goes to work the schedule does not skip "
+            "(kernel launches, the layers left uncached, the VAE or the scheduler); try a larger batch, "
+            "torch.compile, or more cached layers"
+        ]
+    if ideal and speedup / ideal < 0.6:
+        return [
+            f"caching reaches {speedup / ideal:.0%} of its ideal {ideal:.2f}x: most of the skipped FLOPs "
+            "do not turn into time here"
+        ]
+    return []
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark_schedule(
+    pipe: Any,
+    schedule: Schedule,
+    run: Callable[[], Any],
+    *,
+    repeats: int = 3,
+    calls_per_step: int | None = None,
+    measure_ideal: bool = True,
+) -> BenchResult:
+    """Time ``run()`` (one pipeline call) uncached and cached on ``schedule``, interleaved.
+
+    The ideal speedup comes from one extra calibration pass that counts FLOPs per layer.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    model = getattr(pipe, "transformer", pipe)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ideal = None
+    if measure_ideal:
+        with calibration(pipe, lookahead=1, steps=schedule.num_steps, calls_per_step=calls_per_step) as rec:
+            run()
+        ideal = rec.profile.estimated_speedup(schedule)
+    handle = cache(pipe, schedule, calls_per_step=calls_per_step)
+    handle.disable()
+    times: dict[str, list[float]] = {"uncached": [], "cached": []}
+    peaks: dict[str, float] = {}
+    run()  # warm-up
+    for _ in range(repeats):
+        for name in ("uncached", "cached"):
+            if name == "cached":
+                handle.enable()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            start = time.perf_counter()
+            try:
+                run()
+                _sync(device)
+            finally:
+                handle.disable()
+            times[name].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**20)
+    uncached, cached = (statistics.median(times[n]) for n in ("uncached", "cached"))
+    speedup = uncached / cached
+    efficiency = speedup / ideal if ideal else None
+    result = BenchResult(uncached, cached, speedup, ideal, efficiency, schedule.compute_fraction(), peaks or None)
+    result.warnings = diagnose(speedup, ideal)
+    for warning in result.warnings:
+        logger.warning(warning)
+    return result
