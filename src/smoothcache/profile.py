@@ -163,8 +163,7 @@ class CalibrationProfile:
         assert speedup is not None
         if speedup < 1:
             raise ProfileError(f"speedup must be >= 1, got {speedup}")
-        costs, total = self.key_costs(per_block), float(self.total_flops or 0.0)
-        return schedule_for_budget(curves, lambda s: s.estimated_speedup(costs, total) >= speedup - 1e-12, f"speedup={speedup}")
+        return schedule_for_budget(curves, lambda s: self.estimated_speedup(s) >= speedup - 1e-12, f"speedup={speedup}")
 
     def estimated_speedup(self, schedule: Schedule) -> float:
         """Ideal speedup of ``schedule`` on the calibrated model, from the FLOPs it skips.

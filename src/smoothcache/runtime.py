@@ -57,8 +57,9 @@ class CacheHandle:
     def __init__(
         self,
         pipe_or_module: Any,
-        schedule: Schedule,
+        schedule: Schedule | dict[str, list[int]],
         *,
+        components: Sequence[str] | None = None,
         layers: Sequence[CacheableLayer] | None = None,
         calls_per_step: int | None = None,
         steps_mismatch: Literal["error", "compute"] = "error",
@@ -71,8 +72,9 @@ class CacheHandle:
         self.schedule = schedule
         self.steps_mismatch = steps_mismatch
         if layers is None:
-            layer_types = list(dict.fromkeys(_layer_type_of(key) for key in schedule.keys))
-            layers = find_layers(self.target.model, layer_types)
+            if components is None:
+                components = list(dict.fromkeys(_layer_type_of(key) for key in schedule.keys))
+            layers = find_layers(self.target.model, components)
         self._plans = self._assign_keys(list(layers))
         covered = {id(layer) for group in self._plans.values() for layer in group}
         # module order: the first of them anchors the step, so it must run before the others
@@ -80,7 +82,7 @@ class CacheHandle:
         self._tracker = StepTracker(
             schedule.num_steps, self.target.timesteps, calls_per_step, scheduler_step_index(self.target)
         )
-        self._decisions: list[tuple[_Decision, tuple[int, ...]]] = []
+        self._decisions: list[tuple[_Decision, tuple[bool, ...]]] = []
         self._restore: list[Callable[[], None]] = []
         self._outputs: list[dict[int, Any]] = []  # per layer: call slot -> kept output
         self.enable()
@@ -114,7 +116,7 @@ class CacheHandle:
         self._tracker.reset()
         for key, layers in self._plans.items():
             decision = _Decision()
-            self._decisions.append((decision, self.schedule.plans[key]))
+            self._decisions.append((decision, tuple(v == 1 for v in self.schedule.plans[key])))
             for layer in layers:
                 outputs: dict[int, Any] = {}
                 self._outputs.append(outputs)
@@ -174,7 +176,7 @@ class CacheHandle:
                 decision.compute, decision.slot = True, slot
             return
         for decision, plan in self._decisions:
-            decision.compute, decision.slot = plan[step] == 1, slot
+            decision.compute, decision.slot = plan[step], slot
 
 
 def _layer_type_of(key: str) -> str:
@@ -213,9 +215,6 @@ def cache(
     >>> with smoothcache.cache(pipe, Schedule.load("schedule.json")):   # doctest: +SKIP
     ...     images = pipe(class_labels=[207], num_inference_steps=50).images
     """
-    if not isinstance(schedule, Schedule):
-        schedule = Schedule.from_dict(schedule)
-    layers = None
-    if components is not None:
-        layers = find_layers(resolve_target(pipe_or_module).model, components)
-    return CacheHandle(pipe_or_module, schedule, layers=layers, calls_per_step=calls_per_step, steps_mismatch=steps_mismatch)
+    return CacheHandle(
+        pipe_or_module, schedule, components=components, calls_per_step=calls_per_step, steps_mismatch=steps_mismatch
+    )
