@@ -16,7 +16,7 @@ from .calibration import calibration
 from .runtime import cache
 from .schedule import Schedule
 
-__all__ = ["BenchResult", "benchmark_schedule", "diagnose"]
+__all__ = ["BenchResult", "benchmark_schedule", "diagnose", "timed"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,15 @@ def diagnose(speedup: float, ideal: float | None) -> list[str]:
     return []
 
 
-def _sync(device: torch.device) -> None:
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """``fn()`` and its wall-clock seconds, with the GPU synchronised on both sides."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
 
 
 def benchmark_schedule(
@@ -92,14 +98,11 @@ def benchmark_schedule(
                 handle.enable()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            _sync(device)
-            start = time.perf_counter()
             try:
-                run()
-                _sync(device)
+                _, seconds = timed(run, device)
             finally:
                 handle.disable()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(seconds)
             if device.type == "cuda":
                 peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**20)
     uncached, cached = (statistics.median(times[n]) for n in ("uncached", "cached"))

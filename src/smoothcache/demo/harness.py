@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
+from ..bench import timed
 from ..calibration import calibration
 from ..profile import CalibrationProfile
 from ..runtime import cache
@@ -121,14 +122,6 @@ def plan_methods(profile: CalibrationProfile, config: DemoConfig) -> list[Method
     return methods
 
 
-def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - start
 
 
 @dataclass
@@ -195,7 +188,7 @@ def run_demo(pipe: Any, scorer: Scorer, config: DemoConfig | None = None, progre
         for method, run in zip(all_methods, runs, strict=True):
             handle = cache(pipe, method.schedule) if method.schedule is not None else None
             try:
-                images, seconds = _timed(lambda m=method: generate(m.steps, config.seed, labels), device)
+                images, seconds = timed(lambda m=method: generate(m.steps, config.seed, labels), device)
             finally:
                 if handle is not None:
                     handle.disable()
