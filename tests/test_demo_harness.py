@@ -39,3 +39,35 @@ def test_methods_are_matched_in_compute(profile):
     assert {m.steps for m in fewer} <= {max(2, round(20 / s.estimated_speedup)) for s in smooth}
     assert all(m.schedule is None for m in fewer)
     assert {m.method for m in methods} == {"smoothcache", "fixed-interval-2", "fixed-interval-3", "random", "fewer-steps"}
+
+
+def test_every_solver_gets_its_own_runs_within_the_budget(profile):
+    config = DemoConfig(steps=20, compute_fractions=(0.65, 0.4), fixed_intervals=(), solvers=("greedy", "optimal", "per-block"))
+    methods = plan_methods(profile, config)
+    by_method = {}
+    for m in methods:
+        by_method.setdefault(m.method, []).append(m)
+    assert set(by_method) == {"smoothcache", "smoothcache-optimal", "smoothcache-per-block", "random", "fewer-steps"}
+    for name in ("smoothcache", "smoothcache-optimal", "smoothcache-per-block"):
+        assert [m.compute_fraction <= b + 1e-9 for m, b in zip(by_method[name], (0.65, 0.4))] == [True, True]
+    assert all(m.alpha is None for m in by_method["smoothcache-optimal"])
+    assert all("-" in key for m in by_method["smoothcache-per-block"] for key in m.schedule.keys)
+    # random and fewer-steps follow the first solver's runs
+    assert [r.compute_fraction for r in by_method["random"]] == [m.compute_fraction for m in by_method["smoothcache"]]
+
+
+def test_optimal_solver_through_the_profile(profile):
+    for fraction in (0.8, 0.5, 0.35):
+        schedule = profile.schedule(compute_fraction=fraction, solver="optimal")
+        assert schedule.compute_fraction() <= fraction + 1e-9
+        assert schedule.compute_fraction() > fraction - 0.1  # it spends the budget
+    fast = profile.schedule(speedup=1.5, solver="optimal")
+    assert profile.estimated_speedup(fast) >= 1.5
+    per_block = profile.schedule(speedup=1.5, solver="optimal", per_block=True)
+    assert profile.estimated_speedup(per_block) >= 1.5 and len(per_block.keys) == 6
+    with pytest.raises(smoothcache.ProfileError, match="has no threshold"):
+        profile.schedule(alpha=0.1, solver="optimal")
+    with pytest.raises(smoothcache.ProfileError, match="Unknown solver"):
+        profile.schedule(compute_fraction=0.5, solver="fastest")
+    with pytest.raises(smoothcache.ProfileError, match="out of reach"):
+        profile.schedule(speedup=50, solver="optimal")

@@ -11,18 +11,21 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from .errors import ProfileError
 from .schedule import Schedule, schedule_key_for
-from .solvers import greedy_schedule, schedule_for_budget
+from .solvers import greedy_schedule, optimal_schedule, schedule_for_budget
 
 __all__ = ["CalibrationProfile", "LayerInfo"]
 
 FORMAT = "smoothcache.profile"
 FORMAT_VERSION = 1
+
+Solver = Literal["greedy", "optimal"]
+SOLVERS: tuple[str, ...] = get_args(Solver)
 
 
 @dataclass(frozen=True)
@@ -123,17 +126,22 @@ class CalibrationProfile:
         speedup: float | None = None,
         keys: Sequence[str] | None = None,
         per_block: bool = False,
+        solver: Solver = "greedy",
     ) -> Schedule:
-        """A greedy schedule at threshold ``alpha``, or at the smallest threshold meeting a budget.
+        """A schedule at threshold ``alpha`` (greedy only), or the best one within a budget.
 
         ``compute_fraction`` bounds the fraction of cached-layer calls computed; ``speedup`` asks
         for at least that ideal speedup from the measured FLOPs. Give exactly one of the three.
+        ``solver="greedy"`` is the paper's rule (for a budget: at the smallest threshold meeting
+        it); ``solver="optimal"`` spends the budget where the summed reuse error falls most (see
+        ``solvers.optimal_schedule``); with ``per_block=True`` each block's layers get their own
+        plan, so sensitive blocks compute more often under the same global budget.
 
-        >>> profile.schedule(alpha=0.18)                 # doctest: +SKIP
-        >>> profile.schedule(compute_fraction=0.5)       # doctest: +SKIP
+        >>> profile.schedule(alpha=0.18)                                   # doctest: +SKIP
+        >>> profile.schedule(compute_fraction=0.5, solver="optimal")       # doctest: +SKIP
         """
         return self.schedule_and_threshold(
-            alpha, compute_fraction=compute_fraction, speedup=speedup, keys=keys, per_block=per_block
+            alpha, compute_fraction=compute_fraction, speedup=speedup, keys=keys, per_block=per_block, solver=solver
         )[0]
 
     def schedule_and_threshold(
@@ -144,25 +152,47 @@ class CalibrationProfile:
         speedup: float | None = None,
         keys: Sequence[str] | None = None,
         per_block: bool = False,
-    ) -> tuple[Schedule, float]:
-        """As :meth:`schedule`, also returning the threshold used (the one found for a budget)."""
+        solver: Solver = "greedy",
+    ) -> tuple[Schedule, float | None]:
+        """As :meth:`schedule`, also returning the greedy threshold used (None for the optimal solver)."""
         given = [n for n, v in (("alpha", alpha), ("compute_fraction", compute_fraction), ("speedup", speedup)) if v is not None]
         if len(given) != 1:
             raise ProfileError(f"Give exactly one of alpha, compute_fraction, speedup (got {given or 'none'})")
+        if solver not in SOLVERS:
+            raise ProfileError(f"Unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
         curves = self.curves_by_key(keys, per_block)
         if alpha is not None:
             if alpha < 0:
                 raise ProfileError(f"alpha must be >= 0, got {alpha}")
+            if solver != "greedy":
+                raise ProfileError(
+                    "The optimal solver spends a budget, it has no threshold: pass compute_fraction= or speedup= "
+                    "(or solver='greedy' for the paper's alpha)"
+                )
             return greedy_schedule(curves, alpha), float(alpha)
         if compute_fraction is not None:
             if not 0 < compute_fraction <= 1:
                 raise ProfileError(f"compute_fraction must be in (0, 1], got {compute_fraction}")
+            if solver == "optimal":
+                return optimal_schedule(curves, compute_fraction * self.num_steps * len(curves)), None
             return schedule_for_budget(
                 curves, lambda s: s.compute_fraction() <= compute_fraction + 1e-12, f"compute_fraction={compute_fraction}"
             )
         assert speedup is not None
         if speedup < 1:
             raise ProfileError(f"speedup must be >= 1, got {speedup}")
+        if solver == "optimal":
+            costs = self.key_costs(per_block)
+            costs = {key: costs[key] for key in curves}
+            total = float(self.total_flops or 0.0)
+            # speedup = total / (total - saved) with saved = sum(cost * (1 - computed / steps))
+            budget = self.num_steps * (sum(costs.values()) - total * (1.0 - 1.0 / speedup))
+            if budget < 0:
+                raise ProfileError(
+                    f"speedup={speedup} is out of reach: skipping every cached layer at every step gives at most "
+                    f"{total / max(total - sum(costs.values()), 1e-30):.2f}x"
+                )
+            return optimal_schedule(curves, budget, weights=costs), None
         return schedule_for_budget(curves, lambda s: self.estimated_speedup(s) >= speedup - 1e-12, f"speedup={speedup}")
 
     def estimated_speedup(self, schedule: Schedule) -> float:

@@ -13,7 +13,12 @@ from ..plots import pyplot
 
 __all__ = ["plot_samples", "plot_tradeoff"]
 
-FAMILIES = ("smoothcache", "fixed-interval", "random", "fewer-steps")
+FAMILIES = ("smoothcache", "smoothcache-optimal", "smoothcache-per-block", "fixed-interval", "random", "fewer-steps")
+
+
+def family_of(method: str) -> str:
+    """``fixed-interval-2`` -> ``fixed-interval``; every other method is its own family."""
+    return "fixed-interval" if method.startswith("fixed-interval") else method
 
 
 def plot_samples(images: list[tuple[str, torch.Tensor]], path: str | Path, columns: int = 10) -> Path:
@@ -38,7 +43,7 @@ def plot_tradeoff(report: dict[str, Any], path: str | Path) -> Path:
     fig, (ax_fid, ax_psnr) = plt.subplots(1, 2, figsize=(10, 3.8))
     baseline = report["baseline"]
     for family in FAMILIES:
-        runs = sorted((r for r in report["runs"] if r["method"].startswith(family)), key=lambda r: r["speedup"])
+        runs = sorted((r for r in report["runs"] if family_of(r["method"]) == family), key=lambda r: r["speedup"])
         if not runs:
             continue
         speed = [r["speedup"] for r in runs]

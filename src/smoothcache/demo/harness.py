@@ -49,6 +49,7 @@ class DemoConfig:
     guidance_scale: float = 1.5  # the DiT paper's setting for FID
     timing_repeats: int = 2  # each method is timed this many times, round-robin; the fastest counts
     compute_fractions: tuple[float, ...] = (0.8, 0.65, 0.5, 0.4)
+    solvers: tuple[str, ...] = ("greedy",)  # "greedy", "optimal", "per-block"
     fixed_intervals: tuple[int, ...] = (2, 3)
     components: tuple[str, ...] | None = None
     grid_columns: int = 10
@@ -94,34 +95,49 @@ def random_schedule(like: Schedule, seed: int) -> Schedule:
     return Schedule(plans)
 
 
+SOLVER_METHODS = {"greedy": "smoothcache", "optimal": "smoothcache-optimal", "per-block": "smoothcache-per-block"}
+
+
+def solver_schedule(profile: CalibrationProfile, solver: str, compute_fraction: float) -> tuple[Schedule, float | None]:
+    """The schedule a solver name of the command line makes at a compute budget, and its threshold."""
+    if solver not in SOLVER_METHODS:
+        raise ValueError(f"Unknown solver {solver!r}; choose one of {', '.join(SOLVER_METHODS)}")
+    if solver == "per-block":
+        return profile.schedule_and_threshold(compute_fraction=compute_fraction, solver="optimal", per_block=True)
+    return profile.schedule_and_threshold(compute_fraction=compute_fraction, solver=solver)  # type: ignore[arg-type]
+
+
 def plan_methods(profile: CalibrationProfile, config: DemoConfig) -> list[Method]:
     """Every method the demo runs after the uncached baseline, matched in compute."""
     methods: list[Method] = []
     smoothcache_runs = []
-    for budget in config.compute_fractions:
-        schedule, alpha = profile.schedule_and_threshold(compute_fraction=budget)
-        if any(m.schedule == schedule for m in smoothcache_runs):
-            continue  # two budgets that land on one schedule
-        run = Method("smoothcache", config.steps, schedule, alpha, schedule.compute_fraction(), profile.estimated_speedup(schedule))
-        smoothcache_runs.append(run)
+    for solver in config.solvers:
+        runs: list[Method] = []
+        for budget in config.compute_fractions:
+            schedule, alpha = solver_schedule(profile, solver, budget)
+            if any(m.schedule == schedule for m in runs):
+                continue  # two budgets that land on one schedule
+            speedup = profile.estimated_speedup(schedule)
+            runs.append(Method(SOLVER_METHODS[solver], config.steps, schedule, alpha, schedule.compute_fraction(), speedup))
+        smoothcache_runs += runs
     methods += smoothcache_runs
+    keys = profile.keys()
     for interval in config.fixed_intervals:
-        schedule = Schedule.fixed_interval(profile.keys(), config.steps, interval)
+        schedule = Schedule.fixed_interval(keys, config.steps, interval)
         methods.append(
             Method(f"fixed-interval-{interval}", config.steps, schedule, None, schedule.compute_fraction(), profile.estimated_speedup(schedule))
         )
-    for i, run in enumerate(smoothcache_runs):
+    greedy_runs = [run for run in smoothcache_runs if run.method == SOLVER_METHODS[config.solvers[0]]]
+    for i, run in enumerate(greedy_runs):
         assert run.schedule is not None
         schedule = random_schedule(run.schedule, config.seed + i)
         methods.append(Method("random", config.steps, schedule, None, schedule.compute_fraction(), profile.estimated_speedup(schedule)))
-    for run in smoothcache_runs:
+    for run in greedy_runs:
         steps = max(2, round(config.steps / run.estimated_speedup))
         if any(m.method == "fewer-steps" and m.steps == steps for m in methods) or steps == config.steps:
             continue
         methods.append(Method("fewer-steps", steps, None, None, steps / config.steps, config.steps / steps))
     return methods
-
-
 
 
 @dataclass
@@ -136,8 +152,10 @@ class DemoResult:
 
 def run_label(run: dict[str, Any]) -> str:
     """A short name for a run: ``smoothcache a=0.12``, ``fewer-steps 12``, ``random 0.50``."""
-    if run["method"] == "smoothcache":
+    if run["method"] == "smoothcache" and run["alpha"] is not None:
         return f"smoothcache a={run['alpha']:.3g}"
+    if run["method"].startswith("smoothcache"):
+        return f"{run['method'].removeprefix('smoothcache-')} {run['compute_fraction']:.2f}"
     if run["method"] == "fewer-steps":
         return f"fewer-steps {run['steps']}"
     if run["method"] == "random":
@@ -227,7 +245,7 @@ def _report(
     baseline, others = runs[0], runs[1:]
     within = [
         r for r in others
-        if r.method == "smoothcache" and r.fid <= baseline.fid * 1.10 and r.accuracy >= baseline.accuracy - 0.02
+        if r.method.startswith("smoothcache") and r.fid <= baseline.fid * 1.10 and r.accuracy >= baseline.accuracy - 0.02
     ]
     best = max(within, key=lambda r: r.speedup, default=None)
 
