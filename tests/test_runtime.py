@@ -3,12 +3,16 @@ import weakref
 
 import pytest
 import torch
+from conftest import STEPS, CallCounter, generate, sample_loop
 from torch import nn
 
 import smoothcache
-from smoothcache import NoCacheableLayersError, Schedule, ScheduleError, StepMismatchError
-
-from conftest import STEPS, CallCounter, generate, sample_loop
+from smoothcache import (
+    NoCacheableLayersError,
+    Schedule,
+    ScheduleError,
+    StepMismatchError,
+)
 
 SKIPPING = Schedule({"attn1": (1, 0, 1, 0, 0, 1, 1, 0, 1, 1), "ff": (1, 1, 0, 1, 0, 1, 0, 1, 0, 1)})
 
@@ -40,7 +44,7 @@ def test_consecutive_generations_restart_the_schedule(dit_pipe):
     with smoothcache.cache(dit_pipe, SKIPPING):
         first = generate(dit_pipe)
         second = generate(dit_pipe)
-        third = generate(dit_pipe, seed=5)
+        generate(dit_pipe, seed=5)
     assert torch.equal(first, second)
     assert attn.count == 3 * sum(SKIPPING.plans["attn1"]) * 2
 
@@ -208,3 +212,35 @@ def test_layers_running_before_the_anchor_block_see_the_current_step():
         for _ in range(4):
             model(torch.randn(2, 4))
     assert control.count == 2  # steps 0 and 2; decisions one step late would compute steps 0, 1 and 3
+
+
+def test_a_call_slot_whose_input_shape_changes_computes_before_it_reuses():
+    torch.manual_seed(0)
+    model = TupleModel().eval()
+    counter = CallCounter([b.attn.linear for b in model.blocks])
+    with torch.no_grad(), smoothcache.cache(model, Schedule({"attn": (1, 0, 0, 0)})):
+        outs = [model(torch.randn(batch, 4)) for batch in (2, 2, 3, 3)]
+    assert counter.count == 2 * 2  # steps 0 and 2 (a new batch size) in both blocks
+    assert [out.shape[0] for out in outs] == [2, 2, 3, 3]
+
+
+@pytest.mark.parametrize("solver", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler"])
+def test_second_order_solvers_count_every_model_evaluation_as_a_step(dit_pipe, solver):
+    # They evaluate the model twice per step but the last; their step_index and timesteps count
+    # evaluations, 2N - 1 for N steps, so a step is one evaluation of one call.
+    import diffusers
+
+    dit_pipe.scheduler = getattr(diffusers, solver).from_config(dit_pipe.scheduler.config)
+    with smoothcache.calibration(dit_pipe) as rec:
+        generate(dit_pipe, steps=4)
+    assert (rec.profile.num_steps, rec.profile.metadata["calls_per_step"]) == (7, 1)
+    schedule = rec.profile.schedule(compute_fraction=0.6)
+    attn, ff = attn_and_ff_counters(dit_pipe)
+    with smoothcache.cache(dit_pipe, schedule):
+        generate(dit_pipe, steps=4)
+    assert (attn.count, ff.count) == (sum(schedule.plans["attn1"]) * 2, sum(schedule.plans["ff"]) * 2)
+    assert min(sum(plan) for plan in schedule.plans.values()) < 7
+    with smoothcache.cache(dit_pipe, Schedule({"attn1": (1, 0, 1, 1)})):
+        expected = f"schedule has 4 steps but the pipeline is running 7.*{solver} is a solver of order 2"
+        with pytest.raises(StepMismatchError, match=expected):
+            generate(dit_pipe, steps=4)

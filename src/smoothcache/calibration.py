@@ -2,8 +2,9 @@
 between steps ``s`` and ``s + k`` for ``k = 1..lookahead``.
 
 Errors accumulate on the model's device and are copied to the host once, when recording stops.
-Each layer keeps only its last ``lookahead`` outputs (float32 copies, as the model may reuse its
-buffers).
+Each layer keeps only its last ``lookahead`` outputs per call slot and occurrence (float32 copies,
+as the model may reuse its buffers). A step's error is the mean over the calls that measured it;
+where a layer measured nothing (its expert or its call did not run), the error is NaN.
 """
 
 from __future__ import annotations
@@ -71,9 +72,12 @@ class CalibrationRecorder:
         self._tracker = StepTracker(steps, self.target.timesteps, calls_per_step, scheduler_step_index(self.target))
         self._undo: list[Callable[[], None]] = []  # removes the hooks
         self._runs: list[torch.Tensor] = []  # finished generations: (layers, steps, lookahead) sums
+        self._run_counts: list[torch.Tensor] = []  # and how many measurements each sum holds
         self._current: torch.Tensor | None = None
         self._calls_in_generation = 0
-        self._rings: list[dict[int, deque[list[torch.Tensor]]]] = []  # per layer: call slot -> last outputs
+        self._counts: torch.Tensor | None = None  # measurements summed into each cell of _current
+        self._rings: list[dict[tuple[int, int], deque[list[torch.Tensor]]]] = []  # per layer: (slot, occurrence) -> last outputs
+        self._occurrences: list[int] = [0] * len(self.layers)  # per layer: its calls in this model call
         self._step = 0
         self._slot = 0
         self._flops: list[float] | None = None
@@ -145,6 +149,7 @@ class CalibrationRecorder:
                 "pipeline's num_inference_steps, or calls_per_step= if it calls the model several times per step"
             )
         self._step, self._slot = step, slot
+        self._occurrences = [0] * len(self.layers)
         if self.measure_flops and self._flops is None and self._tracker.generation == 0 and step == slot == 0:
             self._open_flop_window()
 
@@ -164,23 +169,26 @@ class CalibrationRecorder:
 
     def _before_layer(self, index: int) -> None:
         if self._flop_counter is not None:
-            self._flop_marks[index] = -float(self._flop_counter.get_total_flops())
+            self._flop_marks[index] -= float(self._flop_counter.get_total_flops())
 
     def _after_layer(self, index: int, output: Any) -> None:
         if self._flop_counter is not None:
             self._flop_marks[index] += float(self._flop_counter.get_total_flops())
         current = [t.detach().to(torch.float32, copy=True) for t in _tensors(output)]
         rings = self._rings[index]
-        ring = rings.get(self._slot)
+        key = (self._slot, self._occurrences[index])
+        self._occurrences[index] += 1
+        ring = rings.get(key)
         if ring is None:
-            ring = rings[self._slot] = deque(maxlen=self.lookahead)
+            ring = rings[key] = deque(maxlen=self.lookahead)
         if ring:
             denominator = sum(torch.linalg.vector_norm(t, ord=1) for t in current)
             numerators = [
                 sum(torch.linalg.vector_norm(p - c, ord=1) for p, c in zip(previous, current)) for previous in ring
             ]
-            assert self._current is not None
+            assert self._current is not None and self._counts is not None
             self._current[index, self._step, : len(numerators)] += torch.stack(numerators) / denominator
+            self._counts[index, self._step, : len(numerators)] += 1
         ring.appendleft(current)
 
     # ---- generations ------------------------------------------------------------------------
@@ -203,6 +211,7 @@ class CalibrationRecorder:
                 type(model).__name__,
             )
         self._current = torch.zeros(len(self.layers), steps, self.lookahead, device=device)
+        self._counts = torch.zeros_like(self._current)
         self._calls_in_generation = 0
         self._rings = [{} for _ in self.layers]
 
@@ -212,6 +221,7 @@ class CalibrationRecorder:
         steps = self._current.shape[1]
         if self._calls_in_generation >= steps * self._tracker.calls_per_step:
             self._runs.append(self._current)
+            self._run_counts.append(self._counts)
         else:
             logger.warning("Dropping an incomplete calibration generation (%d of %d steps)", self._step + 1, steps)
         self._current = None
@@ -223,12 +233,15 @@ class CalibrationRecorder:
             )
         # One device-to-host copy for everything recorded.
         calls_per_step = self._tracker.calls_per_step
-        sums = torch.stack(self._runs).cpu().double().numpy() / calls_per_step  # (runs, layers, steps, K)
-        runs, num_layers, steps, lookahead = sums.shape
+        sums = torch.stack(self._runs).cpu().double().numpy()  # (runs, layers, steps, K)
+        counts = torch.stack(self._run_counts).cpu().double().numpy()
+        with np.errstate(invalid="ignore"):
+            means = sums / counts  # NaN where nothing was measured
+        runs, num_layers, steps, lookahead = means.shape
         errors = np.full((runs, num_layers, lookahead, steps), np.nan)
         for k in range(1, lookahead + 1):
             # target step t = s + k holds the error against step s: shift to source indexing.
-            errors[:, :, k - 1, : steps - k] = sums[:, :, k:, k - 1]
+            errors[:, :, k - 1, : steps - k] = means[:, :, k:, k - 1]
         flops = self._flops or [None] * num_layers
         infos = [LayerInfo(layer.name, layer.layer_type, layer.block, f) for layer, f in zip(self.layers, flops, strict=True)]
         model = self.target.model
@@ -251,7 +264,7 @@ class CalibrationRecorder:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.time() - self._started, 3),
         }
-        self._runs = []
+        self._runs, self._run_counts = [], []
         return CalibrationProfile(infos, errors, metadata, self._total_flops)
 
 
@@ -272,7 +285,7 @@ def calibration(
     >>> schedule = rec.profile.schedule(alpha=0.18)                               # doctest: +SKIP
     """
     target = resolve_target(pipe_or_module)
-    layers = find_layers(target.model, components)
+    layers = find_layers(target.model, components, allow_repeated=True)
     return CalibrationRecorder(
         pipe_or_module,
         layers,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,9 @@ class CalibrationProfile:
             raise ProfileError(f"The profile has no layer for key {key!r}; it has {self.keys()} and {self.keys(True)}")
         per_type = [i for i in rows if self.layers[i].layer_type == key]
         rows = per_type or rows
-        return self.mean_errors()[rows].mean(axis=0)
+        with warnings.catch_warnings():  # a step no layer of the key measured stays NaN: compute there
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(self.mean_errors()[rows], axis=0)
 
     def curves_by_key(self, keys: Sequence[str] | None = None, per_block: bool = False) -> dict[str, np.ndarray]:
         keys = list(keys) if keys is not None else self.keys(per_block)
@@ -212,9 +215,11 @@ class CalibrationProfile:
     def check_compatible(self, model: Any, num_steps: int | None = None) -> None:
         """Raise :class:`ProfileError` unless ``model`` has the calibrated layers and runs ``num_steps``.
 
-        ``model`` is an ``nn.Module`` or a pipeline with a ``.transformer``.
+        ``model`` is an ``nn.Module`` or a pipeline (both experts of a two-expert pipeline count).
         """
-        model = getattr(model, "transformer", model)
+        from .steps import resolve_target  # the step module knows how pipelines hold their models
+
+        model = resolve_target(model).model
         names = {name for name, _ in model.named_modules()}
         missing = [layer.name for layer in self.layers if layer.name not in names]
         recorded = self.metadata.get("model_class")

@@ -6,6 +6,13 @@ schedule key has one ``_Decision`` whose ``compute`` flag is set for the step. T
 one attribute read and a branch. PyTorch's forward hooks cannot skip a module's computation, so a layer's
 ``forward`` is shadowed by an instance attribute, as diffusers' hook registry does; removing it
 (or restoring an instance ``forward`` that was there before) puts the module back exactly.
+
+Outputs are kept per call slot (the n-th model call of a step: conditional and unconditional
+calls keep apart). A slot reuses only what it computed itself earlier in the same generation, for
+inputs of the same shape; otherwise it computes, whatever the plan says. So a call that appears on
+some steps only (SD3's skip-layer guidance), an expert taking over (Wan 2.2), a layer its block
+skips, or a batch that changes size all compute before they reuse. A layer its block calls
+several times per call (CogView4's ff, on image then text tokens) keeps one output per occurrence.
 """
 
 from __future__ import annotations
@@ -14,12 +21,18 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from torch import nn
+from torch import Tensor, nn
 
 from .adapters import CacheableLayer, find_layers
 from .errors import ScheduleError, StepMismatchError
 from .schedule import Schedule, schedule_key_for
-from .steps import StepTracker, attach_step_hooks, resolve_target, scheduler_step_index, step_anchor
+from .steps import (
+    StepTracker,
+    attach_step_hooks,
+    resolve_target,
+    scheduler_step_index,
+    step_anchor,
+)
 
 __all__ = ["CacheHandle", "cache"]
 
@@ -42,11 +55,37 @@ def _caching_forward(original: Callable[..., Any], decision: _Decision, outputs:
     """The hot path: compute and keep, or hand back what was kept for this call slot."""
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        if decision.compute:
-            output = original(*args, **kwargs)
-            outputs[decision.slot] = output
-            return output
-        return outputs[decision.slot]
+        if not decision.compute:
+            kept = outputs.get(decision.slot, _MISSING)
+            if kept is not _MISSING:
+                return kept
+        output = original(*args, **kwargs)
+        outputs[decision.slot] = output
+        return output
+
+    return forward
+
+
+def _repeated_caching_forward(
+    original: Callable[..., Any], decision: _Decision, outputs: dict[int, list[Any]], occurrence: list[int]
+) -> Callable[..., Any]:
+    """As :func:`_caching_forward`, for a layer called several times per model call: one output per
+    occurrence (``occurrence[0]`` counts this model call's calls so far; the handle zeroes it)."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        n = occurrence[0]
+        occurrence[0] = n + 1
+        kept = outputs.get(decision.slot)
+        if not decision.compute and kept is not None and n < len(kept):
+            return kept[n]
+        output = original(*args, **kwargs)
+        if n == 0 or kept is None:
+            kept = outputs[decision.slot] = []
+        if n < len(kept):
+            kept[n] = output
+        else:
+            kept.append(output)
+        return output
 
     return forward
 
@@ -74,7 +113,7 @@ class CacheHandle:
         if layers is None:
             if components is None:
                 components = list(dict.fromkeys(_layer_type_of(key) for key in schedule.keys))
-            layers = find_layers(self.target.model, components)
+            layers = find_layers(self.target.model, components, allow_repeated=True)
         self._plans = self._assign_keys(list(layers))
         covered = {id(layer) for group in self._plans.values() for layer in group}
         # module order: the first of them anchors the step, so it must run before the others
@@ -84,7 +123,9 @@ class CacheHandle:
         )
         self._decisions: list[tuple[_Decision, tuple[bool, ...]]] = []
         self._restore: list[Callable[[], None]] = []
-        self._outputs: list[dict[int, Any]] = []  # per layer: call slot -> kept output
+        self._outputs: list[dict[int, Any]] = []  # per layer: call slot -> kept output(s)
+        self._occurrences: list[list[int]] = []  # per repeated layer: its calls in this model call
+        self._input_shapes: dict[int, tuple[int, ...] | None] = {}  # per call slot: at its last call
         self.enable()
 
     def _assign_keys(self, layers: list[CacheableLayer]) -> dict[str, list[CacheableLayer]]:
@@ -120,9 +161,15 @@ class CacheHandle:
             for layer in layers:
                 outputs: dict[int, Any] = {}
                 self._outputs.append(outputs)
-                self._restore.append(_shadow_forward(layer.module, decision, outputs))
+                if layer.repeats > 1:
+                    occurrence = [0]
+                    self._occurrences.append(occurrence)
+                    forward = _repeated_caching_forward(layer.module.forward, decision, outputs, occurrence)
+                else:
+                    forward = _caching_forward(layer.module.forward, decision, outputs)
+                self._restore.append(_shadow_forward(layer.module, forward))
         anchor = step_anchor(self.target.model, self.layers[0].name)
-        self._restore.extend(attach_step_hooks(self.target.model, anchor, self._before_model_call))
+        self._restore.extend(attach_step_hooks(self.target.model, anchor, self._before_model_call, pass_inputs=True))
         logger.debug("SmoothCache enabled on %d layers under %d keys", len(self._outputs), len(self._plans))
         return self
 
@@ -134,6 +181,8 @@ class CacheHandle:
         for outputs in self._outputs:
             outputs.clear()
         self._outputs.clear()
+        self._occurrences.clear()
+        self._input_shapes.clear()
         self._decisions.clear()
         self._tracker.reset()
 
@@ -148,7 +197,7 @@ class CacheHandle:
         self.disable()
 
     # ---- per model call ---------------------------------------------------------------------
-    def _before_model_call(self) -> None:
+    def _before_model_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         try:
             step, slot, new_generation = self._tracker.advance()
         except StepMismatchError:
@@ -163,7 +212,12 @@ class CacheHandle:
                     f"The schedule has {num_steps} steps but the pipeline is running {ran}; "
                     f"calibrate for {ran} steps, call the pipeline with num_inference_steps={num_steps}, "
                     "or pass steps_mismatch='compute' to compute every step the schedule does not cover"
+                    f"{self._multistep_hint(ran)}"
                 )
+            self._forget_outputs()
+        self._check_input_shape(slot, args, kwargs)
+        for occurrence in self._occurrences:
+            occurrence[0] = 0
         if step >= num_steps:
             if self.steps_mismatch == "error":
                 self._tracker.reset()
@@ -178,6 +232,44 @@ class CacheHandle:
         for decision, plan in self._decisions:
             decision.compute, decision.slot = plan[step], slot
 
+    def _forget_outputs(self, slot: int | None = None) -> None:
+        """Drop the kept outputs of one call slot, or all of them (a new generation)."""
+        for outputs in self._outputs:
+            if slot is None:
+                outputs.clear()
+            else:
+                outputs.pop(slot, None)
+        if slot is None:
+            self._input_shapes.clear()
+
+    def _check_input_shape(self, slot: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """A slot called with inputs of another shape than at its last call must not reuse."""
+        shape = _input_shape(args, kwargs)
+        if slot in self._input_shapes and self._input_shapes[slot] != shape:
+            logger.debug("Call slot %d changed input shape to %s: its layers compute", slot, shape)
+            self._forget_outputs(slot)
+        self._input_shapes[slot] = shape
+
+    def _multistep_hint(self, ran: int) -> str:
+        """Why a pipeline runs more steps than asked, where its solver evaluates the model twice per step."""
+        scheduler = getattr(self.target.pipeline, "scheduler", None)
+        order = getattr(scheduler, "order", 1)
+        if not isinstance(order, int) or order <= 1:
+            return ""
+        return (
+            f". {type(scheduler).__name__} is a solver of order {order}: it evaluates the model several "
+            f"times per step and its timesteps list each evaluation ({ran} here), so calibrate with the same "
+            f"scheduler and num_inference_steps: its profile then has {ran} steps"
+        )
+
+
+def _input_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:
+    """The shape of a call's first tensor argument (positional first): its batch and token layout."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            return tuple(value.shape)
+    return None
+
 
 def _layer_type_of(key: str) -> str:
     """``"attn1-3"`` -> ``"attn1"``; a type key stays as it is."""
@@ -185,10 +277,10 @@ def _layer_type_of(key: str) -> str:
     return head if head and tail.isdigit() else key
 
 
-def _shadow_forward(module: nn.Module, decision: _Decision, outputs: dict[int, Any]) -> Callable[[], None]:
-    """Put the caching forward on ``module``; return the function that undoes exactly that."""
+def _shadow_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[[], None]:
+    """Put the caching ``forward`` on ``module``; return the function that undoes exactly that."""
     previous = module.__dict__.get("forward", _MISSING)
-    module.forward = _caching_forward(module.forward, decision, outputs)  # type: ignore[method-assign]
+    module.forward = forward  # type: ignore[method-assign]
 
     def restore() -> None:
         if previous is _MISSING:
@@ -210,7 +302,12 @@ def cache(
     """Cache ``pipe_or_module``'s layers on ``schedule``; returns an enabled :class:`CacheHandle`.
 
     ``calls_per_step`` is how often the pipeline calls the model per denoising step; by default it
-    is read off the scheduler's step index where it has one, else 1 (see ``steps.StepTracker``).
+    is read off the scheduler's step index where it has one, and may then vary from step to step
+    (skip-layer guidance), else 1 (see ``steps.StepTracker``). A pipeline with two experts (Wan 2.2
+    A14B's ``transformer`` for high noise and ``transformer_2`` for low noise) has both cached
+    under one schedule over its steps, as calibrating the pipeline gives: a key's plan governs
+    whichever expert runs a step, and ``transformer_2`` computes on its first step, having nothing
+    of its own to reuse. To give each expert its own schedule, cache each as a module instead.
 
     >>> with smoothcache.cache(pipe, Schedule.load("schedule.json")):   # doctest: +SKIP
     ...     images = pipe(class_labels=[207], num_inference_steps=50).images

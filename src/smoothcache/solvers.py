@@ -284,8 +284,8 @@ def nested_plans(curves_by_key: Mapping[str, np.ndarray], computed: Mapping[str,
     keys, and each next key within the steps already chosen (where the lookahead allows it).
     """
     keys = sorted(computed, key=lambda key: -computed[key])
-    total = np.nansum(np.stack([np.asarray(curves_by_key[key], dtype=np.float64) for key in keys]), axis=0)
-    total[np.isnan(np.asarray(curves_by_key[keys[0]], dtype=np.float64))] = np.nan
+    # NaN (never measured) anywhere makes the sum NaN: no key may reuse there
+    total = np.sum(np.stack([np.asarray(curves_by_key[key], dtype=np.float64) for key in keys]), axis=0)
     plans: dict[str, tuple[int, ...]] = {}
     allowed: tuple[int, ...] | None = None
     for key in keys:

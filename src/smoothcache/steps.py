@@ -5,6 +5,10 @@ pipeline, the step source is its scheduler: every pipeline call runs ``scheduler
 which puts a new ``timesteps`` tensor on the scheduler, so a new tensor object means a new
 generation (checked by identity: no device sync). Without a scheduler, a generation ends after a
 known number of steps; with one, calls beyond its steps are reported, not wrapped around.
+
+A pipeline with two denoisers taking turns over the steps (Wan 2.2 A14B's ``transformer`` and
+``transformer_2``) resolves to :class:`Experts`, one module holding both, so that layers are found
+and step hooks attached in both.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch import nn
 
 from .errors import StepMismatchError
 
-__all__ = ["StepTracker", "Target", "attach_step_hooks", "resolve_target", "scheduler_step_index", "step_anchor"]
+__all__ = ["Experts", "StepTracker", "Target", "attach_step_hooks", "resolve_target", "scheduler_step_index", "step_anchor"]
 
 
 @dataclass
@@ -38,13 +42,43 @@ class Target:
         return None if scheduler is None else type(scheduler).__name__
 
 
+class Experts(nn.Module):
+    """A pipeline's denoisers that take turns over the steps, as one module to find layers in and hook.
+
+    Wan 2.2 A14B runs ``transformer`` on the high-noise steps and ``transformer_2`` on the rest.
+    Holding them here changes nothing in them. Layer names keep the pipeline's attribute
+    (``transformer_2.blocks.0.attn1``), but schedule keys (``"attn1"``, ``"attn1-0"``) are shared:
+    a schedule covers the pipeline's steps, and a key's plan governs whichever expert runs a step.
+    """
+
+    def __init__(self, experts: dict[str, nn.Module]) -> None:
+        super().__init__()
+        for name, expert in experts.items():
+            self.add_module(name, expert)
+        self.training = any(expert.training for expert in experts.values())
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("Experts only holds a pipeline's denoisers; call the pipeline or one expert")
+
+
+# The pipeline attributes holding denoisers, in the order they run.
+_EXPERT_ATTRIBUTES = ("transformer", "transformer_2")
+
+
 def resolve_target(pipe_or_module: Any) -> Target:
-    """A diffusers pipeline (its ``transformer``) or any ``nn.Module``."""
+    """A diffusers pipeline (its ``transformer``, or :class:`Experts` where it also has a ``transformer_2``)
+    or any ``nn.Module``."""
     if isinstance(pipe_or_module, nn.Module):
         return Target(pipe_or_module)
-    model = getattr(pipe_or_module, "transformer", None)
-    if isinstance(model, nn.Module):
-        return Target(model, pipe_or_module)
+    experts: dict[str, nn.Module] = {}
+    for name in _EXPERT_ATTRIBUTES:
+        model = getattr(pipe_or_module, name, None)
+        if isinstance(model, nn.Module):
+            experts[name] = model
+    if len(experts) > 1:
+        return Target(Experts(experts), pipe_or_module)
+    if experts:
+        return Target(next(iter(experts.values())), pipe_or_module)
     raise TypeError(
         f"Expected a diffusers pipeline with a .transformer or an nn.Module, got {type(pipe_or_module).__name__}; "
         "for a pipeline whose denoiser is elsewhere (e.g. .unet), pass that module"
@@ -57,33 +91,43 @@ def step_anchor(model: nn.Module, first_layer_name: str) -> nn.Module:
     return model.get_submodule(parent) if parent else model.get_submodule(first_layer_name)
 
 
-def attach_step_hooks(model: nn.Module, anchor: nn.Module, on_model_call: Callable[[], None]) -> list[Callable[[], None]]:
+def attach_step_hooks(
+    model: nn.Module, anchor: nn.Module, on_model_call: Callable[..., None], *, pass_inputs: bool = False
+) -> list[Callable[[], None]]:
     """Call ``on_model_call`` once at the start of every model call; return the undo functions.
 
     The model's own pre-hook marks the call, so blocks that run before the anchor (e.g. Wan
     VACE's control blocks) see the new step. The original DiT's ``forward_with_cfg`` calls
     ``self.forward`` directly, which bypasses the model's hooks: then the anchor block marks it.
+    For :class:`Experts`, each expert's call marks a model call. With ``pass_inputs``,
+    ``on_model_call`` receives the call's positional and keyword arguments.
     """
     inside_model = False
 
-    def before_model(module: nn.Module, args: tuple[Any, ...]) -> None:
+    def mark(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if pass_inputs:
+            on_model_call(args, kwargs)
+        else:
+            on_model_call()
+
+    def before_model(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         nonlocal inside_model
         inside_model = True
-        on_model_call()
+        mark(args, kwargs)
 
     def after_model(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         nonlocal inside_model
         inside_model = False
 
-    def before_anchor(module: nn.Module, args: tuple[Any, ...]) -> None:
+    def before_anchor(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not inside_model:
-            on_model_call()
+            mark(args, kwargs)
 
-    handles = [
-        model.register_forward_pre_hook(before_model),
-        model.register_forward_hook(after_model, always_call=True),
-        anchor.register_forward_pre_hook(before_anchor),
-    ]
+    models = list(model.children()) if isinstance(model, Experts) else [model]
+    handles = [anchor.register_forward_pre_hook(before_anchor, with_kwargs=True)]
+    for called in models:
+        handles.append(called.register_forward_pre_hook(before_model, with_kwargs=True))
+        handles.append(called.register_forward_hook(after_model, always_call=True))
     return [handle.remove for handle in handles]
 
 
@@ -93,9 +137,12 @@ class StepTracker:
     Pipelines may call the model more than once per step (classifier-free guidance run as separate
     conditional and unconditional calls). ``calls_per_step=None`` finds out: where the scheduler
     has a ``step_index`` (advanced by ``scheduler.step``, read without a device sync), a call with
-    an unchanged index belongs to the same step; the count seen in the first step must then hold
-    for every step. Schedulers without one (DDIM, DDPM, PNDM) and bare modules get one call per
-    step unless told otherwise.
+    an unchanged index belongs to the same step, so the number of calls may vary from step to step
+    (SD3's skip-layer guidance adds a call on some steps); then ``calls_per_step`` is the fewest
+    calls any finished step made. Schedulers without a step index
+    (DDIM, DDPM, PNDM) and bare modules get a fixed ``calls_per_step``, 1 unless told otherwise.
+    Second-order solvers (Heun, KDPM2) advance the index at every model call, as their
+    ``timesteps`` list one entry per call: there a step is one model evaluation.
     """
 
     MAX_AUTO_CALLS_PER_STEP = 8
@@ -165,28 +212,17 @@ class StepTracker:
         index = self._step_index()  # type: ignore[misc]
         if index != self._seen_index:
             calls_in_step = self._slot + 1
-            if self.calls_per_step == 0:
-                self.calls_per_step = calls_in_step
-            elif calls_in_step != self.calls_per_step:
-                self._varying(calls_in_step)
+            self.calls_per_step = min(self.calls_per_step or calls_in_step, calls_in_step)
             self._seen_index = index
             self._step += 1
             self._slot = 0
             return
         self._slot += 1
-        if self.calls_per_step and self._slot >= self.calls_per_step:
-            self._varying(self._slot + 1)
         if self._slot >= self.MAX_AUTO_CALLS_PER_STEP:
             raise StepMismatchError(
                 f"The model was called {self._slot + 1} times while the scheduler's step_index stayed at "
                 f"{self._seen_index}; if the pipeline does not call scheduler.step, pass calls_per_step="
             )
-
-    def _varying(self, calls: int) -> None:
-        raise StepMismatchError(
-            f"The pipeline called the model {calls} times in step {self._step + 1} but {self.calls_per_step} times "
-            "per step before; a varying number of calls per step (e.g. skip-layer guidance) is not supported yet"
-        )
 
 
 _NO_INDEX = object()

@@ -123,7 +123,7 @@ def assert_all_ones_is_bit_identical(
     pipe, generate: Generate, components: Sequence[str] | None = None, calls_per_step: int | None = None
 ) -> None:
     uncached = generate(pipe)
-    keys = {layer.layer_type for layer in find_layers(_model(pipe), components)}
+    keys = {layer.layer_type for layer in find_layers(_model(pipe), components, allow_repeated=True)}
     schedule = Schedule({key: (1,) * STEPS for key in keys})
     with smoothcache.cache(pipe, schedule, calls_per_step=calls_per_step):
         assert torch.equal(generate(pipe), uncached)

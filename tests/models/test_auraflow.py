@@ -20,7 +20,11 @@ JOINT_DIM = 16
 
 
 def make_pipeline():
-    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import (
+        AuraFlowPipeline,
+        AuraFlowTransformer2DModel,
+        FlowMatchEulerDiscreteScheduler,
+    )
 
     torch.manual_seed(0)
     transformer = AuraFlowTransformer2DModel(

@@ -1,14 +1,17 @@
 """CogView4: CogView4TransformerBlock (joint attention attn1 over image and text; one ff run twice
-per block call, which cannot be cached), through CogView4Pipeline, whose classifier-free guidance
-makes two sequential transformer calls per step (conditional, then unconditional)."""
+per block call, on image then text tokens, cached per occurrence), through CogView4Pipeline, whose
+classifier-free guidance makes two sequential transformer calls per step (conditional, then
+unconditional)."""
 
 import pytest
 import torch
 
-from smoothcache import NoCacheableLayersError, find_layers
+import smoothcache
+from smoothcache import NoCacheableLayersError, Schedule, find_layers
 
 from .conftest import (
     STEPS,
+    WeightUses,
     assert_all_ones_is_bit_identical,
     assert_disable_restores_the_model,
     assert_skips_exactly_the_scheduled_calls,
@@ -20,7 +23,11 @@ TEXT_DIM = 16
 
 
 def make_pipeline():
-    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import (
+        CogView4Pipeline,
+        CogView4Transformer2DModel,
+        FlowMatchEulerDiscreteScheduler,
+    )
 
     torch.manual_seed(0)
     transformer = CogView4Transformer2DModel(
@@ -67,14 +74,38 @@ def test_joint_attention_is_the_default(pipe):
     assert [layer.block_key for layer in find_layers(pipe.transformer)] == ["attn1-0", "attn1-1"]
 
 
-def test_the_shared_feed_forward_is_refused(pipe):
-    refused = (
-        r"transformer_blocks.0.ff \('ff' of CogView4TransformerBlock\) cannot be cached: it runs twice per block call"
-    )
-    with pytest.raises(NoCacheableLayersError, match=refused):
-        find_layers(pipe.transformer, ["attn1", "ff"])
-    with pytest.raises(NoCacheableLayersError, match="runs twice per block call"):
-        find_layers(pipe.transformer, ["transformer_blocks.*.ff"])
+def test_the_shared_feed_forward_is_calibrated_and_cached_per_occurrence_when_asked_for(pipe):
+    assert [layer.block_key for layer in find_layers(pipe.transformer)] == ["attn1-0", "attn1-1"]
+    with pytest.raises(NoCacheableLayersError, match=r"runs 2 times per block call \(image tokens, then text tokens\)"):
+        find_layers(pipe.transformer, ["attn1", "ff"])  # callers that do not keep one output per occurrence
+    schedule = calibrated_schedule(pipe, generate, ["attn1", "ff"])
+    assert set(schedule.keys) == {"attn1", "ff"}
+    handle = smoothcache.cache(pipe, schedule)
+    with handle, WeightUses(handle.layers) as uses:
+        generate(pipe)
+    expected = {layer.name: sum(schedule.plans[layer.layer_type]) * 2 * layer.repeats for layer in handle.layers}
+    assert uses.counts == expected
+
+
+def test_the_shared_feed_forward_keeps_one_output_per_occurrence(pipe):
+    attn1 = calibrated_schedule(pipe, generate).plans["attn1"]
+    schedule = Schedule({"attn1": attn1, "ff": attn1})
+    uncached = generate(pipe)
+    ff0 = pipe.transformer.transformer_blocks[0].ff
+    outputs: list[torch.Tensor] = []  # what ff-0 hands its block, per call: (step, cond/uncond, image/text)
+    spy = ff0.register_forward_hook(lambda module, args, output: outputs.append(output))
+    handle = smoothcache.cache(pipe, schedule)
+    with handle, WeightUses(handle.layers) as uses:
+        cached = generate(pipe)
+    spy.remove()
+    assert uses.counts == {layer.name: sum(attn1) * 2 * layer.repeats for layer in handle.layers}
+    per_step = [outputs[4 * step : 4 * step + 4] for step in range(STEPS)]
+    assert [tuple(o.shape[1] for o in step) for step in per_step] == [(64, 6, 64, 3)] * STEPS  # image, text tokens
+    for step in range(1, STEPS):
+        source = max(s for s in range(step) if attn1[s])  # the last compute step before
+        assert all(a is b for a, b in zip(per_step[step], per_step[source])) == (not attn1[step])
+        assert all(a is not b for a, b in zip(per_step[step], per_step[source][1:] + per_step[source][:1]))
+    assert not torch.equal(cached, uncached)
 
 
 def test_calibrated_schedule_skips_exactly_the_scheduled_calls(pipe):
@@ -84,7 +115,7 @@ def test_calibrated_schedule_skips_exactly_the_scheduled_calls(pipe):
 
 
 def test_all_ones_schedule_is_bit_identical_to_uncached(pipe):
-    assert_all_ones_is_bit_identical(pipe, generate, calls_per_step=2)
+    assert_all_ones_is_bit_identical(pipe, generate, ["attn1", "ff"], calls_per_step=2)
 
 
 def test_disable_restores_the_model_exactly(pipe):

@@ -20,7 +20,11 @@ JOINT_DIM, POOLED_DIM = 16, 16
 
 
 def make_pipeline():
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
 
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(
@@ -88,7 +92,9 @@ def test_single_stream_layers_get_their_own_keys(pipe):
 
 
 def test_block_classes_given_by_the_caller_keep_the_bare_child_names(pipe):
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+    from diffusers.models.transformers.transformer_flux import (
+        FluxSingleTransformerBlock,
+    )
 
     layers = find_layers(pipe.transformer, ["attn"], block_classes=[FluxSingleTransformerBlock])
     assert [layer.block_key for layer in layers] == ["attn-0", "attn-1"]

@@ -42,7 +42,11 @@ def tiny_transformer(**config):
 
 
 def make_pipeline():
-    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+    )
 
     torch.manual_seed(0)
     vae = AutoencoderKLHunyuanVideo(

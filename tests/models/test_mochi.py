@@ -21,7 +21,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast")
 
 
 def make_pipeline():
-    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+    from diffusers import (
+        AutoencoderKLMochi,
+        FlowMatchEulerDiscreteScheduler,
+        MochiPipeline,
+        MochiTransformer3DModel,
+    )
 
     torch.manual_seed(0)
     transformer = MochiTransformer3DModel(

@@ -3,6 +3,7 @@ STDiT3Block (attn, cross_attn, mlp), interleaved. A small model with the module 
 hpcaitech/Open-Sora's opensora/models/stdit/stdit3.py, written here (Open-Sora is not imported),
 sampled the way its rectified-flow sampler does: batched classifier-free guidance, one call per step."""
 
+import itertools
 import math
 
 import pytest
@@ -111,7 +112,7 @@ class STDiT3(nn.Module):
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = self.x_embedder(x)  # (B, C, T, H, W)
-        b, c, frames, h, w = x.shape
+        b, _, frames, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)  # (B, T*H*W, C)
         half = torch.exp(-math.log(10000) * torch.arange(HIDDEN // 2) / (HIDDEN // 2))
         angles = timestep[:, None].float() * half[None]
@@ -133,7 +134,7 @@ def generate(model: STDiT3, seed: int = 0, guidance_scale: float = 4.0) -> torch
     z = torch.randn(1, model.in_channels, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
     timesteps = [(1.0 - i / STEPS) * 1000 for i in range(STEPS)] + [0.0]
     with torch.no_grad():
-        for t, t_next in zip(timesteps[:-1], timesteps[1:]):
+        for t, t_next in itertools.pairwise(timesteps):
             pred = model(torch.cat([z, z]), torch.full((2,), t), torch.cat([caption, null_caption]))
             cond, uncond = pred.chunk(2)
             z = z + (uncond + guidance_scale * (cond - uncond)) * (t - t_next) / 1000

@@ -19,7 +19,12 @@ CAPTION_CHANNELS = 8
 
 
 def make_pipeline():
-    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from diffusers import (
+        AutoencoderDC,
+        FlowMatchEulerDiscreteScheduler,
+        SanaPipeline,
+        SanaTransformer2DModel,
+    )
 
     torch.manual_seed(0)
     transformer = SanaTransformer2DModel(

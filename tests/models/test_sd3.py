@@ -1,15 +1,16 @@
 """Stable Diffusion 3 / 3.5: MMDiT JointTransformerBlock (joint attention over image and text,
 SD3.5's extra image self-attention attn2, ff and ff_context), through StableDiffusion3Pipeline
-with batched classifier-free guidance."""
+with batched classifier-free guidance, and with skip-layer guidance's extra call on some steps."""
 
 import pytest
 import torch
 
 import smoothcache
-from smoothcache import Schedule, StepMismatchError, find_layers
+from smoothcache import Schedule, find_layers
 
 from .conftest import (
     STEPS,
+    WeightUses,
     assert_all_ones_is_bit_identical,
     assert_disable_restores_the_model,
     assert_skips_exactly_the_scheduled_calls,
@@ -21,7 +22,11 @@ JOINT_DIM, POOLED_DIM = 16, 32
 
 
 def make_pipeline(sd35: bool = False):
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
@@ -112,12 +117,45 @@ def test_disable_restores_the_model_exactly(pipe35):
     assert_disable_restores_the_model(pipe35, generate, calibrated_schedule(pipe35, generate))
 
 
-def test_skip_layer_guidance_is_refused_with_a_clear_error(pipe):
-    # SLG adds a third model call on some steps only: a varying number of calls per step.
+# Skip-layer guidance (SD3.5 Medium's recipe): on steps i with 6 * 0.2 < i < 6 * 0.8 the pipeline calls
+# the transformer a second time, unbatched and with block 0 skipped: 1 call on steps 0, 1, 5; 2 on 2-4.
+SLG = {"skip_guidance_layers": [0], "skip_layer_guidance_start": 0.2, "skip_layer_guidance_stop": 0.8}
+SLG_STEPS = (2, 3, 4)
 
-    schedule = Schedule({"attn": (1, 0) * (STEPS // 2)})
-    slg = {"skip_guidance_layers": [0], "skip_layer_guidance_start": 0.2, "skip_layer_guidance_stop": 0.8}
-    with smoothcache.cache(pipe, schedule):
-        with pytest.raises(StepMismatchError, match="varying number of calls per step"):
-            generate(pipe, **slg)
-        generate(pipe)  # and the handle still works afterwards
+
+def generate_slg(pipe, seed: int = 0) -> torch.Tensor:
+    return generate(pipe, seed, **SLG)
+
+
+def skip_layer_guidance_uses(layer, plan) -> int:
+    """Computations of ``layer``: the guidance call (slot 1) keeps its own outputs, so it computes on
+    its plan's compute steps and on its first step, where it has nothing to reuse yet."""
+    uses = sum(plan)
+    if layer.block not in SLG["skip_guidance_layers"]:
+        uses += sum(1 for step in SLG_STEPS if plan[step] or step == SLG_STEPS[0])
+    return uses
+
+
+def test_skip_layer_guidance_all_ones_schedule_is_bit_identical_to_uncached(pipe):
+    assert_all_ones_is_bit_identical(pipe, generate_slg)
+
+
+@pytest.mark.parametrize("calibrated", [True, False], ids=["calibrated", "reuse-where-the-extra-call-starts"])
+def test_skip_layer_guidance_extra_call_computes_before_it_reuses(pipe, calibrated):
+    if calibrated:
+        with smoothcache.calibration(pipe) as rec:
+            generate_slg(pipe, seed=1)
+        assert rec.profile.num_steps == STEPS and rec.profile.metadata["calls_per_step"] == 1
+        schedule = rec.profile.schedule(compute_fraction=0.6)
+    else:
+        schedule = Schedule({key: (1, 1, 0, 1, 0, 1) for key in ("attn", "ff", "ff_context")})
+    uncached = generate_slg(pipe)
+    handle = smoothcache.cache(pipe, schedule)
+    with handle, WeightUses(handle.layers) as uses:
+        cached = generate_slg(pipe)
+    expected = {layer.name: skip_layer_guidance_uses(layer, schedule.plans[layer.layer_type]) for layer in handle.layers}
+    assert uses.counts == expected
+    assert sum(expected.values()) < (STEPS + len(SLG_STEPS)) * len(expected)  # something was reused
+    assert not torch.equal(cached, uncached)
+    with handle:  # a second generation restarts: same output
+        assert torch.equal(generate_slg(pipe), cached)

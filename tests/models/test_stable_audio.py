@@ -19,7 +19,12 @@ TEXT_DIM = 16
 
 
 def make_pipeline(scheduler=None):
-    from diffusers import AutoencoderOobleck, EDMDPMSolverMultistepScheduler, StableAudioDiTModel, StableAudioPipeline
+    from diffusers import (
+        AutoencoderOobleck,
+        EDMDPMSolverMultistepScheduler,
+        StableAudioDiTModel,
+        StableAudioPipeline,
+    )
     from diffusers.pipelines.stable_audio import StableAudioProjectionModel
 
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import NoCacheableLayersError
 
-__all__ = ["BlockFamily", "CacheableLayer", "FAMILIES", "find_layers", "family_of"]
+__all__ = ["FAMILIES", "BlockFamily", "CacheableLayer", "family_of", "find_layers"]
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,11 @@ class BlockFamily:
     ``prefixes`` pairs a block class name, or the name of the block list (``"temporal_blocks"``),
     with the prefix of its layer types, for models whose block kinds would otherwise give the same
     keys. ``uncacheable`` pairs a layer type that must not be cached with the reason, which the
-    error for asking for it quotes. ``model_class_names`` restricts the family to those models, for
-    models built from another family's generic blocks (Latte's are ``BasicTransformerBlock``).
+    error for asking for it quotes. ``repeated`` names layer types the block calls several times
+    per call, with how often and on what (CogView4's ff: 2, image then text tokens); they are found
+    only for callers that keep one output per occurrence. ``model_class_names`` restricts the
+    family to those models, for models built from another family's generic blocks (Latte's are
+    ``BasicTransformerBlock``).
     """
 
     name: str
@@ -43,6 +46,7 @@ class BlockFamily:
     components: tuple[str, ...]
     prefixes: tuple[tuple[str, str], ...] = ()
     uncacheable: tuple[tuple[str, str], ...] = ()
+    repeated: tuple[tuple[str, int, str], ...] = ()
     model_class_names: tuple[str, ...] = ()
 
     def prefix_of(self, block: nn.Module, block_name: str) -> str:
@@ -92,21 +96,14 @@ FAMILIES: tuple[BlockFamily, ...] = (
         ("attn", "ff", "ff_context", "single_attn", "single_ff"),
         prefixes=(("AuraFlowSingleTransformerBlock", "single_"),),
     ),
-    # CogView4: joint attention returns (image, text). Its one ff runs twice per block call.
+    # CogView4: joint attention returns (image, text). Its one ff runs on the image tokens, then on
+    # the text tokens, in every block call: the cache keeps both outputs (opt-in).
     BlockFamily(
         "cogview4",
         ("CogView4TransformerBlock",),
         ("attn1",),
-        ("attn1",),
-        uncacheable=(
-            (
-                "ff",
-                (
-                    "it runs twice per block call (image tokens, then text tokens) but a cached layer keeps "
-                    "one output per model call, so a reused step would hand the text tokens' output to both"
-                ),
-            ),
-        ),
+        ("attn1", "ff"),
+        repeated=(("ff", 2, "image tokens, then text tokens"),),
     ),
     # QwenImage MMDiT: joint attention returns (image, text); one MLP per stream.
     BlockFamily(
@@ -183,6 +180,7 @@ class CacheableLayer:
     module: nn.Module
     layer_type: str
     block: int | None
+    repeats: int = 1  # calls per block call; more than one: keep an output per occurrence
 
     @property
     def block_key(self) -> str:
@@ -202,6 +200,8 @@ def find_layers(
     model: nn.Module,
     components: Sequence[str] | None = None,
     block_classes: Sequence[type] | None = None,
+    *,
+    allow_repeated: bool = False,
 ) -> list[CacheableLayer]:
     """The cacheable layers of ``model``, in module order.
 
@@ -210,7 +210,9 @@ def find_layers(
     Without them, the known family's defaults apply. ``block_classes`` restricts plain names to
     blocks of those classes, whose layer types are then the bare child names (the reference
     package's ``block_classes`` argument); otherwise known families' blocks, then any indexed block,
-    match. Asking for a layer the family marks uncacheable raises :class:`NoCacheableLayersError`.
+    match. Asking for a layer the family marks uncacheable raises :class:`NoCacheableLayersError`;
+    so does asking for one its block calls several times per call, unless ``allow_repeated`` (the
+    caller keeps an output per occurrence, as the cache does).
     """
     family = family_of(model)
     if components is None:
@@ -239,22 +241,35 @@ def find_layers(
             layer_type in plain and _is_block(parent, parent_name, family, block_classes)
         )
         if wanted:
-            _check_cacheable(name, layer_type, parent, family)
-            layers.append(CacheableLayer(name, module, layer_type, _block_index(parts)))
+            repeats = _repeats(name, layer_type, parent, family, allow_repeated)
+            layers.append(CacheableLayer(name, module, layer_type, _block_index(parts), repeats))
     if not layers:
         raise NoCacheableLayersError(_nothing_found_message(model, components, block_classes))
     return layers
 
 
-def _check_cacheable(name: str, layer_type: str, parent: nn.Module, family: BlockFamily | None) -> None:
+def _repeats(
+    name: str, layer_type: str, parent: nn.Module, family: BlockFamily | None, allow_repeated: bool
+) -> int:
+    """How often ``parent`` calls the layer per call; raises where it must not or cannot be cached."""
     if family is None or type(parent).__name__ not in family.block_class_names:
-        return
+        return 1
+    where = f"{name} ({layer_type!r} of {type(parent).__name__})"
     why = dict(family.uncacheable).get(layer_type)
     if why is not None:
         raise NoCacheableLayersError(
-            f"{name} ({layer_type!r} of {type(parent).__name__}) cannot be cached: {why}. "
-            f"Cacheable layers of this family: {list(family.components)}"
+            f"{where} cannot be cached: {why}. Cacheable layers of this family: {list(family.components)}"
         )
+    for repeated_type, repeats, what in family.repeated:
+        if repeated_type != layer_type:
+            continue
+        if not allow_repeated:
+            raise NoCacheableLayersError(
+                f"{where} runs {repeats} times per block call ({what}); only smoothcache.cache and "
+                "smoothcache.calibration, which keep one output per occurrence, take it"
+            )
+        return repeats
+    return 1
 
 
 def _is_block(parent: nn.Module, parent_name: str, family: BlockFamily | None, block_classes: Sequence[type] | None) -> bool:
