@@ -32,6 +32,14 @@ def test_calibrate_schedule_generate_inspect(pipeline_dir, tmp_path, capsys):
     schedule = Schedule.load(schedule_path)
     assert schedule.compute_fraction() <= 0.7
     assert "estimated speedup" in capsys.readouterr().out
+    for solver in ("optimal", "per-block"):
+        path = tmp_path / f"{solver}.json"
+        assert main(["schedule", str(profile_path), "--solver", solver, "--speedup", "1.3", "--out", str(path)]) == 0
+        assert profile.estimated_speedup(Schedule.load(path)) >= 1.3
+        assert f"{solver} solver: estimated speedup" in capsys.readouterr().out
+    assert Schedule.load(tmp_path / "per-block.json").keys[:2] == ["attn1-0", "ff-0"]
+    assert main(["schedule", str(profile_path), "--solver", "optimal", "--alpha", "0.1", "--out", str(schedule_path)]) == 2
+    assert "has no threshold" in capsys.readouterr().err
 
     out = tmp_path / "images"
     assert main(["generate", *common, "--classes", "1,2,3", "--batch", "2", "--schedule", str(schedule_path), "--out", str(out)]) == 0

@@ -45,9 +45,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, list[Any], dict[str, Any]]:
+    from . import distributed
     from .adapters.diffusers_pipelines import load_pipeline, make_requests
 
-    pipe = load_pipeline(args.model, args.device, args.dtype, args.scheduler, progress_bar=not args.quiet)
+    world = distributed.current()  # under torchrun: this rank's GPU, and one progress bar
+    pipe = load_pipeline(
+        args.model, world.device(args.device), args.dtype, args.scheduler, progress_bar=not args.quiet and world.is_main
+    )
     pipe.set_progress_bar_config(disable=True)
     requests = make_requests(
         pipe, classes=args.classes, prompts=args.prompts, samples=args.samples, batch=args.batch, seed=args.seed
@@ -57,22 +61,35 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[Any], dict[str, Any]]:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from . import distributed
     from .adapters.diffusers_pipelines import run_request
     from .calibration import calibration
 
-    pipe, requests, extra = _load(args)
-    started = time.perf_counter()
-    with calibration(pipe, components=args.components, lookahead=args.lookahead, steps=args.steps) as recorder:
-        for request in tqdm(requests, desc="calibrating", unit="call", disable=args.quiet):
-            run_request(pipe, request, args.steps, **extra)
-    profile = recorder.profile
+    with distributed.session(args.device) as world:  # one process unless launched by torchrun
+
+        def calibrate_shard() -> tuple[CalibrationProfile | None, list[Any], float]:
+            pipe, requests, extra = _load(args)
+            started, shard = time.perf_counter(), world.shard(requests)
+            if not shard and world.size > 1:  # more ranks than calls
+                return None, requests, 0.0
+            with calibration(pipe, components=args.components, lookahead=args.lookahead, steps=args.steps) as recorder:
+                for request in tqdm(shard, desc="calibrating", unit="call", disable=args.quiet or not world.is_main):
+                    run_request(pipe, request, args.steps, **extra)
+            return recorder.profile, requests, time.perf_counter() - started
+
+        results = world.run(calibrate_shard)
+    if not world.is_main:
+        return 0
+    profile = distributed.merge_rank_profiles([shard_profile for shard_profile, _, _ in results])
+    requests, seconds = results[0][1], max(elapsed for _, _, elapsed in results)
     profile.metadata["model"] = args.model
     profile.metadata["calibration_set"] = [
         {"seed": r.seed, "class_labels": list(r.class_labels), "prompts": list(r.prompts)} for r in requests
     ]
     profile.save(args.out)
+    ranks = f" on {world.size} ranks" if world.size > 1 else ""
     print(f"Calibrated {len(profile.layers)} layers ({', '.join(profile.keys())}) over {profile.num_runs} calls "
-          f"of {profile.num_steps} steps in {time.perf_counter() - started:.1f}s -> {args.out}")
+          f"of {profile.num_steps} steps{ranks} in {seconds:.1f}s -> {args.out}")
     print(_threshold_table(profile))
     return 0
 
@@ -89,43 +106,66 @@ def _threshold_table(profile: CalibrationProfile) -> str:
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     profile = CalibrationProfile.load(args.profile)
+    solver, per_block = ("optimal", True) if args.solver == "per-block" else (args.solver, args.per_block)
     schedule, alpha = profile.schedule_and_threshold(
-        args.alpha, compute_fraction=args.compute_fraction, speedup=args.speedup, keys=args.keys, per_block=args.per_block
+        args.alpha,
+        compute_fraction=args.compute_fraction,
+        speedup=args.speedup,
+        keys=args.keys,
+        per_block=per_block,
+        solver=solver,
     )
     schedule.save(args.out)
     print(schedule.summary())
-    speedup = f", estimated speedup {profile.estimated_speedup(schedule):.2f}x" if profile.total_flops else ""
-    print(f"alpha {alpha:.4g}{speedup} -> {args.out}")
+    speedup = f"estimated speedup {profile.estimated_speedup(schedule):.2f}x" if profile.total_flops else "no FLOPs recorded"
+    threshold = f"alpha {alpha:.4g}, " if alpha is not None else ""
+    print(f"{args.solver} solver: {threshold}{speedup} -> {args.out}")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from . import distributed
     from .adapters.diffusers_pipelines import run_request
     from .runtime import cache
 
     schedule = Schedule.load(args.schedule) if args.schedule else None
     if schedule is not None and args.steps != schedule.num_steps:
         raise SystemExit(f"error: {args.schedule} has {schedule.num_steps} steps but --steps is {args.steps}; pass --steps {schedule.num_steps}")
-    pipe, requests, extra = _load(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    handle = cache(pipe, schedule) if schedule is not None else None
-    written, started = [], time.perf_counter()
-    try:
-        for request in tqdm(requests, desc="generating", unit="call", disable=args.quiet):
-            images = run_request(pipe, request, args.steps, output_type="pil", **extra)
-            for image, name in zip(images, request.names()):
-                path = out / f"{len(written):04d}-{name}-seed{request.seed}.png"
-                image.save(path)
-                written.append(str(path))
-    finally:
-        if handle is not None:
-            handle.disable()
-    seconds = time.perf_counter() - started
-    (out / "generation.json").write_text(json.dumps(
-        {"model": args.model, "steps": args.steps, "schedule": args.schedule, "seconds": seconds, "files": written}, indent=1
-    ))
-    print(f"Wrote {len(written)} images to {out} in {seconds:.1f}s ({'cached: ' + args.schedule if schedule else 'uncached'})")
+    with distributed.session(args.device) as world:  # one process unless launched by torchrun
+
+        def generate_shard() -> tuple[list[str], float]:
+            pipe, requests, extra = _load(args)
+            out.mkdir(parents=True, exist_ok=True)
+            shard = world.shard_range(len(requests))
+            index = sum(request.size for request in requests[: shard.start])  # file names number images globally
+            handle = cache(pipe, schedule) if schedule is not None else None
+            written: list[str] = []
+            started = time.perf_counter()
+            try:
+                for request in tqdm(requests[shard.start : shard.stop], desc="generating", unit="call",
+                                    disable=args.quiet or not world.is_main):
+                    images = run_request(pipe, request, args.steps, output_type="pil", **extra)
+                    for image, name in zip(images, request.names()):
+                        path = out / f"{index + len(written):04d}-{name}-seed{request.seed}.png"
+                        image.save(path)
+                        written.append(str(path))
+            finally:
+                if handle is not None:
+                    handle.disable()
+            return written, time.perf_counter() - started
+
+        results = world.run(generate_shard)
+    if not world.is_main:
+        return 0
+    written = [path for files, _ in results for path in files]
+    seconds = max(elapsed for _, elapsed in results)
+    record = {"model": args.model, "steps": args.steps, "schedule": args.schedule, "seconds": seconds, "files": written}
+    if world.size > 1:
+        record["world_size"] = world.size
+    (out / "generation.json").write_text(json.dumps(record, indent=1))
+    ranks = f" on {world.size} ranks" if world.size > 1 else ""
+    print(f"Wrote {len(written)} images to {out}{ranks} in {seconds:.1f}s ({'cached: ' + args.schedule if schedule else 'uncached'})")
     return 0
 
 
@@ -254,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--speedup", type=float, help="at least this ideal speedup from the measured FLOPs")
     schedule.add_argument("--keys", type=_csv, help="only these layer types")
     schedule.add_argument("--per-block", action="store_true", help="one plan per block ('attn1-3') instead of per layer type")
+    schedule.add_argument(
+        "--solver",
+        choices=["greedy", "optimal", "per-block"],
+        default="greedy",
+        help="greedy: the paper's threshold rule; optimal: least summed error within a budget; "
+        "per-block: optimal with one plan per block under one global budget",
+    )
     schedule.add_argument("--out", required=True)
     schedule.set_defaults(func=cmd_schedule)
 
@@ -294,7 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (SmoothCacheError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from . import distributed
+
+        world = distributed.current()
+        if isinstance(exc, distributed.RankFailedError) and exc.failed_ranks and not world.is_main:
+            return 2  # another rank's reported failure: it printed its error, rank 0 prints the summary
+        where = f"[rank {world.rank}/{world.size}] " if world.size > 1 else ""
+        print(f"error: {where}{exc}", file=sys.stderr)
         return 2
 
 

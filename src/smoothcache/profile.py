@@ -217,7 +217,9 @@ class CalibrationProfile:
 
         ``model`` is an ``nn.Module`` or a pipeline (both experts of a two-expert pipeline count).
         """
-        from .steps import resolve_target  # the step module knows how pipelines hold their models
+        from .steps import (
+            resolve_target,  # the step module knows how pipelines hold their models
+        )
 
         model = resolve_target(model).model
         names = {name for name, _ in model.named_modules()}
@@ -250,7 +252,12 @@ class CalibrationProfile:
                     f"(lookahead {first.lookahead} and {other.lookahead})"
                 )
         metadata = dict(first.metadata)
-        metadata["run_labels"] = [label for p in profiles for label in p.metadata.get("run_labels", [None] * p.num_runs)]
+        labels: list[Any] = []
+        for profile in profiles:  # each calibration numbered its own calls from 0: continue the count
+            for label in profile.metadata.get("run_labels", [None] * profile.num_runs):
+                default = isinstance(label, str) and label.startswith("call ") and label[5:].isdigit()
+                labels.append(f"call {len(labels)}" if default or label is None else label)
+        metadata.update(run_labels=labels, num_runs=len(labels))
         return cls(first.layers, np.concatenate([p.errors for p in profiles]), metadata, first.total_flops)
 
     # ---- files ------------------------------------------------------------------------------
