@@ -38,6 +38,9 @@ def test_calibrate_schedule_generate_inspect(pipeline_dir, tmp_path, capsys):
         assert profile.estimated_speedup(Schedule.load(path)) >= 1.3
         assert f"{solver} solver: estimated speedup" in capsys.readouterr().out
     assert Schedule.load(tmp_path / "per-block.json").keys[:2] == ["attn1-0", "ff-0"]
+    tuned = tmp_path / "tuned.json"
+    assert main(["tune", *common, "--samples", "2", "--batch", "2", "--profile", str(profile_path), "--max-error", "0.05", "--out", str(tuned)]) == 0
+    assert "<- chosen" in capsys.readouterr().out and Schedule.load(tuned).compute_fraction() < 1
     assert main(["schedule", str(profile_path), "--solver", "optimal", "--alpha", "0.1", "--out", str(schedule_path)]) == 2
     assert "has no threshold" in capsys.readouterr().err
 

@@ -16,6 +16,7 @@ from .errors import (
 from .profile import CalibrationProfile, LayerInfo
 from .runtime import CacheHandle, cache
 from .schedule import Schedule
+from .tuning import TuneResult, tune
 
 __all__ = [
     "CacheHandle",
@@ -30,9 +31,11 @@ __all__ = [
     "SmoothCacheConfig",
     "SmoothCacheError",
     "StepMismatchError",
+    "TuneResult",
     "cache",
     "calibration",
     "find_layers",
+    "tune",
 ]
 
 install_if_diffusers_loaded()

@@ -123,6 +123,31 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .adapters.diffusers_pipelines import run_request
+    from .tuning import tune
+
+    profile = CalibrationProfile.load(args.profile)
+    if args.steps != profile.num_steps:
+        raise SystemExit(f"error: {args.profile} was calibrated for {profile.num_steps} steps but --steps is {args.steps}")
+    pipe, requests, extra = _load(args)
+    solver, per_block = ("optimal", True) if args.solver == "per-block" else (args.solver, False)
+
+    def generate() -> list[Any]:
+        return [run_request(pipe, request, args.steps, **extra) for request in requests]
+
+    result = tune(pipe, profile, generate, args.max_error, solver=solver, per_block=per_block, progress=not args.quiet)
+    result.schedule.save(args.out)
+    print("compute  rel-L1 error of the output")
+    for probe in sorted(result.probes, key=lambda p: p["compute_fraction"]):
+        mark = "  <- chosen" if probe["compute_fraction"] == result.compute_fraction else ""
+        print(f"{probe['compute_fraction']:7.3f}  {probe['error']:.4g}{mark}")
+    speedup = f", estimated speedup {result.estimated_speedup:.2f}x" if result.estimated_speedup else ""
+    print(f"Cheapest schedule within rel-L1 {args.max_error:g} over {len(requests)} calls: compute {result.compute_fraction:.3f}, "
+          f"error {result.error:.4g}{speedup} -> {args.out}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import distributed
     from .adapters.diffusers_pipelines import run_request
@@ -303,6 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     schedule.add_argument("--out", required=True)
     schedule.set_defaults(func=cmd_schedule)
+
+    tune_ = commands.add_parser("tune", help="the cheapest schedule whose output stays within an error bound (measured)")
+    _add_model_args(tune_)
+    tune_.add_argument("--profile", required=True, help="profile JSON from `smoothcache calibrate` (same --steps)")
+    tune_.add_argument("--max-error", type=float, required=True, help="allowed rel-L1 drift of the output, e.g. 0.05")
+    tune_.add_argument("--solver", choices=["greedy", "optimal", "per-block"], default="optimal")
+    tune_.add_argument("--out", required=True, help="schedule JSON to write")
+    tune_.set_defaults(func=cmd_tune)
 
     generate = commands.add_parser("generate", help="generate images, cached on a schedule")
     _add_model_args(generate)
