@@ -38,6 +38,10 @@ def test_calibrate_schedule_generate_inspect(pipeline_dir, tmp_path, capsys):
         assert profile.estimated_speedup(Schedule.load(path)) >= 1.3
         assert f"{solver} solver: estimated speedup" in capsys.readouterr().out
     assert Schedule.load(tmp_path / "per-block.json").keys[:2] == ["attn1-0", "ff-0"]
+    resampled = tmp_path / "resampled.json"
+    assert main(["schedule", str(profile_path), "--steps", "15", "--solver", "optimal", "--compute-fraction", "0.6", "--out", str(resampled)]) == 0
+    assert Schedule.load(resampled).num_steps == 15
+    assert "Resampled the 10-step profile to 15 steps by the scheduler's timesteps" in capsys.readouterr().out
     tuned = tmp_path / "tuned.json"
     assert main(["tune", *common, "--samples", "2", "--batch", "2", "--profile", str(profile_path), "--max-error", "0.05", "--out", str(tuned)]) == 0
     assert "<- chosen" in capsys.readouterr().out and Schedule.load(tuned).compute_fraction() < 1

@@ -9,6 +9,7 @@ where a layer measured nothing (its expert or its call did not run), the error i
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
@@ -23,8 +24,21 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import __version__
 from .adapters import CacheableLayer, find_layers
 from .errors import ProfileError, StepMismatchError
+from .guidance import (
+    BRANCHES,
+    GuidanceError,
+    branch_layer_infos,
+    branch_order,
+    check_cfg_batch,
+)
 from .profile import CalibrationProfile, LayerInfo
-from .steps import StepTracker, attach_step_hooks, resolve_target, scheduler_step_index, step_anchor
+from .steps import (
+    StepTracker,
+    attach_step_hooks,
+    resolve_target,
+    scheduler_step_index,
+    step_anchor,
+)
 
 __all__ = ["CalibrationRecorder", "calibration"]
 
@@ -53,6 +67,7 @@ class CalibrationRecorder:
         calls_per_step: int | None = None,
         measure_flops: bool = True,
         components: Sequence[str] | None = None,
+        branches: Sequence[str] | str | None = None,
     ) -> None:
         if lookahead < 1:
             raise ValueError(f"lookahead must be >= 1, got {lookahead}")
@@ -65,6 +80,9 @@ class CalibrationRecorder:
                 "since there is no scheduler to tell where one generation ends"
             )
         self.layers = list(layers)
+        # Guidance halves in batch order (guidance.py); their errors go to extra rows: cond L..2L-1, uncond 2L..3L-1.
+        self.branches = branch_order(self.target.pipeline, branches) if branches is not None else None
+        self._batch_rows = 0  # the current model call's batch, where branches are recorded
         self.lookahead = lookahead
         self.steps = steps
         self.measure_flops = measure_flops
@@ -94,7 +112,7 @@ class CalibrationRecorder:
         self._tracker.reset()
         self._started = time.time()
         anchor = step_anchor(self.target.model, self.layers[0].name)
-        self._undo = attach_step_hooks(self.target.model, anchor, self._before_model_call)
+        self._undo = attach_step_hooks(self.target.model, anchor, self._before_model_call, pass_inputs=True)
         for index, layer in enumerate(self.layers):
             before = layer.module.register_forward_pre_hook(lambda m, a, i=index: self._before_layer(i))
             after = layer.module.register_forward_hook(lambda m, a, out, i=index: self._after_layer(i, out))
@@ -134,7 +152,7 @@ class CalibrationRecorder:
         return self._profile
 
     # ---- hooks ------------------------------------------------------------------------------
-    def _before_model_call(self) -> None:
+    def _before_model_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._flop_counter is not None:
             self._close_flop_window()
         step, slot, new_generation = self._tracker.advance()
@@ -150,6 +168,8 @@ class CalibrationRecorder:
             )
         self._step, self._slot = step, slot
         self._occurrences = [0] * len(self.layers)
+        if self.branches is not None:  # compare the halves once per generation: it syncs with the device
+            self._batch_rows = check_cfg_batch(args, kwargs, compare=step == slot == 0)
         if self.measure_flops and self._flops is None and self._tracker.generation == 0 and step == slot == 0:
             self._open_flop_window()
 
@@ -189,7 +209,33 @@ class CalibrationRecorder:
             assert self._current is not None and self._counts is not None
             self._current[index, self._step, : len(numerators)] += torch.stack(numerators) / denominator
             self._counts[index, self._step, : len(numerators)] += 1
+        if self.branches is not None:
+            self._record_branches(index, current, ring)
         ring.appendleft(current)
+
+    def _record_branches(self, index: int, current: list[torch.Tensor], ring: deque[list[torch.Tensor]]) -> None:
+        """As the whole-batch error, over each guidance half's rows alone, into that branch's entry."""
+        rows = self._batch_rows
+        if any(t.dim() == 0 or t.shape[0] != rows for t in current):
+            shapes = [tuple(t.shape) for t in current]
+            raise GuidanceError(
+                f"Layer {self.layers[index].name} returned {shapes}, not {rows} rows like the model's guidance batch, "
+                "so its errors cannot be split by branch; calibrate without branches= or leave it out of components="
+            )
+        if not ring:
+            return
+        assert self._current is not None and self._counts is not None
+        half = rows // 2
+        for position, branch in enumerate(self.branches or ()):
+            rows_of = slice(0, half) if position == 0 else slice(half, rows)
+            entry = index + len(self.layers) * (1 + BRANCHES.index(branch))
+            denominator = sum(torch.linalg.vector_norm(t[rows_of], ord=1) for t in current)
+            numerators = [
+                sum(torch.linalg.vector_norm(p[rows_of] - c[rows_of], ord=1) for p, c in zip(previous, current))
+                for previous in ring
+            ]
+            self._current[entry, self._step, : len(numerators)] += torch.stack(numerators) / denominator
+            self._counts[entry, self._step, : len(numerators)] += 1
 
     # ---- generations ------------------------------------------------------------------------
     def _start_generation(self) -> None:
@@ -210,8 +256,10 @@ class CalibrationRecorder:
                 "%s is in training mode: dropout and label dropout make calibration noisy; call .eval() first",
                 type(model).__name__,
             )
-        self._current = torch.zeros(len(self.layers), steps, self.lookahead, device=device)
+        entries = len(self.layers) * (1 + len(BRANCHES) if self.branches is not None else 1)
+        self._current = torch.zeros(entries, steps, self.lookahead, device=device)
         self._counts = torch.zeros_like(self._current)
+        self._timesteps = self.target.timesteps()  # kept by reference: read once, when the profile is built
         self._calls_in_generation = 0
         self._rings = [{} for _ in self.layers]
 
@@ -242,8 +290,10 @@ class CalibrationRecorder:
         for k in range(1, lookahead + 1):
             # target step t = s + k holds the error against step s: shift to source indexing.
             errors[:, :, k - 1, : steps - k] = means[:, :, k:, k - 1]
-        flops = self._flops or [None] * num_layers
+        flops = self._flops or [None] * len(self.layers)
         infos = [LayerInfo(layer.name, layer.layer_type, layer.block, f) for layer, f in zip(self.layers, flops, strict=True)]
+        if self.branches is not None:
+            infos += branch_layer_infos(infos)
         model = self.target.model
         parameter = next(model.parameters(), None)
         metadata = {
@@ -256,6 +306,7 @@ class CalibrationRecorder:
             "lookahead": lookahead,
             "num_steps": steps,
             "calls_per_step": calls_per_step,
+            "branches": list(self.branches) if self.branches is not None else None,
             "num_runs": runs,
             "run_labels": [f"call {i}" for i in range(runs)],
             "smoothcache_version": __version__,
@@ -263,9 +314,24 @@ class CalibrationRecorder:
             "python": platform.python_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.time() - self._started, 3),
+            **_scheduler_record(self.target.pipeline, getattr(self, "_timesteps", None)),
         }
         self._runs, self._run_counts = [], []
         return CalibrationProfile(infos, errors, metadata, self._total_flops)
+
+
+def _scheduler_record(pipeline: Any, timesteps: Any) -> dict[str, Any]:
+    """The scheduler's timesteps and config, so that a profile can be resampled to other step counts."""
+    record: dict[str, Any] = {}
+    if isinstance(timesteps, torch.Tensor):
+        record["timesteps"] = [float(t) for t in timesteps.detach().float().cpu().tolist()]
+    config = getattr(getattr(pipeline, "scheduler", None), "config", None)
+    if config is not None:
+        try:
+            record["scheduler_config"] = json.loads(json.dumps(dict(config), default=str))
+        except (TypeError, ValueError):
+            logger.debug("Scheduler config is not JSON-serialisable; not recorded")
+    return record
 
 
 def calibration(
@@ -276,13 +342,25 @@ def calibration(
     steps: int | None = None,
     calls_per_step: int | None = None,
     measure_flops: bool = True,
+    branches: Sequence[str] | str | None = None,
 ) -> CalibrationRecorder:
     """Record error curves over any number of ordinary pipeline calls.
+
+    ``branches`` records the two halves of a classifier-free guidance batch apart as well:
+    ``"auto"`` (known pipelines) or their batch order, ``("cond", "uncond")`` for DiTPipeline. The
+    profile then also has keys ``"<type>@cond"`` and ``"<type>@uncond"`` (e.g. ``"attn1@uncond"``,
+    per block ``"attn1@uncond-3"``), each at half the layer's cost; a schedule over them caches
+    each half on its own plan (``smoothcache.cache``). A model call that does not batch guidance
+    raises :class:`~smoothcache.guidance.GuidanceError`.
 
     >>> with smoothcache.calibration(pipe, components=["attn1", "ff"]) as rec:   # doctest: +SKIP
     ...     for seed in range(4):
     ...         pipe(class_labels=[207, 360], num_inference_steps=50, generator=torch.manual_seed(seed))
     >>> schedule = rec.profile.schedule(alpha=0.18)                               # doctest: +SKIP
+    >>> with smoothcache.calibration(pipe, branches="auto") as rec:                 # doctest: +SKIP
+    ...     pipe(class_labels=[207, 360], num_inference_steps=50, guidance_scale=4.0)
+    >>> keys = ["attn1@cond", "attn1@uncond", "ff@cond", "ff@uncond"]             # doctest: +SKIP
+    >>> schedule = rec.profile.schedule(compute_fraction=0.5, keys=keys, solver="optimal")  # doctest: +SKIP
     """
     target = resolve_target(pipe_or_module)
     layers = find_layers(target.model, components, allow_repeated=True)
@@ -294,4 +372,5 @@ def calibration(
         calls_per_step=calls_per_step,
         measure_flops=measure_flops,
         components=components,
+        branches=branches,
     ).start()

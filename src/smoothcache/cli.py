@@ -106,6 +106,13 @@ def _threshold_table(profile: CalibrationProfile) -> str:
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     profile = CalibrationProfile.load(args.profile)
+    if args.steps is not None and args.steps != profile.num_steps:
+        from .adapters.diffusers_pipelines import scheduler_timesteps
+
+        timesteps = scheduler_timesteps(profile.metadata.get("scheduler_config"), args.steps)
+        profile = profile.resample(args.steps, timesteps)
+        by = "the scheduler's timesteps" if timesteps else "evenly spaced steps"
+        print(f"Resampled the {profile.metadata['resampled_from']['num_steps']}-step profile to {args.steps} steps by {by}")
     solver, per_block = ("optimal", True) if args.solver == "per-block" else (args.solver, args.per_block)
     schedule, alpha = profile.schedule_and_threshold(
         args.alpha,
@@ -318,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--compute-fraction", type=float, help="at most this fraction of cached-layer calls computed")
     budget.add_argument("--speedup", type=float, help="at least this ideal speedup from the measured FLOPs")
     schedule.add_argument("--keys", type=_csv, help="only these layer types")
+    schedule.add_argument("--steps", type=int, help="derive the schedule for this many steps (resamples the profile's curves)")
     schedule.add_argument("--per-block", action="store_true", help="one plan per block ('attn1-3') instead of per layer type")
     schedule.add_argument(
         "--solver",

@@ -212,6 +212,12 @@ class CalibrationProfile:
                 saved += float(layer.flops or 0.0) * (1.0 - schedule.compute_fraction(key))
         return math.inf if saved >= total else total / (total - saved)
 
+    def resample(self, num_steps: int, timesteps: Sequence[float] | None = None) -> CalibrationProfile:
+        """This profile as if calibrated at ``num_steps`` (see :mod:`smoothcache.resampling`)."""
+        from .resampling import resample_profile
+
+        return resample_profile(self, num_steps, timesteps)
+
     def check_compatible(self, model: Any, num_steps: int | None = None) -> None:
         """Raise :class:`ProfileError` unless ``model`` has the calibrated layers and runs ``num_steps``.
 

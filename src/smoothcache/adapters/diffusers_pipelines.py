@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Request", "load_pipeline", "make_requests", "run_request", "num_classes"]
+__all__ = ["Request", "load_pipeline", "make_requests", "num_classes", "run_request"]
 
 
 @dataclass(frozen=True)
@@ -117,3 +117,20 @@ def run_request(pipe: Any, request: Request, steps: int, output_type: str = "pt"
     generator = torch.Generator(device=device if str(device).startswith("cuda") else "cpu").manual_seed(request.seed)
     inputs: dict[str, Any] = {"class_labels": list(request.class_labels)} if request.class_labels else {"prompt": list(request.prompts)}
     return pipe(**inputs, num_inference_steps=steps, generator=generator, output_type=output_type, **kwargs).images
+
+
+def scheduler_timesteps(scheduler_config: dict[str, Any] | None, num_steps: int) -> list[float] | None:
+    """The timesteps the recorded scheduler would run at ``num_steps``, or None if it cannot be rebuilt."""
+    if not scheduler_config or "_class_name" not in scheduler_config:
+        return None
+    import diffusers
+
+    scheduler_class = getattr(diffusers, scheduler_config["_class_name"], None)
+    if scheduler_class is None:
+        return None
+    scheduler = scheduler_class.from_config(scheduler_config)
+    try:
+        scheduler.set_timesteps(num_steps)
+    except TypeError:  # flow-matching schedulers that need more arguments (e.g. mu) to set timesteps
+        return None
+    return [float(t) for t in scheduler.timesteps]
