@@ -89,14 +89,15 @@ def test_budgets_pick_the_smallest_threshold_that_meets_them(dit_pipe):
     with smoothcache.calibration(dit_pipe) as rec:
         generate(dit_pipe)
     p = rec.profile
-    schedule, alpha = p.schedule_and_threshold(compute_fraction=0.6)
+    schedule, alpha = p.schedule_and_threshold(compute_fraction=0.6, solver="greedy")
     assert schedule.compute_fraction() <= 0.6
     smaller = [a for a in np.unique(p.mean_errors()[np.isfinite(p.mean_errors())]) if a < alpha]
     assert all(p.schedule(alpha=float(a)).compute_fraction() > 0.6 for a in smaller)
-    fast = p.schedule(speedup=1.3)
+    fast = p.schedule(speedup=1.3, solver="greedy")
     assert p.estimated_speedup(fast) >= 1.3
     with pytest.raises(Exception, match="No threshold reaches compute_fraction=0.05"):
-        p.schedule(compute_fraction=0.05)
+        p.schedule(compute_fraction=0.05, solver="greedy")
+    assert p.schedule(compute_fraction=0.6) == p.schedule(compute_fraction=0.6, solver="optimal")  # budgets: optimal
     with pytest.raises(ProfileError, match="exactly one of alpha, compute_fraction, speedup"):
         p.schedule(alpha=0.1, compute_fraction=0.5)
 

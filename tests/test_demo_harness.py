@@ -31,18 +31,20 @@ def test_random_schedule_matches_computed_steps_per_key():
 def test_methods_are_matched_in_compute(profile):
     config = DemoConfig(steps=20, compute_fractions=(0.8, 0.5), fixed_intervals=(2, 3))
     methods = plan_methods(profile, config)
-    smooth = [m for m in methods if m.method == "smoothcache"]
+    smooth = [m for m in methods if m.method == "smoothcache-optimal"]
     assert [m.schedule.compute_fraction() <= budget for m, budget in zip(smooth, (0.8, 0.5))] == [True, True]
     randoms = [m for m in methods if m.method == "random"]
     assert [r.compute_fraction for r in randoms] == [m.compute_fraction for m in smooth]
     fewer = [m for m in methods if m.method == "fewer-steps"]
     assert {m.steps for m in fewer} <= {max(2, round(20 / s.estimated_speedup)) for s in smooth}
     assert all(m.schedule is None for m in fewer)
-    assert {m.method for m in methods} == {"smoothcache", "fixed-interval-2", "fixed-interval-3", "random", "fewer-steps"}
+    assert {m.method for m in methods} == {
+        "smoothcache-optimal", "smoothcache", "fixed-interval-2", "fixed-interval-3", "random", "fewer-steps"
+    }
 
 
 def test_every_solver_gets_its_own_runs_within_the_budget(profile):
-    config = DemoConfig(steps=20, compute_fractions=(0.65, 0.4), fixed_intervals=(), solvers=("greedy", "optimal", "per-block"))
+    config = DemoConfig(steps=20, compute_fractions=(0.65, 0.4), fixed_intervals=(), solvers=("greedy", "optimal", "per-block"))  # greedy first
     methods = plan_methods(profile, config)
     by_method = {}
     for m in methods:

@@ -114,6 +114,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         by = "the scheduler's timesteps" if timesteps else "evenly spaced steps"
         print(f"Resampled the {profile.metadata['resampled_from']['num_steps']}-step profile to {args.steps} steps by {by}")
     solver, per_block = ("optimal", True) if args.solver == "per-block" else (args.solver, args.per_block)
+    solver = solver or ("greedy" if args.alpha is not None else "optimal")
     schedule, alpha = profile.schedule_and_threshold(
         args.alpha,
         compute_fraction=args.compute_fraction,
@@ -126,7 +127,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     print(schedule.summary())
     speedup = f"estimated speedup {profile.estimated_speedup(schedule):.2f}x" if profile.total_flops else "no FLOPs recorded"
     threshold = f"alpha {alpha:.4g}, " if alpha is not None else ""
-    print(f"{args.solver} solver: {threshold}{speedup} -> {args.out}")
+    print(f"{'per-block' if args.solver == 'per-block' else solver} solver: {threshold}{speedup} -> {args.out}")
     return 0
 
 
@@ -261,7 +262,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.assets import load_demo_pipeline, load_quality_scorer
     from .demo.figures import plot_samples, plot_tradeoff
-    from .demo.harness import DemoConfig, run_demo
+    from .demo.harness import DemoConfig, run_demo, run_label
 
     config = DemoConfig(
         steps=args.steps, samples_per_class=args.samples_per_class, seed=args.seed, timing_repeats=args.timing_repeats
@@ -281,7 +282,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     best = report["best_smoothcache_within_quality"]
     if best:
         print(f"\nFastest SmoothCache run within FID +10% and accuracy -2 points of uncached: "
-              f"{best['speedup']:.2f}x (alpha {best['alpha']:.3g}, compute fraction {best['compute_fraction']:.2f})")
+              f"{best['speedup']:.2f}x ({run_label(best)}, compute fraction {best['compute_fraction']:.2f})")
     else:
         print("\nNo SmoothCache run kept FID within +10% and accuracy within 2 points of uncached.")
     print(f"Done in {time.perf_counter() - started:.0f}s: {out}/report.json, samples.png, tradeoff.png, profile.json")
@@ -330,9 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument(
         "--solver",
         choices=["greedy", "optimal", "per-block"],
-        default="greedy",
         help="greedy: the paper's threshold rule; optimal: least summed error within a budget; "
-        "per-block: optimal with one plan per block under one global budget",
+        "per-block: optimal with one plan per block under one global budget "
+        "(default: greedy for --alpha, optimal for a budget)",
     )
     schedule.add_argument("--out", required=True)
     schedule.set_defaults(func=cmd_schedule)

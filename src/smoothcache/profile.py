@@ -129,7 +129,7 @@ class CalibrationProfile:
         speedup: float | None = None,
         keys: Sequence[str] | None = None,
         per_block: bool = False,
-        solver: Solver = "greedy",
+        solver: Solver | None = None,
     ) -> Schedule:
         """A schedule at threshold ``alpha`` (greedy only), or the best one within a budget.
 
@@ -137,8 +137,10 @@ class CalibrationProfile:
         for at least that ideal speedup from the measured FLOPs. Give exactly one of the three.
         ``solver="greedy"`` is the paper's rule (for a budget: at the smallest threshold meeting
         it); ``solver="optimal"`` spends the budget where the summed reuse error falls most (see
-        ``solvers.optimal_schedule``); with ``per_block=True`` each block's layers get their own
-        plan, so sensitive blocks compute more often under the same global budget.
+        ``solvers.optimal_schedule``). By default a threshold uses the greedy rule and a budget the
+        optimal solver, which gave better FID and PSNR at every budget on the demo model
+        (``docs/solvers/``). With ``per_block=True`` each block's layers get their own plan, so
+        sensitive blocks compute more often under the same global budget.
 
         >>> profile.schedule(alpha=0.18)                                   # doctest: +SKIP
         >>> profile.schedule(compute_fraction=0.5, solver="optimal")       # doctest: +SKIP
@@ -155,12 +157,14 @@ class CalibrationProfile:
         speedup: float | None = None,
         keys: Sequence[str] | None = None,
         per_block: bool = False,
-        solver: Solver = "greedy",
+        solver: Solver | None = None,
     ) -> tuple[Schedule, float | None]:
         """As :meth:`schedule`, also returning the greedy threshold used (None for the optimal solver)."""
         given = [n for n, v in (("alpha", alpha), ("compute_fraction", compute_fraction), ("speedup", speedup)) if v is not None]
         if len(given) != 1:
             raise ProfileError(f"Give exactly one of alpha, compute_fraction, speedup (got {given or 'none'})")
+        if solver is None:
+            solver = "greedy" if alpha is not None else "optimal"
         if solver not in SOLVERS:
             raise ProfileError(f"Unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
         curves = self.curves_by_key(keys, per_block)

@@ -49,7 +49,7 @@ class DemoConfig:
     guidance_scale: float = 1.5  # the DiT paper's setting for FID
     timing_repeats: int = 2  # each method is timed this many times, round-robin; the fastest counts
     compute_fractions: tuple[float, ...] = (0.8, 0.65, 0.5, 0.4)
-    solvers: tuple[str, ...] = ("greedy",)  # "greedy", "optimal", "per-block"
+    solvers: tuple[str, ...] = ("optimal", "greedy")  # "optimal", "greedy", "per-block"; random and fewer-steps follow the first
     fixed_intervals: tuple[int, ...] = (2, 3)
     components: tuple[str, ...] | None = None
     grid_columns: int = 10
