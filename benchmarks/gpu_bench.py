@@ -9,6 +9,21 @@ from the FLOPs the schedule skips (measured with torch.utils.flop_counter).
 
 ``--reference`` is the folder of the reference package ``SmoothCache`` (dit-smoothcache 0.1.1,
 installed somewhere off the import path, since it shares its import name with our shim).
+
+Compile settings (``--compile``): ``eager``; ``blocks``, each transformer block compiled (regional);
+``model``, the whole transformer compiled (one graph per step pattern); ``model-cudagraphs``, the
+same with ``mode="reduce-overhead"`` (CUDA graphs through cudagraph trees). Each row records what
+dynamo did: graphs compiled in warm-up and while timed, frames (re)compiled while timed (0 is the
+target), graph breaks, and CUDA graph skips.
+
+CUDA graphs and the cache: cudagraph trees start a new generation, recycling the memory of earlier
+outputs, at every compiled call unless ``torch.compiler.cudagraph_mark_step_begin()`` was ever
+called; then only at each such call. A kept layer output is an output of the step that computed
+it, so the cudagraph configuration marks a step once per generation (before the denoising loop),
+never per denoising step: each step of a generation is then one node of a cudagraph tree (recorded
+in the second generation, replayed from the third), and kept outputs stay valid. Memory: the
+kept outputs (one per cached layer, as in eager) live in the cudagraph pool, plus the pool's
+activations, shared by all nodes of the tree; peak memory is in ``peak_mib``.
 """
 
 from __future__ import annotations
@@ -21,9 +36,11 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -64,6 +81,8 @@ def make_pipe(model, device: str):
 def denoise(pipe, batch: int, seed: int = 0, guidance: float = 4.0) -> torch.Tensor:
     """DiTPipeline's loop: CFG batch, scale_model_input, learned-sigma split, scheduler step."""
     model, scheduler, device = pipe.transformer, pipe.scheduler, pipe.device
+    if getattr(pipe, "cudagraphs", False):
+        torch.compiler.cudagraph_mark_step_begin()  # once per generation: see the module docstring
     generator = torch.Generator(device).manual_seed(seed)
     latents = torch.randn(batch, 4, 32, 32, generator=generator, device=device, dtype=model.dtype)
     labels = torch.arange(batch, device=device) % 1000
@@ -116,10 +135,31 @@ def ideal_speedups(pipe, batch: int) -> dict[str, float]:
     return {name: profile.estimated_speedup(Schedule(plans)) for name, plans in SCHEDULES.items()} | {"_flops_share": shares}
 
 
-def graphs_compiled() -> int:
+def dynamo_counts() -> dict[str, int]:
+    """Dynamo's running totals: graphs compiled, frames compiled (first compiles and recompiles),
+    graph breaks, and graphs inductor left without CUDA graphs."""
     from torch._dynamo.utils import counters
 
-    return int(counters["stats"]["unique_graphs"])
+    return {
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "frames": int(counters["frames"]["total"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]),
+    }
+
+
+def compile_model(model, compile_mode: str, backend: str) -> Any:
+    """``model`` compiled as ``compile_mode`` says: each block in place (regional), or wrapped whole as
+    diffusers' docs do (``pipe.transformer = torch.compile(pipe.transformer)``), with CUDA graphs for
+    ``model-cudagraphs``. Wrapped, the cache's step hook sits on the wrapper, outside dynamo."""
+    if compile_mode == "blocks":
+        for block in model.transformer_blocks:
+            block.compile(backend=backend)
+    elif compile_mode == "model":
+        return torch.compile(model, backend=backend)
+    elif compile_mode == "model-cudagraphs":
+        return torch.compile(model, backend=backend, mode="reduce-overhead")
+    return model
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
@@ -130,7 +170,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     panels = sorted({(r["compile"], r["batch"]) for r in result["rows"]})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharey=True, squeeze=False)
     for ax, (compile_mode, batch) in zip(axes[0], panels, strict=True):
-        rows = [r for r in result["rows"] if r["compile"] == compile_mode and r["batch"] == batch and r["schedule"] != "uncached"]
+        rows = [r for r in result["rows"] if r["compile"] == compile_mode and r["batch"] == batch
+                and r["schedule"] != "uncached" and "speedup" in r]
         names = list(dict.fromkeys(r["schedule"] for r in rows))
         for offset, impl in ((-0.2, "smoothcache"), (0.2, "reference")):
             values = [next((r["speedup"] for r in rows if r["schedule"] == n and r["implementation"] == impl), 0) for n in names]
@@ -149,16 +190,97 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def fresh_pipe(shared: SimpleNamespace | None, compile_mode: str, args: argparse.Namespace) -> SimpleNamespace:
+    """Eager: one shared model. Compiled: a fresh model and a cleared dynamo cache per
+    configuration, so no configuration pays for guards that an earlier one left behind."""
+    if shared is not None:
+        return shared
+    torch._dynamo.reset()
+    model = compile_model(dit_xl(args.device, getattr(torch, args.dtype), args.tiny), compile_mode, args.backend)
+    pipe = make_pipe(model, args.device)
+    pipe.cudagraphs = compile_mode == "model-cudagraphs"
+    return pipe
+
+
+def run_reference(reference: Any, pipe: SimpleNamespace, plans: dict[str, tuple[int, ...]], batch: int) -> None:
+    """One generation with the reference package's helper (enable() resets its counters: without it a
+    second run would be uncached)."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    helper = getattr(pipe, "reference_helper", None)
+    if helper is None:
+        helper = pipe.reference_helper = reference.SmoothCacheHelper(
+            pipe.transformer, BasicTransformerBlock, list(plans), {k: list(v) for k, v in plans.items()}
+        )
+    helper.enable()
+    with contextlib.redirect_stdout(open(os.devnull, "w")):
+        denoise(pipe, batch)
+    helper.disable()
+
+
+def measure(fn: Callable[[], Any], warmup: int, repeats: int, keep_going: bool) -> dict[str, Any]:
+    """Latency, peak memory and what dynamo did, in warm-up and while timed; with ``keep_going`` a
+    failure is recorded instead of raised (a CUDA graph configuration may fail where others run)."""
+    try:
+        before = dynamo_counts()
+        time_runs(fn, 0, warmup)
+        after_warmup = dynamo_counts()
+        times, peak = time_runs(fn, repeats, 0)
+    except Exception as error:
+        if not keep_going:
+            raise
+        torch._dynamo.reset()
+        return {"error": f"{type(error).__name__}: {error}"[:1000]}
+    end = dynamo_counts()
+    return {
+        "ms": 1000 * statistics.median(times), "runs_ms": [1000 * t for t in times], "peak_mib": peak,
+        "graphs_compiled_in_warmup": after_warmup["graphs"] - before["graphs"],
+        "graphs_compiled_while_timed": end["graphs"] - after_warmup["graphs"],
+        "frames_compiled_in_warmup": after_warmup["frames"] - before["frames"],
+        "recompiles_while_timed": end["frames"] - after_warmup["frames"],
+        "graph_breaks": end["graph_breaks"] - before["graph_breaks"],
+        "cudagraph_skips": end["cudagraph_skips"] - before["cudagraph_skips"],
+    }
+
+
+def save(args: argparse.Namespace, rows: list[dict[str, Any]], ideal_by_batch: dict[int, Any]) -> dict[str, Any]:
+    """Speedups against the uncached row of the same compile setting; the result JSON, rewritten after
+    every configuration so that a run cut short keeps what it measured."""
+    for row in rows:
+        base = next((r for r in rows if r["compile"] == row["compile"] and r["batch"] == row["batch"]
+                     and r["implementation"] == "none"), {})
+        if "ms" in row and "ms" in base:
+            row["speedup"] = base["ms"] / row["ms"]
+            row["efficiency"] = row["speedup"] / row["ideal_speedup"]
+    result = {
+        "benchmark": "gpu_bench DiT-XL/2-256",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "settings": {"steps": STEPS, "dtype": args.dtype, "repeats": args.repeats, "cfg": "batched (2x batch)", "vae": "excluded",
+                     "backend": args.backend, "recompile_limit": torch._dynamo.config.recompile_limit},
+        "flops_share": {b: i["_flops_share"] for b, i in ideal_by_batch.items()},
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--compile", nargs="+", default=["eager", "blocks"], choices=["eager", "blocks"])
+    parser.add_argument("--compile", nargs="+", default=["eager", "blocks", "model", "model-cudagraphs"],
+                        choices=["eager", "blocks", "model", "model-cudagraphs"])
+    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend ('eager' to check dynamo only)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--reference", type=Path)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/gpu-dit-xl.json"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a 2-block model: checks the script, measures nothing")
+    parser.add_argument("--keep-going", action="store_true", help="record a failing configuration and go on")
     parser.add_argument("--plot-from", type=Path, help="only redraw the plot of a result JSON")
     args = parser.parse_args()
     if args.plot_from:
@@ -172,79 +294,38 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     ideal_by_batch = {}
     for compile_mode in args.compile:
-        eager_pipe = make_pipe(dit_xl(device, dtype, args.tiny), device) if compile_mode == "eager" else None
-
-        def setup() -> SimpleNamespace:
-            """Eager: one shared model. Compiled: a fresh model and a cleared dynamo cache per
-            configuration, so no configuration pays for guards that an earlier one left behind."""
-            if eager_pipe is not None:
-                return eager_pipe
-            torch._dynamo.reset()
-            model = dit_xl(device, dtype, args.tiny)
-            for block in model.transformer_blocks:
-                block.compile()
-            return make_pipe(model, device)
-
+        shared = make_pipe(dit_xl(device, dtype, args.tiny), device) if compile_mode == "eager" else None
+        setup = partial(fresh_pipe, shared, compile_mode, args)
+        warmup = 2 if compile_mode == "eager" else 3
         for batch in args.batches:
             if batch not in ideal_by_batch:
                 ideal_by_batch[batch] = ideal_speedups(make_pipe(dit_xl(device, dtype, args.tiny), device), batch)
             ideal = ideal_by_batch[batch]
-            warmup = 2 if compile_mode == "eager" else 3
 
-            def record(impl: str, schedule_name: str, fn: Callable[[], Any]) -> None:
-                before = graphs_compiled()
-                time_runs(fn, 0, warmup)
-                after_warmup = graphs_compiled()
-                times, peak = time_runs(fn, args.repeats, 0)
-                rows.append({
-                    "compile": compile_mode, "batch": batch, "implementation": impl, "schedule": schedule_name,
-                    "ms": 1000 * statistics.median(times), "runs_ms": [1000 * t for t in times],
-                    "ideal_speedup": ideal.get(schedule_name, 1.0), "peak_mib": peak,
-                    "graphs_compiled_in_warmup": after_warmup - before,
-                    "graphs_compiled_while_timed": graphs_compiled() - after_warmup,
-                })
-                print(f"{compile_mode:6} b{batch} {impl:10} {schedule_name:22} {rows[-1]['ms']:8.1f} ms", flush=True)
+            def record(impl: str, schedule_name: str, fn: Callable[[], Any], patterns: int = 1, *,
+                       compile_mode: str = compile_mode, batch: int = batch, ideal: dict = ideal, warmup: int = warmup) -> None:
+                row = {"compile": compile_mode, "batch": batch, "implementation": impl, "schedule": schedule_name,
+                       "ideal_speedup": ideal.get(schedule_name, 1.0), "decision_patterns": patterns}
+                rows.append(row | measure(fn, warmup, args.repeats, args.keep_going))
+                save(args, rows, ideal_by_batch)
+                done = rows[-1]
+                result = f"{done['ms']:8.1f} ms, {done['graphs_compiled_in_warmup']} graphs, " \
+                    f"{done['recompiles_while_timed']} recompiles timed" if "ms" in done else f"FAILED {done['error'][:300]}"
+                print(f"{compile_mode:16} b{batch} {impl:11} {schedule_name:22} {result}", flush=True)
 
             pipe = setup()
-            record("none", "uncached", lambda: denoise(pipe, batch))
-            for name, plans in SCHEDULES.items():
+            record("none", "uncached", partial(denoise, pipe, batch))
+            for name in args.schedules:
+                plans = SCHEDULES[name]
                 pipe = setup()
                 handle = smoothcache.cache(pipe, Schedule(plans))
-                record("smoothcache", name, lambda: denoise(pipe, batch))
+                record("smoothcache", name, partial(denoise, pipe, batch), handle.decision_patterns())
                 handle.disable()
                 if reference is not None:
-                    from diffusers.models.attention import BasicTransformerBlock
-
-                    pipe = setup()
-                    helper = reference.SmoothCacheHelper(
-                        pipe.transformer, BasicTransformerBlock, list(plans), {k: list(v) for k, v in plans.items()}
-                    )
-
-                    def run_reference() -> None:
-                        helper.enable()  # enable() resets its counters: without it a 2nd run is uncached
-                        with contextlib.redirect_stdout(open(os.devnull, "w")):
-                            denoise(pipe, batch)
-                        helper.disable()
-
-                    record("reference", name, run_reference)
-    for row in rows:
-        base = next(r for r in rows if r["compile"] == row["compile"] and r["batch"] == row["batch"] and r["implementation"] == "none")
-        row["speedup"] = base["ms"] / row["ms"]
-        row["efficiency"] = row["speedup"] / row["ideal_speedup"]
-    result = {
-        "benchmark": "gpu_bench DiT-XL/2-256",
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "settings": {"steps": STEPS, "dtype": args.dtype, "repeats": args.repeats, "cfg": "batched (2x batch)", "vae": "excluded"},
-        "flops_share": {b: i["_flops_share"] for b, i in ideal_by_batch.items()},
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+                    record("reference", name, partial(run_reference, reference, setup(), plans, batch))
+    result = save(args, rows, ideal_by_batch)
     plot(result, args.out.with_suffix(".png"))
     print(json.dumps([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "runs_ms"} for r in rows]))
-
 
 if __name__ == "__main__":
     main()

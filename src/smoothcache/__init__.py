@@ -13,6 +13,7 @@ from .errors import (
     SmoothCacheError,
     StepMismatchError,
 )
+from .guidance import GuidanceError
 from .profile import CalibrationProfile, LayerInfo
 from .runtime import CacheHandle, cache
 from .schedule import Schedule
@@ -23,6 +24,7 @@ __all__ = [
     "CacheableLayer",
     "CalibrationProfile",
     "CalibrationRecorder",
+    "GuidanceError",
     "LayerInfo",
     "NoCacheableLayersError",
     "ProfileError",

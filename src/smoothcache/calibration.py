@@ -290,7 +290,7 @@ class CalibrationRecorder:
         for k in range(1, lookahead + 1):
             # target step t = s + k holds the error against step s: shift to source indexing.
             errors[:, :, k - 1, : steps - k] = means[:, :, k:, k - 1]
-        flops = self._flops or [None] * len(self.layers)
+        flops: list[float | None] = list(self._flops) if self._flops else [None] * len(self.layers)
         infos = [LayerInfo(layer.name, layer.layer_type, layer.block, f) for layer, f in zip(self.layers, flops, strict=True)]
         if self.branches is not None:
             infos += branch_layer_infos(infos)

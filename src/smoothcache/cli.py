@@ -72,7 +72,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             started, shard = time.perf_counter(), world.shard(requests)
             if not shard and world.size > 1:  # more ranks than calls
                 return None, requests, 0.0
-            with calibration(pipe, components=args.components, lookahead=args.lookahead, steps=args.steps) as recorder:
+            branches = "auto" if args.branches else None
+            with calibration(
+                pipe, components=args.components, lookahead=args.lookahead, steps=args.steps, branches=branches
+            ) as recorder:
                 for request in tqdm(shard, desc="calibrating", unit="call", disable=args.quiet or not world.is_main):
                     run_request(pipe, request, args.steps, **extra)
             return recorder.profile, requests, time.perf_counter() - started
@@ -316,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(calibrate)
     calibrate.add_argument("--components", type=_csv, help="layers to calibrate, e.g. attn1,ff (default: the model family's)")
     calibrate.add_argument("--lookahead", type=int, default=3)
+    calibrate.add_argument(
+        "--branches", action="store_true",
+        help="also record the conditional and unconditional halves of a CFG batch ('attn1@uncond' keys)",
+    )
     calibrate.add_argument("--out", required=True, help="profile JSON to write")
     calibrate.set_defaults(func=cmd_calibrate)
 

@@ -82,9 +82,18 @@ class CalibrationProfile:
     def num_steps(self) -> int:
         return self.errors.shape[3]
 
-    def keys(self, per_block: bool = False) -> list[str]:
-        """Schedule keys in the model's order: layer types, or one key per block's layer."""
-        names = [layer.block_key if per_block else layer.layer_type for layer in self.layers]
+    def keys(self, per_block: bool = False, branches: bool = False) -> list[str]:
+        """Schedule keys in the model's order: layer types, or one key per block's layer.
+
+        Guidance-aware profiles also hold each layer's conditional and unconditional halves
+        (``"attn1@uncond"``, see :mod:`smoothcache.guidance`); ``branches=True`` gives those keys
+        instead of the whole-batch ones.
+        """
+        names = [
+            layer.block_key if per_block else layer.layer_type
+            for layer in self.layers
+            if ("@" in layer.layer_type) == branches
+        ]
         return list(dict.fromkeys(names))
 
     # ---- curves -----------------------------------------------------------------------------
@@ -233,7 +242,8 @@ class CalibrationProfile:
 
         model = resolve_target(model).model
         names = {name for name, _ in model.named_modules()}
-        missing = [layer.name for layer in self.layers if layer.name not in names]
+        # a guidance-aware profile's branch entries ("blocks.0.attn1@cond") name the same module
+        missing = [layer.name for layer in self.layers if layer.name.partition("@")[0] not in names]
         recorded = self.metadata.get("model_class")
         if missing:
             raise ProfileError(

@@ -13,6 +13,13 @@ inputs of the same shape; otherwise it computes, whatever the plan says. So a ca
 some steps only (SD3's skip-layer guidance), an expert taking over (Wan 2.2), a layer its block
 skips, or a batch that changes size all compute before they reuse. A layer its block calls
 several times per call (CogView4's ff, on image then text tokens) keeps one output per occurrence.
+
+Under ``torch.compile`` the per-layer path is traced into the compiled graph: dynamo reads the
+``compute`` flags as constants, so each distinct compute/reuse pattern is one graph, and the kept
+outputs are graph inputs (no graph break, no device sync). Patterns are bounded by the schedule
+(:meth:`CacheHandle.decision_patterns`). Nothing the graph reads changes between generations: a
+layer's slots are made once (``None`` until a slot keeps something) and emptied, never removed;
+the step bookkeeping runs outside any compiled region. So a second generation compiles nothing.
 """
 
 from __future__ import annotations
@@ -21,10 +28,22 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from .adapters import CacheableLayer, find_layers
 from .errors import ScheduleError, StepMismatchError
+from .guidance import (
+    BRANCHES,
+    GuidanceError,
+    branch_key,
+    branch_order,
+    check_cfg_batch,
+    check_layer_rows,
+    splice_half,
+    split_branch_key,
+    take_half,
+)
 from .schedule import Schedule, schedule_key_for
 from .steps import (
     StepTracker,
@@ -56,8 +75,8 @@ def _caching_forward(original: Callable[..., Any], decision: _Decision, outputs:
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         if not decision.compute:
-            kept = outputs.get(decision.slot, _MISSING)
-            if kept is not _MISSING:
+            kept = outputs[decision.slot]
+            if kept is not None:
                 return kept
         output = original(*args, **kwargs)
         outputs[decision.slot] = output
@@ -75,7 +94,7 @@ def _repeated_caching_forward(
     def forward(*args: Any, **kwargs: Any) -> Any:
         n = occurrence[0]
         occurrence[0] = n + 1
-        kept = outputs.get(decision.slot)
+        kept = outputs[decision.slot]
         if not decision.compute and kept is not None and n < len(kept):
             return kept[n]
         output = original(*args, **kwargs)
@@ -102,12 +121,15 @@ class CacheHandle:
         layers: Sequence[CacheableLayer] | None = None,
         calls_per_step: int | None = None,
         steps_mismatch: Literal["error", "compute"] = "error",
+        branches: Sequence[str] | str = "auto",
     ) -> None:
         if not isinstance(schedule, Schedule):
             schedule = Schedule.from_dict(schedule)
         if steps_mismatch not in ("error", "compute"):
             raise ValueError(f"steps_mismatch must be 'error' or 'compute', got {steps_mismatch!r}")
         self.target = resolve_target(pipe_or_module)
+        self._branches = _BranchCaching(schedule, branches, self.target)  # '@cond'/'@uncond' keys: see the end
+        schedule = self._branches.schedule
         self.schedule = schedule
         self.steps_mismatch = steps_mismatch
         if layers is None:
@@ -118,12 +140,14 @@ class CacheHandle:
         covered = {id(layer) for group in self._plans.values() for layer in group}
         # module order: the first of them anchors the step, so it must run before the others
         self.layers = [layer for layer in layers if id(layer) in covered]
+        self._branches.bind(self.layers)
         self._tracker = StepTracker(
             schedule.num_steps, self.target.timesteps, calls_per_step, scheduler_step_index(self.target)
         )
         self._decisions: list[tuple[_Decision, tuple[bool, ...]]] = []
         self._restore: list[Callable[[], None]] = []
-        self._outputs: list[dict[int, Any]] = []  # per layer: call slot -> kept output(s)
+        self._outputs: list[dict[int, Any]] = []  # per layer: call slot -> kept output(s), None if none
+        self._slots = 0  # call slots every layer has an entry for
         self._occurrences: list[list[int]] = []  # per repeated layer: its calls in this model call
         self._input_shapes: dict[int, tuple[int, ...] | None] = {}  # per call slot: at its last call
         self.enable()
@@ -161,7 +185,9 @@ class CacheHandle:
             for layer in layers:
                 outputs: dict[int, Any] = {}
                 self._outputs.append(outputs)
-                if layer.repeats > 1:
+                if self._branches.governs(layer):
+                    forward = self._branches.forward(layer.module.forward, layer, outputs, self._decisions)
+                elif layer.repeats > 1:
                     occurrence = [0]
                     self._occurrences.append(occurrence)
                     forward = _repeated_caching_forward(layer.module.forward, decision, outputs, occurrence)
@@ -169,9 +195,20 @@ class CacheHandle:
                     forward = _caching_forward(layer.module.forward, decision, outputs)
                 self._restore.append(_shadow_forward(layer.module, forward))
         anchor = step_anchor(self.target.model, self.layers[0].name)
-        self._restore.extend(attach_step_hooks(self.target.model, anchor, self._before_model_call, pass_inputs=True))
+        # the step bookkeeping is plain Python state: traced, it would put every counter in a guard
+        on_model_call = torch.compiler.disable(self._before_model_call)
+        self._restore.extend(attach_step_hooks(self.target.model, anchor, on_model_call, pass_inputs=True))
         logger.debug("SmoothCache enabled on %d layers under %d keys", len(self._outputs), len(self._plans))
+        columns = zip(*(plan for _, plan in self._decisions), strict=True)
+        self._patterns = len({*columns, (True,) * len(self._decisions)})
+        _warn_if_past_recompile_limit(self.target.model, self._patterns)
         return self
+
+    def decision_patterns(self) -> int:
+        """How many distinct compute/reuse combinations of the schedule keys the steps use: under
+        ``torch.compile`` each is one graph per compiled region and call slot (a whole-model compile
+        sees every key; a per-block one only its block's keys, so it may need fewer)."""
+        return self._patterns
 
     def disable(self) -> None:
         """Detach: the model's modules are exactly as before and every kept output is released."""
@@ -181,6 +218,7 @@ class CacheHandle:
         for outputs in self._outputs:
             outputs.clear()
         self._outputs.clear()
+        self._slots = 0
         self._occurrences.clear()
         self._input_shapes.clear()
         self._decisions.clear()
@@ -215,7 +253,12 @@ class CacheHandle:
                     f"{self._multistep_hint(ran)}"
                 )
             self._forget_outputs()
+        if slot >= self._slots:
+            self._slots = slot + 1
+            for outputs in self._outputs:
+                outputs.setdefault(slot, None)
         self._check_input_shape(slot, args, kwargs)
+        self._branches.before_model_call(slot, args, kwargs, new_generation, self._tracker.reset)
         for occurrence in self._occurrences:
             occurrence[0] = 0
         if step >= num_steps:
@@ -233,12 +276,11 @@ class CacheHandle:
             decision.compute, decision.slot = plan[step], slot
 
     def _forget_outputs(self, slot: int | None = None) -> None:
-        """Drop the kept outputs of one call slot, or all of them (a new generation)."""
+        """Drop the kept outputs of one call slot, or all of them (a new generation). The slots stay,
+        emptied: a compiled graph guards on them, and must find them as in the last generation."""
         for outputs in self._outputs:
-            if slot is None:
-                outputs.clear()
-            else:
-                outputs.pop(slot, None)
+            for kept_slot in outputs if slot is None else (slot,):
+                outputs[kept_slot] = None
         if slot is None:
             self._input_shapes.clear()
 
@@ -271,6 +313,21 @@ def _input_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ..
     return None
 
 
+def _warn_if_past_recompile_limit(model: nn.Module, patterns: int) -> None:
+    """Dynamo runs a function eagerly once it has more graphs than its recompile limit: say so up front."""
+    compiled = isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or any(
+        getattr(module, "_compiled_call_impl", None) is not None for module in model.modules()
+    )
+    limit = torch._dynamo.config.recompile_limit
+    if compiled and patterns > limit:
+        logger.warning(
+            "The schedule uses %d compute/reuse patterns, each one graph under torch.compile, but "
+            "torch._dynamo.config.recompile_limit is %d: past it the model runs uncompiled. Raise the "
+            "limit to at least %d (twice that if the model compiles two variants of a region itself)",
+            patterns, limit, patterns,
+        )
+
+
 def _layer_type_of(key: str) -> str:
     """``"attn1-3"`` -> ``"attn1"``; a type key stays as it is."""
     head, _, tail = key.rpartition("-")
@@ -298,6 +355,7 @@ def cache(
     components: Sequence[str] | None = None,
     calls_per_step: int | None = None,
     steps_mismatch: Literal["error", "compute"] = "error",
+    branches: Sequence[str] | str = "auto",
 ) -> CacheHandle:
     """Cache ``pipe_or_module``'s layers on ``schedule``; returns an enabled :class:`CacheHandle`.
 
@@ -309,9 +367,131 @@ def cache(
     whichever expert runs a step, and ``transformer_2`` computes on its first step, having nothing
     of its own to reuse. To give each expert its own schedule, cache each as a module instead.
 
+    Keys ``"<type>@cond"`` / ``"<type>@uncond"`` (from a profile calibrated with ``branches=``)
+    give each half of a classifier-free guidance batch its own plan; where one half computes and
+    the other reuses, the layer runs on that half's rows only. ``branches`` is the halves' batch
+    order, ``"auto"`` for known pipelines (``guidance.branch_order``).
+
     >>> with smoothcache.cache(pipe, Schedule.load("schedule.json")):   # doctest: +SKIP
     ...     images = pipe(class_labels=[207], num_inference_steps=50).images
     """
     return CacheHandle(
-        pipe_or_module, schedule, components=components, calls_per_step=calls_per_step, steps_mismatch=steps_mismatch
+        pipe_or_module,
+        schedule,
+        components=components,
+        calls_per_step=calls_per_step,
+        steps_mismatch=steps_mismatch,
+        branches=branches,
     )
+
+
+# ==== Guidance branches (issue 8) =================================================================
+# A schedule key "<type>@cond" / "<type>@uncond" (one block: "<type>@uncond-3") gives one half of a
+# classifier-free guidance batch its own plan (guidance.py names the halves and knows their order).
+# Where one half computes and the other reuses, the layer runs on the computing half's rows only and
+# its output is spliced with the other half's kept rows, as FasterCache does for the unconditional
+# branch, so that layer call costs half. CacheHandle sees a plain schedule, each such layer under a
+# base key ("attn1"; made up as the union of the halves' plans where the schedule has none), and
+# takes those layers' forwards from here.
+
+
+class _BranchCaching:
+    """The branch plans of one schedule, and the forwards of the layers they govern."""
+
+    def __init__(self, schedule: Schedule, branches: Sequence[str] | str, target: Any) -> None:
+        self.branch_plans: dict[str, tuple[int, ...]] = {}
+        base: dict[str, tuple[int, ...]] = {}
+        for key, plan in schedule.plans.items():
+            (self.branch_plans if split_branch_key(key)[1] else base)[key] = plan
+        self._made_up: set[str] = set()  # base keys only there to cover branch layers
+        for key, plan in self.branch_plans.items():
+            base_key = split_branch_key(key)[0]
+            if base_key not in schedule.plans and _layer_type_of(base_key) not in schedule.plans:
+                self._made_up.add(base_key)
+                base[base_key] = tuple(a | b for a, b in zip(base.get(base_key, plan), plan, strict=True))
+        self.schedule = Schedule(base, source=schedule.source) if self.branch_plans else schedule
+        self.order = branch_order(target.pipeline, branches) if self.branch_plans else None
+        self._plans: dict[int, tuple[tuple[bool, ...], tuple[bool, ...]]] = {}  # id(layer) -> plans in batch order
+        self._rows = 0  # the current model call's batch
+        self._checked: set[tuple[int, tuple[int, ...] | None]] = set()  # (slot, input shape) seen to batch guidance
+
+    def bind(self, layers: Sequence[CacheableLayer]) -> None:
+        """Resolve each layer's two plans, refusing what cannot be split before anything is attached."""
+        if self.order is None:
+            return
+        used: set[str] = set()
+        for layer in layers:
+            keys = {b: schedule_key_for(self.branch_plans, f"{layer.layer_type}@{b}", layer.block) for b in BRANCHES}
+            named = [key for key in keys.values() if key is not None]
+            if not named:
+                continue
+            if layer.repeats > 1:
+                raise ScheduleError(
+                    f"Schedule key {named[0]!r}: {layer.name} runs {layer.repeats} times per block call, so its "
+                    "guidance halves cannot be cached apart; drop its '@cond'/'@uncond' keys"
+                )
+            plans = {}
+            for branch, key in keys.items():
+                if key is None:
+                    key = schedule_key_for(self.schedule.plans, layer.layer_type, layer.block)
+                    if key is None or key in self._made_up:
+                        raise ScheduleError(
+                            f"Schedule key {named[0]!r} plans one guidance half of {layer.name} but no key plans its "
+                            f"{branch} half; add {branch_key(layer.layer_type, branch)!r} or {layer.layer_type!r}"
+                        )
+                    plans[branch] = self.schedule.plans[key]
+                else:
+                    used.add(key)
+                    plans[branch] = self.branch_plans[key]
+            self._plans[id(layer)] = tuple(tuple(v == 1 for v in plans[b]) for b in self.order)  # type: ignore[assignment]
+        unused = [key for key in self.branch_plans if key not in used]
+        if unused:
+            raise ScheduleError(f"Schedule keys {unused} match no cached layer; their base keys must name layers of the model")
+
+    def governs(self, layer: CacheableLayer) -> bool:
+        return id(layer) in self._plans
+
+    def before_model_call(
+        self, slot: int, args: tuple[Any, ...], kwargs: dict[str, Any], new_generation: bool, on_error: Callable[[], None]
+    ) -> None:
+        """Check that the call batches guidance; compare its halves once per slot and shape (it syncs)."""
+        if self.order is None:
+            return
+        if new_generation:
+            self._checked.clear()
+        seen = (slot, _input_shape(args, kwargs))
+        try:
+            self._rows = check_cfg_batch(args, kwargs, compare=seen not in self._checked)
+        except GuidanceError:
+            on_error()
+            raise
+        self._checked.add(seen)
+
+    def forward(
+        self,
+        original: Callable[..., Any],
+        layer: CacheableLayer,
+        outputs: dict[int, Any],
+        decisions: list[tuple[_Decision, tuple[bool, ...]]],
+    ) -> Callable[..., Any]:
+        """The layer's caching forward; its two decisions (batch order) join ``decisions``."""
+        first, second = _Decision(), _Decision()
+        plans = self._plans[id(layer)]
+        decisions += [(first, plans[0]), (second, plans[1])]
+        where = f"Layer {layer.name}"
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            kept = outputs.get(first.slot)  # None: nothing kept (emptied slots stay, see _forget_outputs)
+            if kept is None or (first.compute and second.compute):
+                output = original(*args, **kwargs)
+            elif not (first.compute or second.compute):
+                return kept
+            else:  # one half computes: only its rows run
+                half, rows = (0 if first.compute else 1), self._rows
+                check_layer_rows(args, kwargs, rows, where)
+                part = original(*take_half(args, rows, half), **take_half(kwargs, rows, half))
+                output = splice_half(kept, part, half, where)
+            outputs[first.slot] = output
+            return output
+
+        return forward

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import StepMismatchError
@@ -125,9 +126,12 @@ def attach_step_hooks(
 
     models = list(model.children()) if isinstance(model, Experts) else [model]
     handles = [anchor.register_forward_pre_hook(before_anchor, with_kwargs=True)]
+    # Under whole-model torch.compile the model's own hooks run outside the graph: kept out of
+    # dynamo, they cause no graph break; the anchor's hook runs inside block 0's graph, untouched.
+    outer_before, outer_after = torch.compiler.disable(before_model), torch.compiler.disable(after_model)
     for called in models:
-        handles.append(called.register_forward_pre_hook(before_model, with_kwargs=True))
-        handles.append(called.register_forward_hook(after_model, always_call=True))
+        handles.append(called.register_forward_pre_hook(outer_before, with_kwargs=True))
+        handles.append(called.register_forward_hook(outer_after, always_call=True))
     return [handle.remove for handle in handles]
 
 

@@ -1,0 +1,154 @@
+"""The cache under torch.compile: same outputs as eager, one graph per compute/reuse pattern, no
+graph break inside a compiled region, no recompilation after the first generation, and every
+layer computes exactly as scheduled. Dynamo only (``backend="eager"``): the inductor changes
+nothing about guards and graph breaks, and would make these tests slow on a CPU."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import STEPS, generate, make_dit_pipeline
+from torch import nn
+
+import smoothcache
+from smoothcache import Schedule
+
+# attn1 and ff take turns: all four compute/reuse combinations occur
+ATTN1 = (1, 0, 0, 1, 0, 1, 0, 1, 0, 1)
+FF = (1, 1, 0, 1, 0, 0, 1, 1, 0, 1)
+SCHEDULE = Schedule({"attn1": ATTN1, "ff": FF})
+
+
+class GraphCounter:
+    """A dynamo backend that runs each graph as traced and counts graphs made and graph calls."""
+
+    def __init__(self) -> None:
+        self.graphs: list[torch.fx.GraphModule] = []
+        self.calls = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        self.graphs.append(gm)
+
+        def run(*args: object) -> object:
+            self.calls += 1
+            return gm.forward(*args)
+
+        return run
+
+    def attention_calls(self, gm: torch.fx.GraphModule) -> int:
+        return sum(node.target is torch._C._nn.scaled_dot_product_attention for node in gm.graph.nodes)
+
+
+class ExecutionCounter:
+    """Counts real executions of modules inside compiled graphs too: the count is a tensor the graph
+    increments (a Python int would be a guard, and recompile at every call)."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.hits = torch.zeros((), dtype=torch.int64)
+        for module in modules:
+            module.register_forward_hook(self._hit)
+
+    def _hit(self, *args: object) -> None:
+        self.hits.add_(1)
+
+    def take(self) -> int:
+        count = int(self.hits)
+        self.hits.zero_()
+        return count
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+    torch._dynamo.reset()
+
+
+def counted_pipeline():
+    pipe = make_dit_pipeline()
+    blocks = pipe.transformer.transformer_blocks
+    return pipe, ExecutionCounter([b.attn1.to_q for b in blocks]), ExecutionCounter([b.ff.net[2] for b in blocks])
+
+
+def eager_cached(pipe) -> torch.Tensor:
+    with smoothcache.cache(pipe, SCHEDULE):
+        return generate(pipe)
+
+
+def test_regional_compile_matches_eager_with_one_graph_per_pattern_and_no_recompiles():
+    pipe, attn, ff = counted_pipeline()
+    blocks = pipe.transformer.transformer_blocks
+    expected = eager_cached(pipe)
+    attn.take(), ff.take()
+    backend = GraphCounter()
+    for block in blocks:
+        block.compile(backend=backend)
+    with smoothcache.cache(pipe, SCHEDULE) as handle:
+        first = generate(pipe)
+        graphs = len(backend.graphs)
+        backend.calls = 0
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            second = generate(pipe)
+    assert torch.allclose(first, expected, atol=1e-6) and torch.allclose(second, expected, atol=1e-6)
+    assert attn.take() == 2 * len(blocks) * sum(ATTN1)
+    assert ff.take() == 2 * len(blocks) * sum(FF)
+    assert handle.decision_patterns() == 4
+    # DiT's first block sees strided input (the patch embedding), the others contiguous: two variants
+    assert graphs == 4 * 2 and len(backend.graphs) == graphs
+    # one graph call per block call: no graph break splits a block
+    assert backend.calls == STEPS * len(blocks)
+    # a reused attention is not in the graph at all
+    assert sorted({backend.attention_calls(gm) for gm in backend.graphs}) == [0, 1]
+
+
+@pytest.mark.parametrize("how", ["wrapper", "in place"])
+def test_whole_model_compile_is_one_graph_per_step_and_compiles_nothing_the_second_time(how):
+    pipe, attn, ff = counted_pipeline()
+    expected = eager_cached(pipe)
+    attn.take(), ff.take()
+    backend = GraphCounter()
+    if how == "wrapper":  # as diffusers' docs do; the step hook then sits on the wrapper
+        pipe.transformer = torch.compile(pipe.transformer, backend=backend)
+    else:
+        pipe.transformer.compile(backend=backend)
+    with smoothcache.cache(pipe, SCHEDULE):
+        first = generate(pipe)
+        backend.calls = 0
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            second = generate(pipe)
+    assert torch.allclose(first, expected, atol=1e-6) and torch.allclose(second, expected, atol=1e-6)
+    assert attn.take() == 2 * 2 * sum(ATTN1) and ff.take() == 2 * 2 * sum(FF)
+    assert len(backend.graphs) == 4  # the four compute/reuse patterns
+    assert backend.calls == STEPS  # each model call is one graph: nothing breaks it
+    # attention computes in two patterns (in both blocks) and is left out of the other two
+    assert sorted(backend.attention_calls(gm) for gm in backend.graphs) == [0, 0, 2, 2]
+
+
+def test_uncached_after_disable_compiles_like_a_plain_model():
+    pipe = make_dit_pipeline()
+    backend = GraphCounter()
+    pipe.transformer = torch.compile(pipe.transformer, backend=backend)
+    with smoothcache.cache(pipe, SCHEDULE):
+        generate(pipe)
+    plain = len(backend.graphs)
+    generate(pipe)
+    assert len(backend.graphs) == plain + 1  # the model without the cache: one more graph, no more
+
+
+def test_more_patterns_than_the_recompile_limit_warns(caplog):
+    pipe = make_dit_pipeline()
+    # block 0 reuses on odd steps, block 1 on every third: all four combinations occur
+    per_block = Schedule({"attn1-0": [int(s % 2 == 0) for s in range(STEPS)],
+                          "attn1-1": [int(s % 3 != 2) for s in range(STEPS)]})
+    with caplog.at_level(logging.WARNING, logger="smoothcache.runtime"):
+        with smoothcache.cache(pipe, per_block) as handle:  # not compiled: nothing to say
+            patterns = handle.decision_patterns()
+        assert not caplog.records
+        pipe.transformer.compile(backend="eager")
+        with torch._dynamo.config.patch(recompile_limit=patterns - 1), smoothcache.cache(pipe, per_block):
+            pass
+    assert patterns == 4
+    assert "uses 4 compute/reuse patterns" in caplog.text and "recompile_limit is 3" in caplog.text
