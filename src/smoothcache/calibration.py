@@ -2,7 +2,7 @@
 between steps ``s`` and ``s + k`` for ``k = 1..lookahead``.
 
 Errors accumulate on the model's device and are copied to the host once, when recording stops.
-Each layer keeps only its last ``lookahead`` outputs per call slot and occurrence (float32 copies,
+Each layer keeps only its last ``lookahead`` outputs per call slot and occurrence (copies in the model's dtype,
 as the model may reuse its buffers). A step's error is the mean over the calls that measured it;
 where a layer measured nothing (its expert or its call did not run), the error is NaN.
 """
@@ -52,6 +52,11 @@ def _tensors(output: Any) -> list[torch.Tensor]:
     if isinstance(output, (tuple, list)):
         return [t for t in output if isinstance(t, torch.Tensor)]
     raise TypeError(f"Cannot measure a layer output of type {type(output).__name__}; expected a tensor or a tuple of tensors")
+
+
+def _l1(t: torch.Tensor) -> torch.Tensor:
+    """The L1 norm, summed in float32 whatever the tensor's dtype."""
+    return torch.linalg.vector_norm(t, ord=1, dtype=torch.float32)
 
 
 class CalibrationRecorder:
@@ -194,7 +199,9 @@ class CalibrationRecorder:
     def _after_layer(self, index: int, output: Any) -> None:
         if self._flop_counter is not None:
             self._flop_marks[index] += float(self._flop_counter.get_total_flops())
-        current = [t.detach().to(torch.float32, copy=True) for t in _tensors(output)]
+        # Kept in the model's dtype (half the memory of float32 copies on a bf16 model); the norms
+        # accumulate in float32. Copies, as the model may reuse its buffers.
+        current = [t.detach().clone() for t in _tensors(output)]
         rings = self._rings[index]
         key = (self._slot, self._occurrences[index])
         self._occurrences[index] += 1
@@ -202,10 +209,8 @@ class CalibrationRecorder:
         if ring is None:
             ring = rings[key] = deque(maxlen=self.lookahead)
         if ring:
-            denominator = sum(torch.linalg.vector_norm(t, ord=1) for t in current)
-            numerators = [
-                sum(torch.linalg.vector_norm(p - c, ord=1) for p, c in zip(previous, current)) for previous in ring
-            ]
+            denominator = sum(_l1(t) for t in current)
+            numerators = [sum(_l1(p - c) for p, c in zip(previous, current)) for previous in ring]
             assert self._current is not None and self._counts is not None
             self._current[index, self._step, : len(numerators)] += torch.stack(numerators) / denominator
             self._counts[index, self._step, : len(numerators)] += 1
@@ -229,9 +234,9 @@ class CalibrationRecorder:
         for position, branch in enumerate(self.branches or ()):
             rows_of = slice(0, half) if position == 0 else slice(half, rows)
             entry = index + len(self.layers) * (1 + BRANCHES.index(branch))
-            denominator = sum(torch.linalg.vector_norm(t[rows_of], ord=1) for t in current)
+            denominator = sum(_l1(t[rows_of]) for t in current)
             numerators = [
-                sum(torch.linalg.vector_norm(p[rows_of] - c[rows_of], ord=1) for p, c in zip(previous, current))
+                sum(_l1(p[rows_of] - c[rows_of]) for p, c in zip(previous, current))
                 for previous in ring
             ]
             self._current[entry, self._step, : len(numerators)] += torch.stack(numerators) / denominator
