@@ -31,7 +31,13 @@ def main() -> None:
     parser.add_argument("--compute-fractions", default="0.8,0.65,0.5,0.4,0.3")
     parser.add_argument("--timing-repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot-from", type=Path, help="only redraw the plots of a report.json")
     args = parser.parse_args()
+    if args.plot_from:
+        report = json.loads(args.plot_from.read_text())
+        plot_tradeoff(report, args.plot_from.parent / "tradeoff.png")
+        print(plot_tradeoff(report, args.plot_from.parent / "tradeoff-ideal.png", speed="estimated_speedup"))
+        return
 
     config = DemoConfig(
         steps=args.steps,
@@ -52,6 +58,7 @@ def main() -> None:
     report["seconds"] = time.perf_counter() - started
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_tradeoff(report, out / "tradeoff.png")
+    plot_tradeoff(report, out / "tradeoff-ideal.png", speed="estimated_speedup")
     base = report["baseline"]
     print(f"uncached: FID {base['fid']:.2f}  acc {base['accuracy']:.3f}  {base['seconds']:.2f}s")
     for r in sorted(report["runs"], key=lambda r: (r["method"], r["compute_fraction"])):
