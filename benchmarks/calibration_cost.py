@@ -19,7 +19,7 @@ import torch
 import smoothcache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_peers import build, generate, peak_mib, sync  # noqa: E402
+from gpu_peers import build, generate, peak_mib, sync
 
 
 def seconds(fn) -> float:

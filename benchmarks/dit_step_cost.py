@@ -25,7 +25,16 @@ import smoothcache
 from smoothcache import Schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import SCHEDULES, STEPS, compile_model, denoise, dit_xl, ideal_speedups, make_pipe, time_runs  # noqa: E402
+from gpu_bench import (
+    SCHEDULES,
+    STEPS,
+    compile_model,
+    denoise,
+    dit_xl,
+    ideal_speedups,
+    make_pipe,
+    time_runs,
+)
 
 SCHEDULE = "attn1+ff alpha=0.18"
 
