@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+import smoothcache
 from smoothcache import CalibrationProfile, distributed
 from smoothcache.cli import main
 from smoothcache.demo.assets import load_demo_pipeline
@@ -216,3 +218,24 @@ def test_under_torchrun_a_killed_rank_ends_the_job(tmp_path):
     assert time.monotonic() - started < 45
     assert result.returncode != 0
     assert "exitcode  : 3" in result.stderr  # torchrun names the rank that died
+
+
+def test_context_parallel_ranks_with_different_schedules_fail_at_once(tmp_path):
+    from smoothcache import Schedule
+
+    def work(rank):
+        distributed.init()
+        model = torch.nn.Module()
+        model.blocks = torch.nn.ModuleList([torch.nn.Module()])
+        model.blocks[0].attn1 = torch.nn.Linear(2, 2)
+        model._parallel_config = object()  # what diffusers' enable_parallelism sets
+        plan = (1, 0, 1) if rank == 0 else (1, 1, 1)
+        try:
+            smoothcache.cache(model, Schedule({"attn1": plan}), components=["attn1"])
+        except smoothcache.ScheduleError as exc:
+            return {"error": str(exc)}
+        return {}
+
+    results = run_ranks(work, tmp_path, timeout_s=20, join_s=30)
+    for result in results:
+        assert "ranks of the context-parallel Module hold different schedules" in result.get("error", result.get("raised", ""))

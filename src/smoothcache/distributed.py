@@ -20,6 +20,7 @@ waits for a slow one).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
@@ -32,8 +33,9 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import ProfileError, SmoothCacheError
+from .errors import ProfileError, ScheduleError, SmoothCacheError
 from .profile import CalibrationProfile
+from .schedule import Schedule
 
 __all__ = [
     "RankFailedError",
@@ -216,3 +218,19 @@ def merge_rank_profiles(profiles: Sequence[CalibrationProfile | None]) -> Calibr
     if seconds:
         merged.metadata["seconds"] = max(seconds)
     return merged
+
+
+def check_ranks_agree(schedule: Schedule, where: str) -> None:
+    """Under context parallelism every rank must take the same decision at every step; a rank with
+    another schedule would wait in the attention collectives until the backend times out (ten
+    minutes on NCCL). One all-gather of the schedule's digest turns that hang into an error."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    digest = hashlib.sha256(schedule.to_json().encode()).hexdigest()[:16]
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) > 1:
+        raise ScheduleError(
+            f"The ranks of the context-parallel {where} hold different schedules (digests {digests}); "
+            "load the same schedule file on every rank"
+        )

@@ -150,6 +150,10 @@ class CacheHandle:
         self._slots = 0  # call slots every layer has an entry for
         self._occurrences: list[list[int]] = []  # per repeated layer: its calls in this model call
         self._input_shapes: dict[int, tuple[int, ...] | None] = {}  # per call slot: at its last call
+        if getattr(self.target.model, "_parallel_config", None) is not None:  # diffusers' context parallelism
+            from .distributed import check_ranks_agree
+
+            check_ranks_agree(self.schedule, type(self.target.model).__name__)
         self.enable()
 
     def _assign_keys(self, layers: list[CacheableLayer]) -> dict[str, list[CacheableLayer]]:
