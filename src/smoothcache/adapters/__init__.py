@@ -160,6 +160,16 @@ FAMILIES: tuple[BlockFamily, ...] = (
     ),
     # Stable Audio Open: self-attention, cross-attention, feed-forward.
     BlockFamily("stable-audio", ("StableAudioDiTBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff")),
+    # Stable Audio Open as stable-audio-tools samples it (models/dit.py DiffusionTransformer ->
+    # models/transformer.py ContinuousTransformer.layers of TransformerBlock: self_attn, cross_attn,
+    # ff). The block class name is generic, so the family is picked by the model class only.
+    BlockFamily(
+        "stable-audio-tools",
+        ("TransformerBlock",),
+        ("self_attn", "ff"),
+        ("self_attn", "cross_attn", "ff"),
+        model_class_names=("DiffusionTransformer", "DiTWrapper", "ConditionedDiffusionModelWrapper"),
+    ),
     # Open-Sora 1.2 STDiT3 (hpcaitech/Open-Sora, opensora/models/stdit/stdit3.py): spatial_blocks and
     # temporal_blocks of one class, interleaved, each with attn, cross_attn and mlp.
     BlockFamily(
