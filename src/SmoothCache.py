@@ -15,7 +15,7 @@ from smoothcache.compat import (
     SmoothCacheHelper,
 )
 
-__all__ = ["SmoothCacheHelper", "DiffuserCacheHelper", "DiTCacheHelper", "CalibrationHelper", "DiffuserCalibrationHelper"]
+__all__ = ["CalibrationHelper", "DiTCacheHelper", "DiffuserCacheHelper", "DiffuserCalibrationHelper", "SmoothCacheHelper"]
 __path__: list = []  # lets `import SmoothCache.calibration` resolve through the aliases below
 
 for _name in (

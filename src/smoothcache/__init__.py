@@ -4,7 +4,10 @@ denoising steps wherever the calibration says they barely change (arXiv 2411.105
 __version__ = "0.1.0"
 
 from .adapters import CacheableLayer, find_layers
-from .adapters.diffusers_cache_mixin import SmoothCacheConfig, install_if_diffusers_loaded
+from .adapters.diffusers_cache_mixin import (
+    SmoothCacheConfig,
+    install_if_diffusers_loaded,
+)
 from .calibration import CalibrationRecorder, calibration
 from .errors import (
     NoCacheableLayersError,

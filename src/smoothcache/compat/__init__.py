@@ -21,14 +21,14 @@ from ..runtime import CacheHandle
 from ..schedule import Schedule
 
 __all__ = [
-    "SmoothCacheHelper",
-    "DiffuserCacheHelper",
-    "DiTCacheHelper",
     "CalibrationHelper",
+    "DiTCacheHelper",
+    "DiffuserCacheHelper",
     "DiffuserCalibrationHelper",
+    "SmoothCacheHelper",
 ]
 
-BlockClasses = Union[type, str, Sequence[Union[type, str]]]
+BlockClasses = Union[type, str, Sequence[type | str]]
 
 
 def _block_types(model: nn.Module, block_classes: BlockClasses) -> list[type]:

@@ -30,8 +30,17 @@ from .metrics import FidReference, QualityScorer
 from .pipeline import DemoDiTPipeline
 
 __all__ = [
-    "DemoAssetError", "WEIGHTS_DIR", "DEMO_DIT_DIR", "CLASSIFIER_DIR", "FID_REFERENCE_PATH", "HELDOUT_DIGITS_PATH",
-    "load_demo_pipeline", "load_classifier", "load_fid_reference", "load_heldout_digits", "load_quality_scorer",
+    "CLASSIFIER_DIR",
+    "DEMO_DIT_DIR",
+    "FID_REFERENCE_PATH",
+    "HELDOUT_DIGITS_PATH",
+    "WEIGHTS_DIR",
+    "DemoAssetError",
+    "load_classifier",
+    "load_demo_pipeline",
+    "load_fid_reference",
+    "load_heldout_digits",
+    "load_quality_scorer",
 ]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -120,7 +129,7 @@ def _check_files(directory: Path, names: tuple[str, ...], what: str, fix: str) -
             elif path.suffix == ".safetensors":
                 with safe_open(str(path), framework="pt") as f:
                     f.keys()
-        except Exception as exc:  # noqa: BLE001 - any parse failure means the same thing here
+        except Exception as exc:
             raise DemoAssetError(f"The {what} file {path} is corrupted ({type(exc).__name__}: {exc}); {fix}.") from exc
 
 
@@ -130,5 +139,5 @@ def _load(load: Callable[[], T], where: Path, what: str, fix: str) -> T:
         return load()
     except DemoAssetError:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise DemoAssetError(f"Could not load the {what} from {where} ({type(exc).__name__}: {exc}); {fix}.") from exc

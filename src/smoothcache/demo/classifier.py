@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-__all__ = ["DigitClassifierConfig", "DigitClassifier", "DigitFeatures"]
+__all__ = ["DigitClassifier", "DigitClassifierConfig", "DigitFeatures"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -21,7 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.functional.image import (
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from .classifier import DigitClassifier, DigitFeatures
