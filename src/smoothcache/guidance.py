@@ -20,7 +20,7 @@ import torch
 from .errors import SmoothCacheError
 from .profile import LayerInfo
 
-__all__ = ["BRANCHES", "GuidanceError", "branch_key", "branch_layer_infos", "branch_order", "check_cfg_batch", "split_branch_key"]
+__all__ = ["BRANCHES", "GuidanceError", "branch_key", "branch_layer_infos", "branch_order", "check_cfg_batch", "first_tensor", "split_branch_key"]
 
 BRANCHES: tuple[str, str] = ("cond", "uncond")
 
@@ -94,7 +94,8 @@ def branch_layer_infos(infos: Sequence[LayerInfo]) -> list[LayerInfo]:
     ]
 
 
-def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """A call's first tensor argument (positional first): the model's latents, a layer's input."""
     return next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
 
 
@@ -105,7 +106,7 @@ def check_cfg_batch(args: tuple[Any, ...], kwargs: dict[str, Any], *, compare: b
     number of rows and (with ``compare``) equal halves. That is what tells it from a call of B
     independent samples (guidance off, guidance-distilled models, guidance run as separate calls).
     """
-    latents = _first_tensor(args, kwargs)
+    latents = first_tensor(args, kwargs)
     if latents is None or latents.dim() == 0:
         raise GuidanceError("The model call has no batched tensor input, so it has no guidance halves to split")
     rows = latents.shape[0]
@@ -161,7 +162,7 @@ def check_layer_rows(args: tuple[Any, ...], kwargs: dict[str, Any], rows: int, w
     Its rows could be tokens or frames folded into the batch (a temporal block's ``B*H*W``), whose
     halves are not the two branches.
     """
-    first = _first_tensor(args, kwargs)
+    first = first_tensor(args, kwargs)
     if first is None or first.dim() == 0 or first.shape[0] != rows:
         got = "no tensor input" if first is None else f"an input of shape {tuple(first.shape)}"
         raise GuidanceError(

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .adapters import CacheableLayer, find_layers
 from .errors import ScheduleError, StepMismatchError
@@ -40,6 +40,7 @@ from .guidance import (
     branch_order,
     check_cfg_batch,
     check_layer_rows,
+    first_tensor,
     splice_half,
     split_branch_key,
     take_half,
@@ -310,11 +311,9 @@ class CacheHandle:
 
 
 def _input_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:
-    """The shape of a call's first tensor argument (positional first): its batch and token layout."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, Tensor):
-            return tuple(value.shape)
-    return None
+    """The shape of a call's first tensor argument: its batch and token layout."""
+    first = first_tensor(args, kwargs)
+    return None if first is None else tuple(first.shape)
 
 
 def _warn_if_past_recompile_limit(model: nn.Module, patterns: int) -> None:
