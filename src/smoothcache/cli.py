@@ -116,21 +116,20 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         profile = profile.resample(args.steps, timesteps)
         by = "the scheduler's timesteps" if timesteps else "evenly spaced steps"
         print(f"Resampled the {profile.metadata['resampled_from']['num_steps']}-step profile to {args.steps} steps by {by}")
-    solver, per_block = ("optimal", True) if args.solver == "per-block" else (args.solver, args.per_block)
-    solver = solver or ("greedy" if args.alpha is not None else "optimal")
     schedule, alpha = profile.schedule_and_threshold(
         args.alpha,
         compute_fraction=args.compute_fraction,
         speedup=args.speedup,
         keys=args.keys,
-        per_block=per_block,
-        solver=solver,
+        per_block=args.per_block,
+        solver=args.solver,
     )
     schedule.save(args.out)
     print(schedule.summary())
     speedup = f"estimated speedup {profile.estimated_speedup(schedule):.2f}x" if profile.total_flops else "no FLOPs recorded"
     threshold = f"alpha {alpha:.4g}, " if alpha is not None else ""
-    print(f"{'per-block' if args.solver == 'per-block' else solver} solver: {threshold}{speedup} -> {args.out}")
+    solver = "greedy" if alpha is not None else args.solver or "optimal"  # only the greedy rule has a threshold
+    print(f"{solver} solver: {threshold}{speedup} -> {args.out}")
     return 0
 
 
@@ -142,12 +141,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.steps != profile.num_steps:
         raise SystemExit(f"error: {args.profile} was calibrated for {profile.num_steps} steps but --steps is {args.steps}")
     pipe, requests, extra = _load(args)
-    solver, per_block = ("optimal", True) if args.solver == "per-block" else (args.solver, False)
 
     def generate() -> list[Any]:
         return [run_request(pipe, request, args.steps, **extra) for request in requests]
 
-    result = tune(pipe, profile, generate, args.max_error, solver=solver, per_block=per_block, progress=not args.quiet)
+    result = tune(pipe, profile, generate, args.max_error, solver=args.solver, progress=not args.quiet)
     result.schedule.save(args.out)
     print("compute  rel-L1 error of the output")
     for probe in sorted(result.probes, key=lambda p: p["compute_fraction"]):

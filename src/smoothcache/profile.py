@@ -25,7 +25,8 @@ __all__ = ["CalibrationProfile", "LayerInfo"]
 FORMAT = "smoothcache.profile"
 FORMAT_VERSION = 1
 
-Solver = Literal["greedy", "optimal"]
+# "per-block" is the optimal solver with one plan per block: one name for the command line and the demo.
+Solver = Literal["greedy", "optimal", "per-block"]
 SOLVERS: tuple[str, ...] = get_args(Solver)
 
 
@@ -149,7 +150,8 @@ class CalibrationProfile:
         ``solvers.optimal_schedule``). By default a threshold uses the greedy rule and a budget the
         optimal solver, which gave better FID and PSNR at every budget on the demo model
         (``docs/solvers/``). With ``per_block=True`` each block's layers get their own plan, so
-        sensitive blocks compute more often under the same global budget.
+        sensitive blocks compute more often under the same global budget; ``solver="per-block"``
+        is the optimal solver with ``per_block=True``.
 
         >>> profile.schedule(alpha=0.18)                                   # doctest: +SKIP
         >>> profile.schedule(compute_fraction=0.5, solver="optimal")       # doctest: +SKIP
@@ -176,6 +178,8 @@ class CalibrationProfile:
             solver = "greedy" if alpha is not None else "optimal"
         if solver not in SOLVERS:
             raise ProfileError(f"Unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+        if solver == "per-block":
+            solver, per_block = "optimal", True
         curves = self.curves_by_key(keys, per_block)
         if alpha is not None:
             if alpha < 0:

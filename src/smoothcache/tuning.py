@@ -57,6 +57,7 @@ def candidate_schedules(
     profile: CalibrationProfile, solver: Solver = "optimal", per_block: bool = False, keys: Sequence[str] | None = None
 ) -> list[Schedule]:
     """Every distinct schedule the solver makes at some compute budget, cheapest first."""
+    per_block = per_block or solver == "per-block"
     curves = profile.curves_by_key(keys, per_block)
     slots = profile.num_steps * len(curves)
     schedules: list[Schedule] = []

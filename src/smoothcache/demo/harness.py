@@ -98,15 +98,6 @@ def random_schedule(like: Schedule, seed: int) -> Schedule:
 SOLVER_METHODS = {"greedy": "smoothcache", "optimal": "smoothcache-optimal", "per-block": "smoothcache-per-block"}
 
 
-def solver_schedule(profile: CalibrationProfile, solver: str, compute_fraction: float) -> tuple[Schedule, float | None]:
-    """The schedule a solver name of the command line makes at a compute budget, and its threshold."""
-    if solver not in SOLVER_METHODS:
-        raise ValueError(f"Unknown solver {solver!r}; choose one of {', '.join(SOLVER_METHODS)}")
-    if solver == "per-block":
-        return profile.schedule_and_threshold(compute_fraction=compute_fraction, solver="optimal", per_block=True)
-    return profile.schedule_and_threshold(compute_fraction=compute_fraction, solver=solver)  # type: ignore[arg-type]
-
-
 def plan_methods(profile: CalibrationProfile, config: DemoConfig) -> list[Method]:
     """Every method the demo runs after the uncached baseline, matched in compute."""
     methods: list[Method] = []
@@ -114,7 +105,7 @@ def plan_methods(profile: CalibrationProfile, config: DemoConfig) -> list[Method
     for solver in config.solvers:
         runs: list[Method] = []
         for budget in config.compute_fractions:
-            schedule, alpha = solver_schedule(profile, solver, budget)
+            schedule, alpha = profile.schedule_and_threshold(compute_fraction=budget, solver=solver)  # type: ignore[arg-type]
             if any(m.schedule == schedule for m in runs):
                 continue  # two budgets that land on one schedule
             speedup = profile.estimated_speedup(schedule)
