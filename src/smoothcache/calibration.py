@@ -99,6 +99,7 @@ class CalibrationRecorder:
         self._current: torch.Tensor | None = None
         self._calls_in_generation = 0
         self._counts: torch.Tensor | None = None  # measurements summed into each cell of _current
+        self._timesteps: Any | None = None  # the scheduler's, for the profile (read once, at the end)
         self._rings: list[dict[tuple[int, int], deque[list[torch.Tensor]]]] = []  # per layer: (slot, occurrence) -> last outputs
         self._occurrences: list[int] = [0] * len(self.layers)  # per layer: its calls in this model call
         self._step = 0
@@ -319,7 +320,7 @@ class CalibrationRecorder:
             "python": platform.python_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.time() - self._started, 3),
-            **_scheduler_record(self.target.pipeline, getattr(self, "_timesteps", None)),
+            **_scheduler_record(self.target.pipeline, self._timesteps),
         }
         self._runs, self._run_counts = [], []
         return CalibrationProfile(infos, errors, metadata, self._total_flops)
