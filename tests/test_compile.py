@@ -152,3 +152,22 @@ def test_more_patterns_than_the_recompile_limit_warns(caplog):
             pass
     assert patterns == 4
     assert "uses 4 compute/reuse patterns" in caplog.text and "recompile_limit is 3" in caplog.text
+
+
+def test_blocks_cached_whole_compile_one_graph_per_pattern_and_nothing_the_second_time():
+    pipe = make_dit_pipeline()
+    schedule = Schedule({"block": FF})
+    with smoothcache.cache(pipe, schedule):
+        expected = generate(pipe)
+    backend = GraphCounter()
+    pipe.transformer = torch.compile(pipe.transformer, backend=backend)
+    with smoothcache.cache(pipe, schedule) as handle:
+        first = generate(pipe)
+        backend.calls = 0
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            second = generate(pipe)
+    assert torch.allclose(first, expected, atol=1e-6) and torch.allclose(second, expected, atol=1e-6)
+    # compute and keep, compute only (the next step computes too), reuse
+    assert handle.decision_patterns() == 3 and len(backend.graphs) == 3
+    assert backend.calls == STEPS
+    assert sorted(backend.attention_calls(gm) for gm in backend.graphs) == [0, 2, 2]

@@ -8,6 +8,7 @@ from .adapters.diffusers_cache_mixin import (
     SmoothCacheConfig,
     install_if_diffusers_loaded,
 )
+from .block_residuals import BlockCachingError
 from .calibration import CalibrationRecorder, calibration
 from .errors import (
     NoCacheableLayersError,
@@ -23,6 +24,7 @@ from .schedule import Schedule
 from .tuning import TuneResult, tune
 
 __all__ = [
+    "BlockCachingError",
     "CacheHandle",
     "CacheableLayer",
     "CalibrationProfile",

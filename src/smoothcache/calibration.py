@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import __version__
 from .adapters import CacheableLayer, find_layers
+from .block_residuals import BlockStreams
 from .errors import ProfileError, StepMismatchError
 from .guidance import (
     BRANCHES,
@@ -117,11 +118,18 @@ class CalibrationRecorder:
             return self
         self._tracker.reset()
         self._started = time.time()
-        anchor = step_anchor(self.target.model, self.layers[0].name)
+        anchor = step_anchor(self.target.model, self.layers[0].name, whole_block=self.layers[0].streams is not None)
         self._undo = attach_step_hooks(self.target.model, anchor, self._before_model_call, pass_inputs=True)
         for index, layer in enumerate(self.layers):
             before = layer.module.register_forward_pre_hook(lambda m, a, i=index: self._before_layer(i))
-            after = layer.module.register_forward_hook(lambda m, a, out, i=index: self._after_layer(i, out))
+            if layer.streams is None:
+                after = layer.module.register_forward_hook(lambda m, a, out, i=index: self._after_layer(i, out))
+            else:  # a block cached whole: what matters is the residual it adds to its streams
+                streams = BlockStreams.of(layer.module, layer.name, layer.streams)
+                after = layer.module.register_forward_hook(
+                    lambda m, a, kw, out, i=index, s=streams: self._after_layer(i, s.residual(out, s.inputs(a, kw)), fresh=True),
+                    with_kwargs=True,
+                )
             self._undo += [before.remove, after.remove]
         return self
 
@@ -197,12 +205,12 @@ class CalibrationRecorder:
         if self._flop_counter is not None:
             self._flop_marks[index] -= float(self._flop_counter.get_total_flops())
 
-    def _after_layer(self, index: int, output: Any) -> None:
+    def _after_layer(self, index: int, output: Any, *, fresh: bool = False) -> None:
         if self._flop_counter is not None:
             self._flop_marks[index] += float(self._flop_counter.get_total_flops())
         # Kept in the model's dtype (half the memory of float32 copies on a bf16 model); the norms
-        # accumulate in float32. Copies, as the model may reuse its buffers.
-        current = [t.detach().clone() for t in _tensors(output)]
+        # accumulate in float32. Copies, as the model may reuse its buffers (a block's residual is new).
+        current = [t.detach() if fresh else t.detach().clone() for t in _tensors(output)]
         rings = self._rings[index]
         key = (self._slot, self._occurrences[index])
         self._occurrences[index] += 1

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from .adapters import CacheableLayer, find_layers
+from .block_residuals import BlockCachingError, BlockStreams
 from .errors import ScheduleError, StepMismatchError
 from .guidance import (
     BRANCHES,
@@ -62,12 +64,15 @@ _MISSING = object()
 
 
 class _Decision:
-    """Compute or reuse, for every layer one schedule key governs, at the current call."""
+    """Compute or reuse, for every layer one schedule key governs, at the current call. ``keep``:
+    the next step reuses, so a computing block must keep its residual (a layer always keeps its
+    output, which costs nothing; a block's residual costs a subtraction)."""
 
-    __slots__ = ("compute", "slot")
+    __slots__ = ("compute", "keep", "slot")
 
     def __init__(self) -> None:
         self.compute = True
+        self.keep = True
         self.slot = 0
 
 
@@ -81,6 +86,28 @@ def _caching_forward(original: Callable[..., Any], decision: _Decision, outputs:
                 return kept
         output = original(*args, **kwargs)
         outputs[decision.slot] = output
+        return output
+
+    return forward
+
+
+
+
+def _block_caching_forward(
+    original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any], streams: BlockStreams
+) -> Callable[..., Any]:
+    """As :func:`_caching_forward`, for a block cached whole: keep what it added to its streams, and
+    reuse as this call's inputs plus that residual."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        inputs = streams.inputs(args, kwargs)
+        if not decision.compute:
+            kept = outputs[decision.slot]
+            if kept is not None:
+                return streams.apply(inputs, kept)
+        output = original(*args, **kwargs)
+        if decision.keep or not decision.compute:
+            outputs[decision.slot] = streams.residual(output, inputs)
         return output
 
     return forward
@@ -146,6 +173,7 @@ class CacheHandle:
             schedule.num_steps, self.target.timesteps, calls_per_step, scheduler_step_index(self.target)
         )
         self._decisions: list[tuple[_Decision, tuple[bool, ...]]] = []
+        self._keeps: list[tuple[bool, ...]] = []  # per decision: whether each step's output must be kept
         self._restore: list[Callable[[], None]] = []
         self._outputs: list[dict[int, Any]] = []  # per layer: call slot -> kept output(s), None if none
         self._slots = 0  # call slots every layer has an entry for
@@ -164,6 +192,7 @@ class CacheHandle:
             key = schedule_key_for(self.schedule.plans, layer.layer_type, layer.block)
             if key is not None:
                 by_key.setdefault(key, []).append(layer)
+        _check_blocks_apart(by_key)
         unused = [key for key in self.schedule.keys if key not in by_key]
         if unused:
             found = sorted({layer.layer_type for layer in layers})
@@ -184,13 +213,18 @@ class CacheHandle:
         if self.enabled:
             return self
         self._tracker.reset()
+        block_decisions: set[int] = set()
         for key, layers in self._plans.items():
             decision = _Decision()
             self._decisions.append((decision, tuple(v == 1 for v in self.schedule.plans[key])))
             for layer in layers:
                 outputs: dict[int, Any] = {}
                 self._outputs.append(outputs)
-                if self._branches.governs(layer):
+                if layer.streams is not None:
+                    block_decisions.add(id(decision))
+                    streams = BlockStreams.of(layer.module, layer.name, layer.streams)
+                    forward = _block_caching_forward(layer.module.forward, decision, outputs, streams)
+                elif self._branches.governs(layer):
                     forward = self._branches.forward(layer.module.forward, layer, outputs, self._decisions)
                 elif layer.repeats > 1:
                     occurrence = [0]
@@ -199,13 +233,15 @@ class CacheHandle:
                 else:
                     forward = _caching_forward(layer.module.forward, decision, outputs)
                 self._restore.append(_shadow_forward(layer.module, forward))
-        anchor = step_anchor(self.target.model, self.layers[0].name)
+        anchor = step_anchor(self.target.model, self.layers[0].name, whole_block=self.layers[0].streams is not None)
         # the step bookkeeping is plain Python state: traced, it would put every counter in a guard
         on_model_call = torch.compiler.disable(self._before_model_call)
         self._restore.extend(attach_step_hooks(self.target.model, anchor, on_model_call, pass_inputs=True))
         logger.debug("SmoothCache enabled on %d layers under %d keys", len(self._outputs), len(self._plans))
-        columns = zip(*(plan for _, plan in self._decisions), strict=True)
-        self._patterns = len({*columns, (True,) * len(self._decisions)})
+        # a block's keep flag matters (and, traced, makes its own graphs); a layer keeps regardless
+        self._keeps = [_keeps(plan) if id(d) in block_decisions else (True,) * len(plan) for d, plan in self._decisions]
+        columns = zip(*(plan for _, plan in self._decisions), *self._keeps, strict=True)
+        self._patterns = len({*columns, (True,) * 2 * len(self._decisions)})
         _warn_if_past_recompile_limit(self.target.model, self._patterns)
         return self
 
@@ -227,6 +263,7 @@ class CacheHandle:
         self._occurrences.clear()
         self._input_shapes.clear()
         self._decisions.clear()
+        self._keeps.clear()
         self._tracker.reset()
 
     def reset(self) -> None:
@@ -275,10 +312,10 @@ class CacheHandle:
                     "several times per step, or pass steps_mismatch='compute'"
                 )
             for decision, _ in self._decisions:
-                decision.compute, decision.slot = True, slot
+                decision.compute, decision.keep, decision.slot = True, False, slot
             return
-        for decision, plan in self._decisions:
-            decision.compute, decision.slot = plan[step], slot
+        for (decision, plan), keeps in zip(self._decisions, self._keeps, strict=True):
+            decision.compute, decision.keep, decision.slot = plan[step], keeps[step], slot
 
     def _forget_outputs(self, slot: int | None = None) -> None:
         """Drop the kept outputs of one call slot, or all of them (a new generation). The slots stay,
@@ -308,6 +345,27 @@ class CacheHandle:
             f"times per step and its timesteps list each evaluation ({ran} here), so calibrate with the same "
             f"scheduler and num_inference_steps: its profile then has {ran} steps"
         )
+
+
+def _check_blocks_apart(by_key: dict[str, list[CacheableLayer]]) -> None:
+    """A block cached whole must not also have its layers cached: reusing the block skips them, so
+    their kept outputs would go stale."""
+    blocks = {layer.name: key for key, layers in by_key.items() for layer in layers if layer.streams is not None}
+    for key, layers in by_key.items():
+        for layer in layers:
+            block = next((name for name in blocks if layer.name.startswith(name + ".")), None)
+            if block is not None:
+                raise BlockCachingError(
+                    f"Schedule keys {blocks[block]!r} and {key!r} both cache {block}: one caches the block whole, "
+                    f"the other its layer {layer.name}. Use a schedule of one kind, e.g. "
+                    "profile.schedule(..., keys=[...]) with block keys only or layer keys only"
+                )
+
+
+def _keeps(plan: tuple[bool, ...]) -> tuple[bool, ...]:
+    """Per step: whether it computes and the next step reuses, so that its output is needed. (A
+    reusing step that finds nothing kept computes and keeps regardless.)"""
+    return tuple(now and not following for now, following in pairwise(plan)) + (False,)
 
 
 def _input_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:
@@ -428,6 +486,11 @@ class _BranchCaching:
             named = [key for key in keys.values() if key is not None]
             if not named:
                 continue
+            if layer.streams is not None:
+                raise ScheduleError(
+                    f"Schedule key {named[0]!r}: {layer.name} is a block cached whole, whose guidance halves "
+                    "cannot be cached apart; drop its '@cond'/'@uncond' keys"
+                )
             if layer.repeats > 1:
                 raise ScheduleError(
                     f"Schedule key {named[0]!r}: {layer.name} runs {layer.repeats} times per block call, so its "

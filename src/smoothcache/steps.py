@@ -86,8 +86,11 @@ def resolve_target(pipe_or_module: Any) -> Target:
     )
 
 
-def step_anchor(model: nn.Module, first_layer_name: str) -> nn.Module:
-    """The block holding the first cached layer: it runs once per model call, before that layer."""
+def step_anchor(model: nn.Module, first_layer_name: str, *, whole_block: bool = False) -> nn.Module:
+    """The block holding the first cached layer (the layer itself if it is a block cached whole):
+    it runs once per model call, before that layer's cached forward."""
+    if whole_block:
+        return model.get_submodule(first_layer_name)
     parent = first_layer_name.rpartition(".")[0]
     return model.get_submodule(parent) if parent else model.get_submodule(first_layer_name)
 

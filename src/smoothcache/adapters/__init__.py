@@ -11,11 +11,15 @@ prefix: Flux's single-stream ``single_transformer_blocks.3.attn`` is ``"single_a
 (``"attn"``, ``"attn-3"``). Components name layers by these types: ``["attn", "single_attn"]``.
 Where both kinds are one class, the prefix goes by the list holding the block: Latte's
 ``temporal_transformer_blocks.3.attn1`` is ``"temporal_attn1"``.
+
+The component ``"block"`` names the blocks themselves, cached whole (``block_residuals.py``):
+``transformer_blocks.3`` is ``"block"``/``"block-3"``, Flux's single-stream blocks ``"single_block"``.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,7 +27,9 @@ from torch import nn
 
 from ..errors import NoCacheableLayersError
 
-__all__ = ["FAMILIES", "BlockFamily", "CacheableLayer", "family_of", "find_layers"]
+__all__ = ["FAMILIES", "WHOLE_BLOCK", "BlockFamily", "CacheableLayer", "family_of", "find_layers"]
+
+WHOLE_BLOCK = "block"  # the component naming the blocks themselves, cached whole
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,7 @@ class BlockFamily:
     uncacheable: tuple[tuple[str, str], ...] = ()
     repeated: tuple[tuple[str, int, str], ...] = ()
     model_class_names: tuple[str, ...] = ()
+    streams: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def prefix_of(self, block: nn.Module, block_name: str) -> str:
         """The prefix of the layer types in ``block``, found at module path ``block_name``."""
@@ -55,8 +62,14 @@ class BlockFamily:
         block_list = block_name.rpartition(".")[0].rpartition(".")[2]
         return prefixes.get(type(block).__name__, prefixes.get(block_list, ""))
 
+    def streams_of(self, block: nn.Module) -> tuple[str, ...] | None:
+        """The input arguments ``block``'s outputs continue, if the family names them."""
+        return dict(self.streams).get(type(block).__name__)
 
-_VACE_CHILDREN = ("proj_in", "attn1", "attn2", "ffn", "proj_out")
+
+_VACE_CHILDREN = ("proj_in", "attn1", "attn2", "ffn", "proj_out", "block")
+_TEXT_THEN_IMAGE = ("encoder_hidden_states", "hidden_states")
+_IMAGE_THEN_TEXT = ("hidden_states", "encoder_hidden_states")
 _VACE_RUNS_FIRST = (
     "VACE's control blocks run before blocks.0 and feed it hints; caching them is not tested yet "
     "(the main blocks are cached)"
@@ -73,7 +86,11 @@ FAMILIES: tuple[BlockFamily, ...] = (
     # SD3/3.5 MMDiT: joint attention returns (image, context); attn2 is SD3.5's extra image
     # self-attention (some blocks only); the last block has no ff_context.
     BlockFamily(
-        "sd3", ("JointTransformerBlock",), ("attn", "attn2", "ff", "ff_context"), ("attn", "attn2", "ff", "ff_context")
+        "sd3",
+        ("JointTransformerBlock",),
+        ("attn", "attn2", "ff", "ff_context"),
+        ("attn", "attn2", "ff", "ff_context"),
+        streams=(("JointTransformerBlock", _TEXT_THEN_IMAGE),),
     ),
     # Flux: double-stream blocks like SD3's; single-stream blocks run attention and the MLP's input
     # projection in parallel and mix them in proj_out, which always runs.
@@ -83,6 +100,7 @@ FAMILIES: tuple[BlockFamily, ...] = (
         ("attn", "ff", "ff_context", "single_attn", "single_proj_mlp"),
         ("attn", "ff", "ff_context", "single_attn", "single_proj_mlp"),
         prefixes=(("FluxSingleTransformerBlock", "single_"),),
+        streams=(("FluxTransformerBlock", _TEXT_THEN_IMAGE), ("FluxSingleTransformerBlock", _TEXT_THEN_IMAGE)),
     ),
     # HunyuanDiT: self-attention, cross-attention, feed-forward, each added to the residual.
     BlockFamily("hunyuan-dit", ("HunyuanDiTBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff")),
@@ -95,6 +113,7 @@ FAMILIES: tuple[BlockFamily, ...] = (
         ("attn", "ff", "ff_context", "single_attn", "single_ff"),
         ("attn", "ff", "ff_context", "single_attn", "single_ff"),
         prefixes=(("AuraFlowSingleTransformerBlock", "single_"),),
+        streams=(("AuraFlowJointTransformerBlock", _TEXT_THEN_IMAGE),),
     ),
     # CogView4: joint attention returns (image, text). Its one ff runs on the image tokens, then on
     # the text tokens, in every block call: the cache keeps both outputs (opt-in).
@@ -104,10 +123,15 @@ FAMILIES: tuple[BlockFamily, ...] = (
         ("attn1",),
         ("attn1", "ff"),
         repeated=(("ff", 2, "image tokens, then text tokens"),),
+        streams=(("CogView4TransformerBlock", _IMAGE_THEN_TEXT),),
     ),
     # QwenImage MMDiT: joint attention returns (image, text); one MLP per stream.
     BlockFamily(
-        "qwenimage", ("QwenImageTransformerBlock",), ("attn", "img_mlp", "txt_mlp"), ("attn", "img_mlp", "txt_mlp")
+        "qwenimage",
+        ("QwenImageTransformerBlock",),
+        ("attn", "img_mlp", "txt_mlp"),
+        ("attn", "img_mlp", "txt_mlp"),
+        streams=(("QwenImageTransformerBlock", _TEXT_THEN_IMAGE),),
     ),
     # ---- video and audio ----------------------------------------------------------------------
     # Wan 2.1/2.2: self-attention, cross-attention (text, plus image tokens in I2V), feed-forward.
@@ -121,7 +145,7 @@ FAMILIES: tuple[BlockFamily, ...] = (
         uncacheable=tuple((f"vace_{child}", _VACE_RUNS_FIRST) for child in _VACE_CHILDREN),
     ),
     # CogVideoX: joint attention returns (video, text); one ff over the concatenated tokens.
-    BlockFamily("cogvideox", ("CogVideoXBlock",), ("attn1", "ff"), ("attn1", "ff")),
+    BlockFamily("cogvideox", ("CogVideoXBlock",), ("attn1", "ff"), ("attn1", "ff"), streams=(("CogVideoXBlock", _IMAGE_THEN_TEXT),)),
     # HunyuanVideo: double-stream blocks like Flux's, single-stream blocks with attention and the
     # MLP input projection in parallel (proj_out always runs); the I2V token-replace variants have
     # the same children. The text token refiner runs before them, on text only: opt-in.
@@ -141,11 +165,26 @@ FAMILIES: tuple[BlockFamily, ...] = (
             ("HunyuanVideoTokenReplaceSingleTransformerBlock", "single_"),
             ("HunyuanVideoIndividualTokenRefinerBlock", "refiner_"),
         ),
+        streams=tuple(
+            (name, _IMAGE_THEN_TEXT)
+            for name in (
+                "HunyuanVideoTransformerBlock",
+                "HunyuanVideoTokenReplaceTransformerBlock",
+                "HunyuanVideoSingleTransformerBlock",
+                "HunyuanVideoTokenReplaceSingleTransformerBlock",
+            )
+        ),
     ),
     # LTX-Video: self-attention, cross-attention, feed-forward.
     BlockFamily("ltx-video", ("LTXVideoTransformerBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff")),
     # Mochi: joint attention returns (video, text); the last block has no ff_context.
-    BlockFamily("mochi", ("MochiTransformerBlock",), ("attn1", "ff", "ff_context"), ("attn1", "ff", "ff_context")),
+    BlockFamily(
+        "mochi",
+        ("MochiTransformerBlock",),
+        ("attn1", "ff", "ff_context"),
+        ("attn1", "ff", "ff_context"),
+        streams=(("MochiTransformerBlock", _IMAGE_THEN_TEXT),),
+    ),
     # Allegro: self-attention, cross-attention, feed-forward.
     BlockFamily("allegro", ("AllegroTransformerBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff")),
     # Latte: a spatial and a temporal BasicTransformerBlock per depth, interleaved; the temporal
@@ -191,6 +230,7 @@ class CacheableLayer:
     layer_type: str
     block: int | None
     repeats: int = 1  # calls per block call; more than one: keep an output per occurrence
+    streams: tuple[str, ...] | None = None  # a whole block: the input arguments its outputs continue
 
     @property
     def block_key(self) -> str:
@@ -235,6 +275,7 @@ def find_layers(
         components = family.default_components
     patterns = [c for c in components if "." in c or any(ch in c for ch in "*?[")]
     plain = [c for c in components if c not in patterns]
+    whole_blocks = [c for c in plain if c == WHOLE_BLOCK or c.endswith("_" + WHOLE_BLOCK)]
 
     modules = dict(model.named_modules())
     layers: list[CacheableLayer] = []
@@ -242,6 +283,11 @@ def find_layers(
         if not name:
             continue
         parts = name.split(".")
+        if whole_blocks and parts[-1].isdigit() and _is_block(module, name, family, block_classes, whole=True):
+            layer = _whole_block(name, module, family, block_classes, whole_blocks)
+            if layer is not None:
+                layers.append(layer)
+            continue
         parent_name = ".".join(parts[:-1])
         parent = modules[parent_name]
         layer_type = parts[-1]
@@ -282,11 +328,43 @@ def _repeats(
     return 1
 
 
-def _is_block(parent: nn.Module, parent_name: str, family: BlockFamily | None, block_classes: Sequence[type] | None) -> bool:
+def _whole_block(
+    name: str, block: nn.Module, family: BlockFamily | None, block_classes: Sequence[type] | None, wanted: Sequence[str]
+) -> CacheableLayer | None:
+    """The block at ``name`` as one cacheable layer, if ``wanted`` asks for its kind of block."""
+    prefix = family.prefix_of(block, name) if family is not None and block_classes is None else ""
+    layer_type = prefix + WHOLE_BLOCK
+    if layer_type not in wanted:
+        return None
+    why = dict(family.uncacheable).get(layer_type) if family is not None else None
+    if why is not None:
+        raise NoCacheableLayersError(f"{name} ({layer_type!r} of {type(block).__name__}) cannot be cached: {why}")
+    streams = family.streams_of(block) if family is not None else None
+    if streams is None:  # the block continues its first argument, as DiT's does
+        first = next(iter(inspect.signature(block.forward).parameters), None)
+        if first is None:
+            raise NoCacheableLayersError(f"{name} ({type(block).__name__}) takes no input, so it cannot be cached whole")
+        streams = (first,)
+    return CacheableLayer(name, block, layer_type, int(name.rpartition(".")[2]), streams=streams)
+
+
+def _is_block(
+    parent: nn.Module,
+    parent_name: str,
+    family: BlockFamily | None,
+    block_classes: Sequence[type] | None,
+    *,
+    whole: bool = False,
+) -> bool:
+    """Whether ``parent`` is a transformer block. With ``whole``, ``parent_name`` is the block's own
+    path (``blocks.3``); otherwise it is the path of a block whose child is being looked at."""
     if block_classes is not None:
         return isinstance(parent, tuple(block_classes))
     if family is not None:
         return type(parent).__name__ in family.block_class_names
+    if whole:  # a generic model: a module with children of its own, in a list not nested in another list's
+        parts = parent_name.split(".")
+        return parts[-1].isdigit() and sum(p.isdigit() for p in parts) == 1 and any(True for _ in parent.children())
     return _block_index(parent_name.split(".") + ["_"]) is not None
 
 

@@ -1,0 +1,106 @@
+"""Whole-block caching: a block's output as its input plus a residual, and that residual kept.
+
+A layer's kept output stands in for the layer while the block's norms, modulation and gates still
+run; on a small-token model such as DiT-XL/2 that leftover work is latency-bound and costs a
+large share of a step. Caching the whole block (the ``"block"`` component) skips it too: a
+reusing step returns ``input + (output - input)`` of the last computed step, the residual the
+block added to the residual stream. Calibration measures the rel-L1 change of that residual.
+
+A block continues one or more streams: DiT's returns ``hidden_states``; Flux's returns
+``(encoder_hidden_states, hidden_states)``. :class:`BlockStreams` names, per output element, the
+input argument it continues, and finds those inputs in a call's arguments.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ScheduleError
+
+__all__ = ["BlockCachingError", "BlockStreams"]
+
+
+class BlockCachingError(ScheduleError):
+    """A block cannot be cached whole: its output does not continue its inputs."""
+
+
+@dataclass(frozen=True)
+class BlockStreams:
+    """The input arguments a block's outputs continue, in output order, and where a call passes them.
+
+    One name: the block returns a tensor. Several: it returns a tuple with one element per name
+    (an element may be ``None``, as SD3's last block returns no text stream).
+    """
+
+    block_name: str
+    names: tuple[str, ...]
+    positions: tuple[int | None, ...]  # index among forward's positional parameters, if it has one
+
+    @classmethod
+    def of(cls, block: nn.Module, block_name: str, names: Sequence[str]) -> BlockStreams:
+        """The streams of ``block``, read from its ``forward`` signature."""
+        parameters = [
+            p.name
+            for p in inspect.signature(block.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        missing = [name for name in names if name not in parameters]
+        if missing:
+            raise BlockCachingError(
+                f"{block_name} ({type(block).__name__}) takes no argument {missing[0]!r}, the stream its output was "
+                f"expected to continue (its arguments: {parameters}); cache its layers instead of the whole block"
+            )
+        return cls(block_name, tuple(names), tuple(parameters.index(name) for name in names))
+
+    def inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """The stream tensors of one call, in output order."""
+        return tuple(
+            kwargs[name] if name in kwargs else args[position] if position is not None and position < len(args) else None
+            for name, position in zip(self.names, self.positions)
+        )
+
+    def residual(self, output: Any, inputs: tuple[Any, ...]) -> Any:
+        """What the block added to each stream: ``output - input`` (a tensor, or a tuple like the output)."""
+        outputs = self._elements(output, inputs)
+        residuals = tuple(None if out is None else out - x for out, x in zip(outputs, inputs))
+        return residuals[0] if len(self.names) == 1 else residuals
+
+    def apply(self, inputs: tuple[Any, ...], residual: Any) -> Any:
+        """The block's output rebuilt from this call's inputs and a kept residual."""
+        # The kept residual first: the sum takes its (contiguous) layout, where an input may be a
+        # transposed view (DiT's patch embedding), which would make every later block's adds strided.
+        if len(self.names) == 1:
+            return residual + inputs[0]
+        return tuple(None if r is None else r + x for x, r in zip(inputs, residual))
+
+    def _elements(self, output: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The output's elements, checked to continue the inputs (same shapes), else a clear error."""
+        outputs = (output,) if len(self.names) == 1 else tuple(output) if isinstance(output, (tuple, list)) else None
+        if outputs is None or len(outputs) != len(self.names):
+            raise BlockCachingError(
+                f"{self.block_name} returned {_describe(output)}, not one tensor per stream {list(self.names)}; "
+                "cache its layers instead of the whole block"
+            )
+        for name, out, x in zip(self.names, outputs, inputs):
+            if out is None:
+                continue
+            if not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor) or out.shape != x.shape:
+                raise BlockCachingError(
+                    f"{self.block_name} returned {_describe(out)} for stream {name!r}, whose input was {_describe(x)}: "
+                    "a block is cached whole only where its output continues its input; cache its layers instead"
+                )
+        return outputs
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return type(value).__name__

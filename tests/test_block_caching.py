@@ -1,0 +1,135 @@
+"""Blocks cached whole: a reusing step returns the block's input plus the residual it added at the
+last computing step; calibration measures how that residual changes; a computing step keeps the
+residual only when the next step reuses it; and what cannot be cached whole is refused clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import STEPS, generate, make_dit_pipeline
+from torch import nn
+
+import smoothcache
+from smoothcache import BlockCachingError, Schedule, find_layers
+from smoothcache.block_residuals import BlockStreams
+
+PLAN = (1, 1, 0, 1, 0, 0, 1, 0, 1, 1)
+
+
+class BlockTrace:
+    """Each block's (input, output) at every call, seen from outside its (possibly cached) forward."""
+
+    def __init__(self, blocks: nn.ModuleList) -> None:
+        self.calls: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in blocks]
+        for index, block in enumerate(blocks):
+            block.register_forward_hook(
+                lambda m, args, kwargs, out, i=index: self.calls[i].append((args[0] if args else kwargs["hidden_states"], out)),
+                with_kwargs=True,
+            )
+
+
+def test_a_reusing_step_returns_its_input_plus_the_last_computed_residual():
+    pipe = make_dit_pipeline()
+    blocks = pipe.transformer.transformer_blocks
+    trace = BlockTrace(blocks)
+    with smoothcache.cache(pipe, Schedule({"block": PLAN})):
+        generate(pipe)
+    for calls in trace.calls:
+        assert len(calls) == STEPS  # DiT batches both guidance halves: one call per step
+        residual = None
+        for step, (block_input, output) in enumerate(calls):
+            if PLAN[step]:
+                residual = output - block_input
+            else:
+                assert torch.equal(output, residual + block_input)
+
+
+def test_a_residual_is_kept_only_where_the_next_step_reuses_it():
+    pipe = make_dit_pipeline()
+    with smoothcache.cache(pipe, Schedule({"block": (1,) * STEPS})) as handle:
+        generate(pipe)
+        assert all(kept is None for outputs in handle._outputs for kept in outputs.values())
+    with smoothcache.cache(pipe, Schedule({"block": PLAN})) as handle:
+        generate(pipe)
+        assert all(kept is not None for outputs in handle._outputs for kept in outputs.values())
+
+
+def test_calibration_measures_the_rel_l1_change_of_each_block_residual():
+    pipe = make_dit_pipeline()
+    trace = BlockTrace(pipe.transformer.transformer_blocks)
+    with smoothcache.calibration(pipe, components=["block"], lookahead=2) as rec:
+        generate(pipe)
+    profile = rec.profile
+    assert profile.keys() == ["block"]
+    residuals = [[(out - x).float() for x, out in calls] for calls in trace.calls]
+    # the profile's convention: entry (k, s) is the error of reusing step s's output k steps later
+    for source in range(STEPS - 2):
+        for k in (1, 2):
+            expected = sum(
+                ((r[source + k] - r[source]).abs().sum() / r[source + k].abs().sum()).item() for r in residuals
+            ) / len(residuals)
+            assert profile.curves("block")[k - 1, source] == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_block_schedule_from_a_profile_runs_and_all_ones_is_bit_identical():
+    pipe = make_dit_pipeline(num_layers=3)
+    with smoothcache.calibration(pipe, components=["block"]) as rec:
+        generate(pipe, seed=1)
+    schedule = rec.profile.schedule(compute_fraction=0.5, per_block=True)
+    assert set(schedule.keys) == {"block-0", "block-1", "block-2"}
+    uncached = generate(pipe)
+    with smoothcache.cache(pipe, schedule):
+        assert not torch.equal(generate(pipe), uncached)
+    with smoothcache.cache(pipe, Schedule({"block": (1,) * STEPS})):
+        assert torch.equal(generate(pipe), uncached)
+
+
+def test_a_block_and_its_own_layers_cannot_both_be_cached():
+    pipe = make_dit_pipeline()
+    with pytest.raises(BlockCachingError, match="both cache transformer_blocks.0"):
+        smoothcache.cache(pipe, Schedule({"block": PLAN, "attn1": PLAN}))
+    # another block's layers may be cached beside it
+    with smoothcache.cache(pipe, Schedule({"block-0": PLAN, "attn1-1": PLAN})):
+        generate(pipe)
+
+
+def test_guidance_halves_of_a_block_are_refused():
+    pipe = make_dit_pipeline()
+    with pytest.raises(smoothcache.ScheduleError, match="cached whole"):
+        smoothcache.cache(pipe, Schedule({"block@cond": PLAN, "block@uncond": PLAN}))
+
+
+class Widening(nn.Module):
+    """A block whose output does not continue its input: it changes the width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Widening()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[0](x)
+
+
+def test_a_block_whose_output_does_not_continue_its_input_is_refused_clearly():
+    model = Stack()
+    message = r"returned a tensor of shape \(2, 8\) for stream 'x'.*\(2, 4\)"
+    with smoothcache.cache(model, Schedule({"block": (1, 0)}), calls_per_step=1), pytest.raises(BlockCachingError, match=message):
+        model(torch.randn(2, 4))
+
+
+def test_streams_are_found_by_keyword_or_position():
+    block = find_layers(make_dit_pipeline().transformer, ["block"])[0]
+    streams = BlockStreams.of(block.module, block.name, block.streams)
+    x = torch.randn(1, 2, 3)
+    assert streams.inputs((x,), {})[0] is x and streams.inputs((), {"hidden_states": x})[0] is x
+    with pytest.raises(BlockCachingError, match="takes no argument 'context'"):
+        BlockStreams.of(block.module, block.name, ["context"])
