@@ -56,6 +56,9 @@ SCHEDULES = {
     "attn1 alpha=0.18": {"attn1": ALPHA_018},
     "attn1+ff alpha=0.18": {"attn1": ALPHA_018, "ff": ALPHA_018},
     "attn1+ff fora-2": {"attn1": FORA_2, "ff": FORA_2},
+    # whole blocks cached (input + kept residual): also skips the norms, modulation and gates
+    "block alpha=0.18": {"block": ALPHA_018},
+    "block fora-2": {"block": FORA_2},
 }
 
 
@@ -128,7 +131,7 @@ def time_runs(fn: Callable[[], Any], repeats: int, warmup: int) -> tuple[list[fl
 
 
 def ideal_speedups(pipe, batch: int) -> dict[str, float]:
-    with smoothcache.calibration(pipe, components=["attn1", "ff"], steps=STEPS) as rec:
+    with smoothcache.calibration(pipe, components=["attn1", "ff", "block"], steps=STEPS) as rec:
         denoise(pipe, batch)
     profile = rec.profile
     shares = {k: v / profile.total_flops for k, v in profile.key_costs().items()}
@@ -321,7 +324,7 @@ def main() -> None:
                 handle = smoothcache.cache(pipe, Schedule(plans))
                 record("smoothcache", name, partial(denoise, pipe, batch), handle.decision_patterns())
                 handle.disable()
-                if reference is not None:
+                if reference is not None and "block" not in plans:  # the reference caches layers only
                     record("reference", name, partial(run_reference, reference, setup(), plans, batch))
     result = save(args, rows, ideal_by_batch)
     plot(result, args.out.with_suffix(".png"))
