@@ -33,6 +33,25 @@ def test_candidates_run_from_cheapest_to_all_compute(calibrated):
     assert fractions[-1] == 1.0 and fractions[0] < 0.4
 
 
+@pytest.mark.parametrize("solver", ["optimal", "per-block"])
+def test_candidates_are_the_solvers_schedule_at_every_budget(calibrated, solver):
+    """One knapsack for all budgets gives what solving each budget on its own gives."""
+    _, profile = calibrated
+    per_block = solver == "per-block"
+    slots = profile.num_steps * len(profile.keys(per_block))
+    one_by_one: list[Schedule] = []
+    for computed in range(slots, 0, -1):
+        try:
+            schedule = profile.schedule(compute_fraction=computed / slots, solver=solver)
+        except smoothcache.ScheduleError:
+            break
+        if not one_by_one or schedule != one_by_one[-1]:
+            one_by_one.append(schedule)
+    candidates = candidate_schedules(profile, solver)
+    assert len(candidates) == len(one_by_one) and list(candidates) == one_by_one[::-1]
+    assert candidates[-1] == one_by_one[0] and candidates[1:3] == one_by_one[::-1][1:3]
+
+
 @pytest.mark.parametrize("bound", [0.002, 0.02, 0.2])
 def test_the_chosen_schedule_is_the_cheapest_within_the_bound(calibrated, bound):
     pipe, profile = calibrated

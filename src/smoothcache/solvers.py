@@ -16,6 +16,7 @@ from .errors import ScheduleError
 from .schedule import Schedule
 
 __all__ = [
+    "BudgetAllocations",
     "PlanFrontier",
     "allocate_budget",
     "alpha_candidates",
@@ -208,37 +209,51 @@ def allocate_budget(frontiers: Mapping[str, PlanFrontier], weights: Mapping[str,
 
     An exact knapsack over keys; ``weights`` are the integer costs of one computed step of each key.
     """
-    keys = list(frontiers)
-    best = np.zeros(budget + 1)  # best[b]: least error of the keys so far within weighted budget b
-    picks: list[np.ndarray] = []
-    for key in keys:
-        frontier, weight = frontiers[key], int(weights[key])
-        if weight < 1:
-            raise ScheduleError(f"The weight of key {key!r} must be a positive integer, got {weight}")
-        extended = np.full(budget + 1, np.inf)
-        pick = np.full(budget + 1, -1, dtype=np.int32)
-        for m in frontier.feasible():
-            cost = weight * int(m)
-            if cost > budget:
-                break
-            candidate = np.full(budget + 1, np.inf)
-            candidate[cost:] = best[: budget + 1 - cost] + frontier.errors[m]
-            better = candidate < extended
-            extended[better], pick[better] = candidate[better], m
-        best = extended
-        picks.append(pick)
-    if not np.isfinite(best[budget]):
-        least = sum(int(weights[k]) * int(frontiers[k].feasible().min()) for k in keys)
-        raise ScheduleError(
-            f"The budget allows {budget} weighted computed steps but the fewest the lookahead allows is {least}; "
-            "ask for a larger budget or calibrate with a larger lookahead"
-        )
-    allocation: dict[str, int] = {}
-    remaining = budget
-    for key, pick in zip(reversed(keys), reversed(picks)):
-        allocation[key] = int(pick[remaining])
-        remaining -= int(weights[key]) * allocation[key]
-    return {key: allocation[key] for key in keys}
+    return BudgetAllocations(frontiers, weights, budget).within(budget)
+
+
+class BudgetAllocations:
+    """The knapsack of :func:`allocate_budget`, solved once up to ``max_budget``: its tables hold the
+    best allocation within every smaller budget too, so a sweep over budgets (``tune``) costs one solve.
+    """
+
+    def __init__(self, frontiers: Mapping[str, PlanFrontier], weights: Mapping[str, int], max_budget: int) -> None:
+        self.frontiers, self.weights = frontiers, weights
+        self.keys = list(frontiers)
+        best = np.zeros(max_budget + 1)  # best[b]: least error of the keys so far within weighted budget b
+        self._picks: list[np.ndarray] = []
+        for key in self.keys:
+            frontier, weight = frontiers[key], int(weights[key])
+            if weight < 1:
+                raise ScheduleError(f"The weight of key {key!r} must be a positive integer, got {weight}")
+            extended = np.full(max_budget + 1, np.inf)
+            pick = np.full(max_budget + 1, -1, dtype=np.int32)
+            for m in frontier.feasible():
+                cost = weight * int(m)
+                if cost > max_budget:
+                    break
+                candidate = np.full(max_budget + 1, np.inf)
+                candidate[cost:] = best[: max_budget + 1 - cost] + frontier.errors[m]
+                better = candidate < extended
+                extended[better], pick[better] = candidate[better], m
+            best = extended
+            self._picks.append(pick)
+        self.errors = best  # the least summed error within each budget; inf where none fits
+
+    def within(self, budget: int) -> dict[str, int]:
+        """The computed steps per key of the least-error allocation within ``budget``."""
+        if not np.isfinite(self.errors[budget]):
+            least = sum(int(self.weights[k]) * int(self.frontiers[k].feasible().min()) for k in self.keys)
+            raise ScheduleError(
+                f"The budget allows {budget} weighted computed steps but the fewest the lookahead allows is {least}; "
+                "ask for a larger budget or calibrate with a larger lookahead"
+            )
+        allocation: dict[str, int] = {}
+        remaining = budget
+        for key, pick in zip(reversed(self.keys), reversed(self._picks)):
+            allocation[key] = int(pick[remaining])
+            remaining -= int(self.weights[key]) * allocation[key]
+        return {key: allocation[key] for key in self.keys}
 
 
 def optimal_schedule(
