@@ -108,3 +108,15 @@ def test_an_all_ones_schedule_has_an_ideal_speedup_of_one(dit_pipe):
     result = benchmark_schedule(dit_pipe, Schedule({"attn1": (1,) * 10}), lambda: generate(dit_pipe), repeats=1)
     assert result.ideal_speedup == pytest.approx(1.0) and result.compute_fraction == 1.0
     assert result.warnings == diagnose(result.speedup, result.ideal_speedup)  # the result carries its diagnosis
+
+
+def test_the_ideal_speedup_of_a_block_schedule_counts_the_blocks_flops(dit_pipe):
+    from smoothcache.bench import benchmark_schedule
+
+    from conftest import generate
+
+    plan = (1, 0) * 5
+    blocks = benchmark_schedule(dit_pipe, Schedule({"block": plan}), lambda: generate(dit_pipe), repeats=1)
+    layers = benchmark_schedule(dit_pipe, Schedule({"attn1": plan, "ff": plan}), lambda: generate(dit_pipe), repeats=1)
+    # a whole block holds attn1 and ff and more: skipping it half the time saves more than they do
+    assert blocks.ideal_speedup > layers.ideal_speedup > 1.0

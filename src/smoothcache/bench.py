@@ -83,12 +83,13 @@ def benchmark_schedule(
     model = getattr(pipe, "transformer", pipe)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ideal = None
-    if measure_ideal:
-        with calibration(pipe, lookahead=1, steps=schedule.num_steps, calls_per_step=calls_per_step) as rec:
-            run()
-        ideal = rec.profile.estimated_speedup(schedule)
     handle = cache(pipe, schedule, calls_per_step=calls_per_step)
     handle.disable()
+    if measure_ideal:  # the FLOPs of the layers the schedule caches (whole blocks included)
+        components = list(dict.fromkeys(layer.layer_type for layer in handle.layers))
+        with calibration(pipe, components=components, lookahead=1, steps=schedule.num_steps, calls_per_step=calls_per_step) as rec:
+            run()
+        ideal = rec.profile.estimated_speedup(schedule)
     times: dict[str, list[float]] = {"uncached": [], "cached": []}
     peaks: dict[str, float] = {}
     run()  # warm-up
