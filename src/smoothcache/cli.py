@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate = commands.add_parser("calibrate", help="record error curves over a calibration set -> profile JSON")
     _add_model_args(calibrate)
-    calibrate.add_argument("--components", type=_csv, help="layers to calibrate, e.g. attn1,ff (default: the model family's)")
+    calibrate.add_argument("--components", type=_csv, help="layers to calibrate, e.g. attn1,ff, or block for whole blocks (default: the model family's)")
     calibrate.add_argument("--lookahead", type=int, default=3)
     calibrate.add_argument(
         "--branches", action="store_true",

@@ -264,7 +264,8 @@ class CacheHandle:
     def decision_patterns(self) -> int:
         """How many distinct compute/reuse combinations of the schedule keys the steps use: under
         ``torch.compile`` each is one graph per compiled region and call slot (a whole-model compile
-        sees every key; a per-block one only its block's keys, so it may need fewer)."""
+        sees every key; a per-block one only its block's keys, so it may need fewer). A block cached
+        whole computes in two ways, keeping its residual for the next step or not: two patterns."""
         return self._patterns
 
     def disable(self) -> None:
