@@ -35,7 +35,7 @@ def block_components(model) -> list[str]:
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_blocks_cached_whole_skip_exactly_their_plans_and_all_ones_changes_nothing(name):
-    family_test = importlib.import_module(f"tests.models.test_{name}")
+    family_test = importlib.import_module(f".test_{name}", __package__)
     pipe, generate = family_test.make_pipeline(), family_test.generate
     components = [c for c in block_components(pipe.transformer) if _has(pipe.transformer, c)]
     assert components, name
