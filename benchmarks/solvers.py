@@ -3,6 +3,7 @@ shipped demo model, matched in compute, scored against the uncached run on the s
 
     python benchmarks/solvers.py --out docs/solvers            # CPU, about 5 minutes on 2 cores
     python benchmarks/solvers.py --device cuda --out docs/solvers-gpu
+    python benchmarks/solvers.py --components block --solvers optimal --out docs/solvers-block   # whole blocks
 
 Writes report.json (every run: compute, measured and ideal speedup, FID, accuracy, PSNR, SSIM) and
 tradeoff.png into --out.
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--compute-fractions", default="0.8,0.65,0.5,0.4,0.3")
     parser.add_argument("--timing-repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--components", help="layers to cache, e.g. block for whole blocks (default: attn1,ff)")
     parser.add_argument("--plot-from", type=Path, help="only redraw the plots of a report.json")
     args = parser.parse_args()
     if args.plot_from:
@@ -47,6 +49,7 @@ def main() -> None:
         compute_fractions=tuple(float(x) for x in args.compute_fractions.split(",")),
         timing_repeats=args.timing_repeats,
         seed=args.seed,
+        components=tuple(args.components.split(",")) if args.components else None,
     )
     pipe = load_demo_pipeline(device=args.device, progress_bar=False)
     scorer = load_quality_scorer(device=args.device)
