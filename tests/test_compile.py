@@ -171,3 +171,27 @@ def test_blocks_cached_whole_compile_one_graph_per_pattern_and_nothing_the_secon
     assert handle.decision_patterns() == 3 and len(backend.graphs) == 3
     assert backend.calls == STEPS
     assert sorted(backend.attention_calls(gm) for gm in backend.graphs) == [0, 2, 2]
+
+
+def barrier_calls(gm: torch.fx.GraphModule) -> int:
+    return sum("reuse_barrier" in str(node.target) for node in gm.graph.nodes)
+
+
+def test_reused_outputs_pass_the_barrier_under_whole_model_compile_only():
+    """Compiled whole, a reused output goes through smoothcache::reuse_barrier, so inductor cannot fuse
+    every block's residual stream into one kernel; compiled block by block, nothing spans blocks."""
+    pipe = make_dit_pipeline()
+    whole = GraphCounter()
+    pipe.transformer = torch.compile(pipe.transformer, backend=whole)
+    with smoothcache.cache(pipe, SCHEDULE):
+        generate(pipe)
+    # per graph, the reused layers of both blocks: attn1 and ff reused, one reused, the other, none
+    assert sorted(barrier_calls(gm) for gm in whole.graphs) == [0, 2, 2, 4]
+    torch._dynamo.reset()
+    pipe = make_dit_pipeline()
+    regional = GraphCounter()
+    for block in pipe.transformer.transformer_blocks:
+        block.compile(backend=regional)
+    with smoothcache.cache(pipe, SCHEDULE):
+        generate(pipe)
+    assert regional.graphs and not any(barrier_calls(gm) for gm in regional.graphs)

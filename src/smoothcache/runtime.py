@@ -76,14 +76,17 @@ class _Decision:
         self.slot = 0
 
 
-def _caching_forward(original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any]) -> Callable[..., Any]:
-    """The hot path: compute and keep, or hand back what was kept for this call slot."""
+def _caching_forward(
+    original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any], whole_model_compiled: list[bool]
+) -> Callable[..., Any]:
+    """The hot path: compute and keep, or hand back what was kept for this call slot
+    (``whole_model_compiled[0]``: through :func:`_reuse_barrier`, when traced as part of a whole model)."""
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         if not decision.compute:
             kept = outputs[decision.slot]
             if kept is not None:
-                if torch.compiler.is_compiling() and isinstance(kept, torch.Tensor):
+                if torch.compiler.is_compiling() and whole_model_compiled[0] and isinstance(kept, torch.Tensor):
                     return _reuse_barrier(first_tensor(args, kwargs), kept)
                 return kept
         output = original(*args, **kwargs)
@@ -98,6 +101,8 @@ def _caching_forward(original: Callable[..., Any], decision: _Decision, outputs:
 # into the final norm's reduction: one kernel reading every kept output. On DiT-XL/2 that kernel
 # took 4.2 ms of a 5 ms reusing step on an H100 (benchmarks/dit_pattern_cost.py). An opaque op
 # that takes the layer's input keeps the stream realized block by block, as in a computing step.
+# Where each block is compiled on its own nothing spans blocks, and the barrier would only add work
+# (the layer's input norm, dead code otherwise, and a copy): it is used under whole-model compile only.
 @torch.library.custom_op("smoothcache::reuse_barrier", mutates_args=())
 def _reuse_barrier(layer_input: torch.Tensor | None, kept: torch.Tensor) -> torch.Tensor:
     """The kept output (a copy: a custom op may not return its input)."""
@@ -190,6 +195,7 @@ class CacheHandle:
         )
         self._decisions: list[tuple[_Decision, tuple[bool, ...]]] = []
         self._keeps: list[tuple[bool, ...]] = []  # per decision: whether each step's output must be kept
+        self._whole_model_compiled = [False]  # read by traced layers: see _reuse_barrier
         self._restore: list[Callable[[], None]] = []
         self._outputs: list[dict[int, Any]] = []  # per layer: call slot -> kept output(s), None if none
         self._slots = 0  # call slots every layer has an entry for
@@ -247,7 +253,7 @@ class CacheHandle:
                     self._occurrences.append(occurrence)
                     forward = _repeated_caching_forward(layer.module.forward, decision, outputs, occurrence)
                 else:
-                    forward = _caching_forward(layer.module.forward, decision, outputs)
+                    forward = _caching_forward(layer.module.forward, decision, outputs, self._whole_model_compiled)
                 self._restore.append(_shadow_forward(layer.module, forward))
         anchor = step_anchor(self.target.model, self.layers[0].name, whole_block=self.layers[0].streams is not None)
         # the step bookkeeping is plain Python state: traced, it would put every counter in a guard
@@ -300,6 +306,7 @@ class CacheHandle:
         except StepMismatchError:
             self._tracker.reset()
             raise
+        self._whole_model_compiled[0] = _compiled_whole(self.target.model)
         num_steps = self.schedule.num_steps
         if new_generation:
             ran = self._tracker.generation_steps
@@ -362,6 +369,11 @@ class CacheHandle:
             f"times per step and its timesteps list each evaluation ({ran} here), so calibrate with the same "
             f"scheduler and num_inference_steps: its profile then has {ran} steps"
         )
+
+
+def _compiled_whole(model: nn.Module) -> bool:
+    """Whether ``model`` runs as one compiled graph: ``torch.compile(model)`` or ``model.compile()``."""
+    return isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or getattr(model, "_compiled_call_impl", None) is not None
 
 
 def _check_blocks_apart(by_key: dict[str, list[CacheableLayer]]) -> None:
