@@ -52,6 +52,9 @@ def test_calibrate_schedule_generate_inspect(pipeline_dir, tmp_path, capsys):
     assert main(["generate", *common, "--classes", "1,2,3", "--batch", "2", "--schedule", str(schedule_path), "--out", str(out)]) == 0
     record = json.loads((out / "generation.json").read_text())
     assert len(record["files"]) == 3 and all((out / f.split("/")[-1]).exists() for f in record["files"])
+    forecast = tmp_path / "forecast"
+    assert main(["generate", *common, "--classes", "1", "--schedule", str(schedule_path), "--forecast", "linear", "--out", str(forecast)]) == 0
+    assert (forecast / "generation.json").exists()
 
     assert main(["inspect", str(profile_path), "--plot", str(tmp_path / "curves.png"), "--alpha", "0.2"]) == 0
     assert main(["inspect", str(schedule_path), "--plot", str(tmp_path / "plan.png")]) == 0

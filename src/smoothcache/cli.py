@@ -173,7 +173,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             out.mkdir(parents=True, exist_ok=True)
             shard = world.shard_range(len(requests))
             index = sum(request.size for request in requests[: shard.start])  # file names number images globally
-            handle = cache(pipe, schedule) if schedule is not None else None
+            handle = cache(pipe, schedule, forecast=args.forecast) if schedule is not None else None
             written: list[str] = []
             started = time.perf_counter()
             try:
@@ -355,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(generate)
     generate.add_argument("--schedule", help="schedule JSON (omit for an uncached run)")
     generate.add_argument("--out", required=True, help="folder for the images")
+    generate.add_argument(
+        "--forecast", choices=["none", "linear"], default="none",
+        help="reusing steps extrapolate from the last two computed outputs (linear) instead of reusing the last",
+    )
     generate.set_defaults(func=cmd_generate)
 
     bench = commands.add_parser("bench", help="uncached vs cached latency of a schedule on your pipeline")

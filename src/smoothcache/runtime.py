@@ -68,11 +68,12 @@ class _Decision:
     the next step reuses, so a computing block must keep its residual (a layer always keeps its
     output, which costs nothing; a block's residual costs a subtraction)."""
 
-    __slots__ = ("compute", "keep", "slot")
+    __slots__ = ("compute", "keep", "ratio", "slot")
 
     def __init__(self) -> None:
         self.compute = True
         self.keep = True
+        self.ratio = 0.0  # forecasting: how far past the last computed output to extrapolate
         self.slot = 0
 
 
@@ -112,6 +113,26 @@ def _reuse_barrier(layer_input: torch.Tensor | None, kept: torch.Tensor) -> torc
 @_reuse_barrier.register_fake
 def _(layer_input: torch.Tensor | None, kept: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(kept)
+
+
+def _forecasting_forward(original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any]) -> Callable[..., Any]:
+    """As :func:`_caching_forward`, but a reusing step extrapolates linearly from the last two computed
+    outputs, ``last + ratio * (last - previous)`` with ``ratio`` = steps since the last compute over
+    the steps between the two (a first-order Taylor step, as TaylorSeer does). Computing costs nothing
+    extra: it keeps the output it replaces."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        kept = outputs[decision.slot]  # (last, previous) computed outputs
+        if not decision.compute and kept is not None:
+            last, previous = kept
+            if previous is None or decision.ratio == 0.0 or not isinstance(last, torch.Tensor):
+                return last
+            return torch.lerp(last, previous, -decision.ratio)  # last + ratio * (last - previous)
+        output = original(*args, **kwargs)
+        outputs[decision.slot] = (output, None if kept is None else kept[0])
+        return output
+
+    return forward
 
 
 def _block_caching_forward(
@@ -171,6 +192,7 @@ class CacheHandle:
         calls_per_step: int | None = None,
         steps_mismatch: Literal["error", "compute"] = "error",
         branches: Sequence[str] | str = "auto",
+        forecast: Literal["none", "linear"] = "none",
     ) -> None:
         if not isinstance(schedule, Schedule):
             schedule = Schedule.from_dict(schedule)
@@ -181,6 +203,9 @@ class CacheHandle:
         schedule = self._branches.schedule
         self.schedule = schedule
         self.steps_mismatch = steps_mismatch
+        if forecast not in ("none", "linear"):
+            raise ValueError(f"forecast must be 'none' or 'linear', got {forecast!r}")
+        self.forecast = forecast
         if layers is None:
             if components is None:
                 components = list(dict.fromkeys(_layer_type_of(key) for key in schedule.keys))
@@ -195,6 +220,7 @@ class CacheHandle:
         )
         self._decisions: list[tuple[_Decision, tuple[bool, ...]]] = []
         self._keeps: list[tuple[bool, ...]] = []  # per decision: whether each step's output must be kept
+        self._ratios: list[tuple[float, ...]] = []  # per decision: each step's extrapolation (forecast="linear")
         self._whole_model_compiled = [False]  # read by traced layers: see _reuse_barrier
         self._restore: list[Callable[[], None]] = []
         self._outputs: list[dict[int, Any]] = []  # per layer: call slot -> kept output(s), None if none
@@ -236,6 +262,7 @@ class CacheHandle:
             return self
         self._tracker.reset()
         block_decisions: set[int] = set()
+        forecasting: set[int] = set()
         for key, layers in self._plans.items():
             decision = _Decision()
             self._decisions.append((decision, tuple(v == 1 for v in self.schedule.plans[key])))
@@ -253,7 +280,11 @@ class CacheHandle:
                     self._occurrences.append(occurrence)
                     forward = _repeated_caching_forward(layer.module.forward, decision, outputs, occurrence)
                 else:
-                    forward = _caching_forward(layer.module.forward, decision, outputs, self._whole_model_compiled)
+                    if self.forecast == "linear":
+                        forecasting.add(id(decision))
+                        forward = _forecasting_forward(layer.module.forward, decision, outputs)
+                    else:
+                        forward = _caching_forward(layer.module.forward, decision, outputs, self._whole_model_compiled)
                 self._restore.append(_shadow_forward(layer.module, forward))
         anchor = step_anchor(self.target.model, self.layers[0].name, whole_block=self.layers[0].streams is not None)
         # the step bookkeeping is plain Python state: traced, it would put every counter in a guard
@@ -262,8 +293,10 @@ class CacheHandle:
         logger.debug("SmoothCache enabled on %d layers under %d keys", len(self._outputs), len(self._plans))
         # a block's keep flag matters (and, traced, makes its own graphs); a layer keeps regardless
         self._keeps = [_keeps(plan) if id(d) in block_decisions else (True,) * len(plan) for d, plan in self._decisions]
-        columns = zip(*(plan for _, plan in self._decisions), *self._keeps, strict=True)
-        self._patterns = len({*columns, (True,) * 2 * len(self._decisions)})
+        self._ratios = [_ratios(plan) if id(d) in forecasting else (0.0,) * len(plan) for d, plan in self._decisions]
+        columns = zip(*(plan for _, plan in self._decisions), *self._keeps, *self._ratios, strict=True)
+        all_compute = (True,) * 2 * len(self._decisions) + (0.0,) * len(self._decisions)
+        self._patterns = len({*columns, all_compute})
         _warn_if_past_recompile_limit(self.target.model, self._patterns)
         return self
 
@@ -287,6 +320,7 @@ class CacheHandle:
         self._input_shapes.clear()
         self._decisions.clear()
         self._keeps.clear()
+        self._ratios.clear()
         self._tracker.reset()
 
     def reset(self) -> None:
@@ -336,10 +370,10 @@ class CacheHandle:
                     "several times per step, or pass steps_mismatch='compute'"
                 )
             for decision, _ in self._decisions:
-                decision.compute, decision.keep, decision.slot = True, False, slot
+                decision.compute, decision.keep, decision.ratio, decision.slot = True, False, 0.0, slot
             return
-        for (decision, plan), keeps in zip(self._decisions, self._keeps, strict=True):
-            decision.compute, decision.keep, decision.slot = plan[step], keeps[step], slot
+        for (decision, plan), keeps, ratios in zip(self._decisions, self._keeps, self._ratios, strict=True):
+            decision.compute, decision.keep, decision.ratio, decision.slot = plan[step], keeps[step], ratios[step], slot
 
     def _forget_outputs(self, slot: int | None = None) -> None:
         """Drop the kept outputs of one call slot, or all of them (a new generation). The slots stay,
@@ -389,6 +423,19 @@ def _check_blocks_apart(by_key: dict[str, list[CacheableLayer]]) -> None:
                     f"the other its layer {layer.name}. Use a schedule of one kind, e.g. "
                     "profile.schedule(..., keys=[...]) with block keys only or layer keys only"
                 )
+
+
+def _ratios(plan: tuple[bool, ...]) -> tuple[float, ...]:
+    """Per step: for a reusing step, the steps since the last compute over the gap between the last
+    two computes (0 where there is no earlier compute: plain reuse); 0 for computing steps."""
+    ratios, last, previous = [], None, None
+    for step, compute in enumerate(plan):
+        if compute:
+            last, previous = step, last
+            ratios.append(0.0)
+        else:
+            ratios.append((step - last) / (last - previous) if last is not None and previous is not None else 0.0)
+    return tuple(ratios)
 
 
 def _keeps(plan: tuple[bool, ...]) -> tuple[bool, ...]:
@@ -446,8 +493,14 @@ def cache(
     calls_per_step: int | None = None,
     steps_mismatch: Literal["error", "compute"] = "error",
     branches: Sequence[str] | str = "auto",
+    forecast: Literal["none", "linear"] = "none",
 ) -> CacheHandle:
     """Cache ``pipe_or_module``'s layers on ``schedule``; returns an enabled :class:`CacheHandle`.
+
+    ``forecast="linear"``: a reusing step extrapolates each layer's output from its last two computed
+    outputs instead of handing back the last one (beyond the paper; TaylorSeer's first-order step).
+    It keeps two outputs per layer instead of one; whole blocks, guidance halves and layers called
+    several times per block call still reuse plainly.
 
     ``calls_per_step`` is how often the pipeline calls the model per denoising step; by default it
     is read off the scheduler's step index where it has one, and may then vary from step to step
@@ -472,6 +525,7 @@ def cache(
         calls_per_step=calls_per_step,
         steps_mismatch=steps_mismatch,
         branches=branches,
+        forecast=forecast,
     )
 
 

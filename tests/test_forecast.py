@@ -1,0 +1,79 @@
+"""forecast="linear": a reusing step extrapolates from a layer's last two computed outputs, computing
+steps are unchanged, and under torch.compile the extrapolation ratios recompile nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import STEPS, generate, make_dit_pipeline
+
+import smoothcache
+from smoothcache import Schedule
+from smoothcache.runtime import _ratios
+
+PLAN = (1, 1, 0, 0, 1, 0, 1, 0, 0, 1)
+
+
+def test_ratios_are_steps_since_the_last_compute_over_the_gap_before_it():
+    assert _ratios((True, True, False, False, True, False, False, False)) == (0.0, 0.0, 1.0, 2.0, 0.0, 1 / 3, 2 / 3, 1.0)
+    assert _ratios((True, False, True)) == (0.0, 0.0, 0.0)  # no earlier compute: plain reuse
+
+
+def test_a_reusing_step_extrapolates_from_the_last_two_computed_outputs():
+    pipe = make_dit_pipeline()
+    outputs: list[torch.Tensor] = []
+    pipe.transformer.transformer_blocks[0].attn1.register_forward_hook(lambda m, a, out: outputs.append(out))
+    with smoothcache.cache(pipe, Schedule({"attn1": PLAN}), forecast="linear"):
+        generate(pipe)
+    ratios = _ratios(tuple(bool(v) for v in PLAN))
+    last = previous = None
+    for step, output in enumerate(outputs):
+        if PLAN[step]:
+            last, previous = output, last
+        elif previous is None:
+            assert torch.equal(output, last)
+        else:
+            assert torch.equal(output, torch.lerp(last, previous, -ratios[step]))
+            assert torch.allclose(output, last + ratios[step] * (last - previous), atol=1e-6)
+
+
+def test_all_ones_is_bit_identical_and_forecasting_changes_only_reusing_steps():
+    pipe = make_dit_pipeline()
+    uncached = generate(pipe)
+    with smoothcache.cache(pipe, Schedule({"attn1": (1,) * STEPS, "ff": (1,) * STEPS}), forecast="linear"):
+        assert torch.equal(generate(pipe), uncached)
+    schedule = Schedule({"attn1": PLAN, "ff": PLAN})
+    with smoothcache.cache(pipe, schedule):
+        reused = generate(pipe)
+    with smoothcache.cache(pipe, schedule, forecast="linear"):
+        forecast = generate(pipe)
+    assert not torch.equal(forecast, reused)
+
+
+def test_under_whole_model_compile_each_pattern_and_ratio_is_one_graph_and_nothing_recompiles():
+    torch._dynamo.reset()
+    pipe = make_dit_pipeline()
+    schedule = Schedule({"attn1": PLAN})
+    with smoothcache.cache(pipe, schedule, forecast="linear"):
+        expected = generate(pipe)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    pipe.transformer = torch.compile(pipe.transformer, backend=backend)
+    with smoothcache.cache(pipe, schedule, forecast="linear") as handle:
+        first = generate(pipe)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            second = generate(pipe)
+    torch._dynamo.reset()
+    assert torch.allclose(first, expected, atol=1e-6) and torch.allclose(second, expected, atol=1e-6)
+    # compute, and reuse at ratios 1, 2, 1/3, 1/2: at most one graph each (dynamo may keep a float
+    # ratio as a graph input instead of a constant, and then needs fewer)
+    assert handle.decision_patterns() == 5 and 2 <= len(graphs) <= 5
+
+
+def test_an_unknown_forecast_is_refused():
+    with pytest.raises(ValueError, match="forecast must be 'none' or 'linear'"):
+        smoothcache.cache(make_dit_pipeline(), Schedule({"attn1": PLAN}), forecast="quadratic")
