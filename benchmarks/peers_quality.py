@@ -118,9 +118,9 @@ def remove_diffusers_hooks(transformer: nn.Module) -> None:
                 registry.remove_hook(name, recurse=False)
 
 
-def ours(schedule: Schedule) -> Apply:
+def ours(schedule: Schedule, forecast: str = "none") -> Apply:
     def apply(pipe: Any) -> Callable[[], None]:
-        return smoothcache.cache(pipe, schedule).disable
+        return smoothcache.cache(pipe, schedule, forecast=forecast).disable  # type: ignore[arg-type]
 
     return apply
 
@@ -210,6 +210,8 @@ def our_methods(pipe: Any, generate: Callable[[], torch.Tensor], settings: Setti
     methods: list[tuple[str, str, Apply]] = []
     for budget in budgets:
         methods.append(("smoothcache (optimal)", f"budget {budget}", ours(profile.schedule(compute_fraction=budget))))
+        methods.append(("smoothcache (optimal) + linear forecast", f"budget {budget}",
+                        ours(profile.schedule(compute_fraction=budget), forecast="linear")))
         methods.append(("smoothcache (paper's greedy)", f"budget {budget}", ours(profile.schedule(compute_fraction=budget, solver="greedy"))))
         methods.append(("smoothcache blocks (optimal)", f"budget {budget}", ours(blocks.schedule(compute_fraction=budget))))
     for interval in (2, 3):
