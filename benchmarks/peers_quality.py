@@ -35,18 +35,10 @@ from torch import nn
 import smoothcache
 from smoothcache import Schedule
 from smoothcache.demo.assets import load_demo_pipeline, load_quality_scorer
+from smoothcache.demo.harness import DemoConfig
 
+SETTINGS = ("steps", "guidance_scale", "samples_per_class", "num_classes", "seed", "calibration_samples_per_class")
 Apply = Callable[[Any], Callable[[], None] | None]  # attaches a method to the pipeline; returns its undo
-
-
-@dataclass
-class Settings:
-    steps: int = 20
-    guidance_scale: float = 1.5
-    samples_per_class: int = 10
-    num_classes: int = 10
-    seed: int = 0
-    calibration_samples_per_class: int = 2
 
 
 @dataclass
@@ -161,7 +153,7 @@ def calibrate_mag_ratios(pipe: Any, generate: Callable[[], torch.Tensor], steps:
     return [float(x) for x in ast.literal_eval(line)]
 
 
-def peer_methods(pipe: Any, generate: Callable[[], torch.Tensor], settings: Settings, quick: bool) -> list[tuple[str, str, Apply]]:
+def peer_methods(pipe: Any, generate: Callable[[], torch.Tensor], settings: DemoConfig, quick: bool) -> list[tuple[str, str, Apply]]:
     from diffusers.hooks import (
         FirstBlockCacheConfig,
         MagCacheConfig,
@@ -198,7 +190,7 @@ def peer_methods(pipe: Any, generate: Callable[[], torch.Tensor], settings: Sett
     return methods
 
 
-def our_methods(pipe: Any, generate: Callable[[], torch.Tensor], settings: Settings, budgets: tuple[float, ...]) -> tuple[list[tuple[str, str, Apply]], dict[str, float]]:
+def our_methods(pipe: Any, generate: Callable[[], torch.Tensor], settings: DemoConfig, budgets: tuple[float, ...]) -> tuple[list[tuple[str, str, Apply]], dict[str, float]]:
     """Our schedules at each budget, and the attn1/ff FLOP shares (from the same calibration)."""
     with smoothcache.calibration(pipe, components=["attn1", "ff"], steps=settings.steps) as rec:
         generate()
@@ -228,7 +220,7 @@ def main() -> None:
     if args.plot_from:
         print(plot(json.loads(args.plot_from.read_text()), args.plot_from.parent / "quality-vs-compute.png"))
         return
-    settings = Settings(samples_per_class=2 if args.quick else 10)
+    settings = DemoConfig(samples_per_class=2 if args.quick else 10, calibration_samples_per_class=2)  # as benchmarks/solvers.py
     budgets = (0.65, 0.4) if args.quick else (0.8, 0.65, 0.5, 0.4, 0.3)
     torch.manual_seed(0)
     pipe = load_demo_pipeline(progress_bar=False)
@@ -276,7 +268,7 @@ def main() -> None:
         "benchmark": "quality at equal measured compute on the demo model: smoothcache vs diffusers' cache hooks",
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
-        "settings": asdict(settings) | {"samples": len(labels), "quick": args.quick, "flop_shares": shares},
+        "settings": {key: getattr(settings, key) for key in SETTINGS} | {"samples": len(labels), "quick": args.quick, "flop_shares": shares},
         "runs": [asdict(run) for run in runs],
     }
     args.out.mkdir(parents=True, exist_ok=True)
