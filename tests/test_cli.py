@@ -123,3 +123,20 @@ def test_the_ideal_speedup_of_a_block_schedule_counts_the_blocks_flops(dit_pipe)
     layers = benchmark_schedule(dit_pipe, Schedule({"attn1": plan, "ff": plan}), lambda: generate(dit_pipe), repeats=1)
     # a whole block holds attn1 and ff and more: skipping it half the time saves more than they do
     assert blocks.ideal_speedup > layers.ideal_speedup > 1.0
+
+
+def test_calibrate_and_schedule_for_forecasting(pipeline_dir, tmp_path, capsys):
+    profile_path, schedule_path = tmp_path / "profile.json", tmp_path / "schedule.json"
+    common = ["--model", str(pipeline_dir), "--steps", "10", "--quiet"]
+    assert main(["calibrate", *common, "--samples", "2", "--batch", "2", "--forecast", "linear", "--out", str(profile_path)]) == 0
+    profile = CalibrationProfile.load(profile_path)
+    assert profile.forecast_errors is not None and profile.step_weights is not None
+    capsys.readouterr()
+    assert main(["schedule", str(profile_path), "--compute-fraction", "0.5", "--forecast", "linear", "--out", str(schedule_path)]) == 0
+    assert Schedule.load(schedule_path) == profile.schedule(compute_fraction=0.5, forecast="linear")
+    assert "generate with --forecast linear" in capsys.readouterr().out
+    unweighted = tmp_path / "unweighted.json"
+    assert main(["schedule", str(profile_path), "--compute-fraction", "0.5", "--unweighted", "--out", str(unweighted)]) == 0
+    assert Schedule.load(unweighted) == profile.schedule(compute_fraction=0.5, weigh_steps=False)
+    assert main(["generate", *common, "--samples", "2", "--schedule", str(schedule_path), "--forecast", "linear",
+                 "--out", str(tmp_path / "images")]) == 0

@@ -5,6 +5,11 @@ Errors accumulate on the model's device and are copied to the host once, when re
 Each layer keeps only its last ``lookahead`` outputs per call slot and occurrence (copies in the model's dtype,
 as the model may reuse its buffers). A step's error is the mean over the calls that measured it;
 where a layer measured nothing (its expert or its call did not run), the error is NaN.
+
+With ``forecast="linear"`` it also measures the error of predicting step ``s + k`` by extrapolating
+linearly from steps ``s`` and ``s - g`` (what a reusing step computes under
+``cache(..., forecast="linear")``), for gaps ``g = 1..lookahead + 1``; each layer then keeps its
+last ``2 * lookahead + 1`` outputs.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import platform
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -33,6 +38,7 @@ from .guidance import (
     check_cfg_batch,
 )
 from .profile import CalibrationProfile, LayerInfo
+from .step_weights import StepProbe
 from .steps import (
     StepTracker,
     attach_step_hooks,
@@ -60,6 +66,11 @@ def _l1(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, ord=1, dtype=torch.float32)
 
 
+def _total(norms: Any) -> torch.Tensor:
+    """The sum of a layer's per-tensor norms (one for a tensor output, several for a tuple)."""
+    return torch.stack(list(norms)).sum()
+
+
 class CalibrationRecorder:
     """Hooks that record rel-L1 error curves; use through :func:`calibration`."""
 
@@ -74,7 +85,12 @@ class CalibrationRecorder:
         measure_flops: bool = True,
         components: Sequence[str] | None = None,
         branches: Sequence[str] | str | None = None,
+        forecast: Literal["none", "linear"] = "none",
     ) -> None:
+        if forecast not in ("none", "linear"):
+            raise ValueError(f"forecast must be 'none' or 'linear', got {forecast!r}")
+        if forecast == "linear" and branches is not None:
+            raise GuidanceError("Forecast errors are measured over the whole batch only; calibrate with branches= or forecast=, not both")
         if lookahead < 1:
             raise ValueError(f"lookahead must be >= 1, got {lookahead}")
         if steps is not None and steps < 2:
@@ -90,6 +106,7 @@ class CalibrationRecorder:
         self.branches = branch_order(self.target.pipeline, branches) if branches is not None else None
         self._batch_rows = 0  # the current model call's batch, where branches are recorded
         self.lookahead = lookahead
+        self.gaps = lookahead + 1 if forecast == "linear" else 0  # forecast: gaps between the two computes
         self.steps = steps
         self.measure_flops = measure_flops
         self.components = list(components) if components is not None else sorted({layer.layer_type for layer in self.layers})
@@ -100,6 +117,12 @@ class CalibrationRecorder:
         self._current: torch.Tensor | None = None
         self._calls_in_generation = 0
         self._counts: torch.Tensor | None = None  # measurements summed into each cell of _current
+        self._forecast_runs: list[torch.Tensor] = []  # with forecast: (layers, steps, gaps, lookahead) sums
+        self._forecast_run_counts: list[torch.Tensor] = []
+        self._forecasts: torch.Tensor | None = None  # this generation's, by target step
+        self._sensitivities: list[torch.Tensor] = []  # this generation's, one per scheduler step (step_weights.py)
+        self._sensitivity_runs: list[torch.Tensor] = []
+        self._forecast_counts: torch.Tensor | None = None
         self._timesteps: Any | None = None  # the scheduler's, for the profile (read once, at the end)
         self._rings: list[dict[tuple[int, int], deque[list[torch.Tensor]]]] = []  # per layer: (slot, occurrence) -> last outputs
         self._occurrences: list[int] = [0] * len(self.layers)  # per layer: its calls in this model call
@@ -120,6 +143,10 @@ class CalibrationRecorder:
         self._started = time.time()
         anchor = step_anchor(self.target.model, self.layers[0].name, whole_block=self.layers[0].streams is not None)
         self._undo = attach_step_hooks(self.target.model, anchor, self._before_model_call, pass_inputs=True)
+        scheduler = getattr(self.target.pipeline, "scheduler", None)
+        if callable(getattr(scheduler, "step", None)) and "step" not in vars(scheduler):
+            probe = StepProbe(scheduler, self._sensitivities.append).attach()
+            self._undo.append(probe.detach)
         for index, layer in enumerate(self.layers):
             before = layer.module.register_forward_pre_hook(lambda m, a, i=index: self._before_layer(i))
             if layer.streams is None:
@@ -216,16 +243,38 @@ class CalibrationRecorder:
         self._occurrences[index] += 1
         ring = rings.get(key)
         if ring is None:
-            ring = rings[key] = deque(maxlen=self.lookahead)
+            ring = rings[key] = deque(maxlen=self.lookahead + self.gaps)
         if ring:
-            denominator = sum(_l1(t) for t in current)
-            numerators = [sum(_l1(p - c) for p, c in zip(previous, current)) for previous in ring]
+            denominator = _total(_l1(t) for t in current)
+            numerators = [_total(_l1(p - c) for p, c in zip(previous, current)) for previous in list(ring)[: self.lookahead]]
             assert self._current is not None and self._counts is not None
             self._current[index, self._step, : len(numerators)] += torch.stack(numerators) / denominator
             self._counts[index, self._step, : len(numerators)] += 1
+            if self.gaps and len(ring) > 1:
+                self._record_forecasts(index, current, ring, denominator)
         if self.branches is not None:
             self._record_branches(index, current, ring)
         ring.appendleft(current)
+
+    def _record_forecasts(
+        self, index: int, current: list[torch.Tensor], ring: deque[list[torch.Tensor]], denominator: torch.Tensor
+    ) -> None:
+        """The error of predicting this step from steps ``s = t - k`` and ``s - g``: ``y_s + (k / g) (y_s - y_(s-g))``."""
+        numerators, cells = [], []
+        earlier = list(ring)  # earlier[i] is step t - 1 - i
+        for k in range(1, self.lookahead + 1):
+            for gap in range(1, self.gaps + 1):
+                if k + gap > len(earlier):
+                    break
+                last, previous = earlier[k - 1], earlier[k - 1 + gap]
+                numerators.append(_total(_l1(c - torch.lerp(s, p, -k / gap)) for c, s, p in zip(current, last, previous)))
+                cells.append((gap - 1, k - 1))
+        if not cells:
+            return
+        assert self._forecasts is not None and self._forecast_counts is not None
+        gaps, ks = (list(axis) for axis in zip(*cells))
+        self._forecasts[index, self._step, gaps, ks] += torch.stack(numerators) / denominator
+        self._forecast_counts[index, self._step, gaps, ks] += 1
 
     def _record_branches(self, index: int, current: list[torch.Tensor], ring: deque[list[torch.Tensor]]) -> None:
         """As the whole-batch error, over each guidance half's rows alone, into that branch's entry."""
@@ -243,9 +292,9 @@ class CalibrationRecorder:
         for position, branch in enumerate(self.branches or ()):
             rows_of = slice(0, half) if position == 0 else slice(half, rows)
             entry = index + len(self.layers) * (1 + BRANCHES.index(branch))
-            denominator = sum(_l1(t[rows_of]) for t in current)
+            denominator = _total(_l1(t[rows_of]) for t in current)
             numerators = [
-                sum(_l1(p[rows_of] - c[rows_of]) for p, c in zip(previous, current))
+                _total(_l1(p[rows_of] - c[rows_of]) for p, c in zip(previous, current))
                 for previous in ring
             ]
             self._current[entry, self._step, : len(numerators)] += torch.stack(numerators) / denominator
@@ -273,20 +322,33 @@ class CalibrationRecorder:
         entries = len(self.layers) * (1 + len(BRANCHES) if self.branches is not None else 1)
         self._current = torch.zeros(entries, steps, self.lookahead, device=device)
         self._counts = torch.zeros_like(self._current)
+        if self.gaps:
+            self._forecasts = torch.zeros(len(self.layers), steps, self.gaps, self.lookahead, device=device)
+            self._forecast_counts = torch.zeros_like(self._forecasts)
         self._timesteps = self.target.timesteps()  # kept by reference: read once, when the profile is built
         self._calls_in_generation = 0
         self._rings = [{} for _ in self.layers]
+        self._sensitivities.clear()
 
     def _finish_generation(self) -> None:
         if self._current is None:
             return
         steps = self._current.shape[1]
         if self._calls_in_generation >= steps * self._tracker.calls_per_step:
+            assert self._counts is not None
             self._runs.append(self._current)
             self._run_counts.append(self._counts)
+            if self._forecasts is not None and self._forecast_counts is not None:
+                self._forecast_runs.append(self._forecasts)
+                self._forecast_run_counts.append(self._forecast_counts)
+            if len(self._sensitivities) == steps:  # one scheduler step per denoising step, as the solver assumes
+                self._sensitivity_runs.append(torch.stack(self._sensitivities))
+            elif self._sensitivities:
+                logger.info("Step sensitivities not recorded: %d scheduler steps for %d steps", len(self._sensitivities), steps)
         else:
             logger.warning("Dropping an incomplete calibration generation (%d of %d steps)", self._step + 1, steps)
         self._current = None
+        self._sensitivities.clear()
 
     def _build_profile(self) -> CalibrationProfile:
         if not self._runs:
@@ -304,6 +366,7 @@ class CalibrationRecorder:
         for k in range(1, lookahead + 1):
             # target step t = s + k holds the error against step s: shift to source indexing.
             errors[:, :, k - 1, : steps - k] = means[:, :, k:, k - 1]
+        forecasts = self._forecast_profile(runs, num_layers, steps, lookahead)
         flops: list[float | None] = list(self._flops) if self._flops else [None] * len(self.layers)
         infos = [LayerInfo(layer.name, layer.layer_type, layer.block, f) for layer, f in zip(self.layers, flops, strict=True)]
         if self.branches is not None:
@@ -318,6 +381,7 @@ class CalibrationRecorder:
             "device": str(parameter.device) if parameter is not None else None,
             "components": self.components,
             "lookahead": lookahead,
+            "forecast": "linear" if self.gaps else "none",
             "num_steps": steps,
             "calls_per_step": calls_per_step,
             "branches": list(self.branches) if self.branches is not None else None,
@@ -329,9 +393,35 @@ class CalibrationRecorder:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.time() - self._started, 3),
             **_scheduler_record(self.target.pipeline, self._timesteps),
+            **self._step_weights(runs),
         }
         self._runs, self._run_counts = [], []
-        return CalibrationProfile(infos, errors, metadata, self._total_flops)
+        return CalibrationProfile(infos, errors, metadata, self._total_flops, forecasts)
+
+    def _step_weights(self, runs: int) -> dict[str, Any]:
+        """The steps' mean sensitivity, scaled to at most 1, where every generation measured it."""
+        measured, self._sensitivity_runs = self._sensitivity_runs, []
+        if len(measured) != runs:
+            return {}
+        weights = torch.stack(measured).mean(dim=0).cpu().double().numpy()
+        if not np.all(np.isfinite(weights)) or weights.max() <= 0:
+            logger.info("Step sensitivities not recorded: the scheduler's steps gave %s", weights)
+            return {}
+        return {"step_weights": [round(float(w), 6) for w in weights / weights.max()]}
+
+    def _forecast_profile(self, runs: int, num_layers: int, steps: int, lookahead: int) -> np.ndarray | None:
+        """The forecast errors in the profile's layout, ``(runs, layers, gaps, lookahead, steps)`` by source step."""
+        if not self.gaps:
+            return None
+        sums = torch.stack(self._forecast_runs).cpu().double().numpy()  # (runs, layers, steps, gaps, K), by target
+        counts = torch.stack(self._forecast_run_counts).cpu().double().numpy()
+        self._forecast_runs, self._forecast_run_counts = [], []
+        with np.errstate(invalid="ignore"):
+            means = sums / counts
+        forecasts = np.full((runs, num_layers, self.gaps, lookahead, steps), np.nan)
+        for k in range(1, lookahead + 1):
+            forecasts[:, :, :, k - 1, : steps - k] = means[:, :, k:, :, k - 1].transpose(0, 1, 3, 2)
+        return forecasts
 
 
 def _scheduler_record(pipeline: Any, timesteps: Any) -> dict[str, Any]:
@@ -357,8 +447,13 @@ def calibration(
     calls_per_step: int | None = None,
     measure_flops: bool = True,
     branches: Sequence[str] | str | None = None,
+    forecast: Literal["none", "linear"] = "none",
 ) -> CalibrationRecorder:
     """Record error curves over any number of ordinary pipeline calls.
+
+    ``forecast="linear"`` also records the errors of extrapolating each layer's output from two
+    earlier steps, so that ``profile.schedule(..., forecast="linear")`` places computes where
+    ``cache(..., forecast="linear")`` needs them.
 
     ``branches`` records the two halves of a classifier-free guidance batch apart as well:
     ``"auto"`` (known pipelines) or their batch order, ``("cond", "uncond")`` for DiTPipeline. The
@@ -387,4 +482,5 @@ def calibration(
         measure_flops=measure_flops,
         components=components,
         branches=branches,
+        forecast=forecast,
     ).start()

@@ -74,7 +74,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 return None, requests, 0.0
             branches = "auto" if args.branches else None
             with calibration(
-                pipe, components=args.components, lookahead=args.lookahead, steps=args.steps, branches=branches
+                pipe, components=args.components, lookahead=args.lookahead, steps=args.steps, branches=branches,
+                forecast=args.forecast,
             ) as recorder:
                 for request in tqdm(shard, desc="calibrating", unit="call", disable=args.quiet or not world.is_main):
                     run_request(pipe, request, args.steps, **extra)
@@ -123,9 +124,13 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         keys=args.keys,
         per_block=args.per_block,
         solver=args.solver,
+        forecast=args.forecast,
+        weigh_steps=not args.unweighted,
     )
     schedule.save(args.out)
     print(schedule.summary())
+    if args.forecast == "linear":
+        print("Planned for forecasting: generate with --forecast linear (cache(..., forecast='linear'))")
     speedup = f"estimated speedup {profile.estimated_speedup(schedule):.2f}x" if profile.total_flops else "no FLOPs recorded"
     threshold = f"alpha {alpha:.4g}, " if alpha is not None else ""
     solver = "greedy" if alpha is not None else args.solver or "optimal"  # only the greedy rule has a threshold
@@ -321,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--branches", action="store_true",
         help="also record the conditional and unconditional halves of a CFG batch ('attn1@uncond' keys)",
     )
+    calibrate.add_argument(
+        "--forecast", choices=["none", "linear"], default="none",
+        help="linear: also record the errors of extrapolating outputs, to plan schedules for generate --forecast linear",
+    )
     calibrate.add_argument("--out", required=True, help="profile JSON to write")
     calibrate.set_defaults(func=cmd_calibrate)
 
@@ -339,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="greedy: the paper's threshold rule; optimal: least summed error within a budget; "
         "per-block: optimal with one plan per block under one global budget "
         "(default: greedy for --alpha, optimal for a budget)",
+    )
+    schedule.add_argument(
+        "--forecast", choices=["none", "linear"], default="none",
+        help="linear: place computes for reusing steps that extrapolate (needs calibrate --forecast linear)",
+    )
+    schedule.add_argument(
+        "--unweighted", action="store_true",
+        help="optimal solver: sum the errors as measured instead of weighing each step by its sensitivity",
     )
     schedule.add_argument("--out", required=True)
     schedule.set_defaults(func=cmd_schedule)

@@ -7,6 +7,7 @@ any threshold or budget come from it without running the model again.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from collections.abc import Sequence
@@ -18,9 +19,16 @@ import numpy as np
 
 from .errors import ProfileError
 from .schedule import Schedule, schedule_key_for
-from .solvers import greedy_schedule, optimal_schedule, schedule_for_budget
+from .solvers import (
+    SolverProblem,
+    greedy_schedule,
+    schedule_for_budget,
+    weigh_by_target_step,
+)
 
 __all__ = ["CalibrationProfile", "LayerInfo"]
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "smoothcache.profile"
 FORMAT_VERSION = 1
@@ -28,6 +36,8 @@ FORMAT_VERSION = 1
 # "per-block" is the optimal solver with one plan per block: one name for the command line and the demo.
 Solver = Literal["greedy", "optimal", "per-block"]
 SOLVERS: tuple[str, ...] = get_args(Solver)
+# what a reusing step returns: the kept output, or an extrapolation from the last two (runtime.cache)
+Forecast = Literal["none", "linear"]
 
 
 @dataclass(frozen=True)
@@ -52,12 +62,16 @@ class CalibrationProfile:
     ``errors[r, l, k - 1, s]`` is ``||y_{s+k} - y_s||_1 / ||y_{s+k}||_1`` for layer ``l`` in run
     ``r``: the error of reusing step ``s``'s output ``k`` steps later. Entries with
     ``s + k >= num_steps`` are NaN.
+
+    ``forecast_errors[r, l, g - 1, k - 1, s]``, recorded by ``calibration(..., forecast="linear")``,
+    is the error of predicting step ``s + k`` by extrapolating from steps ``s`` and ``s - g``.
     """
 
     layers: list[LayerInfo]
     errors: np.ndarray
     metadata: dict[str, Any] = field(default_factory=dict)
     total_flops: float | None = None
+    forecast_errors: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.errors = np.asarray(self.errors, dtype=np.float64)
@@ -69,6 +83,15 @@ class CalibrationProfile:
             raise ProfileError(f"errors cover {self.errors.shape[1]} layers but {len(self.layers)} are listed")
         if self.lookahead < 1 or self.num_steps < 2:
             raise ProfileError(f"A profile needs lookahead >= 1 and >= 2 steps, got {self.lookahead} and {self.num_steps}")
+        if self.forecast_errors is not None:
+            self.forecast_errors = np.asarray(self.forecast_errors, dtype=np.float64)
+            runs, layers, lookahead, steps = self.errors.shape
+            shape = self.forecast_errors.shape
+            if len(shape) != 5 or shape[:2] != (runs, layers) or shape[3:] != (lookahead, steps) or shape[2] < lookahead + 1:
+                raise ProfileError(
+                    f"forecast_errors must have shape ({runs}, {layers}, gaps >= {lookahead + 1}, {lookahead}, {steps}) "
+                    f"to match the errors, got {shape}"
+                )
 
     # ---- shape ------------------------------------------------------------------------------
     @property
@@ -82,6 +105,14 @@ class CalibrationProfile:
     @property
     def num_steps(self) -> int:
         return self.errors.shape[3]
+
+    @property
+    def step_weights(self) -> np.ndarray | None:
+        """Each step's sensitivity (see :mod:`smoothcache.step_weights`), where calibration measured it."""
+        weights = self.metadata.get("step_weights")
+        if weights is None or len(weights) != self.num_steps:
+            return None
+        return np.asarray(weights, dtype=np.float64)
 
     def keys(self, per_block: bool = False, branches: bool = False) -> list[str]:
         """Schedule keys in the model's order: layer types, or one key per block's layer.
@@ -104,6 +135,18 @@ class CalibrationProfile:
 
     def curves(self, key: str) -> np.ndarray:
         """``(lookahead, steps)`` curves for a type key (mean over its blocks) or a per-block key."""
+        return self._mean_over_rows(self.mean_errors(), key)
+
+    def forecast_curves(self, key: str) -> np.ndarray:
+        """``(gaps, lookahead, steps)``: as :meth:`curves`, for the errors of extrapolating (see the class)."""
+        if self.forecast_errors is None:
+            raise ProfileError(
+                "This profile has no forecast errors: calibrate with forecast='linear' "
+                "(smoothcache calibrate --forecast linear) to plan schedules for forecasting"
+            )
+        return self._mean_over_rows(self.forecast_errors.mean(axis=0), key)
+
+    def _mean_over_rows(self, per_layer: np.ndarray, key: str) -> np.ndarray:
         rows = [i for i, layer in enumerate(self.layers) if key in (layer.layer_type, layer.block_key)]
         if not rows:
             raise ProfileError(f"The profile has no layer for key {key!r}; it has {self.keys()} and {self.keys(True)}")
@@ -111,11 +154,15 @@ class CalibrationProfile:
         rows = per_type or rows
         with warnings.catch_warnings():  # a step no layer of the key measured stays NaN: compute there
             warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(self.mean_errors()[rows], axis=0)
+            return np.nanmean(per_layer[rows], axis=0)
 
     def curves_by_key(self, keys: Sequence[str] | None = None, per_block: bool = False) -> dict[str, np.ndarray]:
         keys = list(keys) if keys is not None else self.keys(per_block)
         return {key: self.curves(key) for key in keys}
+
+    def forecast_curves_by_key(self, keys: Sequence[str] | None = None, per_block: bool = False) -> dict[str, np.ndarray]:
+        keys = list(keys) if keys is not None else self.keys(per_block)
+        return {key: self.forecast_curves(key) for key in keys}
 
     def key_costs(self, per_block: bool = False) -> dict[str, float]:
         """FLOPs per model call of all layers each key governs (needs costs recorded at calibration)."""
@@ -140,6 +187,8 @@ class CalibrationProfile:
         keys: Sequence[str] | None = None,
         per_block: bool = False,
         solver: Solver | None = None,
+        forecast: Forecast = "none",
+        weigh_steps: bool = True,
     ) -> Schedule:
         """A schedule at threshold ``alpha`` (greedy only), or the best one within a budget.
 
@@ -151,13 +200,25 @@ class CalibrationProfile:
         optimal solver, which gave better FID and PSNR at every budget on the demo model
         (``docs/solvers/``). With ``per_block=True`` each block's layers get their own plan, so
         sensitive blocks compute more often under the same global budget; ``solver="per-block"``
-        is the optimal solver with ``per_block=True``.
+        is the optimal solver with ``per_block=True``. Where calibration measured the steps'
+        sensitivity, the optimal solver weighs each step's error by it and may reuse at the last
+        step (``weigh_steps=False``: plain summed errors, last step computed). ``forecast="linear"`` plans for
+        ``cache(..., forecast="linear")``: the optimal solver minimises the errors of extrapolating
+        instead of reusing (the profile must have been calibrated with ``forecast="linear"``).
 
         >>> profile.schedule(alpha=0.18)                                   # doctest: +SKIP
         >>> profile.schedule(compute_fraction=0.5, solver="optimal")       # doctest: +SKIP
+        >>> profile.schedule(compute_fraction=0.4, forecast="linear")      # doctest: +SKIP
         """
         return self.schedule_and_threshold(
-            alpha, compute_fraction=compute_fraction, speedup=speedup, keys=keys, per_block=per_block, solver=solver
+            alpha,
+            compute_fraction=compute_fraction,
+            speedup=speedup,
+            keys=keys,
+            per_block=per_block,
+            solver=solver,
+            forecast=forecast,
+            weigh_steps=weigh_steps,
         )[0]
 
     def schedule_and_threshold(
@@ -169,6 +230,8 @@ class CalibrationProfile:
         keys: Sequence[str] | None = None,
         per_block: bool = False,
         solver: Solver | None = None,
+        forecast: Forecast = "none",
+        weigh_steps: bool = True,
     ) -> tuple[Schedule, float | None]:
         """As :meth:`schedule`, also returning the greedy threshold used (None for the optimal solver)."""
         given = [n for n, v in (("alpha", alpha), ("compute_fraction", compute_fraction), ("speedup", speedup)) if v is not None]
@@ -180,7 +243,13 @@ class CalibrationProfile:
             raise ProfileError(f"Unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
         if solver == "per-block":
             solver, per_block = "optimal", True
+        if forecast == "linear" and solver == "greedy":
+            raise ProfileError(
+                "Schedules for forecasting come from the optimal solver: give compute_fraction= or speedup= "
+                "with solver='optimal' or 'per-block'"
+            )
         curves = self.curves_by_key(keys, per_block)
+        problem = self.solver_problem(keys, per_block, forecast, weigh_steps) if solver == "optimal" else None
         if alpha is not None:
             if alpha < 0:
                 raise ProfileError(f"alpha must be >= 0, got {alpha}")
@@ -193,15 +262,15 @@ class CalibrationProfile:
         if compute_fraction is not None:
             if not 0 < compute_fraction <= 1:
                 raise ProfileError(f"compute_fraction must be in (0, 1], got {compute_fraction}")
-            if solver == "optimal":
-                return optimal_schedule(curves, compute_fraction * self.num_steps * len(curves)), None
+            if problem is not None:
+                return problem.solve(compute_fraction * self.num_steps * len(curves)), None
             return schedule_for_budget(
                 curves, lambda s: s.compute_fraction() <= compute_fraction + 1e-12, f"compute_fraction={compute_fraction}"
             )
         assert speedup is not None
         if speedup < 1:
             raise ProfileError(f"speedup must be >= 1, got {speedup}")
-        if solver == "optimal":
+        if problem is not None:
             costs = self.key_costs(per_block)
             costs = {key: costs[key] for key in curves}
             total = float(self.total_flops or 0.0)
@@ -212,8 +281,25 @@ class CalibrationProfile:
                     f"speedup={speedup} is out of reach: skipping every cached layer at every step gives at most "
                     f"{total / max(total - sum(costs.values()), 1e-30):.2f}x"
                 )
-            return optimal_schedule(curves, budget, weights=costs), None
+            return problem.solve(budget, weights=costs), None
         return schedule_for_budget(curves, lambda s: self.estimated_speedup(s) >= speedup - 1e-12, f"speedup={speedup}")
+
+    def solver_problem(
+        self, keys: Sequence[str] | None = None, per_block: bool = False, forecast: Forecast = "none", weigh_steps: bool = True
+    ) -> SolverProblem:
+        """What the optimal solver minimises for these keys: their curves, weighted by the steps'
+        sensitivity where it was measured (``weigh_steps``), and the forecast errors for ``forecast``."""
+        if forecast not in ("none", "linear"):
+            raise ProfileError(f"forecast must be 'none' or 'linear', got {forecast!r}")
+        weights = self.step_weights if weigh_steps else None
+        curves = self.curves_by_key(keys, per_block)
+        forecasts = self.forecast_curves_by_key(keys, per_block) if forecast == "linear" else None
+        if weights is not None:
+            curves = {key: weigh_by_target_step(c, weights) for key, c in curves.items()}
+            if forecasts is not None:
+                forecasts = {key: weigh_by_target_step(f, weights) for key, f in forecasts.items()}
+        # with weights, the last step competes like any other (DDIM's last step hardly moves the sample)
+        return SolverProblem(curves, forecasts, keep_last=weights is None)
 
     def estimated_speedup(self, schedule: Schedule) -> float:
         """Ideal speedup of ``schedule`` on the calibrated model, from the FLOPs it skips.
@@ -282,7 +368,20 @@ class CalibrationProfile:
                 default = isinstance(label, str) and label.startswith("call ") and label[5:].isdigit()
                 labels.append(f"call {len(labels)}" if default or label is None else label)
         metadata.update(run_labels=labels, num_runs=len(labels))
-        return cls(first.layers, np.concatenate([p.errors for p in profiles]), metadata, first.total_flops)
+        forecasts = None
+        if all(p.forecast_errors is not None and p.forecast_errors.shape[2:] == first.forecast_errors.shape[2:] for p in profiles):  # type: ignore[union-attr]
+            forecasts = np.concatenate([p.forecast_errors for p in profiles])  # type: ignore[misc]
+        elif any(p.forecast_errors is not None for p in profiles):
+            logger.warning("Not every merged profile has forecast errors (calibrated with forecast='linear'): the merge has none")
+            metadata["forecast"] = "none"
+        weights = [p.step_weights for p in profiles]
+        if all(w is not None for w in weights):  # the mean over every run, as one calibration would record
+            mean = np.average(np.stack(weights), axis=0, weights=[p.num_runs for p in profiles])  # type: ignore[arg-type]
+            metadata["step_weights"] = [round(float(v), 6) for v in mean / mean.max()]
+        else:
+            metadata.pop("step_weights", None)
+        errors = np.concatenate([p.errors for p in profiles])
+        return cls(first.layers, errors, metadata, first.total_flops, forecasts)
 
     # ---- files ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -303,6 +402,25 @@ class CalibrationProfile:
             "curve_layout": "errors[k-1][s] = rel-L1 between the outputs at step s+k and step s, over ||y_(s+k)||_1",
             "runs": [{layer.name: trimmed(run[i]) for i, layer in enumerate(self.layers)} for run in self.errors],
             "mean": {layer.name: trimmed(curves) for layer, curves in zip(self.layers, self.mean_errors(), strict=True)},
+            **self._forecasts_dict(),
+        }
+
+    def _forecasts_dict(self) -> dict[str, Any]:
+        if self.forecast_errors is None:
+            return {}
+
+        def trimmed(forecasts: np.ndarray) -> list[list[list[float]]]:  # the measured steps s = g .. num_steps - k - 1
+            return [
+                [[float(v) for v in forecasts[g, k, g + 1 : self.num_steps - k - 1]] for k in range(self.lookahead)]
+                for g in range(forecasts.shape[0])
+            ]
+
+        return {
+            "forecast_layout": (
+                "forecast[g-1][k-1][i] = rel-L1 between the output at step s+k and its linear extrapolation from "
+                "steps s and s-g, for s = g+i, over ||y_(s+k)||_1"
+            ),
+            "forecast_runs": [{layer.name: trimmed(run[i]) for i, layer in enumerate(self.layers)} for run in self.forecast_errors],
         }
 
     def save(self, path: str | Path) -> Path:
@@ -337,11 +455,12 @@ class CalibrationProfile:
                                 f"expected {num_steps - k - 1} for {num_steps} steps"
                             )
                         errors[r, i, k, : len(row)] = row
+            forecasts = _forecasts_from(data.get("forecast_runs"), layers, lookahead, num_steps, where)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ProfileError):
                 raise
             raise ProfileError(f"Profile{where} is malformed: {type(exc).__name__}: {exc}") from exc
-        return cls(layers, errors, dict(data.get("metadata") or {}), data.get("total_flops"))
+        return cls(layers, errors, dict(data.get("metadata") or {}), data.get("total_flops"), forecasts)
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationProfile:
@@ -353,3 +472,26 @@ class CalibrationProfile:
         except json.JSONDecodeError as exc:
             raise ProfileError(f"Profile file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
         return cls.from_dict(data, source=str(path))
+
+
+def _forecasts_from(runs: Any, layers: Sequence[LayerInfo], lookahead: int, num_steps: int, where: str) -> np.ndarray | None:
+    """The ``forecast_runs`` of a profile file as an array (None where the file has none)."""
+    if runs is None:
+        return None
+    gaps = len(runs[0][layers[0].name]) if runs else 0
+    forecasts = np.full((len(runs), len(layers), gaps, lookahead, num_steps), np.nan)
+    for r, run in enumerate(runs):
+        for i, layer in enumerate(layers):
+            per_gap = run[layer.name]
+            if len(per_gap) != gaps or any(len(rows) != lookahead for rows in per_gap):
+                raise ProfileError(f"Profile{where}: layer {layer.name} has forecast rows of another shape than {gaps}x{lookahead}")
+            for g, rows in enumerate(per_gap):
+                for k, row in enumerate(rows):
+                    expected = max(0, num_steps - k - g - 2)
+                    if len(row) != expected:
+                        raise ProfileError(
+                            f"Profile{where}: layer {layer.name}, forecast gap {g + 1} lookahead {k + 1} has {len(row)} "
+                            f"values, expected {expected} for {num_steps} steps"
+                        )
+                    forecasts[r, i, g, k, g + 1 : g + 1 + len(row)] = row
+    return forecasts

@@ -10,12 +10,15 @@ left unmeasured (NaN), so the solvers never reuse that far: extrapolating errors
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 
 from .errors import ProfileError
 from .profile import CalibrationProfile
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["resample_curves", "resample_profile", "uniform_positions"]
 
@@ -118,4 +121,11 @@ def resample_profile(
         resampled_from={"num_steps": profile.num_steps, "timesteps": recorded},
         timesteps=[float(t) for t in target] if timesteps is not None else None,
     )
+    if "step_weights" in metadata:  # measured at the calibrated steps only
+        metadata.pop("step_weights")
+        logger.info("Resampling drops the steps' sensitivities: the optimal solver sums unweighted errors")
+    if profile.forecast_errors is not None:
+        # a gap of g steps spans another stretch of the trajectory at another step count
+        logger.warning("Resampling drops the profile's forecast errors; calibrate at %d steps to plan forecasting", num_steps)
+        metadata["forecast"] = "none"
     return CalibrationProfile(profile.layers, errors, metadata, profile.total_flops)

@@ -2,6 +2,9 @@
 
 A curve array has shape ``(lookahead, num_steps)``: ``curves[k - 1, s]`` is the relative L1 error
 of reusing step ``s``'s output at step ``s + k`` (NaN where ``s + k`` is past the last step).
+A forecast curve array, for reusing steps that extrapolate (``cache(..., forecast="linear")``), has
+shape ``(gaps, lookahead, num_steps)``: ``forecasts[g - 1, k - 1, s]`` is the error of predicting
+step ``s + k`` from the outputs of steps ``s`` and ``s - g``.
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ from .schedule import Schedule
 
 __all__ = [
     "BudgetAllocations",
+    "ForecastFrontier",
     "PlanFrontier",
+    "SolverProblem",
     "allocate_budget",
     "alpha_candidates",
+    "forecast_frontier",
+    "frontier_of",
     "greedy_plan",
     "greedy_schedule",
     "nested_plans",
@@ -28,6 +35,7 @@ __all__ = [
     "plan_frontier",
     "reuse_error",
     "schedule_for_budget",
+    "weigh_by_target_step",
 ]
 
 
@@ -105,22 +113,32 @@ def schedule_for_budget(
 # the summed reuse error under a compute budget, exactly, by dynamic programming.
 
 
-def reuse_error(curves: np.ndarray, plan: Sequence[int]) -> float:
+def reuse_error(curves: np.ndarray, plan: Sequence[int], forecasts: np.ndarray | None = None) -> float:
     """Summed error of ``plan``: each reused step ``t`` costs ``curves[t - s - 1, s]``, ``s`` its source.
 
-    ``inf`` where a step reuses an output older than the lookahead (its error was never measured).
+    With ``forecasts``, a reused step after two computes ``p < s`` extrapolates from them and costs
+    ``forecasts[s - p - 1, t - s - 1, s]``. ``inf`` where a step reuses an output older than the
+    lookahead (its error was never measured).
     """
     curves = np.asarray(curves, dtype=np.float64)
     lookahead = curves.shape[0]
-    total, source = 0.0, 0
+    total, source, previous = 0.0, 0, None
     for step, compute in enumerate(plan):
         if compute:
-            source = step
+            source, previous = step, (source if step else None)
             continue
         distance = step - source
-        if distance > lookahead or not np.isfinite(curves[distance - 1, source]):
+        if distance > lookahead:
             return math.inf
-        total += float(curves[distance - 1, source])
+        if forecasts is None or previous is None:
+            error = curves[distance - 1, source]
+        elif source - previous > forecasts.shape[0]:
+            return math.inf
+        else:
+            error = forecasts[source - previous - 1, distance - 1, source]
+        if not np.isfinite(error):
+            return math.inf
+        total += float(error)
     return total
 
 
@@ -199,12 +217,103 @@ def plan_frontier(curves: np.ndarray, keep_last: bool = True, allowed: Sequence[
     return PlanFrontier(ends.min(axis=1), reused_before, np.argmin(ends, axis=1))
 
 
+@dataclass(frozen=True)
+class ForecastFrontier:
+    """As :class:`PlanFrontier`, for plans whose reusing steps extrapolate from the last two computes.
+
+    A reused step's error then depends on the gap between those two computes as well, so the plan
+    state is (last computed step, gap to the one before); gap 0 marks step 0, which has no earlier
+    compute and is reused plainly, as the runtime does.
+    """
+
+    errors: np.ndarray  # (num_steps + 1,)
+    previous_gap: np.ndarray  # (num_steps + 1, num_steps, gaps + 1): for m computes ending at t with gap g, the gap before
+    last_step: np.ndarray  # (num_steps + 1,)
+    last_gap: np.ndarray  # (num_steps + 1,)
+
+    @property
+    def num_steps(self) -> int:
+        return self.previous_gap.shape[1]
+
+    def feasible(self) -> np.ndarray:
+        return np.flatnonzero(np.isfinite(self.errors))
+
+    def plan(self, computed: int) -> tuple[int, ...]:
+        """The least-error plan with exactly ``computed`` computed steps."""
+        if not 0 <= computed < len(self.errors) or not np.isfinite(self.errors[computed]):
+            feasible = self.feasible()
+            raise ScheduleError(
+                f"No plan computes exactly {computed} of {self.num_steps} steps within the lookahead; "
+                f"feasible counts are {feasible.min()}..{feasible.max()}"
+            )
+        plan = [0] * self.num_steps
+        step, gap, m = int(self.last_step[computed]), int(self.last_gap[computed]), computed
+        while True:
+            plan[step] = 1
+            if m == 1:
+                return tuple(plan)
+            step, gap, m = step - gap, int(self.previous_gap[m, step, gap]), m - 1
+
+
+def forecast_frontier(
+    curves: np.ndarray, forecasts: np.ndarray, keep_last: bool = True, allowed: Sequence[bool] | None = None
+) -> ForecastFrontier:
+    """Dynamic programming as in :func:`plan_frontier`, over (computes, last compute, gap before it).
+
+    After step 0, reusing step ``s``'s output costs ``curves``; after a later compute ``s`` whose
+    previous compute was ``g`` steps earlier, step ``s + k`` costs ``forecasts[g - 1, k - 1, s]``.
+    Gaps up to ``lookahead + 1`` (``lookahead`` reused steps between two computes) need
+    ``forecasts`` with that many gap rows.
+    """
+    curves = np.asarray(curves, dtype=np.float64)
+    forecasts = np.asarray(forecasts, dtype=np.float64)
+    lookahead, steps = curves.shape
+    if forecasts.ndim != 3 or forecasts.shape[1:] != curves.shape or forecasts.shape[0] < lookahead + 1:
+        raise ScheduleError(
+            f"forecasts must have shape (gaps >= {lookahead + 1}, {lookahead}, {steps}) for curves of shape "
+            f"{curves.shape}, got {forecasts.shape}"
+        )
+    gaps = lookahead + 1
+
+    def measured(values: np.ndarray) -> np.ndarray:
+        return np.where(np.isfinite(values), values, np.inf)
+
+    # run_cost[g, s, j]: the j steps after compute s, reached with gap g (0: step 0, plain reuse)
+    run_cost = np.full((gaps + 1, steps, lookahead + 1), np.inf)
+    run_cost[:, :, 0] = 0.0
+    for j in range(1, lookahead + 1):
+        run_cost[0, :, j] = run_cost[0, :, j - 1] + measured(curves[j - 1])
+        run_cost[1:, :, j] = run_cost[1:, :, j - 1] + measured(forecasts[:gaps, j - 1])
+    best = np.full((steps + 1, steps, gaps + 1), np.inf)
+    previous_gap = np.zeros((steps + 1, steps, gaps + 1), dtype=np.int16)
+    best[1, 0, 0] = 0.0
+    for t in range(1, steps):
+        if allowed is not None and not allowed[t]:
+            continue
+        for j in range(min(lookahead, t - 1) + 1):
+            source = t - j - 1
+            # arriving at t from compute `source` (itself reached with gap g) after j reused steps
+            candidates = best[:-1, source, :] + run_cost[:, source, j]  # (steps, gaps + 1)
+            best[1:, t, j + 1] = candidates.min(axis=1)
+            previous_gap[1:, t, j + 1] = np.argmin(candidates, axis=1)
+    if keep_last:
+        final = best[:, steps - 1, :]
+        last_gap = np.argmin(final, axis=1)
+        return ForecastFrontier(final.min(axis=1), previous_gap, np.full(steps + 1, steps - 1), last_gap)
+    ends = np.full((steps + 1, steps, gaps + 1), np.inf)
+    for t in range(max(0, steps - 1 - lookahead), steps):
+        ends[:, t, :] = best[:, t, :] + run_cost[:, t, steps - 1 - t]
+    flat = ends.reshape(steps + 1, -1)
+    where = np.argmin(flat, axis=1)
+    return ForecastFrontier(flat.min(axis=1), previous_gap, where // (gaps + 1), where % (gaps + 1))
+
+
 def optimal_plan(curves: np.ndarray, computed: int, keep_last: bool = True) -> list[int]:
     """The plan with ``computed`` computed steps whose summed reuse error is least."""
     return list(plan_frontier(curves, keep_last).plan(computed))
 
 
-def allocate_budget(frontiers: Mapping[str, PlanFrontier], weights: Mapping[str, int], budget: int) -> dict[str, int]:
+def allocate_budget(frontiers: Mapping[str, PlanFrontier | ForecastFrontier], weights: Mapping[str, int], budget: int) -> dict[str, int]:
     """Computed steps per key minimising the summed error, with ``sum(weights[k] * m_k) <= budget``.
 
     An exact knapsack over keys; ``weights`` are the integer costs of one computed step of each key.
@@ -217,7 +326,7 @@ class BudgetAllocations:
     best allocation within every smaller budget too, so a sweep over budgets (``tune``) costs one solve.
     """
 
-    def __init__(self, frontiers: Mapping[str, PlanFrontier], weights: Mapping[str, int], max_budget: int) -> None:
+    def __init__(self, frontiers: Mapping[str, PlanFrontier | ForecastFrontier], weights: Mapping[str, int], max_budget: int) -> None:
         self.frontiers, self.weights = frontiers, weights
         self.keys = list(frontiers)
         best = np.zeros(max_budget + 1)  # best[b]: least error of the keys so far within weighted budget b
@@ -262,6 +371,7 @@ def optimal_schedule(
     weights: Mapping[str, float] | None = None,
     keep_last: bool = True,
     resolution: int = 32,
+    forecasts_by_key: Mapping[str, np.ndarray] | None = None,
 ) -> Schedule:
     """The schedule with the least summed reuse error over all keys, within a compute budget.
 
@@ -269,12 +379,17 @@ def optimal_schedule(
     are each key's cost per computed step (e.g. its FLOPs per model call), 1 per key if omitted,
     so that the budget counts computed layer-type steps. For the knapsack, weights are rounded up to
     integers of at most ``resolution`` and the budget down, so the result always fits the budget.
+    With ``forecasts_by_key`` the errors are those of reusing steps that extrapolate
+    (``cache(..., forecast="linear")``), and computes go where extrapolation needs them.
 
     >>> optimal_schedule({"attn1": curves_a, "ff": curves_f}, max_weighted_computes=20)   # doctest: +SKIP
     """
     if not curves_by_key:
         raise ScheduleError("No curves to build a schedule from")
-    frontiers = {key: plan_frontier(curves, keep_last) for key, curves in curves_by_key.items()}
+    frontiers = {
+        key: frontier_of(curves, None if forecasts_by_key is None else forecasts_by_key[key], keep_last)
+        for key, curves in curves_by_key.items()
+    }
     if weights is None:
         units = {key: 1 for key in frontiers}
         budget = math.floor(max_weighted_computes + 1e-9)
@@ -286,10 +401,24 @@ def optimal_schedule(
         units = {key: math.ceil(weights[key] / quantum - 1e-9) for key in frontiers}
         budget = math.floor(max_weighted_computes / quantum + 1e-9)
     allocation = allocate_budget(frontiers, units, budget)
-    return Schedule(nested_plans(curves_by_key, allocation, keep_last))
+    return Schedule(nested_plans(curves_by_key, allocation, keep_last, forecasts_by_key))
 
 
-def nested_plans(curves_by_key: Mapping[str, np.ndarray], computed: Mapping[str, int], keep_last: bool = True) -> dict[str, tuple[int, ...]]:
+def frontier_of(
+    curves: np.ndarray, forecasts: np.ndarray | None, keep_last: bool = True, allowed: Sequence[bool] | None = None
+) -> PlanFrontier | ForecastFrontier:
+    """The plain frontier, or the forecasting one where forecast errors are given."""
+    if forecasts is None:
+        return plan_frontier(curves, keep_last, allowed)
+    return forecast_frontier(curves, forecasts, keep_last, allowed)
+
+
+def nested_plans(
+    curves_by_key: Mapping[str, np.ndarray],
+    computed: Mapping[str, int],
+    keep_last: bool = True,
+    forecasts_by_key: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, tuple[int, ...]]:
     """Place each key's computed steps so that a key computing fewer steps computes a subset of the
     steps of every key computing more.
 
@@ -299,19 +428,57 @@ def nested_plans(curves_by_key: Mapping[str, np.ndarray], computed: Mapping[str,
     keys, and each next key within the steps already chosen (where the lookahead allows it).
     """
     keys = sorted(computed, key=lambda key: -computed[key])
-    # NaN (never measured) anywhere makes the sum NaN: no key may reuse there
-    total = np.sum(np.stack([np.asarray(curves_by_key[key], dtype=np.float64) for key in keys]), axis=0)
+
+    def summed(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+        # NaN (never measured) anywhere makes the sum NaN: no key may reuse there
+        return np.sum(np.stack([np.asarray(arrays[key], dtype=np.float64) for key in keys]), axis=0)
+
+    total = summed(curves_by_key)
+    total_forecasts = None if forecasts_by_key is None else summed(forecasts_by_key)
     plans: dict[str, tuple[int, ...]] = {}
     allowed: tuple[int, ...] | None = None
     for key in keys:
-        curves = total if allowed is None else curves_by_key[key]
+        if allowed is None:
+            curves, forecasts = total, total_forecasts
+        else:
+            curves, forecasts = curves_by_key[key], None if forecasts_by_key is None else forecasts_by_key[key]
         plan: tuple[int, ...] | None = None
         if allowed is not None:
-            inside = plan_frontier(curves, keep_last, allowed=[bool(v) for v in allowed])
+            inside = frontier_of(curves, forecasts, keep_last, allowed=[bool(v) for v in allowed])
             if computed[key] < len(inside.errors) and np.isfinite(inside.errors[computed[key]]):
                 plan = inside.plan(computed[key])
         if plan is None:
-            plan = plan_frontier(curves, keep_last).plan(computed[key])
+            plan = frontier_of(curves, forecasts, keep_last).plan(computed[key])
         plans[key] = plan
         allowed = plan
     return {key: plans[key] for key in curves_by_key}
+
+
+def weigh_by_target_step(errors: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Curves (``(lookahead, steps)``) or forecast curves (``(gaps, lookahead, steps)``) with each
+    error scaled by the weight of the step where it is incurred: ``[..., k - 1, s]`` by ``weights[s + k]``."""
+    errors = np.array(errors, dtype=np.float64)
+    lookahead, steps = errors.shape[-2:]
+    for k in range(1, lookahead + 1):
+        errors[..., k - 1, : steps - k] *= weights[k:]
+    return errors
+
+
+@dataclass(frozen=True)
+class SolverProblem:
+    """The optimal solver's input for a set of keys: the curves it minimises, and how."""
+
+    curves: dict[str, np.ndarray]
+    forecasts: dict[str, np.ndarray] | None = None  # for forecasting schedules
+    keep_last: bool = True
+
+    def frontiers(self) -> dict[str, PlanFrontier | ForecastFrontier]:
+        return {key: frontier_of(c, None if self.forecasts is None else self.forecasts[key], self.keep_last) for key, c in self.curves.items()}
+
+    def solve(self, max_weighted_computes: float, weights: Mapping[str, float] | None = None) -> Schedule:
+        """The least-error schedule within the budget (see :func:`optimal_schedule`)."""
+        return optimal_schedule(self.curves, max_weighted_computes, weights, self.keep_last, forecasts_by_key=self.forecasts)
+
+    def place(self, computed: Mapping[str, int]) -> Schedule:
+        """The schedule computing ``computed[key]`` steps of each key (see :func:`nested_plans`)."""
+        return Schedule(nested_plans(self.curves, computed, self.keep_last, self.forecasts))

@@ -22,7 +22,7 @@ from .errors import ProfileError, ScheduleError
 from .profile import CalibrationProfile, Solver
 from .runtime import cache
 from .schedule import Schedule
-from .solvers import BudgetAllocations, nested_plans, plan_frontier
+from .solvers import BudgetAllocations, SolverProblem
 from .steps import resolve_target
 
 __all__ = ["TuneResult", "candidate_schedules", "relative_l1", "tune"]
@@ -64,10 +64,9 @@ def candidate_schedules(
     when asked for (a binary search asks for a dozen): per-block DiT-XL/2 has 2,800 budgets.
     """
     per_block = per_block or solver == "per-block"
-    curves = profile.curves_by_key(keys, per_block)
-    slots = profile.num_steps * len(curves)
+    slots = profile.num_steps * len(profile.curves_by_key(keys, per_block))
     if solver in ("optimal", "per-block"):
-        return _OptimalSchedules(curves, slots)
+        return _OptimalSchedules(profile.solver_problem(keys, per_block), slots)
     schedules: list[Schedule] = []
     for computed in range(slots, 0, -1):
         try:
@@ -83,10 +82,9 @@ class _OptimalSchedules(Sequence[Schedule]):
     """The optimal solver's distinct schedules over every budget of computed layer steps, cheapest
     first, as ``profile.schedule(compute_fraction=...)`` makes them, each built on first access."""
 
-    def __init__(self, curves: dict[str, np.ndarray], slots: int) -> None:
-        self._curves = curves
-        frontiers = {key: plan_frontier(c) for key, c in curves.items()}
-        knapsack = BudgetAllocations(frontiers, dict.fromkeys(curves, 1), slots)
+    def __init__(self, problem: SolverProblem, slots: int) -> None:
+        self._problem = problem
+        knapsack = BudgetAllocations(problem.frontiers(), dict.fromkeys(problem.curves, 1), slots)
         allocations: list[dict[str, int]] = []
         for budget in range(slots, 0, -1):
             if not np.isfinite(knapsack.errors[budget]):
@@ -109,7 +107,7 @@ class _OptimalSchedules(Sequence[Schedule]):
             return [self[i] for i in range(*index.indices(len(self)))]
         index = range(len(self))[index]  # negative indices, and IndexError past the end
         if index not in self._built:
-            self._built[index] = Schedule(nested_plans(self._curves, self._allocations[index]))
+            self._built[index] = self._problem.place(self._allocations[index])
         return self._built[index]
 
 
