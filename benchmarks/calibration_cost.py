@@ -1,6 +1,8 @@
 """What does calibrating cost on the GPU? One Flux-dev-sized generation (random weights, 1024x1024,
 28 steps, bf16, the real FluxPipeline; see gpu_peers.py) uncached, then calibrated with lookahead
-3: with the FLOP count of one model call, and without it.
+3: with the FLOP count of one model call, without it, and recording forecast errors as well
+(``forecast="linear"``, opt-in). Every calibration also probes the scheduler's step for the
+steps' sensitivity (smoothcache/step_weights.py).
 
     python benchmarks/calibration_cost.py --out docs/benchmarks/calibration-cost-flux-h200.json
     python benchmarks/calibration_cost.py --tiny --device cpu --out /tmp/cost.json     # smoke test
@@ -9,14 +11,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 import smoothcache
+from smoothcache.step_weights import StepProbe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_peers import build, generate, peak_mib, sync
@@ -42,15 +47,22 @@ def main() -> None:
     generate(setup)  # warm-up
     uncached = min(seconds(lambda: generate(setup)) for _ in range(args.repeats))
     rows = {"uncached": {"seconds": uncached, "ratio": 1.0}}
-    for label, measure_flops in (("calibration, FLOPs counted", True), ("calibration, no FLOP count", False)):
-        best, peak = float("inf"), None
+    for label, measure_flops, forecast in (("calibration, FLOPs counted", True, "none"),
+                                           ("calibration, no FLOP count", False, "none"),
+                                           ("calibration, no FLOP count, no step probe", False, "none"),
+                                           ("calibration + forecast errors", False, "linear")):
+        best, peak, runs = float("inf"), None, []
         for _ in range(args.repeats):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            with smoothcache.calibration(setup.pipe, lookahead=args.lookahead, measure_flops=measure_flops) as rec:
-                best = min(best, seconds(lambda: generate(setup)))
+            # what the step-sensitivity probe costs: the same calibration with the probe left unattached
+            probe = mock.patch.object(StepProbe, "attach", lambda self: self) if "no step probe" in label else contextlib.nullcontext()
+            with probe, smoothcache.calibration(setup.pipe, lookahead=args.lookahead, measure_flops=measure_flops, forecast=forecast) as rec:
+                runs.append(seconds(lambda: generate(setup)))
+                best = min(best, runs[-1])
             peak = peak_mib()
-        rows[label] = {"seconds": best, "ratio": best / uncached, "peak_mib": peak, "layers": len(rec.profile.layers)}
+        rows[label] = {"seconds": best, "ratio": best / uncached, "peak_mib": peak, "layers": len(rec.profile.layers),
+                       "step_weights": rec.profile.step_weights is not None, "runs_s": runs}
         print(f"{label:28} {best:7.3f} s  {best / uncached:5.2f}x uncached", flush=True)
     result = {
         "benchmark": "calibration cost, Flux-dev-sized transformer through FluxPipeline",

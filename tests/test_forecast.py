@@ -69,9 +69,44 @@ def test_under_whole_model_compile_each_pattern_and_ratio_is_one_graph_and_nothi
             second = generate(pipe)
     torch._dynamo.reset()
     assert torch.allclose(first, expected, atol=1e-6) and torch.allclose(second, expected, atol=1e-6)
-    # compute, and reuse at ratios 1, 2, 1/3, 1/2: at most one graph each (dynamo may keep a float
-    # ratio as a graph input instead of a constant, and then needs fewer)
-    assert handle.decision_patterns() == 5 and 2 <= len(graphs) <= 5
+    # compute, and reuse at ratios 1, 2, 1/3, 1/2: about one graph each (dynamo may turn the float
+    # ratio into a graph input after seeing it change, which costs one graph more or saves some)
+    assert handle.decision_patterns() == 5 and 2 <= len(graphs) <= 6
+
+
+def test_under_whole_model_compile_forecasts_pass_an_opaque_op_and_block_compile_needs_none():
+    """As plain reuse does (smoothcache::reuse_barrier), an extrapolated output leaves the traced
+    model through smoothcache::forecast_barrier, so inductor cannot fuse every block's extrapolation
+    into the final norm's reduction (measured on an H100: 590 ms per generation without it, slower
+    than uncached)."""
+    torch._dynamo.reset()
+    pipe = make_dit_pipeline()
+    schedule = Schedule({"attn1": PLAN})
+    with smoothcache.cache(pipe, schedule, forecast="linear"):
+        expected = generate(pipe)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def opaque(name: str) -> int:
+        return sum(name in str(node.target) for gm in graphs for node in gm.graph.nodes)
+
+    pipe.transformer = torch.compile(pipe.transformer, backend=backend)
+    with smoothcache.cache(pipe, schedule, forecast="linear"):
+        assert torch.allclose(generate(pipe), expected, atol=1e-6)
+    # every reusing step of PLAN follows two computes, so both blocks' attn1 extrapolate in each reusing graph
+    assert opaque("forecast_barrier") >= 2 and opaque("forecast_barrier") % 2 == 0
+    torch._dynamo.reset()
+    pipe = make_dit_pipeline()
+    graphs.clear()
+    for block in pipe.transformer.transformer_blocks:
+        block.compile(backend=backend)
+    with smoothcache.cache(pipe, schedule, forecast="linear"):
+        assert torch.allclose(generate(pipe), expected, atol=1e-6)
+    torch._dynamo.reset()
+    assert graphs and opaque("forecast_barrier") == 0 and opaque("reuse_barrier") == 0
 
 
 def test_an_unknown_forecast_is_refused():

@@ -115,7 +115,20 @@ def _(layer_input: torch.Tensor | None, kept: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(kept)
 
 
-def _forecasting_forward(original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any]) -> Callable[..., Any]:
+@torch.library.custom_op("smoothcache::forecast_barrier", mutates_args=())
+def _forecast_barrier(layer_input: torch.Tensor | None, last: torch.Tensor, previous: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``last + ratio * (last - previous)``, opaque to inductor for the same reason as :func:`_reuse_barrier`."""
+    return torch.lerp(last, previous, -ratio)
+
+
+@_forecast_barrier.register_fake
+def _(layer_input: torch.Tensor | None, last: torch.Tensor, previous: torch.Tensor, ratio: float) -> torch.Tensor:
+    return torch.empty_like(last)
+
+
+def _forecasting_forward(
+    original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any], whole_model_compiled: list[bool]
+) -> Callable[..., Any]:
     """As :func:`_caching_forward`, but a reusing step extrapolates linearly from the last two computed
     outputs, ``last + ratio * (last - previous)`` with ``ratio`` = steps since the last compute over
     the steps between the two (a first-order Taylor step, as TaylorSeer does). Computing costs nothing
@@ -126,7 +139,11 @@ def _forecasting_forward(original: Callable[..., Any], decision: _Decision, outp
         if not decision.compute and kept is not None:
             last, previous = kept
             if previous is None or decision.ratio == 0.0 or not isinstance(last, torch.Tensor):
+                if torch.compiler.is_compiling() and whole_model_compiled[0] and isinstance(last, torch.Tensor):
+                    return _reuse_barrier(first_tensor(args, kwargs), last)
                 return last
+            if torch.compiler.is_compiling() and whole_model_compiled[0]:
+                return _forecast_barrier(first_tensor(args, kwargs), last, previous, decision.ratio)
             return torch.lerp(last, previous, -decision.ratio)  # last + ratio * (last - previous)
         output = original(*args, **kwargs)
         outputs[decision.slot] = (output, None if kept is None else kept[0])
@@ -282,7 +299,7 @@ class CacheHandle:
                 else:
                     if self.forecast == "linear":
                         forecasting.add(id(decision))
-                        forward = _forecasting_forward(layer.module.forward, decision, outputs)
+                        forward = _forecasting_forward(layer.module.forward, decision, outputs, self._whole_model_compiled)
                     else:
                         forward = _caching_forward(layer.module.forward, decision, outputs, self._whole_model_compiled)
                 self._restore.append(_shadow_forward(layer.module, forward))
