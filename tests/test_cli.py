@@ -140,3 +140,7 @@ def test_calibrate_and_schedule_for_forecasting(pipeline_dir, tmp_path, capsys):
     assert Schedule.load(unweighted) == profile.schedule(compute_fraction=0.5, weigh_steps=False)
     assert main(["generate", *common, "--samples", "2", "--schedule", str(schedule_path), "--forecast", "linear",
                  "--out", str(tmp_path / "images")]) == 0
+    tuned = tmp_path / "tuned.json"
+    assert main(["tune", *common, "--samples", "2", "--batch", "2", "--profile", str(profile_path), "--max-error", "0.05",
+                 "--forecast", "linear", "--out", str(tuned)]) == 0
+    assert "<- chosen" in capsys.readouterr().out

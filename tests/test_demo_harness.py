@@ -4,7 +4,7 @@ import pytest
 
 import smoothcache
 from smoothcache import Schedule
-from smoothcache.demo.harness import DemoConfig, plan_methods, random_schedule
+from smoothcache.demo.harness import DemoConfig, plan_methods, random_schedule, run_demo
 
 from conftest import generate
 
@@ -14,7 +14,7 @@ def profile():
     from conftest import make_dit_pipeline
 
     pipe = make_dit_pipeline(num_layers=3)
-    with smoothcache.calibration(pipe) as rec:
+    with smoothcache.calibration(pipe, forecast="linear") as rec:
         generate(pipe, steps=20)
     return rec.profile
 
@@ -39,8 +39,15 @@ def test_methods_are_matched_in_compute(profile):
     assert {m.steps for m in fewer} <= {max(2, round(20 / s.estimated_speedup)) for s in smooth}
     assert all(m.schedule is None for m in fewer)
     assert {m.method for m in methods} == {
-        "smoothcache-optimal", "smoothcache", "fixed-interval-2", "fixed-interval-3", "random", "fewer-steps"
+        "smoothcache-optimal", "smoothcache-forecast", "smoothcache", "fixed-interval-2", "fixed-interval-3", "random",
+        "fewer-steps",
     }
+    forecasting = [m for m in methods if m.method == "smoothcache-forecast"]
+    assert [m.schedule.compute_fraction() <= budget for m, budget in zip(forecasting, (0.8, 0.5))] == [True, True]
+    assert all(m.forecast == "linear" for m in forecasting)
+    assert all(m.forecast == "none" for m in methods if m.method != "smoothcache-forecast")
+    with pytest.raises(ValueError, match="Unknown demo solver"):
+        run_demo(None, None, DemoConfig(solvers=("fastest",)), progress=False)
 
 
 def test_every_solver_gets_its_own_runs_within_the_budget(profile):

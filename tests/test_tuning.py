@@ -74,3 +74,21 @@ def test_an_unreachable_bound_returns_all_compute_and_warns(calibrated, caplog):
     result = smoothcache.tune(pipe, profile, lambda: generate(pipe, seed=5, steps=12), max_error=0.0, progress=False)
     assert result.schedule == Schedule({k: (1,) * 12 for k in profile.keys()}) and result.error == 0.0
     assert "No cached schedule kept the error within" in caplog.text
+
+
+def test_tuning_for_forecasting_plans_and_measures_with_the_forecast():
+    pipe = make_dit_pipeline(num_layers=2)
+    with smoothcache.calibration(pipe, forecast="linear") as rec:
+        generate(pipe, seed=5, steps=12)
+    profile = rec.profile
+    candidates = candidate_schedules(profile, "optimal", forecast="linear")
+    slots = profile.num_steps * len(profile.keys())
+    for schedule in candidates[:3]:  # each is the forecast solver's schedule at its own budget
+        assert schedule == profile.schedule(compute_fraction=schedule.compute_fraction() + 0.5 / slots, forecast="linear")
+    run = lambda: generate(pipe, seed=5, steps=12)
+    reference = run()
+    result = smoothcache.tune(pipe, profile, run, max_error=0.05, progress=False, forecast="linear")
+    with smoothcache.cache(pipe, result.schedule, forecast="linear"):
+        assert relative_l1(run(), reference) == pytest.approx(result.error)
+    with pytest.raises(smoothcache.ProfileError, match="optimal solver"):
+        candidate_schedules(profile, "greedy", forecast="linear")

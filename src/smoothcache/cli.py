@@ -150,7 +150,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     def generate() -> list[Any]:
         return [run_request(pipe, request, args.steps, **extra) for request in requests]
 
-    result = tune(pipe, profile, generate, args.max_error, solver=args.solver, progress=not args.quiet)
+    result = tune(pipe, profile, generate, args.max_error, solver=args.solver, progress=not args.quiet, forecast=args.forecast)
     result.schedule.save(args.out)
     print("compute  rel-L1 error of the output")
     for probe in sorted(result.probes, key=lambda p: p["compute_fraction"]):
@@ -365,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune_.add_argument("--profile", required=True, help="profile JSON from `smoothcache calibrate` (same --steps)")
     tune_.add_argument("--max-error", type=float, required=True, help="allowed rel-L1 drift of the output, e.g. 0.05")
     tune_.add_argument("--solver", choices=["greedy", "optimal", "per-block"], default="optimal")
+    tune_.add_argument(
+        "--forecast", choices=["none", "linear"], default="none",
+        help="linear: plan and measure schedules for generate --forecast linear (needs calibrate --forecast linear)",
+    )
     tune_.add_argument("--out", required=True, help="schedule JSON to write")
     tune_.set_defaults(func=cmd_tune)
 

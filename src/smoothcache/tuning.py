@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ProfileError, ScheduleError
-from .profile import CalibrationProfile, Solver
+from .profile import CalibrationProfile, Forecast, Solver
 from .runtime import cache
 from .schedule import Schedule
 from .solvers import BudgetAllocations, SolverProblem
@@ -56,7 +56,11 @@ def relative_l1(output: Any, reference: Any) -> float:
 
 
 def candidate_schedules(
-    profile: CalibrationProfile, solver: Solver = "optimal", per_block: bool = False, keys: Sequence[str] | None = None
+    profile: CalibrationProfile,
+    solver: Solver = "optimal",
+    per_block: bool = False,
+    keys: Sequence[str] | None = None,
+    forecast: Forecast = "none",
 ) -> Sequence[Schedule]:
     """Every distinct schedule the solver makes at some compute budget, cheapest first.
 
@@ -66,7 +70,9 @@ def candidate_schedules(
     per_block = per_block or solver == "per-block"
     slots = profile.num_steps * len(profile.curves_by_key(keys, per_block))
     if solver in ("optimal", "per-block"):
-        return _OptimalSchedules(profile.solver_problem(keys, per_block), slots)
+        return _OptimalSchedules(profile.solver_problem(keys, per_block, forecast), slots)
+    if forecast != "none":
+        raise ProfileError("Schedules for forecasting come from the optimal solver: tune with solver='optimal' or 'per-block'")
     schedules: list[Schedule] = []
     for computed in range(slots, 0, -1):
         try:
@@ -139,6 +145,7 @@ def tune(
     reference: Any | None = None,
     calls_per_step: int | None = None,
     progress: bool = True,
+    forecast: Forecast = "none",
 ) -> TuneResult:
     """The cheapest schedule whose output stays within ``max_error`` of the uncached output.
 
@@ -146,6 +153,8 @@ def tune(
     generators) and returns its outputs; ``error_fn(output, reference)`` compares them (relative
     L1 by default, so ``max_error=0.05`` allows a 5% drift). Errors are assumed to fall as the budget
     grows, which holds for the solvers' schedules up to noise; the result is always measured.
+    ``forecast="linear"`` plans and measures schedules for ``cache(..., forecast="linear")`` (the
+    profile must hold forecast errors); use the result with the same ``forecast``.
 
     >>> result = smoothcache.tune(pipe, profile, lambda: pipe(class_labels=[1, 2], num_inference_steps=20,
     ...     generator=torch.manual_seed(0), output_type="pt"), max_error=0.05)    # doctest: +SKIP
@@ -154,7 +163,7 @@ def tune(
     if max_error < 0:
         raise ValueError(f"max_error must be >= 0, got {max_error}")
     profile.check_compatible(resolve_target(pipe_or_module).model)
-    schedules = candidate_schedules(profile, solver, per_block, keys)
+    schedules = candidate_schedules(profile, solver, per_block, keys, forecast)
     if not schedules:
         raise ProfileError("The solver made no schedule from this profile")
     if reference is None:
@@ -164,7 +173,7 @@ def tune(
     bar = tqdm(total=max(1, len(schedules).bit_length()), desc="tuning", unit="probe", disable=not progress)
 
     def measure(schedule: Schedule) -> float:
-        with cache(pipe_or_module, schedule, calls_per_step=calls_per_step):
+        with cache(pipe_or_module, schedule, calls_per_step=calls_per_step, forecast=forecast):
             error = float(error_fn(generate(), reference))
         probes.append({"compute_fraction": schedule.compute_fraction(), "error": error})
         logger.info("compute fraction %.3f: error %.4g (bound %.4g)", schedule.compute_fraction(), error, max_error)

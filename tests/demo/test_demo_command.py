@@ -20,7 +20,8 @@ def test_demo_writes_report_samples_and_tradeoff(tmp_path, capsys):
     assert report["steps"] == 8 and report["device"].startswith("cpu")
     assert set(report["baseline"]) >= {"seconds", "fid", "accuracy"}
     methods = {run["method"] for run in report["runs"]}
-    assert {"smoothcache", "smoothcache-optimal", "fixed-interval-2", "fixed-interval-3", "random", "fewer-steps"} <= methods
+    assert {"smoothcache", "smoothcache-optimal", "smoothcache-forecast", "fixed-interval-2", "fixed-interval-3", "random",
+            "fewer-steps"} <= methods
     for run in report["runs"]:
         assert RUN_KEYS <= set(run)
         assert run["seconds"] > 0 and 0 < run["compute_fraction"] <= 1
@@ -32,7 +33,8 @@ def test_demo_writes_report_samples_and_tradeoff(tmp_path, capsys):
     for name in ("samples.png", "tradeoff.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
-    assert "uncached" in printed and "smoothcache a=" in printed and "optimal 0." in printed and "fewer-steps" in printed
+    assert "uncached" in printed and "smoothcache a=" in printed and "optimal 0." in printed and "forecast 0." in printed
+    assert "fewer-steps" in printed
 
 
 def test_model_demo_names_the_shipped_model_everywhere_in_the_cli(tmp_path):

@@ -1,7 +1,8 @@
 """The quality harness: calibrate the demo model, derive schedules, generate the same classes and
 seeds with every method, and score speed and quality against the uncached run.
 
-Methods compared at matched compute: SmoothCache at several budgets; fixed-interval caching
+Methods compared at matched compute: SmoothCache at several budgets (the optimal solver, the
+paper's greedy rule, and the optimal solver planning for ``forecast="linear"``); fixed-interval caching
 (FORA-style, compute every n-th step); a random schedule with the same computed steps per key as
 each SmoothCache schedule; and simply running fewer uncached steps for the same ideal speedup
 (the baseline the paper leaves out).
@@ -49,7 +50,8 @@ class DemoConfig:
     guidance_scale: float = 1.5  # the DiT paper's setting for FID
     timing_repeats: int = 2  # each method is timed this many times, round-robin; the fastest counts
     compute_fractions: tuple[float, ...] = (0.8, 0.65, 0.5, 0.4)
-    solvers: tuple[str, ...] = ("optimal", "greedy")  # "optimal", "greedy", "per-block"; random and fewer-steps follow the first
+    # "optimal", "optimal+forecast", "greedy", "per-block"; random and fewer-steps follow the first
+    solvers: tuple[str, ...] = ("optimal", "optimal+forecast", "greedy")
     fixed_intervals: tuple[int, ...] = (2, 3)
     components: tuple[str, ...] | None = None
     grid_columns: int = 10
@@ -65,6 +67,7 @@ class Method:
     alpha: float | None = None
     compute_fraction: float = 1.0
     estimated_speedup: float = 1.0
+    forecast: str = "none"  # what a reusing step returns (smoothcache.cache's forecast=)
 
 
 @dataclass
@@ -95,7 +98,12 @@ def random_schedule(like: Schedule, seed: int) -> Schedule:
     return Schedule(plans)
 
 
-SOLVER_METHODS = {"greedy": "smoothcache", "optimal": "smoothcache-optimal", "per-block": "smoothcache-per-block"}
+SOLVER_METHODS = {
+    "greedy": "smoothcache",
+    "optimal": "smoothcache-optimal",
+    "optimal+forecast": "smoothcache-forecast",  # planned for, and run with, forecast="linear"
+    "per-block": "smoothcache-per-block",
+}
 
 
 def plan_methods(profile: CalibrationProfile, config: DemoConfig) -> list[Method]:
@@ -104,12 +112,17 @@ def plan_methods(profile: CalibrationProfile, config: DemoConfig) -> list[Method
     smoothcache_runs = []
     for solver in config.solvers:
         runs: list[Method] = []
+        forecast = "linear" if solver.endswith("+forecast") else "none"
         for budget in config.compute_fractions:
-            schedule, alpha = profile.schedule_and_threshold(compute_fraction=budget, solver=solver)  # type: ignore[arg-type]
+            schedule, alpha = profile.schedule_and_threshold(
+                compute_fraction=budget, solver=solver.removesuffix("+forecast"), forecast=forecast  # type: ignore[arg-type]
+            )
             if any(m.schedule == schedule for m in runs):
                 continue  # two budgets that land on one schedule
             speedup = profile.estimated_speedup(schedule)
-            runs.append(Method(SOLVER_METHODS[solver], config.steps, schedule, alpha, schedule.compute_fraction(), speedup))
+            runs.append(
+                Method(SOLVER_METHODS[solver], config.steps, schedule, alpha, schedule.compute_fraction(), speedup, forecast)
+            )
         smoothcache_runs += runs
     methods += smoothcache_runs
     keys = profile.keys()
@@ -160,6 +173,9 @@ def run_demo(pipe: Any, scorer: Scorer, config: DemoConfig | None = None, progre
     ``pipe`` is a class-conditional pipeline with DiTPipeline's call shape.
     """
     config = config or DemoConfig()
+    unknown = [s for s in config.solvers if s not in SOLVER_METHODS]
+    if unknown:
+        raise ValueError(f"Unknown demo solver(s) {unknown}; choose from {', '.join(SOLVER_METHODS)}")
     device = torch.device(getattr(pipe, "device", "cpu"))
     pipe.set_progress_bar_config(disable=True)
     # 0..9, 0..9, ...: the first num_classes samples show one of each class in the grid.
@@ -179,7 +195,9 @@ def run_demo(pipe: Any, scorer: Scorer, config: DemoConfig | None = None, progre
     bar.set_postfix_str("calibrating")
     calibration_labels = [c for _ in range(config.calibration_samples_per_class) for c in range(config.num_classes)]
     started = time.perf_counter()
-    with calibration(pipe, components=list(config.components) if config.components else None, steps=config.steps) as rec:
+    forecast = "linear" if any(s.endswith("+forecast") for s in config.solvers) else "none"
+    components = list(config.components) if config.components else None
+    with calibration(pipe, components=components, steps=config.steps, forecast=forecast) as rec:  # type: ignore[arg-type]
         generate(config.steps, config.seed + 10_000, calibration_labels)
     profile = rec.profile
     calibration_seconds = time.perf_counter() - started
@@ -195,7 +213,7 @@ def run_demo(pipe: Any, scorer: Scorer, config: DemoConfig | None = None, progre
     rounds = tqdm(total=len(all_methods) * config.timing_repeats, desc="generating", unit="run", disable=not progress, leave=False)
     for _ in range(config.timing_repeats):  # round-robin, so drift in machine load hits every method alike
         for method, run in zip(all_methods, runs, strict=True):
-            handle = cache(pipe, method.schedule) if method.schedule is not None else None
+            handle = cache(pipe, method.schedule, forecast=method.forecast) if method.schedule is not None else None  # type: ignore[arg-type]
             try:
                 images, seconds = timed(lambda m=method: generate(m.steps, config.seed, labels), device)
             finally:
