@@ -192,7 +192,7 @@ def peer_methods(pipe: Any, generate: Callable[[], torch.Tensor], settings: Demo
 
 def our_methods(pipe: Any, generate: Callable[[], torch.Tensor], settings: DemoConfig, budgets: tuple[float, ...]) -> tuple[list[tuple[str, str, Apply]], dict[str, float]]:
     """Our schedules at each budget, and the attn1/ff FLOP shares (from the same calibration)."""
-    with smoothcache.calibration(pipe, components=["attn1", "ff"], steps=settings.steps) as rec:
+    with smoothcache.calibration(pipe, components=["attn1", "ff"], steps=settings.steps, forecast="linear") as rec:
         generate()
     with smoothcache.calibration(pipe, components=["block"], steps=settings.steps) as block_rec:
         generate()
@@ -202,8 +202,10 @@ def our_methods(pipe: Any, generate: Callable[[], torch.Tensor], settings: DemoC
     methods: list[tuple[str, str, Apply]] = []
     for budget in budgets:
         methods.append(("smoothcache (optimal)", f"budget {budget}", ours(profile.schedule(compute_fraction=budget))))
+        methods.append(("smoothcache (optimal, unweighted)", f"budget {budget}",
+                        ours(profile.schedule(compute_fraction=budget, weigh_steps=False))))
         methods.append(("smoothcache (optimal) + linear forecast", f"budget {budget}",
-                        ours(profile.schedule(compute_fraction=budget), forecast="linear")))
+                        ours(profile.schedule(compute_fraction=budget, forecast="linear"), forecast="linear")))
         methods.append(("smoothcache (paper's greedy)", f"budget {budget}", ours(profile.schedule(compute_fraction=budget, solver="greedy"))))
         methods.append(("smoothcache blocks (optimal)", f"budget {budget}", ours(blocks.schedule(compute_fraction=budget))))
     for interval in (2, 3):
@@ -221,7 +223,7 @@ def main() -> None:
         print(plot(json.loads(args.plot_from.read_text()), args.plot_from.parent / "quality-vs-compute.png"))
         return
     settings = DemoConfig(samples_per_class=2 if args.quick else 10, calibration_samples_per_class=2)  # as benchmarks/solvers.py
-    budgets = (0.65, 0.4) if args.quick else (0.8, 0.65, 0.5, 0.4, 0.3)
+    budgets = (0.65, 0.4) if args.quick else (0.8, 0.65, 0.5, 0.4, 0.35, 0.3)
     torch.manual_seed(0)
     pipe = load_demo_pipeline(progress_bar=False)
     scorer = load_quality_scorer()
