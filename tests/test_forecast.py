@@ -112,3 +112,14 @@ def test_under_whole_model_compile_forecasts_pass_an_opaque_op_and_block_compile
 def test_an_unknown_forecast_is_refused():
     with pytest.raises(ValueError, match="forecast must be 'none' or 'linear'"):
         smoothcache.cache(make_dit_pipeline(), Schedule({"attn1": PLAN}), forecast="quadratic")
+
+
+def test_forecasting_says_where_it_does_not_apply(caplog):
+    pipe = make_dit_pipeline()
+    with smoothcache.cache(pipe, Schedule({"block": PLAN}), forecast="linear"):
+        generate(pipe)
+    assert "reuse their kept outputs plainly" in caplog.text and "transformer_blocks.0" in caplog.text
+    caplog.clear()
+    with smoothcache.cache(pipe, Schedule({"attn1": PLAN}), forecast="linear"):
+        generate(pipe)
+    assert "plainly" not in caplog.text

@@ -280,12 +280,15 @@ class CacheHandle:
         self._tracker.reset()
         block_decisions: set[int] = set()
         forecasting: set[int] = set()
+        reused_plainly: list[str] = []  # with forecast="linear": modules it does not apply to
         for key, layers in self._plans.items():
             decision = _Decision()
             self._decisions.append((decision, tuple(v == 1 for v in self.schedule.plans[key])))
             for layer in layers:
                 outputs: dict[int, Any] = {}
                 self._outputs.append(outputs)
+                if layer.streams is not None or self._branches.governs(layer) or layer.repeats > 1:
+                    reused_plainly.append(layer.name)
                 if layer.streams is not None:
                     block_decisions.add(id(decision))
                     streams = BlockStreams.of(layer.module, layer.name, layer.streams)
@@ -303,6 +306,12 @@ class CacheHandle:
                     else:
                         forward = _caching_forward(layer.module.forward, decision, outputs, self._whole_model_compiled)
                 self._restore.append(_shadow_forward(layer.module, forward))
+        if self.forecast == "linear" and reused_plainly:
+            logger.warning(
+                "forecast='linear' extrapolates the outputs of single layers; %d cached modules (whole blocks, "
+                "guidance branches or layers called several times per step, e.g. %s) reuse their kept outputs plainly",
+                len(reused_plainly), reused_plainly[0],
+            )
         anchor = step_anchor(self.target.model, self.layers[0].name, whole_block=self.layers[0].streams is not None)
         # the step bookkeeping is plain Python state: traced, it would put every counter in a guard
         on_model_call = torch.compiler.disable(self._before_model_call)
