@@ -24,11 +24,22 @@ def pyplot():
 
 
 def plot_profile(profile: CalibrationProfile, path: str | Path, alphas: tuple[float, ...] = ()) -> Path:
-    """Error curves per layer type (one panel each, one line per lookahead), thresholds dashed."""
+    """Error curves per layer type (one panel each, one line per lookahead), thresholds dashed; and,
+    where calibration measured them, the steps' sensitivities the optimal solver weighs errors by."""
     plt = pyplot()
     keys = profile.keys()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False, sharey=True)
+    weights = profile.step_weights
+    panels = len(keys) + (weights is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.4), squeeze=False)
     steps = np.arange(profile.num_steps)
+    for ax in axes[0][1 : len(keys)]:
+        ax.sharey(axes[0][0])
+    if weights is not None:
+        ax = axes[0][-1]
+        ax.bar(steps, weights, color="tab:grey")
+        ax.set_title("step sensitivity (solver weights)")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
     for ax, key in zip(axes[0], keys):
         curves = profile.curves(key)
         for k in range(profile.lookahead):
