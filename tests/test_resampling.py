@@ -76,3 +76,26 @@ def test_without_recorded_timesteps_steps_are_spread_evenly():
     profile = profile_with(None)
     resampled = profile.resample(30, timesteps=ddim_timesteps(30))
     assert resampled.num_steps == 30 and np.isfinite(resampled.curves("attn1")[0, :29]).all()
+
+
+def test_step_weights_travel_with_the_curves():
+    from smoothcache.resampling import resample_step_weights, uniform_positions
+
+    weights = np.array([1.0, 0.5, 0.3, 0.2, 0.02])  # the last step lands on the clean sample
+    same = resample_step_weights(weights, uniform_positions(5), uniform_positions(5))
+    np.testing.assert_allclose(same, weights)
+    finer = resample_step_weights(weights, uniform_positions(5), uniform_positions(9))
+    assert len(finer) == 9 and finer[0] == 1.0 and finer[-1] == pytest.approx(0.02)
+    assert np.all(np.diff(finer[:-1]) <= 1e-12)  # falls along the trajectory as the measured weights do
+    assert finer[2] == pytest.approx(np.interp(-uniform_positions(9)[2], -uniform_positions(5)[:-1], weights[:-1]))
+
+
+def test_a_resampled_profile_is_solved_with_weights(dit_pipe):
+    import smoothcache
+    from conftest import generate
+
+    with smoothcache.calibration(dit_pipe) as rec:
+        generate(dit_pipe)
+    resampled = rec.profile.resample(15)
+    assert resampled.step_weights is not None and len(resampled.step_weights) == 15
+    assert not resampled.solver_problem().keep_last

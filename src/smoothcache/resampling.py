@@ -20,7 +20,7 @@ from .profile import CalibrationProfile
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["resample_curves", "resample_profile", "uniform_positions"]
+__all__ = ["resample_curves", "resample_profile", "resample_step_weights", "uniform_positions"]
 
 
 def uniform_positions(num_steps: int) -> np.ndarray:
@@ -60,6 +60,22 @@ def resample_curves(curves: np.ndarray, source: Sequence[float], target: Sequenc
             if span <= span_points[-1] * (1 + 1e-9):
                 out[k - 1, j] = np.interp(span, span_points, error_points)
     return out
+
+
+def resample_step_weights(weights: Sequence[float], source: Sequence[float], target: Sequence[float]) -> np.ndarray:
+    """The steps' sensitivities (``step_weights.py``) at timesteps ``target``, scaled to at most 1.
+
+    Interpolated along the timestep over every step but the last, which is set apart: it lands on
+    the clean sample, so its sensitivity is of another kind (DDIM's last step barely moves the
+    sample) and carries over as it is, to the target's last step.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    x, y = _falling(source), _falling(target)
+    if len(weights) != len(x):
+        raise ProfileError(f"{len(weights)} step weights but {len(x)} source timesteps")
+    inner = np.interp(-y[:-1], -x[:-1], weights[:-1]) if len(x) > 1 else np.array([])  # rising axis for np.interp
+    resampled = np.append(inner, weights[-1])
+    return resampled / resampled.max()
 
 
 def _falling(timesteps: Sequence[float]) -> np.ndarray:
@@ -121,9 +137,8 @@ def resample_profile(
         resampled_from={"num_steps": profile.num_steps, "timesteps": recorded},
         timesteps=[float(t) for t in target] if timesteps is not None else None,
     )
-    if "step_weights" in metadata:  # measured at the calibrated steps only
-        metadata.pop("step_weights")
-        logger.info("Resampling drops the steps' sensitivities: the optimal solver sums unweighted errors")
+    if profile.step_weights is not None:
+        metadata["step_weights"] = [round(float(w), 6) for w in resample_step_weights(profile.step_weights, source, target)]
     if profile.forecast_errors is not None:
         # a gap of g steps spans another stretch of the trajectory at another step count
         logger.warning("Resampling drops the profile's forecast errors; calibrate at %d steps to plan forecasting", num_steps)
