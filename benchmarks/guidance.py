@@ -30,7 +30,7 @@ import torch
 import smoothcache
 from smoothcache.demo.assets import load_demo_pipeline, load_quality_scorer
 from smoothcache.errors import ScheduleError
-from smoothcache.solvers import optimal_schedule
+from smoothcache.solvers import SolverProblem
 
 TYPES = ("attn1", "ff")
 
@@ -58,18 +58,20 @@ def methods(profile: smoothcache.CalibrationProfile, fraction: float, guidance: 
     plans = {"whole": profile.schedule(compute_fraction=fraction, keys=list(TYPES), solver="optimal")}
     plans["branches"] = profile.schedule(compute_fraction=fraction, keys=branch_keys, solver="optimal")
     scale = {"cond": guidance, "uncond": abs(guidance - 1)}
-    weighted = {k: profile.curves(k) * scale[k.split("@")[1]] for k in branch_keys}
-    plans["weighted"] = optimal_schedule(weighted, fraction * steps * len(branch_keys))
+    # every plan from the solver's own problem (curves weighted by the steps' sensitivity, as profile.schedule does)
+    problem = profile.solver_problem(branch_keys)
+    weighted = SolverProblem({k: c * scale[k.split("@")[1]] for k, c in problem.curves.items()}, keep_last=problem.keep_last)
+    plans["weighted"] = weighted.solve(fraction * steps * len(branch_keys))
     for d in deltas:
         if fraction - d < 2 / steps or fraction + d > 1:
             continue
         try:
-            cond = optimal_schedule({t: profile.curves(t) for t in TYPES}, (fraction + d) * steps * len(TYPES))
-            uncond = optimal_schedule({t: profile.curves(f"{t}@uncond") for t in TYPES}, (fraction - d) * steps * len(TYPES))
+            cond = profile.solver_problem(list(TYPES)).solve((fraction + d) * steps * len(TYPES))
+            uncond = profile.solver_problem([f"{t}@uncond" for t in TYPES]).solve((fraction - d) * steps * len(TYPES))
         except ScheduleError:  # f - d is below what the lookahead allows
             continue
         plans[f"sparse-{d:g}"] = smoothcache.Schedule(
-            {**{f"{t}@cond": cond.plans[t] for t in TYPES}, **{f"{t}@uncond": uncond.plans[t] for t in TYPES}}
+            {**{f"{t}@cond": cond.plans[t] for t in TYPES}, **{f"{t}@uncond": uncond.plans[f"{t}@uncond"] for t in TYPES}}
         )
     return plans
 

@@ -100,3 +100,19 @@ def test_the_optimal_solver_weighs_steps_and_may_skip_the_last_one(dit_pipe):
     # a profile without weights (a bare module, or an older file) solves as before
     del profile.metadata["step_weights"]
     assert profile.schedule(compute_fraction=0.5) == plain
+
+
+def test_the_probe_reads_arguments_by_name_and_passes_every_call_through():
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(5)
+    seen: list[torch.Tensor] = []
+    probe = StepProbe(scheduler, seen.append).attach()
+    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    output = torch.randn_like(sample)
+    t = scheduler.timesteps[0]
+    by_keyword = scheduler.step(model_output=output, timestep=t, sample=sample, return_dict=False)[0]
+    positional = scheduler.step(output, t, sample).prev_sample
+    assert torch.equal(by_keyword, positional) and len(seen) == 2 and float(seen[0]) == pytest.approx(float(seen[1]))
+    with pytest.raises(TypeError):  # a wrong call fails as it would without the probe
+        scheduler.step(output)
+    probe.detach()

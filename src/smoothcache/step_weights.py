@@ -17,6 +17,7 @@ changed sample at later steps (errors partly denoised away, or amplified).
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -74,29 +75,32 @@ class StepProbe:
             del self.scheduler.step  # the class's method shows through again
             self._attached = False
 
-    def _step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def _step(self, *args: Any, **kwargs: Any) -> Any:
         step = type(self.scheduler).step
         try:
-            self.on_step(self._sensitivity(step, model_output, timestep, sample, args, kwargs))
+            self.on_step(self._sensitivity(step, args, kwargs))
         except Exception as error:  # noqa: BLE001 (a probe must never break the generation)
             logger.debug("Step sensitivity not measured (%s: %s)", type(error).__name__, error)
-        return step(self.scheduler, model_output, timestep, sample, *args, **kwargs)
+        return step(self.scheduler, *args, **kwargs)
 
-    def _sensitivity(
-        self, step: Callable[..., Any], output: torch.Tensor, timestep: Any, sample: torch.Tensor,
-        args: tuple[Any, ...], kwargs: dict[str, Any],
-    ) -> torch.Tensor:
-        output, sample = output.detach().float(), sample.detach().float()
-        news = []
+    def _sensitivity(self, step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        # by name, as schedulers order their arguments differently (CogVideoX's DPM takes two samples)
+        call = inspect.signature(step).bind(self.scheduler, *args, **kwargs)
+        output = call.arguments["model_output"].detach().float()
+        sample = call.arguments["sample"].detach().float()
         cuda = [sample.device] if sample.device.type == "cuda" else []
+        news = []
         for scale in (1.0, 1.0 + RELATIVE_NUDGE):
-            twin = copy.deepcopy({k: v for k, v in vars(self.scheduler).items() if k != "step"})
             probe = object.__new__(type(self.scheduler))
-            probe.__dict__.update(twin)
-            probe_kwargs = dict(kwargs, generator=_same_noise(kwargs["generator"])) if "generator" in kwargs else kwargs
+            probe.__dict__.update(copy.deepcopy({k: v for k, v in vars(self.scheduler).items() if k != "step"}))
+            arguments = dict(call.arguments, model_output=output * scale, sample=sample)
+            arguments[next(iter(call.arguments))] = probe  # self
+            if "generator" in arguments:
+                arguments["generator"] = _same_noise(arguments["generator"])
+            probe_call = inspect.BoundArguments(call.signature, arguments)  # type: ignore[arg-type]
             # a step without a generator draws from the global RNG: the probe leaves it as it found it
             with torch.random.fork_rng(devices=cuda):
-                news.append(sample_of(step(probe, output * scale, timestep, sample, *args, **probe_kwargs)).float())
+                news.append(sample_of(step(*probe_call.args, **probe_call.kwargs)).float())
         base, nudged = news
         change = torch.linalg.vector_norm(nudged - base) / torch.linalg.vector_norm(base).clamp_min(1e-30)
         return change / RELATIVE_NUDGE
