@@ -13,7 +13,9 @@ from ..plots import pyplot
 
 __all__ = ["plot_samples", "plot_tradeoff"]
 
-FAMILIES = ("smoothcache", "smoothcache-optimal", "smoothcache-per-block", "fixed-interval", "random", "fewer-steps")
+FAMILIES = (
+    "smoothcache", "smoothcache-optimal", "smoothcache-forecast", "smoothcache-per-block", "fixed-interval", "random", "fewer-steps"
+)
 
 
 def family_of(method: str) -> str:
@@ -46,7 +48,8 @@ def plot_tradeoff(report: dict[str, Any], path: str | Path, speed: str = "speedu
     plt = pyplot()
     fig, (ax_fid, ax_psnr) = plt.subplots(1, 2, figsize=(10, 3.8))
     baseline = report["baseline"]
-    for family in FAMILIES:
+    present = {family_of(r["method"]) for r in report["runs"]}
+    for family in [*FAMILIES, *sorted(present - set(FAMILIES))]:  # a family not listed is drawn too
         runs = sorted((r for r in report["runs"] if family_of(r["method"]) == family), key=lambda r: r[speed])
         if not runs:
             continue
