@@ -286,7 +286,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--reference", type=Path)
     parser.add_argument("--forecast", action="store_true",
-                        help="also time each layer schedule with forecast='linear' (implementation 'smoothcache+forecast')")
+                        help="also time each schedule with forecast='linear' (implementation 'smoothcache+forecast')")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/gpu-dit-xl.json"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a 2-block model: checks the script, measures nothing")
@@ -331,7 +331,7 @@ def main() -> None:
                 handle = smoothcache.cache(pipe, Schedule(plans))
                 record("smoothcache", name, partial(denoise, pipe, batch), handle.decision_patterns())
                 handle.disable()
-                if args.forecast and "block" not in plans:  # forecasting extrapolates layer outputs
+                if args.forecast:  # layer outputs or block residuals extrapolated
                     pipe = setup()
                     handle = smoothcache.cache(pipe, Schedule(plans), forecast="linear")
                     record("smoothcache+forecast", name, partial(denoise, pipe, batch), handle.decision_patterns())

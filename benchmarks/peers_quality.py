@@ -194,7 +194,7 @@ def our_methods(pipe: Any, generate: Callable[[], torch.Tensor], settings: DemoC
     """Our schedules at each budget, and the attn1/ff FLOP shares (from the same calibration)."""
     with smoothcache.calibration(pipe, components=["attn1", "ff"], steps=settings.steps, forecast="linear") as rec:
         generate()
-    with smoothcache.calibration(pipe, components=["block"], steps=settings.steps) as block_rec:
+    with smoothcache.calibration(pipe, components=["block"], steps=settings.steps, forecast="linear") as block_rec:
         generate()
     profile, blocks = rec.profile, block_rec.profile
     costs = profile.key_costs()
@@ -208,6 +208,8 @@ def our_methods(pipe: Any, generate: Callable[[], torch.Tensor], settings: DemoC
                         ours(profile.schedule(compute_fraction=budget, forecast="linear"), forecast="linear")))
         methods.append(("smoothcache (paper's greedy)", f"budget {budget}", ours(profile.schedule(compute_fraction=budget, solver="greedy"))))
         methods.append(("smoothcache blocks (optimal)", f"budget {budget}", ours(blocks.schedule(compute_fraction=budget))))
+        methods.append(("smoothcache blocks (optimal) + linear forecast", f"budget {budget}",
+                        ours(blocks.schedule(compute_fraction=budget, forecast="linear"), forecast="linear")))
     for interval in (2, 3):
         methods.append(("fixed interval (FORA)", f"every {interval}", ours(Schedule.fixed_interval(["attn1", "ff"], settings.steps, interval))))
     return methods, shares

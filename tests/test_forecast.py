@@ -116,10 +116,30 @@ def test_an_unknown_forecast_is_refused():
 
 def test_forecasting_says_where_it_does_not_apply(caplog):
     pipe = make_dit_pipeline()
+    with smoothcache.cache(pipe, Schedule({"attn1@cond": PLAN, "attn1@uncond": PLAN}), forecast="linear"):
+        generate(pipe)
+    assert "reuse their kept outputs plainly" in caplog.text and "transformer_blocks.0.attn1" in caplog.text
+    caplog.clear()
+    for key in ("attn1", "block"):
+        with smoothcache.cache(pipe, Schedule({key: PLAN}), forecast="linear"):
+            pass
+    assert "plainly" not in caplog.text
+
+
+def test_a_block_extrapolates_its_residual_from_the_last_two_computed_ones():
+    pipe = make_dit_pipeline()
+    block = pipe.transformer.transformer_blocks[1]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) of every call
+    block.register_forward_hook(lambda m, args, kwargs, out: seen.append((args[0], out)), with_kwargs=True)
     with smoothcache.cache(pipe, Schedule({"block": PLAN}), forecast="linear"):
         generate(pipe)
-    assert "reuse their kept outputs plainly" in caplog.text and "transformer_blocks.0" in caplog.text
-    caplog.clear()
-    with smoothcache.cache(pipe, Schedule({"attn1": PLAN}), forecast="linear"):
-        generate(pipe)
-    assert "plainly" not in caplog.text
+    ratios = _ratios(tuple(bool(v) for v in PLAN))
+    last = previous = None
+    for step, (x, out) in enumerate(seen):
+        if PLAN[step]:
+            last, previous = out - x, last
+        elif previous is None:
+            assert torch.allclose(out, last + x, atol=1e-6)
+        else:
+            assert torch.allclose(out, x + last + ratios[step] * (last - previous), atol=1e-5)
+    assert any(not p for p in PLAN[2:])  # the plan has extrapolated steps

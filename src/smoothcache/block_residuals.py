@@ -79,6 +79,14 @@ class BlockStreams:
             return residual + inputs[0]
         return tuple(None if r is None else r + x for x, r in zip(inputs, residual))
 
+    def extrapolate(self, last: Any, previous: Any, ratio: float) -> Any:
+        """``last + ratio * (last - previous)`` for each stream's residual (forecast="linear")."""
+        if len(self.names) == 1:
+            return torch.lerp(last, previous, -ratio)
+        return tuple(
+            a if a is None or b is None else torch.lerp(a, b, -ratio) for a, b in zip(last, previous)
+        )
+
     def _elements(self, output: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
         """The output's elements, checked to continue the inputs (same shapes), else a clear error."""
         outputs = (output,) if len(self.names) == 1 else tuple(output) if isinstance(output, (tuple, list)) else None

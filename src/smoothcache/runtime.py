@@ -172,6 +172,28 @@ def _block_caching_forward(
     return forward
 
 
+def _block_forecasting_forward(
+    original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any], streams: BlockStreams
+) -> Callable[..., Any]:
+    """As :func:`_block_caching_forward`, but a reusing step extrapolates the block's residual from
+    the last two computed ones, as :func:`_forecasting_forward` does a layer's output. Every
+    computing step keeps its residual (one subtraction), since a later forecast may need it."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        inputs = streams.inputs(args, kwargs)
+        kept = outputs[decision.slot]  # (last, previous) residuals
+        if not decision.compute and kept is not None:
+            last, previous = kept
+            if previous is not None and decision.ratio != 0.0:
+                last = streams.extrapolate(last, previous, decision.ratio)
+            return streams.apply(inputs, last)
+        output = original(*args, **kwargs)
+        outputs[decision.slot] = (streams.residual(output, inputs), None if kept is None else kept[0])
+        return output
+
+    return forward
+
+
 def _repeated_caching_forward(
     original: Callable[..., Any], decision: _Decision, outputs: dict[int, list[Any]], occurrence: list[int]
 ) -> Callable[..., Any]:
@@ -287,12 +309,16 @@ class CacheHandle:
             for layer in layers:
                 outputs: dict[int, Any] = {}
                 self._outputs.append(outputs)
-                if layer.streams is not None or self._branches.governs(layer) or layer.repeats > 1:
+                if layer.streams is None and (self._branches.governs(layer) or layer.repeats > 1):
                     reused_plainly.append(layer.name)
                 if layer.streams is not None:
-                    block_decisions.add(id(decision))
                     streams = BlockStreams.of(layer.module, layer.name, layer.streams)
-                    forward = _block_caching_forward(layer.module.forward, decision, outputs, streams)
+                    if self.forecast == "linear":
+                        forecasting.add(id(decision))  # keeps every computed residual: no keep flag
+                        forward = _block_forecasting_forward(layer.module.forward, decision, outputs, streams)
+                    else:
+                        block_decisions.add(id(decision))
+                        forward = _block_caching_forward(layer.module.forward, decision, outputs, streams)
                 elif self._branches.governs(layer):
                     forward = self._branches.forward(layer.module.forward, layer, outputs, self._decisions)
                 elif layer.repeats > 1:
@@ -308,8 +334,8 @@ class CacheHandle:
                 self._restore.append(_shadow_forward(layer.module, forward))
         if self.forecast == "linear" and reused_plainly:
             logger.warning(
-                "forecast='linear' extrapolates the outputs of single layers; %d cached modules (whole blocks, "
-                "guidance branches or layers called several times per step, e.g. %s) reuse their kept outputs plainly",
+                "forecast='linear' extrapolates layers' outputs and blocks' residuals; %d cached modules (guidance "
+                "branches or layers called several times per step, e.g. %s) reuse their kept outputs plainly",
                 len(reused_plainly), reused_plainly[0],
             )
         anchor = step_anchor(self.target.model, self.layers[0].name, whole_block=self.layers[0].streams is not None)

@@ -58,3 +58,19 @@ def _has(model, component: str) -> bool:
         return bool(find_layers(model, [component]))
     except NoCacheableLayersError:
         return False
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "cogvideox", "pixart"])
+def test_forecasting_blocks_skip_exactly_their_plans_and_extrapolate(name):
+    """Forecasting blocks, one- and two-stream: the same computes as plain block reuse, other outputs."""
+    family_test = importlib.import_module(f".test_{name}", __package__)
+    pipe, generate = family_test.make_pipeline(), family_test.generate
+    components = [c for c in block_components(pipe.transformer) if _has(pipe.transformer, c)]
+    schedule = calibrated_schedule(pipe, generate, components)
+    layers = find_layers(pipe.transformer, components)
+    with smoothcache.cache(pipe, schedule), WeightUses(layers) as plain_uses:
+        reused = generate(pipe)
+    with smoothcache.cache(pipe, schedule, forecast="linear"), WeightUses(layers) as uses:
+        forecast = generate(pipe)
+    assert uses.counts == plain_uses.counts
+    assert torch.isfinite(forecast).all() and not torch.equal(forecast, reused)
