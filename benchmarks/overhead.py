@@ -25,7 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_pipeline(layers: int, width: int, sample: int):
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DiTPipeline,
+        DiTTransformer2DModel,
+    )
 
     torch.manual_seed(0)
     transformer = DiTTransformer2DModel(

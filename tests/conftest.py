@@ -14,7 +14,12 @@ torch.set_num_threads(1)
 
 def make_dit_pipeline(num_layers: int = 2, seed: int = 0, cross_attention: bool = False):
     """A diffusers DiTPipeline small enough for a CPU test (8x8 latents, 2 heads of 8)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DiTPipeline,
+        DiTTransformer2DModel,
+    )
 
     torch.manual_seed(seed)
     transformer = DiTTransformer2DModel(

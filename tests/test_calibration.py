@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from conftest import STEPS, generate, sample_loop
 
 import smoothcache
 from smoothcache import CalibrationProfile, ProfileError, StepMismatchError
-
-from conftest import STEPS, generate, sample_loop
 
 
 def record_outputs(pipe, names, seeds):

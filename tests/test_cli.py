@@ -5,11 +5,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import make_dit_pipeline
 
 from smoothcache import CalibrationProfile, Schedule
 from smoothcache.cli import main
-
-from conftest import make_dit_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +103,9 @@ def test_bench_diagnoses_caches_that_gain_little():
 
 
 def test_an_all_ones_schedule_has_an_ideal_speedup_of_one(dit_pipe):
-    from smoothcache.bench import benchmark_schedule, diagnose
-
     from conftest import generate
+
+    from smoothcache.bench import benchmark_schedule, diagnose
 
     result = benchmark_schedule(dit_pipe, Schedule({"attn1": (1,) * 10}), lambda: generate(dit_pipe), repeats=1)
     assert result.ideal_speedup == pytest.approx(1.0) and result.compute_fraction == 1.0
@@ -114,9 +113,9 @@ def test_an_all_ones_schedule_has_an_ideal_speedup_of_one(dit_pipe):
 
 
 def test_the_ideal_speedup_of_a_block_schedule_counts_the_blocks_flops(dit_pipe):
-    from smoothcache.bench import benchmark_schedule
-
     from conftest import generate
+
+    from smoothcache.bench import benchmark_schedule
 
     plan = (1, 0) * 5
     blocks = benchmark_schedule(dit_pipe, Schedule({"block": plan}), lambda: generate(dit_pipe), repeats=1)

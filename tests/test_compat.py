@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CallCounter, generate, make_dit_pipeline, sample_loop
 
 import smoothcache
 from smoothcache import Schedule
 
-from conftest import STEPS, CallCounter, generate, make_dit_pipeline, sample_loop
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from reference_golden import CASES, golden_name, run_case  # noqa: E402
+from reference_golden import CASES, golden_name, run_case
 
 GOLDEN = Path(__file__).parent / "data" / "reference_golden"
 
@@ -67,9 +66,9 @@ def test_dit_cache_helper_finds_original_dit_blocks_by_class_name(original_dit):
 
 
 def test_generic_helper_and_calibration_helper_with_block_classes(original_dit, tmp_path):
-    from SmoothCache import CalibrationHelper, SmoothCacheHelper
-
     from conftest import DiTBlock
+
+    from SmoothCache import CalibrationHelper, SmoothCacheHelper
 
     log = tmp_path / "sub" / "schedule.json"
     helper = CalibrationHelper(original_dit, DiTBlock, ["attn", "mlp"], schedule_length=6, calibration_threshold=0.5, log_file=str(log))

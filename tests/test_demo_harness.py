@@ -1,12 +1,11 @@
 """The demo harness's planning: methods matched in compute, on a profile of a tiny DiT."""
 
 import pytest
+from conftest import generate
 
 import smoothcache
 from smoothcache import Schedule
 from smoothcache.demo.harness import DemoConfig, plan_methods, random_schedule, run_demo
-
-from conftest import generate
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,10 @@ import sys
 
 import pytest
 import torch
-
-from smoothcache import Schedule, SmoothCacheConfig
-
 from models.conftest import STEPS
 from models.test_flux import generate, make_pipeline
+
+from smoothcache import Schedule, SmoothCacheConfig
 
 PLAN = (1, 0, 1, 0, 1, 1)
 

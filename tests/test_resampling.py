@@ -91,8 +91,9 @@ def test_step_weights_travel_with_the_curves():
 
 
 def test_a_resampled_profile_is_solved_with_weights(dit_pipe):
-    import smoothcache
     from conftest import generate
+
+    import smoothcache
 
     with smoothcache.calibration(dit_pipe) as rec:
         generate(dit_pipe)

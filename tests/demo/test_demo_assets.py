@@ -13,11 +13,11 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("torchmetrics")
 
-from torchmetrics.image.fid import FrechetInceptionDistance  # noqa: E402
+from torchmetrics.image.fid import FrechetInceptionDistance
 
-from smoothcache.demo import assets  # noqa: E402
-from smoothcache.demo.classifier import DigitFeatures  # noqa: E402
-from smoothcache.demo.metrics import FidReference, QualityScorer  # noqa: E402
+from smoothcache.demo import assets
+from smoothcache.demo.classifier import DigitFeatures
+from smoothcache.demo.metrics import FidReference, QualityScorer
 
 # Measured on the shipped weights (docs/demo_training.md): 20 digits (2 per class), seed 0,
 # 20 steps, guidance 4 -> 20/20 correct. The floor leaves room for CPU/BLAS differences.
@@ -76,7 +76,7 @@ def test_one_transformer_call_per_step_on_the_guidance_batch(pipe):
 
 
 def test_output_types_and_seeding(pipe):
-    run = lambda **kw: pipe([1, 2], num_inference_steps=2, generator=torch.manual_seed(5), **kw)  # noqa: E731
+    run = lambda **kw: pipe([1, 2], num_inference_steps=2, generator=torch.manual_seed(5), **kw)
     pil = run().images
     assert [(im.mode, im.size) for im in pil] == [("L", (28, 28))] * 2
     assert run(output_type="np").images.shape == (2, 28, 28, 1)
