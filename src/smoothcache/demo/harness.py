@@ -211,8 +211,11 @@ def run_demo(pipe: Any, scorer: Scorer, config: DemoConfig | None = None, progre
         RunResult(m.method, m.alpha, m.compute_fraction, m.steps, m.estimated_speedup, float("inf")) for m in all_methods
     ]
     rounds = tqdm(total=len(all_methods) * config.timing_repeats, desc="generating", unit="run", disable=not progress, leave=False)
-    for _ in range(config.timing_repeats):  # round-robin, so drift in machine load hits every method alike
-        for method, run in zip(all_methods, runs, strict=True):
+    # round-robin, so drift in machine load hits every method alike; every other round backwards, so
+    # that the uncached baseline is not always timed first (right after a warm-up or a switch)
+    for round_index in range(config.timing_repeats):
+        order = list(zip(all_methods, runs, strict=True))
+        for method, run in order if round_index % 2 == 0 else order[::-1]:
             handle = cache(pipe, method.schedule, forecast=method.forecast) if method.schedule is not None else None  # type: ignore[arg-type]
             try:
                 images, seconds = timed(lambda m=method: generate(m.steps, config.seed, labels), device)
