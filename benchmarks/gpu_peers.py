@@ -258,11 +258,12 @@ def no_cache(setup: Setup, _: float | None) -> Detach:
     return lambda: None
 
 
-def smoothcache_method(name: str, schedule: Schedule) -> Method:
+def smoothcache_method(name: str, schedule: Schedule, forecast: str = "none") -> Method:
     def attach(setup: Setup, _: float | None) -> Detach:
-        return smoothcache.cache(setup.pipe, schedule).disable
+        return smoothcache.cache(setup.pipe, schedule, forecast=forecast).disable  # type: ignore[arg-type]
 
-    return Method(name, "smoothcache", attach, {"compute_fraction_of_cached_layers": schedule.compute_fraction()})
+    settings = {"compute_fraction_of_cached_layers": schedule.compute_fraction(), "forecast": forecast}
+    return Method(name, "smoothcache", attach, settings)
 
 
 def diffusers_method(name: str, make_config: Callable[[Setup, float | None], Any], threshold: float | None = None) -> Method:
@@ -568,6 +569,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ours = [smoothcache_method(name, s) for name, s in schedules.items()]
     for method, s in zip(ours, schedules.values(), strict=True):
         method.settings["estimated_speedup_from_profile"] = profile.estimated_speedup(s)
+    if args.blocks:  # whole blocks with forecasting, on a schedule planned for it
+        with smoothcache.calibration(setup.pipe, components=["block", "single_block"], lookahead=args.lookahead,
+                                     forecast="linear") as block_rec:
+            generate(setup)
+        blocks = block_rec.profile.schedule(compute_fraction=args.compute_fraction, forecast="linear")
+        method = smoothcache_method(f"SmoothCache blocks + forecast {args.compute_fraction:g}", blocks, "linear")
+        method.settings["estimated_speedup_from_profile"] = block_rec.profile.estimated_speedup(blocks)
+        runner.extra["block_schedule"] = blocks.to_dict()
+        for mode in ["eager", *args.compile]:
+            runner.measure(method, mode)
     ours_row = runner.measure(ours[0], "eager")
     runner.measure(ours[1], "eager")
     target = ours_row.get("flops", 0) / runner.baseline["flops"] if "flops" in ours_row else None
@@ -652,6 +663,7 @@ def main() -> None:
     parser.add_argument("--compute-fraction", type=float, default=0.5, help="SmoothCache schedule budget")
     parser.add_argument("--lookahead", type=int, default=2, help="calibration lookahead (3 needs ~40 GB more)")
     parser.add_argument("--probes", type=int, default=3, help="generations spent per threshold search")
+    parser.add_argument("--blocks", action="store_true", help="also whole blocks with forecasting (Flux: block, single_block)")
     parser.add_argument("--only", nargs="*", help="run only the peers whose name contains one of these")
     parser.add_argument("--max-minutes", type=float, default=5.5,
                         help="start no configuration after this many minutes (the last one may take ~1.5 more)")
