@@ -91,6 +91,8 @@ def test_bench_reports_speedup_ideal_and_warns_when_caching_gains_nothing(pipeli
     assert result["ideal_speedup"] > 1 and result["uncached_seconds"] > 0 and result["cached_seconds"] > 0
     assert result["speedup"] == pytest.approx(result["uncached_seconds"] / result["cached_seconds"])
     assert "speedup" in capsys.readouterr().out
+    assert main([*args, "--forecast", "linear"]) == 0
+    assert json.loads(out.read_text())["compute_fraction"] == pytest.approx(0.6)
 
 
 def test_bench_diagnoses_caches_that_gain_little():

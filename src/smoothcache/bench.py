@@ -8,7 +8,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -73,17 +73,20 @@ def benchmark_schedule(
     repeats: int = 3,
     calls_per_step: int | None = None,
     measure_ideal: bool = True,
+    forecast: Literal["none", "linear"] = "none",
 ) -> BenchResult:
-    """Time ``run()`` (one pipeline call) uncached and cached on ``schedule``, interleaved.
+    """Time ``run()`` (one pipeline call) uncached and cached on ``schedule``, interleaved, after
+    one warm-up of each (under torch.compile the cached patterns compile there, not while timed).
 
     The ideal speedup comes from one extra calibration pass that counts FLOPs per layer.
+    ``forecast`` is passed to :func:`~smoothcache.cache`.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     model = getattr(pipe, "transformer", pipe)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ideal = None
-    handle = cache(pipe, schedule, calls_per_step=calls_per_step)
+    handle = cache(pipe, schedule, calls_per_step=calls_per_step, forecast=forecast)
     handle.disable()
     if measure_ideal:  # the FLOPs of the layers the schedule caches (whole blocks included)
         components = list(dict.fromkeys(layer.layer_type for layer in handle.layers))
@@ -92,7 +95,12 @@ def benchmark_schedule(
         ideal = rec.profile.estimated_speedup(schedule)
     times: dict[str, list[float]] = {"uncached": [], "cached": []}
     peaks: dict[str, float] = {}
-    run()  # warm-up
+    run()  # warm-up, uncached and cached
+    handle.enable()
+    try:
+        run()
+    finally:
+        handle.disable()
     for _ in range(repeats):
         for name in ("uncached", "cached"):
             if name == "cached":

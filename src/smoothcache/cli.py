@@ -216,7 +216,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     pipe, requests, extra = _load(args)
     request = requests[0]
     result = benchmark_schedule(
-        pipe, schedule, lambda: run_request(pipe, request, schedule.num_steps, **extra), repeats=args.repeats
+        pipe, schedule, lambda: run_request(pipe, request, schedule.num_steps, **extra), repeats=args.repeats,
+        forecast=args.forecast,
     )
     ideal = f"{result.ideal_speedup:.2f}x" if result.ideal_speedup else "n/a"
     efficiency = f"{result.efficiency:.2f}" if result.efficiency else "n/a"
@@ -386,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(bench)
     bench.add_argument("--schedule", required=True, help="schedule JSON; its length sets the steps")
     bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--forecast", choices=["none", "linear"], default="none", help="time the cache with forecast='linear'")
     bench.add_argument("--out", help="JSON file for the result")
     bench.set_defaults(func=cmd_bench)
 
