@@ -123,6 +123,9 @@ def test_bad_calibration_input_gets_clear_errors(dit_pipe):
             generate(dit_pipe)
     with pytest.raises(ValueError, match="bare module needs steps="):
         smoothcache.calibration(dit_pipe.transformer)
+    with pytest.raises(ValueError, match="lookahead=4 reaches past the last of 3 steps; calibrate with lookahead <= 2"):
+        with smoothcache.calibration(dit_pipe, lookahead=4):
+            generate(dit_pipe, steps=3)
 
 
 def test_bare_module_calibration_with_steps(original_dit):

@@ -305,6 +305,10 @@ class CalibrationRecorder:
         steps = self._tracker.generation_steps
         if steps is None:
             raise ValueError("Cannot tell how many steps this generation has; pass steps=")
+        if self.lookahead >= steps:
+            raise ValueError(
+                f"lookahead={self.lookahead} reaches past the last of {steps} steps; calibrate with lookahead <= {steps - 1}"
+            )
         if self.steps is not None and steps != self.steps:
             raise StepMismatchError(f"Calibration was set up for steps={self.steps} but the pipeline is running {steps} steps")
         if self._runs and steps != self._runs[0].shape[1]:

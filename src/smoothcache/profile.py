@@ -375,7 +375,7 @@ class CalibrationProfile:
             logger.warning("Not every merged profile has forecast errors (calibrated with forecast='linear'): the merge has none")
             metadata["forecast"] = "none"
         weights = [p.step_weights for p in profiles]
-        if all(w is not None for w in weights):  # the mean over every run, as one calibration would record
+        if all(w is not None for w in weights):  # each profile's are scaled to at most 1: a run-weighted mean of those
             mean = np.average(np.stack(weights), axis=0, weights=[p.num_runs for p in profiles])  # type: ignore[arg-type]
             metadata["step_weights"] = [round(float(v), 6) for v in mean / mean.max()]
         else:

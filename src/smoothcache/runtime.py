@@ -138,13 +138,14 @@ def _forecasting_forward(
         kept = outputs[decision.slot]  # (last, previous) computed outputs
         if not decision.compute and kept is not None:
             last, previous = kept
-            if previous is None or decision.ratio == 0.0 or not isinstance(last, torch.Tensor):
-                if torch.compiler.is_compiling() and whole_model_compiled[0] and isinstance(last, torch.Tensor):
+            compiled = torch.compiler.is_compiling() and whole_model_compiled[0]
+            if previous is None or decision.ratio == 0.0:
+                if compiled and isinstance(last, torch.Tensor):
                     return _reuse_barrier(first_tensor(args, kwargs), last)
                 return last
-            if torch.compiler.is_compiling() and whole_model_compiled[0]:
-                return _forecast_barrier(first_tensor(args, kwargs), last, previous, decision.ratio)
-            return torch.lerp(last, previous, -decision.ratio)  # last + ratio * (last - previous)
+            if isinstance(last, (tuple, list)):  # joint attention (Flux, SD3): each tensor on its own
+                return type(last)(_extrapolated(a, b, decision.ratio, compiled, args, kwargs) for a, b in zip(last, previous))
+            return _extrapolated(last, previous, decision.ratio, compiled, args, kwargs)
         output = original(*args, **kwargs)
         outputs[decision.slot] = (output, None if kept is None else kept[0])
         return output
@@ -152,24 +153,14 @@ def _forecasting_forward(
     return forward
 
 
-def _block_caching_forward(
-    original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any], streams: BlockStreams
-) -> Callable[..., Any]:
-    """As :func:`_caching_forward`, for a block cached whole: keep what it added to its streams, and
-    reuse as this call's inputs plus that residual."""
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        inputs = streams.inputs(args, kwargs)
-        if not decision.compute:
-            kept = outputs[decision.slot]
-            if kept is not None:
-                return streams.apply(inputs, kept)
-        output = original(*args, **kwargs)
-        if decision.keep or not decision.compute:
-            outputs[decision.slot] = streams.residual(output, inputs)
-        return output
-
-    return forward
+def _extrapolated(last: Any, previous: Any, ratio: float, compiled: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``last + ratio * (last - previous)`` for a tensor (through :func:`_forecast_barrier` when traced
+    as part of a whole model); anything else (``None``, a non-tensor) as it was last computed."""
+    if not isinstance(last, torch.Tensor) or not isinstance(previous, torch.Tensor):
+        return last
+    if compiled:
+        return _forecast_barrier(first_tensor(args, kwargs), last, previous, ratio)
+    return torch.lerp(last, previous, -ratio)
 
 
 def _block_forecasting_forward(

@@ -74,3 +74,22 @@ def test_forecasting_blocks_skip_exactly_their_plans_and_extrapolate(name):
         forecast = generate(pipe)
     assert uses.counts == plain_uses.counts
     assert torch.isfinite(forecast).all() and not torch.equal(forecast, reused)
+
+
+def test_forecasting_extrapolates_each_tensor_of_a_layer_returning_a_tuple():
+    """Flux's joint attention returns (image, text) outputs: a reusing step extrapolates both."""
+    family_test = importlib.import_module(".test_flux", __package__)
+    pipe, generate = family_test.make_pipeline(), family_test.generate
+    plan = (1, 1, 0, 1, 0, 1)
+    assert len(plan) == STEPS
+    attn = pipe.transformer.transformer_blocks[0].attn
+    seen: list[tuple[torch.Tensor, ...]] = []
+    attn.register_forward_hook(lambda m, a, out: seen.append(tuple(t.clone() for t in out)))
+    with smoothcache.cache(pipe, smoothcache.Schedule({"attn": plan}), forecast="linear"):
+        generate(pipe)
+    ratios = {2: 1.0, 4: 0.5}  # steps since the last compute over the gap before it
+    for step, ratio in ratios.items():
+        last, previous = seen[step - 1], seen[step - 2 if step == 2 else step - 3]
+        assert len(seen[step]) == 2
+        for got, a, b in zip(seen[step], last, previous, strict=True):
+            assert torch.allclose(got, a + ratio * (a - b), atol=1e-5)
