@@ -305,7 +305,7 @@ class CalibrationRecorder:
         steps = self._tracker.generation_steps
         if steps is None:
             raise ValueError("Cannot tell how many steps this generation has; pass steps=")
-        if self.lookahead >= steps:
+        if self.lookahead > steps:  # (== steps only leaves its last lookahead unmeasured)
             raise ValueError(
                 f"lookahead={self.lookahead} reaches past the last of {steps} steps; calibrate with lookahead <= {steps - 1}"
             )

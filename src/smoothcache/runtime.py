@@ -163,6 +163,26 @@ def _extrapolated(last: Any, previous: Any, ratio: float, compiled: bool, args: 
     return torch.lerp(last, previous, -ratio)
 
 
+def _block_caching_forward(
+    original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any], streams: BlockStreams
+) -> Callable[..., Any]:
+    """As :func:`_caching_forward`, for a block cached whole: keep what it added to its streams, and
+    reuse as this call's inputs plus that residual."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        inputs = streams.inputs(args, kwargs)
+        if not decision.compute:
+            kept = outputs[decision.slot]
+            if kept is not None:
+                return streams.apply(inputs, kept)
+        output = original(*args, **kwargs)
+        if decision.keep or not decision.compute:
+            outputs[decision.slot] = streams.residual(output, inputs)
+        return output
+
+    return forward
+
+
 def _block_forecasting_forward(
     original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any], streams: BlockStreams
 ) -> Callable[..., Any]:
