@@ -69,13 +69,18 @@ def test_probing_changes_nothing_in_the_generation_and_detaches(dit_pipe, schedu
     assert rec.profile.step_weights is not None and np.all(rec.profile.step_weights > 0)
 
 
-def test_flow_matching_sensitivity_is_relative_to_the_sample():
-    scheduler = FlowMatchEulerDiscreteScheduler()
-    scheduler.set_timesteps(4)
+def probed(scheduler, steps: int):
+    """A scheduler set to ``steps`` with a probe attached, what it saw, and a random sample and output."""
+    scheduler.set_timesteps(steps)
     seen: list[torch.Tensor] = []
     probe = StepProbe(scheduler, seen.append).attach()
     sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    velocity = torch.randn_like(sample)
+    return probe, seen, sample, torch.randn_like(sample)
+
+
+def test_flow_matching_sensitivity_is_relative_to_the_sample():
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    probe, seen, sample, velocity = probed(scheduler, 4)
     for t in scheduler.timesteps:
         sigma, sigma_next = scheduler.sigmas[scheduler.step_index or 0], scheduler.sigmas[(scheduler.step_index or 0) + 1]
         new = scheduler.step(velocity, t, sample, return_dict=False)[0]
@@ -104,11 +109,7 @@ def test_the_optimal_solver_weighs_steps_and_may_skip_the_last_one(dit_pipe):
 
 def test_the_probe_reads_arguments_by_name_and_passes_every_call_through():
     scheduler = DDIMScheduler()
-    scheduler.set_timesteps(5)
-    seen: list[torch.Tensor] = []
-    probe = StepProbe(scheduler, seen.append).attach()
-    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    output = torch.randn_like(sample)
+    probe, seen, sample, output = probed(scheduler, 5)
     t = scheduler.timesteps[0]
     by_keyword = scheduler.step(model_output=output, timestep=t, sample=sample, return_dict=False)[0]
     positional = scheduler.step(output, t, sample).prev_sample

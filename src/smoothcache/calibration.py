@@ -245,23 +245,24 @@ class CalibrationRecorder:
         if ring is None:
             ring = rings[key] = deque(maxlen=self.lookahead + self.gaps)
         if ring:
+            earlier = list(ring)  # earlier[i] is step t - 1 - i
             denominator = _total(_l1(t) for t in current)
-            numerators = [_total(_l1(p - c) for p, c in zip(previous, current)) for previous in list(ring)[: self.lookahead]]
+            numerators = [_total(_l1(p - c) for p, c in zip(previous, current)) for previous in earlier[: self.lookahead]]
             assert self._current is not None and self._counts is not None
             self._current[index, self._step, : len(numerators)] += torch.stack(numerators) / denominator
             self._counts[index, self._step, : len(numerators)] += 1
-            if self.gaps and len(ring) > 1:
-                self._record_forecasts(index, current, ring, denominator)
+            if self.gaps and len(earlier) > 1:
+                self._record_forecasts(index, current, earlier, denominator)
         if self.branches is not None:
             self._record_branches(index, current, ring)
         ring.appendleft(current)
 
     def _record_forecasts(
-        self, index: int, current: list[torch.Tensor], ring: deque[list[torch.Tensor]], denominator: torch.Tensor
+        self, index: int, current: list[torch.Tensor], earlier: list[list[torch.Tensor]], denominator: torch.Tensor
     ) -> None:
-        """The error of predicting this step from steps ``s = t - k`` and ``s - g``: ``y_s + (k / g) (y_s - y_(s-g))``."""
+        """The error of predicting this step from steps ``s = t - k`` and ``s - g``: ``y_s + (k / g) (y_s - y_(s-g))``
+        (``earlier[i]`` holds step ``t - 1 - i``)."""
         numerators, cells = [], []
-        earlier = list(ring)  # earlier[i] is step t - 1 - i
         for k in range(1, self.lookahead + 1):
             for gap in range(1, self.gaps + 1):
                 if k + gap > len(earlier):

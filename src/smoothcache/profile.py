@@ -248,8 +248,9 @@ class CalibrationProfile:
                 "Schedules for forecasting come from the optimal solver: give compute_fraction= or speedup= "
                 "with solver='optimal' or 'per-block'"
             )
-        curves = self.curves_by_key(keys, per_block)
         problem = self.solver_problem(keys, per_block, forecast, weigh_steps) if solver == "optimal" else None
+        # the optimal solver reads only the keys of the unweighted curves: its problem holds them
+        curves = problem.curves if problem is not None else self.curves_by_key(keys, per_block)
         if alpha is not None:
             if alpha < 0:
                 raise ProfileError(f"alpha must be >= 0, got {alpha}")

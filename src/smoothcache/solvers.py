@@ -142,8 +142,34 @@ def reuse_error(curves: np.ndarray, plan: Sequence[int], forecasts: np.ndarray |
     return total
 
 
+class _Frontier:
+    """What both frontiers share: the least error per number of computed steps, and its checks."""
+
+    errors: np.ndarray  # (num_steps + 1,)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.errors) - 1
+
+    def feasible(self) -> np.ndarray:
+        """The numbers of computed steps some plan reaches, ascending."""
+        return np.flatnonzero(np.isfinite(self.errors))
+
+    def _check_feasible(self, computed: int) -> None:
+        if not 0 <= computed < len(self.errors) or not np.isfinite(self.errors[computed]):
+            feasible = self.feasible()
+            raise ScheduleError(
+                f"No plan computes exactly {computed} of {self.num_steps} steps within the lookahead; "
+                f"feasible counts are {feasible.min()}..{feasible.max()}"
+            )
+
+    def plan(self, computed: int) -> tuple[int, ...]:
+        """The least-error plan with exactly ``computed`` computed steps."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class PlanFrontier:
+class PlanFrontier(_Frontier):
     """For one key, the least summed reuse error with exactly ``m`` computed steps, for every ``m``.
 
     ``errors[m]`` is ``inf`` where no plan computes exactly ``m`` steps within the lookahead.
@@ -153,22 +179,9 @@ class PlanFrontier:
     reused_before: np.ndarray  # (num_steps + 1, num_steps): for m computes ending at t, steps reused before t
     last_step: np.ndarray  # (num_steps + 1,): the last computed step of the best plan with m computes
 
-    @property
-    def num_steps(self) -> int:
-        return self.reused_before.shape[1]
-
-    def feasible(self) -> np.ndarray:
-        """The numbers of computed steps some plan reaches, ascending."""
-        return np.flatnonzero(np.isfinite(self.errors))
-
     def plan(self, computed: int) -> tuple[int, ...]:
         """The least-error plan with exactly ``computed`` computed steps."""
-        if not 0 <= computed < len(self.errors) or not np.isfinite(self.errors[computed]):
-            feasible = self.feasible()
-            raise ScheduleError(
-                f"No plan computes exactly {computed} of {self.num_steps} steps within the lookahead; "
-                f"feasible counts are {feasible.min()}..{feasible.max()}"
-            )
+        self._check_feasible(computed)
         plan = [0] * self.num_steps
         step, m = int(self.last_step[computed]), computed
         while True:
@@ -218,7 +231,7 @@ def plan_frontier(curves: np.ndarray, keep_last: bool = True, allowed: Sequence[
 
 
 @dataclass(frozen=True)
-class ForecastFrontier:
+class ForecastFrontier(_Frontier):
     """As :class:`PlanFrontier`, for plans whose reusing steps extrapolate from the last two computes.
 
     A reused step's error then depends on the gap between those two computes as well, so the plan
@@ -231,21 +244,9 @@ class ForecastFrontier:
     last_step: np.ndarray  # (num_steps + 1,)
     last_gap: np.ndarray  # (num_steps + 1,)
 
-    @property
-    def num_steps(self) -> int:
-        return self.previous_gap.shape[1]
-
-    def feasible(self) -> np.ndarray:
-        return np.flatnonzero(np.isfinite(self.errors))
-
     def plan(self, computed: int) -> tuple[int, ...]:
         """The least-error plan with exactly ``computed`` computed steps."""
-        if not 0 <= computed < len(self.errors) or not np.isfinite(self.errors[computed]):
-            feasible = self.feasible()
-            raise ScheduleError(
-                f"No plan computes exactly {computed} of {self.num_steps} steps within the lookahead; "
-                f"feasible counts are {feasible.min()}..{feasible.max()}"
-            )
+        self._check_feasible(computed)
         plan = [0] * self.num_steps
         step, gap, m = int(self.last_step[computed]), int(self.last_gap[computed]), computed
         while True:
@@ -313,7 +314,7 @@ def optimal_plan(curves: np.ndarray, computed: int, keep_last: bool = True) -> l
     return list(plan_frontier(curves, keep_last).plan(computed))
 
 
-def allocate_budget(frontiers: Mapping[str, PlanFrontier | ForecastFrontier], weights: Mapping[str, int], budget: int) -> dict[str, int]:
+def allocate_budget(frontiers: Mapping[str, _Frontier], weights: Mapping[str, int], budget: int) -> dict[str, int]:
     """Computed steps per key minimising the summed error, with ``sum(weights[k] * m_k) <= budget``.
 
     An exact knapsack over keys; ``weights`` are the integer costs of one computed step of each key.
@@ -326,7 +327,7 @@ class BudgetAllocations:
     best allocation within every smaller budget too, so a sweep over budgets (``tune``) costs one solve.
     """
 
-    def __init__(self, frontiers: Mapping[str, PlanFrontier | ForecastFrontier], weights: Mapping[str, int], max_budget: int) -> None:
+    def __init__(self, frontiers: Mapping[str, _Frontier], weights: Mapping[str, int], max_budget: int) -> None:
         self.frontiers, self.weights = frontiers, weights
         self.keys = list(frontiers)
         best = np.zeros(max_budget + 1)  # best[b]: least error of the keys so far within weighted budget b
@@ -406,7 +407,7 @@ def optimal_schedule(
 
 def frontier_of(
     curves: np.ndarray, forecasts: np.ndarray | None, keep_last: bool = True, allowed: Sequence[bool] | None = None
-) -> PlanFrontier | ForecastFrontier:
+) -> _Frontier:
     """The plain frontier, or the forecasting one where forecast errors are given."""
     if forecasts is None:
         return plan_frontier(curves, keep_last, allowed)
@@ -472,7 +473,7 @@ class SolverProblem:
     forecasts: dict[str, np.ndarray] | None = None  # for forecasting schedules
     keep_last: bool = True
 
-    def frontiers(self) -> dict[str, PlanFrontier | ForecastFrontier]:
+    def frontiers(self) -> dict[str, _Frontier]:
         return {key: frontier_of(c, None if self.forecasts is None else self.forecasts[key], self.keep_last) for key, c in self.curves.items()}
 
     def solve(self, max_weighted_computes: float, weights: Mapping[str, float] | None = None) -> Schedule:

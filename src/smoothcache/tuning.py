@@ -68,9 +68,10 @@ def candidate_schedules(
     when asked for (a binary search asks for a dozen): per-block DiT-XL/2 has 2,800 budgets.
     """
     per_block = per_block or solver == "per-block"
-    slots = profile.num_steps * len(profile.curves_by_key(keys, per_block))
     if solver in ("optimal", "per-block"):
-        return _OptimalSchedules(profile.solver_problem(keys, per_block, forecast), slots)
+        problem = profile.solver_problem(keys, per_block, forecast)
+        return _OptimalSchedules(problem, profile.num_steps * len(problem.curves))
+    slots = profile.num_steps * len(profile.curves_by_key(keys, per_block))
     if forecast != "none":
         raise ProfileError("Schedules for forecasting come from the optimal solver: tune with solver='optimal' or 'per-block'")
     schedules: list[Schedule] = []
