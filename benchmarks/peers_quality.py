@@ -272,6 +272,7 @@ def main() -> None:
         "benchmark": "quality at equal measured compute on the demo model: smoothcache vs diffusers' cache hooks",
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
+        "device": f"cpu ({torch.get_num_threads()} threads)",
         "settings": {key: getattr(settings, key) for key in SETTINGS} | {"samples": len(labels), "quick": args.quick, "flop_shares": shares},
         "runs": [asdict(run) for run in runs],
     }
