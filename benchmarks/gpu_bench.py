@@ -14,7 +14,8 @@ Compile settings (``--compile``): ``eager``; ``blocks``, each transformer block 
 ``model``, the whole transformer compiled (one graph per step pattern); ``model-cudagraphs``, the
 same with ``mode="reduce-overhead"`` (CUDA graphs through cudagraph trees). Each row records what
 dynamo did: graphs compiled in warm-up and while timed, frames (re)compiled while timed (0 is the
-target), graph breaks, and CUDA graph skips.
+target), graph breaks, and CUDA graph skips; and how often one generation made the host wait for the
+GPU (``--loops`` compares diffusers' loop, which waits once per step, with a loop that does not).
 
 CUDA graphs and the cache: cudagraph trees start a new generation, recycling the memory of earlier
 outputs, at every compiled call unless ``torch.compiler.cudagraph_mark_step_begin()`` was ever
@@ -80,9 +81,19 @@ def make_pipe(model, device: str):
     return SimpleNamespace(transformer=model, scheduler=DDIMScheduler(), device=torch.device(device))
 
 
+LOOPS = ("synced", "sync-free")
+
+
 @torch.no_grad()
-def denoise(pipe, batch: int, seed: int = 0, guidance: float = 4.0) -> torch.Tensor:
-    """DiTPipeline's loop: CFG batch, scale_model_input, learned-sigma split, scheduler step."""
+def denoise(pipe, batch: int, seed: int = 0, guidance: float = 4.0, loop: str = "synced") -> torch.Tensor:
+    """DiTPipeline's loop: CFG batch, scale_model_input, learned-sigma split, scheduler step.
+
+    ``loop="synced"`` waits for the GPU once per step, as diffusers' loops do: here DDIM's step tests
+    a device timestep on the host (``prev_timestep >= 0``); DiTPipeline copies each host timestep
+    to the device (``t[None].to(device)``, a blocking copy). ``"sync-free"`` keeps the scheduler's
+    timesteps on the host and copies them to the device once per generation, so the host can queue
+    the next steps while the GPU runs this one. The host's per-step work is then hidden behind the
+    GPU's, which matters most where a step's GPU work is small: a step that reuses."""
     model, scheduler, device = pipe.transformer, pipe.scheduler, pipe.device
     if getattr(pipe, "cudagraphs", False):
         torch.compiler.cudagraph_mark_step_begin()  # once per generation: see the module docstring
@@ -91,10 +102,15 @@ def denoise(pipe, batch: int, seed: int = 0, guidance: float = 4.0) -> torch.Ten
     labels = torch.arange(batch, device=device) % 1000
     class_in = torch.cat([labels, torch.full_like(labels, 1000)])
     x = torch.cat([latents, latents])
-    scheduler.set_timesteps(STEPS, device=device)
-    for t in scheduler.timesteps:
+    if loop == "sync-free":
+        scheduler.set_timesteps(STEPS)
+        model_timesteps = scheduler.timesteps.to(device)
+    else:
+        scheduler.set_timesteps(STEPS, device=device)
+        model_timesteps = scheduler.timesteps
+    for i, t in enumerate(scheduler.timesteps):
         x = scheduler.scale_model_input(x, t)
-        out = model(x, timestep=t.expand(x.shape[0]), class_labels=class_in).sample
+        out = model(x, timestep=model_timesteps[i].expand(x.shape[0]), class_labels=class_in).sample
         eps = out[:, :4]
         cond, uncond = eps.chunk(2)
         half = uncond + guidance * (cond - uncond)
@@ -170,11 +186,11 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     from smoothcache.plots import pyplot
 
     plt = pyplot()
-    panels = sorted({(r["compile"], r["batch"]) for r in result["rows"]})
+    panels = sorted({(r["compile"], r["batch"], r.get("loop", "synced")) for r in result["rows"]})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharey=True, squeeze=False)
-    for ax, (compile_mode, batch) in zip(axes[0], panels, strict=True):
+    for ax, (compile_mode, batch, loop) in zip(axes[0], panels, strict=True):
         rows = [r for r in result["rows"] if r["compile"] == compile_mode and r["batch"] == batch
-                and r["schedule"] != "uncached" and "speedup" in r]
+                and r.get("loop", "synced") == loop and r["schedule"] != "uncached" and "speedup" in r]
         names = list(dict.fromkeys(r["schedule"] for r in rows))
         impls = [i for i in ("smoothcache", "smoothcache+forecast", "reference") if any(r["implementation"] == i for r in rows)]
         width = 0.8 / max(len(impls), 1)
@@ -186,7 +202,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         ax.scatter(range(len(names)), ideal, marker="_", s=900, color="black", label="ideal (FLOPs)", zorder=3)
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xticks(range(len(names)), [n.replace(" ", "\n", 1) for n in names], fontsize=7)
-        ax.set_title(f"{compile_mode}, batch {batch}", fontsize=9)
+        ax.set_title(f"{compile_mode}, batch {batch}, {loop} loop", fontsize=9)
     axes[0][0].set_ylabel("speedup vs uncached")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"DiT-XL/2-256, {result['settings']['steps']} DDIM steps, {result['settings']['dtype']}, {result['device']}", fontsize=10)
@@ -208,7 +224,7 @@ def fresh_pipe(shared: SimpleNamespace | None, compile_mode: str, args: argparse
     return pipe
 
 
-def run_reference(reference: Any, pipe: SimpleNamespace, plans: dict[str, tuple[int, ...]], batch: int) -> None:
+def run_reference(reference: Any, pipe: SimpleNamespace, plans: dict[str, tuple[int, ...]], batch: int, loop: str) -> None:
     """One generation with the reference package's helper (enable() resets its counters: without it a
     second run would be uncached)."""
     from diffusers.models.attention import BasicTransformerBlock
@@ -220,8 +236,25 @@ def run_reference(reference: Any, pipe: SimpleNamespace, plans: dict[str, tuple[
         )
     helper.enable()
     with contextlib.redirect_stdout(open(os.devnull, "w")):
-        denoise(pipe, batch)
+        denoise(pipe, batch, loop=loop)
     helper.disable()
+
+
+def count_host_syncs(fn: Callable[[], Any]) -> int | None:
+    """How often one run of ``fn`` made the host wait for the GPU (torch's sync debug mode, which
+    warns at every synchronizing call); ``None`` without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
 
 
 def measure(fn: Callable[[], Any], warmup: int, repeats: int, keep_going: bool) -> dict[str, Any]:
@@ -232,6 +265,7 @@ def measure(fn: Callable[[], Any], warmup: int, repeats: int, keep_going: bool) 
         time_runs(fn, 0, warmup)
         after_warmup = dynamo_counts()
         times, peak = time_runs(fn, repeats, 0)
+        syncs = count_host_syncs(fn)
     except Exception as error:
         if not keep_going:
             raise
@@ -240,6 +274,7 @@ def measure(fn: Callable[[], Any], warmup: int, repeats: int, keep_going: bool) 
     end = dynamo_counts()
     return {
         "ms": 1000 * statistics.median(times), "runs_ms": [1000 * t for t in times], "peak_mib": peak,
+        "host_syncs_per_generation": syncs,
         "graphs_compiled_in_warmup": after_warmup["graphs"] - before["graphs"],
         "graphs_compiled_while_timed": end["graphs"] - after_warmup["graphs"],
         "frames_compiled_in_warmup": after_warmup["frames"] - before["frames"],
@@ -254,7 +289,7 @@ def save(args: argparse.Namespace, rows: list[dict[str, Any]], ideal_by_batch: d
     every configuration so that a run cut short keeps what it measured."""
     for row in rows:
         base = next((r for r in rows if r["compile"] == row["compile"] and r["batch"] == row["batch"]
-                     and r["implementation"] == "none"), {})
+                     and r.get("loop") == row.get("loop") and r["implementation"] == "none"), {})
         if "ms" in row and "ms" in base:
             row["speedup"] = base["ms"] / row["ms"]
             row["efficiency"] = row["speedup"] / row["ideal_speedup"]
@@ -285,6 +320,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--reference", type=Path)
+    parser.add_argument("--loops", nargs="+", default=["synced"], choices=LOOPS,
+                        help="the denoising loop: 'synced' waits for the GPU every step as diffusers' loops do; "
+                        "'sync-free' does not (see denoise)")
     parser.add_argument("--forecast", action="store_true",
                         help="also time each schedule with forecast='linear' (implementation 'smoothcache+forecast')")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/gpu-dit-xl.json"))
@@ -307,37 +345,39 @@ def main() -> None:
         shared = make_pipe(dit_xl(device, dtype, args.tiny), device) if compile_mode == "eager" else None
         setup = partial(fresh_pipe, shared, compile_mode, args)
         warmup = 2 if compile_mode == "eager" else 3
-        for batch in args.batches:
+        for batch, loop in [(b, lp) for b in args.batches for lp in args.loops]:
             if batch not in ideal_by_batch:
                 ideal_by_batch[batch] = ideal_speedups(make_pipe(dit_xl(device, dtype, args.tiny), device), batch)
             ideal = ideal_by_batch[batch]
 
             def record(impl: str, schedule_name: str, fn: Callable[[], Any], patterns: int = 1, *,
-                       compile_mode: str = compile_mode, batch: int = batch, ideal: dict = ideal, warmup: int = warmup) -> None:
-                row = {"compile": compile_mode, "batch": batch, "implementation": impl, "schedule": schedule_name,
+                       compile_mode: str = compile_mode, batch: int = batch, loop: str = loop, ideal: dict = ideal,
+                       warmup: int = warmup) -> None:
+                row = {"compile": compile_mode, "batch": batch, "loop": loop, "implementation": impl, "schedule": schedule_name,
                        "ideal_speedup": ideal.get(schedule_name, 1.0), "decision_patterns": patterns}
                 rows.append(row | measure(fn, warmup, args.repeats, args.keep_going))
                 save(args, rows, ideal_by_batch)
                 done = rows[-1]
                 result = f"{done['ms']:8.1f} ms, {done['graphs_compiled_in_warmup']} graphs, " \
                     f"{done['recompiles_while_timed']} recompiles timed" if "ms" in done else f"FAILED {done['error'][:300]}"
-                print(f"{compile_mode:16} b{batch} {impl:11} {schedule_name:22} {result}", flush=True)
+                print(f"{compile_mode:16} b{batch} {loop:9} {impl:11} {schedule_name:22} {result}", flush=True)
 
+            generate = partial(denoise, batch=batch, loop=loop)
             pipe = setup()
-            record("none", "uncached", partial(denoise, pipe, batch))
+            record("none", "uncached", partial(generate, pipe))
             for name in args.schedules:
                 plans = SCHEDULES[name]
                 pipe = setup()
                 handle = smoothcache.cache(pipe, Schedule(plans))
-                record("smoothcache", name, partial(denoise, pipe, batch), handle.decision_patterns())
+                record("smoothcache", name, partial(generate, pipe), handle.decision_patterns())
                 handle.disable()
                 if args.forecast:  # layer outputs or block residuals extrapolated
                     pipe = setup()
                     handle = smoothcache.cache(pipe, Schedule(plans), forecast="linear")
-                    record("smoothcache+forecast", name, partial(denoise, pipe, batch), handle.decision_patterns())
+                    record("smoothcache+forecast", name, partial(generate, pipe), handle.decision_patterns())
                     handle.disable()
                 if reference is not None and "block" not in plans:  # the reference caches layers only
-                    record("reference", name, partial(run_reference, reference, setup(), plans, batch))
+                    record("reference", name, partial(run_reference, reference, setup(), plans, batch, loop))
     result = save(args, rows, ideal_by_batch)
     plot(result, args.out.with_suffix(".png"))
     print(json.dumps([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "runs_ms"} for r in rows]))
