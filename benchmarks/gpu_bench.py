@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib.util
 import json
 import os
@@ -47,6 +48,7 @@ import torch
 
 import smoothcache
 from smoothcache import Schedule
+from smoothcache.bench import count_host_syncs
 
 STEPS = 50
 # The reference's 50-step alpha=0.18 DiT schedule (smoothcache_schedules/50-N-3-threshold-0.18.json).
@@ -218,6 +220,7 @@ def fresh_pipe(shared: SimpleNamespace | None, compile_mode: str, args: argparse
     if shared is not None:
         return shared
     torch._dynamo.reset()
+    gc.collect()  # the last configuration's model and CUDA graph pool, so that its memory is not counted here
     model = compile_model(dit_xl(args.device, getattr(torch, args.dtype), args.tiny), compile_mode, args.backend)
     pipe = make_pipe(model, args.device)
     pipe.cudagraphs = compile_mode == "model-cudagraphs"
@@ -240,23 +243,6 @@ def run_reference(reference: Any, pipe: SimpleNamespace, plans: dict[str, tuple[
     helper.disable()
 
 
-def count_host_syncs(fn: Callable[[], Any]) -> int | None:
-    """How often one run of ``fn`` made the host wait for the GPU (torch's sync debug mode, which
-    warns at every synchronizing call); ``None`` without CUDA."""
-    if not torch.cuda.is_available():
-        return None
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchronizing" in str(w.message) for w in caught)
-
-
 def measure(fn: Callable[[], Any], warmup: int, repeats: int, keep_going: bool) -> dict[str, Any]:
     """Latency, peak memory and what dynamo did, in warm-up and while timed; with ``keep_going`` a
     failure is recorded instead of raised (a CUDA graph configuration may fail where others run)."""
@@ -265,7 +251,7 @@ def measure(fn: Callable[[], Any], warmup: int, repeats: int, keep_going: bool) 
         time_runs(fn, 0, warmup)
         after_warmup = dynamo_counts()
         times, peak = time_runs(fn, repeats, 0)
-        syncs = count_host_syncs(fn)
+        syncs = count_host_syncs(fn, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     except Exception as error:
         if not keep_going:
             raise

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import make_dit_pipeline
 
 from smoothcache import CalibrationProfile, Schedule
@@ -77,7 +78,7 @@ def test_cli_errors_are_one_clear_line(pipeline_dir, tmp_path, capsys):
 
 
 def test_python_dash_m_entry_point():
-    result = subprocess.run([sys.executable, "-m", "smoothcache", "--version"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "smoothcache", "--version"], check=False, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("smoothcache ")
 
 
@@ -104,6 +105,27 @@ def test_bench_diagnoses_caches_that_gain_little():
     assert diagnose(1.9, 2.0) == [] and diagnose(1.3, None) == []
 
 
+def test_bench_diagnoses_a_loop_that_waits_for_the_gpu_every_step():
+    from smoothcache.bench import diagnose
+
+    waits = diagnose(1.8, 2.08, host_syncs=300, steps=50)
+    assert len(waits) == 1 and "300 times in one generation of 50 steps" in waits[0]
+    assert "copy them to the device once per generation" in waits[0]
+    assert diagnose(1.98, 2.08, host_syncs=300, steps=50) == []  # at the ideal, the waits cost nothing
+    assert diagnose(1.8, 2.08, host_syncs=1, steps=50) == []  # one wait per generation: the end of it
+    assert diagnose(1.8, 2.08, host_syncs=None, steps=50) == []  # not counted (no CUDA)
+    both = diagnose(1.01, 2.0, host_syncs=100, steps=50)
+    assert "gains nothing" in both[0] and "wait for the GPU" in both[1]
+
+
+def test_host_syncs_are_counted_on_cuda_only():
+    from smoothcache.bench import count_host_syncs
+
+    calls = []
+    assert count_host_syncs(lambda: calls.append(1), torch.device("cpu")) is None
+    assert calls == []  # off CUDA nothing is run to count
+
+
 def test_an_all_ones_schedule_has_an_ideal_speedup_of_one(dit_pipe):
     from conftest import generate
 
@@ -111,6 +133,7 @@ def test_an_all_ones_schedule_has_an_ideal_speedup_of_one(dit_pipe):
 
     result = benchmark_schedule(dit_pipe, Schedule({"attn1": (1,) * 10}), lambda: generate(dit_pipe), repeats=1)
     assert result.ideal_speedup == pytest.approx(1.0) and result.compute_fraction == 1.0
+    assert result.host_syncs is None  # counted on CUDA only
     assert result.warnings == diagnose(result.speedup, result.ideal_speedup)  # the result carries its diagnosis
 
 

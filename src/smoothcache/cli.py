@@ -226,6 +226,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"speedup {result.speedup:.2f}x  ideal {ideal}  efficiency {efficiency}  compute {result.compute_fraction:.2f}")
     if result.peak_memory_mib:
         print("peak memory (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in result.peak_memory_mib.items()))
+    if result.host_syncs is not None:
+        print(f"host waited for the GPU {result.host_syncs} times in one cached generation")
     for warning in result.warnings:
         print(f"warning: {warning}")
     if args.out:
