@@ -206,9 +206,10 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         ax.set_xticks(range(len(names)), [n.replace(" ", "\n", 1) for n in names], fontsize=7)
         ax.set_title(f"{compile_mode}, batch {batch}, {loop} loop", fontsize=9)
     axes[0][0].set_ylabel("speedup vs uncached")
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle(f"DiT-XL/2-256, {result['settings']['steps']} DDIM steps, {result['settings']['dtype']}, {result['device']}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
