@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 from torch import nn
 
@@ -28,7 +27,7 @@ __all__ = [
     "SmoothCacheHelper",
 ]
 
-BlockClasses = Union[type, str, Sequence[type | str]]
+BlockClasses = type | str | Sequence[type | str]
 
 
 def _block_types(model: nn.Module, block_classes: BlockClasses) -> list[type]:
