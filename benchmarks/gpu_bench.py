@@ -350,21 +350,22 @@ def main() -> None:
                 print(f"{compile_mode:16} b{batch} {loop:9} {impl:11} {schedule_name:22} {result}", flush=True)
 
             generate = partial(denoise, batch=batch, loop=loop)
-            pipe = setup()
-            record("none", "uncached", partial(generate, pipe))
-            for name in args.schedules:
-                plans = SCHEDULES[name]
+
+            def run_cached(impl: str, name: str, forecast: str, *, generate=generate, record=record, setup=setup) -> None:
+                """One cached configuration; its model and kept outputs go out of scope when it returns, so
+                the next configuration's peak memory does not count them."""
                 pipe = setup()
-                handle = smoothcache.cache(pipe, Schedule(plans))
-                record("smoothcache", name, partial(generate, pipe), handle.decision_patterns())
+                handle = smoothcache.cache(pipe, Schedule(SCHEDULES[name]), forecast=forecast)
+                record(impl, name, partial(generate, pipe), handle.decision_patterns())
                 handle.disable()
+
+            record("none", "uncached", partial(generate, setup()))
+            for name in args.schedules:
+                run_cached("smoothcache", name, "none")
                 if args.forecast:  # layer outputs or block residuals extrapolated
-                    pipe = setup()
-                    handle = smoothcache.cache(pipe, Schedule(plans), forecast="linear")
-                    record("smoothcache+forecast", name, partial(generate, pipe), handle.decision_patterns())
-                    handle.disable()
-                if reference is not None and "block" not in plans:  # the reference caches layers only
-                    record("reference", name, partial(run_reference, reference, setup(), plans, batch, loop))
+                    run_cached("smoothcache+forecast", name, "linear")
+                if reference is not None and "block" not in SCHEDULES[name]:  # the reference caches layers only
+                    record("reference", name, partial(run_reference, reference, setup(), SCHEDULES[name], batch, loop))
     result = save(args, rows, ideal_by_batch)
     plot(result, args.out.with_suffix(".png"))
     print(json.dumps([{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "runs_ms"} for r in rows]))
