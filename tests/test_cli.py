@@ -126,6 +126,27 @@ def test_host_syncs_are_counted_on_cuda_only():
     assert calls == []  # off CUDA nothing is run to count
 
 
+def test_host_syncs_are_the_sync_debug_warnings_and_other_warnings_pass_on(monkeypatch):
+    """The CUDA path with torch's sync debug mode stood in for: it warns at each sync, as torch does."""
+    import warnings
+
+    from smoothcache.bench import count_host_syncs
+
+    modes = [1]  # the user's own mode, which must come back
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: modes[-1])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def run():
+        assert modes[-1] == "warn"
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+        warnings.warn("a warning of the pipeline's own", FutureWarning, stacklevel=1)
+
+    with pytest.warns(FutureWarning, match="of the pipeline's own"):
+        assert count_host_syncs(run, torch.device("cuda")) == 3
+    assert modes[-1] == 1
+
+
 def test_an_all_ones_schedule_has_an_ideal_speedup_of_one(dit_pipe):
     from conftest import generate
 

@@ -72,14 +72,19 @@ def count_host_syncs(run: Callable[[], Any], device: torch.device) -> int | None
     mode, which warns at every synchronizing call; ``None`` off CUDA."""
     if device.type != "cuda":
         return None
+    mode = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             run()
         finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchronizing" in str(w.message) for w in caught)
+            torch.cuda.set_sync_debug_mode(mode)
+    syncs = [w for w in caught if "synchronizing" in str(w.message)]
+    for w in caught:  # the run's own warnings, passed on
+        if w not in syncs:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return len(syncs)
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
