@@ -23,7 +23,14 @@ from torch import nn
 
 from .errors import ScheduleError
 
-__all__ = ["BlockCachingError", "BlockStreams"]
+__all__ = ["BlockCachingError", "BlockStreams", "extrapolate"]
+
+
+def extrapolate(last: torch.Tensor, previous: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``last + ratio * (last - previous)``, one fused op: ``lerp`` with weight ``-ratio`` steps from
+    ``last`` away from ``previous``. Forecasting (``forecast="linear"``) extrapolates layer outputs,
+    block residuals and, in calibration, the candidates it scores with it."""
+    return torch.lerp(last, previous, -ratio)
 
 
 class BlockCachingError(ScheduleError):
@@ -82,10 +89,8 @@ class BlockStreams:
     def extrapolate(self, last: Any, previous: Any, ratio: float) -> Any:
         """``last + ratio * (last - previous)`` for each stream's residual (forecast="linear")."""
         if len(self.names) == 1:
-            return torch.lerp(last, previous, -ratio)
-        return tuple(
-            a if a is None or b is None else torch.lerp(a, b, -ratio) for a, b in zip(last, previous)
-        )
+            return extrapolate(last, previous, ratio)
+        return tuple(a if a is None or b is None else extrapolate(a, b, ratio) for a, b in zip(last, previous))
 
     def _elements(self, output: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
         """The output's elements, checked to continue the inputs (same shapes), else a clear error."""

@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import __version__
 from .adapters import CacheableLayer, find_layers
-from .block_residuals import BlockStreams
+from .block_residuals import BlockStreams, extrapolate
 from .errors import ProfileError, StepMismatchError
 from .guidance import (
     BRANCHES,
@@ -268,7 +268,7 @@ class CalibrationRecorder:
                 if k + gap > len(earlier):
                     break
                 last, previous = earlier[k - 1], earlier[k - 1 + gap]
-                numerators.append(_total(_l1(c - torch.lerp(s, p, -k / gap)) for c, s, p in zip(current, last, previous)))
+                numerators.append(_total(_l1(c - extrapolate(s, p, k / gap)) for c, s, p in zip(current, last, previous)))
                 cells.append((gap - 1, k - 1))
         if not cells:
             return

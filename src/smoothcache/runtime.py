@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .adapters import CacheableLayer, find_layers
-from .block_residuals import BlockCachingError, BlockStreams
+from .block_residuals import BlockCachingError, BlockStreams, extrapolate
 from .errors import ScheduleError, StepMismatchError
 from .guidance import (
     BRANCHES,
@@ -118,7 +118,7 @@ def _(layer_input: torch.Tensor | None, kept: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("smoothcache::forecast_barrier", mutates_args=())
 def _forecast_barrier(layer_input: torch.Tensor | None, last: torch.Tensor, previous: torch.Tensor, ratio: float) -> torch.Tensor:
     """``last + ratio * (last - previous)``, opaque to inductor for the same reason as :func:`_reuse_barrier`."""
-    return torch.lerp(last, previous, -ratio)
+    return extrapolate(last, previous, ratio)
 
 
 @_forecast_barrier.register_fake
@@ -160,7 +160,7 @@ def _extrapolated(last: Any, previous: Any, ratio: float, compiled: bool, args: 
         return last
     if compiled:
         return _forecast_barrier(first_tensor(args, kwargs), last, previous, ratio)
-    return torch.lerp(last, previous, -ratio)
+    return extrapolate(last, previous, ratio)
 
 
 def _block_caching_forward(
