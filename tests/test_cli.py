@@ -118,6 +118,16 @@ def test_bench_diagnoses_a_loop_that_waits_for_the_gpu_every_step():
     assert "gains nothing" in both[0] and "wait for the GPU" in both[1]
 
 
+def test_bench_points_a_layer_schedule_far_from_its_ideal_to_whole_blocks():
+    from smoothcache.bench import diagnose
+
+    hint = diagnose(1.3, 2.08, caches_layers=True)
+    assert len(hint) == 1 and "caching whole blocks" in hint[0]
+    assert diagnose(1.3, 2.08, caches_layers=False) == []  # a block schedule: nothing more to skip
+    assert diagnose(1.9, 2.08, caches_layers=True) == []  # near its ideal
+    assert len(diagnose(1.01, 2.08, caches_layers=True)) == 1  # gains nothing: that warning alone
+
+
 def test_host_syncs_are_counted_on_cuda_only():
     from smoothcache.bench import count_host_syncs
 
