@@ -220,10 +220,15 @@ def fresh_pipe(shared: SimpleNamespace | None, compile_mode: str, args: argparse
     configuration, so no configuration pays for guards that an earlier one left behind."""
     if shared is not None:
         return shared
-    torch._dynamo.reset()
     gc.collect()  # the last configuration's model and CUDA graph pool, so that its memory is not counted here
-    model = compile_model(dit_xl(args.device, getattr(torch, args.dtype), args.tiny), compile_mode, args.backend)
-    pipe = make_pipe(model, args.device)
+    return compiled_pipe(args.device, args.dtype, args.tiny, compile_mode, args.backend)
+
+
+def compiled_pipe(device: str, dtype: str, tiny: bool, compile_mode: str, backend: str = "inductor") -> SimpleNamespace:
+    """A fresh DiT-XL/2 pipe compiled as ``compile_mode`` says, with dynamo's cache cleared first;
+    ``pipe.cudagraphs`` tells :func:`denoise` to mark a CUDA graph step once per generation."""
+    torch._dynamo.reset()
+    pipe = make_pipe(compile_model(dit_xl(device, getattr(torch, dtype), tiny), compile_mode, backend), device)
     pipe.cudagraphs = compile_mode == "model-cudagraphs"
     return pipe
 

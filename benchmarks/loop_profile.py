@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from gpu_bench import LOOPS, SCHEDULES, compile_model, denoise, dit_xl, make_pipe
+from gpu_bench import LOOPS, SCHEDULES, compiled_pipe, denoise
 
 import smoothcache
 from smoothcache import Schedule
@@ -72,10 +72,7 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.schedules:
-        torch._dynamo.reset()
-        model = compile_model(dit_xl(args.device, getattr(torch, args.dtype), args.tiny), args.compile, "inductor")
-        pipe = make_pipe(model, args.device)
-        pipe.cudagraphs = args.compile == "model-cudagraphs"
+        pipe = compiled_pipe(args.device, args.dtype, args.tiny, args.compile)
         handle = smoothcache.cache(pipe, Schedule(SCHEDULES[name])) if name != "uncached" else None
         generate = partial(denoise, pipe, args.batch, loop=args.loop)
         for _ in range(3):  # compile, record the CUDA graphs, replay once

@@ -53,18 +53,19 @@ def diagnose(
     time; and, for a schedule of layers (``caches_layers``) far from its ideal, that whole blocks
     skip the work a reused layer leaves behind."""
     found = []
+    reach = speedup / ideal if ideal else None  # of the ideal speedup
     if speedup < 1.05:
         found.append(
             f"caching gains nothing here ({speedup:.2f}x): the time goes to work the schedule does not skip "
             "(kernel launches, the layers left uncached, the VAE or the scheduler); try a larger batch, "
             "torch.compile, or more cached layers"
         )
-    elif ideal and speedup / ideal < 0.6:
+    elif reach is not None and reach < 0.6:
         found.append(
-            f"caching reaches {speedup / ideal:.0%} of its ideal {ideal:.2f}x: most of the skipped FLOPs "
+            f"caching reaches {reach:.0%} of its ideal {ideal:.2f}x: most of the skipped FLOPs "
             "do not turn into time here"
         )
-    if host_syncs and steps and host_syncs >= steps and not (ideal and speedup / ideal >= 0.95):
+    if host_syncs and steps and host_syncs >= steps and not (reach is not None and reach >= 0.95):
         found.append(
             f"the pipeline made the host wait for the GPU {host_syncs} times in one generation of {steps} steps "
             "(a blocking copy of a timestep to the device, or the scheduler reading a device tensor on the host): "
@@ -72,7 +73,7 @@ def diagnose(
             "a large share of its time; keep the scheduler's timesteps on the host and copy them to the device "
             "once per generation (on DiT-XL/2 under CUDA graphs this took whole-block caching from 1.81x to 1.97x)"
         )
-    if caches_layers and ideal and 1.05 <= speedup and speedup / ideal < 0.8:
+    if caches_layers and reach is not None and speedup >= 1.05 and reach < 0.8:
         found.append(
             "a reused layer leaves its block's norms, modulation and gates to run; where the model supports it, "
             "caching whole blocks (a schedule of the 'block' component) skips them too (on DiT-XL/2, batch 8, eager: "
@@ -94,11 +95,13 @@ def count_host_syncs(run: Callable[[], Any], device: torch.device) -> int | None
             run()
         finally:
             torch.cuda.set_sync_debug_mode(mode)
-    syncs = [w for w in caught if "synchronizing" in str(w.message)]
-    for w in caught:  # the run's own warnings, passed on
-        if w not in syncs:
+    syncs = 0
+    for w in caught:
+        if "synchronizing" in str(w.message):
+            syncs += 1
+        else:  # the run's own warnings, passed on
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return len(syncs)
+    return syncs
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
@@ -125,7 +128,8 @@ def benchmark_schedule(
     """Time ``run()`` (one pipeline call) uncached and cached on ``schedule``, interleaved, after
     one warm-up of each (under torch.compile the cached patterns compile there, not while timed).
 
-    The ideal speedup comes from one extra calibration pass that counts FLOPs per layer.
+    The ideal speedup comes from one extra calibration pass that counts FLOPs per layer; on CUDA
+    one more cached run, untimed, counts the host's waits for the GPU (:func:`count_host_syncs`).
     ``forecast`` is passed to :func:`~smoothcache.cache`.
     """
     if repeats < 1:
