@@ -77,18 +77,13 @@ class _Decision:
         self.slot = 0
 
 
-def _caching_forward(
-    original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any], whole_model_compiled: list[bool]
-) -> Callable[..., Any]:
-    """The hot path: compute and keep, or hand back what was kept for this call slot
-    (``whole_model_compiled[0]``: through :func:`_reuse_barrier`, when traced as part of a whole model)."""
+def _caching_forward(original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any]) -> Callable[..., Any]:
+    """The hot path: compute and keep, or hand back what was kept for this call slot."""
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         if not decision.compute:
             kept = outputs[decision.slot]
             if kept is not None:
-                if torch.compiler.is_compiling() and whole_model_compiled[0] and isinstance(kept, torch.Tensor):
-                    return _reuse_barrier(first_tensor(args, kwargs), kept)
                 return kept
         output = original(*args, **kwargs)
         outputs[decision.slot] = output
@@ -97,38 +92,7 @@ def _caching_forward(
     return forward
 
 
-# Under whole-model torch.compile, a step that reuses every layer leaves only pointwise work
-# between the blocks (``h + gate * kept``), and inductor fuses the residual stream of all blocks
-# into the final norm's reduction: one kernel reading every kept output. On DiT-XL/2 that kernel
-# took 4.2 ms of a 5 ms reusing step on an H100 (benchmarks/dit_pattern_cost.py). An opaque op
-# that takes the layer's input keeps the stream realized block by block, as in a computing step.
-# Where each block is compiled on its own nothing spans blocks, and the barrier would only add work
-# (the layer's input norm, dead code otherwise, and a copy): it is used under whole-model compile only.
-@torch.library.custom_op("smoothcache::reuse_barrier", mutates_args=())
-def _reuse_barrier(layer_input: torch.Tensor | None, kept: torch.Tensor) -> torch.Tensor:
-    """The kept output (a copy: a custom op may not return its input)."""
-    return kept.clone()
-
-
-@_reuse_barrier.register_fake
-def _(layer_input: torch.Tensor | None, kept: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(kept)
-
-
-@torch.library.custom_op("smoothcache::forecast_barrier", mutates_args=())
-def _forecast_barrier(layer_input: torch.Tensor | None, last: torch.Tensor, previous: torch.Tensor, ratio: float) -> torch.Tensor:
-    """``last + ratio * (last - previous)``, opaque to inductor for the same reason as :func:`_reuse_barrier`."""
-    return extrapolate(last, previous, ratio)
-
-
-@_forecast_barrier.register_fake
-def _(layer_input: torch.Tensor | None, last: torch.Tensor, previous: torch.Tensor, ratio: float) -> torch.Tensor:
-    return torch.empty_like(last)
-
-
-def _forecasting_forward(
-    original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any], whole_model_compiled: list[bool]
-) -> Callable[..., Any]:
+def _forecasting_forward(original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any]) -> Callable[..., Any]:
     """As :func:`_caching_forward`, but a reusing step extrapolates linearly from the last two computed
     outputs, ``last + ratio * (last - previous)`` with ``ratio`` = steps since the last compute over
     the steps between the two (a first-order Taylor step, as TaylorSeer does). Computing costs nothing
@@ -138,14 +102,11 @@ def _forecasting_forward(
         kept = outputs[decision.slot]  # (last, previous) computed outputs
         if not decision.compute and kept is not None:
             last, previous = kept
-            compiled = torch.compiler.is_compiling() and whole_model_compiled[0]
             if previous is None or decision.ratio == 0.0:
-                if compiled and isinstance(last, torch.Tensor):
-                    return _reuse_barrier(first_tensor(args, kwargs), last)
                 return last
             if isinstance(last, (tuple, list)):  # joint attention (Flux, SD3): each tensor on its own
-                return type(last)(_extrapolated(a, b, decision.ratio, compiled, args, kwargs) for a, b in zip(last, previous))
-            return _extrapolated(last, previous, decision.ratio, compiled, args, kwargs)
+                return type(last)(_extrapolated(a, b, decision.ratio) for a, b in zip(last, previous))
+            return _extrapolated(last, previous, decision.ratio)
         output = original(*args, **kwargs)
         outputs[decision.slot] = (output, None if kept is None else kept[0])
         return output
@@ -153,14 +114,54 @@ def _forecasting_forward(
     return forward
 
 
-def _extrapolated(last: Any, previous: Any, ratio: float, compiled: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """``last + ratio * (last - previous)`` for a tensor (through :func:`_forecast_barrier` when traced
-    as part of a whole model); anything else (``None``, a non-tensor) as it was last computed."""
+def _extrapolated(last: Any, previous: Any, ratio: float) -> Any:
+    """``last + ratio * (last - previous)`` for a tensor; anything else (``None``, a non-tensor) as it was
+    last computed."""
     if not isinstance(last, torch.Tensor) or not isinstance(previous, torch.Tensor):
         return last
-    if compiled:
-        return _forecast_barrier(first_tensor(args, kwargs), last, previous, ratio)
     return extrapolate(last, previous, ratio)
+
+
+# Under whole-model torch.compile, a step that reuses every layer leaves only pointwise work
+# between the blocks (``h + gate * kept``): the blocks' norms feed only the skipped layers, so they
+# are dead code. Inductor then fuses the residual stream of all blocks into the final norm's
+# reduction: one kernel reading every kept output, which took 4.2 ms of a 5 ms reusing step of
+# DiT-XL/2 on an H100 (benchmarks/dit_pattern_cost.py). An opaque op on the output of each block
+# whose layers reuse keeps the stream realized block by block, as in a computing step, for one copy
+# of the stream per block, and lets the dead norms go. (An earlier barrier took each reused layer's
+# input instead, which kept those norms alive: about 1 ms more per reusing step of DiT-XL/2.) Where
+# each block is compiled on its own, nothing spans blocks: the barrier is used under whole-model
+# compile only.
+@torch.library.custom_op("smoothcache::stream_barrier", mutates_args=())
+def _stream_barrier(stream: torch.Tensor) -> torch.Tensor:
+    """The block's output stream (a copy: a custom op may not return its input)."""
+    return stream.clone()
+
+
+@_stream_barrier.register_fake
+def _(stream: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(stream)
+
+
+def _stream_barrier_forward(
+    original: Callable[..., Any], decisions: Sequence[_Decision], whole_model_compiled: list[bool]
+) -> Callable[..., Any]:
+    """A block whose cached layers may reuse: traced as part of a whole model at a step where one of
+    them reuses, its output streams pass :func:`_stream_barrier`; otherwise it runs as it is."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        output = original(*args, **kwargs)
+        if not (whole_model_compiled[0] and torch.compiler.is_compiling()):
+            return output
+        if all(decision.compute for decision in decisions):
+            return output
+        if isinstance(output, torch.Tensor):
+            return _stream_barrier(output)
+        if isinstance(output, (tuple, list)):  # several streams (Flux: text, image)
+            return type(output)(_stream_barrier(x) if isinstance(x, torch.Tensor) else x for x in output)
+        return output
+
+    return forward
 
 
 def _block_caching_forward(
@@ -271,7 +272,7 @@ class CacheHandle:
         self._decisions: list[tuple[_Decision, tuple[bool, ...]]] = []
         self._keeps: list[tuple[bool, ...]] = []  # per decision: whether each step's output must be kept
         self._ratios: list[tuple[float, ...]] = []  # per decision: each step's extrapolation (forecast="linear")
-        self._whole_model_compiled = [False]  # read by traced layers: see _reuse_barrier
+        self._whole_model_compiled = [False]  # read by traced blocks: see _stream_barrier
         self._restore: list[Callable[[], None]] = []
         self._outputs: list[dict[int, Any]] = []  # per layer: call slot -> kept output(s), None if none
         self._slots = 0  # call slots every layer has an entry for
@@ -314,6 +315,7 @@ class CacheHandle:
         block_decisions: set[int] = set()
         forecasting: set[int] = set()
         reused_plainly: list[str] = []  # with forecast="linear": modules it does not apply to
+        block_layer_decisions: dict[str, list[_Decision]] = {}  # block path -> decisions of its cached layers
         for key, layers in self._plans.items():
             decision = _Decision()
             self._decisions.append((decision, tuple(v == 1 for v in self.schedule.plans[key])))
@@ -332,17 +334,26 @@ class CacheHandle:
                         forward = _block_caching_forward(layer.module.forward, decision, outputs, streams)
                 elif self._branches.governs(layer):
                     forward = self._branches.forward(layer.module.forward, layer, outputs, self._decisions)
+                    governing = [d for d, _ in self._decisions[-2:]]  # the two halves' decisions it added
                 elif layer.repeats > 1:
                     occurrence = [0]
                     self._occurrences.append(occurrence)
                     forward = _repeated_caching_forward(layer.module.forward, decision, outputs, occurrence)
+                elif self.forecast == "linear":
+                    forecasting.add(id(decision))
+                    forward = _forecasting_forward(layer.module.forward, decision, outputs)
                 else:
-                    if self.forecast == "linear":
-                        forecasting.add(id(decision))
-                        forward = _forecasting_forward(layer.module.forward, decision, outputs, self._whole_model_compiled)
-                    else:
-                        forward = _caching_forward(layer.module.forward, decision, outputs, self._whole_model_compiled)
+                    forward = _caching_forward(layer.module.forward, decision, outputs)
+                if layer.streams is None:
+                    block = _block_path(layer.name)
+                    if block is not None:
+                        mine = block_layer_decisions.setdefault(block, [])
+                        mine += [d for d in (governing if self._branches.governs(layer) else [decision]) if d not in mine]
                 self._restore.append(_shadow_forward(layer.module, forward))
+        for block, decisions in block_layer_decisions.items():
+            module = self.target.model.get_submodule(block)
+            forward = _stream_barrier_forward(module.forward, decisions, self._whole_model_compiled)
+            self._restore.append(_shadow_forward(module, forward))
         if self.forecast == "linear" and reused_plainly:
             logger.warning(
                 "forecast='linear' extrapolates layers' outputs and blocks' residuals; %d cached modules (guidance "
@@ -416,6 +427,12 @@ class CacheHandle:
                     f"{self._multistep_hint(ran)}"
                 )
             self._forget_outputs()
+            if _compiled_anywhere(self.target.model):
+                # CUDA graphs (mode="reduce-overhead"): cudagraph trees recycle a replay's outputs when a
+                # new generation starts, at every compiled call until this was called once, then only
+                # at each call. Kept outputs outlive their step, so a generation must span the
+                # denoising loop: marked here, at its first model call, never within it.
+                torch.compiler.cudagraph_mark_step_begin()
         if slot >= self._slots:
             self._slots = slot + 1
             for outputs in self._outputs:
@@ -473,6 +490,11 @@ def _compiled_whole(model: nn.Module) -> bool:
     return isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or getattr(model, "_compiled_call_impl", None) is not None
 
 
+def _compiled_anywhere(model: nn.Module) -> bool:
+    """Whether ``model``, or any module in it, runs compiled."""
+    return _compiled_whole(model) or any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
 def _check_blocks_apart(by_key: dict[str, list[CacheableLayer]]) -> None:
     """A block cached whole must not also have its layers cached: reusing the block skips them, so
     their kept outputs would go stale."""
@@ -515,9 +537,7 @@ def _input_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ..
 
 def _warn_if_past_recompile_limit(model: nn.Module, patterns: int) -> None:
     """Dynamo runs a function eagerly once it has more graphs than its recompile limit: say so up front."""
-    compiled = isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or any(
-        getattr(module, "_compiled_call_impl", None) is not None for module in model.modules()
-    )
+    compiled = _compiled_anywhere(model)
     limit = torch._dynamo.config.recompile_limit
     if compiled and patterns > limit:
         logger.warning(
@@ -532,6 +552,14 @@ def _layer_type_of(key: str) -> str:
     """``"attn1-3"`` -> ``"attn1"``; a type key stays as it is."""
     head, _, tail = key.rpartition("-")
     return head if head and tail.isdigit() else key
+
+
+def _block_path(layer_name: str) -> str | None:
+    """The module path of the block holding a layer: up to the last index (``transformer_blocks.3``
+    for ``transformer_blocks.3.attn1``); None for a layer in no indexed block."""
+    parts = layer_name.split(".")
+    last_index = max((i for i, part in enumerate(parts[:-1]) if part.isdigit()), default=None)
+    return None if last_index is None else ".".join(parts[: last_index + 1])
 
 
 def _shadow_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[[], None]:
