@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import make_dit_pipeline
 
+import smoothcache.bench
 from smoothcache import CalibrationProfile, Schedule
 from smoothcache.cli import main
 
@@ -94,6 +95,45 @@ def test_bench_reports_speedup_ideal_and_warns_when_caching_gains_nothing(pipeli
     assert "speedup" in capsys.readouterr().out
     assert main([*args, "--forecast", "linear"]) == 0
     assert json.loads(out.read_text())["compute_fraction"] == pytest.approx(0.6)
+
+
+def test_bench_compiles_the_transformer_measures_the_ideal_eagerly_and_compiles_nothing_while_timed(
+    pipeline_dir, tmp_path, capsys, monkeypatch
+):
+    """--compile wraps the transformer whole (dynamo only here: inductor would make this slow);
+    the FLOP count runs eagerly, and after the warm-up no graph is compiled."""
+    schedule, out = tmp_path / "s.json", tmp_path / "bench.json"
+    Schedule.fixed_interval(["attn1", "ff"], 10, 2).save(schedule)
+    compiled: list[torch.nn.Module] = []
+    real_compile = torch.compile
+
+    def compile_with_dynamo_only(model, mode=None):
+        compiled.append(model)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_with_dynamo_only)
+    torch._dynamo.reset()
+    args = ["bench", "--model", str(pipeline_dir), "--schedule", str(schedule), "--classes", "1,2", "--repeats", "2",
+            "--compile", "model", "--out", str(out)]
+    from torch._dynamo.utils import counters
+
+    compiled_while_timed = []
+    real_timed = smoothcache.bench.timed
+
+    def counting_timed(fn, device):
+        before = counters["frames"]["total"]
+        result = real_timed(fn, device)
+        compiled_while_timed.append(counters["frames"]["total"] - before)
+        return result
+
+    monkeypatch.setattr(smoothcache.bench, "timed", counting_timed)
+    assert main(args) == 0
+    assert counters["frames"]["total"] > 0  # the warm-up compiled
+    torch._dynamo.reset()
+    result = json.loads(out.read_text())
+    assert len(compiled) == 1 and compiled_while_timed == [0, 0, 0, 0]
+    assert result["ideal_speedup"] > 1 and result["speedup"] > 0
+    assert "torch.compile model" in capsys.readouterr().out
 
 
 def test_bench_diagnoses_caches_that_gain_little():

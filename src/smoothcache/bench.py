@@ -3,6 +3,7 @@ from the FLOPs skipped, and memory, with a warning when caching gains little or 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
@@ -104,6 +105,13 @@ def count_host_syncs(run: Callable[[], Any], device: torch.device) -> int | None
     return syncs
 
 
+def _eagerly() -> contextlib.AbstractContextManager[Any]:
+    """Compiled code run as plain PyTorch (FLOP counting and recording hooks need the modules to run),
+    where torch has ``torch.compiler.set_stance`` (2.6+)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return contextlib.nullcontext() if set_stance is None else set_stance("force_eager")
+
+
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     """``fn()`` and its wall-clock seconds, with the GPU synchronised on both sides."""
     if device.type == "cuda":
@@ -124,16 +132,19 @@ def benchmark_schedule(
     calls_per_step: int | None = None,
     measure_ideal: bool = True,
     forecast: Literal["none", "linear"] = "none",
+    warmup: int = 1,
 ) -> BenchResult:
     """Time ``run()`` (one pipeline call) uncached and cached on ``schedule``, interleaved, after
-    one warm-up of each (under torch.compile the cached patterns compile there, not while timed).
+    ``warmup`` runs of each (under torch.compile the cached patterns compile there, not while
+    timed; with CUDA graphs, cudagraph trees record on a function's second run and replay from its
+    third, so warm up three times).
 
-    The ideal speedup comes from one extra calibration pass that counts FLOPs per layer; on CUDA
-    one more cached run, untimed, counts the host's waits for the GPU (:func:`count_host_syncs`).
-    ``forecast`` is passed to :func:`~smoothcache.cache`.
+    The ideal speedup comes from one extra calibration pass that counts FLOPs per layer, run
+    eagerly where the model is compiled; on CUDA one more cached run, untimed, counts the host's
+    waits for the GPU (:func:`count_host_syncs`). ``forecast`` is passed to :func:`~smoothcache.cache`.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if repeats < 1 or warmup < 1:
+        raise ValueError(f"repeats and warmup must be >= 1, got {repeats} and {warmup}")
     model = getattr(pipe, "transformer", pipe)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ideal = None
@@ -141,15 +152,19 @@ def benchmark_schedule(
     handle.disable()
     if measure_ideal:  # the FLOPs of the layers the schedule caches (whole blocks included)
         components = list(dict.fromkeys(layer.layer_type for layer in handle.layers))
-        with calibration(pipe, components=components, lookahead=1, steps=schedule.num_steps, calls_per_step=calls_per_step) as rec:
+        with _eagerly(), calibration(
+            pipe, components=components, lookahead=1, steps=schedule.num_steps, calls_per_step=calls_per_step
+        ) as rec:
             run()
         ideal = rec.profile.estimated_speedup(schedule)
     times: dict[str, list[float]] = {"uncached": [], "cached": []}
     peaks: dict[str, float] = {}
-    run()  # warm-up, uncached and cached
+    for _ in range(warmup):
+        run()
     handle.enable()
     try:
-        run()
+        for _ in range(warmup):
+            run()
     finally:
         handle.disable()
     for _ in range(repeats):

@@ -215,13 +215,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     schedule = Schedule.load(args.schedule)
     pipe, requests, extra = _load(args)
     request = requests[0]
+    if args.compile != "none":  # as diffusers' docs compile: the transformer wrapped whole
+        import torch
+
+        mode = "reduce-overhead" if args.compile == "model-cudagraphs" else None
+        pipe.transformer = torch.compile(pipe.transformer, mode=mode)
     result = benchmark_schedule(
         pipe, schedule, lambda: run_request(pipe, request, schedule.num_steps, **extra), repeats=args.repeats,
-        forecast=args.forecast,
+        forecast=args.forecast, warmup=1 if args.compile == "none" else 3,
     )
     ideal = f"{result.ideal_speedup:.2f}x" if result.ideal_speedup else "n/a"
     efficiency = f"{result.efficiency:.2f}" if result.efficiency else "n/a"
-    print(f"{args.model}, {schedule.num_steps} steps, batch {request.size}, {args.device}; median of {args.repeats}")
+    compiled = "" if args.compile == "none" else f", torch.compile {args.compile}"
+    print(f"{args.model}, {schedule.num_steps} steps, batch {request.size}, {args.device}{compiled}; median of {args.repeats}")
     print(f"uncached {result.uncached_seconds:.3f}s  cached {result.cached_seconds:.3f}s  "
           f"speedup {result.speedup:.2f}x  ideal {ideal}  efficiency {efficiency}  compute {result.compute_fraction:.2f}")
     if result.peak_memory_mib:
@@ -390,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--schedule", required=True, help="schedule JSON; its length sets the steps")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--forecast", choices=["none", "linear"], default="none", help="time the cache with forecast='linear'")
+    bench.add_argument("--compile", choices=["none", "model", "model-cudagraphs"], default="none",
+                       help="time both runs with the transformer under torch.compile (model-cudagraphs: "
+                       "mode='reduce-overhead'); warms up three runs each")
     bench.add_argument("--out", help="JSON file for the result")
     bench.set_defaults(func=cmd_bench)
 

@@ -122,16 +122,19 @@ def _extrapolated(last: Any, previous: Any, ratio: float) -> Any:
     return extrapolate(last, previous, ratio)
 
 
-# Under whole-model torch.compile, a step that reuses every layer leaves only pointwise work
-# between the blocks (``h + gate * kept``): the blocks' norms feed only the skipped layers, so they
-# are dead code. Inductor then fuses the residual stream of all blocks into the final norm's
-# reduction: one kernel reading every kept output, which took 4.2 ms of a 5 ms reusing step of
-# DiT-XL/2 on an H100 (benchmarks/dit_pattern_cost.py). An opaque op on the output of each block
-# whose layers reuse keeps the stream realized block by block, as in a computing step, for one copy
-# of the stream per block, and lets the dead norms go. (An earlier barrier took each reused layer's
-# input instead, which kept those norms alive: about 1 ms more per reusing step of DiT-XL/2.) Where
-# each block is compiled on its own, nothing spans blocks: the barrier is used under whole-model
-# compile only.
+# Under whole-model torch.compile, a block whose cached layers all reuse is pointwise work on the
+# residual stream (``h + gate * kept``): its norms feed only the skipped layers, so they are dead
+# code. Over a run of such blocks inductor fuses the stream into whatever reduction reads it next,
+# the following block's norm or the model's final one: one kernel recomputing every block's update
+# inside a reduction, which took 4.2 ms of a 5 ms reusing step of DiT-XL/2 on an H100
+# (benchmarks/dit_pattern_cost.py). An opaque op on the stream where such a run ends, and every
+# few blocks within one, keeps it realized: the run becomes plain pointwise kernels and one copy
+# per barrier, and the dead norms go. (An earlier barrier took each reused layer's input, which kept
+# those norms alive, and copied each kept output: about 1 ms more per reusing step of DiT-XL/2.)
+# Where each block is compiled on its own, nothing spans blocks: barriers are for whole-model compile.
+_BARRIER_EVERY = 4  # blocks of a run fused into one kernel at most: few inputs per kernel, few copies
+
+
 @torch.library.custom_op("smoothcache::stream_barrier", mutates_args=())
 def _stream_barrier(stream: torch.Tensor) -> torch.Tensor:
     """The block's output stream (a copy: a custom op may not return its input)."""
@@ -144,16 +147,24 @@ def _(stream: torch.Tensor) -> torch.Tensor:
 
 
 def _stream_barrier_forward(
-    original: Callable[..., Any], decisions: Sequence[_Decision], whole_model_compiled: list[bool]
+    original: Callable[..., Any],
+    decisions: Sequence[_Decision],
+    following: Sequence[_Decision] | None,
+    closes_group: bool,
+    whole_model_compiled: list[bool],
 ) -> Callable[..., Any]:
-    """A block whose cached layers may reuse: traced as part of a whole model at a step where one of
-    them reuses, its output streams pass :func:`_stream_barrier`; otherwise it runs as it is."""
+    """A block with cached layers. Traced as part of a whole model at a step where all of them reuse,
+    its output streams pass :func:`_stream_barrier` if the run of such blocks ends here (the next
+    block with cached layers, ``following``, computes one; or there is none) or ``closes_group``
+    (every :data:`_BARRIER_EVERY`-th block). Otherwise it runs as it is."""
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         output = original(*args, **kwargs)
         if not (whole_model_compiled[0] and torch.compiler.is_compiling()):
             return output
-        if all(decision.compute for decision in decisions):
+        if any(decision.compute for decision in decisions):
+            return output
+        if not closes_group and following is not None and not any(decision.compute for decision in following):
             return output
         if isinstance(output, torch.Tensor):
             return _stream_barrier(output)
@@ -350,9 +361,12 @@ class CacheHandle:
                         mine = block_layer_decisions.setdefault(block, [])
                         mine += [d for d in (governing if self._branches.governs(layer) else [decision]) if d not in mine]
                 self._restore.append(_shadow_forward(layer.module, forward))
-        for block, decisions in block_layer_decisions.items():
+        blocks = list(block_layer_decisions.items())  # module order
+        for position, (block, decisions) in enumerate(blocks):
             module = self.target.model.get_submodule(block)
-            forward = _stream_barrier_forward(module.forward, decisions, self._whole_model_compiled)
+            following = blocks[position + 1][1] if position + 1 < len(blocks) else None
+            closes_group = position % _BARRIER_EVERY == _BARRIER_EVERY - 1
+            forward = _stream_barrier_forward(module.forward, decisions, following, closes_group, self._whole_model_compiled)
             self._restore.append(_shadow_forward(module, forward))
         if self.forecast == "linear" and reused_plainly:
             logger.warning(
