@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_bench import SCHEDULES, dit_xl  # noqa: E402
+from gpu_bench import SCHEDULES, dit_xl
 
-from smoothcache import Schedule  # noqa: E402
+from smoothcache import Schedule
 
 
 def main() -> None:
