@@ -54,7 +54,30 @@ def profile_generation(generate, table_path: Path) -> dict[str, float]:
     spans = [(e.time_range.start, e.time_range.end) for e in kernels]
     gpu_busy = busy_ms(spans) if spans else 0.0
     return {"profiled_wall_ms": wall_ms, "gpu_busy_ms": gpu_busy, "gpu_busy_share": gpu_busy / wall_ms,
-            "kernels": len(kernels), "gpu_kernel_ms": sum(e.device_time for e in kernels) / 1000}
+            "kernels": len(kernels), "gpu_kernel_ms": sum(e.device_time for e in kernels) / 1000,
+            "idle_ms_by_gap": idle_by_gap(spans)}
+
+
+# Gaps between kernels: a few microseconds is the GPU launching the next kernel of a graph or
+# stream; tens of microseconds and more, the GPU waiting for the host to launch anything.
+GAP_BOUNDS_US = (5.0, 20.0, 100.0)
+
+
+def idle_by_gap(intervals: list[tuple[float, float]]) -> dict[str, float]:
+    """The GPU's idle time between kernels (ms), split by gap length, with how many gaps of each."""
+    bounds = (0.0, *GAP_BOUNDS_US, float("inf"))
+    names = [f"{lo:g}-{hi:g}us" if hi != float("inf") else f">={lo:g}us" for lo, hi in zip(bounds, bounds[1:])]
+    idle = dict.fromkeys(names, 0.0)
+    counts = dict.fromkeys(names, 0)
+    reach = None
+    for start, end in sorted(intervals):
+        if reach is not None and start > reach:
+            gap = start - reach
+            name = next(n for n, lo, hi in zip(names, bounds, bounds[1:]) if lo <= gap < hi)
+            idle[name] += gap / 1000
+            counts[name] += 1
+        reach = end if reach is None else max(reach, end)
+    return {name: round(idle[name], 3) for name in names} | {f"gaps {name}": counts[name] for name in names}
 
 
 def main() -> None:

@@ -43,3 +43,10 @@ def test_gpu_busy_time_counts_overlapping_kernels_once():
     assert loop_profile.busy_ms([]) == 0.0
     assert loop_profile.busy_ms([(0, 1000), (500, 1500), (3000, 4000)]) == pytest.approx(2.5)
     assert loop_profile.busy_ms([(3000, 4000), (0, 1000), (100, 200)]) == pytest.approx(2.0)  # nested, unsorted
+
+
+def test_idle_time_is_split_by_gap_length_and_overlaps_leave_no_gap():
+    idle = loop_profile.idle_by_gap([(0, 10), (12, 20), (5, 15), (50, 60), (260, 300)])
+    # gaps: 20->50 (30 us), 60->260 (200 us); (12, 20) lies inside the reach of (5, 15) then follows it
+    assert idle["0-5us"] == 0 and idle["20-100us"] == pytest.approx(0.03) and idle[">=100us"] == pytest.approx(0.2)
+    assert idle["gaps 20-100us"] == 1 and idle["gaps >=100us"] == 1 and idle["gaps 0-5us"] == 0
