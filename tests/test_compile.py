@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 
 import pytest
 import torch
@@ -174,6 +175,22 @@ def test_blocks_cached_whole_compile_one_graph_per_pattern_and_nothing_the_secon
     assert sorted(backend.attention_calls(gm) for gm in backend.graphs) == [0, 2, 2]
 
 
+def test_compiled_blocks_keep_their_states_and_take_the_difference_where_they_reuse():
+    """Traced, a computing step that keeps runs no subtraction of its own (the block's output and
+    input are kept as they are); the reusing step takes ``output - input`` once per block."""
+    pipe = make_dit_pipeline()
+    backend = GraphCounter()
+    pipe.transformer = torch.compile(pipe.transformer, backend=backend)
+    with smoothcache.cache(pipe, Schedule({"block": FF})):
+        generate(pipe)
+
+    def subtractions(gm: torch.fx.GraphModule) -> int:
+        return sum(node.target in (operator.sub, torch.sub) for node in gm.graph.nodes)
+
+    # compute and keep, compute only (attention in both blocks, no subtraction), reuse (one per block)
+    assert sorted((backend.attention_calls(gm), subtractions(gm)) for gm in backend.graphs) == [(0, 2), (2, 0), (2, 0)]
+
+
 def barrier_calls(gm: torch.fx.GraphModule) -> int:
     return sum("stream_barrier" in str(node.target) for node in gm.graph.nodes)
 
@@ -210,13 +227,15 @@ def test_under_whole_model_compile_a_run_of_reusing_blocks_ends_at_the_barrier_a
     assert regional.graphs and not any(barrier_calls(gm) for gm in regional.graphs)
 
 
-def test_inductor_compiled_whole_matches_eager():
-    """The barrier and the dropped norms through the real compiler (inductor on the CPU, about 20 s)."""
+@pytest.mark.parametrize("schedule", [SCHEDULE, Schedule({"block": FF})], ids=["layers", "blocks"])
+def test_inductor_compiled_whole_matches_eager(schedule):
+    """The barrier, the dropped norms and the kept block states through the real compiler (inductor
+    on the CPU, about 20 s each)."""
     pipe = make_dit_pipeline()
-    with smoothcache.cache(pipe, SCHEDULE):
+    with smoothcache.cache(pipe, schedule):
         expected = generate(pipe)
     pipe.transformer = torch.compile(pipe.transformer)
-    with torch._dynamo.config.patch(error_on_recompile=False), smoothcache.cache(pipe, SCHEDULE):
+    with torch._dynamo.config.patch(error_on_recompile=False), smoothcache.cache(pipe, schedule):
         first = generate(pipe)
         with torch._dynamo.config.patch(error_on_recompile=True):
             second = generate(pipe)

@@ -16,14 +16,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from .errors import ScheduleError
 
-__all__ = ["BlockCachingError", "BlockStreams", "extrapolate"]
+__all__ = ["BlockCachingError", "BlockStreams", "KeptStates", "extrapolate"]
 
 
 def extrapolate(last: torch.Tensor, previous: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -31,6 +31,22 @@ def extrapolate(last: torch.Tensor, previous: torch.Tensor, ratio: float) -> tor
     ``last`` away from ``previous``. Forecasting (``forecast="linear"``) extrapolates layer outputs,
     block residuals and, in calibration, the candidates it scores with it."""
     return torch.lerp(last, previous, -ratio)
+
+
+class KeptStates(NamedTuple):
+    """A computing step's block output and inputs, kept as they are instead of as their difference.
+
+    Under torch.compile the residual ``output - input`` cost a kernel per block at every step that
+    keeps one: inductor recomputed the block's last update from its operands to write it out, about
+    0.34 ms per step of DiT-XL/2 (batch 8, H200; ``loop_profile.py``). The stream states are
+    buffers the graph writes anyway, so keeping them costs nothing, and a reusing step takes the
+    difference inside the kernel that adds it (one more read per block). Eagerly, the residual is
+    kept: each eager op is a launch, and a reusing step would pay one more per block. Either way
+    the kept tensors are one per stream and block (a block's input is its predecessor's output).
+    """
+
+    outputs: tuple[Any, ...]
+    inputs: tuple[Any, ...]
 
 
 class BlockCachingError(ScheduleError):
@@ -74,12 +90,19 @@ class BlockStreams:
 
     def residual(self, output: Any, inputs: tuple[Any, ...]) -> Any:
         """What the block added to each stream: ``output - input`` (a tensor, or a tuple like the output)."""
-        outputs = self._elements(output, inputs)
+        return self._residual(self._elements(output, inputs), inputs)
+
+    def states(self, output: Any, inputs: tuple[Any, ...]) -> KeptStates:
+        """The block's output and inputs as they are, checked as :meth:`residual` checks them."""
+        return KeptStates(self._elements(output, inputs), inputs)
+
+    def _residual(self, outputs: tuple[Any, ...], inputs: tuple[Any, ...]) -> Any:
         residuals = tuple(None if out is None else out - x for out, x in zip(outputs, inputs))
         return residuals[0] if len(self.names) == 1 else residuals
 
-    def apply(self, inputs: tuple[Any, ...], residual: Any) -> Any:
-        """The block's output rebuilt from this call's inputs and a kept residual."""
+    def apply(self, inputs: tuple[Any, ...], kept: Any) -> Any:
+        """The block's output rebuilt from this call's inputs and a kept residual (or :class:`KeptStates`)."""
+        residual = self._residual(kept.outputs, kept.inputs) if isinstance(kept, KeptStates) else kept
         # The kept residual first: the sum takes its (contiguous) layout, where an input may be a
         # transposed view (DiT's patch embedding), which would make every later block's adds strided.
         if len(self.names) == 1:

@@ -178,8 +178,8 @@ def _stream_barrier_forward(
 def _block_caching_forward(
     original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any], streams: BlockStreams
 ) -> Callable[..., Any]:
-    """As :func:`_caching_forward`, for a block cached whole: keep what it added to its streams, and
-    reuse as this call's inputs plus that residual."""
+    """As :func:`_caching_forward`, for a block cached whole: keep what it added to its streams (under
+    torch.compile, its output and inputs), and reuse as this call's inputs plus that residual."""
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         inputs = streams.inputs(args, kwargs)
@@ -189,7 +189,9 @@ def _block_caching_forward(
                 return streams.apply(inputs, kept)
         output = original(*args, **kwargs)
         if decision.keep or not decision.compute:
-            outputs[decision.slot] = streams.residual(output, inputs)
+            # compiled, the states cost nothing to keep; eagerly, the residual is one op (KeptStates)
+            keep = streams.states if torch.compiler.is_compiling() else streams.residual
+            outputs[decision.slot] = keep(output, inputs)
         return output
 
     return forward
