@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 from functools import partial
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -65,15 +66,15 @@ GAP_BOUNDS_US = (5.0, 20.0, 100.0)
 
 def idle_by_gap(intervals: list[tuple[float, float]]) -> dict[str, float]:
     """The GPU's idle time between kernels (ms), split by gap length, with how many gaps of each."""
-    bounds = (0.0, *GAP_BOUNDS_US, float("inf"))
-    names = [f"{lo:g}-{hi:g}us" if hi != float("inf") else f">={lo:g}us" for lo, hi in zip(bounds, bounds[1:])]
+    ranges = list(pairwise((0.0, *GAP_BOUNDS_US, float("inf"))))
+    names = [f"{lo:g}-{hi:g}us" if hi != float("inf") else f">={lo:g}us" for lo, hi in ranges]
     idle = dict.fromkeys(names, 0.0)
     counts = dict.fromkeys(names, 0)
     reach = None
     for start, end in sorted(intervals):
         if reach is not None and start > reach:
             gap = start - reach
-            name = next(n for n, lo, hi in zip(names, bounds, bounds[1:]) if lo <= gap < hi)
+            name = next(n for n, (lo, hi) in zip(names, ranges) if lo <= gap < hi)
             idle[name] += gap / 1000
             counts[name] += 1
         reach = end if reach is None else max(reach, end)
