@@ -100,9 +100,13 @@ class BlockStreams:
         residuals = tuple(None if out is None else out - x for out, x in zip(outputs, inputs))
         return residuals[0] if len(self.names) == 1 else residuals
 
+    def as_residual(self, kept: Any) -> Any:
+        """A kept residual, or the residual of :class:`KeptStates`."""
+        return self._residual(kept.outputs, kept.inputs) if isinstance(kept, KeptStates) else kept
+
     def apply(self, inputs: tuple[Any, ...], kept: Any) -> Any:
         """The block's output rebuilt from this call's inputs and a kept residual (or :class:`KeptStates`)."""
-        residual = self._residual(kept.outputs, kept.inputs) if isinstance(kept, KeptStates) else kept
+        residual = self.as_residual(kept)
         # The kept residual first: the sum takes its (contiguous) layout, where an input may be a
         # transposed view (DiT's patch embedding), which would make every later block's adds strided.
         if len(self.names) == 1:
@@ -110,7 +114,9 @@ class BlockStreams:
         return tuple(None if r is None else r + x for x, r in zip(inputs, residual))
 
     def extrapolate(self, last: Any, previous: Any, ratio: float) -> Any:
-        """``last + ratio * (last - previous)`` for each stream's residual (forecast="linear")."""
+        """``last + ratio * (last - previous)`` for each stream's residual (forecast="linear"); either
+        may be kept as :class:`KeptStates`."""
+        last, previous = self.as_residual(last), self.as_residual(previous)
         if len(self.names) == 1:
             return extrapolate(last, previous, ratio)
         return tuple(a if a is None or b is None else extrapolate(a, b, ratio) for a, b in zip(last, previous))

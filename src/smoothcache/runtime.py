@@ -202,7 +202,8 @@ def _block_forecasting_forward(
 ) -> Callable[..., Any]:
     """As :func:`_block_caching_forward`, but a reusing step extrapolates the block's residual from
     the last two computed ones, as :func:`_forecasting_forward` does a layer's output. Every
-    computing step keeps its residual (one subtraction), since a later forecast may need it."""
+    computing step keeps its residual (one subtraction; under torch.compile its output and inputs),
+    since a later forecast may need it."""
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         inputs = streams.inputs(args, kwargs)
@@ -213,7 +214,8 @@ def _block_forecasting_forward(
                 last = streams.extrapolate(last, previous, decision.ratio)
             return streams.apply(inputs, last)
         output = original(*args, **kwargs)
-        outputs[decision.slot] = (streams.residual(output, inputs), None if kept is None else kept[0])
+        keep = streams.states if torch.compiler.is_compiling() else streams.residual  # as _block_caching_forward
+        outputs[decision.slot] = (keep(output, inputs), None if kept is None else kept[0])
         return output
 
     return forward

@@ -95,20 +95,21 @@ def test_forecasting_extrapolates_each_tensor_of_a_layer_returning_a_tuple():
             assert torch.allclose(got, a + ratio * (a - b), atol=1e-5)
 
 
+@pytest.mark.parametrize("forecast", ["none", "linear"])
 @pytest.mark.parametrize("name", ["flux", "sd3"])
-def test_blocks_of_two_streams_cached_under_compile_match_eager(name):
+def test_blocks_of_two_streams_cached_under_compile_match_eager(name, forecast):
     """Traced, a block keeps its output and inputs (``KeptStates``) instead of their difference;
-    blocks returning two streams must rebuild each from its own pair, as eagerly."""
+    blocks returning two streams must rebuild (or extrapolate) each from its own pair, as eagerly."""
     family_test = importlib.import_module(f".test_{name}", __package__)
     pipe, generate = family_test.make_pipeline(), family_test.generate
     components = [c for c in block_components(pipe.transformer) if _has(pipe.transformer, c)]
     schedule = calibrated_schedule(pipe, generate, components)
-    with smoothcache.cache(pipe, schedule):
+    with smoothcache.cache(pipe, schedule, forecast=forecast):
         expected = generate(pipe)
     torch._dynamo.reset()
     pipe.transformer = torch.compile(pipe.transformer, backend="eager")
     try:
-        with torch._dynamo.config.patch(recompile_limit=64), smoothcache.cache(pipe, schedule):
+        with torch._dynamo.config.patch(recompile_limit=64), smoothcache.cache(pipe, schedule, forecast=forecast):
             compiled = generate(pipe)
     finally:
         torch._dynamo.reset()
