@@ -241,6 +241,7 @@ def run_reference(reference: Any, pipe: SimpleNamespace, plans: dict[str, tuple[
             pipe.transformer, BasicTransformerBlock, list(plans), {k: list(v) for k, v in plans.items()}
         )
     helper.enable()
+    torch.compiler.cudagraph_mark_step_begin()  # its kept outputs must last the generation, as ours do
     with contextlib.redirect_stdout(open(os.devnull, "w")):
         denoise(pipe, batch, loop=loop)
     helper.disable()

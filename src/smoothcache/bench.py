@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 
 from .calibration import calibration
-from .runtime import cache
+from .runtime import cache, compiled_anywhere
 from .schedule import Schedule
 
 __all__ = ["BenchResult", "benchmark_schedule", "count_host_syncs", "diagnose", "timed"]
@@ -105,6 +105,19 @@ def count_host_syncs(run: Callable[[], Any], device: torch.device) -> int | None
     return syncs
 
 
+def _marking_steps(run: Callable[[], Any]) -> Callable[[], Any]:
+    """``run`` preceded by ``torch.compiler.cudagraph_mark_step_begin()``. Once the cache has marked
+    a step, cudagraph trees start a new generation only at marks, for every compiled function of
+    the process: an uncached run after a cached one would otherwise extend the cached run's
+    generation, and record anew while timed."""
+
+    def marked() -> Any:
+        torch.compiler.cudagraph_mark_step_begin()
+        return run()
+
+    return marked
+
+
 def _eagerly() -> contextlib.AbstractContextManager[Any]:
     """Compiled code run as plain PyTorch (FLOP counting and recording hooks need the modules to run),
     where torch has ``torch.compiler.set_stance`` (2.6+)."""
@@ -147,6 +160,8 @@ def benchmark_schedule(
         raise ValueError(f"repeats and warmup must be >= 1, got {repeats} and {warmup}")
     model = getattr(pipe, "transformer", pipe)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if compiled_anywhere(model):  # each run its own CUDA graph generation, uncached ones too
+        run = _marking_steps(run)
     ideal = None
     handle = cache(pipe, schedule, calls_per_step=calls_per_step, forecast=forecast)
     handle.disable()

@@ -41,8 +41,12 @@ class KeptStates(NamedTuple):
     0.34 ms per step of DiT-XL/2 (batch 8, H200; ``loop_profile.py``). The stream states are
     buffers the graph writes anyway, so keeping them costs nothing, and a reusing step takes the
     difference inside the kernel that adds it (one more read per block). Eagerly, the residual is
-    kept: each eager op is a launch, and a reusing step would pay one more per block. Either way
-    the kept tensors are one per stream and block (a block's input is its predecessor's output).
+    kept: each eager op is a launch, and a reusing step would pay one more per block. Where
+    neighbouring blocks keep on the same steps, a block's input is its predecessor's output, so the
+    kept tensors are about one per stream and block, as residuals are. The tensors are referenced,
+    not copied: whatever changes them in place before the reusing step changes the reuse (the
+    runtime keeps the residual for the first block of each list, whose input may come from outside
+    the model).
     """
 
     outputs: tuple[Any, ...]

@@ -25,6 +25,7 @@ the step bookkeeping runs outside any compiled region. So a second generation co
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from itertools import pairwise
 from typing import Any, Literal
@@ -49,6 +50,7 @@ from .guidance import (
 )
 from .schedule import Schedule, schedule_key_for
 from .steps import (
+    Experts,
     StepTracker,
     attach_step_hooks,
     resolve_target,
@@ -66,7 +68,8 @@ _MISSING = object()
 class _Decision:
     """Compute or reuse, for every layer one schedule key governs, at the current call. ``keep``:
     the next step reuses, so a computing block must keep its residual (a layer always keeps its
-    output, which costs nothing; a block's residual costs a subtraction)."""
+    output, which costs nothing; a block's residual costs a subtraction eagerly; traced, a block
+    keeps regardless, see :func:`_block_caching_forward`)."""
 
     __slots__ = ("compute", "keep", "ratio", "slot")
 
@@ -146,6 +149,10 @@ def _(stream: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(stream)
 
 
+# a copy passes its gradient through (guidance by gradients through a model compiled whole)
+_stream_barrier.register_autograd(lambda ctx, grad: grad)
+
+
 def _stream_barrier_forward(
     original: Callable[..., Any],
     decisions: Sequence[_Decision],
@@ -176,10 +183,16 @@ def _stream_barrier_forward(
 
 
 def _block_caching_forward(
-    original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any], streams: BlockStreams
+    original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any], streams: BlockStreams, keep_states: bool
 ) -> Callable[..., Any]:
-    """As :func:`_caching_forward`, for a block cached whole: keep what it added to its streams (under
-    torch.compile, its output and inputs), and reuse as this call's inputs plus that residual."""
+    """As :func:`_caching_forward`, for a block cached whole: keep what it added to its streams, and
+    reuse as this call's inputs plus that residual.
+
+    Eagerly, a computing step keeps the residual where the next step reuses it (``decision.keep``).
+    Traced by torch.compile, it keeps at every computing step, so that the graph does not depend on
+    ``keep``: with ``keep_states`` its output and inputs as they are (:class:`KeptStates`, free),
+    else the residual. The first block of a list keeps the residual: its input may come from outside
+    the model, where it could change in place before the reusing step."""
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         inputs = streams.inputs(args, kwargs)
@@ -188,22 +201,22 @@ def _block_caching_forward(
             if kept is not None:
                 return streams.apply(inputs, kept)
         output = original(*args, **kwargs)
-        if decision.keep or not decision.compute:
-            # compiled, the states cost nothing to keep; eagerly, the residual is one op (KeptStates)
-            keep = streams.states if torch.compiler.is_compiling() else streams.residual
-            outputs[decision.slot] = keep(output, inputs)
+        if torch.compiler.is_compiling():
+            outputs[decision.slot] = (streams.states if keep_states else streams.residual)(output, inputs)
+        elif decision.keep or not decision.compute:
+            outputs[decision.slot] = streams.residual(output, inputs)
         return output
 
     return forward
 
 
 def _block_forecasting_forward(
-    original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any], streams: BlockStreams
+    original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any], streams: BlockStreams, keep_states: bool
 ) -> Callable[..., Any]:
     """As :func:`_block_caching_forward`, but a reusing step extrapolates the block's residual from
     the last two computed ones, as :func:`_forecasting_forward` does a layer's output. Every
-    computing step keeps its residual (one subtraction; under torch.compile its output and inputs),
-    since a later forecast may need it."""
+    computing step keeps its residual (one subtraction; traced, with ``keep_states``, its output and
+    inputs), since a later forecast may need it."""
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         inputs = streams.inputs(args, kwargs)
@@ -214,7 +227,7 @@ def _block_forecasting_forward(
                 last = streams.extrapolate(last, previous, decision.ratio)
             return streams.apply(inputs, last)
         output = original(*args, **kwargs)
-        keep = streams.states if torch.compiler.is_compiling() else streams.residual  # as _block_caching_forward
+        keep = streams.states if keep_states and torch.compiler.is_compiling() else streams.residual
         outputs[decision.slot] = (keep(output, inputs), None if kept is None else kept[0])
         return output
 
@@ -293,6 +306,8 @@ class CacheHandle:
         self._slots = 0  # call slots every layer has an entry for
         self._occurrences: list[list[int]] = []  # per repeated layer: its calls in this model call
         self._input_shapes: dict[int, tuple[int, ...] | None] = {}  # per call slot: at its last call
+        self._marked_step: int | None = None  # cudagraph trees' step mark, as this generation's start left it
+        self._warn_marks = True  # until a mark within a generation has been warned about
         if getattr(self.target.model, "_parallel_config", None) is not None:  # diffusers' context parallelism
             from .distributed import check_ranks_agree
 
@@ -331,6 +346,10 @@ class CacheHandle:
         forecasting: set[int] = set()
         reused_plainly: list[str] = []  # with forecast="linear": modules it does not apply to
         block_layer_decisions: dict[str, list[_Decision]] = {}  # block path -> decisions of its cached layers
+        order = {name: position for position, (name, _) in enumerate(self.target.model.named_modules())}
+        first_blocks = _first_of_each_list(
+            sorted((layer.name for layer in self.layers if layer.streams is not None), key=order.__getitem__)
+        )
         for key, layers in self._plans.items():
             decision = _Decision()
             self._decisions.append((decision, tuple(v == 1 for v in self.schedule.plans[key])))
@@ -341,12 +360,13 @@ class CacheHandle:
                     reused_plainly.append(layer.name)
                 if layer.streams is not None:
                     streams = BlockStreams.of(layer.module, layer.name, layer.streams)
+                    keep_states = layer.name not in first_blocks
                     if self.forecast == "linear":
                         forecasting.add(id(decision))  # keeps every computed residual: no keep flag
-                        forward = _block_forecasting_forward(layer.module.forward, decision, outputs, streams)
+                        forward = _block_forecasting_forward(layer.module.forward, decision, outputs, streams, keep_states)
                     else:
                         block_decisions.add(id(decision))
-                        forward = _block_caching_forward(layer.module.forward, decision, outputs, streams)
+                        forward = _block_caching_forward(layer.module.forward, decision, outputs, streams, keep_states)
                 elif self._branches.governs(layer):
                     forward = self._branches.forward(layer.module.forward, layer, outputs, self._decisions)
                     governing = [d for d, _ in self._decisions[-2:]]  # the two halves' decisions it added
@@ -360,15 +380,17 @@ class CacheHandle:
                 else:
                     forward = _caching_forward(layer.module.forward, decision, outputs)
                 if layer.streams is None:
-                    block = _block_path(layer.name)
+                    block = _block_path(layer)
                     if block is not None:
                         mine = block_layer_decisions.setdefault(block, [])
                         mine += [d for d in (governing if self._branches.governs(layer) else [decision]) if d not in mine]
                 self._restore.append(_shadow_forward(layer.module, forward))
-        blocks = list(block_layer_decisions.items())  # module order
+        blocks = sorted(block_layer_decisions.items(), key=lambda item: order[item[0]])
         for position, (block, decisions) in enumerate(blocks):
             module = self.target.model.get_submodule(block)
-            following = blocks[position + 1][1] if position + 1 < len(blocks) else None
+            after = blocks[position + 1] if position + 1 < len(blocks) else None
+            # the next block of the same list (Flux's single-stream blocks follow its double-stream ones)
+            following = after[1] if after is not None and _list_of(after[0]) == _list_of(block) else None
             closes_group = position % _BARRIER_EVERY == _BARRIER_EVERY - 1
             forward = _stream_barrier_forward(module.forward, decisions, following, closes_group, self._whole_model_compiled)
             self._restore.append(_shadow_forward(module, forward))
@@ -396,7 +418,8 @@ class CacheHandle:
         """How many distinct compute/reuse combinations of the schedule keys the steps use: under
         ``torch.compile`` each is one graph per compiled region and call slot (a whole-model compile
         sees every key; a per-block one only its block's keys, so it may need fewer). A block cached
-        whole computes in two ways, keeping its residual for the next step or not: two patterns."""
+        whole computes in two ways eagerly, keeping its residual for the next step or not: two
+        patterns; traced, it keeps at every computing step, so compiled graphs may be fewer."""
         return self._patterns
 
     def disable(self) -> None:
@@ -445,12 +468,24 @@ class CacheHandle:
                     f"{self._multistep_hint(ran)}"
                 )
             self._forget_outputs()
-            if _compiled_anywhere(self.target.model):
+            self._marked_step = None
+            if compiled_anywhere(self.target.model):
                 # CUDA graphs (mode="reduce-overhead"): cudagraph trees recycle a replay's outputs when a
                 # new generation starts, at every compiled call until this was called once, then only
-                # at each call. Kept outputs outlive their step, so a generation must span the
-                # denoising loop: marked here, at its first model call, never within it.
+                # at each call (for every compiled function of the process, from then on). Kept
+                # outputs outlive their step, so a generation must span the denoising loop: marked
+                # here, at its first model call, never within it.
                 torch.compiler.cudagraph_mark_step_begin()
+                self._marked_step = _cudagraph_step_mark() if self._warn_marks else None
+        elif self._marked_step is not None and _cudagraph_step_mark() != self._marked_step:
+            self._marked_step = None
+            self._warn_marks = False  # said once
+            logger.warning(
+                "torch.compiler.cudagraph_mark_step_begin() was called during a generation: under CUDA graphs "
+                "(mode='reduce-overhead') that recycles the outputs the cache keeps between steps. Call it at "
+                "most once per generation, before the pipeline call, or not at all: the cache marks each "
+                "generation's start itself"
+            )
         if slot >= self._slots:
             self._slots = slot + 1
             for outputs in self._outputs:
@@ -503,14 +538,30 @@ class CacheHandle:
         )
 
 
+def _cudagraph_step_mark() -> int | None:
+    """cudagraph trees' count of ``cudagraph_mark_step_begin()`` calls (private to torch; None where
+    it is not there)."""
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")
+    box = getattr(trees, "MarkStepBox", None)
+    return getattr(box, "mark_step_counter", None)
+
+
 def _compiled_whole(model: nn.Module) -> bool:
-    """Whether ``model`` runs as one compiled graph: ``torch.compile(model)`` or ``model.compile()``."""
-    return isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or getattr(model, "_compiled_call_impl", None) is not None
+    """Whether ``model`` runs as one compiled graph: ``torch.compile(model)``, ``model.compile()`` or
+    ``model.forward = torch.compile(model.forward)``; for :class:`~smoothcache.steps.Experts`, whether
+    one of its experts does (each is called on its own)."""
+    if isinstance(model, Experts):
+        return any(_compiled_whole(expert) for expert in model.children())
+    return (
+        isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+        or getattr(model, "_compiled_call_impl", None) is not None
+        or hasattr(model.__dict__.get("forward"), "_torchdynamo_orig_callable")
+    )
 
 
-def _compiled_anywhere(model: nn.Module) -> bool:
+def compiled_anywhere(model: nn.Module) -> bool:
     """Whether ``model``, or any module in it, runs compiled."""
-    return _compiled_whole(model) or any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    return any(_compiled_whole(module) for module in model.modules())
 
 
 def _check_blocks_apart(by_key: dict[str, list[CacheableLayer]]) -> None:
@@ -555,7 +606,7 @@ def _input_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ..
 
 def _warn_if_past_recompile_limit(model: nn.Module, patterns: int) -> None:
     """Dynamo runs a function eagerly once it has more graphs than its recompile limit: say so up front."""
-    compiled = _compiled_anywhere(model)
+    compiled = compiled_anywhere(model)
     limit = torch._dynamo.config.recompile_limit
     if compiled and patterns > limit:
         logger.warning(
@@ -572,12 +623,28 @@ def _layer_type_of(key: str) -> str:
     return head if head and tail.isdigit() else key
 
 
-def _block_path(layer_name: str) -> str | None:
-    """The module path of the block holding a layer: up to the last index (``transformer_blocks.3``
-    for ``transformer_blocks.3.attn1``); None for a layer in no indexed block."""
-    parts = layer_name.split(".")
-    last_index = max((i for i, part in enumerate(parts[:-1]) if part.isdigit()), default=None)
-    return None if last_index is None else ".".join(parts[: last_index + 1])
+def _block_path(layer: CacheableLayer) -> str | None:
+    """The module path of the block holding a layer: its parent where that is an indexed block
+    (``transformer_blocks.3`` for ``transformer_blocks.3.attn1``), else up to the first index in
+    its path (``blocks.3`` for a pattern's ``blocks.3.ff.net.0.proj``); None for a layer in no list."""
+    parts = layer.name.split(".")
+    if layer.block is not None:
+        return ".".join(parts[:-1])
+    first_index = next((i for i, part in enumerate(parts[:-1]) if part.isdigit()), None)
+    return None if first_index is None else ".".join(parts[: first_index + 1])
+
+
+def _first_of_each_list(block_paths: Sequence[str]) -> set[str]:
+    """The first of ``block_paths`` (in module order) in each module list."""
+    firsts: dict[str, str] = {}
+    for path in block_paths:
+        firsts.setdefault(_list_of(path), path)
+    return set(firsts.values())
+
+
+def _list_of(block_path: str) -> str:
+    """The module list a block sits in (``transformer_blocks`` for ``transformer_blocks.3``)."""
+    return block_path.rpartition(".")[0]
 
 
 def _shadow_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[[], None]:
