@@ -319,3 +319,12 @@ def test_a_step_marked_within_a_generation_is_warned_about_once(caplog):
                 if generation == 0 or step < STEPS - 1:
                     torch.compiler.cudagraph_mark_step_begin()
     assert caplog.text.count("was called during a generation") == 1
+
+
+def test_the_stream_barrier_passes_gradients_through():
+    """Guidance by gradients through a model compiled whole must get past a reusing step's barrier."""
+    from smoothcache.runtime import _stream_barrier
+
+    x = torch.randn(3, requires_grad=True)
+    (_stream_barrier(x) * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([1.0, 2.0, 3.0]))
