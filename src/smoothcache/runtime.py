@@ -194,6 +194,8 @@ def _block_caching_forward(
     else the residual. The first block of a list keeps the residual: its input may come from outside
     the model, where it could change in place before the reusing step."""
 
+    keep_traced = streams.states if keep_states else streams.residual
+
     def forward(*args: Any, **kwargs: Any) -> Any:
         inputs = streams.inputs(args, kwargs)
         if not decision.compute:
@@ -202,7 +204,7 @@ def _block_caching_forward(
                 return streams.apply(inputs, kept)
         output = original(*args, **kwargs)
         if torch.compiler.is_compiling():
-            outputs[decision.slot] = (streams.states if keep_states else streams.residual)(output, inputs)
+            outputs[decision.slot] = keep_traced(output, inputs)
         elif decision.keep or not decision.compute:
             outputs[decision.slot] = streams.residual(output, inputs)
         return output
@@ -218,6 +220,8 @@ def _block_forecasting_forward(
     computing step keeps its residual (one subtraction; traced, with ``keep_states``, its output and
     inputs), since a later forecast may need it."""
 
+    keep_traced = streams.states if keep_states else streams.residual
+
     def forward(*args: Any, **kwargs: Any) -> Any:
         inputs = streams.inputs(args, kwargs)
         kept = outputs[decision.slot]  # (last, previous) residuals
@@ -227,7 +231,7 @@ def _block_forecasting_forward(
                 last = streams.extrapolate(last, previous, decision.ratio)
             return streams.apply(inputs, last)
         output = original(*args, **kwargs)
-        keep = streams.states if keep_states and torch.compiler.is_compiling() else streams.residual
+        keep = keep_traced if torch.compiler.is_compiling() else streams.residual
         outputs[decision.slot] = (keep(output, inputs), None if kept is None else kept[0])
         return output
 
@@ -356,6 +360,7 @@ class CacheHandle:
             for layer in layers:
                 outputs: dict[int, Any] = {}
                 self._outputs.append(outputs)
+                governing = [decision]  # the decisions this layer follows (two for guidance halves)
                 if layer.streams is None and (self._branches.governs(layer) or layer.repeats > 1):
                     reused_plainly.append(layer.name)
                 if layer.streams is not None:
@@ -369,7 +374,7 @@ class CacheHandle:
                         forward = _block_caching_forward(layer.module.forward, decision, outputs, streams, keep_states)
                 elif self._branches.governs(layer):
                     forward = self._branches.forward(layer.module.forward, layer, outputs, self._decisions)
-                    governing = [d for d, _ in self._decisions[-2:]]  # the two halves' decisions it added
+                    governing = [d for d, _ in self._decisions[-2:]]  # the two it added
                 elif layer.repeats > 1:
                     occurrence = [0]
                     self._occurrences.append(occurrence)
@@ -383,17 +388,9 @@ class CacheHandle:
                     block = _block_path(layer)
                     if block is not None:
                         mine = block_layer_decisions.setdefault(block, [])
-                        mine += [d for d in (governing if self._branches.governs(layer) else [decision]) if d not in mine]
+                        mine += [d for d in governing if d not in mine]
                 self._restore.append(_shadow_forward(layer.module, forward))
-        blocks = sorted(block_layer_decisions.items(), key=lambda item: order[item[0]])
-        for position, (block, decisions) in enumerate(blocks):
-            module = self.target.model.get_submodule(block)
-            after = blocks[position + 1] if position + 1 < len(blocks) else None
-            # the next block of the same list (Flux's single-stream blocks follow its double-stream ones)
-            following = after[1] if after is not None and _list_of(after[0]) == _list_of(block) else None
-            closes_group = position % _BARRIER_EVERY == _BARRIER_EVERY - 1
-            forward = _stream_barrier_forward(module.forward, decisions, following, closes_group, self._whole_model_compiled)
-            self._restore.append(_shadow_forward(module, forward))
+        self._attach_stream_barriers(sorted(block_layer_decisions.items(), key=lambda item: order[item[0]]))
         if self.forecast == "linear" and reused_plainly:
             logger.warning(
                 "forecast='linear' extrapolates layers' outputs and blocks' residuals; %d cached modules (guidance "
@@ -413,6 +410,18 @@ class CacheHandle:
         self._patterns = len({*columns, all_compute})
         _warn_if_past_recompile_limit(self.target.model, self._patterns)
         return self
+
+    def _attach_stream_barriers(self, blocks: list[tuple[str, list[_Decision]]]) -> None:
+        """Shadow each block holding cached layers (module order, with their decisions) with
+        :func:`_stream_barrier_forward`."""
+        for position, (block, decisions) in enumerate(blocks):
+            module = self.target.model.get_submodule(block)
+            after = blocks[position + 1] if position + 1 < len(blocks) else None
+            # the next block of the same list (Flux's single-stream blocks follow its double-stream ones)
+            following = after[1] if after is not None and _list_of(after[0]) == _list_of(block) else None
+            closes_group = position % _BARRIER_EVERY == _BARRIER_EVERY - 1
+            forward = _stream_barrier_forward(module.forward, decisions, following, closes_group, self._whole_model_compiled)
+            self._restore.append(_shadow_forward(module, forward))
 
     def decision_patterns(self) -> int:
         """How many distinct compute/reuse combinations of the schedule keys the steps use: under
