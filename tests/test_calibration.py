@@ -111,21 +111,17 @@ def test_calibration_removes_its_hooks(dit_pipe):
 
 
 def test_bad_calibration_input_gets_clear_errors(dit_pipe):
-    with pytest.raises(ProfileError, match="no complete generation"):
-        with smoothcache.calibration(dit_pipe):
-            pass
-    with pytest.raises(StepMismatchError, match="same number of steps: the first ran 10, this one runs 12"):
-        with smoothcache.calibration(dit_pipe):
-            generate(dit_pipe, steps=10)
-            generate(dit_pipe, steps=12)
-    with pytest.raises(StepMismatchError, match="steps=8 but the pipeline is running 10"):
-        with smoothcache.calibration(dit_pipe, steps=8):
-            generate(dit_pipe)
+    with pytest.raises(ProfileError, match="no complete generation"), smoothcache.calibration(dit_pipe):
+        pass
+    with pytest.raises(StepMismatchError, match="same number of steps: the first ran 10, this one runs 12"), smoothcache.calibration(dit_pipe):
+        generate(dit_pipe, steps=10)
+        generate(dit_pipe, steps=12)
+    with pytest.raises(StepMismatchError, match="steps=8 but the pipeline is running 10"), smoothcache.calibration(dit_pipe, steps=8):
+        generate(dit_pipe)
     with pytest.raises(ValueError, match="bare module needs steps="):
         smoothcache.calibration(dit_pipe.transformer)
-    with pytest.raises(ValueError, match="lookahead=4 reaches past the last of 3 steps; calibrate with lookahead <= 2"):
-        with smoothcache.calibration(dit_pipe, lookahead=4):
-            generate(dit_pipe, steps=3)
+    with pytest.raises(ValueError, match="lookahead=4 reaches past the last of 3 steps; calibrate with lookahead <= 2"), smoothcache.calibration(dit_pipe, lookahead=4):
+        generate(dit_pipe, steps=3)
 
 
 def test_bare_module_calibration_with_steps(original_dit):

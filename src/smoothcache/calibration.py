@@ -20,7 +20,7 @@ import platform
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ from .steps import (
     scheduler_step_index,
     step_anchor,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["CalibrationRecorder", "calibration"]
 
@@ -136,7 +139,7 @@ class CalibrationRecorder:
         self._profile: CalibrationProfile | None = None
 
     # ---- attach / detach --------------------------------------------------------------------
-    def start(self) -> CalibrationRecorder:
+    def start(self) -> Self:
         if self._undo:
             return self
         self._tracker.reset()
@@ -176,7 +179,7 @@ class CalibrationRecorder:
             self._flop_counter.__exit__(None, None, None)
             self._flop_counter = None
 
-    def __enter__(self) -> CalibrationRecorder:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, exc_type: object, *exc: object) -> None:

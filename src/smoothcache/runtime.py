@@ -28,7 +28,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from itertools import pairwise
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -57,6 +57,9 @@ from .steps import (
     scheduler_step_index,
     step_anchor,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["CacheHandle", "cache"]
 
@@ -341,7 +344,7 @@ class CacheHandle:
     def enabled(self) -> bool:
         return bool(self._restore)
 
-    def enable(self) -> CacheHandle:
+    def enable(self) -> Self:
         """Attach to the model (idempotent). The next model call starts a new generation."""
         if self.enabled:
             return self
@@ -451,7 +454,7 @@ class CacheHandle:
         """Start over at step 0 on the next call (e.g. after an interrupted generation)."""
         self._tracker.reset()
 
-    def __enter__(self) -> CacheHandle:
+    def __enter__(self) -> Self:
         return self.enable()
 
     def __exit__(self, *exc: object) -> None:
