@@ -168,6 +168,18 @@ def test_bench_points_a_layer_schedule_far_from_its_ideal_to_whole_blocks():
     assert len(diagnose(1.01, 2.08, caches_layers=True)) == 1  # gains nothing: that warning alone
 
 
+def test_bench_points_a_gpu_run_without_cuda_graphs_to_them():
+    from smoothcache.bench import diagnose
+
+    hint = diagnose(1.27, 2.08, cuda_graphs=False)
+    assert len(hint) == 1 and "mode='reduce-overhead'" in hint[0] and "--compile model-cudagraphs" in hint[0]
+    assert diagnose(1.27, 2.08, cuda_graphs=True) == []  # graphs already: launches are not the cost
+    assert diagnose(1.27, 2.08) == []  # not known (a CPU run, or a caller that did not say)
+    assert diagnose(1.9, 2.08, cuda_graphs=False) == []  # near its ideal
+    both = diagnose(1.27, 2.08, caches_layers=True, cuda_graphs=False)
+    assert "caching whole blocks" in both[0] and "CUDA graphs" in both[1]
+
+
 def test_host_syncs_are_counted_on_cuda_only():
     from smoothcache.bench import count_host_syncs
 

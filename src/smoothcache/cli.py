@@ -223,6 +223,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = benchmark_schedule(
         pipe, schedule, lambda: run_request(pipe, request, schedule.num_steps, **extra), repeats=args.repeats,
         forecast=args.forecast, warmup=1 if args.compile == "none" else 3,
+        cuda_graphs=args.compile == "model-cudagraphs",
     )
     ideal = f"{result.ideal_speedup:.2f}x" if result.ideal_speedup else "n/a"
     efficiency = f"{result.efficiency:.2f}" if result.efficiency else "n/a"
