@@ -323,8 +323,8 @@ def test_a_step_marked_within_a_generation_is_warned_about_once(caplog):
 
 def test_the_stream_barrier_passes_gradients_through():
     """Guidance by gradients through a model compiled whole must get past a reusing step's barrier."""
-    from smoothcache.runtime import _stream_barrier
+    from smoothcache.reuse import stream_barrier
 
     x = torch.randn(3, requires_grad=True)
-    (_stream_barrier(x) * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    (stream_barrier(x) * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
     assert torch.equal(x.grad, torch.tensor([1.0, 2.0, 3.0]))

@@ -20,7 +20,7 @@ import torch
 from .errors import SmoothCacheError
 from .profile import LayerInfo
 
-__all__ = ["BRANCHES", "GuidanceError", "branch_key", "branch_layer_infos", "branch_order", "check_cfg_batch", "first_tensor", "split_branch_key"]
+__all__ = ["BRANCHES", "GuidanceError", "branch_key", "branch_layer_infos", "branch_order", "check_cfg_batch", "first_tensor", "input_shape", "split_branch_key"]
 
 BRANCHES: tuple[str, str] = ("cond", "uncond")
 
@@ -97,6 +97,12 @@ def branch_layer_infos(infos: Sequence[LayerInfo]) -> list[LayerInfo]:
 def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
     """A call's first tensor argument (positional first): the model's latents, a layer's input."""
     return next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+
+
+def input_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:
+    """The shape of a call's first tensor argument: its batch and token layout."""
+    first = first_tensor(args, kwargs)
+    return None if first is None else tuple(first.shape)
 
 
 def check_cfg_batch(args: tuple[Any, ...], kwargs: dict[str, Any], *, compare: bool = True) -> int:

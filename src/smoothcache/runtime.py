@@ -2,7 +2,7 @@
 the output it kept.
 
 Decisions are made once per model call, in a forward pre-hook (``steps.attach_step_hooks``): each
-schedule key has one ``_Decision`` whose ``compute`` flag is set for the step. The per-layer path is
+schedule key has one ``Decision`` (:mod:`.reuse`) whose ``compute`` flag is set for the step. The per-layer path is
 one attribute read and a branch. PyTorch's forward hooks cannot skip a module's computation, so a layer's
 ``forward`` is shadowed by an instance attribute, as diffusers' hook registry does; removing it
 (or restoring an instance ``forward`` that was there before) puts the module back exactly.
@@ -34,21 +34,22 @@ import torch
 from torch import nn
 
 from .adapters import CacheableLayer, find_layers
-from .block_residuals import BlockCachingError, BlockStreams, extrapolate
+from .block_residuals import BlockCachingError, BlockStreams
+from .branch_caching import BranchCaching
 from .errors import ScheduleError, StepMismatchError
-from .guidance import (
-    BRANCHES,
-    GuidanceError,
-    branch_key,
-    branch_order,
-    check_cfg_batch,
-    check_layer_rows,
-    first_tensor,
-    splice_half,
-    split_branch_key,
-    take_half,
+from .guidance import input_shape
+from .reuse import (
+    BARRIER_EVERY,
+    Decision,
+    block_caching_forward,
+    block_forecasting_forward,
+    caching_forward,
+    forecasting_forward,
+    repeated_caching_forward,
+    shadow_forward,
+    stream_barrier_forward,
 )
-from .schedule import Schedule, schedule_key_for
+from .schedule import Schedule, layer_type_of, schedule_key_for
 from .steps import (
     Experts,
     StepTracker,
@@ -64,205 +65,6 @@ if TYPE_CHECKING:
 __all__ = ["CacheHandle", "cache"]
 
 logger = logging.getLogger(__name__)
-
-_MISSING = object()
-
-
-class _Decision:
-    """Compute or reuse, for every layer one schedule key governs, at the current call. ``keep``:
-    the next step reuses, so a computing block must keep its residual (a layer always keeps its
-    output, which costs nothing; a block's residual costs a subtraction eagerly; traced, a block
-    keeps regardless, see :func:`_block_caching_forward`)."""
-
-    __slots__ = ("compute", "keep", "ratio", "slot")
-
-    def __init__(self) -> None:
-        self.compute = True
-        self.keep = True
-        self.ratio = 0.0  # forecasting: how far past the last computed output to extrapolate
-        self.slot = 0
-
-
-def _caching_forward(original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any]) -> Callable[..., Any]:
-    """The hot path: compute and keep, or hand back what was kept for this call slot."""
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        if not decision.compute:
-            kept = outputs[decision.slot]
-            if kept is not None:
-                return kept
-        output = original(*args, **kwargs)
-        outputs[decision.slot] = output
-        return output
-
-    return forward
-
-
-def _forecasting_forward(original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any]) -> Callable[..., Any]:
-    """As :func:`_caching_forward`, but a reusing step extrapolates linearly from the last two computed
-    outputs, ``last + ratio * (last - previous)`` with ``ratio`` = steps since the last compute over
-    the steps between the two (a first-order Taylor step, as TaylorSeer does). Computing costs nothing
-    extra: it keeps the output it replaces."""
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        kept = outputs[decision.slot]  # (last, previous) computed outputs
-        if not decision.compute and kept is not None:
-            last, previous = kept
-            if previous is None or decision.ratio == 0.0:
-                return last
-            if isinstance(last, (tuple, list)):  # joint attention (Flux, SD3): each tensor on its own
-                return type(last)(_extrapolated(a, b, decision.ratio) for a, b in zip(last, previous))
-            return _extrapolated(last, previous, decision.ratio)
-        output = original(*args, **kwargs)
-        outputs[decision.slot] = (output, None if kept is None else kept[0])
-        return output
-
-    return forward
-
-
-def _extrapolated(last: Any, previous: Any, ratio: float) -> Any:
-    """``last + ratio * (last - previous)`` for a tensor; anything else (``None``, a non-tensor) as it was
-    last computed."""
-    if not isinstance(last, torch.Tensor) or not isinstance(previous, torch.Tensor):
-        return last
-    return extrapolate(last, previous, ratio)
-
-
-# Under whole-model torch.compile, a block whose cached layers all reuse is pointwise work on the
-# residual stream (``h + gate * kept``): its norms feed only the skipped layers, so they are dead
-# code. Over a run of such blocks inductor fuses the stream into whatever reduction reads it next,
-# the following block's norm or the model's final one: one kernel recomputing every block's update
-# inside a reduction, which took 4.2 ms of a 5 ms reusing step of DiT-XL/2 on an H100
-# (benchmarks/dit_pattern_cost.py). An opaque op on the stream where such a run ends, and every
-# few blocks within one, keeps it realized: the run becomes plain pointwise kernels and one copy
-# per barrier, and the dead norms go. (An earlier barrier took each reused layer's input, which kept
-# those norms alive, and copied each kept output: about 1 ms more per reusing step of DiT-XL/2.)
-# Where each block is compiled on its own, nothing spans blocks: barriers are for whole-model compile.
-_BARRIER_EVERY = 4  # blocks of a run fused into one kernel at most: few inputs per kernel, few copies
-
-
-@torch.library.custom_op("smoothcache::stream_barrier", mutates_args=())
-def _stream_barrier(stream: torch.Tensor) -> torch.Tensor:
-    """The block's output stream (a copy: a custom op may not return its input)."""
-    return stream.clone()
-
-
-@_stream_barrier.register_fake
-def _(stream: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(stream)
-
-
-# a copy passes its gradient through (guidance by gradients through a model compiled whole)
-_stream_barrier.register_autograd(lambda ctx, grad: grad)
-
-
-def _stream_barrier_forward(
-    original: Callable[..., Any],
-    decisions: Sequence[_Decision],
-    following: Sequence[_Decision] | None,
-    closes_group: bool,
-    whole_model_compiled: list[bool],
-) -> Callable[..., Any]:
-    """A block with cached layers. Traced as part of a whole model at a step where all of them reuse,
-    its output streams pass :func:`_stream_barrier` if the run of such blocks ends here (the next
-    block with cached layers, ``following``, computes one; or there is none) or ``closes_group``
-    (every :data:`_BARRIER_EVERY`-th block). Otherwise it runs as it is."""
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        output = original(*args, **kwargs)
-        if not (whole_model_compiled[0] and torch.compiler.is_compiling()):
-            return output
-        if any(decision.compute for decision in decisions):
-            return output
-        if not closes_group and following is not None and not any(decision.compute for decision in following):
-            return output
-        if isinstance(output, torch.Tensor):
-            return _stream_barrier(output)
-        if isinstance(output, (tuple, list)):  # several streams (Flux: text, image)
-            return type(output)(_stream_barrier(x) if isinstance(x, torch.Tensor) else x for x in output)
-        return output
-
-    return forward
-
-
-def _block_caching_forward(
-    original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any], streams: BlockStreams, keep_states: bool
-) -> Callable[..., Any]:
-    """As :func:`_caching_forward`, for a block cached whole: keep what it added to its streams, and
-    reuse as this call's inputs plus that residual.
-
-    Eagerly, a computing step keeps the residual where the next step reuses it (``decision.keep``).
-    Traced by torch.compile, it keeps at every computing step, so that the graph does not depend on
-    ``keep``: with ``keep_states`` its output and inputs as they are (:class:`KeptStates`, free),
-    else the residual. The first block of a list keeps the residual: its input may come from outside
-    the model, where it could change in place before the reusing step."""
-
-    keep_traced = streams.states if keep_states else streams.residual
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        inputs = streams.inputs(args, kwargs)
-        if not decision.compute:
-            kept = outputs[decision.slot]
-            if kept is not None:
-                return streams.apply(inputs, kept)
-        output = original(*args, **kwargs)
-        if torch.compiler.is_compiling():
-            outputs[decision.slot] = keep_traced(output, inputs)
-        elif decision.keep or not decision.compute:
-            outputs[decision.slot] = streams.residual(output, inputs)
-        return output
-
-    return forward
-
-
-def _block_forecasting_forward(
-    original: Callable[..., Any], decision: _Decision, outputs: dict[int, Any], streams: BlockStreams, keep_states: bool
-) -> Callable[..., Any]:
-    """As :func:`_block_caching_forward`, but a reusing step extrapolates the block's residual from
-    the last two computed ones, as :func:`_forecasting_forward` does a layer's output. Every
-    computing step keeps its residual (one subtraction; traced, with ``keep_states``, its output and
-    inputs), since a later forecast may need it."""
-
-    keep_traced = streams.states if keep_states else streams.residual
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        inputs = streams.inputs(args, kwargs)
-        kept = outputs[decision.slot]  # (last, previous) residuals
-        if not decision.compute and kept is not None:
-            last, previous = kept
-            if previous is not None and decision.ratio != 0.0:
-                last = streams.extrapolate(last, previous, decision.ratio)
-            return streams.apply(inputs, last)
-        output = original(*args, **kwargs)
-        keep = keep_traced if torch.compiler.is_compiling() else streams.residual
-        outputs[decision.slot] = (keep(output, inputs), None if kept is None else kept[0])
-        return output
-
-    return forward
-
-
-def _repeated_caching_forward(
-    original: Callable[..., Any], decision: _Decision, outputs: dict[int, list[Any]], occurrence: list[int]
-) -> Callable[..., Any]:
-    """As :func:`_caching_forward`, for a layer called several times per model call: one output per
-    occurrence (``occurrence[0]`` counts this model call's calls so far; the handle zeroes it)."""
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        n = occurrence[0]
-        occurrence[0] = n + 1
-        kept = outputs[decision.slot]
-        if not decision.compute and kept is not None and n < len(kept):
-            return kept[n]
-        output = original(*args, **kwargs)
-        if n == 0 or kept is None:
-            kept = outputs[decision.slot] = []
-        if n < len(kept):
-            kept[n] = output
-        else:
-            kept.append(output)
-        return output
-
-    return forward
 
 
 class CacheHandle:
@@ -285,7 +87,7 @@ class CacheHandle:
         if steps_mismatch not in ("error", "compute"):
             raise ValueError(f"steps_mismatch must be 'error' or 'compute', got {steps_mismatch!r}")
         self.target = resolve_target(pipe_or_module)
-        self._branches = _BranchCaching(schedule, branches, self.target)  # '@cond'/'@uncond' keys: see the end
+        self._branches = BranchCaching(schedule, branches, self.target)  # '@cond'/'@uncond' keys: see the end
         schedule = self._branches.schedule
         self.schedule = schedule
         self.steps_mismatch = steps_mismatch
@@ -294,7 +96,7 @@ class CacheHandle:
         self.forecast = forecast
         if layers is None:
             if components is None:
-                components = list(dict.fromkeys(_layer_type_of(key) for key in schedule.keys))
+                components = list(dict.fromkeys(layer_type_of(key) for key in schedule.keys))
             layers = find_layers(self.target.model, components, allow_repeated=True)
         self._plans = self._assign_keys(list(layers))
         covered = {id(layer) for group in self._plans.values() for layer in group}
@@ -304,10 +106,10 @@ class CacheHandle:
         self._tracker = StepTracker(
             schedule.num_steps, self.target.timesteps, calls_per_step, scheduler_step_index(self.target)
         )
-        self._decisions: list[tuple[_Decision, tuple[bool, ...]]] = []
+        self._decisions: list[tuple[Decision, tuple[bool, ...]]] = []
         self._keeps: list[tuple[bool, ...]] = []  # per decision: whether each step's output must be kept
         self._ratios: list[tuple[float, ...]] = []  # per decision: each step's extrapolation (forecast="linear")
-        self._whole_model_compiled = [False]  # read by traced blocks: see _stream_barrier
+        self._whole_model_compiled = [False]  # read by traced blocks: see stream_barrier
         self._restore: list[Callable[[], None]] = []
         self._outputs: list[dict[int, Any]] = []  # per layer: call slot -> kept output(s), None if none
         self._slots = 0  # call slots every layer has an entry for
@@ -352,13 +154,13 @@ class CacheHandle:
         block_decisions: set[int] = set()
         forecasting: set[int] = set()
         reused_plainly: list[str] = []  # with forecast="linear": modules it does not apply to
-        block_layer_decisions: dict[str, list[_Decision]] = {}  # block path -> decisions of its cached layers
+        block_layer_decisions: dict[str, list[Decision]] = {}  # block path -> decisions of its cached layers
         order = {name: position for position, (name, _) in enumerate(self.target.model.named_modules())}
         first_blocks = _first_of_each_list(
             sorted((layer.name for layer in self.layers if layer.streams is not None), key=order.__getitem__)
         )
         for key, layers in self._plans.items():
-            decision = _Decision()
+            decision = Decision()
             self._decisions.append((decision, tuple(v == 1 for v in self.schedule.plans[key])))
             for layer in layers:
                 outputs: dict[int, Any] = {}
@@ -371,28 +173,28 @@ class CacheHandle:
                     keep_states = layer.name not in first_blocks
                     if self.forecast == "linear":
                         forecasting.add(id(decision))  # keeps every computed residual: no keep flag
-                        forward = _block_forecasting_forward(layer.module.forward, decision, outputs, streams, keep_states)
+                        forward = block_forecasting_forward(layer.module.forward, decision, outputs, streams, keep_states)
                     else:
                         block_decisions.add(id(decision))
-                        forward = _block_caching_forward(layer.module.forward, decision, outputs, streams, keep_states)
+                        forward = block_caching_forward(layer.module.forward, decision, outputs, streams, keep_states)
                 elif self._branches.governs(layer):
                     forward = self._branches.forward(layer.module.forward, layer, outputs, self._decisions)
                     governing = [d for d, _ in self._decisions[-2:]]  # the two it added
                 elif layer.repeats > 1:
                     occurrence = [0]
                     self._occurrences.append(occurrence)
-                    forward = _repeated_caching_forward(layer.module.forward, decision, outputs, occurrence)
+                    forward = repeated_caching_forward(layer.module.forward, decision, outputs, occurrence)
                 elif self.forecast == "linear":
                     forecasting.add(id(decision))
-                    forward = _forecasting_forward(layer.module.forward, decision, outputs)
+                    forward = forecasting_forward(layer.module.forward, decision, outputs)
                 else:
-                    forward = _caching_forward(layer.module.forward, decision, outputs)
+                    forward = caching_forward(layer.module.forward, decision, outputs)
                 if layer.streams is None:
                     block = _block_path(layer)
                     if block is not None:
                         mine = block_layer_decisions.setdefault(block, [])
                         mine += [d for d in governing if d not in mine]
-                self._restore.append(_shadow_forward(layer.module, forward))
+                self._restore.append(shadow_forward(layer.module, forward))
         self._attach_stream_barriers(sorted(block_layer_decisions.items(), key=lambda item: order[item[0]]))
         if self.forecast == "linear" and reused_plainly:
             logger.warning(
@@ -414,17 +216,17 @@ class CacheHandle:
         _warn_if_past_recompile_limit(self.target.model, self._patterns)
         return self
 
-    def _attach_stream_barriers(self, blocks: list[tuple[str, list[_Decision]]]) -> None:
+    def _attach_stream_barriers(self, blocks: list[tuple[str, list[Decision]]]) -> None:
         """Shadow each block holding cached layers (module order, with their decisions) with
-        :func:`_stream_barrier_forward`."""
+        :func:`stream_barrier_forward`."""
         for position, (block, decisions) in enumerate(blocks):
             module = self.target.model.get_submodule(block)
             after = blocks[position + 1] if position + 1 < len(blocks) else None
             # the next block of the same list (Flux's single-stream blocks follow its double-stream ones)
             following = after[1] if after is not None and _list_of(after[0]) == _list_of(block) else None
-            closes_group = position % _BARRIER_EVERY == _BARRIER_EVERY - 1
-            forward = _stream_barrier_forward(module.forward, decisions, following, closes_group, self._whole_model_compiled)
-            self._restore.append(_shadow_forward(module, forward))
+            closes_group = position % BARRIER_EVERY == BARRIER_EVERY - 1
+            forward = stream_barrier_forward(module.forward, decisions, following, closes_group, self._whole_model_compiled)
+            self._restore.append(shadow_forward(module, forward))
 
     def decision_patterns(self) -> int:
         """How many distinct compute/reuse combinations of the schedule keys the steps use: under
@@ -531,7 +333,7 @@ class CacheHandle:
 
     def _check_input_shape(self, slot: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """A slot called with inputs of another shape than at its last call must not reuse."""
-        shape = _input_shape(args, kwargs)
+        shape = input_shape(args, kwargs)
         if slot in self._input_shapes and self._input_shapes[slot] != shape:
             logger.debug("Call slot %d changed input shape to %s: its layers compute", slot, shape)
             self._forget_outputs(slot)
@@ -610,12 +412,6 @@ def _keeps(plan: tuple[bool, ...]) -> tuple[bool, ...]:
     return tuple(now and not following for now, following in pairwise(plan)) + (False,)
 
 
-def _input_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:
-    """The shape of a call's first tensor argument: its batch and token layout."""
-    first = first_tensor(args, kwargs)
-    return None if first is None else tuple(first.shape)
-
-
 def _warn_if_past_recompile_limit(model: nn.Module, patterns: int) -> None:
     """Dynamo runs a function eagerly once it has more graphs than its recompile limit: say so up front."""
     compiled = compiled_anywhere(model)
@@ -627,12 +423,6 @@ def _warn_if_past_recompile_limit(model: nn.Module, patterns: int) -> None:
             "limit to at least %d (twice that if the model compiles two variants of a region itself)",
             patterns, limit, patterns,
         )
-
-
-def _layer_type_of(key: str) -> str:
-    """``"attn1-3"`` -> ``"attn1"``; a type key stays as it is."""
-    head, _, tail = key.rpartition("-")
-    return head if head and tail.isdigit() else key
 
 
 def _block_path(layer: CacheableLayer) -> str | None:
@@ -657,20 +447,6 @@ def _first_of_each_list(block_paths: Sequence[str]) -> set[str]:
 def _list_of(block_path: str) -> str:
     """The module list a block sits in (``transformer_blocks`` for ``transformer_blocks.3``)."""
     return block_path.rpartition(".")[0]
-
-
-def _shadow_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[[], None]:
-    """Put the caching ``forward`` on ``module``; return the function that undoes exactly that."""
-    previous = module.__dict__.get("forward", _MISSING)
-    module.forward = forward  # type: ignore[method-assign]
-
-    def restore() -> None:
-        if previous is _MISSING:
-            module.__dict__.pop("forward", None)
-        else:
-            module.__dict__["forward"] = previous
-
-    return restore
 
 
 def cache(
@@ -715,120 +491,3 @@ def cache(
         branches=branches,
         forecast=forecast,
     )
-
-
-# ==== Guidance branches (issue 8) =================================================================
-# A schedule key "<type>@cond" / "<type>@uncond" (one block: "<type>@uncond-3") gives one half of a
-# classifier-free guidance batch its own plan (guidance.py names the halves and knows their order).
-# Where one half computes and the other reuses, the layer runs on the computing half's rows only and
-# its output is spliced with the other half's kept rows, as FasterCache does for the unconditional
-# branch, so that layer call costs half. CacheHandle sees a plain schedule, each such layer under a
-# base key ("attn1"; made up as the union of the halves' plans where the schedule has none), and
-# takes those layers' forwards from here.
-
-
-class _BranchCaching:
-    """The branch plans of one schedule, and the forwards of the layers they govern."""
-
-    def __init__(self, schedule: Schedule, branches: Sequence[str] | str, target: Any) -> None:
-        self.branch_plans: dict[str, tuple[int, ...]] = {}
-        base: dict[str, tuple[int, ...]] = {}
-        for key, plan in schedule.plans.items():
-            (self.branch_plans if split_branch_key(key)[1] else base)[key] = plan
-        self._made_up: set[str] = set()  # base keys only there to cover branch layers
-        for key, plan in self.branch_plans.items():
-            base_key = split_branch_key(key)[0]
-            if base_key not in schedule.plans and _layer_type_of(base_key) not in schedule.plans:
-                self._made_up.add(base_key)
-                base[base_key] = tuple(a | b for a, b in zip(base.get(base_key, plan), plan, strict=True))
-        self.schedule = Schedule(base, source=schedule.source) if self.branch_plans else schedule
-        self.order = branch_order(target.pipeline, branches) if self.branch_plans else None
-        self._plans: dict[int, tuple[tuple[bool, ...], tuple[bool, ...]]] = {}  # id(layer) -> plans in batch order
-        self._rows = 0  # the current model call's batch
-        self._checked: set[tuple[int, tuple[int, ...] | None]] = set()  # (slot, input shape) seen to batch guidance
-
-    def bind(self, layers: Sequence[CacheableLayer]) -> None:
-        """Resolve each layer's two plans, refusing what cannot be split before anything is attached."""
-        if self.order is None:
-            return
-        used: set[str] = set()
-        for layer in layers:
-            keys = {b: schedule_key_for(self.branch_plans, f"{layer.layer_type}@{b}", layer.block) for b in BRANCHES}
-            named = [key for key in keys.values() if key is not None]
-            if not named:
-                continue
-            if layer.streams is not None:
-                raise ScheduleError(
-                    f"Schedule key {named[0]!r}: {layer.name} is a block cached whole, whose guidance halves "
-                    "cannot be cached apart; drop its '@cond'/'@uncond' keys"
-                )
-            if layer.repeats > 1:
-                raise ScheduleError(
-                    f"Schedule key {named[0]!r}: {layer.name} runs {layer.repeats} times per block call, so its "
-                    "guidance halves cannot be cached apart; drop its '@cond'/'@uncond' keys"
-                )
-            plans = {}
-            for branch, key in keys.items():
-                if key is None:
-                    key = schedule_key_for(self.schedule.plans, layer.layer_type, layer.block)
-                    if key is None or key in self._made_up:
-                        raise ScheduleError(
-                            f"Schedule key {named[0]!r} plans one guidance half of {layer.name} but no key plans its "
-                            f"{branch} half; add {branch_key(layer.layer_type, branch)!r} or {layer.layer_type!r}"
-                        )
-                    plans[branch] = self.schedule.plans[key]
-                else:
-                    used.add(key)
-                    plans[branch] = self.branch_plans[key]
-            self._plans[id(layer)] = tuple(tuple(v == 1 for v in plans[b]) for b in self.order)  # type: ignore[assignment]
-        unused = [key for key in self.branch_plans if key not in used]
-        if unused:
-            raise ScheduleError(f"Schedule keys {unused} match no cached layer; their base keys must name layers of the model")
-
-    def governs(self, layer: CacheableLayer) -> bool:
-        return id(layer) in self._plans
-
-    def before_model_call(
-        self, slot: int, args: tuple[Any, ...], kwargs: dict[str, Any], new_generation: bool, on_error: Callable[[], None]
-    ) -> None:
-        """Check that the call batches guidance; compare its halves once per slot and shape (it syncs)."""
-        if self.order is None:
-            return
-        if new_generation:
-            self._checked.clear()
-        seen = (slot, _input_shape(args, kwargs))
-        try:
-            self._rows = check_cfg_batch(args, kwargs, compare=seen not in self._checked)
-        except GuidanceError:
-            on_error()
-            raise
-        self._checked.add(seen)
-
-    def forward(
-        self,
-        original: Callable[..., Any],
-        layer: CacheableLayer,
-        outputs: dict[int, Any],
-        decisions: list[tuple[_Decision, tuple[bool, ...]]],
-    ) -> Callable[..., Any]:
-        """The layer's caching forward; its two decisions (batch order) join ``decisions``."""
-        first, second = _Decision(), _Decision()
-        plans = self._plans[id(layer)]
-        decisions += [(first, plans[0]), (second, plans[1])]
-        where = f"Layer {layer.name}"
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            kept = outputs.get(first.slot)  # None: nothing kept (emptied slots stay, see _forget_outputs)
-            if kept is None or (first.compute and second.compute):
-                output = original(*args, **kwargs)
-            elif not (first.compute or second.compute):
-                return kept
-            else:  # one half computes: only its rows run
-                half, rows = (0 if first.compute else 1), self._rows
-                check_layer_rows(args, kwargs, rows, where)
-                part = original(*take_half(args, rows, half), **take_half(kwargs, rows, half))
-                output = splice_half(kept, part, half, where)
-            outputs[first.slot] = output
-            return output
-
-        return forward

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import ScheduleError
 
-__all__ = ["Schedule", "schedule_key_for"]
+__all__ = ["Schedule", "layer_type_of", "schedule_key_for"]
 
 
 def schedule_key_for(plans: Mapping[str, object], layer_type: str, block: int | None) -> str | None:
@@ -143,6 +143,12 @@ class Schedule:
             lines.append(f"{key:<{width}}  {sum(plan):>3}/{len(plan):<4}  {sum(plan) / len(plan):8.3f}")
         lines.append(f"{'all':<{width}}  {'':8}  {self.compute_fraction():8.3f}")
         return "\n".join(lines)
+
+
+def layer_type_of(key: str) -> str:
+    """``"attn1-3"`` -> ``"attn1"``; a type key stays as it is."""
+    head, _, tail = key.rpartition("-")
+    return head if head and tail.isdigit() else key
 
 
 def _where(source: str | None) -> str:

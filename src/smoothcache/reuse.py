@@ -1,0 +1,247 @@
+"""What a cached module runs in place of its own ``forward``: compute and keep, or reuse what it kept.
+
+One ``Decision`` per schedule key holds the step's compute/reuse flag; the handle
+(:class:`~smoothcache.runtime.CacheHandle`) sets it once per model call, and every forward here
+reads it: one attribute read and a branch on the per-layer path. Layers keep their outputs; blocks
+cached whole keep what they added to their residual streams (:mod:`.block_residuals`); forecasting
+variants extrapolate from the last two computed ones. :func:`shadow_forward` puts such a forward on
+a module as an instance attribute and returns the function that removes it exactly. Under
+whole-model torch.compile, :func:`stream_barrier_forward` keeps a run of reusing blocks from being
+fused into one reduction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .block_residuals import BlockStreams, extrapolate
+
+__all__ = [
+    "BARRIER_EVERY",
+    "Decision",
+    "block_caching_forward",
+    "block_forecasting_forward",
+    "caching_forward",
+    "forecasting_forward",
+    "repeated_caching_forward",
+    "shadow_forward",
+    "stream_barrier",
+    "stream_barrier_forward",
+]
+
+_MISSING = object()
+
+
+class Decision:
+    """Compute or reuse, for every layer one schedule key governs, at the current call. ``keep``:
+    the next step reuses, so a computing block must keep its residual (a layer always keeps its
+    output, which costs nothing; a block's residual costs a subtraction eagerly; traced, a block
+    keeps regardless, see :func:`block_caching_forward`)."""
+
+    __slots__ = ("compute", "keep", "ratio", "slot")
+
+    def __init__(self) -> None:
+        self.compute = True
+        self.keep = True
+        self.ratio = 0.0  # forecasting: how far past the last computed output to extrapolate
+        self.slot = 0
+
+
+def caching_forward(original: Callable[..., Any], decision: Decision, outputs: dict[int, Any]) -> Callable[..., Any]:
+    """The hot path: compute and keep, or hand back what was kept for this call slot."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if not decision.compute:
+            kept = outputs[decision.slot]
+            if kept is not None:
+                return kept
+        output = original(*args, **kwargs)
+        outputs[decision.slot] = output
+        return output
+
+    return forward
+
+
+def forecasting_forward(original: Callable[..., Any], decision: Decision, outputs: dict[int, Any]) -> Callable[..., Any]:
+    """As :func:`caching_forward`, but a reusing step extrapolates linearly from the last two computed
+    outputs, ``last + ratio * (last - previous)`` with ``ratio`` = steps since the last compute over
+    the steps between the two (a first-order Taylor step, as TaylorSeer does). Computing costs nothing
+    extra: it keeps the output it replaces."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        kept = outputs[decision.slot]  # (last, previous) computed outputs
+        if not decision.compute and kept is not None:
+            last, previous = kept
+            if previous is None or decision.ratio == 0.0:
+                return last
+            if isinstance(last, (tuple, list)):  # joint attention (Flux, SD3): each tensor on its own
+                return type(last)(_extrapolated(a, b, decision.ratio) for a, b in zip(last, previous))
+            return _extrapolated(last, previous, decision.ratio)
+        output = original(*args, **kwargs)
+        outputs[decision.slot] = (output, None if kept is None else kept[0])
+        return output
+
+    return forward
+
+
+def _extrapolated(last: Any, previous: Any, ratio: float) -> Any:
+    """``last + ratio * (last - previous)`` for a tensor; anything else (``None``, a non-tensor) as it was
+    last computed."""
+    if not isinstance(last, torch.Tensor) or not isinstance(previous, torch.Tensor):
+        return last
+    return extrapolate(last, previous, ratio)
+
+
+# Under whole-model torch.compile, a block whose cached layers all reuse is pointwise work on the
+# residual stream (``h + gate * kept``): its norms feed only the skipped layers, so they are dead
+# code. Over a run of such blocks inductor fuses the stream into whatever reduction reads it next,
+# the following block's norm or the model's final one: one kernel recomputing every block's update
+# inside a reduction, which took 4.2 ms of a 5 ms reusing step of DiT-XL/2 on an H100
+# (benchmarks/dit_pattern_cost.py). An opaque op on the stream where such a run ends, and every
+# few blocks within one, keeps it realized: the run becomes plain pointwise kernels and one copy
+# per barrier, and the dead norms go. (An earlier barrier took each reused layer's input, which kept
+# those norms alive, and copied each kept output: about 1 ms more per reusing step of DiT-XL/2.)
+# Where each block is compiled on its own, nothing spans blocks: barriers are for whole-model compile.
+BARRIER_EVERY = 4  # blocks of a run fused into one kernel at most: few inputs per kernel, few copies
+
+
+@torch.library.custom_op("smoothcache::stream_barrier", mutates_args=())
+def stream_barrier(stream: torch.Tensor) -> torch.Tensor:
+    """The block's output stream (a copy: a custom op may not return its input)."""
+    return stream.clone()
+
+
+@stream_barrier.register_fake
+def _(stream: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(stream)
+
+
+# a copy passes its gradient through (guidance by gradients through a model compiled whole)
+stream_barrier.register_autograd(lambda ctx, grad: grad)
+
+
+def stream_barrier_forward(
+    original: Callable[..., Any],
+    decisions: Sequence[Decision],
+    following: Sequence[Decision] | None,
+    closes_group: bool,
+    whole_model_compiled: list[bool],
+) -> Callable[..., Any]:
+    """A block with cached layers. Traced as part of a whole model at a step where all of them reuse,
+    its output streams pass :func:`stream_barrier` if the run of such blocks ends here (the next
+    block with cached layers, ``following``, computes one; or there is none) or ``closes_group``
+    (every :data:`BARRIER_EVERY`-th block). Otherwise it runs as it is."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        output = original(*args, **kwargs)
+        if not (whole_model_compiled[0] and torch.compiler.is_compiling()):
+            return output
+        if any(decision.compute for decision in decisions):
+            return output
+        if not closes_group and following is not None and not any(decision.compute for decision in following):
+            return output
+        if isinstance(output, torch.Tensor):
+            return stream_barrier(output)
+        if isinstance(output, (tuple, list)):  # several streams (Flux: text, image)
+            return type(output)(stream_barrier(x) if isinstance(x, torch.Tensor) else x for x in output)
+        return output
+
+    return forward
+
+
+def block_caching_forward(
+    original: Callable[..., Any], decision: Decision, outputs: dict[int, Any], streams: BlockStreams, keep_states: bool
+) -> Callable[..., Any]:
+    """As :func:`caching_forward`, for a block cached whole: keep what it added to its streams, and
+    reuse as this call's inputs plus that residual.
+
+    Eagerly, a computing step keeps the residual where the next step reuses it (``decision.keep``).
+    Traced by torch.compile, it keeps at every computing step, so that the graph does not depend on
+    ``keep``: with ``keep_states`` its output and inputs as they are (:class:`KeptStates`, free),
+    else the residual. The first block of a list keeps the residual: its input may come from outside
+    the model, where it could change in place before the reusing step."""
+
+    keep_traced = streams.states if keep_states else streams.residual
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        inputs = streams.inputs(args, kwargs)
+        if not decision.compute:
+            kept = outputs[decision.slot]
+            if kept is not None:
+                return streams.apply(inputs, kept)
+        output = original(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            outputs[decision.slot] = keep_traced(output, inputs)
+        elif decision.keep or not decision.compute:
+            outputs[decision.slot] = streams.residual(output, inputs)
+        return output
+
+    return forward
+
+
+def block_forecasting_forward(
+    original: Callable[..., Any], decision: Decision, outputs: dict[int, Any], streams: BlockStreams, keep_states: bool
+) -> Callable[..., Any]:
+    """As :func:`block_caching_forward`, but a reusing step extrapolates the block's residual from
+    the last two computed ones, as :func:`forecasting_forward` does a layer's output. Every
+    computing step keeps its residual (one subtraction; traced, with ``keep_states``, its output and
+    inputs), since a later forecast may need it."""
+
+    keep_traced = streams.states if keep_states else streams.residual
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        inputs = streams.inputs(args, kwargs)
+        kept = outputs[decision.slot]  # (last, previous) residuals
+        if not decision.compute and kept is not None:
+            last, previous = kept
+            if previous is not None and decision.ratio != 0.0:
+                last = streams.extrapolate(last, previous, decision.ratio)
+            return streams.apply(inputs, last)
+        output = original(*args, **kwargs)
+        keep = keep_traced if torch.compiler.is_compiling() else streams.residual
+        outputs[decision.slot] = (keep(output, inputs), None if kept is None else kept[0])
+        return output
+
+    return forward
+
+
+def repeated_caching_forward(
+    original: Callable[..., Any], decision: Decision, outputs: dict[int, list[Any]], occurrence: list[int]
+) -> Callable[..., Any]:
+    """As :func:`caching_forward`, for a layer called several times per model call: one output per
+    occurrence (``occurrence[0]`` counts this model call's calls so far; the handle zeroes it)."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        n = occurrence[0]
+        occurrence[0] = n + 1
+        kept = outputs[decision.slot]
+        if not decision.compute and kept is not None and n < len(kept):
+            return kept[n]
+        output = original(*args, **kwargs)
+        if n == 0 or kept is None:
+            kept = outputs[decision.slot] = []
+        if n < len(kept):
+            kept[n] = output
+        else:
+            kept.append(output)
+        return output
+
+    return forward
+
+
+def shadow_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[[], None]:
+    """Put the caching ``forward`` on ``module``; return the function that undoes exactly that."""
+    previous = module.__dict__.get("forward", _MISSING)
+    module.forward = forward  # type: ignore[method-assign]
+
+    def restore() -> None:
+        if previous is _MISSING:
+            module.__dict__.pop("forward", None)
+        else:
+            module.__dict__["forward"] = previous
+
+    return restore
