@@ -176,6 +176,8 @@ def test_bench_points_a_gpu_run_without_cuda_graphs_to_them():
     assert diagnose(1.27, 2.08, cuda_graphs=True) == []  # graphs already: launches are not the cost
     assert diagnose(1.27, 2.08) == []  # not known (a CPU run, or a caller that did not say)
     assert diagnose(1.9, 2.08, cuda_graphs=False) == []  # near its ideal
+    nothing = diagnose(1.01, 2.08, cuda_graphs=False)  # gains nothing: that warning alone, naming CUDA graphs
+    assert len(nothing) == 1 and "gains nothing" in nothing[0] and "mode='reduce-overhead'" in nothing[0]
     both = diagnose(1.27, 2.08, caches_layers=True, cuda_graphs=False)
     assert "caching whole blocks" in both[0] and "CUDA graphs" in both[1]
 
@@ -218,6 +220,19 @@ def test_an_all_ones_schedule_has_an_ideal_speedup_of_one(dit_pipe):
     assert result.ideal_speedup == pytest.approx(1.0) and result.compute_fraction == 1.0
     assert result.host_syncs is None  # counted on CUDA only
     assert result.warnings == diagnose(result.speedup, result.ideal_speedup)  # the result carries its diagnosis
+
+
+def test_off_cuda_the_bench_does_not_judge_cuda_graphs(dit_pipe, monkeypatch):
+    from conftest import generate
+
+    from smoothcache import bench
+
+    seen = []
+    monkeypatch.setattr(bench, "diagnose", lambda *args: seen.append(args) or [])
+    bench.benchmark_schedule(
+        dit_pipe, Schedule({"attn1": (1, 0) * 5}), lambda: generate(dit_pipe), repeats=1, cuda_graphs=False
+    )
+    assert seen[0][-1] is None  # launches cost the host on a GPU only: no hint on a CPU run
 
 
 def test_the_ideal_speedup_of_a_block_schedule_counts_the_blocks_flops(dit_pipe):

@@ -59,10 +59,11 @@ def diagnose(
     found = []
     reach = speedup / ideal if ideal else None  # of the ideal speedup
     if speedup < 1.05:
+        compile_hint = "torch.compile with CUDA graphs (mode='reduce-overhead')" if cuda_graphs is False else "torch.compile"
         found.append(
             f"caching gains nothing here ({speedup:.2f}x): the time goes to work the schedule does not skip "
-            "(kernel launches, the layers left uncached, the VAE or the scheduler); try a larger batch, "
-            "torch.compile, or more cached layers"
+            f"(kernel launches, the layers left uncached, the VAE or the scheduler); try a larger batch, "
+            f"{compile_hint}, or more cached layers"
         )
     elif reach is not None and reach < 0.6:
         found.append(

@@ -7,7 +7,7 @@ demo pipeline) put the conditional half first (class labels, then the null class
 Sana and most text-to-image/video pipelines put the negative prompt first.
 
 A calibration with ``branches=`` records each half's errors under branch keys next to the
-whole-batch ones; a schedule with branch keys gives each half its own plan (``runtime``).
+whole-batch ones; a schedule with branch keys gives each half its own plan (``branch_caching``).
 """
 
 from __future__ import annotations

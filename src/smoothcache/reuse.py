@@ -1,13 +1,17 @@
 """What a cached module runs in place of its own ``forward``: compute and keep, or reuse what it kept.
 
-One ``Decision`` per schedule key holds the step's compute/reuse flag; the handle
-(:class:`~smoothcache.runtime.CacheHandle`) sets it once per model call, and every forward here
-reads it: one attribute read and a branch on the per-layer path. Layers keep their outputs; blocks
-cached whole keep what they added to their residual streams (:mod:`.block_residuals`); forecasting
-variants extrapolate from the last two computed ones. :func:`shadow_forward` puts such a forward on
-a module as an instance attribute and returns the function that removes it exactly. Under
-whole-model torch.compile, :func:`stream_barrier_forward` keeps a run of reusing blocks from being
-fused into one reduction.
+A ``Decision`` per schedule key (two for a layer whose guidance halves have plans of their own)
+holds the step's compute/reuse flag; the handle (:class:`~smoothcache.runtime.CacheHandle`) sets
+it once per model call, and every forward here reads it: one attribute read and a branch on the
+per-layer path. Layers keep their outputs; blocks cached whole keep what they added to their
+residual streams (:mod:`.block_residuals`); forecasting variants extrapolate from the last two
+computed ones.
+
+PyTorch's forward hooks cannot skip a module's computation, so :func:`shadow_forward` puts such a
+forward on the module as an instance attribute, as diffusers' hook registry does, and returns the
+function that removes it exactly (or restores an instance ``forward`` that was there before).
+Under whole-model torch.compile, :func:`stream_barrier_forward` keeps a run of reusing blocks from
+being fused into one reduction.
 """
 
 from __future__ import annotations

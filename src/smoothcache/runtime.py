@@ -1,11 +1,10 @@
-"""The cache: at each step, every scheduled layer either computes (and keeps its output) or returns
-the output it kept.
+"""The cache handle: at each step, every scheduled layer either computes (and keeps its output) or
+returns the output it kept.
 
-Decisions are made once per model call, in a forward pre-hook (``steps.attach_step_hooks``): each
-schedule key has one ``Decision`` (:mod:`.reuse`) whose ``compute`` flag is set for the step. The per-layer path is
-one attribute read and a branch. PyTorch's forward hooks cannot skip a module's computation, so a layer's
-``forward`` is shadowed by an instance attribute, as diffusers' hook registry does; removing it
-(or restoring an instance ``forward`` that was there before) puts the module back exactly.
+The handle attaches the forwards of :mod:`.reuse` to the cached layers and makes the decisions
+once per model call, in a forward pre-hook (``steps.attach_step_hooks``): it sets the ``compute``
+flag of each :class:`~smoothcache.reuse.Decision` for the step. ``disable()`` puts every module
+back exactly.
 
 Outputs are kept per call slot (the n-th model call of a step: conditional and unconditional
 calls keep apart). A slot reuses only what it computed itself earlier in the same generation, for
@@ -87,7 +86,7 @@ class CacheHandle:
         if steps_mismatch not in ("error", "compute"):
             raise ValueError(f"steps_mismatch must be 'error' or 'compute', got {steps_mismatch!r}")
         self.target = resolve_target(pipe_or_module)
-        self._branches = BranchCaching(schedule, branches, self.target)  # '@cond'/'@uncond' keys: see the end
+        self._branches = BranchCaching(schedule, branches, self.target)  # '@cond'/'@uncond' keys: see branch_caching
         schedule = self._branches.schedule
         self.schedule = schedule
         self.steps_mismatch = steps_mismatch
@@ -109,7 +108,7 @@ class CacheHandle:
         self._decisions: list[tuple[Decision, tuple[bool, ...]]] = []
         self._keeps: list[tuple[bool, ...]] = []  # per decision: whether each step's output must be kept
         self._ratios: list[tuple[float, ...]] = []  # per decision: each step's extrapolation (forecast="linear")
-        self._whole_model_compiled = [False]  # read by traced blocks: see stream_barrier
+        self._whole_model_compiled = [False]  # read by traced blocks: see reuse.stream_barrier_forward
         self._restore: list[Callable[[], None]] = []
         self._outputs: list[dict[int, Any]] = []  # per layer: call slot -> kept output(s), None if none
         self._slots = 0  # call slots every layer has an entry for
