@@ -268,9 +268,9 @@ class CacheHandle:
         except StepMismatchError:
             self._tracker.reset()
             raise
-        self._whole_model_compiled[0] = _compiled_whole(self.target.model)
         num_steps = self.schedule.num_steps
         if new_generation:
+            self._whole_model_compiled[0] = _compiled_whole(self.target.model)  # compiled between generations
             ran = self._tracker.generation_steps
             if ran is not None and ran != num_steps and self.steps_mismatch == "error":
                 self._tracker.reset()
