@@ -19,23 +19,24 @@ DiTPipeline sets no cache context, so a pre-hook on the transformer sets one per
 from __future__ import annotations
 
 import argparse
-import ast
-import contextlib
-import io
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 import smoothcache
 from smoothcache import Schedule
 from smoothcache.demo.assets import load_demo_pipeline, load_quality_scorer
 from smoothcache.demo.harness import DemoConfig
+from smoothcache.demo.peers import (
+    ComputeMeter,
+    attach_diffusers_hook,
+    calibrate_mag_ratios,
+)
 
 SETTINGS = ("steps", "guidance_scale", "samples_per_class", "num_classes", "seed", "calibration_samples_per_class")
 Apply = Callable[[Any], Callable[[], None] | None]  # attaches a method to the pipeline; returns its undo
@@ -54,62 +55,6 @@ class Run:
     error: str | None = None
 
 
-class ComputeMeter:
-    """Counts real executions of each block's attn1 and ff through a Linear inside each."""
-
-    def __init__(self, transformer: nn.Module) -> None:
-        self.counts = {"attn1": 0, "ff": 0}
-        self._handles = []
-        for block in transformer.transformer_blocks:
-            for layer, inner in (("attn1", block.attn1.to_q), ("ff", block.ff.net[2])):
-                self._handles.append(inner.register_forward_hook(lambda *_, layer=layer: self._hit(layer)))
-
-    def _hit(self, layer: str) -> None:
-        self.counts[layer] += 1
-
-    def take(self) -> dict[str, int]:
-        counts, self.counts = self.counts, {"attn1": 0, "ff": 0}
-        return counts
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
-def diffusers_cache_context(transformer: nn.Module, steps: int) -> Iterator[dict[str, Any]]:
-    """Set diffusers' cache context before every transformer call (DiTPipeline sets none); the dict
-    holds the current timestep for hooks that ask for it by callback."""
-    from diffusers.hooks.hooks import CacheContext, _set_cache_context
-
-    state: dict[str, Any] = {"timestep": 1000.0, "call": 0}
-
-    def before(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        value = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        state["timestep"] = value
-        step = state["call"] % steps
-        state["call"] += 1
-        _set_cache_context(module, CacheContext("cfg-batch", step_index=step, num_inference_steps=steps, timestep=value))
-
-    handle = transformer.register_forward_pre_hook(before, with_kwargs=True)
-    try:
-        yield state
-    finally:
-        handle.remove()
-
-
-def remove_diffusers_hooks(transformer: nn.Module) -> None:
-    """Every diffusers hook off the transformer and its children, as before."""
-    from diffusers.hooks import HookRegistry
-
-    for module in transformer.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        if isinstance(registry, HookRegistry):
-            for name in list(registry.hooks):
-                registry.remove_hook(name, recurse=False)
-
-
 def ours(schedule: Schedule, forecast: str = "none") -> Apply:
     def apply(pipe: Any) -> Callable[[], None]:
         return smoothcache.cache(pipe, schedule, forecast=forecast).disable  # type: ignore[arg-type]
@@ -119,38 +64,7 @@ def ours(schedule: Schedule, forecast: str = "none") -> Apply:
 
 def diffusers_hook(make: Callable[[dict[str, Any]], None], steps: int) -> Apply:
     """A diffusers hook: ``make(state)`` applies it; the cache context is set around every call."""
-
-    def apply(pipe: Any) -> Callable[[], None]:
-        from diffusers.hooks import HookRegistry
-
-        context = diffusers_cache_context(pipe.transformer, steps)
-        state = context.__enter__()
-        make(state)
-        # the root registry caches its children's registries: hooks on new modules must be seen
-        HookRegistry.check_if_exists_or_initialize(pipe.transformer).invalidate_child_registries_cache()
-
-        def undo() -> None:
-            context.__exit__(None, None, None)
-            remove_diffusers_hooks(pipe.transformer)
-
-        return undo
-
-    return apply
-
-
-def calibrate_mag_ratios(pipe: Any, generate: Callable[[], torch.Tensor], steps: int) -> list[float]:
-    """MagCache's calibration mode prints the ratios of one run; read them off its output."""
-    from diffusers.hooks import MagCacheConfig, apply_mag_cache
-
-    undo = diffusers_hook(lambda _: apply_mag_cache(pipe.transformer, MagCacheConfig(num_inference_steps=steps, calibrate=True)), steps)(pipe)
-    printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            generate()
-    finally:
-        undo()
-    line = next(line for line in printed.getvalue().splitlines() if line.startswith("[") and not line.startswith("[MagCache"))
-    return [float(x) for x in ast.literal_eval(line)]
+    return lambda pipe: attach_diffusers_hook(pipe, make, steps)
 
 
 def peer_methods(pipe: Any, generate: Callable[[], torch.Tensor], settings: DemoConfig, quick: bool) -> list[tuple[str, str, Apply]]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from diffusers.utils import logging as diffusers_logging
@@ -30,12 +30,16 @@ from .metrics import FidReference, QualityScorer
 from .pipeline import DemoDiTPipeline
 
 __all__ = [
+    "BENCH_CLASSIFIER_DIR",
+    "BENCH_DIT_DIR",
     "CLASSIFIER_DIR",
     "DEMO_DIT_DIR",
     "FID_REFERENCE_PATH",
     "HELDOUT_DIGITS_PATH",
     "WEIGHTS_DIR",
     "DemoAssetError",
+    "load_bench_pipeline",
+    "load_bench_scorer",
     "load_classifier",
     "load_demo_pipeline",
     "load_fid_reference",
@@ -141,3 +145,48 @@ def _load(load: Callable[[], T], where: Path, what: str, fix: str) -> T:
         raise
     except Exception as exc:
         raise DemoAssetError(f"Could not load the {what} from {where} ({type(exc).__name__}: {exc}); {fix}.") from exc
+
+
+# ---- the bench model (16 blocks, Fashion-MNIST; smoothcache.demo.bench_model) ---------------------
+BENCH_DIT_DIR = WEIGHTS_DIR / "bench-dit"
+BENCH_CLASSIFIER_DIR = WEIGHTS_DIR / "bench-classifier"
+BENCH_DIT_FILES = (
+    "model_index.json", "scheduler/scheduler_config.json", "vae/config.json",
+    "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+)
+FIX_BENCH = ("reinstall smoothcache (pip install --force-reinstall --no-deps smoothcache) or retrain it with "
+             "scripts/train_bench_model.py (docs/bench/training.md)")
+
+
+def load_bench_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
+                        directory: str | Path | None = None, progress_bar: bool = True) -> Any:
+    """The shipped bench DiT as diffusers' own ``DiTPipeline`` on ``device`` (weights stored in float16)."""
+    from diffusers import DiTPipeline
+    from diffusers.utils import logging as diffusers_log
+
+    from . import bench_model  # noqa: F401 (diffusers loads the "vae" only from a module already imported)
+
+    directory = Path(directory) if directory is not None else BENCH_DIT_DIR
+    _check_files(directory, BENCH_DIT_FILES, "bench model", FIX_BENCH)
+    was_enabled, verbosity = diffusers_logging.is_progress_bar_enabled(), diffusers_log.get_verbosity()
+    diffusers_log.set_verbosity_error()  # "Expected types for vae: AutoencoderKL": the identity VAE is intended
+    if not progress_bar:
+        diffusers_logging.disable_progress_bar()
+    try:
+        pipe = _load(lambda: DiTPipeline.from_pretrained(directory, dtype=dtype), directory, "bench model", FIX_BENCH)
+    finally:
+        diffusers_log.set_verbosity(verbosity)
+        if was_enabled:
+            diffusers_logging.enable_progress_bar()
+    pipe.set_progress_bar_config(disable=not progress_bar)
+    return pipe.to(device)
+
+
+def load_bench_scorer(device: str | torch.device = "cpu", *, directory: str | Path | None = None) -> QualityScorer:
+    """Accuracy and FD-clf for bench samples: the Fashion-MNIST classifier and its test-set statistics."""
+    directory = Path(directory) if directory is not None else BENCH_CLASSIFIER_DIR
+    _check_files(directory, (*CLASSIFIER_FILES, "fid_reference.safetensors"), "bench classifier", FIX_BENCH)
+    classifier = _load(lambda: DigitClassifier.from_pretrained(directory, device), directory, "bench classifier", FIX_BENCH)
+    reference = _load(lambda: FidReference.load(directory / "fid_reference.safetensors"), directory,
+                      "bench classifier", FIX_BENCH)
+    return QualityScorer(classifier, reference, device=device)

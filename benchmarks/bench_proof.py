@@ -1,0 +1,97 @@
+"""Every caching method on the bench model (16-block DiT, Fashion-MNIST) through diffusers' DiTPipeline.
+
+Quality (PSNR/SSIM against the uncached samples of the same seeds, FD-clf, class accuracy), compute
+and measured ``pipe(...)`` speed, eager and compiled with CUDA graphs, for DDIM 50 and
+DPM-Solver++ 20 steps: see ``smoothcache.demo.bench_harness``.
+
+    python benchmarks/bench_proof.py --device cuda --out docs/bench           # one H200: about 8 minutes
+    python benchmarks/bench_proof.py --tiny --out /tmp/bench-proof            # random tiny model, CPU: the code paths
+
+On the GPU machine (wheels for diffusers 0.42.1, cache-dit 1.5.3 and dit-smoothcache 0.1.1 in .whl-bench/)::
+
+    pip install -q --no-index --no-deps --target /tmp/site .whl-bench/*.whl &&
+    PYTHONPATH=/tmp/site:src python3 benchmarks/bench_proof.py --device cuda --out "$OUT/bench"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from smoothcache.demo.assets import load_bench_pipeline, load_bench_scorer
+from smoothcache.demo.bench_harness import BenchConfig, run_bench
+from smoothcache.demo.bench_model import (
+    BenchModelConfig,
+    build_bench_pipeline,
+    build_bench_transformer,
+)
+from smoothcache.demo.classifier import (
+    DigitClassifier,
+    DigitClassifierConfig,
+    DigitFeatures,
+)
+from smoothcache.demo.metrics import FidReference, QualityScorer
+
+TINY = BenchConfig(samplers=("ddim-8",), samples_per_class=2, calibration_per_class=1, budgets=(0.6, 0.4),
+                   timing_repeats=1, compiled=False, few_settings=True)
+
+
+def tiny_setup(device: str) -> tuple:
+    """A random 10-block DiT (cache-dit's F8 needs more than 8 blocks) and a random classifier."""
+    torch.manual_seed(0)
+    transformer = build_bench_transformer(BenchModelConfig(depth=10, hidden_size=32, num_heads=2))
+    for parameter in transformer.parameters():  # adaLN-Zero starts at the identity: give it work to do
+        parameter.data.normal_(0, 0.05)
+    pipe = build_bench_pipeline(transformer.eval()).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    classifier = DigitClassifier(DigitClassifierConfig(image_size=32)).eval()
+    reference = FidReference.from_images(DigitFeatures(classifier), torch.rand(64, 1, 32, 32))
+    return pipe, QualityScorer(classifier, reference, device=device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--model", type=Path, help="bench pipeline folder (default: the shipped one)")
+    parser.add_argument("--classifier", type=Path, help="bench classifier folder (default: the shipped one)")
+    parser.add_argument("--tiny", action="store_true", help="a random tiny model and few settings (CPU smoke run)")
+    for f in fields(BenchConfig):
+        if f.type in ("int", "float", "bool") or isinstance(f.default, (int, float)):
+            kind = {"bool": lambda s: s.lower() in ("1", "true", "yes")}.get(str(f.type), type(f.default))
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
+    parser.add_argument("--samplers", nargs="+", help='"<ddim|dpm++>-<steps>", e.g. ddim-50 dpm++-20')
+    parser.add_argument("--budgets", nargs="+", type=float, help="compute fractions of smoothcache's schedules")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    config = TINY if args.tiny else BenchConfig()
+    overrides = {f.name: getattr(args, f.name) for f in fields(BenchConfig)
+                 if getattr(args, f.name, None) is not None}
+    if args.samplers:
+        overrides["samplers"] = tuple(args.samplers)
+    if args.budgets:
+        overrides["budgets"] = tuple(args.budgets)
+    config = BenchConfig(**{**{f.name: getattr(config, f.name) for f in fields(BenchConfig)}, **overrides})
+    if args.tiny:
+        pipe, scorer = tiny_setup(args.device)
+        describe = {"model": "random tiny DiT (10 blocks, width 32): code paths only"}
+    else:
+        dtype = getattr(torch, args.dtype) if args.device != "cpu" else torch.float32
+        pipe = load_bench_pipeline(args.device, dtype, directory=args.model, progress_bar=False)
+        scorer = load_bench_scorer(args.device, directory=args.classifier)
+        describe = {"model": "bench DiT: 16 blocks, width 160, Fashion-MNIST 32x32 (docs/bench/training.md)",
+                    "parameters": sum(p.numel() for p in pipe.transformer.parameters())}
+    report = run_bench(pipe, scorer, config, args.out, describe)
+    print(json.dumps({s: r.get("uncached") for s, r in report["samplers"].items()}, indent=1))
+    print(f"report: {args.out / 'report.json'} ({report['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The bench harness end to end on a tiny random DiT: every family runs, compute is measured the
+same way for all, and the report is strict JSON with its figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("torchmetrics")
+pytest.importorskip("matplotlib")
+
+from smoothcache import Schedule
+from smoothcache.demo.bench_harness import BenchConfig, run_bench
+from smoothcache.demo.bench_model import (
+    BenchModelConfig,
+    build_bench_pipeline,
+    build_bench_transformer,
+)
+from smoothcache.demo.classifier import (
+    DigitClassifier,
+    DigitClassifierConfig,
+    DigitFeatures,
+)
+from smoothcache.demo.metrics import FidReference, QualityScorer
+
+STEPS = 4
+
+
+def reject_constant(name: str) -> float:
+    raise AssertionError(f"report.json holds {name}: not strict JSON")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    torch.manual_seed(0)
+    transformer = build_bench_transformer(BenchModelConfig(depth=10, hidden_size=16, num_heads=2))
+    for parameter in transformer.parameters():  # adaLN-Zero starts as the identity: give it work to do
+        parameter.data.normal_(0, 0.05)
+    pipe = build_bench_pipeline(transformer.eval())
+    pipe.set_progress_bar_config(disable=True)
+    classifier = DigitClassifier(DigitClassifierConfig(image_size=32, channels=(8, 8), num_features=4)).eval()
+    scorer = QualityScorer(classifier, FidReference.from_images(DigitFeatures(classifier), torch.rand(32, 1, 32, 32)))
+    config = BenchConfig(samplers=(f"ddim-{STEPS}",), samples_per_class=1, calibration_per_class=1, timing_per_class=1,
+                         budgets=(0.5,), timing_repeats=1, compiled=False, few_settings=True)
+    out = tmp_path_factory.mktemp("bench")
+    run_bench(pipe, scorer, config, out)
+    return json.loads((out / "report.json").read_text(), parse_constant=reject_constant), out
+
+
+def rows_of(report, family):
+    return [r for r in report["samplers"][f"ddim-{STEPS}"]["rows"] if r["family"] == family]
+
+
+def test_every_family_runs_and_is_timed(report):
+    data, out = report
+    rows = data["samplers"][f"ddim-{STEPS}"]["rows"]
+    families = {r["family"] for r in rows}
+    expected = {"fewer steps", "smoothcache layers, paper's greedy", "smoothcache layers, optimal",
+                "smoothcache layers, optimal + forecast", "smoothcache layers, per-block", "smoothcache blocks, optimal",
+                "smoothcache blocks + forecast", "smoothcache tune (blocks + forecast)", "FORA (fixed interval, attn1+ff)",
+                "diffusers FirstBlockCache", "diffusers MagCache (calibrated)", "diffusers TaylorSeer (attn1+ff)",
+                "diffusers PyramidAttentionBroadcast", "diffusers FasterCache (attention)"}
+    assert expected <= families
+    for row in rows:
+        assert row["error"] is None, row
+        assert 0 < row["compute_fraction"] <= 1 and row["speedup_eager"] > 0, row
+        assert row["psnr"] is None or row["psnr"] > 0, row  # null: identical to uncached (infinite PSNR)
+    for name in ("pareto-ddim-4.png", "samples-ddim-4.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_compute_is_measured_not_declared(report):
+    data, _ = report
+    fewer = {r["setting"]: r["compute_fraction"] for r in rows_of(data, "fewer steps")}
+    assert fewer == {"2 steps": pytest.approx(2 / STEPS)}
+    fora = rows_of(data, "FORA (fixed interval, attn1+ff)")
+    every_2 = next(r for r in fora if r["setting"] == "every 2")
+    planned = Schedule.fixed_interval(["attn1", "ff"], STEPS, 2).compute_fraction()
+    assert every_2["compute_fraction"] == pytest.approx(planned)
+    for family in ("smoothcache blocks, optimal", "smoothcache layers, optimal"):
+        (row,) = rows_of(data, family)
+        assert row["compute_fraction"] <= 0.5 + 1e-9
+        assert row["ideal_speedup"] == pytest.approx(1 / row["compute_fraction"])
+
+
+def test_the_uncached_run_is_the_quality_reference(report):
+    data, _ = report
+    result = data["samplers"][f"ddim-{STEPS}"]
+    assert result["uncached"]["accuracy"] >= 0 and math.isfinite(result["uncached"]["fd_clf"])
+    assert set(result["flop_shares"]) == {"attn1", "ff"}
+    assert sum(result["flop_shares"].values()) == pytest.approx(1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cache_dit") is None, reason="cache-dit not installed")
+def test_cache_dit_runs_where_installed(report):
+    data, _ = report
+    assert rows_of(data, "cache-dit DBCache F8B0") and rows_of(data, "cache-dit DBCache F1B0 static mask")
