@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from smoothcache.demo import bench_figures
 from smoothcache.demo.assets import load_bench_pipeline, load_bench_scorer
-from smoothcache.demo.bench_harness import BenchConfig, run_bench
+from smoothcache.demo.bench_harness import BenchConfig, run_bench, summarise
 from smoothcache.demo.bench_model import (
     BenchModelConfig,
     build_bench_pipeline,
@@ -38,7 +39,7 @@ from smoothcache.demo.classifier import (
 from smoothcache.demo.metrics import FidReference, QualityScorer
 
 TINY = BenchConfig(samplers=("ddim-8",), samples_per_class=2, calibration_per_class=1, budgets=(0.6, 0.4),
-                   timing_repeats=1, compiled=False, few_settings=True)
+                   timing_repeats=1, compiled=False, few_settings=True, progress=False)
 
 
 def tiny_setup(device: str) -> tuple:
@@ -54,9 +55,44 @@ def tiny_setup(device: str) -> tuple:
     return pipe, QualityScorer(classifier, reference, device=device)
 
 
+def merge_compiled(report_path: Path, compiled_path: Path) -> None:
+    """Copy the compiled timings of a second run (same methods and settings, run with --eager false)
+    into a report, naming where they came from, and redraw its Pareto figures."""
+    report, compiled = json.loads(report_path.read_text()), json.loads(compiled_path.read_text())
+    for sampler, result in compiled["samplers"].items():
+        rows = {(r["family"], r["setting"]): r for r in report["samplers"][sampler]["rows"]}
+        for row in result["rows"]:
+            target = rows.get((row["family"], row["setting"]))
+            if target is not None and row.get("speedup_compiled") is not None:
+                for key in ("speedup_compiled", "seconds_compiled", "compiled_ratios"):
+                    target[key] = row[key]
+        report["samplers"][sampler]["uncached_seconds_compiled"] = result.get("uncached_seconds_compiled")
+        report["samplers"][sampler]["compiled_timing_from"] = (
+            f"{compiled_path.name}: a second process on the same {compiled['device']}, same methods and settings, "
+            f"quality there from {10 * compiled['config']['samples_per_class']} samples (not used)")
+    for result in report["samplers"].values():
+        result["at_equal_speed"] = summarise(result)
+    report_path.write_text(json.dumps(report, indent=1) + "\n")
+    for sampler, result in report["samplers"].items():
+        bench_figures.pareto_figure(result, report, report_path.parent / f"pareto-{bench_figures.file_tag(sampler)}.png")
+
+
+def redraw(report_path: Path) -> None:
+    """Recompute a report's comparisons at equal speed and redraw its Pareto figures (no model runs)."""
+    report = json.loads(report_path.read_text())
+    for sampler, result in report["samplers"].items():
+        result["at_equal_speed"] = summarise(result)
+        bench_figures.pareto_figure(result, report, report_path.parent / f"pareto-{bench_figures.file_tag(sampler)}.png")
+    report_path.write_text(json.dumps(report, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="folder for report.json and the figures")
+    parser.add_argument("--redraw", type=Path, metavar="REPORT",
+                        help="recompute REPORT's comparisons and redraw its Pareto figures; nothing else")
+    parser.add_argument("--merge-compiled", nargs=2, type=Path, metavar=("REPORT", "COMPILED_REPORT"),
+                        help="copy the compiled timings of COMPILED_REPORT into REPORT and redraw; nothing else")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--model", type=Path, help="bench pipeline folder (default: the shipped one)")
@@ -69,6 +105,14 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", help='"<ddim|dpm++>-<steps>", e.g. ddim-50 dpm++-20')
     parser.add_argument("--budgets", nargs="+", type=float, help="compute fractions of smoothcache's schedules")
     args = parser.parse_args()
+    if args.redraw:
+        redraw(args.redraw)
+        return
+    if args.merge_compiled:
+        merge_compiled(*args.merge_compiled)
+        return
+    if args.out is None:
+        parser.error("--out is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
     config = TINY if args.tiny else BenchConfig()

@@ -46,7 +46,7 @@ def report(tmp_path_factory):
     classifier = DigitClassifier(DigitClassifierConfig(image_size=32, channels=(8, 8), num_features=4)).eval()
     scorer = QualityScorer(classifier, FidReference.from_images(DigitFeatures(classifier), torch.rand(32, 1, 32, 32)))
     config = BenchConfig(samplers=(f"ddim-{STEPS}",), samples_per_class=1, calibration_per_class=1, timing_per_class=1,
-                         budgets=(0.5,), timing_repeats=1, compiled=False, few_settings=True)
+                         budgets=(0.5,), timing_repeats=1, compiled=False, few_settings=True, progress=False)
     out = tmp_path_factory.mktemp("bench")
     run_bench(pipe, scorer, config, out)
     return json.loads((out / "report.json").read_text(), parse_constant=reject_constant), out

@@ -10,7 +10,7 @@ import torch
 
 from .fashion_mnist import CLASS_NAMES
 
-__all__ = ["draw_all", "pareto_figure", "samples_figure"]
+__all__ = ["draw_all", "file_tag", "pareto_figure", "samples_figure"]
 
 X_AXES = (("speedup_eager", "measured speedup of pipe(), eager"),
           ("speedup_compiled", "measured speedup, compiled + CUDA graphs"),
@@ -21,10 +21,15 @@ Y_AXES = (("psnr", "PSNR vs uncached, same seeds (dB)"), ("fd_clf", "FD-clf (cla
 def draw_all(report: dict[str, Any], grids: dict[str, dict[str, torch.Tensor]], out: Path) -> list[Path]:
     paths = []
     for sampler, result in report["samplers"].items():
-        paths.append(pareto_figure(result, report, out / f"pareto-{sampler}.png"))
+        paths.append(pareto_figure(result, report, out / f"pareto-{file_tag(sampler)}.png"))
         if grids.get(sampler):
-            paths.append(samples_figure(grids[sampler], out / f"samples-{sampler}.png", sampler))
+            paths.append(samples_figure(grids[sampler], out / f"samples-{file_tag(sampler)}.png", sampler))
     return paths
+
+
+def file_tag(sampler: str) -> str:
+    """A sampler's name as a plain file name part: "dpm++-20" -> "dpmpp-20"."""
+    return sampler.replace("+", "p")
 
 
 def _style(family: str) -> dict[str, Any]:
@@ -45,9 +50,10 @@ def pareto_figure(result: dict[str, Any], report: dict[str, Any], path: Path) ->
     rows = [r for r in result["rows"] if r.get("error") is None]
     families = list(dict.fromkeys(r["family"] for r in rows))
     colours = plt.cm.tab20(np.linspace(0, 1, max(1, len(families))))
-    fig, axes = plt.subplots(2, 3, figsize=(19, 10.5))
+    x_axes = [(key, label) for key, label in X_AXES if any(r.get(key) is not None for r in rows)] or list(X_AXES[2:])
+    fig, axes = plt.subplots(2, len(x_axes), figsize=(6.4 * len(x_axes), 10.5), squeeze=False)
     for (y_key, y_label), axes_row in zip(Y_AXES, axes):
-        for (x_key, x_label), ax in zip(X_AXES, axes_row):
+        for (x_key, x_label), ax in zip(x_axes, axes_row):
             for family, colour in zip(families, colours):
                 points = sorted((r[x_key], r[y_key]) for r in rows
                                 if r["family"] == family and r.get(x_key) is not None and r.get(y_key) is not None)
@@ -61,7 +67,7 @@ def pareto_figure(result: dict[str, Any], report: dict[str, Any], path: Path) ->
             ax.set_xlabel(x_label)
             ax.set_ylabel(y_label)
             ax.grid(alpha=0.3)
-    handles, labels = axes[0, 2].get_legend_handles_labels()
+    handles, labels = axes[0, -1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     config = report["config"]
     fig.suptitle(f"Bench DiT (Fashion-MNIST), {result['sampler']}, {10 * config['samples_per_class']} samples, "

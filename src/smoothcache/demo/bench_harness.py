@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 import smoothcache
 from smoothcache import Schedule
@@ -61,10 +62,12 @@ class BenchConfig:
     seed: int = 0
     budgets: tuple[float, ...] = (0.7, 0.5, 0.4, 0.3)
     timing_repeats: int = 2
+    eager: bool = True  # time every method's pipe() call eagerly
     compiled: bool = True  # also time under torch.compile + CUDA graphs (CUDA only)
     max_minutes: float = 1e9  # no new phase starts after this
     thresholds_scale: float = 1.0  # peers' threshold grids are multiplied by this (tiny runs)
     few_settings: bool = False  # two settings a family: the CPU test
+    progress: bool = True  # a progress bar over the methods of each phase
 
     @staticmethod
     def steps_of(sampler: str) -> int:
@@ -153,7 +156,8 @@ def smoothcache_methods(pipe: Any, layers: Any, blocks: Any, budgets: tuple[floa
         methods.append(Method("smoothcache layers, optimal", tag, ours(layers.schedule(compute_fraction=budget)),
                               compiles=budget == middle))
         methods.append(Method("smoothcache layers, optimal + forecast", tag,
-                              ours(layers.schedule(compute_fraction=budget, forecast="linear"), "linear")))
+                              ours(layers.schedule(compute_fraction=budget, forecast="linear"), "linear"),
+                              compiles=budget == middle))
         methods.append(Method("smoothcache layers, per-block", tag,
                               ours(layers.schedule(compute_fraction=budget, solver="per-block"))))
         methods.append(Method("smoothcache blocks, optimal", tag, ours(blocks.schedule(compute_fraction=budget)),
@@ -169,6 +173,16 @@ def smoothcache_methods(pipe: Any, layers: Any, blocks: Any, budgets: tuple[floa
         methods.append(Method("FORA (fixed interval, attn1+ff)", f"every {interval}",
                               ours(Schedule.fixed_interval(["attn1", "ff"], steps, interval)), compiles=interval == 2))
     return methods
+
+
+COMPILE_ORDER = ("fewer steps", "smoothcache blocks + forecast", "smoothcache layers, optimal + forecast",
+                 "smoothcache layers, optimal", "smoothcache layers, paper's greedy", "smoothcache blocks, optimal",
+                 "cache-dit", "diffusers", "FORA")
+
+
+def compile_priority(family: str) -> int:
+    """Compiled timing runs in this order, so that a time limit cuts the least telling rows."""
+    return next((i for i, prefix in enumerate(COMPILE_ORDER) if family.startswith(prefix)), len(COMPILE_ORDER))
 
 
 def fewer_steps_methods(steps: int, budgets: tuple[float, ...]) -> list[Method]:
@@ -265,7 +279,7 @@ class BenchRun:
     """One sampler's pass: reference, calibration, every method's quality, then timing."""
 
     def __init__(self, pipe: Any, scorer: QualityScorer, config: BenchConfig, sampler: str, started: float,
-                 save: Callable[[], None]) -> None:
+                 save: Callable[..., None]) -> None:
         self.pipe, self.scorer, self.config, self.sampler = pipe, scorer, config, sampler
         self.steps = config.steps_of(sampler)
         self.device = torch.device(pipe.device)
@@ -298,11 +312,15 @@ class BenchRun:
         try:
             self._quality(meter)
             self.save()
-            if not self.over_time():
+            if self.config.eager and not self.over_time():
                 self._time_eager()
                 self.save()
             if self.config.compiled and self.device.type == "cuda" and not self.over_time():
-                self._time_compiled()
+                try:
+                    self._time_compiled()
+                except Exception as error:  # noqa: BLE001 (the eager results stand; say why compiled ones are missing)
+                    self.result["compiled_error"] = f"{type(error).__name__}: {error}"[:400]
+                    logger.warning("compiled timing stopped: %s", traceback.format_exc(limit=4))
                 self.save()
         finally:
             meter.remove()
@@ -333,7 +351,7 @@ class BenchRun:
                         + diffusers_methods(self.pipe, self.steps, self.calibration_generate, self.config))
         meter.take()
         self.result["flop_shares"] = self.shares
-        for method in self.methods:
+        for method in tqdm(self.methods, desc=f"{self.sampler} quality", unit="method", disable=not self.config.progress):
             row = Row(method.family, method.setting)
             self.rows.append(row)
             if self.over_time():
@@ -389,6 +407,8 @@ class BenchRun:
         timed = [(m, r) for m, r in zip(self.methods, self.rows) if r.error is None]
         seconds: dict[int, list[float]] = {i: [] for i in range(len(timed))}
         self.timing_generate()  # warm-up at the timing batch
+        bar = tqdm(total=self.config.timing_repeats * len(timed), desc=f"{self.sampler} eager timing", unit="call",
+                   disable=not self.config.progress)
         for _ in range(self.config.timing_repeats):
             uncached: list[float] = []
             this_round: list[tuple[int, float]] = []
@@ -403,6 +423,7 @@ class BenchRun:
                 finally:
                     detach()
                 this_round.append((i, elapsed))
+                bar.update()
             if not uncached:
                 break
             uncached.append(self.clock(self.timing_generate)[0])
@@ -411,6 +432,7 @@ class BenchRun:
             for i, elapsed in this_round:
                 timed[i][1].eager_ratios.append(baseline / elapsed)
                 seconds[i].append(elapsed)
+        bar.close()
         for i, (_, row) in enumerate(timed):
             if row.eager_ratios:
                 row.speedup_eager = statistics.median(row.eager_ratios)
@@ -430,9 +452,12 @@ class BenchRun:
         try:
             for _ in range(3):
                 self.timing_generate()
-            for method, row in zip(self.methods, self.rows):
-                if not method.compiles or row.error is not None or self.over_time():
-                    continue
+            candidates = [(m, r) for m, r in zip(self.methods, self.rows) if m.compiles and r.error is None]
+            candidates.sort(key=lambda pair: compile_priority(pair[0].family))
+            for method, row in tqdm(candidates, desc=f"{self.sampler} compiled timing", unit="method",
+                                    disable=not self.config.progress):
+                if self.over_time():
+                    break
                 before = self.clock(self.timing_generate)[0]
                 detach = method.attach(self.pipe)
                 try:
@@ -452,9 +477,74 @@ class BenchRun:
                 row.seconds_compiled = statistics.median(times)
                 self.result.setdefault("uncached_seconds_compiled", []).extend([before, after])
                 logger.info("%s compiled %-40s %-24s %.2fx", self.sampler, row.family, row.setting, row.speedup_compiled)
+                self.save(figures=False)
         finally:
             transformer._compiled_call_impl = None
             torch._dynamo.reset()
+
+
+SPEED_TARGETS = (1.3, 1.5, 1.75, 2.0, 2.5, 3.0)
+
+
+def compare_at_speed(rows: list[dict[str, Any]], key: str, targets: tuple[float, ...] = SPEED_TARGETS,
+                     tolerance: float = 0.05, metric: str = "psnr") -> list[dict[str, Any]]:
+    """At each target speedup, the best smoothcache row and the best other row within +-``tolerance``.
+
+    ``key`` is "speedup_eager", "speedup_compiled" or "ideal_speedup" (equal compute). A row counts
+    at a target when its speedup is within the tolerance; the margin is ours minus theirs, in dB for
+    PSNR. Rows identical to uncached (PSNR null) and failed rows take no part.
+    """
+    table = []
+    for target in targets:
+        near = [r for r in rows if r.get("error") is None and r.get(key) is not None and r.get(metric) is not None
+                and abs(r[key] / target - 1) <= tolerance]
+        ours = max((r for r in near if r["family"].startswith("smoothcache")), key=lambda r: r[metric], default=None)
+        others = max((r for r in near if not r["family"].startswith("smoothcache")), key=lambda r: r[metric], default=None)
+        entry: dict[str, Any] = {"target": target}
+        for side, row in (("smoothcache", ours), ("best_other", others)):
+            entry[side] = None if row is None else {
+                "family": row["family"], "setting": row["setting"], metric: row[metric], key: row[key],
+                "fd_clf": row.get("fd_clf"), "accuracy": row.get("accuracy")}
+        entry["margin"] = (ours[metric] - others[metric]) if ours and others else None
+        table.append(entry)
+    return table
+
+
+def interpolate_families(rows: list[dict[str, Any]], key: str, targets: tuple[float, ...] = SPEED_TARGETS,
+                         metric: str = "psnr") -> list[dict[str, Any]]:
+    """At each target speedup, each family's quality read off its own curve (linear between its two
+    measured settings around the target, never extrapolated); the best smoothcache family against
+    the best other. Where a family's settings are sparse, this is fairer than nearest points."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r.get("error") is None and r.get(key) is not None and r.get(metric) is not None:
+            curves.setdefault(r["family"], []).append((r[key], r[metric]))
+    table = []
+    for target in targets:
+        values = {}
+        for family, points in curves.items():
+            points.sort()
+            for (x0, y0), (x1, y1) in zip(points, points[1:]):
+                if x0 <= target <= x1:
+                    value = y0 if x1 == x0 else y0 + (y1 - y0) * (target - x0) / (x1 - x0)
+                    values[family] = max(values.get(family, -math.inf), value)
+        ours = max(((f, v) for f, v in values.items() if f.startswith("smoothcache")), key=lambda p: p[1], default=None)
+        others = max(((f, v) for f, v in values.items() if not f.startswith("smoothcache")), key=lambda p: p[1],
+                     default=None)
+        table.append({"target": target,
+                      "smoothcache": None if ours is None else {"family": ours[0], metric: ours[1]},
+                      "best_other": None if others is None else {"family": others[0], metric: others[1]},
+                      "margin": (ours[1] - others[1]) if ours and others else None})
+    return table
+
+
+def summarise(result: dict[str, Any]) -> dict[str, Any]:
+    """Comparisons at equal measured speed (eager, compiled) and at equal compute: measured rows within
+    +-5% of each target, and each family's curve read at the target."""
+    rows = [r if isinstance(r, dict) else asdict(r) | {"ideal_speedup": r.ideal_speedup} for r in result["rows"]]
+    keys = ("speedup_eager", "speedup_compiled", "ideal_speedup")
+    return {"within_5_percent": {key: compare_at_speed(rows, key) for key in keys},
+            "along_each_curve": {key: interpolate_families(rows, key) for key in keys}}
 
 
 def run_bench(pipe: Any, scorer: QualityScorer, config: BenchConfig, out: Path,
@@ -486,11 +576,12 @@ def run_bench(pipe: Any, scorer: QualityScorer, config: BenchConfig, out: Path,
     }
     grids: dict[str, dict[str, torch.Tensor]] = {}
 
-    def save() -> None:
-        """The report and its figures as they stand: a run stopped later keeps what it measured."""
+    def save(figures: bool = True) -> None:
+        """The report (and its figures) as they stand: a run stopped later keeps what it measured."""
         report["seconds"] = round(time.perf_counter() - started, 1)
         _write_json(out / "report.json", report)
-        bench_figures.draw_all(_finite(report), grids, out)
+        if figures:
+            bench_figures.draw_all(_finite(report), grids, out)
 
     for sampler in config.samplers:
         bench = BenchRun(pipe, scorer, config, sampler, started, save)
@@ -498,6 +589,7 @@ def run_bench(pipe: Any, scorer: QualityScorer, config: BenchConfig, out: Path,
         grids[sampler] = bench.grid
         bench.run()
         report["samplers"][sampler]["rows"] = [asdict(r) | {"ideal_speedup": r.ideal_speedup} for r in bench.rows]
+        report["samplers"][sampler]["at_equal_speed"] = summarise(report["samplers"][sampler])
     save()
     return _finite(report)
 
