@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import make_dit_pipeline  # noqa: E402
+from conftest import make_dit_pipeline
 
 CASES = [(10, ["attn1"], 0.3), (20, ["attn1", "ff"], 0.15), (20, ["attn1", "ff"], 0.4), (30, ["attn1", "ff"], 0.25)]
 
@@ -56,7 +56,9 @@ def main() -> None:
         from smoothcache.compat import DiffuserCalibrationHelper
     else:
         sys.path.insert(0, str(args.reference_checkout))
-        from SmoothCache.calibration.diffuser_calibration_helper import DiffuserCalibrationHelper
+        from SmoothCache.calibration.diffuser_calibration_helper import (
+            DiffuserCalibrationHelper,
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     for case in CASES:
         print(run_case(DiffuserCalibrationHelper, *case, args.out))

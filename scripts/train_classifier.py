@@ -26,7 +26,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from smoothcache.demo.classifier import DigitClassifier, DigitClassifierConfig, DigitFeatures
+from smoothcache.demo.classifier import (
+    DigitClassifier,
+    DigitClassifierConfig,
+    DigitFeatures,
+)
 from smoothcache.demo.metrics import FidReference, QualityScorer
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "smoothcache" / "demo" / "weights"

@@ -15,7 +15,12 @@ pytest.importorskip("torchmetrics")
 pytest.importorskip("matplotlib")
 
 from smoothcache import Schedule
-from smoothcache.demo.bench_harness import BenchConfig, run_bench
+from smoothcache.demo.bench_harness import (
+    BenchConfig,
+    compare_at_speed,
+    interpolate_families,
+    run_bench,
+)
 from smoothcache.demo.bench_model import (
     BenchModelConfig,
     build_bench_pipeline,
@@ -100,3 +105,38 @@ def test_the_uncached_run_is_the_quality_reference(report):
 def test_cache_dit_runs_where_installed(report):
     data, _ = report
     assert rows_of(data, "cache-dit DBCache F8B0") and rows_of(data, "cache-dit DBCache F1B0 static mask")
+
+
+def test_the_cli_table_shows_every_row(report):
+    from smoothcache.cli import _bench_table, build_parser
+
+    data, _ = report
+    table = _bench_table(data)
+    for row in data["samplers"][f"ddim-{STEPS}"]["rows"]:
+        assert row["family"][:40] in table
+    args = build_parser().parse_args(["demo", "--model", "bench", "--samplers", "ddim-10", "--samples-per-class", "2"])
+    assert (args.model, args.samplers, args.samples_per_class) == ("bench", ["ddim-10"], 2)
+
+
+def test_comparisons_read_each_family_at_the_target_speed():
+    rows = [
+        {"family": "smoothcache blocks", "setting": "a", "speedup_eager": 1.0, "psnr": 50.0, "error": None},
+        {"family": "smoothcache blocks", "setting": "b", "speedup_eager": 3.0, "psnr": 30.0, "error": None},
+        {"family": "fewer steps", "setting": "c", "speedup_eager": 1.95, "psnr": 45.0, "error": None},
+        {"family": "fewer steps", "setting": "d", "speedup_eager": 2.05, "psnr": 35.0, "error": None},
+        {"family": "peer", "setting": "e", "speedup_eager": 2.0, "psnr": 99.0, "error": "it failed"},
+    ]
+    (at_two,) = interpolate_families(rows, "speedup_eager", targets=(2.0,))
+    assert at_two["smoothcache"] == {"family": "smoothcache blocks", "psnr": pytest.approx(40.0)}
+    assert at_two["best_other"] == {"family": "fewer steps", "psnr": pytest.approx(40.0)}
+    (at_four,) = interpolate_families(rows, "speedup_eager", targets=(4.0,))  # never extrapolated
+    assert at_four["smoothcache"] is None and at_four["margin"] is None
+    (near,) = compare_at_speed(rows, "speedup_eager", targets=(2.0,))  # measured rows within 5%: c and d
+    assert near["smoothcache"] is None and near["best_other"]["setting"] == "c"
+
+
+def test_a_sampler_name_says_its_kind_and_steps():
+    assert BenchConfig.steps_of("dpm++-20") == 20
+    for bad in ("ddim", "euler-20", "ddim-1", "ddim-x"):
+        with pytest.raises(ValueError, match="<kind>-<steps>"):
+            BenchConfig.steps_of(bad)

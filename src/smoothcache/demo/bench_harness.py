@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -524,7 +525,7 @@ def interpolate_families(rows: list[dict[str, Any]], key: str, targets: tuple[fl
         values = {}
         for family, points in curves.items():
             points.sort()
-            for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            for (x0, y0), (x1, y1) in itertools.pairwise(points):
                 if x0 <= target <= x1:
                     value = y0 if x1 == x0 else y0 + (y1 - y0) * (target - x0) / (x1 - x0)
                     values[family] = max(values.get(family, -math.inf), value)
