@@ -25,7 +25,8 @@ import torch
 
 from smoothcache.demo import bench_figures
 from smoothcache.demo.assets import load_bench_pipeline, load_bench_scorer
-from smoothcache.demo.bench_harness import BenchConfig, run_bench, summarise
+from smoothcache.demo.bench_compare import summarise
+from smoothcache.demo.bench_harness import BenchConfig, run_bench
 from smoothcache.demo.bench_model import (
     BenchModelConfig,
     build_bench_pipeline,

@@ -15,12 +15,8 @@ pytest.importorskip("torchmetrics")
 pytest.importorskip("matplotlib")
 
 from smoothcache import Schedule
-from smoothcache.demo.bench_harness import (
-    BenchConfig,
-    compare_at_speed,
-    interpolate_families,
-    run_bench,
-)
+from smoothcache.demo.bench_compare import compare_at_speed, interpolate_families
+from smoothcache.demo.bench_harness import BenchConfig, run_bench
 from smoothcache.demo.bench_model import (
     BenchModelConfig,
     build_bench_pipeline,

@@ -87,16 +87,16 @@ def samples_figure(grid: dict[str, torch.Tensor | None], path: Path, sampler: st
     import matplotlib.pyplot as plt
 
     rows = [(name, images) for name, images in grid.items() if images is not None]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(8.5, 0.95 * len(rows) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(7, 1.05 * len(rows) + 0.8), squeeze=False)
     for i, (ax, (name, images)) in enumerate(zip(axes[:, 0], rows)):
         strip = images[:, 0].permute(1, 0, 2).reshape(images.shape[-2], -1).numpy()
         ax.imshow(strip, cmap="gray", vmin=0, vmax=1)
         ax.set_yticks([])
-        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+        ax.set_title(name, loc="left", fontsize=7, pad=2)
         size = images.shape[-1]
-        ax.set_xticks([size // 2 + size * c for c in range(len(images))],
-                      CLASS_NAMES[: len(images)] if i == 0 else [], fontsize=6)
-        ax.xaxis.set_ticks_position("top")
+        last = i == len(rows) - 1
+        ax.set_xticks([size // 2 + size * c for c in range(len(images))] if last else [],
+                      CLASS_NAMES[: len(images)] if last else [], fontsize=6)
     fig.suptitle(f"Same seeds, each family at the setting nearest half the compute ({sampler})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import itertools
 import json
 import logging
 import math
@@ -38,12 +37,20 @@ import torch
 from tqdm.auto import tqdm
 
 import smoothcache
-from smoothcache import Schedule
 
 from . import peers
+from .bench_compare import summarise
+from .bench_methods import (
+    Method,
+    cache_dit_methods,
+    compile_priority,
+    diffusers_methods,
+    fewer_steps_methods,
+    smoothcache_methods,
+)
 from .metrics import QualityScorer
 
-__all__ = ["BenchConfig", "Method", "run_bench"]
+__all__ = ["BenchConfig", "BenchRun", "Row", "run_bench"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,18 +83,6 @@ class BenchConfig:
         if kind not in SAMPLER_KINDS or not steps.isdigit() or int(steps) < 2:
             raise ValueError(f'a sampler is "<kind>-<steps>" with kind one of {SAMPLER_KINDS}, e.g. "ddim-50"; got {sampler!r}')
         return int(steps)
-
-
-@dataclass
-class Method:
-    """One method at one setting: ``attach(pipe)`` turns it on and returns the detach."""
-
-    family: str
-    setting: str
-    attach: Callable[[Any], Callable[[], None]]
-    steps: int | None = None  # its own step count (fewer steps); None: the sampler's
-    compiles: bool = False  # timed under torch.compile + CUDA graphs
-    quiet: bool = False  # prints while generating (the reference): stdout is silenced
 
 
 @dataclass
@@ -134,147 +129,6 @@ def make_scheduler(sampler: str, base_config: Any) -> Any:
     return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", solver_order=2)
 
 
-# ---- the methods ---------------------------------------------------------------------------------
-def ours(schedule: Schedule, forecast: str = "none") -> Callable[[Any], Callable[[], None]]:
-    return lambda pipe: smoothcache.cache(pipe, schedule, forecast=forecast).disable  # type: ignore[arg-type]
-
-
-def smoothcache_methods(pipe: Any, layers: Any, blocks: Any, budgets: tuple[float, ...], steps: int,
-                        tune_generate: Callable[[], Any], config: BenchConfig) -> list[Method]:
-    """The paper's method through ours and through the reference package, and our other modes."""
-    methods: list[Method] = []
-    reference = peers.load_reference_package()
-    middle = budgets[len(budgets) // 2]  # layer schedules are timed compiled at one budget (each compiles anew)
-    for budget in budgets:
-        tag = f"compute {budget:g}"
-        greedy, alpha = layers.schedule_and_threshold(compute_fraction=budget, solver="greedy")
-        methods.append(Method("smoothcache layers, paper's greedy", f"{tag} (alpha {alpha:.3g})", ours(greedy),
-                              compiles=budget == middle))
-        if reference is not None:
-            plan = greedy.to_dict()
-            methods.append(Method("reference dit-smoothcache (greedy)", f"{tag} (alpha {alpha:.3g})",
-                                  lambda pipe, plan=plan: peers.attach_reference(pipe, reference, plan), quiet=True))
-        methods.append(Method("smoothcache layers, optimal", tag, ours(layers.schedule(compute_fraction=budget)),
-                              compiles=budget == middle))
-        methods.append(Method("smoothcache layers, optimal + forecast", tag,
-                              ours(layers.schedule(compute_fraction=budget, forecast="linear"), "linear"),
-                              compiles=budget == middle))
-        methods.append(Method("smoothcache layers, per-block", tag,
-                              ours(layers.schedule(compute_fraction=budget, solver="per-block"))))
-        methods.append(Method("smoothcache blocks, optimal", tag, ours(blocks.schedule(compute_fraction=budget)),
-                              compiles=budget == middle))
-        methods.append(Method("smoothcache blocks + forecast", tag,
-                              ours(blocks.schedule(compute_fraction=budget, forecast="linear"), "linear"),
-                              compiles=True))
-    for max_error in (0.05, 0.1) if config.few_settings else (0.02, 0.04, 0.08, 0.15):
-        result = smoothcache.tune(pipe, blocks, tune_generate, max_error, forecast="linear", progress=False)
-        methods.append(Method("smoothcache tune (blocks + forecast)", f"max error {max_error:g}",
-                              ours(result.schedule, "linear")))
-    for interval in (2, 3) if config.few_settings else (2, 3, 4, 5):
-        methods.append(Method("FORA (fixed interval, attn1+ff)", f"every {interval}",
-                              ours(Schedule.fixed_interval(["attn1", "ff"], steps, interval)), compiles=interval == 2))
-    return methods
-
-
-COMPILE_ORDER = ("fewer steps", "smoothcache blocks + forecast", "smoothcache layers, optimal + forecast",
-                 "smoothcache layers, optimal", "smoothcache layers, paper's greedy", "smoothcache blocks, optimal",
-                 "cache-dit", "diffusers", "FORA")
-
-
-def compile_priority(family: str) -> int:
-    """Compiled timing runs in this order, so that a time limit cuts the least telling rows."""
-    return next((i for i, prefix in enumerate(COMPILE_ORDER) if family.startswith(prefix)), len(COMPILE_ORDER))
-
-
-def fewer_steps_methods(steps: int, budgets: tuple[float, ...]) -> list[Method]:
-    counts = sorted({max(2, round(steps * b)) for b in budgets}, reverse=True)
-    return [Method("fewer steps", f"{n} steps", lambda pipe: (lambda: None), steps=n, compiles=True) for n in counts]
-
-
-def cache_dit_methods(steps: int, num_blocks: int, config: BenchConfig) -> list[Method]:
-    """DBCache at its defaults (F8B0, threshold 0.08, 8 warm-up steps) and around them; F1B0; its
-    TaylorSeer calibrator; its static step masks."""
-    try:
-        import cache_dit
-    except ImportError:
-        return []
-    scale = config.thresholds_scale
-    grid = (0.08, 0.2) if config.few_settings else (0.05, 0.08, 0.12, 0.2)  # default 0.08
-    methods: list[Method] = []
-    for fn in (8, 1):
-        if fn >= num_blocks:
-            continue
-        for taylorseer in (False, True):
-            family = f"cache-dit DBCache F{fn}B0" + (" + TaylorSeer" if taylorseer else "")
-            for threshold in grid:
-                methods.append(Method(family, f"threshold {threshold * scale:g}", lambda pipe, fn=fn, t=threshold * scale, ts=taylorseer:
-                                      peers.attach_cache_dit(pipe, steps, fn=fn, threshold=t, taylorseer=ts),
-                                      compiles=(fn == 8 and not taylorseer and threshold == 0.08)))
-    import cache_dit
-
-    for policy in ("slow", "medium", "fast", "ultra"):
-        mask = cache_dit.steps_mask(mask_policy=policy, total_steps=steps)
-        methods.append(Method("cache-dit DBCache F1B0 static mask", f"{policy} ({sum(mask)}/{steps} steps)",
-                              lambda pipe, m=mask: peers.attach_cache_dit(pipe, steps, fn=1, threshold=1.0, mask=m)))
-    return methods
-
-
-def diffusers_methods(pipe: Any, steps: int, calibration_generate: Callable[[], Any], config: BenchConfig) -> list[Method]:
-    """diffusers' hooks at their documented defaults and around them."""
-    from diffusers.hooks import (
-        FasterCacheConfig,
-        FirstBlockCacheConfig,
-        MagCacheConfig,
-        PyramidAttentionBroadcastConfig,
-        TaylorSeerCacheConfig,
-        apply_faster_cache,
-        apply_first_block_cache,
-        apply_mag_cache,
-        apply_pyramid_attention_broadcast,
-        apply_taylorseer_cache,
-    )
-
-    model = pipe.transformer
-    scale = config.thresholds_scale
-    few = config.few_settings
-    methods: list[Method] = []
-
-    def hook(apply: Callable[[dict[str, Any]], None]) -> Callable[[Any], Callable[[], None]]:
-        return lambda pipe: peers.attach_diffusers_hook(pipe, apply, steps)
-
-    for threshold in (0.05, 0.2) if few else (0.03, 0.05, 0.1, 0.2):  # default 0.05
-        methods.append(Method("diffusers FirstBlockCache", f"threshold {threshold * scale:g}", hook(
-            lambda _, t=threshold * scale: apply_first_block_cache(model, FirstBlockCacheConfig(threshold=t))),
-            compiles=(threshold == 0.05)))
-    ratios = peers.calibrate_mag_ratios(pipe, calibration_generate, steps)
-    for threshold in (0.06, 0.24) if few else (0.03, 0.06, 0.12, 0.24):  # default 0.06, max_skip_steps 3
-        methods.append(Method("diffusers MagCache (calibrated)", f"threshold {threshold * scale:g}", hook(
-            lambda _, t=threshold * scale: apply_mag_cache(model, MagCacheConfig(
-                threshold=t, num_inference_steps=steps, mag_ratios=ratios)))))
-    # Its default identifiers ("^transformer_blocks.*attn", a full match) miss DiT's attn1, so the
-    # layers are named; lite mode predicts a module named proj_out, which DiT lacks (proj_out_1/_2).
-    for interval in (2, 3) if few else (2, 3, 4, 5):  # default cache_interval 5
-        methods.append(Method("diffusers TaylorSeer (attn1+ff)", f"interval {interval}", hook(
-            lambda _, n=interval: apply_taylorseer_cache(model, TaylorSeerCacheConfig(
-                cache_interval=n, taylor_factors_dtype=torch.float32,
-                cache_identifiers=[r"transformer_blocks\.\d+\.(attn1|ff)"])))))
-    for skip in (2, 4) if few else (2, 3, 4, 6):  # documented recipe: every 2nd step within t in (100, 800)
-        methods.append(Method("diffusers PyramidAttentionBroadcast", f"skip range {skip}", hook(
-            lambda state, n=skip: apply_pyramid_attention_broadcast(model, PyramidAttentionBroadcastConfig(
-                spatial_attention_block_skip_range=n, spatial_attention_timestep_skip_range=(100, 800),
-                current_timestep_callback=lambda: state["timestep"])))))
-    # DiTPipeline batches the conditional half first, FasterCache's guidance skip assumes the
-    # unconditional half first (and does not split class_labels): its attention skip only.
-    for skip in (2, 4) if few else (2, 3, 4):
-        methods.append(Method("diffusers FasterCache (attention)", f"skip range {skip}", hook(
-            lambda state, n=skip: apply_faster_cache(model, FasterCacheConfig(
-                spatial_attention_block_skip_range=n, spatial_attention_timestep_skip_range=(-1, 681),
-                current_timestep_callback=lambda: state["timestep"], attention_weight_callback=lambda _: 0.3,
-                spatial_attention_block_identifiers=(r"transformer_blocks\.\d+\.attn1",),
-                tensor_format="BCHW", is_guidance_distilled=True)))))
-    return methods
-
-
 # ---- the run -------------------------------------------------------------------------------------
 class BenchRun:
     """One sampler's pass: reference, calibration, every method's quality, then timing."""
@@ -291,7 +145,8 @@ class BenchRun:
         self.calibration_labels = [c for c in range(10) for _ in range(config.calibration_per_class)]
         self.rows: list[Row] = []
         self.result: dict[str, Any] = {"sampler": sampler, "steps": self.steps, "rows": []}
-        self.grid: dict[str, torch.Tensor] = {}
+        self.grid: dict[str, torch.Tensor | None] = {}
+        self._grid_distance: dict[str, float] = {}
 
     def over_time(self) -> bool:
         return time.perf_counter() - self.started > 60 * self.config.max_minutes
@@ -345,11 +200,12 @@ class BenchRun:
         costs = layers.key_costs()
         self.shares = {key: cost / sum(costs.values()) for key, cost in costs.items()}
         meter.take()
+        few, scale = self.config.few_settings, self.config.thresholds_scale
         self.methods = (fewer_steps_methods(self.steps, self.config.budgets)
                         + smoothcache_methods(self.pipe, layers, blocks, self.config.budgets, self.steps,
-                                              self.calibration_generate, self.config)
-                        + cache_dit_methods(self.steps, len(self.pipe.transformer.transformer_blocks), self.config)
-                        + diffusers_methods(self.pipe, self.steps, self.calibration_generate, self.config))
+                                              self.calibration_generate, few)
+                        + cache_dit_methods(self.steps, len(self.pipe.transformer.transformer_blocks), few, scale)
+                        + diffusers_methods(self.pipe, self.steps, self.calibration_generate, few, scale))
         meter.take()
         self.result["flop_shares"] = self.shares
         for method in tqdm(self.methods, desc=f"{self.sampler} quality", unit="method", disable=not self.config.progress):
@@ -385,11 +241,9 @@ class BenchRun:
 
     def _is_grid_setting(self, method: Method, row: Row) -> bool:
         """The grid shows each family at the setting whose compute is nearest one half."""
-        best = getattr(self, "_grid_best", {})
-        self._grid_best = best
         distance = abs(row.compute_fraction - 0.5)
-        if method.family not in best or distance < best[method.family]:
-            best[method.family] = distance
+        if distance < self._grid_distance.get(method.family, math.inf):
+            self._grid_distance[method.family] = distance
             return True
         return False
 
@@ -451,8 +305,9 @@ class BenchRun:
         transformer = self.pipe.transformer
         transformer.compile(mode="reduce-overhead")
         try:
-            for _ in range(3):
-                self.timing_generate()
+            for i in range(3):  # compile, then CUDA graph capture; logged, as the first can take minutes
+                seconds = self.clock(self.timing_generate)[0]
+                logger.info("%s compiled warm-up %d of the uncached pipeline: %.1f s", self.sampler, i + 1, seconds)
             candidates = [(m, r) for m, r in zip(self.methods, self.rows) if m.compiles and r.error is None]
             candidates.sort(key=lambda pair: compile_priority(pair[0].family))
             for method, row in tqdm(candidates, desc=f"{self.sampler} compiled timing", unit="method",
@@ -462,8 +317,8 @@ class BenchRun:
                 before = self.clock(self.timing_generate)[0]
                 detach = method.attach(self.pipe)
                 try:
-                    for _ in range(2):
-                        self.timing_generate(method.steps, method.quiet)
+                    warm_up = self.clock(lambda m=method: [self.timing_generate(m.steps, m.quiet) for _ in range(2)])[0]
+                    logger.info("%s compiled %s %s: warm-up %.1f s", self.sampler, method.family, method.setting, warm_up)
                     times = [self.clock(lambda m=method: self.timing_generate(m.steps, m.quiet))[0]
                              for _ in range(self.config.timing_repeats)]
                 except Exception as error:  # noqa: BLE001
@@ -482,70 +337,6 @@ class BenchRun:
         finally:
             transformer._compiled_call_impl = None
             torch._dynamo.reset()
-
-
-SPEED_TARGETS = (1.3, 1.5, 1.75, 2.0, 2.5, 3.0)
-
-
-def compare_at_speed(rows: list[dict[str, Any]], key: str, targets: tuple[float, ...] = SPEED_TARGETS,
-                     tolerance: float = 0.05, metric: str = "psnr") -> list[dict[str, Any]]:
-    """At each target speedup, the best smoothcache row and the best other row within +-``tolerance``.
-
-    ``key`` is "speedup_eager", "speedup_compiled" or "ideal_speedup" (equal compute). A row counts
-    at a target when its speedup is within the tolerance; the margin is ours minus theirs, in dB for
-    PSNR. Rows identical to uncached (PSNR null) and failed rows take no part.
-    """
-    table = []
-    for target in targets:
-        near = [r for r in rows if r.get("error") is None and r.get(key) is not None and r.get(metric) is not None
-                and abs(r[key] / target - 1) <= tolerance]
-        ours = max((r for r in near if r["family"].startswith("smoothcache")), key=lambda r: r[metric], default=None)
-        others = max((r for r in near if not r["family"].startswith("smoothcache")), key=lambda r: r[metric], default=None)
-        entry: dict[str, Any] = {"target": target}
-        for side, row in (("smoothcache", ours), ("best_other", others)):
-            entry[side] = None if row is None else {
-                "family": row["family"], "setting": row["setting"], metric: row[metric], key: row[key],
-                "fd_clf": row.get("fd_clf"), "accuracy": row.get("accuracy")}
-        entry["margin"] = (ours[metric] - others[metric]) if ours and others else None
-        table.append(entry)
-    return table
-
-
-def interpolate_families(rows: list[dict[str, Any]], key: str, targets: tuple[float, ...] = SPEED_TARGETS,
-                         metric: str = "psnr") -> list[dict[str, Any]]:
-    """At each target speedup, each family's quality read off its own curve (linear between its two
-    measured settings around the target, never extrapolated); the best smoothcache family against
-    the best other. Where a family's settings are sparse, this is fairer than nearest points."""
-    curves: dict[str, list[tuple[float, float]]] = {}
-    for r in rows:
-        if r.get("error") is None and r.get(key) is not None and r.get(metric) is not None:
-            curves.setdefault(r["family"], []).append((r[key], r[metric]))
-    table = []
-    for target in targets:
-        values = {}
-        for family, points in curves.items():
-            points.sort()
-            for (x0, y0), (x1, y1) in itertools.pairwise(points):
-                if x0 <= target <= x1:
-                    value = y0 if x1 == x0 else y0 + (y1 - y0) * (target - x0) / (x1 - x0)
-                    values[family] = max(values.get(family, -math.inf), value)
-        ours = max(((f, v) for f, v in values.items() if f.startswith("smoothcache")), key=lambda p: p[1], default=None)
-        others = max(((f, v) for f, v in values.items() if not f.startswith("smoothcache")), key=lambda p: p[1],
-                     default=None)
-        table.append({"target": target,
-                      "smoothcache": None if ours is None else {"family": ours[0], metric: ours[1]},
-                      "best_other": None if others is None else {"family": others[0], metric: others[1]},
-                      "margin": (ours[1] - others[1]) if ours and others else None})
-    return table
-
-
-def summarise(result: dict[str, Any]) -> dict[str, Any]:
-    """Comparisons at equal measured speed (eager, compiled) and at equal compute: measured rows within
-    +-5% of each target, and each family's curve read at the target."""
-    rows = [r if isinstance(r, dict) else asdict(r) | {"ideal_speedup": r.ideal_speedup} for r in result["rows"]]
-    keys = ("speedup_eager", "speedup_compiled", "ideal_speedup")
-    return {"within_5_percent": {key: compare_at_speed(rows, key) for key in keys},
-            "along_each_curve": {key: interpolate_families(rows, key) for key in keys}}
 
 
 def run_bench(pipe: Any, scorer: QualityScorer, config: BenchConfig, out: Path,
