@@ -29,6 +29,7 @@ from diffusers.models.embeddings import LabelEmbedding
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from smoothcache.demo.bench_model import zero_init_adaln
 from smoothcache.demo.pipeline import DemoDiTPipeline
 
 
@@ -59,14 +60,7 @@ def build_transformer(cfg: TrainConfig) -> DiTTransformer2DModel:
         in_channels=1, out_channels=1, num_layers=cfg.depth, sample_size=cfg.image_size,
         patch_size=cfg.patch_size, num_embeds_ada_norm=cfg.num_classes, norm_type="ada_norm_zero",
     )
-    # adaLN-Zero (DiT paper): every block starts as the identity and the output layer at zero.
-    for block in model.transformer_blocks:
-        torch.nn.init.zeros_(block.norm1.linear.weight)
-        torch.nn.init.zeros_(block.norm1.linear.bias)
-    for layer in (model.proj_out_1, model.proj_out_2):
-        torch.nn.init.zeros_(layer.weight)
-        torch.nn.init.zeros_(layer.bias)
-    return model
+    return zero_init_adaln(model)
 
 
 def build_scheduler(cfg: TrainConfig) -> DDIMScheduler:

@@ -62,11 +62,11 @@ def smoothcache_methods(pipe: Any, layers: Any, blocks: Any, budgets: tuple[floa
         methods.append(Method("smoothcache blocks + forecast", tag,
                               ours(blocks.schedule(compute_fraction=budget, forecast="linear"), "linear"),
                               compiles=True))
-    for max_error in (0.05, 0.1) if few else (0.02, 0.04, 0.08, 0.15):
+    for max_error in (0.05,) if few else (0.02, 0.04, 0.08, 0.15):
         result = smoothcache.tune(pipe, blocks, tune_generate, max_error, forecast="linear", progress=False)
         methods.append(Method("smoothcache tune (blocks + forecast)", f"max error {max_error:g}",
                               ours(result.schedule, "linear")))
-    for interval in (2, 3) if few else (2, 3, 4, 5):
+    for interval in (2,) if few else (2, 3, 4, 5):
         methods.append(Method("FORA (fixed interval, attn1+ff)", f"every {interval}",
                               ours(Schedule.fixed_interval(["attn1", "ff"], steps, interval)), compiles=interval == 2))
     return methods
@@ -94,12 +94,12 @@ def cache_dit_methods(steps: int, num_blocks: int, few: bool = False, scale: flo
         import cache_dit
     except ImportError:
         return []
-    grid = (0.08, 0.2) if few else (0.05, 0.08, 0.12, 0.2)  # default 0.08
+    grid = (0.08,) if few else (0.05, 0.08, 0.12, 0.2)  # default 0.08
     methods: list[Method] = []
     for fn in (8, 1):
         if fn >= num_blocks:
             continue
-        for taylorseer in (False, True):
+        for taylorseer in (False, True) if not few or fn == 1 else (False,):
             family = f"cache-dit DBCache F{fn}B0" + (" + TaylorSeer" if taylorseer else "")
             for threshold in grid:
                 methods.append(Method(family, f"threshold {threshold * scale:g}", lambda pipe, fn=fn, t=threshold * scale, ts=taylorseer:
@@ -107,7 +107,7 @@ def cache_dit_methods(steps: int, num_blocks: int, few: bool = False, scale: flo
                                       compiles=(fn == 8 and not taylorseer and threshold == 0.08)))
     import cache_dit
 
-    for policy in ("slow", "medium", "fast", "ultra"):
+    for policy in ("medium",) if few else ("slow", "medium", "fast", "ultra"):
         mask = cache_dit.steps_mask(mask_policy=policy, total_steps=steps)
         methods.append(Method("cache-dit DBCache F1B0 static mask", f"{policy} ({sum(mask)}/{steps} steps)",
                               lambda pipe, m=mask: peers.attach_cache_dit(pipe, steps, fn=1, threshold=1.0, mask=m)))
@@ -136,30 +136,30 @@ def diffusers_methods(pipe: Any, steps: int, calibration_generate: Callable[[], 
     def hook(apply: Callable[[dict[str, Any]], None]) -> Callable[[Any], Callable[[], None]]:
         return lambda pipe: peers.attach_diffusers_hook(pipe, apply, steps)
 
-    for threshold in (0.05, 0.2) if few else (0.03, 0.05, 0.1, 0.2):  # default 0.05
+    for threshold in (0.05,) if few else (0.03, 0.05, 0.1, 0.2):  # default 0.05
         methods.append(Method("diffusers FirstBlockCache", f"threshold {threshold * scale:g}", hook(
             lambda _, t=threshold * scale: apply_first_block_cache(model, FirstBlockCacheConfig(threshold=t))),
             compiles=(threshold == 0.05)))
     ratios = peers.calibrate_mag_ratios(pipe, calibration_generate, steps)
-    for threshold in (0.06, 0.24) if few else (0.03, 0.06, 0.12, 0.24):  # default 0.06, max_skip_steps 3
+    for threshold in (0.06,) if few else (0.03, 0.06, 0.12, 0.24):  # default 0.06, max_skip_steps 3
         methods.append(Method("diffusers MagCache (calibrated)", f"threshold {threshold * scale:g}", hook(
             lambda _, t=threshold * scale: apply_mag_cache(model, MagCacheConfig(
                 threshold=t, num_inference_steps=steps, mag_ratios=ratios)))))
     # Its default identifiers ("^transformer_blocks.*attn", a full match) miss DiT's attn1, so the
     # layers are named; lite mode predicts a module named proj_out, which DiT lacks (proj_out_1/_2).
-    for interval in (2, 3) if few else (2, 3, 4, 5):  # default cache_interval 5
+    for interval in (2,) if few else (2, 3, 4, 5):  # default cache_interval 5
         methods.append(Method("diffusers TaylorSeer (attn1+ff)", f"interval {interval}", hook(
             lambda _, n=interval: apply_taylorseer_cache(model, TaylorSeerCacheConfig(
                 cache_interval=n, taylor_factors_dtype=torch.float32,
                 cache_identifiers=[r"transformer_blocks\.\d+\.(attn1|ff)"])))))
-    for skip in (2, 4) if few else (2, 3, 4, 6):  # documented recipe: every 2nd step within t in (100, 800)
+    for skip in (2,) if few else (2, 3, 4, 6):  # documented recipe: every 2nd step within t in (100, 800)
         methods.append(Method("diffusers PyramidAttentionBroadcast", f"skip range {skip}", hook(
             lambda state, n=skip: apply_pyramid_attention_broadcast(model, PyramidAttentionBroadcastConfig(
                 spatial_attention_block_skip_range=n, spatial_attention_timestep_skip_range=(100, 800),
                 current_timestep_callback=lambda: state["timestep"])))))
     # DiTPipeline batches the conditional half first, FasterCache's guidance skip assumes the
     # unconditional half first (and does not split class_labels): its attention skip only.
-    for skip in (2, 4) if few else (2, 3, 4):
+    for skip in (2,) if few else (2, 3, 4):
         methods.append(Method("diffusers FasterCache (attention)", f"skip range {skip}", hook(
             lambda state, n=skip: apply_faster_cache(model, FasterCacheConfig(
                 spatial_attention_block_skip_range=n, spatial_attention_timestep_skip_range=(-1, 681),

@@ -27,7 +27,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_utils import ModelMixin
 
 __all__ = ["DIT_NULL_CLASS", "BenchModelConfig", "PixelSpaceVAE", "build_bench_pipeline",
-           "build_bench_scheduler", "build_bench_transformer", "pad_to_model"]
+           "build_bench_scheduler", "build_bench_transformer", "pad_to_model", "zero_init_adaln"]
 
 DIT_NULL_CLASS = 1000  # DiTPipeline's hard-coded "no class" label
 
@@ -63,13 +63,18 @@ class PixelSpaceVAE(ModelMixin, ConfigMixin):
 
 
 def build_bench_transformer(config: BenchModelConfig | None = None) -> DiTTransformer2DModel:
-    """A freshly initialised bench DiT (adaLN-Zero: every block starts as the identity)."""
+    """A freshly initialised bench DiT (adaLN-Zero)."""
     config = config or BenchModelConfig()
     model = DiTTransformer2DModel(
         num_attention_heads=config.num_heads, attention_head_dim=config.hidden_size // config.num_heads,
         in_channels=1, out_channels=1, num_layers=config.depth, sample_size=config.image_size,
         patch_size=config.patch_size, num_embeds_ada_norm=DIT_NULL_CLASS, norm_type="ada_norm_zero",
     )
+    return zero_init_adaln(model)
+
+
+def zero_init_adaln(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
+    """adaLN-Zero (DiT paper): every block starts as the identity and the output layer at zero."""
     for block in model.transformer_blocks:
         torch.nn.init.zeros_(block.norm1.linear.weight)
         torch.nn.init.zeros_(block.norm1.linear.bias)
