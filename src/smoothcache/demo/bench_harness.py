@@ -176,9 +176,9 @@ class BenchRun:
                 except Exception as error:  # noqa: BLE001 (the other phases stand; say why compiled rows are missing)
                     self.result["compiled_error"] = f"{type(error).__name__}: {error}"[:400]
                     logger.warning("compiled timing stopped: %s", traceback.format_exc(limit=4))
-                self.save()
+                self.save(figures=False)
             self._quality(meter)
-            self.save()
+            self.save(figures=not self.config.eager)
             if self.config.eager and not self.over_time():
                 self._time_eager()
                 self.save()
