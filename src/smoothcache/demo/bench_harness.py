@@ -168,8 +168,9 @@ class BenchRun:
         meter = peers.ComputeMeter(self.pipe.transformer)
         try:
             self._prepare(meter)
-            # Compiled timing comes before any peer has touched the model: cache-dit patches the
-            # transformer's forward for good, and our rows must not time a peer's leftovers.
+            # Compiled timing comes before any peer has touched the model (cache-dit patches the
+            # transformer's forward for good), and without the meter's hooks in the graphs.
+            meter.remove()
             if self.config.compiled and self.device.type == "cuda" and not self.over_time():
                 try:
                     self._time_compiled()
@@ -177,6 +178,7 @@ class BenchRun:
                     self.result["compiled_error"] = f"{type(error).__name__}: {error}"[:400]
                     logger.warning("compiled timing stopped: %s", traceback.format_exc(limit=4))
                 self.save(figures=False)
+            meter = peers.ComputeMeter(self.pipe.transformer)
             self._quality(meter)
             self.save(figures=not self.config.eager)
             if self.config.eager and not self.over_time():
