@@ -21,7 +21,13 @@ import torch
 
 import smoothcache
 from smoothcache.demo.assets import load_bench_pipeline, load_bench_scorer
-from smoothcache.demo.bench_harness import BenchConfig, BenchRun, Row, make_scheduler
+from smoothcache.demo.bench_harness import (
+    BenchConfig,
+    BenchRun,
+    Row,
+    _finite,
+    make_scheduler,
+)
 from smoothcache.demo.bench_methods import Method, ours
 
 
@@ -38,7 +44,7 @@ def main() -> None:
 
     def save(figures: bool = False) -> None:
         result["rows"] = [asdict(r) for r in run.rows]
-        args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        args.out.write_text(json.dumps(_finite(result), indent=1, default=str) + "\n")
 
     run = BenchRun(pipe, load_bench_scorer("cuda"), config, args.sampler, time.perf_counter(), save)
     pipe.scheduler = make_scheduler(args.sampler, pipe.scheduler.config)
@@ -59,11 +65,13 @@ def main() -> None:
     ]
     run.rows = [Row(m.family, m.setting) for m in run.methods]
     started = time.perf_counter()
-    run._time_compiled()
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    save()
+    try:
+        run._time_compiled()
+    finally:
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        save()
     for row in run.rows:
-        print(f"{row.family:40} {row.setting:12} compiled {row.speedup_compiled:.2f}x  {row.error or ''}")
+        print(f"{row.family:40} {row.setting:12} compiled {row.speedup_compiled:.2f}x  {row.compiled_error or ''}")
 
 
 if __name__ == "__main__":

@@ -61,13 +61,22 @@ def merge_compiled(report_path: Path, compiled_path: Path) -> None:
     into a report, naming where they came from, and redraw its Pareto figures."""
     report, compiled = json.loads(report_path.read_text()), json.loads(compiled_path.read_text())
     for sampler, result in compiled["samplers"].items():
-        rows = {(r["family"], r["setting"]): r for r in report["samplers"][sampler]["rows"]}
+        if sampler not in report["samplers"]:
+            raise SystemExit(f"{report_path} has no sampler {sampler!r}; it has {list(report['samplers'])}")
+        # The greedy rows' settings name their alpha, which a second calibration may round differently.
+        rows = {(r["family"], r["setting"].split(" (alpha")[0]): r for r in report["samplers"][sampler]["rows"]}
         for row in result["rows"]:
-            target = rows.get((row["family"], row["setting"]))
-            if target is not None and row.get("speedup_compiled") is not None:
-                for key in ("speedup_compiled", "seconds_compiled", "compiled_ratios"):
-                    target[key] = row[key]
-        report["samplers"][sampler]["uncached_seconds_compiled"] = result.get("uncached_seconds_compiled")
+            if row.get("speedup_compiled") is None and row.get("compiled_error") is None:
+                continue
+            target = rows.get((row["family"], row["setting"].split(" (alpha")[0]))
+            if target is None:
+                print(f"warning: no row {row['family']} / {row['setting']} in {report_path}; its compiled timing is left out")
+                continue
+            for key in ("speedup_compiled", "seconds_compiled", "compiled_ratios", "compiled_error"):
+                target[key] = row.get(key)
+        for key in ("uncached_seconds_compiled", "compiled_error", "compiled_skipped"):
+            if result.get(key) is not None:
+                report["samplers"][sampler][key] = result[key]
         report["samplers"][sampler]["compiled_timing_from"] = (
             f"{compiled_path.name}: a second process on the same {compiled['device']}, same methods and settings, "
             f"quality there from {10 * compiled['config']['samples_per_class']} samples (not used)")

@@ -178,7 +178,9 @@ def train_dit(images: torch.Tensor, labels: torch.Tensor, model_config: BenchMod
             log["loss"].append([step, round(mean, 5)])
             if step % 1000 == 0 or step == total:
                 print(f"step {step}/{total}  loss {mean:.4f}  {time.perf_counter() - start:.0f}s", flush=True)
-    log.update(steps=step, seconds=round(time.perf_counter() - start, 1), final_loss=log["loss"][-1][1],
+    full_windows = [loss for logged_step, loss in log["loss"] if logged_step % 100 == 0]  # a last partial window is noisy
+    log.update(steps=step, seconds=round(time.perf_counter() - start, 1),
+               final_loss=full_windows[-1] if full_windows else log["loss"][-1][1],
                samples_seen=step * plan.batch_size, epochs=round(step * plan.batch_size / len(x_all), 1))
     return ema, log
 

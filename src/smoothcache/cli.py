@@ -319,9 +319,11 @@ def cmd_demo_bench(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     defaults = BenchConfig()
-    config = BenchConfig(samplers=tuple(args.samplers or defaults.samplers),
-                         samples_per_class=args.samples_per_class or defaults.samples_per_class,
-                         seed=args.seed, progress=not args.quiet)
+    samplers = tuple(args.samplers or defaults.samplers)
+    for sampler in samplers:  # before minutes of loading, not after
+        BenchConfig.steps_of(sampler)
+    config = BenchConfig(samplers=samplers, samples_per_class=args.samples_per_class or defaults.samples_per_class,
+                         seed=args.seed, timing_repeats=args.timing_repeats, progress=not args.quiet)
     pipe = load_bench_pipeline(device, dtype, progress_bar=False)
     scorer = load_bench_scorer(device)
     out = Path(args.out)
@@ -459,11 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "Fashion-MNIST DiT against every peer (a GPU: about 7 minutes a sampler)")
     demo.add_argument("--out", default="demo-out", help="folder for report.json and the figures")
     demo.add_argument("--device", help="cpu or cuda (default: cpu for demo, cuda where available for bench)")
-    demo.add_argument("--steps", type=int, default=20, help="denoising steps (demo model)")
+    demo.add_argument("--steps", type=int, default=20, help="denoising steps (demo model; bench: see --samplers)")
     demo.add_argument("--samplers", nargs="+", help='bench model: "<ddim|dpm++>-<steps>" (default: ddim-50 dpm++-20)')
     demo.add_argument("--samples-per-class", type=int, help="samples a class (default: 5 demo, 100 bench)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--timing-repeats", type=int, default=2, help="times each method is timed (fastest counts)")
+    demo.add_argument("--timing-repeats", type=int, default=2,
+                      help="times each method is timed (demo: the fastest counts; bench: the median of the rounds)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
     return parser

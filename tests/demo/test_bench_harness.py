@@ -16,7 +16,7 @@ pytest.importorskip("matplotlib")
 
 from smoothcache import Schedule
 from smoothcache.demo.bench_compare import compare_at_speed, interpolate_families
-from smoothcache.demo.bench_harness import BenchConfig, run_bench
+from smoothcache.demo.bench_harness import BenchConfig, Row, run_bench
 from smoothcache.demo.bench_model import (
     BenchModelConfig,
     build_bench_pipeline,
@@ -136,3 +136,36 @@ def test_a_sampler_name_says_its_kind_and_steps():
     for bad in ("ddim", "euler-20", "ddim-1", "ddim-x"):
         with pytest.raises(ValueError, match="<kind>-<steps>"):
             BenchConfig.steps_of(bad)
+
+
+def test_the_compiled_pass_times_its_rows_and_survives_a_method_that_fails(monkeypatch):
+    """The compiled pass's control flow, with compilation itself replaced by nothing (a CPU)."""
+    import time
+
+    from smoothcache.demo.bench_harness import BenchRun
+    from smoothcache.demo.bench_methods import Method
+
+    torch.manual_seed(0)
+    pipe = build_bench_pipeline(build_bench_transformer(BenchModelConfig(depth=2, hidden_size=16, num_heads=2)).eval())
+    pipe.set_progress_bar_config(disable=True)
+    config = BenchConfig(samplers=("ddim-3",), timing_per_class=1, timing_repeats=2, progress=False)
+    run = BenchRun(pipe, None, config, "ddim-3", time.perf_counter(), lambda figures=True: None)
+    monkeypatch.setattr(pipe.transformer, "compile", lambda **kwargs: None)
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+
+    def broken(pipe):
+        raise RuntimeError("cannot attach")
+
+    run.methods = [Method("fewer steps", "2 steps", lambda p: (lambda: None), steps=2, compiles=True),
+                   Method("diffusers broken", "x", broken, compiles=True),
+                   Method("FORA (fixed interval, attn1+ff)", "every 2", lambda p: (lambda: None), compiles=True),
+                   Method("not compiled", "y", lambda p: (lambda: None))]
+    run.rows = [Row(m.family, m.setting) for m in run.methods]
+    run._time_compiled()
+    fewer, failed, fora, skipped = run.rows
+    assert len(fewer.compiled_ratios) == 2 and fewer.speedup_compiled > 0
+    assert failed.compiled_error == "RuntimeError: cannot attach" and failed.error is None
+    assert fora.speedup_compiled > 0  # the failure ended only its own row
+    assert skipped.compiled_ratios == []
+    assert len(marks) >= 3 + 2 * (2 + 2 + 2)  # every compiled call is its own CUDA graph step

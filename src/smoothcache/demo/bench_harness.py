@@ -168,10 +168,14 @@ class BenchRun:
         meter = peers.ComputeMeter(self.pipe.transformer)
         try:
             self._prepare(meter)
-            # Compiled timing comes before any peer has touched the model (cache-dit patches the
-            # transformer's forward for good), and without the meter's hooks in the graphs.
+            # Compiled timing comes before the quality pass has attached any peer (cache-dit patches
+            # the transformer's forward for good), and without the meter's hooks in the graphs.
             meter.remove()
-            if self.config.compiled and self.device.type == "cuda" and not self.over_time():
+            if self.config.compiled and self.device.type != "cuda":
+                self.result["compiled_skipped"] = "compiled timing runs on CUDA only"
+            elif self.config.compiled and self.over_time():
+                self.result["compiled_skipped"] = f"the run's time limit (max_minutes={self.config.max_minutes})"
+            elif self.config.compiled:
                 try:
                     self._time_compiled()
                 except Exception as error:  # noqa: BLE001 (the other phases stand; say why compiled rows are missing)
@@ -283,11 +287,16 @@ class BenchRun:
                     break
                 if i % UNCACHED_EVERY == 0:
                     uncached.append(self.clock(self.timing_generate)[0])
-                detach = method.attach(self.pipe)
+                detach = None
                 try:
+                    detach = method.attach(self.pipe)
                     elapsed, _ = self.clock(lambda m=method: self.timing_generate(m.steps, m.quiet))
+                except Exception as error:  # noqa: BLE001 (it ran in the quality pass; record, do not stop the run)
+                    timed[i][1].error = f"eager timing: {type(error).__name__}: {error}"[:400]
+                    continue
                 finally:
-                    detach()
+                    if detach is not None:
+                        detach()
                 this_round.append((i, elapsed))
                 bar.update()
             if not uncached:
@@ -304,11 +313,17 @@ class BenchRun:
                 row.speedup_eager = statistics.median(row.eager_ratios)
                 row.seconds_eager = statistics.median(seconds[i])
 
+    def _compiled_call(self, steps: int | None = None, quiet: bool = False) -> torch.Tensor:
+        """One generation as its own CUDA graph step: methods that do not mark steps themselves
+        (uncached, the peers) would otherwise run on into the previous generation's graphs."""
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.timing_generate(steps, quiet)
+
     def _uncached_compiled(self) -> float:
         """One uncached compiled call, timed after an untimed one: going back from a cached model
         makes the first call capture CUDA graphs again (seconds, not milliseconds)."""
-        self.timing_generate()
-        return self.clock(self.timing_generate)[0]
+        self._compiled_call()
+        return self.clock(self._compiled_call)[0]
 
     def _time_compiled(self) -> None:
         """The transformer compiled whole with CUDA graphs (``mode="reduce-overhead"``). Each method
@@ -323,7 +338,7 @@ class BenchRun:
         transformer.compile(mode="reduce-overhead")
         try:
             for i in range(3):  # compile, then CUDA graph capture; logged, as the first can take minutes
-                seconds = self.clock(self.timing_generate)[0]
+                seconds = self.clock(self._compiled_call)[0]
                 logger.info("%s compiled warm-up %d of the uncached pipeline: %.1f s", self.sampler, i + 1, seconds)
             candidates = [(m, r) for m, r in zip(self.methods, self.rows) if m.compiles and r.error is None]
             candidates.sort(key=lambda pair: compile_priority(pair[0].family))
@@ -332,18 +347,20 @@ class BenchRun:
                 if self.over_time():
                     break
                 before = self._uncached_compiled()
-                detach = method.attach(self.pipe)
+                detach = None
                 try:
-                    warm_up = self.clock(lambda m=method: [self.timing_generate(m.steps, m.quiet) for _ in range(2)])[0]
+                    detach = method.attach(self.pipe)
+                    warm_up = self.clock(lambda m=method: [self._compiled_call(m.steps, m.quiet) for _ in range(2)])[0]
                     logger.info("%s compiled %s %s: warm-up %.1f s", self.sampler, method.family, method.setting, warm_up)
-                    times = [self.clock(lambda m=method: self.timing_generate(m.steps, m.quiet))[0]
+                    times = [self.clock(lambda m=method: self._compiled_call(m.steps, m.quiet))[0]
                              for _ in range(self.config.timing_repeats)]
-                except Exception as error:  # noqa: BLE001
+                except Exception as error:  # noqa: BLE001 (one method that cannot compile ends only its row)
                     row.compiled_error = f"{type(error).__name__}: {error}"[:400]
                     logger.warning("%s %s failed compiled: %s", method.family, method.setting, error)
                     continue
                 finally:
-                    detach()
+                    if detach is not None:
+                        detach()
                 after = self._uncached_compiled()
                 row.compiled_ratios = [(before + after) / 2 / t for t in times]
                 row.speedup_compiled = statistics.median(row.compiled_ratios)
@@ -406,13 +423,24 @@ def run_bench(pipe: Any, scorer: QualityScorer, config: BenchConfig, out: Path,
 def _versions() -> dict[str, str]:
     from importlib import metadata
 
-    versions = {}
-    for name in ("smoothcache", "diffusers", "cache-dit", "dit-smoothcache", "torchmetrics"):
+    versions = {"smoothcache": smoothcache.__version__, "smoothcache_commit": _git_commit()}
+    for name in ("diffusers", "cache-dit", "dit-smoothcache", "torchmetrics"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def _git_commit() -> str:
+    """The commit of the checkout the harness runs from, or "unknown" (an installed package)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

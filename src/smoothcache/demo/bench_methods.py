@@ -72,9 +72,10 @@ def smoothcache_methods(pipe: Any, layers: Any, blocks: Any, budgets: tuple[floa
     return methods
 
 
+# cache-dit last: its disable_cache leaves the transformer's forward patched.
 COMPILE_ORDER = ("fewer steps", "smoothcache blocks + forecast", "smoothcache layers, optimal + forecast",
                  "smoothcache layers, optimal", "smoothcache layers, paper's greedy", "smoothcache blocks, optimal",
-                 "cache-dit", "diffusers", "FORA")
+                 "FORA", "diffusers", "cache-dit")
 
 
 def compile_priority(family: str) -> int:
