@@ -27,33 +27,10 @@ from smoothcache.demo import bench_figures
 from smoothcache.demo.assets import load_bench_pipeline, load_bench_scorer
 from smoothcache.demo.bench_compare import summarise
 from smoothcache.demo.bench_harness import BenchConfig, run_bench
-from smoothcache.demo.bench_model import (
-    BenchModelConfig,
-    build_bench_pipeline,
-    build_bench_transformer,
-)
-from smoothcache.demo.classifier import (
-    DigitClassifier,
-    DigitClassifierConfig,
-    DigitFeatures,
-)
-from smoothcache.demo.metrics import FidReference, QualityScorer
+from smoothcache.demo.bench_model import tiny_bench
 
 TINY = BenchConfig(samplers=("ddim-8",), samples_per_class=2, calibration_per_class=1, budgets=(0.6, 0.4),
                    timing_repeats=1, compiled=False, few_settings=True, progress=False)
-
-
-def tiny_setup(device: str) -> tuple:
-    """A random 10-block DiT (cache-dit's F8 needs more than 8 blocks) and a random classifier."""
-    torch.manual_seed(0)
-    transformer = build_bench_transformer(BenchModelConfig(depth=10, hidden_size=32, num_heads=2))
-    for parameter in transformer.parameters():  # adaLN-Zero starts at the identity: give it work to do
-        parameter.data.normal_(0, 0.05)
-    pipe = build_bench_pipeline(transformer.eval()).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    classifier = DigitClassifier(DigitClassifierConfig(image_size=32)).eval()
-    reference = FidReference.from_images(DigitFeatures(classifier), torch.rand(64, 1, 32, 32))
-    return pipe, QualityScorer(classifier, reference, device=device)
 
 
 def merge_compiled(report_path: Path, compiled_path: Path) -> None:
@@ -134,8 +111,8 @@ def main() -> None:
         overrides["budgets"] = tuple(args.budgets)
     config = BenchConfig(**{**{f.name: getattr(config, f.name) for f in fields(BenchConfig)}, **overrides})
     if args.tiny:
-        pipe, scorer = tiny_setup(args.device)
-        describe = {"model": "random tiny DiT (10 blocks, width 32): code paths only"}
+        pipe, scorer = tiny_bench(args.device)
+        describe = {"model": "random tiny DiT (10 blocks, width 16): code paths only"}
     else:
         dtype = getattr(torch, args.dtype) if args.device != "cpu" else torch.float32
         pipe = load_bench_pipeline(args.device, dtype, directory=args.model, progress_bar=False)

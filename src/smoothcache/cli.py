@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="offline demo on the shipped model: speed and quality of every method")
     demo.add_argument("--model", choices=["demo", "bench"], default="demo",
                       help="demo: the 4-block digit model, a CPU quick start (default); bench: the 16-block "
-                           "Fashion-MNIST DiT against every peer (a GPU: about 7 minutes a sampler)")
+                           "Fashion-MNIST DiT against every peer (a GPU; minutes a sampler, see the README)")
     demo.add_argument("--out", default="demo-out", help="folder for report.json and the figures")
     demo.add_argument("--device", help="cpu or cuda (default: cpu for demo, cuda where available for bench)")
     demo.add_argument("--steps", type=int, default=20, help="denoising steps (demo model; bench: see --samplers)")

@@ -21,13 +21,8 @@ from smoothcache.demo.bench_model import (
     BenchModelConfig,
     build_bench_pipeline,
     build_bench_transformer,
+    tiny_bench,
 )
-from smoothcache.demo.classifier import (
-    DigitClassifier,
-    DigitClassifierConfig,
-    DigitFeatures,
-)
-from smoothcache.demo.metrics import FidReference, QualityScorer
 
 STEPS = 4
 
@@ -38,14 +33,7 @@ def reject_constant(name: str) -> float:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    torch.manual_seed(0)
-    transformer = build_bench_transformer(BenchModelConfig(depth=10, hidden_size=16, num_heads=2))
-    for parameter in transformer.parameters():  # adaLN-Zero starts as the identity: give it work to do
-        parameter.data.normal_(0, 0.05)
-    pipe = build_bench_pipeline(transformer.eval())
-    pipe.set_progress_bar_config(disable=True)
-    classifier = DigitClassifier(DigitClassifierConfig(image_size=32, channels=(8, 8), num_features=4)).eval()
-    scorer = QualityScorer(classifier, FidReference.from_images(DigitFeatures(classifier), torch.rand(32, 1, 32, 32)))
+    pipe, scorer = tiny_bench()
     config = BenchConfig(samplers=(f"ddim-{STEPS}",), samples_per_class=1, calibration_per_class=1, timing_per_class=1,
                          budgets=(0.5,), timing_repeats=1, compiled=False, few_settings=True, progress=False)
     out = tmp_path_factory.mktemp("bench")

@@ -14,8 +14,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -80,14 +81,8 @@ def load_demo_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = 
     """
     directory = Path(directory) if directory is not None else DEMO_DIT_DIR
     _check_files(directory, DEMO_DIT_FILES, "demo model", FIX_DEMO_DIT)
-    was_enabled = diffusers_logging.is_progress_bar_enabled()
-    if not progress_bar:
-        diffusers_logging.disable_progress_bar()  # also silences "Loading pipeline components..."
-    try:
+    with _diffusers_loading(progress_bar):
         pipe = _load(lambda: DemoDiTPipeline.from_pretrained(directory), directory, "demo model", FIX_DEMO_DIT)
-    finally:
-        if was_enabled:
-            diffusers_logging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=not progress_bar)
     # The weights are stored in float32; cast only when asked for another dtype.
     return pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)
@@ -119,6 +114,22 @@ def load_heldout_digits(path: str | Path | None = None) -> tuple[torch.Tensor, t
 def load_quality_scorer(device: str | torch.device = "cpu") -> QualityScorer:
     """A ``QualityScorer`` built from the shipped classifier and reference statistics."""
     return QualityScorer(load_classifier(device), load_fid_reference(), device=device)
+
+
+@contextlib.contextmanager
+def _diffusers_loading(progress_bar: bool, errors_only: bool = False) -> Iterator[None]:
+    """diffusers' loading bar (and, with ``errors_only``, its warnings) off while loading, as before after."""
+    was_enabled, verbosity = diffusers_logging.is_progress_bar_enabled(), diffusers_logging.get_verbosity()
+    if not progress_bar:
+        diffusers_logging.disable_progress_bar()  # also silences "Loading pipeline components..."
+    if errors_only:
+        diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+        if was_enabled:
+            diffusers_logging.enable_progress_bar()
 
 
 def _check_files(directory: Path, names: tuple[str, ...], what: str, fix: str) -> None:
@@ -162,22 +173,14 @@ def load_bench_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype =
                         directory: str | Path | None = None, progress_bar: bool = True) -> Any:
     """The shipped bench DiT as diffusers' own ``DiTPipeline`` on ``device`` (weights stored in float16)."""
     from diffusers import DiTPipeline
-    from diffusers.utils import logging as diffusers_log
 
     from . import bench_model  # noqa: F401 (diffusers loads the "vae" only from a module already imported)
 
     directory = Path(directory) if directory is not None else BENCH_DIT_DIR
     _check_files(directory, BENCH_DIT_FILES, "bench model", FIX_BENCH)
-    was_enabled, verbosity = diffusers_logging.is_progress_bar_enabled(), diffusers_log.get_verbosity()
-    diffusers_log.set_verbosity_error()  # "Expected types for vae: AutoencoderKL": the identity VAE is intended
-    if not progress_bar:
-        diffusers_logging.disable_progress_bar()
-    try:
+    # errors_only: diffusers warns "Expected types for vae: AutoencoderKL"; the identity VAE is intended.
+    with _diffusers_loading(progress_bar, errors_only=True):
         pipe = _load(lambda: DiTPipeline.from_pretrained(directory, dtype=dtype), directory, "bench model", FIX_BENCH)
-    finally:
-        diffusers_log.set_verbosity(verbosity)
-        if was_enabled:
-            diffusers_logging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=not progress_bar)
     return pipe.to(device)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict
 from typing import Any
 
 __all__ = ["SPEED_TARGETS", "compare_at_speed", "interpolate_families", "summarise"]
@@ -67,7 +66,7 @@ def interpolate_families(rows: list[dict[str, Any]], key: str, targets: tuple[fl
 def summarise(result: dict[str, Any]) -> dict[str, Any]:
     """Comparisons at equal measured speed (eager, compiled) and at equal compute: measured rows within
     +-5% of each target, and each family's curve read at the target."""
-    rows = [r if isinstance(r, dict) else asdict(r) | {"ideal_speedup": r.ideal_speedup} for r in result["rows"]]  # Row objects mid-run
+    rows = [r if isinstance(r, dict) else r.as_dict() for r in result["rows"]]  # bench_harness.Row objects mid-run
     keys = ("speedup_eager", "speedup_compiled", "ideal_speedup")
     return {"within_5_percent": {key: compare_at_speed(rows, key) for key in keys},
             "along_each_curve": {key: interpolate_families(rows, key) for key in keys}}

@@ -8,10 +8,10 @@ For each sampler (DDIM 50 steps, the paper's DiT setting, and DPM-Solver++ 20 st
    with forecast errors, and MagCache calibrates as its documentation says;
 3. every method draws the same samples once; the ``ComputeMeter`` counts the attn1/ff work it
    really did; PSNR and SSIM against the uncached samples, FD-clf and class accuracy are scored;
-4. timing: each method's ``pipe(...)`` call, interleaved with the uncached call, ``timing_repeats``
-   rounds, median of the per-round ratios (eager); then, on a GPU, the transformer compiled with
-   CUDA graphs (``mode="reduce-overhead"``) for the methods that support it, each timed right after
-   an uncached compiled call.
+4. timing: on a GPU, first (before step 3 attaches any peer), the transformer compiled with CUDA
+   graphs (``mode="reduce-overhead"``) for the methods that support it, each against uncached
+   compiled calls just before and after it; after step 3, each method's eager ``pipe(...)`` call,
+   ``timing_repeats`` interleaved rounds, median of the per-round ratios.
 
 Everything lands in one ``report.json`` (rewritten after each phase, so a run stopped by a time limit
 still leaves what it measured), plus a samples grid and the Pareto figures (``bench_figures``).
@@ -107,6 +107,10 @@ class Row:
     def ideal_speedup(self) -> float:
         return 1 / self.compute_fraction if self.compute_fraction > 0 else math.nan
 
+    def as_dict(self) -> dict[str, Any]:
+        """The row as the report stores it, its ideal speedup included."""
+        return asdict(self) | {"ideal_speedup": self.ideal_speedup}
+
 
 class Clock:
     """Wall-clock time of one pipeline call, with the device drained before and after."""
@@ -132,7 +136,7 @@ def make_scheduler(sampler: str, base_config: Any) -> Any:
 
 # ---- the run -------------------------------------------------------------------------------------
 class BenchRun:
-    """One sampler's pass: reference, calibration, every method's quality, then timing."""
+    """One sampler's pass: reference and calibration, compiled timing, every method's quality, eager timing."""
 
     def __init__(self, pipe: Any, scorer: QualityScorer, config: BenchConfig, sampler: str, started: float,
                  save: Callable[..., None]) -> None:
@@ -414,7 +418,7 @@ def run_bench(pipe: Any, scorer: QualityScorer, config: BenchConfig, out: Path,
         report["samplers"][sampler] = bench.result
         grids[sampler] = bench.grid
         bench.run()
-        report["samplers"][sampler]["rows"] = [asdict(r) | {"ideal_speedup": r.ideal_speedup} for r in bench.rows]
+        report["samplers"][sampler]["rows"] = [r.as_dict() for r in bench.rows]
         report["samplers"][sampler]["at_equal_speed"] = summarise(report["samplers"][sampler])
     save()
     return _finite(report)
@@ -445,15 +449,7 @@ def _git_commit() -> str:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Written beside the target and renamed over it: a stopped run never leaves half a file."""
-
-    def default(value: Any) -> Any:
-        if isinstance(value, Row):
-            return asdict(value) | {"ideal_speedup": value.ideal_speedup}
-        if isinstance(value, float):
-            return None
-        raise TypeError(type(value).__name__)
-
-    text = json.dumps(_finite(data), indent=1, default=default) + "\n"
+    text = json.dumps(_finite(data), indent=1) + "\n"
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as handle:
         handle.write(text)
@@ -471,5 +467,5 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     if isinstance(value, Row):
-        return _finite(asdict(value) | {"ideal_speedup": value.ideal_speedup})
+        return _finite(value.as_dict())
     return value

@@ -26,8 +26,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_utils import ModelMixin
 
+from .metrics import QualityScorer
+
 __all__ = ["DIT_NULL_CLASS", "BenchModelConfig", "PixelSpaceVAE", "build_bench_pipeline",
-           "build_bench_scheduler", "build_bench_transformer", "pad_to_model", "zero_init_adaln"]
+           "build_bench_scheduler", "build_bench_transformer", "pad_to_model", "tiny_bench", "zero_init_adaln"]
 
 DIT_NULL_CLASS = 1000  # DiTPipeline's hard-coded "no class" label
 
@@ -93,6 +95,23 @@ def build_bench_scheduler() -> DDIMScheduler:
 def build_bench_pipeline(transformer: DiTTransformer2DModel) -> DiTPipeline:
     """diffusers' DiTPipeline around ``transformer``, with the identity VAE and DiT's scheduler."""
     return DiTPipeline(transformer=transformer, vae=PixelSpaceVAE(), scheduler=build_bench_scheduler())
+
+
+def tiny_bench(device: str | torch.device = "cpu") -> tuple[DiTPipeline, QualityScorer]:
+    """A random 10-block bench pipeline and a random judge: the harness's code paths on a CPU in
+    seconds, not a model (10 blocks so that cache-dit's F8 has blocks left to cache)."""
+    from .classifier import DigitClassifier, DigitClassifierConfig, DigitFeatures
+    from .metrics import FidReference
+
+    torch.manual_seed(0)
+    transformer = build_bench_transformer(BenchModelConfig(depth=10, hidden_size=16, num_heads=2))
+    for parameter in transformer.parameters():  # adaLN-Zero starts as the identity: give it work to do
+        parameter.data.normal_(0, 0.05)
+    pipe = build_bench_pipeline(transformer.eval()).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    classifier = DigitClassifier(DigitClassifierConfig(image_size=32, channels=(8, 8), num_features=4)).eval()
+    reference = FidReference.from_images(DigitFeatures(classifier), torch.rand(32, 1, 32, 32))
+    return pipe, QualityScorer(classifier, reference, device=device)
 
 
 def pad_to_model(images: torch.Tensor, size: int = 32) -> torch.Tensor:
