@@ -276,20 +276,20 @@ def test_a_compiled_model_marks_a_cudagraph_step_once_per_generation(monkeypatch
 
 def test_compiled_modules_are_found_wrapped_inside_others_and_through_an_instance_forward():
     """Wan 2.2's experts each compiled, a compiled child, ``model.forward = torch.compile(model.forward)``."""
-    from smoothcache.runtime import _compiled_whole, compiled_anywhere
+    from smoothcache.runtime.compile import compiled_anywhere, compiled_whole
     from smoothcache.steps import Experts
 
     def linear() -> nn.Module:
         return nn.Linear(2, 2)
 
     experts = Experts({"transformer": torch.compile(linear(), backend="eager"), "transformer_2": linear()})
-    assert _compiled_whole(experts) and compiled_anywhere(experts)
-    assert not _compiled_whole(Experts({"transformer": linear(), "transformer_2": linear()}))
+    assert compiled_whole(experts) and compiled_anywhere(experts)
+    assert not compiled_whole(Experts({"transformer": linear(), "transformer_2": linear()}))
     nested = nn.Sequential(torch.compile(linear(), backend="eager"))
-    assert compiled_anywhere(nested) and not _compiled_whole(nested)
+    assert compiled_anywhere(nested) and not compiled_whole(nested)
     by_forward = linear()
     by_forward.forward = torch.compile(by_forward.forward, backend="eager")
-    assert _compiled_whole(by_forward) and compiled_anywhere(by_forward)
+    assert compiled_whole(by_forward) and compiled_anywhere(by_forward)
     assert not compiled_anywhere(nn.Sequential(linear()))
 
 
@@ -323,7 +323,7 @@ def test_a_step_marked_within_a_generation_is_warned_about_once(caplog):
 
 def test_the_stream_barrier_passes_gradients_through():
     """Guidance by gradients through a model compiled whole must get past a reusing step's barrier."""
-    from smoothcache.reuse import stream_barrier
+    from smoothcache.runtime.compile import stream_barrier
 
     x = torch.randn(3, requires_grad=True)
     (stream_barrier(x) * torch.tensor([1.0, 2.0, 3.0])).sum().backward()

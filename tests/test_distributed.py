@@ -144,16 +144,16 @@ def test_distributed_generation_writes_every_image_once(tmp_path, capsys):
 
 # ---- faults -----------------------------------------------------------------------------------
 def test_a_failing_rank_stops_every_rank_with_its_error(tmp_path, monkeypatch):
-    from smoothcache.adapters import diffusers_pipelines
+    from smoothcache import cli_pipelines
 
-    real = diffusers_pipelines.run_request
+    real = cli_pipelines.run_request
 
     def failing_on_rank_1(pipe, request, *args, **kwargs):
         if os.environ["RANK"] == "1":
             raise ValueError("prompt 3 is empty")
         return real(pipe, request, *args, **kwargs)
 
-    monkeypatch.setattr(diffusers_pipelines, "run_request", failing_on_rank_1)
+    monkeypatch.setattr(cli_pipelines, "run_request", failing_on_rank_1)
     args = ["calibrate", *COMMON, "--samples", "2", "--batch", "1", "--out", str(tmp_path / "p.json")]
     started = time.monotonic()
     results = run_ranks(lambda rank: {"rc": main(args)}, tmp_path, join_s=40)

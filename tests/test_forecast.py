@@ -9,14 +9,14 @@ from conftest import STEPS, generate, make_dit_pipeline
 
 import smoothcache
 from smoothcache import Schedule
-from smoothcache.runtime import _ratios
+from smoothcache.runtime.plan import ratios as extrapolation_ratios
 
 PLAN = (1, 1, 0, 0, 1, 0, 1, 0, 0, 1)
 
 
 def test_ratios_are_steps_since_the_last_compute_over_the_gap_before_it():
-    assert _ratios((True, True, False, False, True, False, False, False)) == (0.0, 0.0, 1.0, 2.0, 0.0, 1 / 3, 2 / 3, 1.0)
-    assert _ratios((True, False, True)) == (0.0, 0.0, 0.0)  # no earlier compute: plain reuse
+    assert extrapolation_ratios((True, True, False, False, True, False, False, False)) == (0.0, 0.0, 1.0, 2.0, 0.0, 1 / 3, 2 / 3, 1.0)
+    assert extrapolation_ratios((True, False, True)) == (0.0, 0.0, 0.0)  # no earlier compute: plain reuse
 
 
 def test_a_reusing_step_extrapolates_from_the_last_two_computed_outputs():
@@ -25,7 +25,7 @@ def test_a_reusing_step_extrapolates_from_the_last_two_computed_outputs():
     pipe.transformer.transformer_blocks[0].attn1.register_forward_hook(lambda m, a, out: outputs.append(out))
     with smoothcache.cache(pipe, Schedule({"attn1": PLAN}), forecast="linear"):
         generate(pipe)
-    ratios = _ratios(tuple(bool(v) for v in PLAN))
+    ratios = extrapolation_ratios(tuple(bool(v) for v in PLAN))
     last = previous = None
     for step, output in enumerate(outputs):
         if PLAN[step]:
@@ -135,7 +135,7 @@ def test_a_block_extrapolates_its_residual_from_the_last_two_computed_ones():
     block.register_forward_hook(lambda m, args, kwargs, out: seen.append((args[0], out)), with_kwargs=True)
     with smoothcache.cache(pipe, Schedule({"block": PLAN}), forecast="linear"):
         generate(pipe)
-    ratios = _ratios(tuple(bool(v) for v in PLAN))
+    ratios = extrapolation_ratios(tuple(bool(v) for v in PLAN))
     last = previous = None
     for step, (x, out) in enumerate(seen):
         if PLAN[step]:

@@ -9,8 +9,8 @@ from conftest import STEPS, generate, make_dit_pipeline
 from torch import nn
 
 import smoothcache
-from smoothcache.errors import ScheduleError
-from smoothcache.guidance import GuidanceError, branch_key, split_branch_key
+from smoothcache.errors import GuidanceError, ScheduleError
+from smoothcache.keys import Key, key_for
 
 ONES = [1] * STEPS
 REUSE = [1, 1, 0, 1, 0, 1, 0, 1, 0, 1]  # reuse at steps 2, 4, 6, 8
@@ -33,13 +33,24 @@ def profiles(pipe):
     return recorded
 
 
-def test_branch_keys_round_trip():
-    assert branch_key("attn1", "uncond") == "attn1@uncond"
-    assert branch_key("attn1-3", "cond") == "attn1@cond-3"
-    assert split_branch_key("attn1@uncond-3") == ("attn1-3", "uncond")
-    assert split_branch_key("ff") == ("ff", None)
+def test_keys_parse_and_print_one_grammar():
+    for text, key in [("attn1", Key("attn1")), ("attn1-3", Key("attn1", 3)), ("attn1@uncond", Key("attn1", None, "uncond")),
+                      ("ff@cond-12", Key("ff", 12, "cond")), ("single_attn-0", Key("single_attn", 0))]:
+        assert Key.parse(text) == key and str(key) == text
+    assert Key.parse("attn1@uncond-3").without_branch() == Key("attn1", 3)
+    assert str(Key("attn1", 3).with_branch("cond")) == "attn1@cond-3"
+    assert Key.parse("attn1@cond-3").typed == "attn1@cond"
+    assert Key.parse("transformer_blocks.*.attn1").layer_type == "transformer_blocks.*.attn1"
     with pytest.raises(GuidanceError, match="names no guidance branch"):
-        split_branch_key("attn1@negative")
+        Key.parse("attn1@negative")
+
+
+def test_a_per_block_key_governs_its_block_before_the_type_key():
+    plans = {"attn1": [1], "attn1-3": [1], "ff@cond-2": [1]}
+    assert key_for(plans, "attn1", 3) == "attn1-3"
+    assert key_for(plans, "attn1", 4) == "attn1"
+    assert key_for(plans, "ff@cond", 2) == "ff@cond-2"
+    assert key_for(plans, "ff", 2) is None
 
 
 def test_split_profile_keeps_the_whole_batch_curves(pipe, profiles):

@@ -6,7 +6,8 @@ from conftest import generate, make_dit_pipeline
 
 import smoothcache
 from smoothcache import Schedule
-from smoothcache.tuning import candidate_schedules, relative_l1
+from smoothcache.solvers import candidate_schedules
+from smoothcache.tuning import relative_l1
 
 
 @pytest.fixture(scope="module")

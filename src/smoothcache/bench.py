@@ -15,7 +15,8 @@ from typing import Any, Literal
 import torch
 
 from .calibration import calibration
-from .runtime import cache, compiled_anywhere
+from .runtime import cache
+from .runtime.compile import compiled_anywhere
 from .schedule import Schedule
 
 __all__ = ["BenchResult", "benchmark_schedule", "count_host_syncs", "diagnose", "timed"]
@@ -76,21 +77,19 @@ def diagnose(
             "(a blocking copy of a timestep to the device, or the scheduler reading a device tensor on the host): "
             "after each wait the GPU idles while the host prepares the next step, which costs a step that reuses "
             "a large share of its time; keep the scheduler's timesteps on the host and copy them to the device "
-            "once per generation (on DiT-XL/2 under CUDA graphs this took whole-block caching from 1.81x to 1.97x)"
+            "once per generation"
         )
     far_from_ideal = reach is not None and speedup >= 1.05 and reach < 0.8  # gains, but well short
     if caches_layers and far_from_ideal:
         found.append(
             "a reused layer leaves its block's norms, modulation and gates to run; where the model supports it, "
-            "caching whole blocks (a schedule of the 'block' component) skips them too (on DiT-XL/2, batch 8, eager: "
-            "2.10x for blocks against 1.47x for attn1+ff layers on the same plan)"
+            "caching whole blocks (a schedule of the 'block' component) skips them too"
         )
     if cuda_graphs is False and far_from_ideal:
         found.append(
             "without CUDA graphs the host launches every kernel, and the work a reusing step still runs costs "
             "its launch time, not GPU time; compile the transformer with CUDA graphs (torch.compile(transformer, "
-            "mode='reduce-overhead'); smoothcache bench --compile model-cudagraphs) (on DiT-XL/2, batch 8, an H200: "
-            "attn1+ff layers 1.47x eager and 1.27x under whole-model compile, 1.88x with CUDA graphs)"
+            "mode='reduce-overhead'); smoothcache bench --compile model-cudagraphs)"
         )
     return found
 

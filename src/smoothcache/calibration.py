@@ -26,18 +26,12 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import __version__
 from .adapters import CacheableLayer, find_layers
-from .block_residuals import BlockStreams, extrapolate
-from .errors import ProfileError, StepMismatchError
-from .guidance import (
-    BRANCHES,
-    GuidanceError,
-    branch_layer_infos,
-    branch_order,
-    check_cfg_batch,
-)
+from .errors import GuidanceError, ProfileError, StepMismatchError
+from .guidance import branch_order, check_cfg_batch
+from .keys import BRANCHES
 from .profile import CalibrationProfile, LayerInfo
+from .runtime.streams import BlockStreams, extrapolate
 from .step_weights import StepProbe
 from .steps import (
     StepTracker,
@@ -46,6 +40,7 @@ from .steps import (
     scheduler_step_index,
     step_anchor,
 )
+from .version import __version__
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -53,6 +48,15 @@ if TYPE_CHECKING:
 __all__ = ["CalibrationRecorder", "calibration"]
 
 logger = logging.getLogger(__name__)
+
+
+def _branch_layer_infos(infos: Sequence[LayerInfo]) -> list[LayerInfo]:
+    """The branch entries of a profile, cond then uncond: each layer once per branch, at half its cost."""
+    return [
+        LayerInfo(f"{info.name}@{branch}", f"{info.layer_type}@{branch}", info.block, None if info.flops is None else info.flops / 2)
+        for branch in BRANCHES
+        for info in infos
+    ]
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:
@@ -378,7 +382,7 @@ class CalibrationRecorder:
         flops: list[float | None] = list(self._flops) if self._flops else [None] * len(self.layers)
         infos = [LayerInfo(layer.name, layer.layer_type, layer.block, f) for layer, f in zip(self.layers, flops, strict=True)]
         if self.branches is not None:
-            infos += branch_layer_infos(infos)
+            infos += _branch_layer_infos(infos)
         model = self.target.model
         parameter = next(model.parameters(), None)
         metadata = {

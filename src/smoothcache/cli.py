@@ -12,10 +12,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from . import __version__
 from .errors import SmoothCacheError
 from .profile import CalibrationProfile
 from .schedule import Schedule
+from .solvers import SOLVERS
+from .version import __version__
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -46,7 +47,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[Any, list[Any], dict[str, Any]]:
     from . import distributed
-    from .adapters.diffusers_pipelines import load_pipeline, make_requests
+    from .cli_pipelines import load_pipeline, make_requests
 
     world = distributed.current()  # under torchrun: this rank's GPU, and one progress bar
     pipe = load_pipeline(
@@ -62,8 +63,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[Any], dict[str, Any]]:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from . import distributed
-    from .adapters.diffusers_pipelines import run_request
     from .calibration import calibration
+    from .cli_pipelines import run_request
 
     with distributed.session(args.device) as world:  # one process unless launched by torchrun
 
@@ -111,7 +112,7 @@ def _threshold_table(profile: CalibrationProfile) -> str:
 def cmd_schedule(args: argparse.Namespace) -> int:
     profile = CalibrationProfile.load(args.profile)
     if args.steps is not None and args.steps != profile.num_steps:
-        from .adapters.diffusers_pipelines import scheduler_timesteps
+        from .cli_pipelines import scheduler_timesteps
 
         timesteps = scheduler_timesteps(profile.metadata.get("scheduler_config"), args.steps)
         profile = profile.resample(args.steps, timesteps)
@@ -139,7 +140,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .adapters.diffusers_pipelines import run_request
+    from .cli_pipelines import run_request
     from .tuning import tune
 
     profile = CalibrationProfile.load(args.profile)
@@ -164,7 +165,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import distributed
-    from .adapters.diffusers_pipelines import run_request
+    from .cli_pipelines import run_request
     from .runtime import cache
 
     schedule = Schedule.load(args.schedule) if args.schedule else None
@@ -209,8 +210,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .adapters.diffusers_pipelines import run_request
     from .bench import benchmark_schedule
+    from .cli_pipelines import run_request
 
     schedule = Schedule.load(args.schedule)
     pipe, requests, extra = _load(args)
@@ -400,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--per-block", action="store_true", help="one plan per block ('attn1-3') instead of per layer type")
     schedule.add_argument(
         "--solver",
-        choices=["greedy", "optimal", "per-block"],
+        choices=SOLVERS,
         help="greedy: the paper's threshold rule; optimal: least summed error within a budget; "
         "per-block: optimal with one plan per block under one global budget "
         "(default: greedy for --alpha, optimal for a budget)",
@@ -420,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(tune_)
     tune_.add_argument("--profile", required=True, help="profile JSON from `smoothcache calibrate` (same --steps)")
     tune_.add_argument("--max-error", type=float, required=True, help="allowed rel-L1 drift of the output, e.g. 0.05")
-    tune_.add_argument("--solver", choices=["greedy", "optimal", "per-block"], default="optimal")
+    tune_.add_argument("--solver", choices=SOLVERS, default="optimal")
     tune_.add_argument(
         "--forecast", choices=["none", "linear"], default="none",
         help="linear: plan and measure schedules for generate --forecast linear (needs calibrate --forecast linear)",

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import ProfileError, ScheduleError, SmoothCacheError
+from .errors import ProfileError, RankFailedError, ScheduleError
 from .profile import CalibrationProfile
 from .schedule import Schedule
 
@@ -43,7 +43,6 @@ __all__ = [
     "current",
     "init",
     "launched_by_torchrun",
-    "local_device",
     "merge_rank_profiles",
     "session",
 ]
@@ -54,18 +53,6 @@ T = TypeVar("T")
 
 TIMEOUT_ENV = "SMOOTHCACHE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = timedelta(minutes=30)
-
-
-class RankFailedError(SmoothCacheError, RuntimeError):
-    """The job stops on this rank because another rank failed, or could not be reached in time.
-
-    ``failed_ranks`` lists the ranks that reported an error; it is empty when a rank was lost
-    without a word (killed, hung past the timeout).
-    """
-
-    def __init__(self, message: str, failed_ranks: Sequence[int] = ()) -> None:
-        super().__init__(message)
-        self.failed_ranks = list(failed_ranks)
 
 
 def launched_by_torchrun() -> bool:
@@ -140,11 +127,6 @@ def current() -> World:
     if not launched_by_torchrun():
         return World()
     return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def local_device(device: str) -> str:
-    """``device`` for this rank: ``"cuda"`` is ``cuda:LOCAL_RANK`` under torchrun."""
-    return current().device(device)
 
 
 def _timeout() -> timedelta:

@@ -1,6 +1,12 @@
-"""The exceptions smoothcache raises, one per kind of mistake, so callers can catch them by name."""
+"""The exceptions smoothcache raises, one per kind of mistake, so callers can catch them by name.
+
+Every one derives from :class:`SmoothCacheError`, and also from the built-in exception a caller
+would expect for that kind (``ValueError`` for bad input, ``OSError`` for missing files).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 
 class SmoothCacheError(Exception):
@@ -9,6 +15,10 @@ class SmoothCacheError(Exception):
 
 class ScheduleError(SmoothCacheError, ValueError):
     """A schedule is malformed or does not fit the model it is applied to."""
+
+
+class BlockCachingError(ScheduleError):
+    """A block cannot be cached whole: its output does not continue its inputs."""
 
 
 class ProfileError(SmoothCacheError, ValueError):
@@ -21,3 +31,27 @@ class StepMismatchError(SmoothCacheError, RuntimeError):
 
 class NoCacheableLayersError(SmoothCacheError, ValueError):
     """No layer of the model matched the components asked for."""
+
+
+class GuidanceError(SmoothCacheError, ValueError):
+    """A model call or layer cannot be split into the two halves of a classifier-free guidance batch."""
+
+
+class RankFailedError(SmoothCacheError, RuntimeError):
+    """The job stops on this rank because another rank failed, or could not be reached in time.
+
+    ``failed_ranks`` lists the ranks that reported an error; it is empty when a rank was lost
+    without a word (killed, hung past the timeout).
+    """
+
+    def __init__(self, message: str, failed_ranks: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.failed_ranks = list(failed_ranks)
+
+
+class DemoAssetError(SmoothCacheError, OSError):
+    """A shipped demo file (model, classifier, statistics) is missing or unreadable."""
+
+
+class FashionMnistError(SmoothCacheError, OSError):
+    """The Fashion-MNIST files are missing or not valid IDX data."""

@@ -1,5 +1,5 @@
-"""Classifier-free guidance batches: which half of a model call's batch is which branch, and the
-keys that address one branch (``"attn1@uncond"``, ``"ff@cond-3"``).
+"""Classifier-free guidance batches: which half of a model call's batch is which branch, and how
+to run a layer on one half (keys that address one branch, ``"attn1@uncond"``: :mod:`.keys`).
 
 Most diffusers pipelines run guidance as one model call on ``2B`` rows: the two branches stacked
 along dim 0, both fed the same latents. The order differs by pipeline: ``DiTPipeline`` (and the
@@ -7,7 +7,7 @@ demo pipeline) put the conditional half first (class labels, then the null class
 Sana and most text-to-image/video pipelines put the negative prompt first.
 
 A calibration with ``branches=`` records each half's errors under branch keys next to the
-whole-batch ones; a schedule with branch keys gives each half its own plan (``branch_caching``).
+whole-batch ones; a schedule with branch keys gives each half its own plan (:mod:`.cache.plan`).
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ from typing import Any
 
 import torch
 
-from .errors import SmoothCacheError
-from .profile import LayerInfo
+from .errors import GuidanceError
+from .keys import BRANCHES
 
-__all__ = ["BRANCHES", "GuidanceError", "branch_key", "branch_layer_infos", "branch_order", "check_cfg_batch", "first_tensor", "input_shape", "split_branch_key"]
-
-BRANCHES: tuple[str, str] = ("cond", "uncond")
+__all__ = ["branch_order", "check_cfg_batch", "check_layer_rows", "first_tensor", "input_shape", "splice_half", "take_half"]
 
 # Verified in diffusers 0.42.1: where each pipeline concatenates its guidance batch.
 COND_FIRST_PIPELINES = frozenset({"DiTPipeline", "DemoDiTPipeline"})
@@ -31,10 +29,6 @@ UNCOND_FIRST_PIPELINES = frozenset({
     "AuraFlowPipeline", "LTXPipeline", "MochiPipeline", "AllegroPipeline", "LattePipeline", "StableAudioPipeline",
     "CogVideoXPipeline",
 })
-
-
-class GuidanceError(SmoothCacheError, ValueError):
-    """A model call or layer cannot be split into the two halves of a classifier-free guidance batch."""
 
 
 def branch_order(pipeline: Any | None, branches: Sequence[str] | str) -> tuple[str, str]:
@@ -60,38 +54,6 @@ def branch_order(pipeline: Any | None, branches: Sequence[str] | str) -> tuple[s
     if sorted(order) != sorted(BRANCHES):
         raise GuidanceError(f"branches must name 'cond' and 'uncond' once each, in batch order; got {order!r}")
     return order  # type: ignore[return-value]
-
-
-def branch_key(key: str, branch: str) -> str:
-    """``("attn1", "uncond")`` -> ``"attn1@uncond"``; ``("attn1-3", "uncond")`` -> ``"attn1@uncond-3"``.
-
-    The block suffix stays last, so a branch key is an ordinary ``<type>-<block>`` key of the
-    layer type ``"attn1@uncond"`` (as the branch entries of a profile are).
-    """
-    head, _, tail = key.rpartition("-")
-    if head and tail.isdigit():
-        return f"{head}@{branch}-{tail}"
-    return f"{key}@{branch}"
-
-
-def split_branch_key(key: str) -> tuple[str, str | None]:
-    """``"attn1@uncond-3"`` -> ``("attn1-3", "uncond")``; a key without a branch -> ``(key, None)``."""
-    head, at, tail = key.partition("@")
-    if not at:
-        return key, None
-    branch, dash, block = tail.partition("-")
-    if branch not in BRANCHES or (dash and not block.isdigit()):
-        raise GuidanceError(f"Key {key!r} names no guidance branch; write '<type>@cond', '<type>@uncond' or '<type>@uncond-<block>'")
-    return (f"{head}-{block}" if dash else head), branch
-
-
-def branch_layer_infos(infos: Sequence[LayerInfo]) -> list[LayerInfo]:
-    """The branch entries of a profile, cond then uncond: each layer once per branch, at half its cost."""
-    return [
-        LayerInfo(f"{info.name}@{branch}", f"{info.layer_type}@{branch}", info.block, None if info.flops is None else info.flops / 2)
-        for branch in BRANCHES
-        for info in infos
-    ]
 
 
 def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:

@@ -13,18 +13,15 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 
 from .errors import ProfileError
-from .schedule import Schedule, schedule_key_for
-from .solvers import (
-    SolverProblem,
-    greedy_schedule,
-    schedule_for_budget,
-    weigh_by_target_step,
-)
+from .keys import Key, key_for
+from .resampling import resample_curves, resample_step_weights, uniform_positions
+from .schedule import Schedule
+from .solvers import Forecast, Solver, SolverProblem, solve, solver_problem
 
 __all__ = ["CalibrationProfile", "LayerInfo"]
 
@@ -32,13 +29,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "smoothcache.profile"
 FORMAT_VERSION = 1
-
-# "per-block" is the optimal solver with one plan per block: one name for the command line and the demo.
-Solver = Literal["greedy", "optimal", "per-block"]
-SOLVERS: tuple[str, ...] = get_args(Solver)
-# what a reusing step returns: the kept output, or an extrapolation from the last two (runtime.cache)
-Forecast = Literal["none", "linear"]
-
 
 @dataclass(frozen=True)
 class LayerInfo:
@@ -52,7 +42,7 @@ class LayerInfo:
     @property
     def block_key(self) -> str:
         """The per-block schedule key, e.g. ``"attn1-3"`` (the type key when the block is unknown)."""
-        return self.layer_type if self.block is None else f"{self.layer_type}-{self.block}"
+        return str(Key(self.layer_type, self.block))
 
 
 @dataclass
@@ -234,73 +224,14 @@ class CalibrationProfile:
         weigh_steps: bool = True,
     ) -> tuple[Schedule, float | None]:
         """As :meth:`schedule`, also returning the greedy threshold used (None for the optimal solver)."""
-        given = [n for n, v in (("alpha", alpha), ("compute_fraction", compute_fraction), ("speedup", speedup)) if v is not None]
-        if len(given) != 1:
-            raise ProfileError(f"Give exactly one of alpha, compute_fraction, speedup (got {given or 'none'})")
-        if solver is None:
-            solver = "greedy" if alpha is not None else "optimal"
-        if solver not in SOLVERS:
-            raise ProfileError(f"Unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-        if solver == "per-block":
-            solver, per_block = "optimal", True
-        if forecast == "linear" and solver == "greedy":
-            raise ProfileError(
-                "Schedules for forecasting come from the optimal solver: give compute_fraction= or speedup= "
-                "with solver='optimal' or 'per-block'"
-            )
-        problem = self.solver_problem(keys, per_block, forecast, weigh_steps) if solver == "optimal" else None
-        # the optimal solver reads only the keys of the unweighted curves: its problem holds them
-        curves = problem.curves if problem is not None else self.curves_by_key(keys, per_block)
-        if alpha is not None:
-            if alpha < 0:
-                raise ProfileError(f"alpha must be >= 0, got {alpha}")
-            if solver != "greedy":
-                raise ProfileError(
-                    "The optimal solver spends a budget, it has no threshold: pass compute_fraction= or speedup= "
-                    "(or solver='greedy' for the paper's alpha)"
-                )
-            return greedy_schedule(curves, alpha), float(alpha)
-        if compute_fraction is not None:
-            if not 0 < compute_fraction <= 1:
-                raise ProfileError(f"compute_fraction must be in (0, 1], got {compute_fraction}")
-            if problem is not None:
-                return problem.solve(compute_fraction * self.num_steps * len(curves)), None
-            return schedule_for_budget(
-                curves, lambda s: s.compute_fraction() <= compute_fraction + 1e-12, f"compute_fraction={compute_fraction}"
-            )
-        assert speedup is not None
-        if speedup < 1:
-            raise ProfileError(f"speedup must be >= 1, got {speedup}")
-        if problem is not None:
-            costs = self.key_costs(per_block)
-            costs = {key: costs[key] for key in curves}
-            total = float(self.total_flops or 0.0)
-            # speedup = total / (total - saved) with saved = sum(cost * (1 - computed / steps))
-            budget = self.num_steps * (sum(costs.values()) - total * (1.0 - 1.0 / speedup))
-            if budget < 0:
-                raise ProfileError(
-                    f"speedup={speedup} is out of reach: skipping every cached layer at every step gives at most "
-                    f"{total / max(total - sum(costs.values()), 1e-30):.2f}x"
-                )
-            return problem.solve(budget, weights=costs), None
-        return schedule_for_budget(curves, lambda s: self.estimated_speedup(s) >= speedup - 1e-12, f"speedup={speedup}")
+        return solve(self, alpha, compute_fraction=compute_fraction, speedup=speedup, keys=keys, per_block=per_block,
+                     solver=solver, forecast=forecast, weigh_steps=weigh_steps)
 
     def solver_problem(
         self, keys: Sequence[str] | None = None, per_block: bool = False, forecast: Forecast = "none", weigh_steps: bool = True
     ) -> SolverProblem:
-        """What the optimal solver minimises for these keys: their curves, weighted by the steps'
-        sensitivity where it was measured (``weigh_steps``), and the forecast errors for ``forecast``."""
-        if forecast not in ("none", "linear"):
-            raise ProfileError(f"forecast must be 'none' or 'linear', got {forecast!r}")
-        weights = self.step_weights if weigh_steps else None
-        curves = self.curves_by_key(keys, per_block)
-        forecasts = self.forecast_curves_by_key(keys, per_block) if forecast == "linear" else None
-        if weights is not None:
-            curves = {key: weigh_by_target_step(c, weights) for key, c in curves.items()}
-            if forecasts is not None:
-                forecasts = {key: weigh_by_target_step(f, weights) for key, f in forecasts.items()}
-        # with weights, the last step competes like any other (DDIM's last step hardly moves the sample)
-        return SolverProblem(curves, forecasts, keep_last=weights is None)
+        """What the optimal solver minimises for these keys (see :func:`.solvers.solver_problem`)."""
+        return solver_problem(self, keys, per_block, forecast, weigh_steps)
 
     def estimated_speedup(self, schedule: Schedule) -> float:
         """Ideal speedup of ``schedule`` on the calibrated model, from the FLOPs it skips.
@@ -311,16 +242,43 @@ class CalibrationProfile:
         total = float(self.total_flops or 0.0)
         saved = 0.0
         for layer in self.layers:
-            key = schedule_key_for(schedule.plans, layer.layer_type, layer.block)
+            key = key_for(schedule.plans, layer.layer_type, layer.block)
             if key is not None:
                 saved += float(layer.flops or 0.0) * (1.0 - schedule.compute_fraction(key))
         return math.inf if saved >= total else total / (total - saved)
 
     def resample(self, num_steps: int, timesteps: Sequence[float] | None = None) -> CalibrationProfile:
-        """This profile as if calibrated at ``num_steps`` (see :mod:`smoothcache.resampling`)."""
-        from .resampling import resample_profile
+        """This profile as if calibrated at ``num_steps``, from the curves it has (see :mod:`.resampling`).
 
-        return resample_profile(self, num_steps, timesteps)
+        ``timesteps`` are the target scheduler's (``scheduler.set_timesteps(num_steps)`` then
+        ``scheduler.timesteps``); without them, or without timesteps recorded in the profile, steps are
+        placed evenly over the same denoising range.
+
+        >>> profile50 = profile20.resample(50, timesteps=pipe.scheduler.timesteps)   # doctest: +SKIP
+        """
+        if num_steps < 2:
+            raise ProfileError(f"num_steps must be >= 2, got {num_steps}")
+        recorded = self.metadata.get("timesteps")
+        if timesteps is not None and recorded is not None and len(recorded) == self.num_steps:
+            source, target = np.asarray(recorded, dtype=np.float64), np.asarray(timesteps, dtype=np.float64)
+            if len(target) != num_steps:
+                raise ProfileError(f"Got {len(target)} target timesteps for num_steps={num_steps}")
+        else:
+            source, target = uniform_positions(self.num_steps), uniform_positions(num_steps)
+        errors = np.stack([np.stack([resample_curves(layer, source, target) for layer in run]) for run in self.errors])
+        metadata = dict(self.metadata)
+        metadata.update(
+            num_steps=num_steps,
+            resampled_from={"num_steps": self.num_steps, "timesteps": recorded},
+            timesteps=[float(t) for t in target] if timesteps is not None else None,
+        )
+        if self.step_weights is not None:
+            metadata["step_weights"] = [round(float(w), 6) for w in resample_step_weights(self.step_weights, source, target)]
+        if self.forecast_errors is not None:
+            # a gap of g steps spans another stretch of the trajectory at another step count
+            logger.warning("Resampling drops the profile's forecast errors; calibrate at %d steps to plan forecasting", num_steps)
+            metadata["forecast"] = "none"
+        return CalibrationProfile(self.layers, errors, metadata, self.total_flops)
 
     def check_compatible(self, model: Any, num_steps: int | None = None) -> None:
         """Raise :class:`ProfileError` unless ``model`` has the calibrated layers and runs ``num_steps``.

@@ -10,17 +10,13 @@ left unmeasured (NaN), so the solvers never reuse that far: extrapolating errors
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import numpy as np
 
 from .errors import ProfileError
-from .profile import CalibrationProfile
 
-logger = logging.getLogger(__name__)
-
-__all__ = ["resample_curves", "resample_profile", "resample_step_weights", "uniform_positions"]
+__all__ = ["resample_curves", "resample_step_weights", "uniform_positions"]
 
 
 def uniform_positions(num_steps: int) -> np.ndarray:
@@ -106,41 +102,3 @@ def _at(position: float, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def _reach(x: np.ndarray) -> float:
     return float(np.max(np.abs(np.diff(x))))
-
-
-def resample_profile(
-    profile: CalibrationProfile, num_steps: int, timesteps: Sequence[float] | None = None
-) -> CalibrationProfile:
-    """The profile as if calibrated at ``num_steps``, from the curves it has.
-
-    ``timesteps`` are the target scheduler's (``scheduler.set_timesteps(num_steps)`` then
-    ``scheduler.timesteps``); without them, or without timesteps recorded in the profile, steps are
-    placed evenly over the same denoising range.
-
-    >>> profile50 = resample_profile(profile20, 50, timesteps=pipe.scheduler.timesteps)   # doctest: +SKIP
-    """
-    if num_steps < 2:
-        raise ProfileError(f"num_steps must be >= 2, got {num_steps}")
-    recorded = profile.metadata.get("timesteps")
-    if timesteps is not None and recorded is not None and len(recorded) == profile.num_steps:
-        source, target = np.asarray(recorded, dtype=np.float64), np.asarray(timesteps, dtype=np.float64)
-        if len(target) != num_steps:
-            raise ProfileError(f"Got {len(target)} target timesteps for num_steps={num_steps}")
-    else:
-        source, target = uniform_positions(profile.num_steps), uniform_positions(num_steps)
-    errors = np.stack(
-        [np.stack([resample_curves(layer, source, target) for layer in run]) for run in profile.errors]
-    )
-    metadata = dict(profile.metadata)
-    metadata.update(
-        num_steps=num_steps,
-        resampled_from={"num_steps": profile.num_steps, "timesteps": recorded},
-        timesteps=[float(t) for t in target] if timesteps is not None else None,
-    )
-    if profile.step_weights is not None:
-        metadata["step_weights"] = [round(float(w), 6) for w in resample_step_weights(profile.step_weights, source, target)]
-    if profile.forecast_errors is not None:
-        # a gap of g steps spans another stretch of the trajectory at another step count
-        logger.warning("Resampling drops the profile's forecast errors; calibrate at %d steps to plan forecasting", num_steps)
-        metadata["forecast"] = "none"
-    return CalibrationProfile(profile.layers, errors, metadata, profile.total_flops)

@@ -2,7 +2,7 @@
 
 Keys are layer types (``"attn1"``, ``"ff"``, ``"attn"``, ``"mlp"``) or one block's layer
 (``"attn-0"``, ``"mlp-13"``), as in the reference package's ``smoothcache_schedules/*.json``.
-A per-block key wins over the layer-type key for that block.
+A per-block key wins over the layer-type key for that block (the grammar: :mod:`.keys`).
 """
 
 from __future__ import annotations
@@ -15,20 +15,7 @@ from pathlib import Path
 
 from .errors import ScheduleError
 
-__all__ = ["Schedule", "layer_type_of", "schedule_key_for"]
-
-
-def schedule_key_for(plans: Mapping[str, object], layer_type: str, block: int | None) -> str | None:
-    """The key of ``plans`` that governs ``layer_type`` in block ``block``, or None.
-
-    >>> schedule_key_for({"attn1": [1], "attn1-3": [1]}, "attn1", 3)
-    'attn1-3'
-    """
-    if block is not None:
-        per_block = f"{layer_type}-{block}"
-        if per_block in plans:
-            return per_block
-    return layer_type if layer_type in plans else None
+__all__ = ["Schedule"]
 
 
 @dataclass(frozen=True)
@@ -143,12 +130,6 @@ class Schedule:
             lines.append(f"{key:<{width}}  {sum(plan):>3}/{len(plan):<4}  {sum(plan) / len(plan):8.3f}")
         lines.append(f"{'all':<{width}}  {'':8}  {self.compute_fraction():8.3f}")
         return "\n".join(lines)
-
-
-def layer_type_of(key: str) -> str:
-    """``"attn1-3"`` -> ``"attn1"``; a type key stays as it is."""
-    head, _, tail = key.rpartition("-")
-    return head if head and tail.isdigit() else key
 
 
 def _where(source: str | None) -> str:

@@ -1,4 +1,8 @@
-"""Pure functions from error curves to schedules.
+"""Pure functions from error curves to schedules, and the one front door from a profile to them.
+
+Every way of making a schedule goes through :func:`solve` (one threshold or budget) or
+:func:`candidate_schedules` (every budget, for ``tune``); adding a solver means adding it to
+:data:`SOLVERS` and to those two functions.
 
 A curve array has shape ``(lookahead, num_steps)``: ``curves[k - 1, s]`` is the relative L1 error
 of reusing step ``s``'s output at step ``s + k`` (NaN where ``s + k`` is past the last step).
@@ -12,29 +16,36 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal, Protocol, get_args, overload
 
 import numpy as np
 
-from .errors import ScheduleError
+from .errors import ProfileError, ScheduleError
 from .schedule import Schedule
 
 __all__ = [
+    "SOLVERS",
     "BudgetAllocations",
+    "Calibrated",
+    "Forecast",
     "ForecastFrontier",
     "PlanFrontier",
+    "Solver",
     "SolverProblem",
     "allocate_budget",
     "alpha_candidates",
+    "candidate_schedules",
     "forecast_frontier",
     "frontier_of",
     "greedy_plan",
     "greedy_schedule",
     "nested_plans",
-    "optimal_plan",
     "optimal_schedule",
     "plan_frontier",
     "reuse_error",
     "schedule_for_budget",
+    "solve",
+    "solver_problem",
     "weigh_by_target_step",
 ]
 
@@ -309,11 +320,6 @@ def forecast_frontier(
     return ForecastFrontier(flat.min(axis=1), previous_gap, where // (gaps + 1), where % (gaps + 1))
 
 
-def optimal_plan(curves: np.ndarray, computed: int, keep_last: bool = True) -> list[int]:
-    """The plan with ``computed`` computed steps whose summed reuse error is least."""
-    return list(plan_frontier(curves, keep_last).plan(computed))
-
-
 def allocate_budget(frontiers: Mapping[str, _Frontier], weights: Mapping[str, int], budget: int) -> dict[str, int]:
     """Computed steps per key minimising the summed error, with ``sum(weights[k] * m_k) <= budget``.
 
@@ -483,3 +489,176 @@ class SolverProblem:
     def place(self, computed: Mapping[str, int]) -> Schedule:
         """The schedule computing ``computed[key]`` steps of each key (see :func:`nested_plans`)."""
         return Schedule(nested_plans(self.curves, computed, self.keep_last, self.forecasts))
+
+
+# ---- the front door: a profile and a budget (or threshold) -> a schedule -------------------------
+
+# "per-block" is the optimal solver with one plan per block: one name for the command line and the demo.
+Solver = Literal["greedy", "optimal", "per-block"]
+SOLVERS: tuple[str, ...] = get_args(Solver)
+# what a reusing step returns: the kept output, or an extrapolation from the last two (runtime.cache)
+Forecast = Literal["none", "linear"]
+
+
+class Calibrated(Protocol):
+    """What the solvers read of a calibration profile (:class:`~smoothcache.profile.CalibrationProfile`)."""
+
+    @property
+    def num_steps(self) -> int: ...
+    @property
+    def step_weights(self) -> np.ndarray | None: ...
+    total_flops: float | None
+
+    def curves_by_key(self, keys: Sequence[str] | None = None, per_block: bool = False) -> dict[str, np.ndarray]: ...
+    def forecast_curves_by_key(self, keys: Sequence[str] | None = None, per_block: bool = False) -> dict[str, np.ndarray]: ...
+    def key_costs(self, per_block: bool = False) -> dict[str, float]: ...
+    def estimated_speedup(self, schedule: Schedule) -> float: ...
+
+
+def solver_problem(
+    profile: Calibrated, keys: Sequence[str] | None = None, per_block: bool = False, forecast: Forecast = "none",
+    weigh_steps: bool = True,
+) -> SolverProblem:
+    """What the optimal solver minimises for these keys: their curves, weighted by the steps'
+    sensitivity where it was measured (``weigh_steps``), and the forecast errors for ``forecast``."""
+    if forecast not in ("none", "linear"):
+        raise ProfileError(f"forecast must be 'none' or 'linear', got {forecast!r}")
+    weights = profile.step_weights if weigh_steps else None
+    curves = profile.curves_by_key(keys, per_block)
+    forecasts = profile.forecast_curves_by_key(keys, per_block) if forecast == "linear" else None
+    if weights is not None:
+        curves = {key: weigh_by_target_step(c, weights) for key, c in curves.items()}
+        if forecasts is not None:
+            forecasts = {key: weigh_by_target_step(f, weights) for key, f in forecasts.items()}
+    # with weights, the last step competes like any other (DDIM's last step hardly moves the sample)
+    return SolverProblem(curves, forecasts, keep_last=weights is None)
+
+
+def solve(
+    profile: Calibrated,
+    alpha: float | None = None,
+    *,
+    compute_fraction: float | None = None,
+    speedup: float | None = None,
+    keys: Sequence[str] | None = None,
+    per_block: bool = False,
+    solver: Solver | None = None,
+    forecast: Forecast = "none",
+    weigh_steps: bool = True,
+) -> tuple[Schedule, float | None]:
+    """The schedule for one threshold or budget, and the greedy threshold used (None for the
+    optimal solver); ``CalibrationProfile.schedule`` documents the arguments."""
+    given = [n for n, v in (("alpha", alpha), ("compute_fraction", compute_fraction), ("speedup", speedup)) if v is not None]
+    if len(given) != 1:
+        raise ProfileError(f"Give exactly one of alpha, compute_fraction, speedup (got {given or 'none'})")
+    if solver is None:
+        solver = "greedy" if alpha is not None else "optimal"
+    if solver not in SOLVERS:
+        raise ProfileError(f"Unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if solver == "per-block":
+        solver, per_block = "optimal", True
+    if forecast == "linear" and solver == "greedy":
+        raise ProfileError(
+            "Schedules for forecasting come from the optimal solver: give compute_fraction= or speedup= "
+            "with solver='optimal' or 'per-block'"
+        )
+    problem = solver_problem(profile, keys, per_block, forecast, weigh_steps) if solver == "optimal" else None
+    # the optimal solver reads only the keys of the unweighted curves: its problem holds them
+    curves = problem.curves if problem is not None else profile.curves_by_key(keys, per_block)
+    num_steps = profile.num_steps
+    if alpha is not None:
+        if alpha < 0:
+            raise ProfileError(f"alpha must be >= 0, got {alpha}")
+        if solver != "greedy":
+            raise ProfileError(
+                "The optimal solver spends a budget, it has no threshold: pass compute_fraction= or speedup= "
+                "(or solver='greedy' for the paper's alpha)"
+            )
+        return greedy_schedule(curves, alpha), float(alpha)
+    if compute_fraction is not None:
+        if not 0 < compute_fraction <= 1:
+            raise ProfileError(f"compute_fraction must be in (0, 1], got {compute_fraction}")
+        if problem is not None:
+            return problem.solve(compute_fraction * num_steps * len(curves)), None
+        return schedule_for_budget(
+            curves, lambda s: s.compute_fraction() <= compute_fraction + 1e-12, f"compute_fraction={compute_fraction}"
+        )
+    assert speedup is not None
+    if speedup < 1:
+        raise ProfileError(f"speedup must be >= 1, got {speedup}")
+    if problem is not None:
+        costs = profile.key_costs(per_block)
+        costs = {key: costs[key] for key in curves}
+        total = float(profile.total_flops or 0.0)
+        # speedup = total / (total - saved) with saved = sum(cost * (1 - computed / steps))
+        budget = num_steps * (sum(costs.values()) - total * (1.0 - 1.0 / speedup))
+        if budget < 0:
+            raise ProfileError(
+                f"speedup={speedup} is out of reach: skipping every cached layer at every step gives at most "
+                f"{total / max(total - sum(costs.values()), 1e-30):.2f}x"
+            )
+        return problem.solve(budget, weights=costs), None
+    return schedule_for_budget(curves, lambda s: profile.estimated_speedup(s) >= speedup - 1e-12, f"speedup={speedup}")
+
+
+def candidate_schedules(
+    profile: Calibrated,
+    solver: Solver = "optimal",
+    per_block: bool = False,
+    keys: Sequence[str] | None = None,
+    forecast: Forecast = "none",
+) -> Sequence[Schedule]:
+    """Every distinct schedule the solver makes at some compute budget, cheapest first.
+
+    For the optimal solver the knapsack is solved once for all budgets and a schedule is built only
+    when asked for (a binary search asks for a dozen): per-block DiT-XL/2 has 2,800 budgets.
+    """
+    per_block = per_block or solver == "per-block"
+    if solver in ("optimal", "per-block"):
+        problem = solver_problem(profile, keys, per_block, forecast)
+        return _OptimalSchedules(problem, profile.num_steps * len(problem.curves))
+    slots = profile.num_steps * len(profile.curves_by_key(keys, per_block))
+    if forecast != "none":
+        raise ProfileError("Schedules for forecasting come from the optimal solver: tune with solver='optimal' or 'per-block'")
+    schedules: list[Schedule] = []
+    for computed in range(slots, 0, -1):
+        try:
+            schedule = solve(profile, compute_fraction=computed / slots, solver=solver, per_block=per_block, keys=keys)[0]
+        except ScheduleError:  # below the fewest computed steps the lookahead allows
+            break
+        if not schedules or schedule != schedules[-1]:
+            schedules.append(schedule)
+    return schedules[::-1]
+
+
+class _OptimalSchedules(Sequence[Schedule]):
+    """The optimal solver's distinct schedules over every budget of computed layer steps, cheapest
+    first, as ``profile.schedule(compute_fraction=...)`` makes them, each built on first access."""
+
+    def __init__(self, problem: SolverProblem, slots: int) -> None:
+        self._problem = problem
+        knapsack = BudgetAllocations(problem.frontiers(), dict.fromkeys(problem.curves, 1), slots)
+        allocations: list[dict[str, int]] = []
+        for budget in range(slots, 0, -1):
+            if not np.isfinite(knapsack.errors[budget]):
+                break  # below the fewest computed steps the lookahead allows
+            allocation = knapsack.within(budget)
+            if not allocations or allocation != allocations[-1]:
+                allocations.append(allocation)
+        self._allocations = allocations[::-1]
+        self._built: dict[int, Schedule] = {}
+
+    def __len__(self) -> int:
+        return len(self._allocations)
+
+    @overload
+    def __getitem__(self, index: int) -> Schedule: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Schedule]: ...
+    def __getitem__(self, index: int | slice) -> Schedule | list[Schedule]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = range(len(self))[index]  # negative indices, and IndexError past the end
+        if index not in self._built:
+            self._built[index] = self._problem.place(self._allocations[index])
+        return self._built[index]

@@ -12,20 +12,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ProfileError, ScheduleError
-from .profile import CalibrationProfile, Forecast, Solver
+from .errors import ProfileError
+from .profile import CalibrationProfile
 from .runtime import cache
 from .schedule import Schedule
-from .solvers import BudgetAllocations, SolverProblem
+from .solvers import Forecast, Solver, candidate_schedules
 from .steps import resolve_target
 
-__all__ = ["TuneResult", "candidate_schedules", "relative_l1", "tune"]
+__all__ = ["TuneResult", "relative_l1", "tune"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,69 +52,6 @@ def relative_l1(output: Any, reference: Any) -> float:
     difference = sum(float((o.float() - r.float()).abs().sum()) for o, r in zip(outputs, references))
     norm = sum(float(r.float().abs().sum()) for r in references)
     return difference / max(norm, 1e-12)
-
-
-def candidate_schedules(
-    profile: CalibrationProfile,
-    solver: Solver = "optimal",
-    per_block: bool = False,
-    keys: Sequence[str] | None = None,
-    forecast: Forecast = "none",
-) -> Sequence[Schedule]:
-    """Every distinct schedule the solver makes at some compute budget, cheapest first.
-
-    For the optimal solver the knapsack is solved once for all budgets and a schedule is built only
-    when asked for (a binary search asks for a dozen): per-block DiT-XL/2 has 2,800 budgets.
-    """
-    per_block = per_block or solver == "per-block"
-    if solver in ("optimal", "per-block"):
-        problem = profile.solver_problem(keys, per_block, forecast)
-        return _OptimalSchedules(problem, profile.num_steps * len(problem.curves))
-    slots = profile.num_steps * len(profile.curves_by_key(keys, per_block))
-    if forecast != "none":
-        raise ProfileError("Schedules for forecasting come from the optimal solver: tune with solver='optimal' or 'per-block'")
-    schedules: list[Schedule] = []
-    for computed in range(slots, 0, -1):
-        try:
-            schedule = profile.schedule(compute_fraction=computed / slots, solver=solver, per_block=per_block, keys=keys)
-        except ScheduleError:  # below the fewest computed steps the lookahead allows
-            break
-        if not schedules or schedule != schedules[-1]:
-            schedules.append(schedule)
-    return schedules[::-1]
-
-
-class _OptimalSchedules(Sequence[Schedule]):
-    """The optimal solver's distinct schedules over every budget of computed layer steps, cheapest
-    first, as ``profile.schedule(compute_fraction=...)`` makes them, each built on first access."""
-
-    def __init__(self, problem: SolverProblem, slots: int) -> None:
-        self._problem = problem
-        knapsack = BudgetAllocations(problem.frontiers(), dict.fromkeys(problem.curves, 1), slots)
-        allocations: list[dict[str, int]] = []
-        for budget in range(slots, 0, -1):
-            if not np.isfinite(knapsack.errors[budget]):
-                break  # below the fewest computed steps the lookahead allows
-            allocation = knapsack.within(budget)
-            if not allocations or allocation != allocations[-1]:
-                allocations.append(allocation)
-        self._allocations = allocations[::-1]
-        self._built: dict[int, Schedule] = {}
-
-    def __len__(self) -> int:
-        return len(self._allocations)
-
-    @overload
-    def __getitem__(self, index: int) -> Schedule: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Schedule]: ...
-    def __getitem__(self, index: int | slice) -> Schedule | list[Schedule]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        index = range(len(self))[index]  # negative indices, and IndexError past the end
-        if index not in self._built:
-            self._built[index] = self._problem.place(self._allocations[index])
-        return self._built[index]
 
 
 @dataclass

@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 import smoothcache
 from smoothcache import CacheableLayer, Schedule, find_layers
-from smoothcache.schedule import schedule_key_for
+from smoothcache.keys import key_for
 
 STEPS = 6
 
@@ -110,7 +110,7 @@ def assert_skips_exactly_the_scheduled_calls(
         cached = generate(pipe)
     cached_layers = []
     for layer in handle.layers:
-        key = schedule_key_for(schedule.plans, layer.layer_type, layer.block)
+        key = key_for(schedule.plans, layer.layer_type, layer.block)
         computed = sum(schedule.plans[key]) if key is not None else STEPS  # a layer no key governs always runs
         assert uses.counts[layer.name] == computed * calls, layer.name
         if key is not None:

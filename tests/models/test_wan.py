@@ -9,7 +9,7 @@ import torch
 
 import smoothcache
 from smoothcache import NoCacheableLayersError, Schedule, StepMismatchError, find_layers
-from smoothcache.schedule import schedule_key_for
+from smoothcache.keys import key_for
 
 from .conftest import (
     STEPS,
@@ -189,7 +189,7 @@ def test_two_experts_are_cached_as_modules_each_with_a_schedule_for_its_own_step
         handle.disable()
     for handle, schedule, expert_uses in zip(handles, schedules, uses, strict=True):
         for layer in handle.layers:
-            computed = sum(schedule.plans[schedule_key_for(schedule.plans, layer.layer_type, layer.block)])
+            computed = sum(schedule.plans[key_for(schedule.plans, layer.layer_type, layer.block)])
             assert expert_uses.counts[layer.name] == computed * 2, layer.name
     assert not torch.equal(cached, uncached)
     assert torch.equal(generate(pipe), uncached)

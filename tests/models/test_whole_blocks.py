@@ -10,7 +10,7 @@ import torch
 import smoothcache
 from smoothcache import NoCacheableLayersError, find_layers
 from smoothcache.adapters import WHOLE_BLOCK, family_of
-from smoothcache.schedule import schedule_key_for
+from smoothcache.keys import key_for
 
 from .conftest import (
     STEPS,
@@ -47,7 +47,7 @@ def test_blocks_cached_whole_skip_exactly_their_plans_and_all_ones_changes_nothi
         cached = generate(pipe)
     assert all(layer.streams is not None for layer in handle.layers)
     for layer in layers:  # a block may use its first weight more than once per call (CogView4)
-        plan = schedule.plans[schedule_key_for(schedule.plans, layer.layer_type, layer.block)]
+        plan = schedule.plans[key_for(schedule.plans, layer.layer_type, layer.block)]
         assert uses.counts[layer.name] == sum(plan) * uncached_uses.counts[layer.name] // STEPS, layer.name
     assert not torch.equal(cached, uncached)
     assert_all_ones_is_bit_identical(pipe, generate, components)

@@ -12,7 +12,7 @@ prefix: Flux's single-stream ``single_transformer_blocks.3.attn`` is ``"single_a
 Where both kinds are one class, the prefix goes by the list holding the block: Latte's
 ``temporal_transformer_blocks.3.attn1`` is ``"temporal_attn1"``.
 
-The component ``"block"`` names the blocks themselves, cached whole (``block_residuals.py``):
+The component ``"block"`` names the blocks themselves, cached whole (``runtime/streams.py``):
 ``transformer_blocks.3`` is ``"block"``/``"block-3"``, Flux's single-stream blocks ``"single_block"``.
 """
 
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import NoCacheableLayersError
+from ..keys import Key
 
 __all__ = ["FAMILIES", "WHOLE_BLOCK", "BlockFamily", "CacheableLayer", "family_of", "find_layers"]
 
@@ -234,7 +235,7 @@ class CacheableLayer:
 
     @property
     def block_key(self) -> str:
-        return self.layer_type if self.block is None else f"{self.layer_type}-{self.block}"
+        return str(Key(self.layer_type, self.block))
 
 
 def family_of(model: nn.Module) -> BlockFamily | None:

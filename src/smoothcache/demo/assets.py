@@ -25,7 +25,7 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..errors import SmoothCacheError
+from ..errors import DemoAssetError
 from .classifier import DigitClassifier
 from .metrics import FidReference, QualityScorer
 from .pipeline import DemoDiTPipeline
@@ -66,10 +66,6 @@ FIX_CLASSIFIER = ("reinstall smoothcache (pip install --force-reinstall --no-dep
                   "or retrain it with scripts/train_classifier.py (docs/demo_training.md)")
 
 T = TypeVar("T")
-
-
-class DemoAssetError(SmoothCacheError, OSError):
-    """A shipped demo file is missing or unreadable."""
 
 
 def load_demo_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,

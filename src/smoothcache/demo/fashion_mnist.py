@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SmoothCacheError
+from ..errors import FashionMnistError
 
 __all__ = ["CLASS_NAMES", "DEBIAN_DIR", "FashionMnistError", "load_fashion_mnist", "read_idx"]
 
@@ -28,10 +28,6 @@ SPLITS = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 
           "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10_000)}
 INSTALL = "install it with: apt-get install dataset-fashion-mnist (Debian/Ubuntu), or pass the folder that holds the files"
 IDX_UBYTE = 0x08  # the IDX type code of unsigned bytes, the only one Fashion-MNIST uses
-
-
-class FashionMnistError(SmoothCacheError, OSError):
-    """The Fashion-MNIST files are missing or not valid IDX data."""
 
 
 def read_idx(path: str | Path) -> np.ndarray:

@@ -25,6 +25,7 @@ from ..calibration import calibration
 from ..profile import CalibrationProfile
 from ..runtime import cache
 from ..schedule import Schedule
+from ..solvers import SOLVERS
 
 __all__ = ["DemoConfig", "DemoResult", "Method", "plan_methods", "random_schedule", "run_demo", "run_label"]
 
@@ -98,11 +99,11 @@ def random_schedule(like: Schedule, seed: int) -> Schedule:
     return Schedule(plans)
 
 
+# the demo's name for each solver (the paper's greedy rule is plain "smoothcache"), and the optimal
+# solver planned for, and run with, forecast="linear"
 SOLVER_METHODS = {
-    "greedy": "smoothcache",
-    "optimal": "smoothcache-optimal",
-    "optimal+forecast": "smoothcache-forecast",  # planned for, and run with, forecast="linear"
-    "per-block": "smoothcache-per-block",
+    **{solver: "smoothcache" if solver == "greedy" else f"smoothcache-{solver}" for solver in SOLVERS},
+    "optimal+forecast": "smoothcache-forecast",
 }
 
 

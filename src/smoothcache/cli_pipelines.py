@@ -1,4 +1,4 @@
-"""Loading diffusers pipelines and building their calls: class-conditional (DiT) or text prompts.
+"""The command line's pipelines: loading them, and building their calls (class labels or prompts).
 
 This is the only place the command line touches diffusers, so the core stays model-agnostic.
 """
@@ -38,7 +38,7 @@ def load_pipeline(
     """A pipeline by hub id or local folder through ``from_pretrained``; ``model="demo"`` is the shipped one."""
     torch_dtype = getattr(torch, dtype)
     if model == "demo":
-        from ..demo.assets import load_demo_pipeline
+        from .demo.assets import load_demo_pipeline
 
         pipe = load_demo_pipeline(device=device, dtype=torch_dtype, progress_bar=progress_bar)
     else:

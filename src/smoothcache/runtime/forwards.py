@@ -1,11 +1,11 @@
 """What a cached module runs in place of its own ``forward``: compute and keep, or reuse what it kept.
 
-A ``Decision`` per schedule key (two for a layer whose guidance halves have plans of their own)
-holds the step's compute/reuse flag; the handle (:class:`~smoothcache.runtime.CacheHandle`) sets
-it once per model call, and every forward here reads it: one attribute read and a branch on the
-per-layer path. Layers keep their outputs; blocks cached whole keep what they added to their
-residual streams (:mod:`.block_residuals`); forecasting variants extrapolate from the last two
-computed ones.
+A ``Decision`` per column of the plan (:mod:`.plan`: one per schedule key, two more for a layer
+whose guidance halves have plans of their own) holds the step's compute/reuse flag; the handle
+(:mod:`.handle`) sets it once per model call, and every forward here reads it: one attribute read
+and a branch on the per-layer path. Layers keep their outputs; blocks cached whole keep what they
+added to their residual streams (:mod:`.streams`); forecasting variants extrapolate from the last
+two computed ones.
 
 PyTorch's forward hooks cannot skip a module's computation, so :func:`shadow_forward` puts such a
 forward on the module as an instance attribute, as diffusers' hook registry does, and returns the
@@ -22,18 +22,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .block_residuals import BlockStreams, extrapolate
+from ..guidance import check_layer_rows, splice_half, take_half
+from .compile import stream_barrier
+from .streams import BlockStreams, extrapolate
 
 __all__ = [
-    "BARRIER_EVERY",
     "Decision",
+    "GuidanceRows",
     "block_caching_forward",
     "block_forecasting_forward",
+    "branch_caching_forward",
     "caching_forward",
     "forecasting_forward",
     "repeated_caching_forward",
     "shadow_forward",
-    "stream_barrier",
     "stream_barrier_forward",
 ]
 
@@ -110,22 +112,7 @@ def _extrapolated(last: Any, previous: Any, ratio: float) -> Any:
 # per barrier, and the dead norms go. (An earlier barrier took each reused layer's input, which kept
 # those norms alive, and copied each kept output: about 1 ms more per reusing step of DiT-XL/2.)
 # Where each block is compiled on its own, nothing spans blocks: barriers are for whole-model compile.
-BARRIER_EVERY = 4  # blocks of a run fused into one kernel at most: few inputs per kernel, few copies
-
-
-@torch.library.custom_op("smoothcache::stream_barrier", mutates_args=())
-def stream_barrier(stream: torch.Tensor) -> torch.Tensor:
-    """The block's output stream (a copy: a custom op may not return its input)."""
-    return stream.clone()
-
-
-@stream_barrier.register_fake
-def _(stream: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(stream)
-
-
-# a copy passes its gradient through (guidance by gradients through a model compiled whole)
-stream_barrier.register_autograd(lambda ctx, grad: grad)
+# How many blocks of a run may fuse: plan.BARRIER_EVERY.
 
 
 def stream_barrier_forward(
@@ -138,7 +125,7 @@ def stream_barrier_forward(
     """A block with cached layers. Traced as part of a whole model at a step where all of them reuse,
     its output streams pass :func:`stream_barrier` if the run of such blocks ends here (the next
     block with cached layers, ``following``, computes one; or there is none) or ``closes_group``
-    (every :data:`BARRIER_EVERY`-th block). Otherwise it runs as it is."""
+    (every ``plan.BARRIER_EVERY``-th block). Otherwise it runs as it is."""
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         output = original(*args, **kwargs)
@@ -232,6 +219,42 @@ def repeated_caching_forward(
             kept[n] = output
         else:
             kept.append(output)
+        return output
+
+    return forward
+
+
+class GuidanceRows:
+    """The batch rows of the current model call, for the forwards that split guidance halves (set
+    by the handle once per call, after checking that the call batches guidance)."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+
+def branch_caching_forward(
+    original: Callable[..., Any], first: Decision, second: Decision, outputs: dict[int, Any], batch: GuidanceRows,
+    where: str,
+) -> Callable[..., Any]:
+    """As :func:`caching_forward`, for a layer whose guidance halves have decisions of their own
+    (``first``, ``second``: batch order). Where one half computes and the other reuses, the layer
+    runs on the computing half's rows only and its output is spliced with the other half's kept
+    rows, as FasterCache does for the unconditional branch: that call costs half."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        kept = outputs.get(first.slot)  # None: nothing kept (emptied slots stay, see CacheState)
+        if kept is None or (first.compute and second.compute):
+            output = original(*args, **kwargs)
+        elif not (first.compute or second.compute):
+            return kept
+        else:  # one half computes: only its rows run
+            half, rows = (0 if first.compute else 1), batch.rows
+            check_layer_rows(args, kwargs, rows, where)
+            part = original(*take_half(args, rows, half), **take_half(kwargs, rows, half))
+            output = splice_half(kept, part, half, where)
+        outputs[first.slot] = output
         return output
 
     return forward

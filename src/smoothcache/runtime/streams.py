@@ -21,9 +21,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .errors import ScheduleError
+from ..errors import BlockCachingError
 
-__all__ = ["BlockCachingError", "BlockStreams", "KeptStates", "extrapolate"]
+__all__ = ["BlockStreams", "KeptStates", "extrapolate"]
 
 
 def extrapolate(last: torch.Tensor, previous: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -51,10 +51,6 @@ class KeptStates(NamedTuple):
 
     outputs: tuple[Any, ...]
     inputs: tuple[Any, ...]
-
-
-class BlockCachingError(ScheduleError):
-    """A block cannot be cached whole: its output does not continue its inputs."""
 
 
 @dataclass(frozen=True)

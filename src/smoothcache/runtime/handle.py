@@ -1,0 +1,328 @@
+"""The cache handle: attaches the forwards a plan asks for, and at each model call sets every
+decision to the step's entry of its column.
+
+Data walks one way: ``Schedule`` -> :func:`.plan.plan_cache` (pure: one plan per layer) -> this
+handle (attach, advance the step) -> :mod:`.forwards` (compute or reuse). Kept outputs and the
+per-call bookkeeping live in one :class:`.state.CacheState`. ``disable()`` puts every module back
+exactly.
+
+A call slot (the n-th model call of a step) reuses only what it computed itself earlier in the
+same generation, for inputs of the same shape; otherwise it computes, whatever the plan says. So
+a call that appears on some steps only (SD3's skip-layer guidance), an expert taking over
+(Wan 2.2), a layer its block skips, or a batch that changes size all compute before they reuse. A
+layer its block calls several times per call (CogView4's ff, on image then text tokens) keeps one
+output per occurrence.
+
+Under ``torch.compile`` the per-layer path is traced into the compiled graph: dynamo reads the
+``compute`` flags as constants, so each distinct compute/reuse pattern is one graph, and the kept
+outputs are graph inputs (no graph break, no device sync). Patterns are bounded by the schedule
+(:meth:`CacheHandle.decision_patterns`); the step bookkeeping runs outside any compiled region, and
+nothing the graphs read changes between generations (:mod:`.state`), so a second generation
+compiles nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from ..adapters import CacheableLayer, find_layers
+from ..errors import GuidanceError, StepMismatchError
+from ..guidance import branch_order, check_cfg_batch, input_shape
+from ..keys import Key
+from ..schedule import Schedule
+from ..steps import (
+    StepTracker,
+    attach_step_hooks,
+    resolve_target,
+    scheduler_step_index,
+    step_anchor,
+)
+from .compile import (
+    compiled_anywhere,
+    compiled_whole,
+    cudagraph_step_mark,
+    warn_if_past_recompile_limit,
+)
+from .forwards import (
+    Decision,
+    block_caching_forward,
+    block_forecasting_forward,
+    branch_caching_forward,
+    caching_forward,
+    forecasting_forward,
+    repeated_caching_forward,
+    shadow_forward,
+    stream_barrier_forward,
+)
+from .plan import CachePlan, LayerPlan, plan_cache, split_branches
+from .state import CacheState
+from .streams import BlockStreams
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["CacheHandle", "cache"]
+
+logger = logging.getLogger(__name__)
+
+
+class CacheHandle:
+    """SmoothCache attached to one model; a context manager, and ``enable()``/``disable()`` for manual use."""
+
+    def __init__(
+        self,
+        pipe_or_module: Any,
+        schedule: Schedule | dict[str, list[int]],
+        *,
+        components: Sequence[str] | None = None,
+        layers: Sequence[CacheableLayer] | None = None,
+        calls_per_step: int | None = None,
+        steps_mismatch: Literal["error", "compute"] = "error",
+        branches: Sequence[str] | str = "auto",
+        forecast: Literal["none", "linear"] = "none",
+    ) -> None:
+        if not isinstance(schedule, Schedule):
+            schedule = Schedule.from_dict(schedule)
+        if steps_mismatch not in ("error", "compute"):
+            raise ValueError(f"steps_mismatch must be 'error' or 'compute', got {steps_mismatch!r}")
+        self.target = resolve_target(pipe_or_module)
+        split = split_branches(schedule)  # '@cond'/'@uncond' keys: see plan.split_branches
+        self.schedule = split.schedule
+        order = branch_order(self.target.pipeline, branches) if split.branch_plans else None
+        self.steps_mismatch = steps_mismatch
+        if forecast not in ("none", "linear"):
+            raise ValueError(f"forecast must be 'none' or 'linear', got {forecast!r}")
+        self.forecast = forecast
+        if layers is None:
+            if components is None:
+                components = list(dict.fromkeys(Key.parse(key).layer_type for key in self.schedule.keys))
+            layers = find_layers(self.target.model, components, allow_repeated=True)
+        model = self.target.model
+        self.plan: CachePlan = plan_cache(
+            split, list(layers), branch_order=order, forecast=forecast == "linear",
+            module_order={name: position for position, (name, _) in enumerate(model.named_modules())},
+            model_name=type(model).__name__,
+        )
+        self.layers = [layer_plan.layer for layer_plan in self.plan.layers]
+        self.state = CacheState()
+        self._tracker = StepTracker(
+            self.schedule.num_steps, self.target.timesteps, calls_per_step, scheduler_step_index(self.target)
+        )
+        self._decisions: list[Decision] = []  # one per column of the plan
+        self._restore: list[Callable[[], None]] = []
+        if getattr(model, "_parallel_config", None) is not None:  # diffusers' context parallelism
+            from ..distributed import check_ranks_agree
+
+            check_ranks_agree(self.schedule, type(model).__name__)
+        self.enable()
+
+    # ---- attach / detach --------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return bool(self._restore)
+
+    def enable(self) -> Self:
+        """Attach to the model (idempotent). The next model call starts a new generation."""
+        if self.enabled:
+            return self
+        self._tracker.reset()
+        self._decisions = [Decision() for _ in self.plan.columns]
+        for layer_plan in self.plan.layers:
+            forward = self._forward_for(layer_plan)
+            self._restore.append(shadow_forward(layer_plan.layer.module, forward))
+        for barrier in self.plan.barriers:
+            module = self.target.model.get_submodule(barrier.block)
+            following = None if barrier.following is None else [self._decisions[c] for c in barrier.following]
+            forward = stream_barrier_forward(module.forward, [self._decisions[c] for c in barrier.columns], following,
+                                             barrier.closes_group, self.state.whole_model_compiled)
+            self._restore.append(shadow_forward(module, forward))
+        if self.plan.reused_plainly:
+            logger.warning(
+                "forecast='linear' extrapolates layers' outputs and blocks' residuals; %d cached modules (guidance "
+                "branches or layers called several times per step, e.g. %s) reuse their kept outputs plainly",
+                len(self.plan.reused_plainly), self.plan.reused_plainly[0],
+            )
+        first = self.layers[0]
+        anchor = step_anchor(self.target.model, first.name, whole_block=first.streams is not None)
+        # the step bookkeeping is plain Python state: traced, it would put every counter in a guard
+        on_model_call = torch.compiler.disable(self._before_model_call)
+        self._restore.extend(attach_step_hooks(self.target.model, anchor, on_model_call, pass_inputs=True))
+        logger.debug("SmoothCache enabled on %d layers under %d keys", len(self.state.outputs), len(self.schedule.keys))
+        warn_if_past_recompile_limit(self.target.model, self.plan.patterns())
+        return self
+
+    def _forward_for(self, layer_plan: LayerPlan) -> Callable[..., Any]:
+        """The caching forward a layer's plan asks for, reading its decisions and kept outputs."""
+        layer, kind = layer_plan.layer, layer_plan.kind
+        original, outputs = layer.module.forward, self.state.new_outputs()
+        decision = self._decisions[layer_plan.columns[0]]
+        if kind in ("block", "block-forecast"):
+            streams = BlockStreams.of(layer.module, layer.name, layer.streams)  # type: ignore[arg-type]
+            make = block_forecasting_forward if kind == "block-forecast" else block_caching_forward
+            return make(original, decision, outputs, streams, layer_plan.keep_states)
+        if kind == "branches":
+            second = self._decisions[layer_plan.columns[1]]
+            return branch_caching_forward(original, decision, second, outputs, self.state.guidance, f"Layer {layer.name}")
+        if kind == "repeated":
+            return repeated_caching_forward(original, decision, outputs, self.state.new_occurrence())
+        if kind == "forecast":
+            return forecasting_forward(original, decision, outputs)
+        return caching_forward(original, decision, outputs)
+
+    def decision_patterns(self) -> int:
+        """How many distinct compute/reuse combinations of the schedule keys the steps use: under
+        ``torch.compile`` each is one graph per compiled region and call slot (a whole-model compile
+        sees every key; a per-block one only its block's keys, so it may need fewer). A block cached
+        whole computes in two ways eagerly, keeping its residual for the next step or not: two
+        patterns; traced, it keeps at every computing step, so compiled graphs may be fewer."""
+        return self.plan.patterns()
+
+    def disable(self) -> None:
+        """Detach: the model's modules are exactly as before and every kept output is released."""
+        for restore in reversed(self._restore):
+            restore()
+        self._restore.clear()
+        self.state.clear()
+        self._decisions = []
+        self._tracker.reset()
+
+    def reset(self) -> None:
+        """Start over at step 0 on the next call (e.g. after an interrupted generation)."""
+        self._tracker.reset()
+
+    def __enter__(self) -> Self:
+        return self.enable()
+
+    def __exit__(self, *exc: object) -> None:
+        self.disable()
+
+    # ---- per model call ---------------------------------------------------------------------
+    def _before_model_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        try:
+            step, slot, new_generation = self._tracker.advance()
+        except StepMismatchError:
+            self._tracker.reset()
+            raise
+        num_steps = self.schedule.num_steps
+        if new_generation:
+            self._start_generation()
+        elif self.state.marked_step is not None and cudagraph_step_mark() != self.state.marked_step:
+            self.state.marked_step = None
+            self.state.warn_marks = False  # said once
+            logger.warning(
+                "torch.compiler.cudagraph_mark_step_begin() was called during a generation: under CUDA graphs "
+                "(mode='reduce-overhead') that recycles the outputs the cache keeps between steps. Call it at "
+                "most once per generation, before the pipeline call, or not at all: the cache marks each "
+                "generation's start itself"
+            )
+        self.state.new_call(slot, args, kwargs)
+        self._check_guidance_batch(slot, args, kwargs)
+        if step >= num_steps:
+            if self.steps_mismatch == "error":
+                self._tracker.reset()
+                raise StepMismatchError(
+                    f"The schedule has {num_steps} steps but the model was called for step {step + 1}; "
+                    f"calibrate for {step + 1}+ steps, set calls_per_step if the pipeline calls the model "
+                    "several times per step, or pass steps_mismatch='compute'"
+                )
+            for decision in self._decisions:
+                decision.compute, decision.keep, decision.ratio, decision.slot = True, False, 0.0, slot
+            return
+        for decision, column in zip(self._decisions, self.plan.columns, strict=True):
+            decision.compute, decision.keep, decision.ratio, decision.slot = (
+                column.compute[step], column.keep[step], column.ratio[step], slot)
+
+    def _start_generation(self) -> None:
+        state, num_steps = self.state, self.schedule.num_steps
+        state.whole_model_compiled[0] = compiled_whole(self.target.model)  # compiled between generations
+        ran = self._tracker.generation_steps
+        if ran is not None and ran != num_steps and self.steps_mismatch == "error":
+            self._tracker.reset()
+            raise StepMismatchError(
+                f"The schedule has {num_steps} steps but the pipeline is running {ran}; "
+                f"calibrate for {ran} steps, call the pipeline with num_inference_steps={num_steps}, "
+                "or pass steps_mismatch='compute' to compute every step the schedule does not cover"
+                f"{self._multistep_hint(ran)}"
+            )
+        state.new_generation()
+        if compiled_anywhere(self.target.model):
+            # CUDA graphs (mode="reduce-overhead"): cudagraph trees recycle a replay's outputs when a
+            # new generation starts, at every compiled call until this was called once, then only
+            # at each call (for every compiled function of the process, from then on). Kept
+            # outputs outlive their step, so a generation must span the denoising loop: marked
+            # here, at its first model call, never within it.
+            torch.compiler.cudagraph_mark_step_begin()
+            state.marked_step = cudagraph_step_mark() if state.warn_marks else None
+
+    def _check_guidance_batch(self, slot: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Where guidance halves are cached apart: the call must batch guidance; its halves are compared
+        once per slot and input shape (the comparison syncs)."""
+        if not self.plan.splits_guidance:
+            return
+        seen = (slot, input_shape(args, kwargs))
+        try:
+            self.state.guidance.rows = check_cfg_batch(args, kwargs, compare=seen not in self.state.guidance_checked)
+        except GuidanceError:
+            self._tracker.reset()
+            raise
+        self.state.guidance_checked.add(seen)
+
+    def _multistep_hint(self, ran: int) -> str:
+        """Why a pipeline runs more steps than asked, where its solver evaluates the model twice per step."""
+        scheduler = getattr(self.target.pipeline, "scheduler", None)
+        order = getattr(scheduler, "order", 1)
+        if not isinstance(order, int) or order <= 1:
+            return ""
+        return (
+            f". {type(scheduler).__name__} is a solver of order {order}: it evaluates the model several "
+            f"times per step and its timesteps list each evaluation ({ran} here), so calibrate with the same "
+            f"scheduler and num_inference_steps: its profile then has {ran} steps"
+        )
+
+
+def cache(
+    pipe_or_module: Any,
+    schedule: Schedule | dict[str, list[int]],
+    *,
+    components: Sequence[str] | None = None,
+    calls_per_step: int | None = None,
+    steps_mismatch: Literal["error", "compute"] = "error",
+    branches: Sequence[str] | str = "auto",
+    forecast: Literal["none", "linear"] = "none",
+) -> CacheHandle:
+    """Cache ``pipe_or_module``'s layers on ``schedule``; returns an enabled :class:`CacheHandle`.
+
+    ``forecast="linear"``: a reusing step extrapolates each layer's output from its last two computed
+    outputs instead of handing back the last one (beyond the paper; TaylorSeer's first-order step).
+    It keeps two outputs per layer instead of one; whole blocks, guidance halves and layers called
+    several times per block call still reuse plainly.
+
+    ``calls_per_step`` is how often the pipeline calls the model per denoising step; by default it
+    is read off the scheduler's step index where it has one, and may then vary from step to step
+    (skip-layer guidance), else 1 (see ``steps.StepTracker``). A pipeline with two experts (Wan 2.2
+    A14B's ``transformer`` for high noise and ``transformer_2`` for low noise) has both cached
+    under one schedule over its steps, as calibrating the pipeline gives: a key's plan governs
+    whichever expert runs a step, and ``transformer_2`` computes on its first step, having nothing
+    of its own to reuse. To give each expert its own schedule, cache each as a module instead.
+
+    Keys ``"<type>@cond"`` / ``"<type>@uncond"`` (from a profile calibrated with ``branches=``)
+    give each half of a classifier-free guidance batch its own plan; where one half computes and
+    the other reuses, the layer runs on that half's rows only. ``branches`` is the halves' batch
+    order, ``"auto"`` for known pipelines (``guidance.branch_order``).
+
+    >>> with smoothcache.cache(pipe, Schedule.load("schedule.json")):   # doctest: +SKIP
+    ...     images = pipe(class_labels=[207], num_inference_steps=50).images
+    """
+    return CacheHandle(
+        pipe_or_module,
+        schedule,
+        components=components,
+        calls_per_step=calls_per_step,
+        steps_mismatch=steps_mismatch,
+        branches=branches,
+        forecast=forecast,
+    )
