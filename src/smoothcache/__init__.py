@@ -10,12 +10,14 @@ from .calibration import CalibrationRecorder, calibration
 from .errors import (
     BlockCachingError,
     GuidanceError,
+    ModelInUseError,
     NoCacheableLayersError,
     ProfileError,
     ScheduleError,
     SmoothCacheError,
     StepMismatchError,
 )
+from .ownership import disable
 from .profile import CalibrationProfile, LayerInfo
 from .runtime import CacheHandle, cache
 from .schedule import Schedule
@@ -30,6 +32,7 @@ __all__ = [
     "CalibrationRecorder",
     "GuidanceError",
     "LayerInfo",
+    "ModelInUseError",
     "NoCacheableLayersError",
     "ProfileError",
     "Schedule",
@@ -41,6 +44,7 @@ __all__ = [
     "__version__",
     "cache",
     "calibration",
+    "disable",
     "find_layers",
     "tune",
 ]

@@ -30,6 +30,7 @@ from .adapters import CacheableLayer, find_layers
 from .errors import GuidanceError, ProfileError, StepMismatchError
 from .guidance import branch_order, check_cfg_batch
 from .keys import BRANCHES
+from .ownership import Claim, claim, release
 from .profile import CalibrationProfile, LayerInfo
 from .runtime.streams import BlockStreams, extrapolate
 from .step_weights import StepProbe
@@ -146,6 +147,8 @@ class CalibrationRecorder:
     def start(self) -> Self:
         if self._undo:
             return self
+        claim(self.target.model, Claim(self, "being calibrated", self._detach,
+                                       "End that calibration first (leave its with block, or call stop())"))
         self._tracker.reset()
         self._started = time.time()
         anchor = step_anchor(self.target.model, self.layers[0].name, whole_block=self.layers[0].streams is not None)
@@ -179,6 +182,7 @@ class CalibrationRecorder:
         for undo in self._undo:
             undo()
         self._undo.clear()
+        release(self.target.model, self)
         if self._flop_counter is not None:  # stopped before a second model call
             self._flop_counter.__exit__(None, None, None)
             self._flop_counter = None

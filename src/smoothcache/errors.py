@@ -33,6 +33,11 @@ class NoCacheableLayersError(SmoothCacheError, ValueError):
     """No layer of the model matched the components asked for."""
 
 
+class ModelInUseError(SmoothCacheError, RuntimeError):
+    """The model already has a smoothcache user (a cache handle or a calibration), or its forwards
+    were changed by someone else while smoothcache had them."""
+
+
 class GuidanceError(SmoothCacheError, ValueError):
     """A model call or layer cannot be split into the two halves of a classifier-free guidance batch."""
 

@@ -29,6 +29,7 @@ from .streams import BlockStreams, extrapolate
 __all__ = [
     "Decision",
     "GuidanceRows",
+    "ShadowedForward",
     "block_caching_forward",
     "block_forecasting_forward",
     "branch_caching_forward",
@@ -260,15 +261,25 @@ def branch_caching_forward(
     return forward
 
 
-def shadow_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[[], None]:
-    """Put the caching ``forward`` on ``module``; return the function that undoes exactly that."""
-    previous = module.__dict__.get("forward", _MISSING)
-    module.forward = forward  # type: ignore[method-assign]
+class ShadowedForward:
+    """A module whose ``forward`` smoothcache replaced; calling it puts back exactly what was there."""
 
-    def restore() -> None:
-        if previous is _MISSING:
-            module.__dict__.pop("forward", None)
+    def __init__(self, module: nn.Module, forward: Callable[..., Any]) -> None:
+        self.module, self.forward = module, forward
+        self.previous = module.__dict__.get("forward", _MISSING)
+        module.forward = forward  # type: ignore[method-assign]
+
+    def intact(self) -> bool:
+        """Whether the module still runs smoothcache's forward (nothing replaced it since)."""
+        return self.module.__dict__.get("forward") is self.forward
+
+    def __call__(self) -> None:
+        if self.previous is _MISSING:
+            self.module.__dict__.pop("forward", None)
         else:
-            module.__dict__["forward"] = previous
+            self.module.__dict__["forward"] = self.previous
 
-    return restore
+
+def shadow_forward(module: nn.Module, forward: Callable[..., Any]) -> ShadowedForward:
+    """Put the caching ``forward`` on ``module``; the result, called, undoes exactly that."""
+    return ShadowedForward(module, forward)

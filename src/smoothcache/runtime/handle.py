@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from ..adapters import CacheableLayer, find_layers
-from ..errors import GuidanceError, StepMismatchError
+from ..errors import GuidanceError, ModelInUseError, StepMismatchError
 from ..guidance import branch_order, check_cfg_batch, input_shape
 from ..keys import Key
+from ..ownership import Claim, claim, release
 from ..schedule import Schedule
 from ..steps import (
     StepTracker,
@@ -49,6 +50,7 @@ from .compile import (
 )
 from .forwards import (
     Decision,
+    ShadowedForward,
     block_caching_forward,
     block_forecasting_forward,
     branch_caching_forward,
@@ -114,6 +116,7 @@ class CacheHandle:
         )
         self._decisions: list[Decision] = []  # one per column of the plan
         self._restore: list[Callable[[], None]] = []
+        self._with_depth = 0  # nested ``with`` blocks on this handle: the outermost one disables
         if getattr(model, "_parallel_config", None) is not None:  # diffusers' context parallelism
             from ..distributed import check_ranks_agree
 
@@ -129,6 +132,9 @@ class CacheHandle:
         """Attach to the model (idempotent). The next model call starts a new generation."""
         if self.enabled:
             return self
+        keys = ", ".join(self.schedule.keys)
+        claim(self.target.model, Claim(self, f"cached by a smoothcache handle (keys {keys})", self.disable,
+                                       "Disable that handle first (handle.disable(), or leave its with block)"))
         self._tracker.reset()
         self._decisions = [Decision() for _ in self.plan.columns]
         for layer_plan in self.plan.layers:
@@ -182,10 +188,23 @@ class CacheHandle:
         return self.plan.patterns()
 
     def disable(self) -> None:
-        """Detach: the model's modules are exactly as before and every kept output is released."""
+        """Detach: the model's modules are exactly as before and every kept output is released.
+
+        Raises :class:`ModelInUseError`, changing nothing, where a cached module's ``forward`` was
+        replaced after the handle attached (another cache, or a wrapper): putting back what was
+        there before would silently drop that change."""
+        replaced = [r.module for r in self._restore if isinstance(r, ShadowedForward) and not r.intact()]
+        if replaced:
+            names = {id(m): n for n, m in self.target.model.named_modules()}
+            raise ModelInUseError(
+                f"The forward of {names.get(id(replaced[0]), type(replaced[0]).__name__)} (and {len(replaced) - 1} more) "
+                "was replaced after smoothcache attached, so disabling would drop that change; undo it first "
+                "(disable the other cache or wrapper), then disable this handle"
+            )
         for restore in reversed(self._restore):
             restore()
         self._restore.clear()
+        release(self.target.model, self)
         self.state.clear()
         self._decisions = []
         self._tracker.reset()
@@ -195,10 +214,14 @@ class CacheHandle:
         self._tracker.reset()
 
     def __enter__(self) -> Self:
+        self._with_depth += 1
         return self.enable()
 
     def __exit__(self, *exc: object) -> None:
-        self.disable()
+        """Leaving the outermost ``with`` block on this handle disables it; an inner one does not."""
+        self._with_depth = max(0, self._with_depth - 1)
+        if self._with_depth == 0:
+            self.disable()
 
     # ---- per model call ---------------------------------------------------------------------
     def _before_model_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
