@@ -1,14 +1,17 @@
 """The command line on a tiny DiT pipeline saved to disk and loaded back with from_pretrained."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_dit_pipeline
 
 import smoothcache.bench
+import smoothcache.cli
 from smoothcache import CalibrationProfile, Schedule
 from smoothcache.cli import main
 
@@ -46,8 +49,9 @@ def test_calibrate_schedule_generate_inspect(pipeline_dir, tmp_path, capsys):
     tuned = tmp_path / "tuned.json"
     assert main(["tune", *common, "--samples", "2", "--batch", "2", "--profile", str(profile_path), "--max-error", "0.05", "--out", str(tuned)]) == 0
     assert "<- chosen" in capsys.readouterr().out and Schedule.load(tuned).compute_fraction() < 1
-    assert main(["schedule", str(profile_path), "--solver", "optimal", "--alpha", "0.1", "--out", str(schedule_path)]) == 2
-    assert "has no threshold" in capsys.readouterr().err
+    assert main(["schedule", str(profile_path), "--solver", "optimal", "--alpha", "0.1", "--out", str(schedule_path)]) == 1
+    error = capsys.readouterr().err  # the library's message, in flags
+    assert "has no threshold" in error and "pass --compute-fraction or --speedup (or --solver greedy" in error
 
     out = tmp_path / "images"
     assert main(["generate", *common, "--classes", "1,2,3", "--batch", "2", "--schedule", str(schedule_path), "--out", str(out)]) == 0
@@ -68,14 +72,146 @@ def test_calibrate_schedule_generate_inspect(pipeline_dir, tmp_path, capsys):
 def test_cli_errors_are_one_clear_line(pipeline_dir, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('{"attn1": [0, 1]}')
-    assert main(["inspect", str(bad)]) == 2
+    assert main(["inspect", str(bad)]) == 1
     assert "starts with 0" in capsys.readouterr().err
     schedule = tmp_path / "s.json"
     Schedule({"attn1": (1, 0, 1)}).save(schedule)
-    with pytest.raises(SystemExit, match="has 3 steps but --steps is 10"):
-        main(["generate", "--model", str(pipeline_dir), "--steps", "10", "--schedule", str(schedule), "--out", str(tmp_path)])
-    assert main(["calibrate", "--model", str(pipeline_dir), "--steps", "4", "--classes", "5000", "--out", str(bad)]) == 2
-    assert "outside 0..999" in capsys.readouterr().err
+    assert main(["generate", "--model", str(pipeline_dir), "--steps", "10", "--schedule", str(schedule), "--out", str(tmp_path)]) == 1
+    assert "has 3 steps but --steps is 10; pass --steps 3" in capsys.readouterr().err
+    assert main(["calibrate", "--model", str(pipeline_dir), "--steps", "4", "--classes", "5000", "--out", str(bad)]) == 1
+    error = capsys.readouterr().err
+    assert "outside 0..999" in error and len(error.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag", "got"),
+    [
+        (["schedule", "p.json", "--alpha", "nan"], "--alpha", "nan"),
+        (["schedule", "p.json", "--speedup", "nan"], "--speedup", "nan"),
+        (["schedule", "p.json", "--speedup", "inf"], "--speedup", "inf"),
+        (["schedule", "p.json", "--speedup", "0.5"], "--speedup", "0.5"),
+        (["schedule", "p.json", "--compute-fraction", "0"], "--compute-fraction", "0"),
+        (["schedule", "p.json", "--compute-fraction", "1.5"], "--compute-fraction", "1.5"),
+        (["schedule", "p.json", "--alpha", "0.1", "--steps", "0"], "--steps", "0"),
+        (["generate", "--model", "demo", "--steps", "0"], "--steps", "0"),
+        (["generate", "--model", "demo", "--batch", "0"], "--batch", "0"),
+        (["generate", "--model", "demo", "--samples", "-2"], "--samples", "-2"),
+        (["generate", "--model", "demo", "--seed", "-1"], "--seed", "-1"),
+        (["generate", "--model", "demo", "--guidance-scale", "inf"], "--guidance-scale", "inf"),
+        (["calibrate", "--model", "demo", "--lookahead", "0"], "--lookahead", "0"),
+        (["calibrate", "--model", "demo", "--steps", "2", "--lookahead", "3"], "--lookahead", "3"),
+        (["tune", "--model", "demo", "--profile", "p.json", "--max-error", "nan"], "--max-error", "nan"),
+        (["bench", "--model", "demo", "--schedule", "s.json", "--repeats", "0"], "--repeats", "0"),
+        (["inspect", "p.json", "--alpha=-inf"], "--alpha", "-inf"),
+        (["demo", "--steps", "0"], "--steps", "0"),
+        (["demo", "--samples-per-class", "0"], "--samples-per-class", "0"),
+        (["demo", "--timing-repeats", "nan"], "--timing-repeats", "nan"),
+    ],
+)
+def test_bad_numbers_are_usage_errors_naming_the_flag(argv, flag, got, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--out", str(tmp_path / "out")] if argv[0] != "inspect" else argv)
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert f"argument {flag}: must be" in error and error.endswith((f"got {got}", f"got '{got}'"))
+    assert not list(tmp_path.iterdir())  # refused before anything was made
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(smoothcache.cli, "cmd_schedule", interrupted)
+    assert main(["schedule", str(tmp_path / "p.json"), "--alpha", "0.1", "--out", str(tmp_path / "s.json")]) == 130
+    printed = capsys.readouterr()
+    assert printed.err == "interrupted\n" and printed.out == ""
+
+
+@pytest.mark.parametrize("argv", [["calibrate", "--model", "demo", "--out", "profile.json"],
+                                  ["generate", "--model", "demo", "--out", "images"],
+                                  ["demo", "--out", "demo-out"]])
+def test_an_unwritable_out_folder_fails_before_the_model_loads(argv, tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    import smoothcache.cli_pipelines
+    import smoothcache.demo.assets
+
+    loaded = []
+    monkeypatch.setattr(smoothcache.cli_pipelines, "load_pipeline", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(smoothcache.demo.assets, "load_demo_pipeline", lambda *a, **k: loaded.append(a))
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        if os.access(read_only, os.W_OK):  # root writes anywhere: the probe's file is refused instead
+            real = tempfile.NamedTemporaryFile
+
+            def refuse_in_read_only(*args, dir=None, **kwargs):
+                if dir is not None and Path(dir).is_relative_to(read_only):
+                    raise PermissionError(13, "Permission denied")
+                return real(*args, dir=dir, **kwargs)
+
+            monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse_in_read_only)
+        argv = [*argv[:-1], str(read_only / argv[-1])]
+        assert main(argv) == 1
+    finally:
+        read_only.chmod(0o700)
+    error = capsys.readouterr().err
+    assert loaded == [] and len(error.splitlines()) == 1
+    assert f"error: --out {argv[-1]}: cannot write to " in error and "choose a writable folder" in error
+
+
+def test_an_out_file_that_is_a_folder_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import smoothcache.cli_pipelines
+
+    monkeypatch.setattr(smoothcache.cli_pipelines, "load_pipeline", pytest.fail)
+    assert main(["calibrate", "--model", "demo", "--out", str(tmp_path)]) == 1
+    assert "is a folder; give the JSON file to write" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "module", "extra"),
+    [(["demo"], "torchmetrics", "demo"), (["demo"], "matplotlib", "demo"),
+     (["generate", "--model", "demo"], "diffusers", "diffusers")],
+)
+def test_a_missing_optional_dependency_names_the_extra_to_install(argv, module, extra, tmp_path, monkeypatch, capsys):
+    import smoothcache.cli_pipelines
+    import smoothcache.demo.assets
+
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+    monkeypatch.setattr(smoothcache.cli_pipelines, "load_pipeline", missing)
+    monkeypatch.setattr(smoothcache.demo.assets, "load_demo_pipeline", missing)
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f'error: {argv[0]} needs {module}, which is not installed: pip install "smoothcache[{extra}]"\n'
+
+
+def test_a_plot_without_matplotlib_names_the_plot_extra(tmp_path, monkeypatch, capsys):
+    schedule = tmp_path / "s.json"
+    Schedule({"attn1": (1, 0, 1)}).save(schedule)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ModuleNotFoundError
+    assert main(["inspect", str(schedule), "--plot", str(tmp_path / "plan.png")]) == 1
+    assert capsys.readouterr().err.endswith('error: inspect needs matplotlib, which is not installed: pip install "smoothcache[plot]"\n')
+
+
+def test_a_mistyped_model_folder_is_named_and_a_hub_id_is_left_to_the_hub(tmp_path, monkeypatch, capsys):
+    import smoothcache.cli_pipelines
+
+    monkeypatch.chdir(tmp_path)
+    loaded = []
+
+    def offline(model, *args, **kwargs):
+        loaded.append(model)
+        raise OSError(f"{model} cannot be downloaded here")
+
+    monkeypatch.setattr(smoothcache.cli_pipelines, "load_pipeline", offline)
+    for model in ("./no-such-folder", "~/no-such-folder", "models/dit/no-such-folder"):
+        assert main(["generate", "--model", model, "--out", "images"]) == 1
+        assert "the folder does not exist" in capsys.readouterr().err
+    assert loaded == []
+    assert main(["generate", "--model", "no-org/no-model", "--out", "images"]) == 1
+    assert loaded == ["no-org/no-model"] and "does not exist" not in capsys.readouterr().err
 
 
 def test_python_dash_m_entry_point():

@@ -5,25 +5,79 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
+import re
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from .errors import SmoothCacheError
+from .errors import ProfileError, RankFailedError, SmoothCacheError, StepMismatchError
 from .profile import CalibrationProfile
 from .schedule import Schedule
 from .solvers import SOLVERS
 from .version import __version__
 
+# ---- option types: a bad number is a usage error (exit 2) naming its flag, before any work ----
+
+
+def _int_at_least(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1: steps, sample counts, batch sizes, repeats."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0: seeds."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def finite_float(low: float | None = None, high: float | None = None, *, low_open: bool = False) -> Callable[[str], float]:
+    """A ``type=`` for a finite number in ``[low, high]`` (``(low, high]`` with ``low_open``); a bound may be left out.
+
+    >>> parser.add_argument("--compute-fraction", type=finite_float(0, 1, low_open=True))  # doctest: +SKIP
+    """
+    bounds = [f"{'>' if low_open else '>='} {low:g}"] if low is not None else []
+    bounds += [f"<= {high:g}"] if high is not None else []
+    if low is not None and high is not None:
+        bounds = [f"in {'(' if low_open else '['}{low:g}, {high:g}]"]
+    what = " ".join(["a finite number", *bounds])
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        below = low is not None and (value <= low if low_open else value < low)
+        if not math.isfinite(value) or below or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return parse
+
 
 def _csv_ints(text: str) -> list[int]:
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(value < 0 for value in values):
+        raise argparse.ArgumentTypeError(f"class labels must be integers >= 0, got {text!r}")
+    return values
 
 
 def _csv(text: str) -> list[str]:
@@ -32,14 +86,14 @@ def _csv(text: str) -> list[str]:
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="'demo', a local pipeline folder, or a hub id (loaded with from_pretrained)")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps (num_inference_steps)")
+    parser.add_argument("--steps", type=positive_int, default=50, help="denoising steps (num_inference_steps)")
     parser.add_argument("--scheduler", help="diffusers scheduler class to swap in, e.g. DPMSolverMultistepScheduler")
     parser.add_argument("--classes", type=_csv_ints, help="class labels, e.g. 207,360,387 (class-conditional models)")
     parser.add_argument("--prompts", nargs="+", help="text prompts (text-conditional models)")
-    parser.add_argument("--samples", type=int, default=8, help="random classes to draw when --classes is not given")
-    parser.add_argument("--batch", type=int, default=4, help="samples per pipeline call")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (pipeline default if unset)")
+    parser.add_argument("--samples", type=positive_int, default=8, help="random classes to draw when --classes is not given")
+    parser.add_argument("--batch", type=positive_int, default=4, help="samples per pipeline call")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--guidance-scale", type=finite_float(0), help="classifier-free guidance scale (pipeline default if unset)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -145,7 +199,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     profile = CalibrationProfile.load(args.profile)
     if args.steps != profile.num_steps:
-        raise SystemExit(f"error: {args.profile} was calibrated for {profile.num_steps} steps but --steps is {args.steps}")
+        raise StepMismatchError(
+            f"{args.profile} was calibrated for {profile.num_steps} steps but --steps is {args.steps}; "
+            f"pass --steps {profile.num_steps} or calibrate for {args.steps} steps"
+        )
     pipe, requests, extra = _load(args)
 
     def generate() -> list[Any]:
@@ -170,7 +227,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     schedule = Schedule.load(args.schedule) if args.schedule else None
     if schedule is not None and args.steps != schedule.num_steps:
-        raise SystemExit(f"error: {args.schedule} has {schedule.num_steps} steps but --steps is {args.steps}; pass --steps {schedule.num_steps}")
+        raise StepMismatchError(
+            f"{args.schedule} has {schedule.num_steps} steps but --steps is {args.steps}; pass --steps {schedule.num_steps}"
+        )
     out = Path(args.out)
     with distributed.session(args.device) as world:  # one process unless launched by torchrun
 
@@ -244,12 +303,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .errors import ProfileError
-
     try:
         data = json.loads(Path(args.file).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"error: cannot read {args.file}: {exc}") from exc
+        raise ProfileError(f"Cannot read {args.file}: {exc}; pass a profile or schedule JSON written by smoothcache") from exc
     if isinstance(data, dict) and data.get("format") == "smoothcache.profile":
         profile = CalibrationProfile.from_dict(data, source=args.file)
         meta = profile.metadata
@@ -378,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate = commands.add_parser("calibrate", help="record error curves over a calibration set -> profile JSON")
     _add_model_args(calibrate)
     calibrate.add_argument("--components", type=_csv, help="layers to calibrate, e.g. attn1,ff, or block for whole blocks (default: the model family's)")
-    calibrate.add_argument("--lookahead", type=int, default=3)
+    calibrate.add_argument("--lookahead", type=positive_int, default=3, help="steps ahead to measure reuse errors (at most --steps)")
     calibrate.add_argument(
         "--branches", action="store_true",
         help="also record the conditional and unconditional halves of a CFG batch ('attn1@uncond' keys)",
@@ -393,11 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     schedule = commands.add_parser("schedule", help="profile -> schedule JSON at a threshold or budget")
     schedule.add_argument("profile")
     budget = schedule.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--alpha", type=float, help="error threshold (the paper's alpha)")
-    budget.add_argument("--compute-fraction", type=float, help="at most this fraction of cached-layer calls computed")
-    budget.add_argument("--speedup", type=float, help="at least this ideal speedup from the measured FLOPs")
+    budget.add_argument("--alpha", type=finite_float(0), help="error threshold (the paper's alpha)")
+    budget.add_argument("--compute-fraction", type=finite_float(0, 1, low_open=True), help="at most this fraction of cached-layer calls computed")
+    budget.add_argument("--speedup", type=finite_float(1), help="at least this ideal speedup from the measured FLOPs")
     schedule.add_argument("--keys", type=_csv, help="only these layer types")
-    schedule.add_argument("--steps", type=int, help="derive the schedule for this many steps (resamples the profile's curves)")
+    schedule.add_argument("--steps", type=positive_int, help="derive the schedule for this many steps (resamples the profile's curves)")
     schedule.add_argument("--per-block", action="store_true", help="one plan per block ('attn1-3') instead of per layer type")
     schedule.add_argument(
         "--solver",
@@ -420,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune_ = commands.add_parser("tune", help="the cheapest schedule whose output stays within an error bound (measured)")
     _add_model_args(tune_)
     tune_.add_argument("--profile", required=True, help="profile JSON from `smoothcache calibrate` (same --steps)")
-    tune_.add_argument("--max-error", type=float, required=True, help="allowed rel-L1 drift of the output, e.g. 0.05")
+    tune_.add_argument("--max-error", type=finite_float(0), required=True, help="allowed rel-L1 drift of the output, e.g. 0.05")
     tune_.add_argument("--solver", choices=SOLVERS, default="optimal")
     tune_.add_argument(
         "--forecast", choices=["none", "linear"], default="none",
@@ -442,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="uncached vs cached latency of a schedule on your pipeline")
     _add_model_args(bench)
     bench.add_argument("--schedule", required=True, help="schedule JSON; its length sets the steps")
-    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--repeats", type=positive_int, default=3)
     bench.add_argument("--forecast", choices=["none", "linear"], default="none", help="time the cache with forecast='linear'")
     bench.add_argument("--compile", choices=["none", "model", "model-cudagraphs"], default="none",
                        help="time both runs with the transformer under torch.compile (model-cudagraphs: "
@@ -453,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_ = commands.add_parser("inspect", help="summarise a profile or schedule, optionally as a PNG plot")
     inspect_.add_argument("file")
     inspect_.add_argument("--plot", help="PNG to write")
-    inspect_.add_argument("--alpha", type=float, action="append", help="threshold line(s) on a profile plot")
+    inspect_.add_argument("--alpha", type=finite_float(0), action="append", help="threshold line(s) on a profile plot")
     inspect_.set_defaults(func=cmd_inspect)
 
     demo = commands.add_parser("demo", help="offline demo on the shipped model: speed and quality of every method")
@@ -462,31 +519,132 @@ def build_parser() -> argparse.ArgumentParser:
                            "Fashion-MNIST DiT against every peer (a GPU; minutes a sampler, see the README)")
     demo.add_argument("--out", default="demo-out", help="folder for report.json and the figures")
     demo.add_argument("--device", help="cpu or cuda (default: cpu for demo, cuda where available for bench)")
-    demo.add_argument("--steps", type=int, default=20, help="denoising steps (demo model; bench: see --samplers)")
+    demo.add_argument("--steps", type=positive_int, default=20, help="denoising steps (demo model; bench: see --samplers)")
     demo.add_argument("--samplers", nargs="+", help='bench model: "<ddim|dpm++>-<steps>" (default: ddim-50 dpm++-20)')
-    demo.add_argument("--samples-per-class", type=int, help="samples a class (default: 5 demo, 100 bench)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--timing-repeats", type=int, default=2,
+    demo.add_argument("--samples-per-class", type=positive_int, help="samples a class (default: 5 demo, 100 bench)")
+    demo.add_argument("--seed", type=non_negative_int, default=0)
+    demo.add_argument("--timing-repeats", type=positive_int, default=2,
                       help="times each method is timed (demo: the fastest counts; bench: the median of the rounds)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
+# ---- checks after parsing and before any model loads: a typo should cost a second, not a load ----
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name
+
+
+def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Ranges that depend on two flags, refused as usage errors like the single-flag ones."""
+    if args.command == "calibrate" and args.lookahead > args.steps:
+        parser.error(f"argument --lookahead: must be at most --steps ({args.steps}), got {args.lookahead}")
+
+
+def _check_model(args: argparse.Namespace) -> None:
+    """A --model meant as a local folder (./x, /x, ~/x, a/b/c) that is not there; hub ids pass on to from_pretrained."""
+    model = getattr(args, "model", None)
+    if model is None or model == "demo" or args.command == "demo":
+        return
+    if model.startswith("~"):
+        args.model = model = os.path.expanduser(model)  # from_pretrained does not expand ~
+    if Path(model).exists():
+        return
+    if model.startswith((".", "/", "~")) or (("/" in model or "\\" in model) and not _HUB_ID.fullmatch(model)):
+        raise FileNotFoundError(
+            f"--model {model}: the folder does not exist; pass a pipeline folder saved with save_pretrained, "
+            "a hub id (org/name), or demo"
+        )
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Create --out's folder and write a file there now, not after minutes of calibration."""
+    out = getattr(args, "out", None)
+    if out is None or args.command == "inspect":
+        return
+    out_path = Path(out)
+    if args.command in ("generate", "demo"):  # these write a folder of files
+        folder = out_path
+    elif out_path.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; give the JSON file to write, e.g. {out_path / 'out.json'}")
+    else:
+        folder = out_path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".smoothcache-write-test-"):
+            pass
+    except OSError as exc:
+        raise OSError(
+            f"--out {out}: cannot write to {folder} ({exc.strerror or exc}); choose a writable folder"
+        ) from exc
+
+
+# ---- failures: one line on stderr, in the command line's own terms ----
+
+_EXTRAS = {"diffusers": "diffusers", "accelerate": "diffusers", "matplotlib": "plot", "torchmetrics": "demo"}
+_FLAGS = {"alpha": "--alpha", "compute_fraction": "--compute-fraction", "speedup": "--speedup", "lookahead": "--lookahead",
+          "steps": "--steps", "max_error": "--max-error", "solver": "--solver", "forecast": "--forecast"}
+_NAMES = "|".join(_FLAGS)
+_PYTHON_ARGUMENT = re.compile(rf"(?<![\w/.-])({_NAMES})=(?:(['\"]?)([\w.+-]+)\2)?")  # compute_fraction=0.5, solver='greedy'
+_PYTHON_NAME = re.compile(r"(?<![\w/.-])(alpha|compute_fraction|speedup|lookahead|max_error)(?= must\b)")
+
+
+def _in_flag_terms(message: str) -> str:
+    """A library message as the command line's user reads it: ``compute_fraction=0.5`` -> ``--compute-fraction 0.5``."""
+    message = _PYTHON_ARGUMENT.sub(lambda m: _FLAGS[m[1]] + (f" {m[3]}" if m[3] else ""), message)
+    message = re.sub(r"(--solver [\w-]+) or '([\w-]+)'", r"\1 or \2", message)  # solver='optimal' or 'per-block'
+    return _PYTHON_NAME.sub(lambda m: _FLAGS[m[1]], message)
+
+
+def _missing_extra(exc: ImportError, command: str) -> str | None:
+    """The install line for an optional dependency that failed to import, or None if it is not one of ours."""
+    cause: BaseException | None = exc
+    while cause is not None and not (isinstance(cause, ImportError) and cause.name):  # plots.py re-raises without a name
+        cause = cause.__cause__
+    name = cause.name if isinstance(cause, ImportError) and cause.name else ""
+    module = name.split(".")[0]
+    if module not in _EXTRAS:
+        return None
+    install = f'pip install "smoothcache[{"demo" if command == "demo" else _EXTRAS[module]}]"'
+    if isinstance(cause, ModuleNotFoundError) and name == module:
+        return f"{command} needs {module}, which is not installed: {install}"
+    first_line = str(cause).splitlines()[0] if str(cause) else name
+    return f"{module} is installed but could not be imported ({first_line}); try {install} --upgrade"
+
+
+def _fail(message: str) -> int:
+    from . import distributed
+
+    world = distributed.current()
+    where = f"[rank {world.rank}/{world.size}] " if world.size > 1 else ""
+    print(f"error: {where}{message}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit status: 0 done, 1 failed (one line on stderr), 2 a usage error (from argparse), 130 interrupted."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_flags(parser, args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        _check_model(args)
+        _check_out(args)
         return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except ImportError as exc:
+        message = _missing_extra(exc, args.command)
+        if message is None:
+            raise
+        return _fail(message)
     except (SmoothCacheError, ValueError, OSError) as exc:
         from . import distributed
 
-        world = distributed.current()
-        if isinstance(exc, distributed.RankFailedError) and exc.failed_ranks and not world.is_main:
-            return 2  # another rank's reported failure: it printed its error, rank 0 prints the summary
-        where = f"[rank {world.rank}/{world.size}] " if world.size > 1 else ""
-        print(f"error: {where}{exc}", file=sys.stderr)
-        return 2
+        if isinstance(exc, RankFailedError) and exc.failed_ranks and not distributed.current().is_main:
+            return 1  # another rank's reported failure: it printed its error, rank 0 prints the summary
+        return _fail(str(exc) if isinstance(exc, OSError) else _in_flag_terms(str(exc)))
 
 
 if __name__ == "__main__":
