@@ -34,29 +34,35 @@ TINY = BenchConfig(samplers=("ddim-8",), samples_per_class=2, calibration_per_cl
 
 
 def merge_compiled(report_path: Path, compiled_path: Path) -> None:
-    """Copy the compiled timings of a second run (same methods and settings, run with --eager false)
-    into a report, naming where they came from, and redraw its Pareto figures."""
+    """Copy the compiled timings of another run (same methods and settings, run with --eager false)
+    into a report, each row naming the run it came from, and redraw its Pareto figures. Several
+    runs may be merged: a row's ratios are against its own run's uncached compiled calls."""
     report, compiled = json.loads(report_path.read_text()), json.loads(compiled_path.read_text())
     for sampler, result in compiled["samplers"].items():
         if sampler not in report["samplers"]:
             raise SystemExit(f"{report_path} has no sampler {sampler!r}; it has {list(report['samplers'])}")
+        target_result = report["samplers"][sampler]
         # The greedy rows' settings name their alpha, which a second calibration may round differently.
-        rows = {(r["family"], r["setting"].split(" (alpha")[0]): r for r in report["samplers"][sampler]["rows"]}
+        rows = {(r["family"], r["setting"].split(" (alpha")[0]): r for r in target_result["rows"]}
         for row in result["rows"]:
-            if row.get("speedup_compiled") is None and row.get("compiled_error") is None:
+            if not row.get("compiled_seconds") and row.get("compiled_error") is None:
                 continue
             target = rows.get((row["family"], row["setting"].split(" (alpha")[0]))
             if target is None:
                 print(f"warning: no row {row['family']} / {row['setting']} in {report_path}; its compiled timing is left out")
                 continue
-            for key in ("speedup_compiled", "seconds_compiled", "compiled_ratios", "compiled_error"):
+            for key in ("speedup_compiled", "seconds_compiled", "compiled_ratios", "compiled_seconds", "compiled_error"):
                 target[key] = row.get(key)
-        for key in ("uncached_seconds_compiled", "compiled_error", "compiled_skipped"):
+            target["compiled_from"] = compiled_path.name
+        run = {"file": compiled_path.name, "device": compiled["device"], "date": compiled.get("date"),
+               "versions": compiled.get("versions"),
+               "note": f"a process of its own; its quality figures ({10 * compiled['config']['samples_per_class']} "
+                       "samples) are not used"}
+        for key in ("uncached_seconds_compiled", "compiled_reference", "compiled_error", "compiled_skipped"):
             if result.get(key) is not None:
-                report["samplers"][sampler][key] = result[key]
-        report["samplers"][sampler]["compiled_timing_from"] = (
-            f"{compiled_path.name}: a second process on the same {compiled['device']}, same methods and settings, "
-            f"quality there from {10 * compiled['config']['samples_per_class']} samples (not used)")
+                run[key] = result[key]
+        runs = [r for r in target_result.get("compiled_runs", []) if r["file"] != compiled_path.name]
+        target_result["compiled_runs"] = [*runs, run]
     for result in report["samplers"].values():
         result["at_equal_speed"] = summarise(result)
     report_path.write_text(json.dumps(report, indent=1) + "\n")
@@ -91,6 +97,8 @@ def main() -> None:
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
     parser.add_argument("--samplers", nargs="+", help='"<ddim|dpm++>-<steps>", e.g. ddim-50 dpm++-20')
     parser.add_argument("--budgets", nargs="+", type=float, help="compute fractions of smoothcache's schedules")
+    parser.add_argument("--compiled-families", nargs="+", metavar="PREFIX",
+                        help='time only these method families compiled, by name prefix, e.g. "smoothcache layers"')
     args = parser.parse_args()
     if args.redraw:
         redraw(args.redraw)
@@ -109,6 +117,8 @@ def main() -> None:
         overrides["samplers"] = tuple(args.samplers)
     if args.budgets:
         overrides["budgets"] = tuple(args.budgets)
+    if args.compiled_families:
+        overrides["compiled_families"] = tuple(args.compiled_families)
     config = BenchConfig(**{**{f.name: getattr(config, f.name) for f in fields(BenchConfig)}, **overrides})
     if args.tiny:
         pipe, scorer = tiny_bench(args.device)

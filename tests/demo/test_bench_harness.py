@@ -128,6 +128,7 @@ def test_a_sampler_name_says_its_kind_and_steps():
 
 def test_the_compiled_pass_times_its_rows_and_survives_a_method_that_fails(monkeypatch):
     """The compiled pass's control flow, with compilation itself replaced by nothing (a CPU)."""
+    import statistics
     import time
 
     from smoothcache.demo.bench_harness import BenchRun
@@ -152,7 +153,9 @@ def test_the_compiled_pass_times_its_rows_and_survives_a_method_that_fails(monke
     run.rows = [Row(m.family, m.setting) for m in run.methods]
     run._time_compiled()
     fewer, failed, fora, skipped = run.rows
-    assert len(fewer.compiled_ratios) == 2 and fewer.speedup_compiled > 0
+    assert len(fewer.compiled_ratios) == len(fewer.compiled_seconds) == 2 and fewer.speedup_compiled > 0
+    uncached = statistics.median(run.result["uncached_seconds_compiled"])  # one reference for every row
+    assert fewer.compiled_ratios == [uncached / t for t in fewer.compiled_seconds]
     assert failed.compiled_error == "RuntimeError: cannot attach" and failed.error is None
     assert fora.speedup_compiled > 0  # the failure ended only its own row
     assert skipped.compiled_ratios == []

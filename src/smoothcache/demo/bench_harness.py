@@ -75,6 +75,8 @@ class BenchConfig:
     max_minutes: float = 1e9  # no new phase starts after this
     thresholds_scale: float = 1.0  # peers' threshold grids are multiplied by this (tiny runs)
     few_settings: bool = False  # two settings a family: the CPU test
+    compiled_families: tuple[str, ...] = ()  # time only these families (name prefixes) compiled; () = all
+    compile_every_budget: bool = False  # layer schedules compiled at every budget, not the middle one only
     progress: bool = True  # a progress bar over the methods of each phase
 
     @staticmethod
@@ -102,6 +104,7 @@ class Row:
     compiled_error: str | None = None
     eager_ratios: list[float] = field(default_factory=list)
     compiled_ratios: list[float] = field(default_factory=list)
+    compiled_seconds: list[float] = field(default_factory=list)  # each timed compiled call
 
     @property
     def ideal_speedup(self) -> float:
@@ -218,7 +221,7 @@ class BenchRun:
         few, scale = self.config.few_settings, self.config.thresholds_scale
         self.methods = (fewer_steps_methods(self.steps, self.config.budgets)
                         + smoothcache_methods(self.pipe, layers, blocks, self.config.budgets, self.steps,
-                                              self.calibration_generate, few)
+                                              self.calibration_generate, few, self.config.compile_every_budget)
                         + cache_dit_methods(self.steps, len(self.pipe.transformer.transformer_blocks), few, scale)
                         + diffusers_methods(self.pipe, self.steps, self.calibration_generate, few, scale))
         meter.take()
@@ -331,8 +334,11 @@ class BenchRun:
 
     def _time_compiled(self) -> None:
         """The transformer compiled whole with CUDA graphs (``mode="reduce-overhead"``). Each method
-        is attached once, warmed up (compile, graph capture), timed ``timing_repeats`` times, and
-        compared with uncached compiled calls made just before and just after it."""
+        is attached once, warmed up (compile, graph capture) and timed ``timing_repeats`` times;
+        uncached compiled calls are timed just before and just after it, and every row is compared
+        with the median of all of them. (Going back to the uncached model sometimes captures CUDA
+        graphs again even after an untimed call, 2-6 s instead of 0.2-0.6 s on the H200: a row
+        compared with its neighbours alone came out at 15-24x.)"""
         import torch._dynamo.config as dynamo_config
 
         for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
@@ -344,7 +350,9 @@ class BenchRun:
             for i in range(3):  # compile, then CUDA graph capture; logged, as the first can take minutes
                 seconds = self.clock(self._compiled_call)[0]
                 logger.info("%s compiled warm-up %d of the uncached pipeline: %.1f s", self.sampler, i + 1, seconds)
-            candidates = [(m, r) for m, r in zip(self.methods, self.rows) if m.compiles and r.error is None]
+            wanted = self.config.compiled_families
+            candidates = [(m, r) for m, r in zip(self.methods, self.rows) if m.compiles and r.error is None
+                          and (not wanted or m.family.startswith(wanted))]
             candidates.sort(key=lambda pair: compile_priority(pair[0].family))
             for method, row in tqdm(candidates, desc=f"{self.sampler} compiled timing", unit="method",
                                     disable=not self.config.progress):
@@ -366,15 +374,23 @@ class BenchRun:
                     if detach is not None:
                         detach()
                 after = self._uncached_compiled()
-                row.compiled_ratios = [(before + after) / 2 / t for t in times]
-                row.speedup_compiled = statistics.median(row.compiled_ratios)
-                row.seconds_compiled = statistics.median(times)
-                self.result.setdefault("uncached_seconds_compiled", []).extend([before, after])
+                row.compiled_seconds, row.seconds_compiled = times, statistics.median(times)
+                uncached = self.result.setdefault("uncached_seconds_compiled", [])
+                uncached.extend([before, after])
+                compare_compiled_rows(self.rows, statistics.median(uncached))
                 logger.info("%s compiled %-40s %-24s %.2fx", self.sampler, row.family, row.setting, row.speedup_compiled)
                 self.save(figures=False)
         finally:
             transformer._compiled_call_impl = None
             torch._dynamo.reset()
+
+
+def compare_compiled_rows(rows: list[Row], uncached_seconds: float) -> None:
+    """Each compiled row's ratios and speedup against one uncached reference time."""
+    for row in rows:
+        if row.compiled_seconds:
+            row.compiled_ratios = [uncached_seconds / t for t in row.compiled_seconds]
+            row.speedup_compiled = statistics.median(row.compiled_ratios)
 
 
 def run_bench(pipe: Any, scorer: QualityScorer, config: BenchConfig, out: Path,
@@ -399,7 +415,8 @@ def run_bench(pipe: Any, scorer: QualityScorer, config: BenchConfig, out: Path,
             "compute_fraction": "FLOP-weighted share of attn1/ff executions, counted by hooks on Linears inside them, "
                                 "relative to the uncached run of the same sampler; ideal speedup = 1 / compute",
             "speedup_eager": "median over rounds of (uncached pipe() seconds / method pipe() seconds), interleaved",
-            "speedup_compiled": "transformer.compile(mode='reduce-overhead'); each timed call follows an uncached one",
+            "speedup_compiled": "transformer.compile(mode='reduce-overhead'); each row's calls against the median of "
+                                "every uncached compiled call of the run (timed before and after each row)",
             "psnr": "null where the samples equal the uncached ones (infinite PSNR)",
         },
         "samplers": {},

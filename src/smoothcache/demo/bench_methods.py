@@ -36,29 +36,31 @@ def ours(schedule: Schedule, forecast: str = "none") -> Callable[[Any], Callable
 
 
 def smoothcache_methods(pipe: Any, layers: Any, blocks: Any, budgets: tuple[float, ...], steps: int,
-                        tune_generate: Callable[[], Any], few: bool = False) -> list[Method]:
+                        tune_generate: Callable[[], Any], few: bool = False, compile_every_budget: bool = False
+                        ) -> list[Method]:
     """The paper's method through ours and through the reference package, and our other modes."""
     methods: list[Method] = []
     reference = peers.load_reference_package()
-    middle = budgets[len(budgets) // 2]  # layer schedules are timed compiled at one budget (each compiles anew)
+    # layer schedules are timed compiled at one budget unless asked (each compiles anew, up to minutes)
+    middle = budgets[len(budgets) // 2]
     for budget in budgets:
         tag = f"compute {budget:g}"
         greedy, alpha = layers.schedule_and_threshold(compute_fraction=budget, solver="greedy")
         methods.append(Method("smoothcache layers, paper's greedy", f"{tag} (alpha {alpha:.3g})", ours(greedy),
-                              compiles=budget == middle))
+                              compiles=compile_every_budget or budget == middle))
         if reference is not None:
             plan = greedy.to_dict()
             methods.append(Method("reference dit-smoothcache (greedy)", f"{tag} (alpha {alpha:.3g})",
                                   lambda pipe, plan=plan: peers.attach_reference(pipe, reference, plan), quiet=True))
         methods.append(Method("smoothcache layers, optimal", tag, ours(layers.schedule(compute_fraction=budget)),
-                              compiles=budget == middle))
+                              compiles=compile_every_budget or budget == middle))
         methods.append(Method("smoothcache layers, optimal + forecast", tag,
                               ours(layers.schedule(compute_fraction=budget, forecast="linear"), "linear"),
-                              compiles=budget == middle))
+                              compiles=compile_every_budget or budget == middle))
         methods.append(Method("smoothcache layers, per-block", tag,
                               ours(layers.schedule(compute_fraction=budget, solver="per-block"))))
         methods.append(Method("smoothcache blocks, optimal", tag, ours(blocks.schedule(compute_fraction=budget)),
-                              compiles=budget == middle))
+                              compiles=compile_every_budget or budget == middle))
         methods.append(Method("smoothcache blocks + forecast", tag,
                               ours(blocks.schedule(compute_fraction=budget, forecast="linear"), "linear"),
                               compiles=True))
