@@ -34,9 +34,8 @@ def test_a_cell_run_twice_is_refused_and_the_lost_handle_can_be_ended(pipe, unca
 
 
 def test_two_schedules_cannot_apply_at_once(pipe):
-    with smoothcache.cache(pipe, SKIPPING):
-        with pytest.raises(ModelInUseError, match="cannot also be cached"):
-            smoothcache.cache(pipe, OTHER)
+    with smoothcache.cache(pipe, SKIPPING), pytest.raises(ModelInUseError, match="cannot also be cached"):
+        smoothcache.cache(pipe, OTHER)
     with smoothcache.cache(pipe, OTHER):  # after the first ends, the second may start
         pass
 
@@ -53,10 +52,10 @@ def test_a_nested_with_on_the_same_handle_keeps_it_enabled_until_the_outer_block
 
 
 def test_calibrating_a_cached_model_is_refused_and_caching_a_calibrated_one_too(pipe):
-    with smoothcache.cache(pipe, SKIPPING):
-        with pytest.raises(ModelInUseError, match="cannot also be being calibrated.*Disable that handle first"):
-            with smoothcache.calibration(pipe):
-                pass
+    with (smoothcache.cache(pipe, SKIPPING),
+          pytest.raises(ModelInUseError, match="cannot also be being calibrated.*Disable that handle first"),
+          smoothcache.calibration(pipe)):
+        pass
     with smoothcache.calibration(pipe) as recorder:
         with pytest.raises(ModelInUseError, match="already being calibrated.*End that calibration first"):
             smoothcache.cache(pipe, SKIPPING)
