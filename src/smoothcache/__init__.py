@@ -2,7 +2,7 @@
 denoising steps wherever the calibration says they barely change (arXiv 2411.10510)."""
 
 from .adapters import CacheableLayer, find_layers
-from .adapters.diffusers_cache_mixin import (
+from .cache_mixin import (
     SmoothCacheConfig,
     install_if_diffusers_loaded,
 )

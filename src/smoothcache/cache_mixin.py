@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ..runtime import CacheHandle, cache
-from ..schedule import Schedule
+from .runtime import CacheHandle, cache
+from .schedule import Schedule
 
 __all__ = ["SmoothCacheConfig", "install_if_diffusers_loaded"]
 
