@@ -122,3 +122,24 @@ def test_fewer_computes_nest_inside_more():
 def test_budget_below_the_lookahead_minimum_is_refused():
     with pytest.raises(ScheduleError, match="fewest the lookahead allows"):
         optimal_schedule({"attn": rising_curves()}, 3)
+
+
+def test_a_budget_past_the_lookahead_says_the_reachable_end_in_the_users_terms():
+    from smoothcache import CalibrationProfile, LayerInfo, ProfileError
+
+    steps, lookahead = 12, 3
+    curves = np.stack([np.full(steps, 0.1 * k) for k in range(1, lookahead + 1)])
+    for k in range(1, lookahead + 1):
+        curves[k - 1, steps - k:] = np.nan
+    layers = [LayerInfo("b0.attn1", "attn1", 0, 30.0), LayerInfo("b0.ff", "ff", 0, 60.0)]
+    profile = CalibrationProfile(layers, np.stack([curves, curves])[None], {}, total_flops=100.0)
+    with pytest.raises(ProfileError, match=r"speedup=50 is out of reach: with lookahead 3 the fastest schedule gives (\d+\.\d\d)x") as refused:
+        profile.schedule(speedup=50)
+    fastest = float(refused.value.args[0].split("gives ")[1].split("x")[0])
+    assert 1 < fastest < 10  # skipping every layer at every step would claim 10x
+    assert profile.estimated_speedup(profile.schedule(speedup=fastest - 0.005)) >= fastest - 0.005
+    with pytest.raises(ProfileError, match=r"compute_fraction=0.01 is out of reach: with lookahead 3 at least 0.\d+ of the layer calls"):
+        profile.schedule(compute_fraction=0.01)
+    for bad in ({"alpha": float("nan")}, {"speedup": float("nan")}, {"speedup": float("inf")}, {"compute_fraction": float("nan")}):
+        with pytest.raises(ProfileError, match="must be"):
+            profile.schedule(**bad)

@@ -567,8 +567,8 @@ def solve(
     curves = problem.curves if problem is not None else profile.curves_by_key(keys, per_block)
     num_steps = profile.num_steps
     if alpha is not None:
-        if alpha < 0:
-            raise ProfileError(f"alpha must be >= 0, got {alpha}")
+        if not math.isfinite(alpha) or alpha < 0:
+            raise ProfileError(f"alpha must be a finite number >= 0, got {alpha}")
         if solver != "greedy":
             raise ProfileError(
                 "The optimal solver spends a budget, it has no threshold: pass compute_fraction= or speedup= "
@@ -576,29 +576,52 @@ def solve(
             )
         return greedy_schedule(curves, alpha), float(alpha)
     if compute_fraction is not None:
-        if not 0 < compute_fraction <= 1:
+        if not 0 < compute_fraction <= 1:  # False for NaN too
             raise ProfileError(f"compute_fraction must be in (0, 1], got {compute_fraction}")
         if problem is not None:
-            return problem.solve(compute_fraction * num_steps * len(curves)), None
+            try:
+                return problem.solve(compute_fraction * num_steps * len(curves)), None
+            except ScheduleError:
+                least = _least_computes(problem)
+                raise ProfileError(
+                    f"compute_fraction={compute_fraction} is out of reach: with lookahead {_lookahead(curves)} at least "
+                    f"{sum(least.values()) / (num_steps * len(curves)):.3f} of the layer calls compute, since a kept output "
+                    "serves at most that many later steps; ask for more, or calibrate with a larger lookahead"
+                ) from None
         return schedule_for_budget(
             curves, lambda s: s.compute_fraction() <= compute_fraction + 1e-12, f"compute_fraction={compute_fraction}"
         )
     assert speedup is not None
-    if speedup < 1:
-        raise ProfileError(f"speedup must be >= 1, got {speedup}")
+    if not math.isfinite(speedup) or speedup < 1:
+        raise ProfileError(f"speedup must be a finite number >= 1, got {speedup}")
     if problem is not None:
         costs = profile.key_costs(per_block)
         costs = {key: costs[key] for key in curves}
         total = float(profile.total_flops or 0.0)
         # speedup = total / (total - saved) with saved = sum(cost * (1 - computed / steps))
         budget = num_steps * (sum(costs.values()) - total * (1.0 - 1.0 / speedup))
-        if budget < 0:
+        try:
+            if budget < 0:
+                raise ScheduleError("below zero")
+            return problem.solve(budget, weights=costs), None
+        except ScheduleError:
+            least = _least_computes(problem)
+            saved = sum(costs[key] * (1.0 - least[key] / num_steps) for key in curves)
             raise ProfileError(
-                f"speedup={speedup} is out of reach: skipping every cached layer at every step gives at most "
-                f"{total / max(total - sum(costs.values()), 1e-30):.2f}x"
-            )
-        return problem.solve(budget, weights=costs), None
+                f"speedup={speedup} is out of reach: with lookahead {_lookahead(curves)} the fastest schedule gives "
+                f"{total / max(total - saved, 1e-30):.2f}x (ideal, from the measured FLOPs); ask for less, or "
+                "calibrate with a larger lookahead"
+            ) from None
     return schedule_for_budget(curves, lambda s: profile.estimated_speedup(s) >= speedup - 1e-12, f"speedup={speedup}")
+
+
+def _least_computes(problem: SolverProblem) -> dict[str, int]:
+    """The fewest computed steps each key's plans can have within the lookahead."""
+    return {key: int(frontier.feasible().min()) for key, frontier in problem.frontiers().items()}
+
+
+def _lookahead(curves: Mapping[str, np.ndarray]) -> int:
+    return int(np.asarray(next(iter(curves.values()))).shape[-2])
 
 
 def candidate_schedules(
