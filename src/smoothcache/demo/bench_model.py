@@ -99,12 +99,12 @@ def build_bench_pipeline(transformer: DiTTransformer2DModel) -> DiTPipeline:
 
 def tiny_bench(device: str | torch.device = "cpu") -> tuple[DiTPipeline, QualityScorer]:
     """A random 10-block bench pipeline and a random judge: the harness's code paths on a CPU in
-    seconds, not a model (10 blocks so that cache-dit's F8 has blocks left to cache)."""
+    seconds, not a model (10 blocks so that cache-dit's F8 has blocks left to cache; patch 4: 64 tokens)."""
     from .classifier import DigitClassifier, DigitClassifierConfig, DigitFeatures
     from .metrics import FidReference
 
     torch.manual_seed(0)
-    transformer = build_bench_transformer(BenchModelConfig(depth=10, hidden_size=16, num_heads=2))
+    transformer = build_bench_transformer(BenchModelConfig(depth=10, hidden_size=16, num_heads=2, patch_size=4))
     for parameter in transformer.parameters():  # adaLN-Zero starts as the identity: give it work to do
         parameter.data.normal_(0, 0.05)
     pipe = build_bench_pipeline(transformer.eval()).to(device)
