@@ -10,14 +10,15 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from .errors import ProfileError
+from .files import atomic_write_text, read_json, shown
 from .keys import Key, key_for
 from .resampling import resample_curves, resample_step_weights, uniform_positions
 from .schedule import Schedule
@@ -344,19 +345,22 @@ class CalibrationProfile:
 
     # ---- files ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        def trimmed(curves: np.ndarray) -> list[list[float]]:
-            return [[float(v) for v in curves[k, : self.num_steps - k - 1]] for k in range(self.lookahead)]
+        """The file's layout in plain JSON values; NaN (a step never measured) and infinities become None."""
+
+        def trimmed(curves: np.ndarray) -> list[list[float | None]]:
+            return [_strict(curves[k, : self.num_steps - k - 1].tolist()) for k in range(self.lookahead)]
 
         layers = [
-            {"name": layer.name, "layer_type": layer.layer_type, "block": layer.block, "flops": layer.flops} for layer in self.layers
+            {"name": layer.name, "layer_type": layer.layer_type, "block": layer.block, "flops": _strict(layer.flops)}
+            for layer in self.layers
         ]
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "lookahead": self.lookahead,
             "num_steps": self.num_steps,
-            "total_flops": self.total_flops,
-            "metadata": self.metadata,
+            "total_flops": _strict(self.total_flops),
+            "metadata": _strict(self.metadata),
             "layers": layers,
             "curve_layout": "errors[k-1][s] = rel-L1 between the outputs at step s+k and step s, over ||y_(s+k)||_1",
             "runs": [{layer.name: trimmed(run[i]) for i, layer in enumerate(self.layers)} for run in self.errors],
@@ -368,9 +372,9 @@ class CalibrationProfile:
         if self.forecast_errors is None:
             return {}
 
-        def trimmed(forecasts: np.ndarray) -> list[list[list[float]]]:  # the measured steps s = g .. num_steps - k - 1
+        def trimmed(forecasts: np.ndarray) -> list[list[list[float | None]]]:  # the measured steps s = g .. num_steps - k - 1
             return [
-                [[float(v) for v in forecasts[g, k, g + 1 : self.num_steps - k - 1]] for k in range(self.lookahead)]
+                [_strict(forecasts[g, k, g + 1 : self.num_steps - k - 1].tolist()) for k in range(self.lookahead)]
                 for g in range(forecasts.shape[0])
             ]
 
@@ -383,13 +387,17 @@ class CalibrationProfile:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
+        """Write :meth:`to_dict` as strict JSON (null, never NaN) atomically (see :mod:`.files`)."""
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
 
     @classmethod
     def from_dict(cls, data: Any, source: str | None = None) -> CalibrationProfile:
+        """Build from :meth:`to_dict`'s layout; anything else raises :class:`ProfileError` naming ``source``.
+
+        Every list's length is checked against ``lookahead`` and ``num_steps`` before an array is
+        made, so a small file that claims a huge profile is refused instead of allocated. Files
+        written before profiles were strict JSON (``NaN`` where a step was never measured) still load.
+        """
         where = f" {source}" if source else ""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ProfileError(
@@ -397,60 +405,214 @@ class CalibrationProfile:
                 "schedules load with Schedule.load"
             )
         if data.get("format_version") != FORMAT_VERSION:
-            raise ProfileError(f"Profile{where} has format_version {data.get('format_version')}, this smoothcache reads {FORMAT_VERSION}")
+            raise ProfileError(
+                f"Profile{where} has format_version {shown(data.get('format_version'))}, this smoothcache reads {FORMAT_VERSION}"
+            )
         try:
-            layers = [LayerInfo(x["name"], x["layer_type"], x["block"], x.get("flops")) for x in data["layers"]]
-            lookahead, num_steps = int(data["lookahead"]), int(data["num_steps"])
-            errors = np.full((len(data["runs"]), len(layers), lookahead, num_steps), np.nan)
-            for r, run in enumerate(data["runs"]):
-                for i, layer in enumerate(layers):
-                    rows = run[layer.name]
-                    if len(rows) != lookahead:
-                        raise ProfileError(f"Profile{where}: layer {layer.name} has {len(rows)} lookahead rows, expected {lookahead}")
-                    for k, row in enumerate(rows):
-                        if len(row) != num_steps - k - 1:
-                            raise ProfileError(
-                                f"Profile{where}: layer {layer.name}, lookahead {k + 1} has {len(row)} values, "
-                                f"expected {num_steps - k - 1} for {num_steps} steps"
-                            )
-                        errors[r, i, k, : len(row)] = row
-            forecasts = _forecasts_from(data.get("forecast_runs"), layers, lookahead, num_steps, where)
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, ProfileError):
-                raise
-            raise ProfileError(f"Profile{where} is malformed: {type(exc).__name__}: {exc}") from exc
-        return cls(layers, errors, dict(data.get("metadata") or {}), data.get("total_flops"), forecasts)
+            parts = _profile_parts(data, where)
+        except ProfileError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, OverflowError, RecursionError) as exc:  # a case no check foresaw
+            raise ProfileError(f"Profile{where} is malformed: {type(exc).__name__}: {shown(str(exc))}") from exc
+        try:
+            return cls(*parts)
+        except ProfileError as exc:
+            raise ProfileError(f"Profile{where}: {exc}") from exc
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationProfile:
+        """Read a profile JSON file; errors name the file and what is wrong with it."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except OSError as exc:
-            raise ProfileError(f"Cannot read profile file {path}: {exc.strerror or exc}") from exc
-        except json.JSONDecodeError as exc:
-            raise ProfileError(f"Profile file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path, ProfileError, "profile"), source=str(path))
 
 
-def _forecasts_from(runs: Any, layers: Sequence[LayerInfo], lookahead: int, num_steps: int, where: str) -> np.ndarray | None:
+# ---- reading a profile file: every check before any array is made ---------------------------
+def _profile_parts(data: dict[str, Any], where: str) -> tuple[list[LayerInfo], np.ndarray, dict[str, Any], Any, np.ndarray | None]:
+    """The constructor's arguments from a profile file's object, checked."""
+    layers = _layers_from(data.get("layers"), where)
+    names = [layer.name for layer in layers]
+    num_steps = _whole(data.get("num_steps"), "num_steps", 2, where)
+    lookahead = _whole(data.get("lookahead"), "lookahead", 1, where)
+    if lookahead >= num_steps:
+        raise _problem(where, f"lookahead {shown(lookahead)} reaches past the last of {shown(num_steps)} steps; it must be less")
+    runs = data.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise _problem(where, f"\"runs\" must be a non-empty list of calibration runs, got {shown(runs)}")
+    curves = [
+        [
+            _rows(rows, lookahead, lambda k: num_steps - k - 1, 0, f"layer {name!r} in run {r}", where)
+            for name, rows in _per_layer(run, names, f"run {r}", where)
+        ]
+        for r, run in enumerate(runs)
+    ]
+    metadata = _metadata_from(data.get("metadata"), num_steps, where)
+    total_flops = data.get("total_flops")
+    if total_flops is not None and not _is_cost(total_flops):
+        raise _problem(where, f"total_flops is {shown(total_flops)}; expected a finite number >= 0, or null")
+    forecasts = _forecasts_from(data.get("forecast_runs"), names, len(runs), lookahead, num_steps, where)
+    errors = np.full((len(runs), len(layers), lookahead, num_steps), np.nan)
+    for r, per_layer in enumerate(curves):
+        for i, rows in enumerate(per_layer):
+            for k, row in enumerate(rows):
+                errors[r, i, k, : len(row)] = row
+    return layers, errors, metadata, total_flops, forecasts
+
+
+def _forecasts_from(
+    runs: Any, names: list[str], num_runs: int, lookahead: int, num_steps: int, where: str
+) -> np.ndarray | None:
     """The ``forecast_runs`` of a profile file as an array (None where the file has none)."""
     if runs is None:
         return None
-    gaps = len(runs[0][layers[0].name]) if runs else 0
-    forecasts = np.full((len(runs), len(layers), gaps, lookahead, num_steps), np.nan)
+    if not isinstance(runs, list) or len(runs) != num_runs:
+        raise _problem(where, f"\"forecast_runs\" must be a list of {num_runs} runs, as \"runs\" is, got {shown(runs)}")
+    first = runs[0].get(names[0]) if isinstance(runs[0], dict) else None
+    gaps = len(first) if isinstance(first, list) else 0
+    # the recorder writes lookahead + 1 gaps; past num_steps a gap has no step to measure
+    if not lookahead + 1 <= gaps <= num_steps:
+        raise _problem(
+            where, f"layer {names[0]!r} in forecast run 0 has {gaps} gaps; expected {lookahead + 1} to {num_steps} "
+            f"for lookahead {lookahead} and {num_steps} steps"
+        )
+    checked = []
     for r, run in enumerate(runs):
-        for i, layer in enumerate(layers):
-            per_gap = run[layer.name]
-            if len(per_gap) != gaps or any(len(rows) != lookahead for rows in per_gap):
-                raise ProfileError(f"Profile{where}: layer {layer.name} has forecast rows of another shape than {gaps}x{lookahead}")
+        per_layer = []
+        for name, per_gap in _per_layer(run, names, f"forecast run {r}", where):
+            place = f"layer {name!r} in forecast run {r}"
+            if not isinstance(per_gap, list) or len(per_gap) != gaps:
+                raise _problem(where, f"{place} must be a list of {gaps} gaps, got {shown(per_gap)}")
+            per_layer.append([
+                _rows(rows, lookahead, lambda k, g=g: max(0, num_steps - k - g - 2), g + 1, f"{place}, gap {g + 1}", where)
+                for g, rows in enumerate(per_gap)
+            ])
+        checked.append(per_layer)
+    forecasts = np.full((num_runs, len(names), gaps, lookahead, num_steps), np.nan)
+    for r, per_layer in enumerate(checked):
+        for i, per_gap in enumerate(per_layer):
             for g, rows in enumerate(per_gap):
                 for k, row in enumerate(rows):
-                    expected = max(0, num_steps - k - g - 2)
-                    if len(row) != expected:
-                        raise ProfileError(
-                            f"Profile{where}: layer {layer.name}, forecast gap {g + 1} lookahead {k + 1} has {len(row)} "
-                            f"values, expected {expected} for {num_steps} steps"
-                        )
                     forecasts[r, i, g, k, g + 1 : g + 1 + len(row)] = row
     return forecasts
+
+
+def _layers_from(entries: Any, where: str) -> list[LayerInfo]:
+    if not isinstance(entries, list) or not entries:
+        raise _problem(where, f"\"layers\" must be a non-empty list of layer objects, got {shown(entries)}")
+    layers: list[LayerInfo] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise _problem(where, f"layer {i} must be an object with name, layer_type, block and flops, got {shown(entry)}")
+        name, layer_type, block, flops = (entry.get(field) for field in ("name", "layer_type", "block", "flops"))
+        if not isinstance(name, str) or not name:
+            raise _problem(where, f"layer {i} has name {shown(name)}; expected its module path, e.g. \"blocks.0.attn1\"")
+        if name in seen:
+            raise _problem(where, f"layer {name!r} is listed twice; each calibrated layer appears once")
+        seen.add(name)
+        if not isinstance(layer_type, str) or not layer_type:
+            raise _problem(where, f"layer {name!r} has layer_type {shown(layer_type)}; expected a type key like \"attn1\"")
+        if block is not None and (type(block) is not int or block < 0):
+            raise _problem(where, f"layer {name!r} has block {shown(block)}; expected a block index >= 0, or null")
+        if flops is not None and not _is_cost(flops):
+            raise _problem(where, f"layer {name!r} has flops {shown(flops)}; expected a finite number >= 0, or null")
+        layers.append(LayerInfo(name, layer_type, block, flops))
+    return layers
+
+
+def _per_layer(run: Any, names: list[str], place: str, where: str) -> list[tuple[str, Any]]:
+    """A run's ``{layer name: curves}`` in the order of ``layers``, which it must match exactly."""
+    if not isinstance(run, dict):
+        raise _problem(where, f"{place} must be an object of layer name -> curves, got {shown(run)}")
+    missing = [name for name in names if name not in run]
+    if missing:
+        raise _problem(where, f"{place} has no curves for layer {missing[0]!r} ({len(missing)} of the {len(names)} layers)")
+    if len(run) != len(names):
+        extra = next(key for key in run if key not in set(names))
+        raise _problem(where, f"{place} has curves for {shown(extra)}, which \"layers\" does not list")
+    return [(name, run[name]) for name in names]
+
+
+def _rows(
+    rows: Any, lookahead: int, length: Callable[[int], int], first_step: int, place: str, where: str
+) -> list[list[float]]:
+    """One layer's ``lookahead`` rows of errors, row k of ``length(k)`` values; null and NaN (never measured) become NaN.
+
+    The counts claimed are only compared with lists present, never used to size anything here.
+    """
+    if not isinstance(rows, list) or len(rows) != lookahead:
+        count = len(rows) if isinstance(rows, list) else shown(rows)
+        raise _problem(where, f"{place} has {count} lookahead rows, expected {shown(lookahead)}")
+    checked: list[list[float]] = []
+    for k, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != length(k):
+            count = len(row) if isinstance(row, list) else shown(row)
+            raise _problem(where, f"{place}, lookahead {k + 1} has {count} values, expected {shown(length(k))}")
+        values = [math.nan if value is None else _real(value) for value in row]
+        for s, value in enumerate(values):
+            if value is None or value < 0 or value == math.inf:  # NaN passes: a step the layer never ran
+                raise _problem(
+                    where, f"{place}, lookahead {k + 1} has {shown(row[s])} at step {first_step + s}; "
+                    "errors are finite numbers >= 0, or null where the layer never ran"
+                )
+        checked.append(cast(list[float], values))  # every None was refused above
+    return checked
+
+
+def _metadata_from(metadata: Any, num_steps: int, where: str) -> dict[str, Any]:
+    """The metadata object, with the entries smoothcache reads checked."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise _problem(where, f"\"metadata\" must be an object, got {shown(metadata)}")
+    weights = metadata.get("step_weights")
+    if weights is not None and not (isinstance(weights, list) and len(weights) == num_steps and all(map(_is_cost, weights))):
+        raise _problem(where, f"metadata step_weights must be {num_steps} finite numbers >= 0 (one per step), or null; got {shown(weights)}")
+    timesteps = metadata.get("timesteps")
+    if timesteps is not None and not (isinstance(timesteps, list) and all(_is_finite(t) for t in timesteps)):
+        raise _problem(where, f"metadata timesteps must be a list of finite numbers, or null; got {shown(timesteps)}")
+    config = metadata.get("scheduler_config")
+    if config is not None and not isinstance(config, dict):
+        raise _problem(where, f"metadata scheduler_config must be an object (the scheduler's config), or null; got {shown(config)}")
+    if "run_labels" in metadata and not isinstance(metadata["run_labels"], list):
+        raise _problem(where, f"metadata run_labels must be a list of one label per run; got {shown(metadata['run_labels'])}")
+    return dict(metadata)
+
+
+def _whole(value: Any, name: str, least: int, where: str) -> int:
+    if type(value) is not int or value < least:
+        raise _problem(where, f"{name} must be a whole number >= {least}, got {shown(value)}")
+    return value
+
+
+def _real(value: Any) -> float | None:
+    """``value`` as a float if it is a number (NaN and infinities included), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+
+
+def _is_finite(value: Any) -> bool:
+    number = _real(value)
+    return number is not None and math.isfinite(number)
+
+
+def _is_cost(value: Any) -> bool:
+    return _is_finite(value) and value >= 0
+
+
+def _problem(where: str, what: str) -> ProfileError:
+    return ProfileError(f"Profile{where}: {what}")
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every NaN or infinity as None, so that it is strict JSON (a number that is not one)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    return value

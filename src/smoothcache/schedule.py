@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ScheduleError
+from .files import atomic_write_text, read_json, shown
 
 __all__ = ["Schedule"]
 
@@ -41,7 +42,10 @@ class Schedule:
     # ---- construction and files -------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Mapping[str, Iterable[int]], source: str | None = None) -> Schedule:
-        """Build from ``{"attn1": [1, 0, ...], ...}`` (the reference package's JSON object)."""
+        """Build from ``{"attn1": [1, 0, ...], ...}`` (the reference package's JSON object).
+
+        Anything else raises :class:`ScheduleError` naming ``source``.
+        """
         if not isinstance(data, Mapping):
             raise ScheduleError(
                 f"Schedule{_where(source)} must be a JSON object of key -> list of 0/1, got {type(data).__name__}"
@@ -52,17 +56,7 @@ class Schedule:
     def load(cls, path: str | Path) -> Schedule:
         """Read a schedule JSON file; errors name the file and what is wrong with it."""
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ScheduleError(f"Cannot read schedule file {path}: {exc.strerror or exc}") from exc
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ScheduleError(
-                f"Schedule file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-            ) from exc
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path, ScheduleError, "schedule"), source=str(path))
 
     @classmethod
     def fixed_interval(cls, keys: Iterable[str], num_steps: int, interval: int) -> Schedule:
@@ -85,11 +79,8 @@ class Schedule:
         return "{\n" + ",\n".join(rows) + "\n}\n"
 
     def save(self, path: str | Path) -> Path:
-        """Write :meth:`to_json` to ``path``, creating parent folders."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json())
-        return path
+        """Write :meth:`to_json` to ``path`` atomically (see :mod:`.files`), creating parent folders."""
+        return atomic_write_text(path, self.to_json())
 
     # ---- reading it -------------------------------------------------------------------------
     @property
@@ -139,7 +130,7 @@ def _where(source: str | None) -> str:
 def _validated_plan(key: object, plan: object, source: str | None) -> tuple[int, ...]:
     where = _where(source)
     if not isinstance(key, str) or not key:
-        raise ScheduleError(f"Schedule{where} has a key {key!r}; keys must be non-empty strings like \"attn1\"")
+        raise ScheduleError(f"Schedule{where} has a key {shown(key)}; keys must be non-empty strings like \"attn1\"")
     if isinstance(plan, (str, bytes)) or not isinstance(plan, Iterable):
         raise ScheduleError(f"Schedule {key!r}{where} must be a list of 0/1, got {type(plan).__name__}")
     values = list(plan)
@@ -149,7 +140,7 @@ def _validated_plan(key: object, plan: object, source: str | None) -> tuple[int,
         # bool is an int subclass; 1.0 and "1" are rejected so a typo cannot pass as a plan.
         if type(value) not in (int, bool) or value not in (0, 1):
             raise ScheduleError(
-                f"Schedule {key!r}{where} has {value!r} at step {step}; only 0 (reuse) and 1 (compute) are allowed"
+                f"Schedule {key!r}{where} has {shown(value)} at step {step}; only 0 (reuse) and 1 (compute) are allowed"
             )
     if values[0] != 1:
         raise ScheduleError(
