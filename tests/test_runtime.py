@@ -244,3 +244,21 @@ def test_second_order_solvers_count_every_model_evaluation_as_a_step(dit_pipe, s
         expected = f"schedule has 4 steps but the pipeline is running 7.*{solver} is a solver of order 2"
         with pytest.raises(StepMismatchError, match=expected):
             generate(dit_pipe, steps=4)
+
+
+def test_a_bare_module_starts_over_after_a_generation_cut_short(original_dit):
+    """Without a scheduler the handle counts calls; a generation cut short, by a model call that
+    raised or by a loop stopped between steps (its host-side timestep then rises again), must not
+    shift the next generation's steps. (Through DiT's forward_with_cfg, which calls forward
+    directly, neither is visible: the model's own hooks do not run.)"""
+    x, y = torch.randn(4, 6, 16), torch.tensor([0, 1, 4, 4])
+    schedule = Schedule({"attn": (1, 0, 1, 0), "mlp": (1, 1, 0, 1)})
+    with torch.no_grad(), smoothcache.cache(original_dit, schedule):
+        fresh = sample_loop(original_dit, x, 4, y=y)
+        sample_loop(original_dit, x, 2, y=y)  # stopped after 2 of 4 steps
+        after_stop = sample_loop(original_dit, x, 4, y=y)
+        sample_loop(original_dit, x, 4, y=y)
+        with pytest.raises(IndexError):  # a call that raises: a class label past the label table
+            original_dit(x, torch.full((4,), 750), torch.tensor([0, 1, 4, 10_000]))
+        after_raise = sample_loop(original_dit, x, 4, y=y)
+    assert torch.equal(after_stop, fresh) and torch.equal(after_raise, fresh)

@@ -37,6 +37,7 @@ from .step_weights import StepProbe
 from .steps import (
     StepTracker,
     attach_step_hooks,
+    host_timestep,
     resolve_target,
     scheduler_step_index,
     step_anchor,
@@ -152,7 +153,8 @@ class CalibrationRecorder:
         self._tracker.reset()
         self._started = time.time()
         anchor = step_anchor(self.target.model, self.layers[0].name, whole_block=self.layers[0].streams is not None)
-        self._undo = attach_step_hooks(self.target.model, anchor, self._before_model_call, pass_inputs=True)
+        self._undo = attach_step_hooks(self.target.model, anchor, self._before_model_call, pass_inputs=True,
+                                       on_model_error=self._tracker.reset)  # a raise ends the generation
         scheduler = getattr(self.target.pipeline, "scheduler", None)
         if callable(getattr(scheduler, "step", None)) and "step" not in vars(scheduler):
             probe = StepProbe(scheduler, self._sensitivities.append).attach()
@@ -207,7 +209,7 @@ class CalibrationRecorder:
     def _before_model_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._flop_counter is not None:
             self._close_flop_window()
-        step, slot, new_generation = self._tracker.advance()
+        step, slot, new_generation = self._tracker.advance(host_timestep(args, kwargs))
         if new_generation:
             self._finish_generation()
             self._start_generation()

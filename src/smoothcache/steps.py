@@ -22,7 +22,8 @@ from torch import nn
 
 from .errors import StepMismatchError
 
-__all__ = ["Experts", "StepTracker", "Target", "attach_step_hooks", "resolve_target", "scheduler_step_index", "step_anchor"]
+__all__ = ["Experts", "StepTracker", "Target", "attach_step_hooks", "host_timestep", "resolve_target", "scheduler_step_index",
+           "step_anchor"]
 
 
 @dataclass
@@ -96,7 +97,8 @@ def step_anchor(model: nn.Module, first_layer_name: str, *, whole_block: bool = 
 
 
 def attach_step_hooks(
-    model: nn.Module, anchor: nn.Module, on_model_call: Callable[..., None], *, pass_inputs: bool = False
+    model: nn.Module, anchor: nn.Module, on_model_call: Callable[..., None], *, pass_inputs: bool = False,
+    on_model_error: Callable[[], None] | None = None,
 ) -> list[Callable[[], None]]:
     """Call ``on_model_call`` once at the start of every model call; return the undo functions.
 
@@ -104,7 +106,8 @@ def attach_step_hooks(
     VACE's control blocks) see the new step. The original DiT's ``forward_with_cfg`` calls
     ``self.forward`` directly, which bypasses the model's hooks: then the anchor block marks it.
     For :class:`Experts`, each expert's call marks a model call. With ``pass_inputs``,
-    ``on_model_call`` receives the call's positional and keyword arguments.
+    ``on_model_call`` receives the call's positional and keyword arguments. ``on_model_error`` is
+    called where a model call raised (its step is then unfinished: the caller starts over).
     """
     inside_model = False
 
@@ -122,6 +125,8 @@ def attach_step_hooks(
     def after_model(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         nonlocal inside_model
         inside_model = False
+        if output is None and on_model_error is not None:  # torch runs always_call hooks with None on a raise
+            on_model_error()
 
     def before_anchor(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not inside_model:
@@ -181,9 +186,12 @@ class StepTracker:
         self._step = 0
         self._slot = 0
         self._seen_index: Any = None
+        self._last_timestep: float | None = None
 
-    def advance(self) -> tuple[int, int, bool]:
-        """Account for one model call: ``(step, slot, starts_new_generation)``."""
+    def advance(self, timestep: float | None = None) -> tuple[int, int, bool]:
+        """Account for one model call: ``(step, slot, starts_new_generation)``. ``timestep`` is the
+        call's timestep where it can be read on the host (:func:`host_timestep`): without a
+        scheduler, one that rises again starts a new generation (an earlier one was cut short)."""
         timesteps = self._timesteps()
         new = self.generation < 0
         if timesteps is not None and timesteps is not self._seen_timesteps:
@@ -192,6 +200,10 @@ class StepTracker:
             # Without a scheduler, a generation ends after its steps. With one, running past them
             # means the pipeline calls the model more often than counted: the caller reports it.
             new = True
+        elif timesteps is None and timestep is not None and self._last_timestep is not None and timestep > self._last_timestep:
+            new = True  # denoising runs the timestep down: a rise is the next generation's start
+        if timesteps is None:
+            self._last_timestep = timestep
         if new:
             self._start_generation(timesteps)
         elif self._auto:
@@ -233,6 +245,21 @@ class StepTracker:
 
 
 _NO_INDEX = object()
+_TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+
+
+def host_timestep(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
+    """A model call's timestep as a number, where reading it costs no device sync: a Python number
+    or a CPU tensor of at most one dimension passed as ``timestep``/``timesteps``/``t`` or as the
+    second positional argument (the original DiT's ``forward(x, t, y)``); None otherwise (a GPU
+    tensor, no timestep, or a second argument that is not one)."""
+    value = next((kwargs[name] for name in _TIMESTEP_NAMES if name in kwargs), args[1] if len(args) > 1 else None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if (isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.dim() <= 1 and value.numel() > 0
+            and value.dtype != torch.bool and not value.dtype.is_complex):  # a timestep is a scalar or one per sample
+        return float(value.reshape(-1)[0])
+    return None
 
 
 def scheduler_step_index(target: Target) -> Callable[[], Any] | None:

@@ -38,6 +38,7 @@ from ..schedule import Schedule
 from ..steps import (
     StepTracker,
     attach_step_hooks,
+    host_timestep,
     resolve_target,
     scheduler_step_index,
     step_anchor,
@@ -156,7 +157,8 @@ class CacheHandle:
         anchor = step_anchor(self.target.model, first.name, whole_block=first.streams is not None)
         # the step bookkeeping is plain Python state: traced, it would put every counter in a guard
         on_model_call = torch.compiler.disable(self._before_model_call)
-        self._restore.extend(attach_step_hooks(self.target.model, anchor, on_model_call, pass_inputs=True))
+        self._restore.extend(attach_step_hooks(self.target.model, anchor, on_model_call, pass_inputs=True,
+                                               on_model_error=self._tracker.reset))  # a raise ends the generation
         logger.debug("SmoothCache enabled on %d layers under %d keys", len(self.state.outputs), len(self.schedule.keys))
         warn_if_past_recompile_limit(self.target.model, self.plan.patterns())
         return self
@@ -226,7 +228,7 @@ class CacheHandle:
     # ---- per model call ---------------------------------------------------------------------
     def _before_model_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         try:
-            step, slot, new_generation = self._tracker.advance()
+            step, slot, new_generation = self._tracker.advance(host_timestep(args, kwargs))
         except StepMismatchError:
             self._tracker.reset()
             raise
