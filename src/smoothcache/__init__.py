@@ -16,6 +16,7 @@ from .errors import (
     ScheduleError,
     SmoothCacheError,
     StepMismatchError,
+    UnreachableBudgetError,
 )
 from .ownership import disable
 from .profile import CalibrationProfile, LayerInfo
@@ -41,6 +42,7 @@ __all__ = [
     "SmoothCacheError",
     "StepMismatchError",
     "TuneResult",
+    "UnreachableBudgetError",
     "__version__",
     "cache",
     "calibration",

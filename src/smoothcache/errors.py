@@ -25,6 +25,11 @@ class ProfileError(SmoothCacheError, ValueError):
     """A calibration profile is malformed, incomplete, or from another model or step count."""
 
 
+class UnreachableBudgetError(ScheduleError, ProfileError):
+    """A compute fraction or speedup that no schedule from this profile meets (the calibration's
+    lookahead bounds how long an output may be reused); the message names the reachable end."""
+
+
 class StepMismatchError(SmoothCacheError, RuntimeError):
     """The pipeline ran a different number of steps than the schedule or profile was made for."""
 

@@ -20,7 +20,7 @@ from typing import Literal, Protocol, get_args, overload
 
 import numpy as np
 
-from .errors import ProfileError, ScheduleError
+from .errors import ProfileError, ScheduleError, UnreachableBudgetError
 from .schedule import Schedule
 
 __all__ = [
@@ -111,7 +111,7 @@ def schedule_for_budget(
             return schedule, float(alpha)
         best = (schedule, float(alpha))
     assert best is not None
-    raise ScheduleError(
+    raise UnreachableBudgetError(
         f"No threshold reaches {describe_budget}: even skipping wherever the lookahead allows computes "
         f"{best[0].compute_fraction():.3f} of the layer calls; calibrate with a larger lookahead "
         "or ask for a smaller budget"
@@ -583,7 +583,7 @@ def solve(
                 return problem.solve(compute_fraction * num_steps * len(curves)), None
             except ScheduleError:
                 least = _least_computes(problem)
-                raise ProfileError(
+                raise UnreachableBudgetError(
                     f"compute_fraction={compute_fraction} is out of reach: with lookahead {_lookahead(curves)} at least "
                     f"{sum(least.values()) / (num_steps * len(curves)):.3f} of the layer calls compute, since a kept output "
                     "serves at most that many later steps; ask for more, or calibrate with a larger lookahead"
@@ -607,7 +607,7 @@ def solve(
         except ScheduleError:
             least = _least_computes(problem)
             saved = sum(costs[key] * (1.0 - least[key] / num_steps) for key in curves)
-            raise ProfileError(
+            raise UnreachableBudgetError(
                 f"speedup={speedup} is out of reach: with lookahead {_lookahead(curves)} the fastest schedule gives "
                 f"{total / max(total - saved, 1e-30):.2f}x (ideal, from the measured FLOPs); ask for less, or "
                 "calibrate with a larger lookahead"
