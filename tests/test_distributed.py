@@ -158,7 +158,7 @@ def test_a_failing_rank_stops_every_rank_with_its_error(tmp_path, monkeypatch):
     started = time.monotonic()
     results = run_ranks(lambda rank: {"rc": main(args)}, tmp_path, join_s=40)
     assert time.monotonic() - started < 40
-    assert [r.get("rc") for r in results] == [2, 2], results
+    assert [r.get("rc") for r in results] == [1, 1], results  # a failure, not a usage error
     assert "error: [rank 0/2] 1 of 2 ranks failed, so every rank stopped. rank 1: ValueError: prompt 3 is empty" in results[0]["stderr"]
     assert "error: [rank 1/2] prompt 3 is empty" in results[1]["stderr"]
     assert not (tmp_path / "p.json").exists()
