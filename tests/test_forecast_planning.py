@@ -151,3 +151,24 @@ def test_forecast_planned_schedule_runs_and_changes_only_through_the_planning(di
     with smoothcache.cache(dit_pipe, schedule, forecast="linear"):
         images = generate(dit_pipe)
     assert torch.isfinite(images).all()
+
+
+def test_a_schedule_remembers_how_it_was_planned_and_running_it_otherwise_is_warned_about(dit_pipe, tmp_path, caplog):
+    with smoothcache.calibration(dit_pipe, forecast="linear") as rec:
+        generate(dit_pipe)
+    schedule = rec.profile.schedule(compute_fraction=0.5, forecast="linear")
+    assert schedule.planned == {"solver": "optimal", "compute_fraction": 0.5, "forecast": "linear", "step_weights": True,
+                                "model_class": "DiTTransformer2DModel", "scheduler_class": "DDIMScheduler"}
+    assert rec.profile.schedule(alpha=0.1).planned["solver"] == "greedy"
+    path = schedule.save(tmp_path / "s.json")
+    raw = __import__("json").loads(path.read_text())
+    assert raw["attn1"] == list(schedule.plans["attn1"])  # the reference package looks plans up by name: "_planned" is ignored
+    loaded = smoothcache.Schedule.load(path)
+    assert loaded == schedule and loaded.planned == schedule.planned
+    with caplog.at_level("WARNING", logger="smoothcache"):
+        with smoothcache.cache(dit_pipe, loaded, forecast="linear"):
+            pass
+        assert not caplog.records
+        with smoothcache.cache(dit_pipe, loaded):
+            pass
+    assert "planned for forecast='linear' but runs with forecast='none'" in caplog.text

@@ -3,6 +3,10 @@
 Keys are layer types (``"attn1"``, ``"ff"``, ``"attn"``, ``"mlp"``) or one block's layer
 (``"attn-0"``, ``"mlp-13"``), as in the reference package's ``smoothcache_schedules/*.json``.
 A per-block key wins over the layer-type key for that block (the grammar: :mod:`.keys`).
+
+A schedule made by a solver also records how it was planned (solver, budget, forecast) under the
+JSON key ``"_planned"``; the reference package looks plans up by layer name only, so it still
+loads such a file, and ``cache()`` warns where a schedule runs otherwise than it was planned.
 """
 
 from __future__ import annotations
@@ -10,13 +14,16 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from .errors import ScheduleError
 from .files import atomic_write_text, read_json, shown
 
-__all__ = ["Schedule"]
+__all__ = ["PLANNED_KEY", "Schedule"]
+
+PLANNED_KEY = "_planned"  # how a solver made the schedule: {"solver": ..., "forecast": ..., ...}
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,7 @@ class Schedule:
 
     plans: dict[str, tuple[int, ...]]
     source: str | None = field(default=None, compare=False)
+    planned: Mapping[str, Any] | None = field(default=None, compare=False)  # how a solver made it (JSON values)
 
     def __post_init__(self) -> None:
         plans = {key: _validated_plan(key, plan, self.source) for key, plan in dict(self.plans).items()}
@@ -50,7 +58,16 @@ class Schedule:
             raise ScheduleError(
                 f"Schedule{_where(source)} must be a JSON object of key -> list of 0/1, got {type(data).__name__}"
             )
-        return cls(plans=dict(data), source=source)  # type: ignore[arg-type]
+        plans = dict(data)
+        planned = plans.pop(PLANNED_KEY, None)
+        if planned is not None and not (
+            isinstance(planned, Mapping) and all(isinstance(k, str) and _json_scalar(v) for k, v in planned.items())
+        ):
+            raise ScheduleError(
+                f"Schedule{_where(source)} has {PLANNED_KEY!r} = {shown(planned)}; it must be an object of names to "
+                "strings, numbers, booleans or null (how the schedule was planned), or be left out"
+            )
+        return cls(plans=plans, source=source, planned=planned)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str | Path) -> Schedule:
@@ -70,13 +87,20 @@ class Schedule:
         return cls({key: tuple(plan) for key in keys})
 
     def to_dict(self) -> dict[str, list[int]]:
-        """The plain JSON-ready mapping, keys in their original order."""
+        """The plain JSON-ready mapping of the plans, keys in their original order (no ``"_planned"``)."""
         return {key: list(plan) for key, plan in self.plans.items()}
 
     def to_json(self) -> str:
-        """One line per key with a compact list: the layout the reference's calibration helper writes."""
+        """One line per key with a compact list: the layout the reference's calibration helper writes,
+        and a last line ``"_planned"`` where a solver made the schedule."""
         rows = [f"    {json.dumps(key)}: {json.dumps(list(plan), separators=(',', ':'))}" for key, plan in self.plans.items()]
+        if self.planned is not None:
+            rows.append(f"    {json.dumps(PLANNED_KEY)}: {json.dumps(dict(self.planned), allow_nan=False)}")
         return "{\n" + ",\n".join(rows) + "\n}\n"
+
+    def with_planned(self, **how: Any) -> Schedule:
+        """This schedule, recording how it was planned (``None`` values left out)."""
+        return replace(self, planned={**(self.planned or {}), **{k: v for k, v in how.items() if v is not None}})
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_json` to ``path`` atomically (see :mod:`.files`), creating parent folders."""
@@ -121,6 +145,10 @@ class Schedule:
             lines.append(f"{key:<{width}}  {sum(plan):>3}/{len(plan):<4}  {sum(plan) / len(plan):8.3f}")
         lines.append(f"{'all':<{width}}  {'':8}  {self.compute_fraction():8.3f}")
         return "\n".join(lines)
+
+
+def _json_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, bool, int)) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _where(source: str | None) -> str:

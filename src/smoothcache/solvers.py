@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, get_args, overload
+from typing import Any, Literal, Protocol, get_args, overload
 
 import numpy as np
 
@@ -508,6 +508,7 @@ class Calibrated(Protocol):
     @property
     def step_weights(self) -> np.ndarray | None: ...
     total_flops: float | None
+    metadata: dict[str, Any]
 
     def curves_by_key(self, keys: Sequence[str] | None = None, per_block: bool = False) -> dict[str, np.ndarray]: ...
     def forecast_curves_by_key(self, keys: Sequence[str] | None = None, per_block: bool = False) -> dict[str, np.ndarray]: ...
@@ -547,7 +548,30 @@ def solve(
     weigh_steps: bool = True,
 ) -> tuple[Schedule, float | None]:
     """The schedule for one threshold or budget, and the greedy threshold used (None for the
-    optimal solver); ``CalibrationProfile.schedule`` documents the arguments."""
+    optimal solver); ``CalibrationProfile.schedule`` documents the arguments. The schedule records
+    how it was planned (``Schedule.planned``)."""
+    schedule, threshold = _solve(profile, alpha, compute_fraction=compute_fraction, speedup=speedup, keys=keys,
+                                 per_block=per_block, solver=solver, forecast=forecast, weigh_steps=weigh_steps)
+    name = solver or ("greedy" if alpha is not None else "optimal")
+    return schedule.with_planned(
+        solver=name, alpha=threshold, compute_fraction=compute_fraction, speedup=speedup, forecast=forecast,
+        per_block=per_block or None, step_weights=(weigh_steps and profile.step_weights is not None) if name != "greedy" else None,
+        model_class=profile.metadata.get("model_class"), scheduler_class=profile.metadata.get("scheduler_class"),
+    ), threshold
+
+
+def _solve(
+    profile: Calibrated,
+    alpha: float | None,
+    *,
+    compute_fraction: float | None,
+    speedup: float | None,
+    keys: Sequence[str] | None,
+    per_block: bool,
+    solver: Solver | None,
+    forecast: Forecast,
+    weigh_steps: bool,
+) -> tuple[Schedule, float | None]:
     given = [n for n, v in (("alpha", alpha), ("compute_fraction", compute_fraction), ("speedup", speedup)) if v is not None]
     if len(given) != 1:
         raise ProfileError(f"Give exactly one of alpha, compute_fraction, speedup (got {given or 'none'})")
@@ -639,7 +663,9 @@ def candidate_schedules(
     per_block = per_block or solver == "per-block"
     if solver in ("optimal", "per-block"):
         problem = solver_problem(profile, keys, per_block, forecast)
-        return _OptimalSchedules(problem, profile.num_steps * len(problem.curves))
+        how = {"solver": solver, "forecast": forecast, "per_block": per_block or None,
+               "model_class": profile.metadata.get("model_class"), "scheduler_class": profile.metadata.get("scheduler_class")}
+        return _OptimalSchedules(problem, profile.num_steps * len(problem.curves), how)
     slots = profile.num_steps * len(profile.curves_by_key(keys, per_block))
     if forecast != "none":
         raise ProfileError("Schedules for forecasting come from the optimal solver: tune with solver='optimal' or 'per-block'")
@@ -658,8 +684,8 @@ class _OptimalSchedules(Sequence[Schedule]):
     """The optimal solver's distinct schedules over every budget of computed layer steps, cheapest
     first, as ``profile.schedule(compute_fraction=...)`` makes them, each built on first access."""
 
-    def __init__(self, problem: SolverProblem, slots: int) -> None:
-        self._problem = problem
+    def __init__(self, problem: SolverProblem, slots: int, how: dict[str, Any]) -> None:
+        self._problem, self._how = problem, how
         knapsack = BudgetAllocations(problem.frontiers(), dict.fromkeys(problem.curves, 1), slots)
         allocations: list[dict[str, int]] = []
         for budget in range(slots, 0, -1):
@@ -683,5 +709,5 @@ class _OptimalSchedules(Sequence[Schedule]):
             return [self[i] for i in range(*index.indices(len(self)))]
         index = range(len(self))[index]  # negative indices, and IndexError past the end
         if index not in self._built:
-            self._built[index] = self._problem.place(self._allocations[index])
+            self._built[index] = self._problem.place(self._allocations[index]).with_planned(**self._how)
         return self._built[index]

@@ -137,4 +137,4 @@ def tune(
             min((p["error"] for p in probes), default=float("nan")),
         )
     speedup = profile.estimated_speedup(chosen) if profile.total_flops else None
-    return TuneResult(chosen, chosen_error, max_error, speedup, probes)
+    return TuneResult(chosen.with_planned(max_error=max_error), chosen_error, max_error, speedup, probes)

@@ -7,6 +7,7 @@ and calibration over several pipeline calls averages per call instead of running
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -143,10 +144,11 @@ class CalibrationHelper:
         self.generate_schedule().save(Path(self.log_file))
 
     def generate_schedule(self) -> Schedule:
-        """The greedy schedule at ``calibration_threshold`` from the last calibration."""
+        """The greedy schedule at ``calibration_threshold`` from the last calibration, in the reference's
+        file layout (plans only: no ``"_planned"`` record)."""
         if self.profile is None:
             raise RuntimeError("Run enable(), the pipeline, then disable() before generating a schedule")
-        return self.profile.schedule(alpha=self.calibration_threshold)
+        return dataclasses.replace(self.profile.schedule(alpha=self.calibration_threshold), planned=None)
 
 
 class DiffuserCalibrationHelper(CalibrationHelper):
