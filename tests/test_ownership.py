@@ -74,3 +74,40 @@ def test_disable_refuses_to_drop_a_forward_replaced_after_it_attached(pipe, unca
     attn.forward = ours  # the other wrapper removed, as the message says
     handle.disable()
     assert torch.equal(generate(pipe), uncached)
+
+
+def test_a_second_thread_mid_generation_is_refused_and_nothing_comes_out_wrong(pipe):
+    """Two threads sharing one cached pipeline: the second thread's call is refused, and since its
+    pipeline call reset the scheduler both share, the first generation stops with an error too,
+    instead of finishing on the wrong steps. Afterwards the handle serves one thread as before."""
+    import threading
+
+    with smoothcache.cache(pipe, SKIPPING):
+        expected = generate(pipe)
+    errors: dict[str, BaseException] = {}
+    real_step = pipe.scheduler.step
+    calls = []
+
+    def step_then_intrude(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # mid-generation: another thread calls the same pipeline
+            def intruder():
+                try:
+                    generate(pipe)
+                except BaseException as error:  # noqa: BLE001 (recorded for the assertion)
+                    errors["second"] = error
+            thread = threading.Thread(target=intruder)
+            thread.start()
+            thread.join()
+        return real_step(*args, **kwargs)
+
+    with smoothcache.cache(pipe, SKIPPING):
+        pipe.scheduler.step = step_then_intrude
+        try:
+            with pytest.raises(ModelInUseError, match="reset the scheduler both share"):
+                generate(pipe)
+        finally:
+            del pipe.scheduler.step
+        assert isinstance(errors.get("second"), ModelInUseError)
+        assert "called from another thread while a generation runs" in str(errors["second"])
+        assert torch.equal(generate(pipe), expected)  # one thread again: exactly as before

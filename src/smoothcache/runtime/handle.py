@@ -24,6 +24,7 @@ compiles nothing.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -100,6 +101,13 @@ class CacheHandle:
         if forecast not in ("none", "linear"):
             raise ValueError(f"forecast must be 'none' or 'linear', got {forecast!r}")
         self.forecast = forecast
+        planned = (schedule.planned or {}).get("forecast")
+        if planned in ("none", "linear") and planned != forecast:
+            logger.warning(
+                "The schedule was planned for forecast=%r but runs with forecast=%r: its computed steps were placed "
+                "for %s, so quality suffers; pass forecast=%r to cache() (the command line's --forecast %s)",
+                planned, forecast, "extrapolating reused outputs" if planned == "linear" else "plain reuse", planned, planned,
+            )
         if layers is None:
             if components is None:
                 components = list(dict.fromkeys(Key.parse(key).layer_type for key in self.schedule.keys))
@@ -136,7 +144,7 @@ class CacheHandle:
         keys = ", ".join(self.schedule.keys)
         claim(self.target.model, Claim(self, f"cached by a smoothcache handle (keys {keys})", self.disable,
                                        "Disable that handle first (handle.disable(), or leave its with block)"))
-        self._tracker.reset()
+        self._forget_generation()
         self._decisions = [Decision() for _ in self.plan.columns]
         for layer_plan in self.plan.layers:
             forward = self._forward_for(layer_plan)
@@ -158,7 +166,7 @@ class CacheHandle:
         # the step bookkeeping is plain Python state: traced, it would put every counter in a guard
         on_model_call = torch.compiler.disable(self._before_model_call)
         self._restore.extend(attach_step_hooks(self.target.model, anchor, on_model_call, pass_inputs=True,
-                                               on_model_error=self._tracker.reset))  # a raise ends the generation
+                                               on_model_error=self._after_model_error))
         logger.debug("SmoothCache enabled on %d layers under %d keys", len(self.state.outputs), len(self.schedule.keys))
         warn_if_past_recompile_limit(self.target.model, self.plan.patterns())
         return self
@@ -213,7 +221,16 @@ class CacheHandle:
 
     def reset(self) -> None:
         """Start over at step 0 on the next call (e.g. after an interrupted generation)."""
+        self._forget_generation()
+
+    def _forget_generation(self) -> None:
         self._tracker.reset()
+        self.state.thread = None
+
+    def _after_model_error(self) -> None:
+        """A model call raised: its generation cannot go on (unless the call was another thread's, refused)."""
+        if self.state.thread in (None, threading.get_ident()):
+            self._forget_generation()
 
     def __enter__(self) -> Self:
         self._with_depth += 1
@@ -227,13 +244,29 @@ class CacheHandle:
 
     # ---- per model call ---------------------------------------------------------------------
     def _before_model_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        num_steps, state, me = self.schedule.num_steps, self.state, threading.get_ident()
+        running = state.thread is not None and state.last_step < num_steps - 1  # a generation is under way
+        if running and me != state.thread:
+            state.intruded = True
+            raise ModelInUseError(
+                f"The cached model was called from another thread while a generation runs in thread {state.thread}: "
+                "a cache handle follows one generation at a time. Give each thread its own pipeline (and handle), "
+                "or let one pipeline call finish before the next starts (a lock around pipe(...))"
+            )
         try:
             step, slot, new_generation = self._tracker.advance(host_timestep(args, kwargs))
         except StepMismatchError:
-            self._tracker.reset()
+            self._forget_generation()
             raise
-        num_steps = self.schedule.num_steps
+        if new_generation and running and state.intruded:
+            # the refused thread's pipeline call reset the scheduler both threads share, mid-generation
+            self._forget_generation()
+            raise ModelInUseError(
+                "Another thread called this pipeline during this generation, which reset the scheduler both share: "
+                "this generation cannot continue correctly. Give each thread its own pipeline, or serialize the calls"
+            )
         if new_generation:
+            state.thread, state.intruded = me, False
             self._start_generation()
         elif self.state.marked_step is not None and cudagraph_step_mark() != self.state.marked_step:
             self.state.marked_step = None
@@ -244,11 +277,12 @@ class CacheHandle:
                 "most once per generation, before the pipeline call, or not at all: the cache marks each "
                 "generation's start itself"
             )
+        state.last_step = step
         self.state.new_call(slot, args, kwargs)
         self._check_guidance_batch(slot, args, kwargs)
         if step >= num_steps:
             if self.steps_mismatch == "error":
-                self._tracker.reset()
+                self._forget_generation()
                 raise StepMismatchError(
                     f"The schedule has {num_steps} steps but the model was called for step {step + 1}; "
                     f"calibrate for {step + 1}+ steps, set calls_per_step if the pipeline calls the model "
@@ -266,7 +300,7 @@ class CacheHandle:
         state.whole_model_compiled[0] = compiled_whole(self.target.model)  # compiled between generations
         ran = self._tracker.generation_steps
         if ran is not None and ran != num_steps and self.steps_mismatch == "error":
-            self._tracker.reset()
+            self._forget_generation()
             raise StepMismatchError(
                 f"The schedule has {num_steps} steps but the pipeline is running {ran}; "
                 f"calibrate for {ran} steps, call the pipeline with num_inference_steps={num_steps}, "
@@ -292,7 +326,7 @@ class CacheHandle:
         try:
             self.state.guidance.rows = check_cfg_batch(args, kwargs, compare=seen not in self.state.guidance_checked)
         except GuidanceError:
-            self._tracker.reset()
+            self._forget_generation()
             raise
         self.state.guidance_checked.add(seen)
 

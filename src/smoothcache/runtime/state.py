@@ -31,6 +31,9 @@ class CacheState:
         self.whole_model_compiled = [False]  # read by traced blocks: see forwards.stream_barrier_forward
         self.marked_step: int | None = None  # cudagraph trees' step mark, as this generation's start left it
         self.warn_marks = True  # until a mark within a generation has been warned about
+        self.thread: int | None = None  # the thread whose generation this is (one generation at a time)
+        self.last_step = -1  # the step of the last model call
+        self.intruded = False  # another thread's call was refused during this generation
         self._slots = 0  # call slots every module has an entry for
         self._input_shapes: dict[int, tuple[int, ...] | None] = {}  # per call slot: at its last call
 
@@ -78,6 +81,7 @@ class CacheState:
         self._input_shapes.clear()
         self.guidance_checked.clear()
         self.marked_step = None
+        self.thread, self.last_step, self.intruded = None, -1, False
 
     def kept(self) -> int:
         """How many (module, call slot) entries hold a kept output now."""
