@@ -127,6 +127,31 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch, capsys):
     assert printed.err == "interrupted\n" and printed.out == ""
 
 
+@pytest.mark.parametrize("stop_at", [2, 1])
+def test_calibrate_stopped_by_ctrl_c_keeps_what_the_finished_calls_measured(stop_at, tmp_path, monkeypatch, capsys):
+    import smoothcache.cli_pipelines
+
+    real, calls = smoothcache.cli_pipelines.run_request, []
+
+    def stopped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(smoothcache.cli_pipelines, "run_request", stopped)
+    out = tmp_path / "p.json"
+    argv = ["calibrate", "--model", "demo", "--steps", "4", "--samples", "3", "--batch", "1", "--lookahead", "2"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 130
+    if stop_at == 1:  # nothing finished: nothing saved
+        assert not out.exists() and capsys.readouterr().err == "interrupted\n"
+        return
+    profile = CalibrationProfile.load(out)
+    assert profile.num_runs == 1 and profile.metadata["partial"] == "interrupted after 1 of 3 calls"
+    assert len(profile.metadata["calibration_set"]) == 1
+    assert "saved a partial profile of 1 of 3 calls" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [["calibrate", "--model", "demo", "--out", "profile.json"],
                                   ["generate", "--model", "demo", "--out", "images"],
                                   ["demo", "--out", "demo-out"]])
@@ -185,6 +210,17 @@ def test_a_missing_optional_dependency_names_the_extra_to_install(argv, module, 
     monkeypatch.setattr(smoothcache.demo.assets, "load_demo_pipeline", missing)
     assert main([*argv, "--out", str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err == f'error: {argv[0]} needs {module}, which is not installed: pip install "smoothcache[{extra}]"\n'
+
+
+def test_calibrating_the_demo_model_needs_no_torchmetrics(tmp_path, monkeypatch):
+    """pip install "smoothcache[diffusers]" is enough to calibrate the shipped model: only the demo's
+    quality scores need torchmetrics."""
+    for name in [n for n in sys.modules if n.startswith("torchmetrics") or n == "smoothcache.demo.metrics"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)  # import torchmetrics -> ModuleNotFoundError
+    out = tmp_path / "p.json"
+    argv = ["calibrate", "--model", "demo", "--steps", "4", "--samples", "1", "--batch", "1", "--lookahead", "2"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0 and out.exists()
 
 
 def test_a_plot_without_matplotlib_names_the_plot_extra(tmp_path, monkeypatch, capsys):
@@ -392,7 +428,8 @@ def test_calibrate_and_schedule_for_forecasting(pipeline_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["schedule", str(profile_path), "--compute-fraction", "0.5", "--forecast", "linear", "--out", str(schedule_path)]) == 0
     assert Schedule.load(schedule_path) == profile.schedule(compute_fraction=0.5, forecast="linear")
-    assert "generate with --forecast linear" in capsys.readouterr().out
+    assert "generate and bench use --forecast linear with it by default" in capsys.readouterr().out
+    assert Schedule.load(schedule_path).planned["forecast"] == "linear"
     unweighted = tmp_path / "unweighted.json"
     assert main(["schedule", str(profile_path), "--compute-fraction", "0.5", "--unweighted", "--out", str(unweighted)]) == 0
     assert Schedule.load(unweighted) == profile.schedule(compute_fraction=0.5, weigh_steps=False)

@@ -18,6 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .errors import ProfileError, RankFailedError, SmoothCacheError, StepMismatchError
+from .files import atomic_path, atomic_write_text
 from .profile import CalibrationProfile
 from .schedule import Schedule
 from .solvers import SOLVERS
@@ -128,18 +129,28 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             if not shard and world.size > 1:  # more ranks than calls
                 return None, requests, 0.0
             branches = "auto" if args.branches else None
+            done = 0
             with calibration(
                 pipe, components=args.components, lookahead=args.lookahead, steps=args.steps, branches=branches,
                 forecast=args.forecast,
             ) as recorder:
-                for request in tqdm(shard, desc="calibrating", unit="call", disable=args.quiet or not world.is_main):
-                    run_request(pipe, request, args.steps, **extra)
-            return recorder.profile, requests, time.perf_counter() - started
+                try:
+                    for request in tqdm(shard, desc="calibrating", unit="call", disable=args.quiet or not world.is_main):
+                        run_request(pipe, request, args.steps, **extra)
+                        done += 1
+                except KeyboardInterrupt:
+                    if world.size > 1 or done == 0:
+                        raise
+                    interrupted.append(f"{done} of {len(shard)} calls")  # keep what the finished calls measured
+            return recorder.profile, requests[:done] if interrupted else requests, time.perf_counter() - started
 
+        interrupted: list[str] = []
         results = world.run(calibrate_shard)
     if not world.is_main:
         return 0
     profile = distributed.merge_rank_profiles([shard_profile for shard_profile, _, _ in results])
+    if interrupted:
+        profile.metadata["partial"] = f"interrupted after {interrupted[0]}"
     requests, seconds = results[0][1], max(elapsed for _, _, elapsed in results)
     profile.metadata["model"] = args.model
     profile.metadata["calibration_set"] = [
@@ -150,6 +161,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"Calibrated {len(profile.layers)} layers ({', '.join(profile.keys())}) over {profile.num_runs} calls "
           f"of {profile.num_steps} steps{ranks} in {seconds:.1f}s -> {args.out}")
     print(_threshold_table(profile))
+    if interrupted:
+        print(f"interrupted: saved a partial profile of {interrupted[0]} (metadata 'partial')", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -185,7 +199,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     schedule.save(args.out)
     print(schedule.summary())
     if args.forecast == "linear":
-        print("Planned for forecasting: generate with --forecast linear (cache(..., forecast='linear'))")
+        print("Planned for forecasting: generate and bench use --forecast linear with it by default")
     speedup = f"estimated speedup {profile.estimated_speedup(schedule):.2f}x" if profile.total_flops else "no FLOPs recorded"
     threshold = f"alpha {alpha:.4g}, " if alpha is not None else ""
     solver = "greedy" if alpha is not None else args.solver or "optimal"  # only the greedy rule has a threshold
@@ -238,7 +252,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             out.mkdir(parents=True, exist_ok=True)
             shard = world.shard_range(len(requests))
             index = sum(request.size for request in requests[: shard.start])  # file names number images globally
-            handle = cache(pipe, schedule, forecast=args.forecast) if schedule is not None else None
+            handle = cache(pipe, schedule, forecast=_forecast_of(args, schedule)) if schedule is not None else None
             written: list[str] = []
             started = time.perf_counter()
             try:
@@ -247,7 +261,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     images = run_request(pipe, request, args.steps, output_type="pil", **extra)
                     for image, name in zip(images, request.names()):
                         path = out / f"{index + len(written):04d}-{name}-seed{request.seed}.png"
-                        image.save(path)
+                        with atomic_path(path) as tmp:
+                            image.save(tmp)
                         written.append(str(path))
             finally:
                 if handle is not None:
@@ -262,7 +277,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     record = {"model": args.model, "steps": args.steps, "schedule": args.schedule, "seconds": seconds, "files": written}
     if world.size > 1:
         record["world_size"] = world.size
-    (out / "generation.json").write_text(json.dumps(record, indent=1))
+    atomic_write_text(out / "generation.json", json.dumps(record, indent=1))
     ranks = f" on {world.size} ranks" if world.size > 1 else ""
     print(f"Wrote {len(written)} images to {out}{ranks} in {seconds:.1f}s ({'cached: ' + args.schedule if schedule else 'uncached'})")
     return 0
@@ -282,7 +297,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         pipe.transformer = torch.compile(pipe.transformer, mode=mode)
     result = benchmark_schedule(
         pipe, schedule, lambda: run_request(pipe, request, schedule.num_steps, **extra), repeats=args.repeats,
-        forecast=args.forecast, warmup=1 if args.compile == "none" else 3,
+        forecast=_forecast_of(args, schedule), warmup=1 if args.compile == "none" else 3,
         cuda_graphs=args.compile == "model-cudagraphs",
     )
     ideal = f"{result.ideal_speedup:.2f}x" if result.ideal_speedup else "n/a"
@@ -298,8 +313,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for warning in result.warnings:
         print(f"warning: {warning}")
     if args.out:
-        Path(args.out).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        atomic_write_text(args.out, json.dumps(result.to_dict(), indent=1) + "\n")
     return 0
+
+
+def _forecast_of(args: argparse.Namespace, schedule: Schedule) -> str:
+    """--forecast if given, else what the schedule was planned for (a schedule from before plans were
+    recorded: none)."""
+    return args.forecast or (schedule.planned or {}).get("forecast") or "none"
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -352,7 +373,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = result.report
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     result.profile.save(out / "profile.json")
     plot_samples(result.images, out / "samples.png", columns=config.num_classes)
     plot_tradeoff(report, out / "tradeoff.png")
@@ -491,8 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--schedule", help="schedule JSON (omit for an uncached run)")
     generate.add_argument("--out", required=True, help="folder for the images")
     generate.add_argument(
-        "--forecast", choices=["none", "linear"], default="none",
-        help="reusing steps extrapolate from the last two computed outputs (linear) instead of reusing the last",
+        "--forecast", choices=["none", "linear"],
+        help="reusing steps extrapolate from the last two computed outputs (linear) instead of reusing the last "
+        "(default: as the schedule was planned, else none)",
     )
     generate.set_defaults(func=cmd_generate)
 
@@ -500,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(bench)
     bench.add_argument("--schedule", required=True, help="schedule JSON; its length sets the steps")
     bench.add_argument("--repeats", type=positive_int, default=3)
-    bench.add_argument("--forecast", choices=["none", "linear"], default="none", help="time the cache with forecast='linear'")
+    bench.add_argument("--forecast", choices=["none", "linear"],
+                       help="time the cache with forecast='linear' (default: as the schedule was planned, else none)")
     bench.add_argument("--compile", choices=["none", "model", "model-cudagraphs"], default="none",
                        help="time both runs with the transformer under torch.compile (model-cudagraphs: "
                        "mode='reduce-overhead'); warms up three runs each")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_path
 from .profile import CalibrationProfile
 from .schedule import Schedule
 
@@ -54,7 +55,8 @@ def plot_profile(profile: CalibrationProfile, path: str | Path, alphas: tuple[fl
     model = profile.metadata.get("model_class", "model")
     fig.suptitle(f"{model}: {profile.num_runs} calibration runs, {profile.num_steps} steps")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return Path(path)
 
@@ -68,6 +70,7 @@ def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
     ax.set_yticks(range(len(schedule.keys)), [f"{k} ({schedule.compute_fraction(k):.2f})" for k in schedule.keys])
     ax.set_xlabel("step (dark = compute, light = reuse)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return Path(path)

@@ -18,7 +18,7 @@ import contextlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from diffusers.utils import logging as diffusers_logging
@@ -27,8 +27,10 @@ from safetensors.torch import load_file
 
 from ..errors import DemoAssetError
 from .classifier import DigitClassifier
-from .metrics import FidReference, QualityScorer
 from .pipeline import DemoDiTPipeline
+
+if TYPE_CHECKING:  # the scorers need torchmetrics (the demo extra); loading a model does not
+    from .metrics import FidReference, QualityScorer
 
 __all__ = [
     "BENCH_CLASSIFIER_DIR",
@@ -94,6 +96,8 @@ def load_classifier(device: str | torch.device = "cpu", *, directory: str | Path
 
 def load_fid_reference(path: str | Path | None = None) -> FidReference:
     """The real-digit statistics that ``QualityScorer.fid`` compares against."""
+    from .metrics import FidReference
+
     path = Path(path) if path is not None else FID_REFERENCE_PATH
     _check_files(path.parent, (path.name,), "Fréchet reference statistics", FIX_CLASSIFIER)
     return _load(lambda: FidReference.load(path), path, "Fréchet reference statistics", FIX_CLASSIFIER)
@@ -109,6 +113,8 @@ def load_heldout_digits(path: str | Path | None = None) -> tuple[torch.Tensor, t
 
 def load_quality_scorer(device: str | torch.device = "cpu") -> QualityScorer:
     """A ``QualityScorer`` built from the shipped classifier and reference statistics."""
+    from .metrics import QualityScorer
+
     return QualityScorer(load_classifier(device), load_fid_reference(), device=device)
 
 
@@ -183,6 +189,8 @@ def load_bench_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype =
 
 def load_bench_scorer(device: str | torch.device = "cpu", *, directory: str | Path | None = None) -> QualityScorer:
     """Accuracy and FD-clf for bench samples: the Fashion-MNIST classifier and its test-set statistics."""
+    from .metrics import FidReference, QualityScorer
+
     directory = Path(directory) if directory is not None else BENCH_CLASSIFIER_DIR
     _check_files(directory, (*CLASSIFIER_FILES, "fid_reference.safetensors"), "bench classifier", FIX_BENCH)
     classifier = _load(lambda: DigitClassifier.from_pretrained(directory, device), directory, "bench classifier", FIX_BENCH)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..files import atomic_path
 from .fashion_mnist import CLASS_NAMES
 
 __all__ = ["draw_all", "file_tag", "pareto_figure", "samples_figure"]
@@ -74,7 +75,8 @@ def pareto_figure(result: dict[str, Any], report: dict[str, Any], path: Path) ->
                  f"guidance {config['guidance_scale']}, {report['device']}; uncached FD-clf "
                  f"{result.get('uncached', {}).get('fd_clf', float('nan')):.3g} (dotted)")
     fig.tight_layout(rect=(0, 0.09, 1, 0.97))
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path
 
@@ -99,6 +101,7 @@ def samples_figure(grid: dict[str, torch.Tensor | None], path: Path, sampler: st
                       CLASS_NAMES[: len(images)] if last else [], fontsize=6)
     fig.suptitle(f"Same seeds, each family at the setting nearest half the compute ({sampler})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path

@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import math
-import os
 import statistics
 import time
 import traceback
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 
 import smoothcache
 
+from ..files import atomic_write_text
 from . import peers
 from .bench_compare import summarise
 from .bench_methods import (
@@ -465,14 +465,8 @@ def _git_commit() -> str:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Written beside the target and renamed over it: a stopped run never leaves half a file."""
-    text = json.dumps(_finite(data), indent=1) + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Strict JSON, written atomically: a stopped run never leaves half a file."""
+    atomic_write_text(path, json.dumps(_finite(data), indent=1, allow_nan=False) + "\n")
 
 
 def _finite(value: Any) -> Any:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..files import atomic_path
 from ..plots import pyplot
 
 __all__ = ["plot_samples", "plot_tradeoff"]
@@ -34,7 +35,8 @@ def plot_samples(images: list[tuple[str, torch.Tensor]], path: str | Path, colum
         ax.set_yticks([])
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     fig.subplots_adjust(left=0.2, right=0.99, top=0.99, bottom=0.01, hspace=0.08)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return Path(path)
 
@@ -68,6 +70,7 @@ def plot_tradeoff(report: dict[str, Any], path: str | Path, speed: str = "speedu
     ax_fid.legend(fontsize=8)
     fig.suptitle(f"demo model, {report['steps']} steps, {report['samples']} samples, {report['device']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return Path(path)
