@@ -6,8 +6,8 @@ and that same collective reports faults: a rank whose work raised sends its erro
 result, so every rank stops with a message naming it, instead of waiting in a collective for a
 peer that will never arrive. A rank that dies outright (killed, out of host memory) is stopped
 by torchrun, which then ends the other ranks; without torchrun, the process group's timeout ends
-the wait (``SMOOTHCACHE_DIST_TIMEOUT`` seconds, default 30 minutes: it bounds how long a fast rank
-waits for a slow one).
+the wait (``SMOOTHCACHE_DIST_TIMEOUT`` seconds, default 10 minutes: it bounds how long a fast rank
+waits for a slow one, so a shard of more work than that per rank needs a larger value).
 
 >>> with distributed.session("cuda") as world:                        # doctest: +SKIP
 ...     def shard():
@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TIMEOUT_ENV = "SMOOTHCACHE_DIST_TIMEOUT"
-DEFAULT_TIMEOUT = timedelta(minutes=30)
+DEFAULT_TIMEOUT = timedelta(minutes=10)  # torch's own default is 30: a hung rank held the job that long
 
 
 def launched_by_torchrun() -> bool:
