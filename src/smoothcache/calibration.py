@@ -137,10 +137,7 @@ class CalibrationRecorder:
         self._occurrences: list[int] = [0] * len(self.layers)  # per layer: its calls in this model call
         self._step = 0
         self._slot = 0
-        self._flops: list[float] | None = None
-        self._total_flops: float | None = None
-        self._flop_counter: FlopCounterMode | None = None
-        self._flop_marks: list[float] = []
+        self._flop_meter = FlopMeter(len(self.layers))
         self._started = 0.0
         self._profile: CalibrationProfile | None = None
 
@@ -185,9 +182,7 @@ class CalibrationRecorder:
             undo()
         self._undo.clear()
         release(self.target.model, self)
-        if self._flop_counter is not None:  # stopped before a second model call
-            self._flop_counter.__exit__(None, None, None)
-            self._flop_counter = None
+        self._flop_meter.close(keep=False)  # stopped before a second model call: no whole call counted
 
     def __enter__(self) -> Self:
         return self.start()
@@ -207,8 +202,7 @@ class CalibrationRecorder:
 
     # ---- hooks ------------------------------------------------------------------------------
     def _before_model_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._flop_counter is not None:
-            self._close_flop_window()
+        self._flop_meter.close()
         step, slot, new_generation = self._tracker.advance(host_timestep(args, kwargs))
         if new_generation:
             self._finish_generation()
@@ -224,30 +218,14 @@ class CalibrationRecorder:
         self._occurrences = [0] * len(self.layers)
         if self.branches is not None:  # compare the halves once per generation: it syncs with the device
             self._batch_rows = check_cfg_batch(args, kwargs, compare=step == slot == 0)
-        if self.measure_flops and self._flops is None and self._tracker.generation == 0 and step == slot == 0:
-            self._open_flop_window()
-
-    # FLOPs are counted once, from the first model call to the second: one whole call, with the
-    # first call's lead-in (embeddings before the anchor block) stood in for by the second's.
-    def _open_flop_window(self) -> None:
-        self._flop_counter = FlopCounterMode(display=False)
-        self._flop_counter.__enter__()
-        self._flop_marks = [0.0] * len(self.layers)
-
-    def _close_flop_window(self) -> None:
-        counter, self._flop_counter = self._flop_counter, None
-        assert counter is not None
-        counter.__exit__(None, None, None)
-        self._total_flops = float(counter.get_total_flops())
-        self._flops = self._flop_marks
+        if self.measure_flops and self._flop_meter.total is None and self._tracker.generation == 0 and step == slot == 0:
+            self._flop_meter.open()
 
     def _before_layer(self, index: int) -> None:
-        if self._flop_counter is not None:
-            self._flop_marks[index] -= float(self._flop_counter.get_total_flops())
+        self._flop_meter.before_layer(index)
 
     def _after_layer(self, index: int, output: Any, *, fresh: bool = False) -> None:
-        if self._flop_counter is not None:
-            self._flop_marks[index] += float(self._flop_counter.get_total_flops())
+        self._flop_meter.after_layer(index)
         # Kept in the model's dtype (half the memory of float32 copies on a bf16 model); the norms
         # accumulate in float32. Copies, as the model may reuse its buffers (a block's residual is new).
         current = [t.detach() if fresh else t.detach().clone() for t in _tensors(output)]
@@ -375,17 +353,14 @@ class CalibrationRecorder:
             )
         # One device-to-host copy for everything recorded.
         calls_per_step = self._tracker.calls_per_step
-        sums = torch.stack(self._runs).cpu().double().numpy()  # (runs, layers, steps, K)
-        counts = torch.stack(self._run_counts).cpu().double().numpy()
-        with np.errstate(invalid="ignore"):
-            means = sums / counts  # NaN where nothing was measured
-        runs, num_layers, steps, lookahead = means.shape
-        errors = np.full((runs, num_layers, lookahead, steps), np.nan)
-        for k in range(1, lookahead + 1):
-            # target step t = s + k holds the error against step s: shift to source indexing.
-            errors[:, :, k - 1, : steps - k] = means[:, :, k:, k - 1]
-        forecasts = self._forecast_profile(runs, num_layers, steps, lookahead)
-        flops: list[float | None] = list(self._flops) if self._flops else [None] * len(self.layers)
+        errors = errors_by_source_step(_host(self._runs), _host(self._run_counts))
+        runs, _, lookahead, steps = errors.shape
+        forecasts = None
+        if self.gaps:
+            forecasts = forecasts_by_source_step(_host(self._forecast_runs), _host(self._forecast_run_counts))
+            self._forecast_runs, self._forecast_run_counts = [], []
+        measured, self._sensitivity_runs = self._sensitivity_runs, []
+        flops: list[float | None] = list(self._flop_meter.layers) if self._flop_meter.layers else [None] * len(self.layers)
         infos = [LayerInfo(layer.name, layer.layer_type, layer.block, f) for layer, f in zip(self.layers, flops, strict=True)]
         if self.branches is not None:
             infos += _branch_layer_infos(infos)
@@ -411,35 +386,87 @@ class CalibrationRecorder:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.time() - self._started, 3),
             **_scheduler_record(self.target.pipeline, self._timesteps),
-            **self._step_weights(runs),
+            **(step_weights_record(torch.stack(measured).mean(dim=0).cpu().double().numpy()) if len(measured) == runs else {}),
         }
         self._runs, self._run_counts = [], []
-        return CalibrationProfile(infos, errors, metadata, self._total_flops, forecasts)
+        return CalibrationProfile(infos, errors, metadata, self._flop_meter.total, forecasts)
 
-    def _step_weights(self, runs: int) -> dict[str, Any]:
-        """The steps' mean sensitivity, scaled to at most 1, where every generation measured it."""
-        measured, self._sensitivity_runs = self._sensitivity_runs, []
-        if len(measured) != runs:
-            return {}
-        weights = torch.stack(measured).mean(dim=0).cpu().double().numpy()
-        if not np.all(np.isfinite(weights)) or weights.max() <= 0:
-            logger.info("Step sensitivities not recorded: the scheduler's steps gave %s", weights)
-            return {}
-        return {"step_weights": [round(float(w), 6) for w in weights / weights.max()]}
 
-    def _forecast_profile(self, runs: int, num_layers: int, steps: int, lookahead: int) -> np.ndarray | None:
-        """The forecast errors in the profile's layout, ``(runs, layers, gaps, lookahead, steps)`` by source step."""
-        if not self.gaps:
-            return None
-        sums = torch.stack(self._forecast_runs).cpu().double().numpy()  # (runs, layers, steps, gaps, K), by target
-        counts = torch.stack(self._forecast_run_counts).cpu().double().numpy()
-        self._forecast_runs, self._forecast_run_counts = [], []
-        with np.errstate(invalid="ignore"):
-            means = sums / counts
-        forecasts = np.full((runs, num_layers, self.gaps, lookahead, steps), np.nan)
-        for k in range(1, lookahead + 1):
-            forecasts[:, :, :, k - 1, : steps - k] = means[:, :, k:, :, k - 1].transpose(0, 1, 3, 2)
-        return forecasts
+class FlopMeter:
+    """FLOPs of one whole model call and of each calibrated layer in it, counted once: from the
+    first model call to the second (the first call's lead-in, the embeddings before the anchor
+    block, stood in for by the second's)."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.total: float | None = None  # the whole call
+        self.layers: list[float] | None = None  # per layer, in the recorder's order
+        self._counter: FlopCounterMode | None = None
+        self._marks: list[float] = []
+
+    def open(self) -> None:
+        self._counter = FlopCounterMode(display=False)
+        self._counter.__enter__()
+        self._marks = [0.0] * self.num_layers
+
+    def close(self, keep: bool = True) -> None:
+        """End the count (keeping what it measured, with ``keep``); nothing where no count is open."""
+        counter, self._counter = self._counter, None
+        if counter is None:
+            return
+        counter.__exit__(None, None, None)
+        if keep:
+            self.total, self.layers = float(counter.get_total_flops()), self._marks
+
+    def before_layer(self, index: int) -> None:
+        if self._counter is not None:
+            self._marks[index] -= float(self._counter.get_total_flops())
+
+    def after_layer(self, index: int) -> None:
+        if self._counter is not None:
+            self._marks[index] += float(self._counter.get_total_flops())
+
+
+# ---- from recorded sums to the profile's arrays (pure) ---------------------------------------------
+
+
+def _host(tensors: list[torch.Tensor]) -> np.ndarray:
+    """Stacked on the host in float64: one device-to-host copy for everything recorded."""
+    return torch.stack(tensors).cpu().double().numpy()
+
+
+def errors_by_source_step(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``(runs, layers, steps, K)`` sums by target step -> mean errors ``(runs, layers, K, steps)`` by
+    source step, NaN where nothing was measured."""
+    with np.errstate(invalid="ignore"):
+        means = sums / counts
+    runs, num_layers, steps, lookahead = means.shape
+    errors = np.full((runs, num_layers, lookahead, steps), np.nan)
+    for k in range(1, lookahead + 1):
+        # target step t = s + k holds the error against step s: shift to source indexing.
+        errors[:, :, k - 1, : steps - k] = means[:, :, k:, k - 1]
+    return errors
+
+
+def forecasts_by_source_step(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``(runs, layers, steps, gaps, K)`` forecast sums by target step -> mean errors in the profile's
+    layout, ``(runs, layers, gaps, K, steps)`` by source step."""
+    with np.errstate(invalid="ignore"):
+        means = sums / counts
+    runs, num_layers, steps, gaps, lookahead = means.shape
+    forecasts = np.full((runs, num_layers, gaps, lookahead, steps), np.nan)
+    for k in range(1, lookahead + 1):
+        forecasts[:, :, :, k - 1, : steps - k] = means[:, :, k:, :, k - 1].transpose(0, 1, 3, 2)
+    return forecasts
+
+
+def step_weights_record(weights: np.ndarray) -> dict[str, Any]:
+    """The steps' mean sensitivity over generations, scaled to at most 1, for the profile's
+    metadata; nothing where it is not finite and positive."""
+    if not np.all(np.isfinite(weights)) or weights.max() <= 0:
+        logger.info("Step sensitivities not recorded: the scheduler's steps gave %s", weights)
+        return {}
+    return {"step_weights": [round(float(w), 6) for w in weights / weights.max()]}
 
 
 def _scheduler_record(pipeline: Any, timesteps: Any) -> dict[str, Any]:
