@@ -17,19 +17,11 @@ from typing import Any
 
 import torch
 
+from .adapters import guidance_first_half
 from .errors import GuidanceError
 from .keys import BRANCHES
 
 __all__ = ["branch_order", "check_cfg_batch", "check_layer_rows", "first_tensor", "input_shape", "splice_half", "take_half"]
-
-# Verified in diffusers 0.42.1: where each pipeline concatenates its guidance batch.
-COND_FIRST_PIPELINES = frozenset({"DiTPipeline", "DemoDiTPipeline"})
-UNCOND_FIRST_PIPELINES = frozenset({
-    "PixArtAlphaPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipeline", "SanaPipeline", "HunyuanDiTPipeline",
-    "AuraFlowPipeline", "LTXPipeline", "MochiPipeline", "AllegroPipeline", "LattePipeline", "StableAudioPipeline",
-    "CogVideoXPipeline",
-})
-
 
 def branch_order(pipeline: Any | None, branches: Sequence[str] | str) -> tuple[str, str]:
     """The branches in batch order: ``("cond", "uncond")`` or ``("uncond", "cond")``.
@@ -40,9 +32,10 @@ def branch_order(pipeline: Any | None, branches: Sequence[str] | str) -> tuple[s
         if branches != "auto":
             raise GuidanceError(f"branches must be 'auto' or the branches in batch order, e.g. ('cond', 'uncond'); got {branches!r}")
         name = type(pipeline).__name__ if pipeline is not None else None
-        if name in COND_FIRST_PIPELINES:
+        first = guidance_first_half(name) if name is not None else None  # the family table, verified in diffusers 0.42.1
+        if first == "cond":
             return ("cond", "uncond")
-        if name in UNCOND_FIRST_PIPELINES:
+        if first == "uncond":
             return ("uncond", "cond")
         what = f"the pipeline class {name}" if name else "a bare module"
         raise GuidanceError(

@@ -56,6 +56,7 @@ class BlockFamily:
     repeated: tuple[tuple[str, int, str], ...] = ()
     model_class_names: tuple[str, ...] = ()
     streams: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    guidance_first: tuple[tuple[str, str], ...] = ()  # (pipeline class, "cond" or "uncond"): its CFG batch's first half
 
     def prefix_of(self, block: nn.Module, block_name: str) -> str:
         """The prefix of the layer types in ``block``, found at module path ``block_name``."""
@@ -81,7 +82,15 @@ _VACE_RUNS_FIRST = (
 # attention and feed-forward (the paper's choice); cross-attention is opt-in.
 FAMILIES: tuple[BlockFamily, ...] = (
     # diffusers' DiT / PixArt-α/Σ block: self-attention, optional cross-attention, feed-forward.
-    BlockFamily("diffusers-basic", ("BasicTransformerBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff")),
+    BlockFamily(
+        "diffusers-basic",
+        ("BasicTransformerBlock",),
+        ("attn1", "ff"),
+        ("attn1", "attn2", "ff"),
+        # DiTPipeline stacks class labels, then the null class; PixArt the negative prompt first
+        guidance_first=(("DiTPipeline", "cond"), ("DemoDiTPipeline", "cond"), ("PixArtAlphaPipeline", "uncond"),
+                        ("PixArtSigmaPipeline", "uncond")),
+    ),
     # facebookresearch/DiT models.py: x + gate * attn(...), x + gate * mlp(...).
     BlockFamily("original-dit", ("DiTBlock",), ("attn", "mlp"), ("attn", "mlp")),
     # SD3/3.5 MMDiT: joint attention returns (image, context); attn2 is SD3.5's extra image
@@ -92,6 +101,7 @@ FAMILIES: tuple[BlockFamily, ...] = (
         ("attn", "attn2", "ff", "ff_context"),
         ("attn", "attn2", "ff", "ff_context"),
         streams=(("JointTransformerBlock", _TEXT_THEN_IMAGE),),
+        guidance_first=(("StableDiffusion3Pipeline", "uncond"),),
     ),
     # Flux: double-stream blocks like SD3's; single-stream blocks run attention and the MLP's input
     # projection in parallel and mix them in proj_out, which always runs.
@@ -104,9 +114,9 @@ FAMILIES: tuple[BlockFamily, ...] = (
         streams=(("FluxTransformerBlock", _TEXT_THEN_IMAGE), ("FluxSingleTransformerBlock", _TEXT_THEN_IMAGE)),
     ),
     # HunyuanDiT: self-attention, cross-attention, feed-forward, each added to the residual.
-    BlockFamily("hunyuan-dit", ("HunyuanDiTBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff")),
+    BlockFamily("hunyuan-dit", ("HunyuanDiTBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff"), guidance_first=(("HunyuanDiTPipeline", "uncond"),)),
     # Sana: linear self-attention, cross-attention, GLUMBConv feed-forward.
-    BlockFamily("sana", ("SanaTransformerBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff")),
+    BlockFamily("sana", ("SanaTransformerBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff"), guidance_first=(("SanaPipeline", "uncond"),)),
     # AuraFlow: MMDiT joint blocks, then single blocks with the same child names.
     BlockFamily(
         "auraflow",
@@ -115,6 +125,7 @@ FAMILIES: tuple[BlockFamily, ...] = (
         ("attn", "ff", "ff_context", "single_attn", "single_ff"),
         prefixes=(("AuraFlowSingleTransformerBlock", "single_"),),
         streams=(("AuraFlowJointTransformerBlock", _TEXT_THEN_IMAGE),),
+        guidance_first=(("AuraFlowPipeline", "uncond"),),
     ),
     # CogView4: joint attention returns (image, text). Its one ff runs on the image tokens, then on
     # the text tokens, in every block call: the cache keeps both outputs (opt-in).
@@ -146,7 +157,7 @@ FAMILIES: tuple[BlockFamily, ...] = (
         uncacheable=tuple((f"vace_{child}", _VACE_RUNS_FIRST) for child in _VACE_CHILDREN),
     ),
     # CogVideoX: joint attention returns (video, text); one ff over the concatenated tokens.
-    BlockFamily("cogvideox", ("CogVideoXBlock",), ("attn1", "ff"), ("attn1", "ff"), streams=(("CogVideoXBlock", _IMAGE_THEN_TEXT),)),
+    BlockFamily("cogvideox", ("CogVideoXBlock",), ("attn1", "ff"), ("attn1", "ff"), streams=(("CogVideoXBlock", _IMAGE_THEN_TEXT),), guidance_first=(("CogVideoXPipeline", "uncond"),)),
     # HunyuanVideo: double-stream blocks like Flux's, single-stream blocks with attention and the
     # MLP input projection in parallel (proj_out always runs); the I2V token-replace variants have
     # the same children. The text token refiner runs before them, on text only: opt-in.
@@ -177,7 +188,7 @@ FAMILIES: tuple[BlockFamily, ...] = (
         ),
     ),
     # LTX-Video: self-attention, cross-attention, feed-forward.
-    BlockFamily("ltx-video", ("LTXVideoTransformerBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff")),
+    BlockFamily("ltx-video", ("LTXVideoTransformerBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff"), guidance_first=(("LTXPipeline", "uncond"),)),
     # Mochi: joint attention returns (video, text); the last block has no ff_context.
     BlockFamily(
         "mochi",
@@ -185,9 +196,10 @@ FAMILIES: tuple[BlockFamily, ...] = (
         ("attn1", "ff", "ff_context"),
         ("attn1", "ff", "ff_context"),
         streams=(("MochiTransformerBlock", _IMAGE_THEN_TEXT),),
+        guidance_first=(("MochiPipeline", "uncond"),),
     ),
     # Allegro: self-attention, cross-attention, feed-forward.
-    BlockFamily("allegro", ("AllegroTransformerBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff")),
+    BlockFamily("allegro", ("AllegroTransformerBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff"), guidance_first=(("AllegroPipeline", "uncond"),)),
     # Latte: a spatial and a temporal BasicTransformerBlock per depth, interleaved; the temporal
     # blocks have no cross-attention. Matched by model class: its blocks are diffusers-basic's.
     BlockFamily(
@@ -197,9 +209,10 @@ FAMILIES: tuple[BlockFamily, ...] = (
         ("attn1", "attn2", "ff", "temporal_attn1", "temporal_ff"),
         prefixes=(("temporal_transformer_blocks", "temporal_"),),
         model_class_names=("LatteTransformer3DModel",),
+        guidance_first=(("LattePipeline", "uncond"),),
     ),
     # Stable Audio Open: self-attention, cross-attention, feed-forward.
-    BlockFamily("stable-audio", ("StableAudioDiTBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff")),
+    BlockFamily("stable-audio", ("StableAudioDiTBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff"), guidance_first=(("StableAudioPipeline", "uncond"),)),
     # Stable Audio Open as stable-audio-tools samples it (models/dit.py DiffusionTransformer ->
     # models/transformer.py ContinuousTransformer.layers of TransformerBlock: self_attn, cross_attn,
     # ff). The block class name is generic, so the family is picked by the model class only.
@@ -236,6 +249,11 @@ class CacheableLayer:
     @property
     def block_key(self) -> str:
         return str(Key(self.layer_type, self.block))
+
+
+def guidance_first_half(pipeline_class_name: str) -> str | None:
+    """Which half of a classifier-free guidance batch a known pipeline stacks first: "cond" or "uncond"."""
+    return next((half for family in FAMILIES for name, half in family.guidance_first if name == pipeline_class_name), None)
 
 
 def family_of(model: nn.Module) -> BlockFamily | None:
