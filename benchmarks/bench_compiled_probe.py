@@ -3,7 +3,7 @@ up, and the compiled pipe() speedup of a few methods at half the compute, withou
 
     python benchmarks/bench_compiled_probe.py --out "$OUT/probe.json"          # one GPU, a few minutes
 
-It reuses the harness's compiled timing (``BenchRun._time_compiled``) on a handful of methods:
+It reuses the harness's compiled timing (``BenchRun.time_compiled``) on a handful of methods:
 fewer steps, whole blocks + forecast, layers (optimal + forecast) and the paper's greedy layers,
 each at compute 0.5 of DDIM 50 steps. Rows are written after each method.
 """
@@ -66,7 +66,7 @@ def main() -> None:
     run.rows = [Row(m.family, m.setting) for m in run.methods]
     started = time.perf_counter()
     try:
-        run._time_compiled()
+        run.time_compiled()
     finally:
         result["seconds"] = round(time.perf_counter() - started, 1)
         save()

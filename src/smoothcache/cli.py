@@ -407,12 +407,12 @@ def cmd_demo_bench(args: argparse.Namespace) -> int:
     scorer = load_bench_scorer(device)
     out = Path(args.out)
     report = run_bench(pipe, scorer, config, out)
-    print(_bench_table(report))
+    print(bench_table(report))
     print(f"Done in {report['seconds']:.0f}s: {out}/report.json, pareto-*.png, samples-*.png")
     return 0
 
 
-def _bench_table(report: dict[str, Any]) -> str:
+def bench_table(report: dict[str, Any]) -> str:
     """Per sampler, each family's rows: compute, quality and measured speed."""
     def cell(value: Any, spec: str) -> str:
         return format(value, spec) if isinstance(value, (int, float)) else "-"

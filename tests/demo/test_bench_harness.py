@@ -92,10 +92,10 @@ def test_cache_dit_runs_where_installed(report):
 
 
 def test_the_cli_table_shows_every_row(report):
-    from smoothcache.cli import _bench_table, build_parser
+    from smoothcache.cli import bench_table, build_parser
 
     data, _ = report
-    table = _bench_table(data)
+    table = bench_table(data)
     for row in data["samplers"][f"ddim-{STEPS}"]["rows"]:
         assert row["family"][:40] in table
     args = build_parser().parse_args(["demo", "--model", "bench", "--samplers", "ddim-10", "--samples-per-class", "2"])
@@ -151,7 +151,7 @@ def test_the_compiled_pass_times_its_rows_and_survives_a_method_that_fails(monke
                    Method("FORA (fixed interval, attn1+ff)", "every 2", lambda p: (lambda: None), compiles=True),
                    Method("not compiled", "y", lambda p: (lambda: None))]
     run.rows = [Row(m.family, m.setting) for m in run.methods]
-    run._time_compiled()
+    run.time_compiled()
     fewer, failed, fora, skipped = run.rows
     assert len(fewer.compiled_ratios) == len(fewer.compiled_seconds) == 2 and fewer.speedup_compiled > 0
     uncached = statistics.median(run.result["uncached_seconds_compiled"])  # one reference for every row

@@ -184,7 +184,7 @@ class BenchRun:
                 self.result["compiled_skipped"] = f"the run's time limit (max_minutes={self.config.max_minutes})"
             elif self.config.compiled:
                 try:
-                    self._time_compiled()
+                    self.time_compiled()
                 except Exception as error:  # noqa: BLE001 (the other phases stand; say why compiled rows are missing)
                     self.result["compiled_error"] = f"{type(error).__name__}: {error}"[:400]
                     logger.warning("compiled timing stopped: %s", traceback.format_exc(limit=4))
@@ -332,7 +332,7 @@ class BenchRun:
         self._compiled_call()
         return self.clock(self._compiled_call)[0]
 
-    def _time_compiled(self) -> None:
+    def time_compiled(self) -> None:
         """The transformer compiled whole with CUDA graphs (``mode="reduce-overhead"``). Each method
         is attached once, warmed up (compile, graph capture) and timed ``timing_repeats`` times;
         uncached compiled calls are timed just before and just after it, and every row is compared
