@@ -439,3 +439,13 @@ def test_calibrate_and_schedule_for_forecasting(pipeline_dir, tmp_path, capsys):
     assert main(["tune", *common, "--samples", "2", "--batch", "2", "--profile", str(profile_path), "--max-error", "0.05",
                  "--forecast", "linear", "--out", str(tuned)]) == 0
     assert "<- chosen" in capsys.readouterr().out
+
+
+def test_inspect_of_a_file_nested_too_deep_or_not_utf8_is_one_line(tmp_path, capsys):
+    deep, binary = tmp_path / "deep.json", tmp_path / "binary.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    binary.write_bytes(b"\xff\xfe{}")
+    assert main(["inspect", str(deep)]) == 1
+    assert main(["inspect", str(binary)]) == 1
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and "nests lists or objects too deeply" in errors[0] and "is not UTF-8" in errors[1]

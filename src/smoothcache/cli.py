@@ -18,7 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .errors import ProfileError, RankFailedError, SmoothCacheError, StepMismatchError
-from .files import atomic_path, atomic_write_text
+from .files import atomic_path, atomic_write_text, read_json
 from .profile import CalibrationProfile
 from .schedule import Schedule
 from .solvers import SOLVERS
@@ -324,10 +324,7 @@ def _forecast_of(args: argparse.Namespace, schedule: Schedule) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    try:
-        data = json.loads(Path(args.file).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ProfileError(f"Cannot read {args.file}: {exc}; pass a profile or schedule JSON written by smoothcache") from exc
+    data = read_json(args.file, ProfileError, "profile or schedule")
     if isinstance(data, dict) and data.get("format") == "smoothcache.profile":
         profile = CalibrationProfile.from_dict(data, source=args.file)
         meta = profile.metadata
