@@ -29,6 +29,7 @@ from .streams import BlockStreams, extrapolate
 __all__ = [
     "Decision",
     "GuidanceRows",
+    "KeptForm",
     "ShadowedForward",
     "block_caching_forward",
     "block_forecasting_forward",
@@ -37,6 +38,8 @@ __all__ = [
     "forecasting_forward",
     "repeated_caching_forward",
     "shadow_forward",
+    "stored_block_caching_forward",
+    "stored_caching_forward",
     "stream_barrier_forward",
 ]
 
@@ -220,6 +223,79 @@ def repeated_caching_forward(
             kept[n] = output
         else:
             kept.append(output)
+        return output
+
+    return forward
+
+
+class KeptForm:
+    """Where and in what precision kept outputs are stored (``cache(kept_device=, kept_dtype=)``):
+    cached outputs cost memory for as long as they may be reused; storing them on the host or in
+    a lower precision trades a copy per keep and per reuse for that memory. Floating-point tensors
+    are converted; anything else is kept as it is."""
+
+    __slots__ = ("device", "dtype")
+
+    def __init__(self, device: torch.device | None, dtype: torch.dtype | None) -> None:
+        self.device, self.dtype = device, dtype
+
+    def store(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            dtype = self.dtype if self.dtype is not None and value.is_floating_point() else value.dtype
+            return _Stored(value.to(device=self.device or value.device, dtype=dtype, non_blocking=True), value.device, value.dtype)
+        if isinstance(value, (tuple, list)):
+            return type(value)(self.store(v) for v in value)
+        return value
+
+    def load(self, value: Any) -> Any:
+        if isinstance(value, _Stored):
+            return value.tensor.to(device=value.device, dtype=value.dtype, non_blocking=True)
+        if isinstance(value, (tuple, list)):
+            return type(value)(self.load(v) for v in value)
+        return value
+
+
+class _Stored:
+    """A kept tensor in its stored form, with the device and dtype it goes back to."""
+
+    __slots__ = ("device", "dtype", "tensor")
+
+    def __init__(self, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
+        self.tensor, self.device, self.dtype = tensor, device, dtype
+
+
+def stored_caching_forward(
+    original: Callable[..., Any], decision: Decision, outputs: dict[int, Any], form: KeptForm
+) -> Callable[..., Any]:
+    """As :func:`caching_forward`, keeping the output in ``form`` and converting it back on reuse."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if not decision.compute:
+            kept = outputs[decision.slot]
+            if kept is not None:
+                return form.load(kept)
+        output = original(*args, **kwargs)
+        outputs[decision.slot] = form.store(output)
+        return output
+
+    return forward
+
+
+def stored_block_caching_forward(
+    original: Callable[..., Any], decision: Decision, outputs: dict[int, Any], streams: BlockStreams, form: KeptForm
+) -> Callable[..., Any]:
+    """As :func:`block_caching_forward`, keeping the residual in ``form`` (always the residual: keeping
+    a block's states elsewhere would copy twice the data)."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        inputs = streams.inputs(args, kwargs)
+        if not decision.compute:
+            kept = outputs[decision.slot]
+            if kept is not None:
+                return streams.apply(inputs, form.load(kept))
+        output = original(*args, **kwargs)
+        if decision.keep or not decision.compute or torch.compiler.is_compiling():
+            outputs[decision.slot] = form.store(streams.residual(output, inputs))
         return output
 
     return forward

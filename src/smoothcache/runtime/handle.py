@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from ..adapters import CacheableLayer, find_layers
-from ..errors import GuidanceError, ModelInUseError, StepMismatchError
+from ..errors import GuidanceError, ModelInUseError, ScheduleError, StepMismatchError
 from ..guidance import branch_order, check_cfg_batch, input_shape
 from ..keys import Key
 from ..ownership import Claim, claim, release
@@ -52,6 +52,7 @@ from .compile import (
 )
 from .forwards import (
     Decision,
+    KeptForm,
     ShadowedForward,
     block_caching_forward,
     block_forecasting_forward,
@@ -60,6 +61,8 @@ from .forwards import (
     forecasting_forward,
     repeated_caching_forward,
     shadow_forward,
+    stored_block_caching_forward,
+    stored_caching_forward,
     stream_barrier_forward,
 )
 from .plan import CachePlan, LayerPlan, plan_cache, split_branches
@@ -88,6 +91,8 @@ class CacheHandle:
         steps_mismatch: Literal["error", "compute"] = "error",
         branches: Sequence[str] | str = "auto",
         forecast: Literal["none", "linear"] = "none",
+        kept_device: str | torch.device | None = None,
+        kept_dtype: torch.dtype | None = None,
     ) -> None:
         if not isinstance(schedule, Schedule):
             schedule = Schedule.from_dict(schedule)
@@ -119,6 +124,7 @@ class CacheHandle:
             model_name=type(model).__name__,
         )
         self.layers = [layer_plan.layer for layer_plan in self.plan.layers]
+        self.kept_form = self._kept_form(kept_device, kept_dtype)
         self.state = CacheState()
         self._tracker = StepTracker(
             self.schedule.num_steps, self.target.timesteps, calls_per_step, scheduler_step_index(self.target)
@@ -171,11 +177,31 @@ class CacheHandle:
         warn_if_past_recompile_limit(self.target.model, self.plan.patterns())
         return self
 
+    def _kept_form(self, device: str | torch.device | None, dtype: torch.dtype | None) -> KeptForm | None:
+        """Where kept outputs live, where asked for; only plain reuse of layers and blocks converts."""
+        if device is None and dtype is None:
+            return None
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"kept_dtype must be a floating-point torch.dtype, e.g. torch.bfloat16; got {dtype!r}")
+        unsupported = sorted({p.kind for p in self.plan.layers} - {"layer", "block"})
+        if unsupported:
+            raise ScheduleError(
+                f"kept_device/kept_dtype store the outputs of layers and blocks reused plainly; this cache also has "
+                f"{', '.join(unsupported)} forwards (forecasting, guidance halves or repeated layers). Leave them out, "
+                "or drop forecast= and '@cond'/'@uncond' keys"
+            )
+        return KeptForm(torch.device(device) if device is not None else None, dtype)
+
     def _forward_for(self, layer_plan: LayerPlan) -> Callable[..., Any]:
         """The caching forward a layer's plan asks for, reading its decisions and kept outputs."""
         layer, kind = layer_plan.layer, layer_plan.kind
         original, outputs = layer.module.forward, self.state.new_outputs()
         decision = self._decisions[layer_plan.columns[0]]
+        if self.kept_form is not None and kind == "block":
+            streams = BlockStreams.of(layer.module, layer.name, layer.streams)  # type: ignore[arg-type]
+            return stored_block_caching_forward(original, decision, outputs, streams, self.kept_form)
+        if self.kept_form is not None:
+            return stored_caching_forward(original, decision, outputs, self.kept_form)
         if kind in ("block", "block-forecast"):
             streams = BlockStreams.of(layer.module, layer.name, layer.streams)  # type: ignore[arg-type]
             make = block_forecasting_forward if kind == "block-forecast" else block_caching_forward
@@ -352,6 +378,8 @@ def cache(
     steps_mismatch: Literal["error", "compute"] = "error",
     branches: Sequence[str] | str = "auto",
     forecast: Literal["none", "linear"] = "none",
+    kept_device: str | torch.device | None = None,
+    kept_dtype: torch.dtype | None = None,
 ) -> CacheHandle:
     """Cache ``pipe_or_module``'s layers on ``schedule``; returns an enabled :class:`CacheHandle`.
 
@@ -359,6 +387,12 @@ def cache(
     outputs instead of handing back the last one (beyond the paper; TaylorSeer's first-order step).
     It keeps two outputs per layer instead of one; whole blocks, guidance halves and layers called
     several times per block call still reuse plainly.
+
+    ``kept_device`` / ``kept_dtype`` store kept outputs elsewhere (``"cpu"``) or in a lower precision
+    (``torch.bfloat16``, ``torch.float8_e4m3fn``) and convert them back on reuse: less memory held by
+    the cache for a copy per keep and per reuse (and, for a lower precision, rounded reuses). Plain
+    reuse of layers and whole blocks only (not with forecasting or guidance halves cached apart); keep
+    them on the device under CUDA graphs.
 
     ``calls_per_step`` is how often the pipeline calls the model per denoising step; by default it
     is read off the scheduler's step index where it has one, and may then vary from step to step
@@ -384,4 +418,6 @@ def cache(
         steps_mismatch=steps_mismatch,
         branches=branches,
         forecast=forecast,
+        kept_device=kept_device,
+        kept_dtype=kept_dtype,
     )

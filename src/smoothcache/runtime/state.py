@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
 from ..guidance import input_shape
 from .forwards import GuidanceRows
 
@@ -86,6 +88,27 @@ class CacheState:
     def kept(self) -> int:
         """How many (module, call slot) entries hold a kept output now."""
         return sum(value is not None for outputs in self.outputs for value in outputs.values())
+
+    def kept_bytes(self) -> dict[str, int]:
+        """Bytes of the kept tensors now, by device ("cuda:0", "cpu"): the memory the cache holds."""
+        totals: dict[str, int] = {}
+        seen: set[int] = set()  # a tensor kept twice (a block's output is the next one's input) counts once
+
+        def add(value: Any) -> None:
+            if isinstance(value, torch.Tensor):
+                if id(value) not in seen:
+                    seen.add(id(value))
+                    totals[str(value.device)] = totals.get(str(value.device), 0) + value.numel() * value.element_size()
+            elif isinstance(value, (tuple, list)):
+                for item in value:
+                    add(item)
+            elif hasattr(value, "tensor"):  # a stored form (forwards.KeptForm)
+                add(value.tensor)
+
+        for outputs in self.outputs:
+            for kept in outputs.values():
+                add(kept)
+        return totals
 
     def opened(self) -> int:
         """How many (module, call slot) entries there are, kept or empty."""
