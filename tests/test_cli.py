@@ -330,6 +330,21 @@ def test_bench_diagnoses_a_loop_that_waits_for_the_gpu_every_step():
     assert "gains nothing" in both[0] and "wait for the GPU" in both[1]
 
 
+def test_a_few_step_sampler_is_told_caching_rarely_pays(tmp_path, caplog):
+    from smoothcache.bench import diagnose
+
+    assert any("with 4 steps each reuse replaces a large share" in hint for hint in diagnose(1.3, 1.4, steps=4))
+    assert diagnose(1.3, 1.4, steps=20) == []
+    argv = ["calibrate", "--model", "demo", "--samples", "1", "--batch", "1", "--lookahead", "2", "--quiet"]
+    with caplog.at_level("WARNING", logger="smoothcache"):
+        assert main([*argv, "--steps", "4", "--out", str(tmp_path / "p4.json")]) == 0
+        assert "4 steps: a few-step sampler, where adjacent steps' outputs differ by" in caplog.text
+        assert "at most 50% of a layer's steps can reuse within the lookahead" in caplog.text
+        caplog.clear()
+        assert main([*argv, "--steps", "12", "--out", str(tmp_path / "p12.json")]) == 0
+        assert "few-step" not in caplog.text
+
+
 def test_bench_points_a_layer_schedule_far_from_its_ideal_to_whole_blocks():
     from smoothcache.bench import diagnose
 

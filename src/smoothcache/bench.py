@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 
 from .calibration import calibration
+from .profile import CalibrationProfile
 from .runtime import cache
 from .runtime.compile import compiled_anywhere
 from .schedule import Schedule
@@ -78,6 +79,11 @@ def diagnose(
             "after each wait the GPU idles while the host prepares the next step, which costs a step that reuses "
             "a large share of its time; keep the scheduler's timesteps on the host and copy them to the device "
             "once per generation"
+        )
+    if steps is not None and steps <= CalibrationProfile.FEW_STEPS:
+        found.append(
+            f"with {steps} steps each reuse replaces a large share of the denoising: caching rarely pays on few-step "
+            "samplers; check the quality of this schedule (smoothcache tune --max-error) before relying on its speed"
         )
     far_from_ideal = reach is not None and speedup >= 1.05 and reach < 0.8  # gains, but well short
     if caches_layers and far_from_ideal:

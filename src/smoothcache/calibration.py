@@ -389,7 +389,11 @@ class CalibrationRecorder:
             **(step_weights_record(torch.stack(measured).mean(dim=0).cpu().double().numpy()) if len(measured) == runs else {}),
         }
         self._runs, self._run_counts = [], []
-        return CalibrationProfile(infos, errors, metadata, self._flop_meter.total, forecasts)
+        profile = CalibrationProfile(infos, errors, metadata, self._flop_meter.total, forecasts)
+        outlook = profile.outlook()
+        if outlook is not None:
+            logger.warning("%s", outlook)
+        return profile
 
 
 class FlopMeter:

@@ -168,6 +168,28 @@ class CalibrationProfile:
             costs[key] = costs.get(key, 0.0) + float(layer.flops or 0.0)
         return costs
 
+    # few-step sampling: below this many steps a reused output stands in for a large share of the
+    # trajectory (distilled and turbo-style models run 1-8)
+    FEW_STEPS = 8
+
+    def outlook(self) -> str | None:
+        """Where caching can hardly pay, why and which schedules still gain: a few-step profile's
+        adjacent-step changes and the most any schedule can skip; None for ordinary step counts."""
+        if self.num_steps > self.FEW_STEPS:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            adjacent = float(np.nanmean(self.mean_errors()[:, 0, :]))
+        greedy = self.schedule(alpha=0.18)
+        fewest = min(_fewest_computes(self.num_steps, self.lookahead), self.num_steps)
+        return (
+            f"{self.num_steps} steps: a few-step sampler, where adjacent steps' outputs differ by {adjacent:.0%} on "
+            f"average (rel-L1), so every reuse replaces a large change. The paper's alpha=0.18 computes "
+            f"{greedy.compute_fraction():.0%} of the layer calls; at most {1 - fewest / self.num_steps:.0%} of a "
+            "layer's steps can reuse within the lookahead. Schedules that still gain reuse only where the error is "
+            "small: measure them (smoothcache tune --max-error, or smoothcache bench) before relying on them"
+        )
+
     # ---- schedules --------------------------------------------------------------------------
     def schedule(
         self,
@@ -616,3 +638,9 @@ def _strict(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_strict(item) for item in value]
     return value
+
+
+def _fewest_computes(num_steps: int, lookahead: int) -> int:
+    """The fewest computed steps a plan of ``num_steps`` can have when a kept output serves at most
+    ``lookahead`` later steps (the first step always computes)."""
+    return -(-num_steps // (lookahead + 1))
