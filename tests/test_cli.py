@@ -464,3 +464,13 @@ def test_inspect_of_a_file_nested_too_deep_or_not_utf8_is_one_line(tmp_path, cap
     assert main(["inspect", str(binary)]) == 1
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 2 and "nests lists or objects too deeply" in errors[0] and "is not UTF-8" in errors[1]
+
+
+def test_help_imports_neither_torch_nor_diffusers():
+    """--help answers without importing torch (seconds on a busy machine): commands import what they need."""
+    code = ("import sys, smoothcache.cli\n"
+            "try:\n    smoothcache.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -1,12 +1,16 @@
 """SmoothCache for Diffusion Transformers: calibrate once, then reuse layer outputs across
-denoising steps wherever the calibration says they barely change (arXiv 2411.10510)."""
+denoising steps wherever the calibration says they barely change (arXiv 2411.10510).
 
-from .adapters import CacheableLayer, find_layers
-from .cache_mixin import (
-    SmoothCacheConfig,
-    install_if_diffusers_loaded,
-)
-from .calibration import CalibrationRecorder, calibration
+The public names load on first use (PEP 562), so that ``import smoothcache`` and the command
+line's ``--help`` do not import torch until something needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     BlockCachingError,
     GuidanceError,
@@ -18,12 +22,29 @@ from .errors import (
     StepMismatchError,
     UnreachableBudgetError,
 )
-from .ownership import disable
-from .profile import CalibrationProfile, LayerInfo
-from .runtime import CacheHandle, cache
-from .schedule import Schedule
-from .tuning import TuneResult, tune
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .adapters import CacheableLayer, find_layers
+    from .cache_mixin import SmoothCacheConfig
+    from .ownership import disable
+    from .profile import CalibrationProfile, LayerInfo
+    from .recorder import CalibrationRecorder, calibration
+    from .runtime import CacheHandle, cache
+    from .schedule import Schedule
+    from .tuning import TuneResult, tune
+
+# public name -> the module that defines it
+_LAZY = {
+    "CacheableLayer": ".adapters", "find_layers": ".adapters",
+    "SmoothCacheConfig": ".cache_mixin",
+    "disable": ".ownership",
+    "CalibrationProfile": ".profile", "LayerInfo": ".profile",
+    "CalibrationRecorder": ".recorder", "calibration": ".recorder",
+    "CacheHandle": ".runtime", "cache": ".runtime",
+    "Schedule": ".schedule",
+    "TuneResult": ".tuning", "tune": ".tuning",
+}
 
 __all__ = [
     "BlockCachingError",
@@ -51,4 +72,22 @@ __all__ = [
     "tune",
 ]
 
-install_if_diffusers_loaded()
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'smoothcache' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+# diffusers' enable_cache learns SmoothCacheConfig when diffusers is already imported (and with it
+# torch); otherwise the first SmoothCacheConfig teaches it (cache_mixin.py says why both).
+if "diffusers" in sys.modules:
+    from .cache_mixin import install_if_diffusers_loaded
+
+    install_if_diffusers_loaded()

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 import torch
 
-from .calibration import calibration
 from .profile import CalibrationProfile
+from .recorder import calibration
 from .runtime import cache
 from .runtime.compile import compiled_anywhere
 from .schedule import Schedule

@@ -118,8 +118,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, list[Any], dict[str, Any]]:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from . import distributed
-    from .calibration import calibration
     from .cli_pipelines import run_request
+    from .recorder import calibration
 
     with distributed.session(args.device) as world:  # one process unless launched by torchrun
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from torch import nn
 
 from ..adapters import find_layers
-from ..calibration import CalibrationRecorder
 from ..errors import StepMismatchError
 from ..profile import CalibrationProfile
+from ..recorder import CalibrationRecorder
 from ..runtime import CacheHandle
 from ..schedule import Schedule
 

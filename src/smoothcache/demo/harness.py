@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..bench import timed
-from ..calibration import calibration
 from ..profile import CalibrationProfile
+from ..recorder import calibration
 from ..runtime import cache
 from ..schedule import Schedule
 from ..solvers import SOLVERS
