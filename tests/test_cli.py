@@ -13,7 +13,7 @@ from conftest import make_dit_pipeline
 import smoothcache.bench
 import smoothcache.cli
 from smoothcache import CalibrationProfile, Schedule
-from smoothcache.cli import main
+from smoothcache.cli import build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -474,3 +474,19 @@ def test_help_imports_neither_torch_nor_diffusers():
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_every_option_has_help_and_every_command_an_example_that_parses():
+    import argparse
+    import shlex
+
+    from smoothcache.cli import EXAMPLES
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == set(EXAMPLES)
+    for name, command in commands.items():
+        unexplained = [a.dest for a in command._actions if not a.help and a.dest != "help"]
+        assert not unexplained, (name, unexplained)
+        args = parser.parse_args(shlex.split(EXAMPLES[name])[1:])
+        assert args.command == name and EXAMPLES[name] in command.format_help()

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
+from tqdm.auto import tqdm
 
 from .profile import CalibrationProfile
 from .recorder import calibration
@@ -100,6 +101,15 @@ def diagnose(
     return found
 
 
+def _counted(run: Callable[[], Any], bar: Any) -> Callable[[], Any]:
+    def counted() -> Any:
+        result = run()
+        bar.update()
+        return result
+
+    return counted
+
+
 def count_host_syncs(run: Callable[[], Any], device: torch.device) -> int | None:
     """How often one ``run()`` made the host wait for the GPU, counted by torch's CUDA sync debug
     mode, which warns at every synchronizing call; ``None`` off CUDA."""
@@ -164,6 +174,7 @@ def benchmark_schedule(
     forecast: Literal["none", "linear"] = "none",
     warmup: int = 1,
     cuda_graphs: bool | None = None,
+    progress: bool = False,
 ) -> BenchResult:
     """Time ``run()`` (one pipeline call) uncached and cached on ``schedule``, interleaved, after
     ``warmup`` runs of each (under torch.compile the cached patterns compile there, not while
@@ -174,6 +185,7 @@ def benchmark_schedule(
     eagerly where the model is compiled; on CUDA one more cached run, untimed, counts the host's
     waits for the GPU (:func:`count_host_syncs`). ``forecast`` is passed to :func:`~smoothcache.cache`;
     ``cuda_graphs`` says whether ``run`` replays CUDA graphs, for the diagnosis (``None``: not known).
+    ``progress`` shows a bar over the pipeline calls (all of them: ideal, warm-up, timed, syncs).
     """
     if repeats < 1 or warmup < 1:
         raise ValueError(f"repeats and warmup must be >= 1, got {repeats} and {warmup}")
@@ -181,6 +193,9 @@ def benchmark_schedule(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if compiled_anywhere(model):  # each run its own CUDA graph generation, uncached ones too
         run = _marking_steps(run)
+    calls = int(measure_ideal) + 2 * warmup + 2 * repeats + int(device.type == "cuda")  # the last: counting syncs
+    bar = tqdm(total=calls, desc="bench", unit="call", disable=not progress)
+    run = _counted(run, bar)
     ideal = None
     handle = cache(pipe, schedule, calls_per_step=calls_per_step, forecast=forecast)
     handle.disable()
@@ -219,6 +234,7 @@ def benchmark_schedule(
         host_syncs = count_host_syncs(run, device)
     finally:
         handle.disable()
+    bar.close()
     uncached, cached = (statistics.median(times[n]) for n in ("uncached", "cached"))
     speedup = uncached / cached
     efficiency = speedup / ideal if ideal else None

@@ -93,10 +93,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", nargs="+", help="text prompts (text-conditional models)")
     parser.add_argument("--samples", type=positive_int, default=8, help="random classes to draw when --classes is not given")
     parser.add_argument("--batch", type=positive_int, default=4, help="samples per pipeline call")
-    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the first pipeline call (then +1 per call)")
     parser.add_argument("--guidance-scale", type=finite_float(0), help="classifier-free guidance scale (pipeline default if unset)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model weights' dtype")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -298,7 +298,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = benchmark_schedule(
         pipe, schedule, lambda: run_request(pipe, request, schedule.num_steps, **extra), repeats=args.repeats,
         forecast=_forecast_of(args, schedule), warmup=1 if args.compile == "none" else 3,
-        cuda_graphs=args.compile == "model-cudagraphs",
+        cuda_graphs=args.compile == "model-cudagraphs", progress=not args.quiet,
     )
     ideal = f"{result.ideal_speedup:.2f}x" if result.ideal_speedup else "n/a"
     efficiency = f"{result.efficiency:.2f}" if result.efficiency else "n/a"
@@ -444,13 +444,43 @@ def _demo_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _command(commands: Any, name: str, help: str) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter,
+                               epilog=f"example:\n  {EXAMPLES[name]}")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help with each option's default (where it has one worth saying) and examples kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+                and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+# one example a command, shown at the end of its --help (tests/test_cli.py parses each)
+EXAMPLES = {
+    "calibrate": "smoothcache calibrate --model demo --steps 20 --samples 8 --out profile.json",
+    "schedule": "smoothcache schedule profile.json --compute-fraction 0.5 --out schedule.json",
+    "tune": "smoothcache tune --model demo --steps 20 --profile profile.json --max-error 0.05 --out schedule.json",
+    "generate": "smoothcache generate --model demo --steps 20 --schedule schedule.json --classes 1,2,3 --out images",
+    "bench": "smoothcache bench --model demo --steps 20 --schedule schedule.json --out bench.json",
+    "inspect": "smoothcache inspect profile.json --plot curves.png",
+    "demo": "smoothcache demo --out demo-out",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smoothcache", description="SmoothCache for Diffusion Transformers")
+    parser = argparse.ArgumentParser(prog="smoothcache", description="SmoothCache for Diffusion Transformers",
+                                     formatter_class=_HelpFormatter,
+                                     epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()))
     parser.add_argument("--version", action="version", version=f"smoothcache {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    calibrate = commands.add_parser("calibrate", help="record error curves over a calibration set -> profile JSON")
+    calibrate = _command(commands, "calibrate", help="record error curves over a calibration set -> profile JSON")
     _add_model_args(calibrate)
     calibrate.add_argument("--components", type=_csv, help="layers to calibrate, e.g. attn1,ff, or block for whole blocks (default: the model family's)")
     calibrate.add_argument("--lookahead", type=positive_int, default=3, help="steps ahead to measure reuse errors (at most --steps)")
@@ -465,8 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--out", required=True, help="profile JSON to write")
     calibrate.set_defaults(func=cmd_calibrate)
 
-    schedule = commands.add_parser("schedule", help="profile -> schedule JSON at a threshold or budget")
-    schedule.add_argument("profile")
+    schedule = _command(commands, "schedule", help="profile -> schedule JSON at a threshold or budget")
+    schedule.add_argument("profile", help="profile JSON from `smoothcache calibrate`")
     budget = schedule.add_mutually_exclusive_group(required=True)
     budget.add_argument("--alpha", type=finite_float(0), help="error threshold (the paper's alpha)")
     budget.add_argument("--compute-fraction", type=finite_float(0, 1, low_open=True), help="at most this fraction of cached-layer calls computed")
@@ -489,14 +519,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--unweighted", action="store_true",
         help="optimal solver: sum the errors as measured instead of weighing each step by its sensitivity",
     )
-    schedule.add_argument("--out", required=True)
+    schedule.add_argument("--out", required=True, help="schedule JSON to write")
     schedule.set_defaults(func=cmd_schedule)
 
-    tune_ = commands.add_parser("tune", help="the cheapest schedule whose output stays within an error bound (measured)")
+    tune_ = _command(commands, "tune", help="the cheapest schedule whose output stays within an error bound (measured)")
     _add_model_args(tune_)
     tune_.add_argument("--profile", required=True, help="profile JSON from `smoothcache calibrate` (same --steps)")
     tune_.add_argument("--max-error", type=finite_float(0), required=True, help="allowed rel-L1 drift of the output, e.g. 0.05")
-    tune_.add_argument("--solver", choices=SOLVERS, default="optimal")
+    tune_.add_argument("--solver", choices=SOLVERS, default="optimal", help="which solver's schedules to search")
     tune_.add_argument(
         "--forecast", choices=["none", "linear"], default="none",
         help="linear: plan and measure schedules for generate --forecast linear (needs calibrate --forecast linear)",
@@ -504,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune_.add_argument("--out", required=True, help="schedule JSON to write")
     tune_.set_defaults(func=cmd_tune)
 
-    generate = commands.add_parser("generate", help="generate images, cached on a schedule")
+    generate = _command(commands, "generate", help="generate images, cached on a schedule")
     _add_model_args(generate)
     generate.add_argument("--schedule", help="schedule JSON (omit for an uncached run)")
     generate.add_argument("--out", required=True, help="folder for the images")
@@ -515,10 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.set_defaults(func=cmd_generate)
 
-    bench = commands.add_parser("bench", help="uncached vs cached latency of a schedule on your pipeline")
+    bench = _command(commands, "bench", help="uncached vs cached latency of a schedule on your pipeline")
     _add_model_args(bench)
     bench.add_argument("--schedule", required=True, help="schedule JSON; its length sets the steps")
-    bench.add_argument("--repeats", type=positive_int, default=3)
+    bench.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each, interleaved (the median counts)")
     bench.add_argument("--forecast", choices=["none", "linear"],
                        help="time the cache with forecast='linear' (default: as the schedule was planned, else none)")
     bench.add_argument("--compile", choices=["none", "model", "model-cudagraphs"], default="none",
@@ -527,13 +557,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="JSON file for the result")
     bench.set_defaults(func=cmd_bench)
 
-    inspect_ = commands.add_parser("inspect", help="summarise a profile or schedule, optionally as a PNG plot")
-    inspect_.add_argument("file")
+    inspect_ = _command(commands, "inspect", help="summarise a profile or schedule, optionally as a PNG plot")
+    inspect_.add_argument("file", help="a profile or schedule JSON")
     inspect_.add_argument("--plot", help="PNG to write")
     inspect_.add_argument("--alpha", type=finite_float(0), action="append", help="threshold line(s) on a profile plot")
     inspect_.set_defaults(func=cmd_inspect)
 
-    demo = commands.add_parser("demo", help="offline demo on the shipped model: speed and quality of every method")
+    demo = _command(commands, "demo", help="offline demo on the shipped model: speed and quality of every method")
     demo.add_argument("--model", choices=["demo", "bench"], default="demo",
                       help="demo: the 4-block digit model, a CPU quick start (default); bench: the 16-block "
                            "Fashion-MNIST DiT against every peer (a GPU; minutes a sampler, see the README)")
@@ -542,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=positive_int, default=20, help="denoising steps (demo model; bench: see --samplers)")
     demo.add_argument("--samplers", nargs="+", help='bench model: "<ddim|dpm++>-<steps>" (default: ddim-50 dpm++-20)')
     demo.add_argument("--samples-per-class", type=positive_int, help="samples a class (default: 5 demo, 100 bench)")
-    demo.add_argument("--seed", type=non_negative_int, default=0)
+    demo.add_argument("--seed", type=non_negative_int, default=0, help="seed of the samples")
     demo.add_argument("--timing-repeats", type=positive_int, default=2,
                       help="times each method is timed (demo: the fastest counts; bench: the median of the rounds)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
