@@ -79,3 +79,20 @@ def test_optimal_solver_through_the_profile(profile):
         profile.schedule(compute_fraction=0.5, solver="fastest")
     with pytest.raises(smoothcache.ProfileError, match="out of reach"):
         profile.schedule(speedup=50, solver="optimal")
+
+
+def test_a_speedup_above_its_ideal_is_flagged_as_noise_and_never_the_fastest():
+    from smoothcache.cli import demo_table
+    from smoothcache.demo.harness import RunResult, timing_noise
+
+    fast = RunResult("smoothcache-optimal", None, 0.4, 20, estimated_speedup=2.42, seconds=0.5, speedup=3.20,
+                     fid=7.0, accuracy=1.0, psnr=35.0, ssim=0.98)
+    honest = RunResult("smoothcache-optimal", None, 0.5, 20, estimated_speedup=1.96, seconds=0.8, speedup=1.80,
+                       fid=7.0, accuracy=1.0, psnr=38.0, ssim=0.99)
+    assert timing_noise(fast) and not timing_noise(honest)
+    report = {"baseline": {"seconds": 1.5, "fid": 7.0, "accuracy": 1.0}, "samples": 10, "steps": 20, "device": "cpu",
+              "runs": [{**{k: v for k, v in vars(r).items() if k != "images"}, "timing_noise": timing_noise(r)}
+                       for r in (fast, honest)]}
+    table = demo_table(report)
+    assert "3.20!" in table and " 1.80 " in table
+    assert "1 run measured more than 10% above the ideal speedup: timing noise" in table

@@ -28,6 +28,7 @@ def plot_profile(profile: CalibrationProfile, path: str | Path, alphas: tuple[fl
     """Error curves per layer type (one panel each, one line per lookahead), thresholds dashed; and,
     where calibration measured them, the steps' sensitivities the optimal solver weighs errors by."""
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
     keys = profile.keys()
     weights = profile.step_weights
     panels = len(keys) + (weights is not None)
@@ -40,6 +41,7 @@ def plot_profile(profile: CalibrationProfile, path: str | Path, alphas: tuple[fl
         ax.bar(steps, weights, color="tab:grey")
         ax.set_title("step sensitivity (solver weights)")
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax, key in zip(axes[0], keys):
         curves = profile.curves(key)
@@ -47,13 +49,17 @@ def plot_profile(profile: CalibrationProfile, path: str | Path, alphas: tuple[fl
             ax.plot(steps, curves[k], marker=".", label=f"k = {k + 1}")
         for alpha in alphas:
             ax.axhline(alpha, linestyle="--", color="grey", linewidth=0.8)
+            ax.annotate(f"alpha {alpha:g}", (1, alpha), xycoords=("axes fraction", "data"), ha="right", va="bottom",
+                        fontsize=7, color="grey")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{key} (mean of {sum(layer.layer_type == key for layer in profile.layers)} blocks)")
         ax.set_xlabel("step s (reused at s + k)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("relative L1 error")
     axes[0][0].legend()
     model = profile.metadata.get("model_class", "model")
-    fig.suptitle(f"{model}: {profile.num_runs} calibration runs, {profile.num_steps} steps")
+    runs = f"{profile.num_runs} calibration run{'s' if profile.num_runs != 1 else ''}"
+    fig.suptitle(f"{model}: {runs}, {profile.num_steps} steps")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
@@ -64,11 +70,13 @@ def plot_profile(profile: CalibrationProfile, path: str | Path, alphas: tuple[fl
 def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
     """The plan as a grid: a row per key, a column per step, dark = computed."""
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
     grid = np.array([schedule.plans[key] for key in schedule.keys])
     fig, ax = plt.subplots(figsize=(max(6, 0.16 * schedule.num_steps), 0.6 + 0.3 * len(schedule.keys)))
     ax.imshow(grid, aspect="auto", cmap="Greys", vmin=0, vmax=1.4, interpolation="nearest")
     ax.set_yticks(range(len(schedule.keys)), [f"{k} ({schedule.compute_fraction(k):.2f})" for k in schedule.keys])
     ax.set_xlabel("step (dark = compute, light = reuse)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)

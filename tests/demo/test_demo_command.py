@@ -33,7 +33,7 @@ def test_demo_writes_report_samples_and_tradeoff(tmp_path, capsys):
     for name in ("samples.png", "tradeoff.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
-    assert "uncached" in printed and "smoothcache a=" in printed and "optimal 0." in printed and "forecast 0." in printed
+    assert "uncached" in printed and "greedy a=" in printed and "optimal 0." in printed and "forecast 0." in printed
     assert "fewer-steps" in printed
 
 

@@ -156,9 +156,9 @@ class DemoResult:
 
 
 def run_label(run: dict[str, Any]) -> str:
-    """A short name for a run: ``smoothcache a=0.12``, ``fewer-steps 12``, ``random 0.50``."""
+    """A short name for a run: ``greedy a=0.12`` (the paper's rule), ``optimal 0.50``, ``fewer-steps 12``."""
     if run["method"] == "smoothcache" and run["alpha"] is not None:
-        return f"smoothcache a={run['alpha']:.3g}"
+        return f"greedy a={run['alpha']:.3g}"
     if run["method"].startswith("smoothcache"):
         return f"{run['method'].removeprefix('smoothcache-')} {run['compute_fraction']:.2f}"
     if run["method"] == "fewer-steps":
@@ -247,6 +247,15 @@ def run_demo(pipe: Any, scorer: Scorer, config: DemoConfig | None = None, progre
     return DemoResult(report, labels, images, profile)  # type: ignore[arg-type]
 
 
+NOISE_MARGIN = 0.10  # a measured speedup this far above the ideal one is noise, not speed
+
+
+def timing_noise(run: RunResult) -> bool:
+    """Whether a run measured faster than skipping its FLOPs allows: the machine was busy while the
+    uncached runs were timed (nothing a cache does beats its ideal speedup by 10%)."""
+    return run.speedup > run.estimated_speedup * (1 + NOISE_MARGIN)
+
+
 def _report(
     config: DemoConfig,
     device: torch.device,
@@ -259,11 +268,12 @@ def _report(
     within = [
         r for r in others
         if r.method.startswith("smoothcache") and r.fid <= baseline.fid * 1.10 and r.accuracy >= baseline.accuracy - 0.02
+        and not timing_noise(r)
     ]
     best = max(within, key=lambda r: r.speedup, default=None)
 
     def row(r: RunResult) -> dict[str, Any]:
-        return {k: v for k, v in asdict(r).items() if k != "images"}
+        return {**{k: v for k, v in asdict(r).items() if k != "images"}, "timing_noise": timing_noise(r)}
 
     return {
         "device": str(device) if device.type != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
