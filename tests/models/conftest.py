@@ -1,4 +1,5 @@
-"""Shared pieces of the model-family tests: a tiny VAE, one thread, and the checks every family passes.
+"""Shared pieces of the model-family tests: the ``FamilyCase`` row, pipeline helpers, a tiny VAE, one
+thread, and the checks every family passes (run over every row by ``test_families.py``).
 
 Each family's test builds a random-weight transformer from a tiny config and runs it through its
 real diffusers pipeline, with precomputed prompt embeddings instead of text encoders (no network).
@@ -8,7 +9,10 @@ models sampled outside diffusers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -22,6 +26,49 @@ from smoothcache.keys import key_for
 STEPS = 6
 
 Generate = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FamilyCase:
+    """One model family as ``test_families.py`` checks it: a row of data next to the family's builders.
+
+    ``make`` builds a fresh pipeline (or bare model) for each test, since the checks attach to it;
+    ``generate(pipe, seed=0)`` samples it for ``STEPS`` steps.
+    """
+
+    name: str  # the test id
+    make: Callable[[], Any]
+    generate: Generate
+    default_keys: Sequence[str]  # the block keys ``find_layers`` picks with no components, in order
+    schedule_keys: Collection[str]  # the keys of the schedule calibrated on those defaults
+    calls_per_step: int | None = None  # handed to calibration and cache (None: found from the scheduler)
+    steps: int | None = None  # a bare model's steps to calibrate for (a pipeline's scheduler knows)
+    all_ones_components: Sequence[str] | None = None  # the layers an all-ones schedule covers
+    disable_components: Sequence[str] | None = None  # the layers calibrated for the schedule that is disabled
+    opt_in_components: Sequence[str] | None = None  # the defaults plus layers cached only when asked for
+    true_cfg: Generate | None = None  # a generation with true CFG: two sequential model calls per step
+    marks: Sequence[pytest.MarkDecorator] = ()  # on each shared check of the family (a warning filter, ...)
+
+
+def tiny_pipeline(pipeline_class, **components):
+    """``pipeline_class`` built from ``components``, with no text encoders or tokenizers (the tests pass
+    prompt embeddings) and no progress bars."""
+    parameters = inspect.signature(pipeline_class).parameters
+    text_models = [name for name in parameters if name.startswith(("text_encoder", "tokenizer"))]
+    pipe = pipeline_class(**dict.fromkeys(text_models), **components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def text_embeddings(*shape: int) -> torch.Tensor:
+    """Fixed random tensors standing in for a text encoder's output (the tests load no encoders)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(100))
+
+
+def sample(pipe, seed: int, output_type: str = "pt", **inputs) -> torch.Tensor:
+    """The first output (images, frames, audio) of a diffusers pipeline run for ``STEPS`` steps from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(**inputs, num_inference_steps=STEPS, generator=generator, output_type=output_type)[0]
 
 
 @pytest.fixture(autouse=True)
@@ -123,7 +170,7 @@ def assert_all_ones_is_bit_identical(
     pipe, generate: Generate, components: Sequence[str] | None = None, calls_per_step: int | None = None
 ) -> None:
     uncached = generate(pipe)
-    keys = {layer.layer_type for layer in find_layers(_model(pipe), components, allow_repeated=True)}
+    keys = {layer.layer_type for layer in find_layers(model_of(pipe), components, allow_repeated=True)}
     schedule = Schedule({key: (1,) * STEPS for key in keys})
     with smoothcache.cache(pipe, schedule, calls_per_step=calls_per_step):
         assert torch.equal(generate(pipe), uncached)
@@ -136,13 +183,13 @@ def assert_disable_restores_the_model(
     handle = smoothcache.cache(pipe, schedule, calls_per_step=calls_per_step)
     cached = generate(pipe)
     handle.disable()
-    for module in _model(pipe).modules():
+    for module in model_of(pipe).modules():
         assert "forward" not in module.__dict__
         assert not module._forward_hooks and not module._forward_pre_hooks
     assert not torch.equal(cached, before)
     assert torch.equal(generate(pipe), before)
 
 
-def _model(pipe) -> nn.Module:
+def model_of(pipe) -> nn.Module:
     """The pipeline's transformer, or the model itself."""
     return pipe if isinstance(pipe, nn.Module) else pipe.transformer

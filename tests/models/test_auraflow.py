@@ -2,19 +2,9 @@
 AuraFlowSingleTransformerBlock with the same child names (keys "single_attn", "single_ff"), through
 AuraFlowPipeline with batched classifier-free guidance."""
 
-import pytest
 import torch
 
-from smoothcache import find_layers
-
-from .conftest import (
-    STEPS,
-    assert_all_ones_is_bit_identical,
-    assert_disable_restores_the_model,
-    assert_skips_exactly_the_scheduled_calls,
-    calibrated_schedule,
-    tiny_vae,
-)
+from .conftest import FamilyCase, sample, text_embeddings, tiny_pipeline, tiny_vae
 
 JOINT_DIM = 16
 
@@ -40,56 +30,25 @@ def make_pipeline():
         out_channels=4,
         pos_embed_max_size=16,
     ).eval()
-    pipe = AuraFlowPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=tiny_vae(),
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(),
+    return tiny_pipeline(
+        AuraFlowPipeline, vae=tiny_vae(), transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler()
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def generate(pipe, seed: int = 0) -> torch.Tensor:
-    # UMT5 embeddings stood in for by fixed random tensors.
-    prompt = torch.randn(2, 5, JOINT_DIM, generator=torch.Generator().manual_seed(100))
-    mask = torch.ones(2, 5, dtype=torch.long)
-    return pipe(
-        prompt_embeds=prompt,
-        prompt_attention_mask=mask,
-        negative_prompt_embeds=torch.zeros_like(prompt),
-        negative_prompt_attention_mask=mask,
-        num_inference_steps=STEPS,
-        height=8,
-        width=8,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-    ).images
+    # Stand-ins for UMT5 embeddings.
+    prompt, mask = text_embeddings(2, 5, JOINT_DIM), torch.ones(2, 5, dtype=torch.long)
+    return sample(
+        pipe, seed, prompt_embeds=prompt, prompt_attention_mask=mask,
+        negative_prompt_embeds=torch.zeros_like(prompt), negative_prompt_attention_mask=mask, height=8, width=8,
+    )  # fmt: skip
 
 
-@pytest.fixture
-def pipe():
-    return make_pipeline()
-
-
-def test_single_blocks_get_their_own_keys(pipe):
-    keys = [layer.block_key for layer in find_layers(pipe.transformer)]
-    assert keys == [
+CASE = FamilyCase(
+    "auraflow", make_pipeline, generate,
+    default_keys=[
         "attn-0", "ff-0", "ff_context-0", "attn-1", "ff-1", "ff_context-1",
         "single_attn-0", "single_ff-0", "single_attn-1", "single_ff-1",
-    ]  # fmt: skip
-
-
-def test_calibrated_schedule_skips_exactly_the_scheduled_calls(pipe):
-    schedule = calibrated_schedule(pipe, generate)
-    assert set(schedule.keys) == {"attn", "ff", "ff_context", "single_attn", "single_ff"}
-    assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule)
-
-
-def test_all_ones_schedule_is_bit_identical_to_uncached(pipe):
-    assert_all_ones_is_bit_identical(pipe, generate)
-
-
-def test_disable_restores_the_model_exactly(pipe):
-    assert_disable_restores_the_model(pipe, generate, calibrated_schedule(pipe, generate))
+    ],  # the single blocks get their own keys
+    schedule_keys={"attn", "ff", "ff_context", "single_attn", "single_ff"},
+)  # fmt: skip

@@ -2,18 +2,12 @@
 CogVideoXPipeline with batched classifier-free guidance; CogVideoX-2b's DDIM and CogVideoX-5b's
 DPM solver (whose step also takes the previous step's prediction) with rotary embeddings."""
 
-import pytest
+import dataclasses
+import functools
+
 import torch
 
-from smoothcache import find_layers
-
-from .conftest import (
-    STEPS,
-    assert_all_ones_is_bit_identical,
-    assert_disable_restores_the_model,
-    assert_skips_exactly_the_scheduled_calls,
-    calibrated_schedule,
-)
+from .conftest import FamilyCase, sample, text_embeddings, tiny_pipeline
 
 TEXT_DIM, TEXT_LEN = 16, 6
 
@@ -54,54 +48,21 @@ def make_pipeline(cogvideox_5b: bool = False):
         temporal_compression_ratio=4,
     ).eval()
     scheduler = CogVideoXDPMScheduler() if cogvideox_5b else CogVideoXDDIMScheduler()
-    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_pipeline(CogVideoXPipeline, vae=vae, transformer=transformer, scheduler=scheduler)
 
 
 def generate(pipe, seed: int = 0) -> torch.Tensor:
-    # T5 embeddings stood in for by fixed random tensors.
-    prompt = torch.randn(1, TEXT_LEN, TEXT_DIM, generator=torch.Generator().manual_seed(100))
-    return pipe(
-        prompt_embeds=prompt,
-        negative_prompt_embeds=torch.zeros_like(prompt),
-        height=8,
-        width=8,
-        num_frames=5,
-        num_inference_steps=STEPS,
-        max_sequence_length=TEXT_LEN,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-    ).frames
+    # Stand-ins for T5 embeddings.
+    prompt = text_embeddings(1, TEXT_LEN, TEXT_DIM)
+    return sample(
+        pipe, seed, prompt_embeds=prompt, negative_prompt_embeds=torch.zeros_like(prompt),
+        height=8, width=8, num_frames=5, max_sequence_length=TEXT_LEN,
+    )  # fmt: skip
 
 
-@pytest.fixture
-def pipe():
-    return make_pipeline()
-
-
-@pytest.fixture
-def pipe5b():
-    return make_pipeline(cogvideox_5b=True)
-
-
-def test_joint_attention_and_feed_forward_are_the_default(pipe):
-    assert [layer.block_key for layer in find_layers(pipe.transformer)] == ["attn1-0", "ff-0", "attn1-1", "ff-1"]
-
-
-def test_calibrated_schedule_skips_exactly_the_scheduled_calls(pipe):
-    schedule = calibrated_schedule(pipe, generate)
-    assert set(schedule.keys) == {"attn1", "ff"}
-    assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule)
-
-
-def test_5b_dpm_solver_skips_exactly_the_scheduled_calls(pipe5b):
-    assert_skips_exactly_the_scheduled_calls(pipe5b, generate, calibrated_schedule(pipe5b, generate))
-
-
-def test_all_ones_schedule_is_bit_identical_to_uncached(pipe5b):
-    assert_all_ones_is_bit_identical(pipe5b, generate)
-
-
-def test_disable_restores_the_model_exactly(pipe5b):
-    assert_disable_restores_the_model(pipe5b, generate, calibrated_schedule(pipe5b, generate))
+CASE = FamilyCase(
+    "cogvideox", make_pipeline, generate,
+    default_keys=["attn1-0", "ff-0", "attn1-1", "ff-1"], schedule_keys={"attn1", "ff"},
+)  # fmt: skip
+# CogVideoX-5b: the DPM solver, whose step also takes the previous step's prediction, and rotary embeddings.
+CASE_5B = dataclasses.replace(CASE, name="cogvideox-5b", make=functools.partial(make_pipeline, cogvideox_5b=True))

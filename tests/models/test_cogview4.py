@@ -11,11 +11,12 @@ from smoothcache import NoCacheableLayersError, Schedule, find_layers
 
 from .conftest import (
     STEPS,
+    FamilyCase,
     WeightUses,
-    assert_all_ones_is_bit_identical,
-    assert_disable_restores_the_model,
-    assert_skips_exactly_the_scheduled_calls,
     calibrated_schedule,
+    sample,
+    text_embeddings,
+    tiny_pipeline,
     tiny_vae,
 )
 
@@ -44,34 +45,25 @@ def make_pipeline():
     scheduler = FlowMatchEulerDiscreteScheduler(
         use_dynamic_shifting=True, base_shift=0.25, max_shift=0.75, time_shift_type="linear"
     )
-    pipe = CogView4Pipeline(
-        tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=transformer, scheduler=scheduler
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_pipeline(CogView4Pipeline, vae=tiny_vae(), transformer=transformer, scheduler=scheduler)
 
 
 def generate(pipe, seed: int = 0) -> torch.Tensor:
-    # GLM embeddings stood in for by fixed random tensors; the negative prompt is shorter.
-    g = torch.Generator().manual_seed(100)
-    return pipe(
-        prompt_embeds=torch.randn(2, 6, TEXT_DIM, generator=g),
-        negative_prompt_embeds=torch.randn(2, 3, TEXT_DIM, generator=g),
-        num_inference_steps=STEPS,
-        height=16,
-        width=16,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-    ).images
+    # Stand-ins for GLM embeddings; the negative prompt is shorter.
+    prompt, negative = text_embeddings(2, 6, TEXT_DIM), text_embeddings(2, 3, TEXT_DIM)
+    return sample(pipe, seed, prompt_embeds=prompt, negative_prompt_embeds=negative, height=16, width=16)
+
+
+CASE = FamilyCase(
+    "cogview4", make_pipeline, generate,
+    default_keys=["attn1-0", "attn1-1"], schedule_keys={"attn1"},  # joint attention alone
+    calls_per_step=2, all_ones_components=["attn1", "ff"],
+)  # fmt: skip
 
 
 @pytest.fixture
 def pipe():
     return make_pipeline()
-
-
-def test_joint_attention_is_the_default(pipe):
-    assert [layer.block_key for layer in find_layers(pipe.transformer)] == ["attn1-0", "attn1-1"]
 
 
 def test_the_shared_feed_forward_is_calibrated_and_cached_per_occurrence_when_asked_for(pipe):
@@ -106,18 +98,3 @@ def test_the_shared_feed_forward_keeps_one_output_per_occurrence(pipe):
         assert all(a is b for a, b in zip(per_step[step], per_step[source])) == (not attn1[step])
         assert all(a is not b for a, b in zip(per_step[step], per_step[source][1:] + per_step[source][:1]))
     assert not torch.equal(cached, uncached)
-
-
-def test_calibrated_schedule_skips_exactly_the_scheduled_calls(pipe):
-    schedule = calibrated_schedule(pipe, generate, calls_per_step=2)
-    assert set(schedule.keys) == {"attn1"}
-    assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule, calls_per_step=2)
-
-
-def test_all_ones_schedule_is_bit_identical_to_uncached(pipe):
-    assert_all_ones_is_bit_identical(pipe, generate, ["attn1", "ff"], calls_per_step=2)
-
-
-def test_disable_restores_the_model_exactly(pipe):
-    schedule = calibrated_schedule(pipe, generate, calls_per_step=2)
-    assert_disable_restores_the_model(pipe, generate, schedule, calls_per_step=2)

@@ -9,10 +9,11 @@ from smoothcache import Schedule, find_layers
 
 from .conftest import (
     STEPS,
-    assert_all_ones_is_bit_identical,
-    assert_disable_restores_the_model,
+    FamilyCase,
     assert_skips_exactly_the_scheduled_calls,
-    calibrated_schedule,
+    sample,
+    text_embeddings,
+    tiny_pipeline,
     tiny_vae,
 )
 
@@ -39,40 +40,37 @@ def make_pipeline():
         guidance_embeds=True,
         axes_dims_rope=(2, 2, 4),
     ).eval()
-    pipe = FluxPipeline(
+    return tiny_pipeline(
+        FluxPipeline,
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=tiny_vae(latent_channels=1, shift_factor=0.0609, scaling_factor=1.5035),
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
         transformer=transformer,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def generate(pipe, seed: int = 0, true_cfg: bool = False) -> torch.Tensor:
-    # CLIP pooled and T5 embeddings stood in for by fixed random tensors.
-    g = torch.Generator().manual_seed(100)
-    prompt, pooled = torch.randn(2, 6, JOINT_DIM, generator=g), torch.randn(2, POOLED_DIM, generator=g)
-    return pipe(
-        prompt_embeds=prompt,
-        pooled_prompt_embeds=pooled,
+    # Stand-ins for CLIP pooled and T5 embeddings; true CFG applies only with a negative prompt.
+    prompt, pooled = text_embeddings(2, 6, JOINT_DIM), text_embeddings(2, POOLED_DIM)
+    return sample(
+        pipe, seed, prompt_embeds=prompt, pooled_prompt_embeds=pooled,
         negative_prompt_embeds=torch.zeros_like(prompt) if true_cfg else None,
         negative_pooled_prompt_embeds=torch.zeros_like(pooled) if true_cfg else None,
-        true_cfg_scale=2.0,  # applies only with a negative prompt
-        num_inference_steps=STEPS,
-        height=8,
-        width=8,
-        guidance_scale=3.5,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-    ).images
+        true_cfg_scale=2.0, height=8, width=8, guidance_scale=3.5,
+    )  # fmt: skip
 
 
 def generate_true_cfg(pipe, seed: int = 0) -> torch.Tensor:
     return generate(pipe, seed, true_cfg=True)
+
+
+CASE = FamilyCase(
+    "flux", make_pipeline, generate, true_cfg=generate_true_cfg,
+    default_keys=[
+        "attn-0", "ff-0", "ff_context-0", "attn-1", "ff-1", "ff_context-1",
+        "single_proj_mlp-0", "single_attn-0", "single_proj_mlp-1", "single_attn-1",
+    ],  # the single-stream layers get their own keys
+    schedule_keys={"attn", "ff", "ff_context", "single_attn", "single_proj_mlp"},
+)  # fmt: skip
 
 
 @pytest.fixture
@@ -80,12 +78,7 @@ def pipe():
     return make_pipeline()
 
 
-def test_single_stream_layers_get_their_own_keys(pipe):
-    keys = [layer.block_key for layer in find_layers(pipe.transformer)]
-    assert keys == [
-        "attn-0", "ff-0", "ff_context-0", "attn-1", "ff-1", "ff_context-1",
-        "single_proj_mlp-0", "single_attn-0", "single_proj_mlp-1", "single_attn-1",
-    ]  # fmt: skip
+def test_double_stream_keys_leave_the_single_stream_blocks_alone(pipe):
     assert [layer.name for layer in find_layers(pipe.transformer, ["attn"])] == [
         "transformer_blocks.0.attn", "transformer_blocks.1.attn"
     ]  # fmt: skip
@@ -111,23 +104,3 @@ def test_per_block_keys_name_one_single_stream_block(pipe):
     schedule = Schedule({"single_attn-1": (1, 0) * (STEPS // 2)})
     layers = assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule)
     assert [layer.name for layer in layers] == ["single_transformer_blocks.1.attn"]
-
-
-def test_calibrated_schedule_skips_exactly_the_scheduled_calls(pipe):
-    schedule = calibrated_schedule(pipe, generate)
-    assert set(schedule.keys) == {"attn", "ff", "ff_context", "single_attn", "single_proj_mlp"}
-    assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule)
-
-
-def test_true_cfg_two_calls_per_step_skip_exactly_the_scheduled_calls(pipe):
-    schedule = calibrated_schedule(pipe, generate_true_cfg, calls_per_step=2)
-    assert_skips_exactly_the_scheduled_calls(pipe, generate_true_cfg, schedule, calls_per_step=2)
-
-
-def test_all_ones_schedule_is_bit_identical_to_uncached(pipe):
-    assert_all_ones_is_bit_identical(pipe, generate)
-    assert_all_ones_is_bit_identical(pipe, generate_true_cfg, calls_per_step=2)
-
-
-def test_disable_restores_the_model_exactly(pipe):
-    assert_disable_restores_the_model(pipe, generate, calibrated_schedule(pipe, generate))

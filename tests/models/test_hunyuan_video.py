@@ -10,10 +10,11 @@ from smoothcache import Schedule, find_layers
 
 from .conftest import (
     STEPS,
-    assert_all_ones_is_bit_identical,
-    assert_disable_restores_the_model,
+    FamilyCase,
     assert_skips_exactly_the_scheduled_calls,
-    calibrated_schedule,
+    sample,
+    text_embeddings,
+    tiny_pipeline,
 )
 
 TEXT_DIM, POOLED_DIM = 16, 8
@@ -58,43 +59,40 @@ def make_pipeline():
         norm_num_groups=4,
         mid_block_add_attention=False,
     ).eval()
-    pipe = HunyuanVideoPipeline(
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
+    return tiny_pipeline(
+        HunyuanVideoPipeline,
         transformer=tiny_transformer(),
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def generate(pipe, seed: int = 0, true_cfg: bool = False) -> torch.Tensor:
-    # Llama and CLIP embeddings stood in for by fixed random tensors; a mask that hides two tokens.
-    g = torch.Generator().manual_seed(100)
-    prompt, pooled = torch.randn(1, 6, TEXT_DIM, generator=g), torch.randn(1, POOLED_DIM, generator=g)
+    # Stand-ins for Llama and CLIP embeddings; a mask that hides two tokens; true CFG applies only with a
+    # negative prompt.
+    prompt, pooled = text_embeddings(1, 6, TEXT_DIM), text_embeddings(1, POOLED_DIM)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
-    return pipe(
-        prompt_embeds=prompt,
-        pooled_prompt_embeds=pooled,
-        prompt_attention_mask=mask,
+    return sample(
+        pipe, seed, prompt_embeds=prompt, pooled_prompt_embeds=pooled, prompt_attention_mask=mask,
         negative_prompt_embeds=torch.zeros_like(prompt) if true_cfg else None,
         negative_pooled_prompt_embeds=torch.zeros_like(pooled) if true_cfg else None,
         negative_prompt_attention_mask=mask if true_cfg else None,
-        true_cfg_scale=2.0,  # applies only with a negative prompt
-        height=16,
-        width=16,
-        num_frames=5,
-        num_inference_steps=STEPS,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-    ).frames
+        true_cfg_scale=2.0, height=16, width=16, num_frames=5,
+    )  # fmt: skip
 
 
 def generate_true_cfg(pipe, seed: int = 0) -> torch.Tensor:
     return generate(pipe, seed, true_cfg=True)
+
+
+CASE = FamilyCase(
+    "hunyuan_video", make_pipeline, generate, true_cfg=generate_true_cfg,
+    default_keys=[
+        "attn-0", "ff-0", "ff_context-0", "attn-1", "ff-1", "ff_context-1",
+        "single_attn-0", "single_proj_mlp-0", "single_attn-1", "single_proj_mlp-1",
+    ],  # the single-stream layers get their own keys; the token refiner is left alone
+    schedule_keys={"attn", "ff", "ff_context", "single_attn", "single_proj_mlp"},
+)  # fmt: skip
 
 
 @pytest.fixture
@@ -102,24 +100,12 @@ def pipe():
     return make_pipeline()
 
 
-def test_single_stream_layers_get_their_own_keys_and_the_token_refiner_is_left_alone(pipe):
-    keys = [layer.block_key for layer in find_layers(pipe.transformer)]
-    assert keys == [
-        "attn-0", "ff-0", "ff_context-0", "attn-1", "ff-1", "ff_context-1",
-        "single_attn-0", "single_proj_mlp-0", "single_attn-1", "single_proj_mlp-1",
-    ]  # fmt: skip
-
-
 def test_image_to_video_token_replace_blocks_answer_to_the_same_keys():
     transformer = tiny_transformer(image_condition_type="token_replace")
     assert {type(block).__name__ for block in transformer.single_transformer_blocks} == {
         "HunyuanVideoTokenReplaceSingleTransformerBlock"
     }
-    keys = [layer.block_key for layer in find_layers(transformer)]
-    assert keys == [
-        "attn-0", "ff-0", "ff_context-0", "attn-1", "ff-1", "ff_context-1",
-        "single_attn-0", "single_proj_mlp-0", "single_attn-1", "single_proj_mlp-1",
-    ]  # fmt: skip
+    assert [layer.block_key for layer in find_layers(transformer)] == CASE.default_keys
 
 
 def test_the_token_refiner_is_opt_in_under_its_own_keys(pipe):
@@ -131,23 +117,3 @@ def test_the_token_refiner_is_opt_in_under_its_own_keys(pipe):
     assert [layer.block_key for layer in layers] == ["refiner_attn-0", "refiner_ff-0", "attn-0", "attn-1"]
     schedule = Schedule({"refiner_attn": (1, 0) * (STEPS // 2), "attn": (1, 1, 0) * (STEPS // 3)})
     assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule)
-
-
-def test_calibrated_schedule_skips_exactly_the_scheduled_calls(pipe):
-    schedule = calibrated_schedule(pipe, generate)
-    assert set(schedule.keys) == {"attn", "ff", "ff_context", "single_attn", "single_proj_mlp"}
-    assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule)
-
-
-def test_true_cfg_two_calls_per_step_skip_exactly_the_scheduled_calls(pipe):
-    schedule = calibrated_schedule(pipe, generate_true_cfg, calls_per_step=2)
-    assert_skips_exactly_the_scheduled_calls(pipe, generate_true_cfg, schedule, calls_per_step=2)
-
-
-def test_all_ones_schedule_is_bit_identical_to_uncached(pipe):
-    assert_all_ones_is_bit_identical(pipe, generate)
-    assert_all_ones_is_bit_identical(pipe, generate_true_cfg, calls_per_step=2)
-
-
-def test_disable_restores_the_model_exactly(pipe):
-    assert_disable_restores_the_model(pipe, generate, calibrated_schedule(pipe, generate))

@@ -9,10 +9,11 @@ from smoothcache import Schedule, find_layers
 
 from .conftest import (
     STEPS,
-    assert_all_ones_is_bit_identical,
-    assert_disable_restores_the_model,
+    FamilyCase,
     assert_skips_exactly_the_scheduled_calls,
-    calibrated_schedule,
+    sample,
+    text_embeddings,
+    tiny_pipeline,
     tiny_vae,
 )
 
@@ -41,31 +42,26 @@ def make_pipeline():
         norm_eps=1e-6,
         video_length=FRAMES,
     ).eval()
-    pipe = LattePipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=tiny_vae(levels=2),
-        transformer=transformer,
-        scheduler=DDIMScheduler(),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_pipeline(LattePipeline, vae=tiny_vae(levels=2), transformer=transformer, scheduler=DDIMScheduler())
 
 
 def generate(pipe, seed: int = 0) -> torch.Tensor:
-    # T5 embeddings stood in for by fixed random tensors.
-    prompt = torch.randn(1, 6, TEXT_DIM, generator=torch.Generator().manual_seed(100))
-    return pipe(
-        prompt_embeds=prompt,
-        negative_prompt=None,
-        negative_prompt_embeds=torch.zeros_like(prompt),
-        video_length=FRAMES,
-        height=16,
-        width=16,
-        num_inference_steps=STEPS,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-    ).frames
+    # Stand-ins for T5 embeddings.
+    prompt = text_embeddings(1, 6, TEXT_DIM)
+    return sample(
+        pipe, seed, prompt_embeds=prompt, negative_prompt=None, negative_prompt_embeds=torch.zeros_like(prompt),
+        video_length=FRAMES, height=16, width=16,
+    )  # fmt: skip
+
+
+CASE = FamilyCase(
+    "latte", make_pipeline, generate,
+    default_keys=[
+        "attn1-0", "ff-0", "attn1-1", "ff-1", "temporal_attn1-0", "temporal_ff-0", "temporal_attn1-1", "temporal_ff-1"
+    ],  # the temporal blocks get their own keys
+    schedule_keys={"attn1", "ff", "temporal_attn1", "temporal_ff"},
+    all_ones_components=["attn1", "attn2", "ff", "temporal_attn1", "temporal_ff"],
+)  # fmt: skip
 
 
 @pytest.fixture
@@ -73,11 +69,7 @@ def pipe():
     return make_pipeline()
 
 
-def test_temporal_blocks_get_their_own_keys(pipe):
-    keys = [layer.block_key for layer in find_layers(pipe.transformer)]
-    assert keys == [
-        "attn1-0", "ff-0", "attn1-1", "ff-1", "temporal_attn1-0", "temporal_ff-0", "temporal_attn1-1", "temporal_ff-1"
-    ]  # fmt: skip
+def test_temporal_keys_name_the_temporal_blocks(pipe):
     assert [layer.name for layer in find_layers(pipe.transformer, ["temporal_attn1"])] == [
         "temporal_transformer_blocks.0.attn1", "temporal_transformer_blocks.1.attn1"
     ]  # fmt: skip
@@ -92,20 +84,6 @@ def test_a_per_block_key_names_one_temporal_block(pipe):
     schedule = Schedule({"temporal_attn1-1": (1, 0) * (STEPS // 2)})
     layers = assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule)
     assert [layer.name for layer in layers] == ["temporal_transformer_blocks.1.attn1"]
-
-
-def test_calibrated_schedule_skips_exactly_the_scheduled_calls(pipe):
-    schedule = calibrated_schedule(pipe, generate)
-    assert set(schedule.keys) == {"attn1", "ff", "temporal_attn1", "temporal_ff"}
-    assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule)
-
-
-def test_all_ones_schedule_is_bit_identical_to_uncached(pipe):
-    assert_all_ones_is_bit_identical(pipe, generate, ["attn1", "attn2", "ff", "temporal_attn1", "temporal_ff"])
-
-
-def test_disable_restores_the_model_exactly(pipe):
-    assert_disable_restores_the_model(pipe, generate, calibrated_schedule(pipe, generate))
 
 
 def test_image_models_built_from_the_same_blocks_keep_their_family(pipe):

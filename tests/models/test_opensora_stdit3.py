@@ -13,13 +13,7 @@ from torch import nn
 
 from smoothcache import find_layers
 
-from .conftest import (
-    STEPS,
-    assert_all_ones_is_bit_identical,
-    assert_disable_restores_the_model,
-    assert_skips_exactly_the_scheduled_calls,
-    calibrated_schedule,
-)
+from .conftest import STEPS, FamilyCase
 
 HIDDEN, HEADS, CAPTION_DIM, PATCH = 16, 2, 8, (1, 2, 2)
 
@@ -141,18 +135,26 @@ def generate(model: STDiT3, seed: int = 0, guidance_scale: float = 4.0) -> torch
     return z
 
 
-@pytest.fixture
-def model():
+def make_model() -> STDiT3:
     torch.manual_seed(0)
     return STDiT3().eval()
 
 
 # ---- tests ----------------------------------------------------------------------------------
-def test_spatial_and_temporal_blocks_get_their_own_keys(model):
-    assert [layer.block_key for layer in find_layers(model)] == [
+CASE = FamilyCase(
+    "opensora_stdit3", make_model, generate, steps=STEPS,
+    default_keys=[
         "spatial_attn-0", "spatial_mlp-0", "spatial_attn-1", "spatial_mlp-1",
         "temporal_attn-0", "temporal_mlp-0", "temporal_attn-1", "temporal_mlp-1",
-    ]  # fmt: skip
+    ],  # spatial and temporal blocks get their own keys
+    schedule_keys={"spatial_attn", "spatial_mlp", "temporal_attn", "temporal_mlp"},
+    all_ones_components=["spatial_attn", "spatial_cross_attn", "temporal_mlp"],
+)  # fmt: skip
+
+
+@pytest.fixture
+def model():
+    return make_model()
 
 
 def test_cross_attention_is_opt_in_per_block_kind(model):
@@ -160,17 +162,3 @@ def test_cross_attention_is_opt_in_per_block_kind(model):
     assert [layer.block_key for layer in layers] == [
         "spatial_cross_attn-0", "spatial_cross_attn-1", "temporal_cross_attn-0", "temporal_cross_attn-1"
     ]  # fmt: skip
-
-
-def test_calibrated_schedule_skips_exactly_the_scheduled_calls(model):
-    schedule = calibrated_schedule(model, generate, steps=STEPS)
-    assert set(schedule.keys) == {"spatial_attn", "spatial_mlp", "temporal_attn", "temporal_mlp"}
-    assert_skips_exactly_the_scheduled_calls(model, generate, schedule)
-
-
-def test_all_ones_schedule_is_bit_identical_to_uncached(model):
-    assert_all_ones_is_bit_identical(model, generate, ["spatial_attn", "spatial_cross_attn", "temporal_mlp"])
-
-
-def test_disable_restores_the_model_exactly(model):
-    assert_disable_restores_the_model(model, generate, calibrated_schedule(model, generate, steps=STEPS))

@@ -4,14 +4,13 @@ through PixArtAlphaPipeline and PixArtSigmaPipeline with batched classifier-free
 import pytest
 import torch
 
-from smoothcache import find_layers
-
 from .conftest import (
-    STEPS,
-    assert_all_ones_is_bit_identical,
-    assert_disable_restores_the_model,
+    FamilyCase,
     assert_skips_exactly_the_scheduled_calls,
     calibrated_schedule,
+    sample,
+    text_embeddings,
+    tiny_pipeline,
     tiny_vae,
 )
 
@@ -41,50 +40,31 @@ def make_pipeline(pipeline_class_name: str = "PixArtAlphaPipeline"):
         norm_eps=1e-6,
     ).eval()
     pipeline_class = getattr(diffusers, pipeline_class_name)
-    pipe = pipeline_class(
-        tokenizer=None,
-        text_encoder=None,
-        vae=tiny_vae(),
-        transformer=transformer,
-        scheduler=DPMSolverMultistepScheduler(),
+    return tiny_pipeline(
+        pipeline_class, vae=tiny_vae(), transformer=transformer, scheduler=DPMSolverMultistepScheduler()
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def generate(pipe, seed: int = 0) -> torch.Tensor:
-    # T5 embeddings stood in for by fixed random tensors; a mask that hides the last two tokens.
-    prompt = torch.randn(2, 5, CAPTION_CHANNELS, generator=torch.Generator().manual_seed(100))
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    return pipe(
-        prompt_embeds=prompt,
-        prompt_attention_mask=mask,
-        negative_prompt=None,
-        negative_prompt_embeds=torch.zeros_like(prompt),
-        negative_prompt_attention_mask=torch.ones_like(mask),
-        num_inference_steps=STEPS,
-        height=8,
-        width=8,
-        use_resolution_binning=False,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-    ).images
+    # Stand-ins for T5 embeddings; a mask that hides the last two tokens of one prompt.
+    prompt, mask = text_embeddings(2, 5, CAPTION_CHANNELS), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    return sample(
+        pipe, seed, prompt_embeds=prompt, prompt_attention_mask=mask, negative_prompt=None,
+        negative_prompt_embeds=torch.zeros_like(prompt), negative_prompt_attention_mask=torch.ones_like(mask),
+        height=8, width=8, use_resolution_binning=False,
+    )  # fmt: skip
+
+
+CASE = FamilyCase(
+    "pixart", make_pipeline, generate,
+    default_keys=["attn1-0", "ff-0", "attn1-1", "ff-1"], schedule_keys={"attn1", "ff"},
+    all_ones_components=["attn1", "attn2", "ff"], disable_components=["attn1", "attn2", "ff"],
+)  # fmt: skip
 
 
 @pytest.fixture
 def pipe():
     return make_pipeline()
-
-
-def test_self_attention_and_feed_forward_are_the_defaults(pipe):
-    layers = find_layers(pipe.transformer)
-    assert [layer.block_key for layer in layers] == ["attn1-0", "ff-0", "attn1-1", "ff-1"]
-
-
-def test_calibrated_schedule_skips_exactly_the_scheduled_calls(pipe):
-    schedule = calibrated_schedule(pipe, generate)
-    assert set(schedule.keys) == {"attn1", "ff"}
-    assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule)
 
 
 def test_cross_attention_is_cached_when_asked_for(pipe):
@@ -94,14 +74,6 @@ def test_cross_attention_is_cached_when_asked_for(pipe):
     layers = assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule)
     cross = [layer.module for layer in layers if layer.layer_type == "attn2"]
     assert len(cross) == 2 and all(attn.is_cross_attention for attn in cross)
-
-
-def test_all_ones_schedule_is_bit_identical_to_uncached(pipe):
-    assert_all_ones_is_bit_identical(pipe, generate, ["attn1", "attn2", "ff"])
-
-
-def test_disable_restores_the_model_exactly(pipe):
-    assert_disable_restores_the_model(pipe, generate, calibrated_schedule(pipe, generate, ["attn1", "attn2", "ff"]))
 
 
 def test_pixart_sigma_pipeline_is_cached_the_same_way():

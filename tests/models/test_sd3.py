@@ -2,19 +2,22 @@
 SD3.5's extra image self-attention attn2, ff and ff_context), through StableDiffusion3Pipeline
 with batched classifier-free guidance, and with skip-layer guidance's extra call on some steps."""
 
+import functools
+
 import pytest
 import torch
 
 import smoothcache
-from smoothcache import Schedule, find_layers
+from smoothcache import Schedule
 
 from .conftest import (
     STEPS,
+    FamilyCase,
     WeightUses,
     assert_all_ones_is_bit_identical,
-    assert_disable_restores_the_model,
-    assert_skips_exactly_the_scheduled_calls,
-    calibrated_schedule,
+    sample,
+    text_embeddings,
+    tiny_pipeline,
     tiny_vae,
 )
 
@@ -44,77 +47,38 @@ def make_pipeline(sd35: bool = False):
         dual_attention_layers=(0,) if sd35 else (),
         qk_norm="rms_norm" if sd35 else None,
     ).eval()
-    pipe = StableDiffusion3Pipeline(
+    return tiny_pipeline(
+        StableDiffusion3Pipeline,
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=tiny_vae(shift_factor=0.0609, scaling_factor=1.5035),
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        text_encoder_3=None,
-        tokenizer_3=None,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def generate(pipe, seed: int = 0, **kwargs) -> torch.Tensor:
-    # CLIP and T5 embeddings stood in for by fixed random tensors.
-    g = torch.Generator().manual_seed(100)
-    prompt, pooled = torch.randn(2, 6, JOINT_DIM, generator=g), torch.randn(2, POOLED_DIM, generator=g)
-    return pipe(
-        prompt_embeds=prompt,
-        pooled_prompt_embeds=pooled,
-        negative_prompt_embeds=torch.zeros_like(prompt),
-        negative_pooled_prompt_embeds=torch.zeros_like(pooled),
-        num_inference_steps=STEPS,
-        height=8,
-        width=8,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-        **kwargs,
-    ).images
+    # Stand-ins for CLIP and T5 embeddings.
+    prompt, pooled = text_embeddings(2, 6, JOINT_DIM), text_embeddings(2, POOLED_DIM)
+    return sample(
+        pipe, seed, prompt_embeds=prompt, pooled_prompt_embeds=pooled, negative_prompt_embeds=torch.zeros_like(prompt),
+        negative_pooled_prompt_embeds=torch.zeros_like(pooled), height=8, width=8, **kwargs,
+    )  # fmt: skip
+
+
+CASE = FamilyCase(
+    "sd3", make_pipeline, generate,
+    default_keys=["attn-0", "ff-0", "ff_context-0", "attn-1", "ff-1"],  # the last block has no ff_context
+    schedule_keys={"attn", "ff", "ff_context"},
+)  # fmt: skip
+CASE_35 = FamilyCase(
+    "sd3.5", functools.partial(make_pipeline, sd35=True), generate,
+    default_keys=["attn-0", "attn2-0", "ff-0", "ff_context-0", "attn-1", "ff-1"],  # attn2 where it exists
+    schedule_keys={"attn", "attn2", "ff", "ff_context"},
+)  # fmt: skip
 
 
 @pytest.fixture
 def pipe():
     return make_pipeline()
-
-
-@pytest.fixture
-def pipe35():
-    return make_pipeline(sd35=True)
-
-
-def test_both_streams_are_cached_and_the_last_block_has_no_context_feed_forward(pipe):
-    layers = find_layers(pipe.transformer)
-    assert [layer.block_key for layer in layers] == ["attn-0", "ff-0", "ff_context-0", "attn-1", "ff-1"]
-
-
-def test_sd35_dual_attention_is_found_where_it_exists(pipe35):
-    layers = find_layers(pipe35.transformer)
-    assert [layer.block_key for layer in layers] == ["attn-0", "attn2-0", "ff-0", "ff_context-0", "attn-1", "ff-1"]
-
-
-def test_calibrated_schedule_skips_exactly_the_scheduled_calls(pipe):
-    schedule = calibrated_schedule(pipe, generate)
-    assert set(schedule.keys) == {"attn", "ff", "ff_context"}
-    assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule)
-
-
-def test_sd35_calibrated_schedule_skips_exactly_the_scheduled_calls(pipe35):
-    schedule = calibrated_schedule(pipe35, generate)
-    assert set(schedule.keys) == {"attn", "attn2", "ff", "ff_context"}
-    assert_skips_exactly_the_scheduled_calls(pipe35, generate, schedule)
-
-
-def test_all_ones_schedule_is_bit_identical_to_uncached(pipe35):
-    assert_all_ones_is_bit_identical(pipe35, generate)
-
-
-def test_disable_restores_the_model_exactly(pipe35):
-    assert_disable_restores_the_model(pipe35, generate, calibrated_schedule(pipe35, generate))
 
 
 # Skip-layer guidance (SD3.5 Medium's recipe): on steps i with 6 * 0.2 < i < 6 * 0.8 the pipeline calls

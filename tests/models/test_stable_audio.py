@@ -5,14 +5,14 @@ DPM-Solver++ (2M, also the SDE variant): one transformer call per step."""
 import pytest
 import torch
 
-from smoothcache import find_layers
-
 from .conftest import (
-    STEPS,
+    FamilyCase,
     assert_all_ones_is_bit_identical,
-    assert_disable_restores_the_model,
     assert_skips_exactly_the_scheduled_calls,
     calibrated_schedule,
+    sample,
+    text_embeddings,
+    tiny_pipeline,
 )
 
 TEXT_DIM = 16
@@ -56,48 +56,27 @@ def make_pipeline(scheduler=None):
         scheduler = EDMDPMSolverMultistepScheduler(
             solver_order=2, prediction_type="v_prediction", sigma_data=1.0, algorithm_type="sde-dpmsolver++"
         )
-    pipe = StableAudioPipeline(
-        vae=vae,
-        text_encoder=None,
-        projection_model=projection.eval(),
-        tokenizer=None,
-        transformer=transformer,
-        scheduler=scheduler,
+    return tiny_pipeline(
+        StableAudioPipeline, vae=vae, projection_model=projection.eval(), transformer=transformer, scheduler=scheduler
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def generate(pipe, seed: int = 0) -> torch.Tensor:
-    # T5 embeddings stood in for by fixed random tensors.
-    prompt = torch.randn(1, 6, TEXT_DIM, generator=torch.Generator().manual_seed(100))
-    return pipe(
-        prompt_embeds=prompt,
-        negative_prompt_embeds=torch.zeros_like(prompt),
-        num_inference_steps=STEPS,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-    ).audios
+    # Stand-ins for T5 embeddings.
+    prompt = text_embeddings(1, 6, TEXT_DIM)
+    return sample(pipe, seed, prompt_embeds=prompt, negative_prompt_embeds=torch.zeros_like(prompt))
+
+
+CASE = FamilyCase(
+    "stable_audio", make_pipeline, generate,
+    default_keys=["attn1-0", "ff-0", "attn1-1", "ff-1"], schedule_keys={"attn1", "ff"},
+    opt_in_components=["attn1", "attn2", "ff"],  # cross-attention, when asked for
+)  # fmt: skip
 
 
 @pytest.fixture
 def pipe():
     return make_pipeline()
-
-
-def test_self_attention_and_feed_forward_are_the_default(pipe):
-    assert [layer.block_key for layer in find_layers(pipe.transformer)] == ["attn1-0", "ff-0", "attn1-1", "ff-1"]
-
-
-def test_calibrated_schedule_skips_exactly_the_scheduled_calls(pipe):
-    schedule = calibrated_schedule(pipe, generate)
-    assert set(schedule.keys) == {"attn1", "ff"}
-    assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule)
-
-
-def test_cross_attention_is_opt_in(pipe):
-    schedule = calibrated_schedule(pipe, generate, ["attn1", "attn2", "ff"])
-    assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule)
 
 
 def test_checkpoint_cosine_sde_solver_skips_exactly_the_scheduled_calls():
@@ -107,11 +86,3 @@ def test_checkpoint_cosine_sde_solver_skips_exactly_the_scheduled_calls():
     pipe = make_pipeline(CosineDPMSolverMultistepScheduler(solver_order=2, prediction_type="v_prediction"))
     assert_skips_exactly_the_scheduled_calls(pipe, generate, calibrated_schedule(pipe, generate))
     assert_all_ones_is_bit_identical(pipe, generate)
-
-
-def test_all_ones_schedule_is_bit_identical_to_uncached(pipe):
-    assert_all_ones_is_bit_identical(pipe, generate)
-
-
-def test_disable_restores_the_model_exactly(pipe):
-    assert_disable_restores_the_model(pipe, generate, calibrated_schedule(pipe, generate))

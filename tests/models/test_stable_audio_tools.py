@@ -15,13 +15,7 @@ from torch import nn
 import smoothcache
 from smoothcache import find_layers
 
-from .conftest import (
-    STEPS,
-    assert_all_ones_is_bit_identical,
-    assert_disable_restores_the_model,
-    assert_skips_exactly_the_scheduled_calls,
-    calibrated_schedule,
-)
+from .conftest import STEPS, FamilyCase
 
 DIM, HEADS, COND_DIM, CHANNELS = 16, 2, 8, 4
 
@@ -102,14 +96,25 @@ def generate(model: DiffusionTransformer, seed: int = 0, cfg_scale: float = 6.0)
     return x
 
 
-@pytest.fixture
-def model():
+def make_model() -> DiffusionTransformer:
     torch.manual_seed(0)
     return DiffusionTransformer().eval()
 
 
-def test_found_by_model_class_with_its_own_keys(model):
-    assert [layer.block_key for layer in find_layers(model)] == ["self_attn-0", "ff-0", "self_attn-1", "ff-1"]
+CASE = FamilyCase(
+    "stable_audio_tools", make_model, generate, steps=STEPS,
+    default_keys=["self_attn-0", "ff-0", "self_attn-1", "ff-1"],  # found by model class, with its own keys
+    schedule_keys={"self_attn", "ff"},
+    all_ones_components=["self_attn", "cross_attn", "ff"],
+)  # fmt: skip
+
+
+@pytest.fixture
+def model():
+    return make_model()
+
+
+def test_cross_attention_is_opt_in_under_its_own_key(model):
     assert [layer.layer_type for layer in find_layers(model, ["cross_attn"])] == ["cross_attn", "cross_attn"]
 
 
@@ -122,17 +127,3 @@ def test_other_models_with_a_transformerblock_class_are_not_taken_for_it():
     assert find_layers(Other(), ["layers.*.ff"])[0].layer_type == "ff"  # patterns still work
     with pytest.raises(smoothcache.NoCacheableLayersError, match="Other has no block class smoothcache knows"):
         find_layers(Other())
-
-
-def test_calibrated_schedule_skips_exactly_the_scheduled_calls(model):
-    schedule = calibrated_schedule(model, generate, steps=STEPS)
-    assert set(schedule.keys) == {"self_attn", "ff"}
-    assert_skips_exactly_the_scheduled_calls(model, generate, schedule)
-
-
-def test_all_ones_schedule_is_bit_identical_to_uncached(model):
-    assert_all_ones_is_bit_identical(model, generate, ["self_attn", "cross_attn", "ff"])
-
-
-def test_disable_restores_the_model_exactly(model):
-    assert_disable_restores_the_model(model, generate, calibrated_schedule(model, generate, steps=STEPS))

@@ -13,11 +13,13 @@ from smoothcache.keys import key_for
 
 from .conftest import (
     STEPS,
+    FamilyCase,
     WeightUses,
-    assert_all_ones_is_bit_identical,
-    assert_disable_restores_the_model,
     assert_skips_exactly_the_scheduled_calls,
     calibrated_schedule,
+    sample,
+    text_embeddings,
+    tiny_pipeline,
 )
 
 TEXT_DIM = 16
@@ -59,46 +61,39 @@ def make_pipeline(two_experts: bool = False):
         latents_mean=[0.0] * 4,
         latents_std=[1.0] * 4,
     ).eval()
-    pipe = WanPipeline(
-        tokenizer=None,
-        text_encoder=None,
+    return tiny_pipeline(
+        WanPipeline,
         vae=vae,
         scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
         transformer=tiny_transformer(),
         transformer_2=tiny_transformer(seed=1) if two_experts else None,
         boundary_ratio=BOUNDARY_RATIO if two_experts else None,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def generate(pipe, seed: int = 0, guidance_scale: float = 5.0) -> torch.Tensor:
-    # UMT5 embeddings stood in for by fixed random tensors.
-    prompt = torch.randn(1, 6, TEXT_DIM, generator=torch.Generator().manual_seed(100))
-    return pipe(
-        prompt_embeds=prompt,
-        negative_prompt_embeds=torch.zeros_like(prompt),
-        guidance_scale=guidance_scale,
-        height=32,
-        width=32,
-        num_frames=5,
-        num_inference_steps=STEPS,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-    ).frames
+    # Stand-ins for UMT5 embeddings.
+    prompt = text_embeddings(1, 6, TEXT_DIM)
+    return sample(
+        pipe, seed, prompt_embeds=prompt, negative_prompt_embeds=torch.zeros_like(prompt),
+        guidance_scale=guidance_scale, height=32, width=32, num_frames=5,
+    )  # fmt: skip
 
 
 def generate_without_guidance(pipe, seed: int = 0) -> torch.Tensor:
     return generate(pipe, seed, guidance_scale=1.0)
 
 
+CASE = FamilyCase(
+    "wan", make_pipeline, generate,
+    default_keys=["attn1-0", "ffn-0", "attn1-1", "ffn-1"], schedule_keys={"attn1", "ffn"},
+    calls_per_step=2,  # guidance as two sequential calls
+)  # fmt: skip
+
+
 @pytest.fixture
 def pipe():
     return make_pipeline()
-
-
-def test_self_attention_and_feed_forward_are_the_default(pipe):
-    assert [layer.block_key for layer in find_layers(pipe.transformer)] == ["attn1-0", "ffn-0", "attn1-1", "ffn-1"]
 
 
 def test_vace_control_blocks_are_refused_and_left_out_of_the_defaults():
@@ -150,25 +145,10 @@ def test_a_wrong_explicit_calls_per_step_is_an_error(pipe):
         generate(pipe)
 
 
-def test_guidance_two_calls_per_step_skip_exactly_the_scheduled_calls(pipe):
-    schedule = calibrated_schedule(pipe, generate, calls_per_step=2)
-    assert set(schedule.keys) == {"attn1", "ffn"}
-    assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule, calls_per_step=2)
-
-
 def test_without_guidance_one_call_per_step_skips_exactly_the_scheduled_calls(pipe):
     schedule = calibrated_schedule(pipe, generate_without_guidance, ["attn1", "attn2", "ffn"])
     assert set(schedule.keys) == {"attn1", "attn2", "ffn"}
     assert_skips_exactly_the_scheduled_calls(pipe, generate_without_guidance, schedule)
-
-
-def test_all_ones_schedule_is_bit_identical_to_uncached(pipe):
-    assert_all_ones_is_bit_identical(pipe, generate, calls_per_step=2)
-
-
-def test_disable_restores_the_model_exactly(pipe):
-    schedule = calibrated_schedule(pipe, generate, calls_per_step=2)
-    assert_disable_restores_the_model(pipe, generate, schedule, calls_per_step=2)
 
 
 def test_two_experts_are_cached_as_modules_each_with_a_schedule_for_its_own_steps():
