@@ -6,7 +6,7 @@ schedule, for eager, whole-model compile and whole-model compile with CUDA graph
 difference between the two loops is the per-step cost that caching cannot remove (DDIM's step,
 guidance arithmetic, host syncs), which bounds the end-to-end speedup.
 
-    python benchmarks/dit_step_cost.py --out docs/benchmarks/dit-step-cost-h200-b8.json
+    python benchmarks/dit_step_cost.py --out docs/benchmarks/dit-step-cost-h200-b8.json   # the earlier run: docs/benchmarks/archive/
     python benchmarks/dit_step_cost.py --tiny --device cpu --backend eager --out /tmp/cost.json   # smoke test
 """
 

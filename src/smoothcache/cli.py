@@ -329,7 +329,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         profile = CalibrationProfile.from_dict(data, source=args.file)
         meta = profile.metadata
         print(f"profile of {meta.get('model_class')} ({meta.get('model', '?')}), scheduler {meta.get('scheduler_class')}, "
-              f"{profile.num_steps} steps, lookahead {profile.lookahead}, {profile.num_runs} runs, {len(profile.layers)} layers")
+              f"{profile.num_steps} steps, lookahead {profile.lookahead}, {profile.num_runs} run"
+              f"{'s' if profile.num_runs != 1 else ''}, {len(profile.layers)} layers")
         if profile.total_flops:
             costs = profile.key_costs()
             print("FLOPs share per call: " + ", ".join(f"{k} {v / profile.total_flops:.1%}" for k, v in costs.items()))

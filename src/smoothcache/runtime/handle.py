@@ -383,10 +383,10 @@ def cache(
 ) -> CacheHandle:
     """Cache ``pipe_or_module``'s layers on ``schedule``; returns an enabled :class:`CacheHandle`.
 
-    ``forecast="linear"``: a reusing step extrapolates each layer's output from its last two computed
-    outputs instead of handing back the last one (beyond the paper; TaylorSeer's first-order step).
-    It keeps two outputs per layer instead of one; whole blocks, guidance halves and layers called
-    several times per block call still reuse plainly.
+    ``forecast="linear"``: a reusing step extrapolates each layer's output (a whole block's residual)
+    from its last two computed ones instead of handing back the last one (beyond the paper;
+    TaylorSeer's first-order step). It keeps two outputs per layer instead of one; guidance halves
+    cached apart and layers called several times per block call still reuse plainly.
 
     ``kept_device`` / ``kept_dtype`` store kept outputs elsewhere (``"cpu"``) or in a lower precision
     (``torch.bfloat16``, ``torch.float8_e4m3fn``) and convert them back on reuse: less memory held by
