@@ -38,7 +38,7 @@ def test_keys_parse_and_print_one_grammar():
                       ("ff@cond-12", Key("ff", 12, "cond")), ("single_attn-0", Key("single_attn", 0))]:
         assert Key.parse(text) == key and str(key) == text
     assert Key.parse("attn1@uncond-3").without_branch() == Key("attn1", 3)
-    assert str(Key("attn1", 3).with_branch("cond")) == "attn1@cond-3"
+    assert str(Key("attn1", 3, "cond")) == "attn1@cond-3"
     assert Key.parse("attn1@cond-3").typed == "attn1@cond"
     assert Key.parse("transformer_blocks.*.attn1").layer_type == "transformer_blocks.*.attn1"
     with pytest.raises(GuidanceError, match="names no guidance branch"):

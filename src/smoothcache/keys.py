@@ -58,9 +58,6 @@ class Key:
     def without_branch(self) -> Key:
         return replace(self, branch=None)
 
-    def with_branch(self, branch: str) -> Key:
-        return replace(self, branch=branch)
-
 
 def key_for(plans: Mapping[str, object], layer_type: str, block: int | None) -> str | None:
     """The key of ``plans`` that governs ``layer_type`` in block ``block`` (per-block first), or None.

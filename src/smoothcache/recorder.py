@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .adapters import CacheableLayer, find_layers
 from .errors import GuidanceError, ProfileError, StepMismatchError
 from .guidance import branch_order, check_cfg_batch
-from .keys import BRANCHES
+from .keys import BRANCHES, Key
 from .ownership import Claim, claim, release
 from .profile import CalibrationProfile, LayerInfo
 from .runtime.streams import BlockStreams, extrapolate
@@ -37,7 +37,6 @@ from .step_weights import StepProbe
 from .steps import (
     StepTracker,
     attach_step_hooks,
-    host_timestep,
     resolve_target,
     scheduler_step_index,
     step_anchor,
@@ -55,7 +54,8 @@ logger = logging.getLogger(__name__)
 def _branch_layer_infos(infos: Sequence[LayerInfo]) -> list[LayerInfo]:
     """The branch entries of a profile, cond then uncond: each layer once per branch, at half its cost."""
     return [
-        LayerInfo(f"{info.name}@{branch}", f"{info.layer_type}@{branch}", info.block, None if info.flops is None else info.flops / 2)
+        LayerInfo(f"{info.name}@{branch}", Key(info.layer_type, branch=branch).typed, info.block,
+                  None if info.flops is None else info.flops / 2)
         for branch in BRANCHES
         for info in infos
     ]
@@ -203,7 +203,7 @@ class CalibrationRecorder:
     # ---- hooks ------------------------------------------------------------------------------
     def _before_model_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._flop_meter.close()
-        step, slot, new_generation = self._tracker.advance(host_timestep(args, kwargs))
+        step, slot, new_generation = self._tracker.advance(args, kwargs)
         if new_generation:
             self._finish_generation()
             self._start_generation()

@@ -13,6 +13,7 @@ step ``s + k`` from the outputs of steps ``s`` and ``s - g``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -553,9 +554,10 @@ def solve(
     schedule, threshold = _solve(profile, alpha, compute_fraction=compute_fraction, speedup=speedup, keys=keys,
                                  per_block=per_block, solver=solver, forecast=forecast, weigh_steps=weigh_steps)
     name = solver or ("greedy" if alpha is not None else "optimal")
+    weighted = weigh_steps and profile.step_weights is not None  # as solver_problem weighs; the greedy rule never does
     return schedule.with_planned(
         solver=name, alpha=threshold, compute_fraction=compute_fraction, speedup=speedup, forecast=forecast,
-        per_block=per_block or None, step_weights=(weigh_steps and profile.step_weights is not None) if name != "greedy" else None,
+        per_block=per_block or None, step_weights=None if name == "greedy" else weighted,
         model_class=profile.metadata.get("model_class"), scheduler_class=profile.metadata.get("scheduler_class"),
     ), threshold
 
@@ -624,18 +626,16 @@ def _solve(
         total = float(profile.total_flops or 0.0)
         # speedup = total / (total - saved) with saved = sum(cost * (1 - computed / steps))
         budget = num_steps * (sum(costs.values()) - total * (1.0 - 1.0 / speedup))
-        try:
-            if budget < 0:
-                raise ScheduleError("below zero")
-            return problem.solve(budget, weights=costs), None
-        except ScheduleError:
-            least = _least_computes(problem)
-            saved = sum(costs[key] * (1.0 - least[key] / num_steps) for key in curves)
-            raise UnreachableBudgetError(
-                f"speedup={speedup} is out of reach: with lookahead {_lookahead(curves)} the fastest schedule gives "
-                f"{total / max(total - saved, 1e-30):.2f}x (ideal, from the measured FLOPs); ask for less, or "
-                "calibrate with a larger lookahead"
-            ) from None
+        if budget >= 0:
+            with contextlib.suppress(ScheduleError):  # below the fewest computes the lookahead allows
+                return problem.solve(budget, weights=costs), None
+        least = _least_computes(problem)
+        saved = sum(costs[key] * (1.0 - least[key] / num_steps) for key in curves)
+        raise UnreachableBudgetError(
+            f"speedup={speedup} is out of reach: with lookahead {_lookahead(curves)} the fastest schedule gives "
+            f"{total / max(total - saved, 1e-30):.2f}x (ideal, from the measured FLOPs); ask for less, or "
+            "calibrate with a larger lookahead"
+        )
     return schedule_for_budget(curves, lambda s: profile.estimated_speedup(s) >= speedup - 1e-12, f"speedup={speedup}")
 
 

@@ -188,11 +188,12 @@ class StepTracker:
         self._seen_index: Any = None
         self._last_timestep: float | None = None
 
-    def advance(self, timestep: float | None = None) -> tuple[int, int, bool]:
-        """Account for one model call: ``(step, slot, starts_new_generation)``. ``timestep`` is the
-        call's timestep where it can be read on the host (:func:`host_timestep`): without a
-        scheduler, one that rises again starts a new generation (an earlier one was cut short)."""
+    def advance(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> tuple[int, int, bool]:
+        """Account for one model call: ``(step, slot, starts_new_generation)``. Without a scheduler,
+        the call's timestep is read off its arguments where that costs no sync (:func:`host_timestep`):
+        one that rises again starts a new generation (an earlier one was cut short)."""
         timesteps = self._timesteps()
+        timestep = host_timestep(args, kwargs or {}) if timesteps is None else None
         new = self.generation < 0
         if timesteps is not None and timesteps is not self._seen_timesteps:
             new = True

@@ -31,6 +31,7 @@ __all__ = [
     "GuidanceRows",
     "KeptForm",
     "ShadowedForward",
+    "StoredTensor",
     "block_caching_forward",
     "block_forecasting_forward",
     "branch_caching_forward",
@@ -242,20 +243,20 @@ class KeptForm:
     def store(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             dtype = self.dtype if self.dtype is not None and value.is_floating_point() else value.dtype
-            return _Stored(value.to(device=self.device or value.device, dtype=dtype, non_blocking=True), value.device, value.dtype)
+            return StoredTensor(value.to(device=self.device or value.device, dtype=dtype, non_blocking=True), value.device, value.dtype)
         if isinstance(value, (tuple, list)):
             return type(value)(self.store(v) for v in value)
         return value
 
     def load(self, value: Any) -> Any:
-        if isinstance(value, _Stored):
+        if isinstance(value, StoredTensor):
             return value.tensor.to(device=value.device, dtype=value.dtype, non_blocking=True)
         if isinstance(value, (tuple, list)):
             return type(value)(self.load(v) for v in value)
         return value
 
 
-class _Stored:
+class StoredTensor:
     """A kept tensor in its stored form, with the device and dtype it goes back to."""
 
     __slots__ = ("device", "dtype", "tensor")

@@ -39,7 +39,6 @@ from ..schedule import Schedule
 from ..steps import (
     StepTracker,
     attach_step_hooks,
-    host_timestep,
     resolve_target,
     scheduler_step_index,
     step_anchor,
@@ -270,7 +269,7 @@ class CacheHandle:
 
     # ---- per model call ---------------------------------------------------------------------
     def _before_model_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        num_steps, state, me = self.schedule.num_steps, self.state, threading.get_ident()
+        num_steps, state, me = self.schedule.num_steps, self.state, threading.get_ident()  # per model call: keep cheap
         running = state.thread is not None and state.last_step < num_steps - 1  # a generation is under way
         if running and me != state.thread:
             state.intruded = True
@@ -280,7 +279,7 @@ class CacheHandle:
                 "or let one pipeline call finish before the next starts (a lock around pipe(...))"
             )
         try:
-            step, slot, new_generation = self._tracker.advance(host_timestep(args, kwargs))
+            step, slot, new_generation = self._tracker.advance(args, kwargs)
         except StepMismatchError:
             self._forget_generation()
             raise
@@ -294,9 +293,9 @@ class CacheHandle:
         if new_generation:
             state.thread, state.intruded = me, False
             self._start_generation()
-        elif self.state.marked_step is not None and cudagraph_step_mark() != self.state.marked_step:
-            self.state.marked_step = None
-            self.state.warn_marks = False  # said once
+        elif state.marked_step is not None and cudagraph_step_mark() != state.marked_step:
+            state.marked_step = None
+            state.warn_marks = False  # said once
             logger.warning(
                 "torch.compiler.cudagraph_mark_step_begin() was called during a generation: under CUDA graphs "
                 "(mode='reduce-overhead') that recycles the outputs the cache keeps between steps. Call it at "
@@ -304,7 +303,7 @@ class CacheHandle:
                 "generation's start itself"
             )
         state.last_step = step
-        self.state.new_call(slot, args, kwargs)
+        state.new_call(slot, args, kwargs)
         self._check_guidance_batch(slot, args, kwargs)
         if step >= num_steps:
             if self.steps_mismatch == "error":

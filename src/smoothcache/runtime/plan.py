@@ -211,7 +211,7 @@ def _bind_branches(
     found: dict[int, dict[str, tuple[str, tuple[bool, ...]]]] = {}
     used: set[str] = set()
     for layer in layers:
-        keys = {b: key_for(split.branch_plans, f"{layer.layer_type}@{b}", layer.block) for b in BRANCHES}
+        keys = {b: key_for(split.branch_plans, Key(layer.layer_type, branch=b).typed, layer.block) for b in BRANCHES}
         named = [key for key in keys.values() if key is not None]
         if not named:
             continue

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..guidance import input_shape
-from .forwards import GuidanceRows
+from .forwards import GuidanceRows, StoredTensor
 
 __all__ = ["CacheState"]
 
@@ -102,7 +102,7 @@ class CacheState:
             elif isinstance(value, (tuple, list)):
                 for item in value:
                     add(item)
-            elif hasattr(value, "tensor"):  # a stored form (forwards.KeptForm)
+            elif isinstance(value, StoredTensor):  # kept_device / kept_dtype
                 add(value.tensor)
 
         for outputs in self.outputs:
