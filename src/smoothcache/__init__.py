@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .adapters import CacheableLayer, find_layers
     from .cache_mixin import SmoothCacheConfig
     from .ownership import disable
+    from .prefetch import TimestepPrefetch, prefetch_timesteps
     from .profile import CalibrationProfile, LayerInfo
     from .recorder import CalibrationRecorder, calibration
     from .runtime import CacheHandle, cache
@@ -39,6 +40,7 @@ _LAZY = {
     "CacheableLayer": ".adapters", "find_layers": ".adapters",
     "SmoothCacheConfig": ".cache_mixin",
     "disable": ".ownership",
+    "TimestepPrefetch": ".prefetch", "prefetch_timesteps": ".prefetch",
     "CalibrationProfile": ".profile", "LayerInfo": ".profile",
     "CalibrationRecorder": ".recorder", "calibration": ".recorder",
     "CacheHandle": ".runtime", "cache": ".runtime",
@@ -62,6 +64,7 @@ __all__ = [
     "SmoothCacheConfig",
     "SmoothCacheError",
     "StepMismatchError",
+    "TimestepPrefetch",
     "TuneResult",
     "UnreachableBudgetError",
     "__version__",
@@ -69,6 +72,7 @@ __all__ = [
     "calibration",
     "disable",
     "find_layers",
+    "prefetch_timesteps",
     "tune",
 ]
 

@@ -78,8 +78,10 @@ def diagnose(
             f"the pipeline made the host wait for the GPU {host_syncs} times in one generation of {steps} steps "
             "(a blocking copy of a timestep to the device, or the scheduler reading a device tensor on the host): "
             "after each wait the GPU idles while the host prepares the next step, which costs a step that reuses "
-            "a large share of its time; keep the scheduler's timesteps on the host and copy them to the device "
-            "once per generation"
+            "a large share of its time; where the loop copies host timesteps to the device (DiTPipeline), "
+            "smoothcache.prefetch_timesteps(pipe) answers those copies from one made per generation, outputs "
+            "unchanged (smoothcache bench --prefetch-timesteps measures it); in a loop of your own, keep the "
+            "scheduler's timesteps on the host and copy them to the device once per generation"
         )
     if steps is not None and steps <= CalibrationProfile.FEW_STEPS:
         found.append(
