@@ -329,3 +329,34 @@ def test_the_stream_barrier_passes_gradients_through():
     x = torch.randn(3, requires_grad=True)
     (stream_barrier(x) * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
     assert torch.equal(x.grad, torch.tensor([1.0, 2.0, 3.0]))
+
+
+@pytest.mark.parametrize(
+    ("mode", "graphs"), [(None, False), ("reduce-overhead", True), ("max-autotune", True), ("max-autotune-no-cudagraphs", False)]
+)
+def test_cuda_graphs_are_read_from_how_the_model_was_compiled(mode, graphs) -> None:
+    from smoothcache.runtime.compile import cuda_graphs_anywhere, launches_each_kernel
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    assert cuda_graphs_anywhere(torch.compile(model, mode=mode)) is graphs
+    model[1].compile(mode=mode)  # one block compiled (regional)
+    assert cuda_graphs_anywhere(model) is graphs
+    assert not cuda_graphs_anywhere(nn.Linear(2, 2)) and not launches_each_kernel(model)  # on a CPU, never
+
+
+@pytest.mark.parametrize(("keys", "warns"), [(["attn1", "ff"], True), (["block"], False)])
+def test_layers_launched_kernel_by_kernel_are_warned_about_once(keys, warns, monkeypatch, caplog) -> None:
+    """Layers under torch.compile without CUDA graphs on a GPU (faked: this runs on a CPU) may be
+    slower than no cache; whole blocks leave nothing to launch, so they are not warned about."""
+    import smoothcache.runtime.handle
+
+    monkeypatch.setattr(smoothcache.runtime.handle, "launches_each_kernel", lambda model: True)
+    pipe = make_dit_pipeline()
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager")
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="smoothcache"), smoothcache.cache(pipe, Schedule.fixed_interval(keys, STEPS, 2)):
+        generate(pipe)
+        generate(pipe)
+    assert caplog.text.count("cached under torch.compile without CUDA graphs") == int(warns)
+    if warns:
+        assert "components=['block']" in caplog.text and "mode='reduce-overhead'" in caplog.text

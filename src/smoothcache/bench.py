@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .profile import CalibrationProfile
 from .recorder import calibration
 from .runtime import cache
-from .runtime.compile import compiled_anywhere
+from .runtime.compile import compiled_anywhere, cuda_graphs_anywhere
 from .schedule import Schedule
 
 __all__ = ["BenchResult", "benchmark_schedule", "count_host_syncs", "diagnose", "timed"]
@@ -186,7 +186,8 @@ def benchmark_schedule(
     The ideal speedup comes from one extra calibration pass that counts FLOPs per layer, run
     eagerly where the model is compiled; on CUDA one more cached run, untimed, counts the host's
     waits for the GPU (:func:`count_host_syncs`). ``forecast`` is passed to :func:`~smoothcache.cache`;
-    ``cuda_graphs`` says whether ``run`` replays CUDA graphs, for the diagnosis (``None``: not known).
+    ``cuda_graphs`` says whether ``run`` replays CUDA graphs, for the diagnosis (``None``: read from how
+    the model was compiled).
     ``progress`` shows a bar over the pipeline calls (all of them: ideal, warm-up, timed, syncs).
     """
     if repeats < 1 or warmup < 1:
@@ -195,6 +196,7 @@ def benchmark_schedule(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if compiled_anywhere(model):  # each run its own CUDA graph generation, uncached ones too
         run = _marking_steps(run)
+        cuda_graphs = cuda_graphs_anywhere(model) if cuda_graphs is None else cuda_graphs
     calls = int(measure_ideal) + 2 * warmup + 2 * repeats + int(device.type == "cuda")  # the last: counting syncs
     bar = tqdm(total=calls, desc="bench", unit="call", disable=not progress)
     run = _counted(run, bar)

@@ -16,7 +16,15 @@ from torch import nn
 
 from ..steps import Experts
 
-__all__ = ["compiled_anywhere", "compiled_whole", "cudagraph_step_mark", "stream_barrier", "warn_if_past_recompile_limit"]
+__all__ = [
+    "compiled_anywhere",
+    "compiled_whole",
+    "cuda_graphs_anywhere",
+    "cudagraph_step_mark",
+    "launches_each_kernel",
+    "stream_barrier",
+    "warn_if_past_recompile_limit",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +60,26 @@ def compiled_whole(model: nn.Module) -> bool:
 def compiled_anywhere(model: nn.Module) -> bool:
     """Whether ``model``, or any module in it, runs compiled."""
     return any(compiled_whole(module) for module in model.modules())
+
+
+def cuda_graphs_anywhere(model: nn.Module) -> bool:
+    """Whether a compiled part of ``model`` replays CUDA graphs: compiled with
+    ``mode="reduce-overhead"`` (inductor's ``triton.cudagraphs``), or with inductor's global switch on."""
+    for module in model.modules():
+        for compiled in (module, getattr(module, "_compiled_call_impl", None), module.__dict__.get("forward")):
+            get_config = getattr(compiled, "get_compiler_config", None)
+            config = get_config() if callable(get_config) else None
+            if isinstance(config, dict) and config.get("triton.cudagraphs"):
+                return True
+    inductor_config = sys.modules.get("torch._inductor.config")
+    return bool(inductor_config is not None and inductor_config.triton.cudagraphs and compiled_anywhere(model))
+
+
+def launches_each_kernel(model: nn.Module) -> bool:
+    """Whether ``model`` runs compiled on a GPU without CUDA graphs: the host then launches every
+    kernel of a step, so work a reusing step leaves behind costs launch time even when tiny."""
+    device = next((p.device for p in model.parameters()), None)
+    return device is not None and device.type == "cuda" and compiled_anywhere(model) and not cuda_graphs_anywhere(model)
 
 
 def cudagraph_step_mark() -> int | None:

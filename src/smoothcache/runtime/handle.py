@@ -47,6 +47,7 @@ from .compile import (
     compiled_anywhere,
     compiled_whole,
     cudagraph_step_mark,
+    launches_each_kernel,
     warn_if_past_recompile_limit,
 )
 from .forwards import (
@@ -131,6 +132,7 @@ class CacheHandle:
         self._decisions: list[Decision] = []  # one per column of the plan
         self._restore: list[Callable[[], None]] = []
         self._with_depth = 0  # nested ``with`` blocks on this handle: the outermost one disables
+        self._warned_launch_bound = False  # see _warn_if_launch_bound
         if getattr(model, "_parallel_config", None) is not None:  # diffusers' context parallelism
             from ..distributed import check_ranks_agree
 
@@ -341,6 +343,24 @@ class CacheHandle:
             # here, at its first model call, never within it.
             torch.compiler.cudagraph_mark_step_begin()
             state.marked_step = cudagraph_step_mark() if state.warn_marks else None
+            self._warn_if_launch_bound()
+
+    def _warn_if_launch_bound(self) -> None:
+        """Once per handle: layers cached on a GPU under torch.compile without CUDA graphs. A reusing
+        step then still launches, one by one from the host, the kernels of every block's norms,
+        modulation and gates; where launches set the pace (a small model or batch) a cached
+        generation gains little and can be slower than an uncached one."""
+        if self._warned_launch_bound or all(layer.streams is not None for layer in self.layers):
+            return
+        self._warned_launch_bound = True
+        if not launches_each_kernel(self.target.model):
+            return
+        logger.warning(
+            "Layers are cached under torch.compile without CUDA graphs: a reusing step still launches its blocks' "
+            "norm, modulation and gate kernels from the host, so where launches set the pace (a small model or "
+            "batch) caching gains little and can be slower than no cache. Cache whole blocks (components=['block']) "
+            "or compile with CUDA graphs (mode='reduce-overhead'); smoothcache bench --compile model measures it"
+        )
 
     def _check_guidance_batch(self, slot: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Where guidance halves are cached apart: the call must batch guidance; its halves are compared
