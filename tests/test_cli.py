@@ -12,6 +12,7 @@ from conftest import make_dit_pipeline
 
 import smoothcache.bench
 import smoothcache.cli
+import smoothcache.cli_pipelines
 from smoothcache import CalibrationProfile, Schedule
 from smoothcache.cli import build_parser, main
 
@@ -260,13 +261,13 @@ def test_bench_reports_speedup_ideal_and_warns_when_caching_gains_nothing(pipeli
     Schedule.fixed_interval(["attn1", "ff"], 10, 2).save(schedule)
     args = ["bench", "--model", str(pipeline_dir), "--schedule", str(schedule), "--classes", "1,2", "--repeats", "2", "--out", str(out)]
     assert main(args) == 0
-    result = json.loads(out.read_text())
-    assert result["compute_fraction"] == pytest.approx(0.6)
+    (result,) = json.loads(out.read_text())["cells"]
+    assert result["compute_fraction"] == pytest.approx(0.6) and (result["compile"], result["batch"]) == ("none", 2)
     assert result["ideal_speedup"] > 1 and result["uncached_seconds"] > 0 and result["cached_seconds"] > 0
     assert result["speedup"] == pytest.approx(result["uncached_seconds"] / result["cached_seconds"])
     assert "speedup" in capsys.readouterr().out
     assert main([*args, "--forecast", "linear"]) == 0
-    assert json.loads(out.read_text())["compute_fraction"] == pytest.approx(0.6)
+    assert json.loads(out.read_text())["cells"][0]["compute_fraction"] == pytest.approx(0.6)
 
 
 def test_bench_compiles_the_transformer_measures_the_ideal_eagerly_and_compiles_nothing_while_timed(
@@ -302,10 +303,45 @@ def test_bench_compiles_the_transformer_measures_the_ideal_eagerly_and_compiles_
     assert main(args) == 0
     assert counters["frames"]["total"] > 0  # the warm-up compiled
     torch._dynamo.reset()
-    result = json.loads(out.read_text())
+    (result,) = json.loads(out.read_text())["cells"]
     assert len(compiled) == 1 and compiled_while_timed == [0, 0, 0, 0]
     assert result["ideal_speedup"] > 1 and result["speedup"] > 0
     assert "torch.compile model" in capsys.readouterr().out
+
+
+def test_bench_times_one_cell_per_compile_setting_and_batch_size(pipeline_dir, tmp_path, capsys, monkeypatch):
+    """--compile none model --batch-sizes 1 3: four cells, each against its own uncached runs; the
+    transformer is compiled afresh per setting (dynamo only here) and put back at the end."""
+    schedule, out = tmp_path / "s.json", tmp_path / "bench.json"
+    Schedule.fixed_interval(["block"], 10, 2).save(schedule)
+    compiled_modes: list[str | None] = []
+    real_compile = torch.compile
+
+    def compile_with_dynamo_only(model, mode=None):
+        compiled_modes.append(mode)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_with_dynamo_only)
+    batches_run: list[int] = []
+    real_run_request = smoothcache.cli_pipelines.run_request
+
+    def counting_run_request(pipe, request, *args, **kwargs):
+        batches_run.append(request.size)
+        return real_run_request(pipe, request, *args, **kwargs)
+
+    monkeypatch.setattr(smoothcache.cli_pipelines, "run_request", counting_run_request)
+    args = ["bench", "--model", str(pipeline_dir), "--schedule", str(schedule), "--classes", "1,2", "--repeats", "1",
+            "--compile", "none", "model", "--batch-sizes", "1", "3", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    torch._dynamo.reset()
+    record = json.loads(out.read_text())
+    cells = [(c["compile"], c["batch"]) for c in record["cells"]]
+    assert cells == [("none", 1), ("none", 3), ("model", 1), ("model", 3)]
+    assert all(c["speedup"] > 0 and c["ideal_speedup"] > 1 for c in record["cells"])
+    assert compiled_modes == [None] and set(batches_run) == {1, 3}  # labels 1,2 repeated to fill 3
+    assert record["steps"] == 10 and record["repeats"] == 1
+    table = capsys.readouterr().out.split("peak MiB (uncached/cached)")[-1].strip().splitlines()
+    assert [line.split()[:2] for line in table] == [["none", "1"], ["none", "3"], ["model", "1"], ["model", "3"]]
 
 
 def test_bench_diagnoses_caches_that_gain_little():

@@ -119,6 +119,6 @@ def test_bench_prefetch_flag_runs_and_is_recorded(tmp_path, capsys) -> None:
     argv = ["bench", "--model", str(model), "--schedule", str(schedule), "--classes", "1", "--repeats", "1",
             "--prefetch-timesteps", "--quiet", "--out", str(out)]
     assert main(argv) == 0
-    record = json.loads(out.read_text())
+    (record,) = json.loads(out.read_text())["cells"]
     assert record["prefetch_timesteps"] is True and record["speedup"] > 0
     assert "timesteps prefetched (0 device moves served)" in capsys.readouterr().out  # a CPU pipeline: nothing to move

@@ -284,44 +284,98 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """One cell per compile setting and batch size: uncached against cached, in this process."""
+    import torch
+
     from .bench import benchmark_schedule
     from .cli_pipelines import run_request
 
     schedule = Schedule.load(args.schedule)
     pipe, requests, extra = _load(args)
-    request = requests[0]
-    if args.compile != "none":  # as diffusers' docs compile: the transformer wrapped whole
-        import torch
-
-        mode = "reduce-overhead" if args.compile == "model-cudagraphs" else None
-        pipe.transformer = torch.compile(pipe.transformer, mode=mode)
+    batches = args.batch_sizes or [requests[0].size]
     prefetch = None
     if args.prefetch_timesteps:  # uncached and cached runs alike: it is on the pipeline
         from .prefetch import prefetch_timesteps
 
         prefetch = prefetch_timesteps(pipe)
-    result = benchmark_schedule(
-        pipe, schedule, lambda: run_request(pipe, request, schedule.num_steps, **extra), repeats=args.repeats,
-        forecast=_forecast_of(args, schedule), warmup=1 if args.compile == "none" else 3,
-        cuda_graphs=args.compile == "model-cudagraphs", progress=not args.quiet,
-    )
-    ideal = f"{result.ideal_speedup:.2f}x" if result.ideal_speedup else "n/a"
-    efficiency = f"{result.efficiency:.2f}" if result.efficiency else "n/a"
-    compiled = "" if args.compile == "none" else f", torch.compile {args.compile}"
-    compiled += f", timesteps prefetched ({prefetch.served} device moves served)" if prefetch else ""
-    print(f"{args.model}, {schedule.num_steps} steps, batch {request.size}, {args.device}{compiled}; median of {args.repeats}")
-    print(f"uncached {result.uncached_seconds:.3f}s  cached {result.cached_seconds:.3f}s  "
-          f"speedup {result.speedup:.2f}x  ideal {ideal}  efficiency {efficiency}  compute {result.compute_fraction:.2f}")
-    if result.peak_memory_mib:
-        print("peak memory (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in result.peak_memory_mib.items()))
-    if result.host_syncs is not None:
-        print(f"host waited for the GPU {result.host_syncs} times in one cached generation")
-    for warning in result.warnings:
-        print(f"warning: {warning}")
+    transformer, cells = pipe.transformer, []
+    for compile_setting in dict.fromkeys(args.compile):
+        torch._dynamo.reset()  # the last setting's graphs: each setting compiles afresh
+        pipe.transformer = _compiled(transformer, compile_setting)
+        for batch in batches:
+            request = _request_of_size(requests, batch)
+            result = benchmark_schedule(
+                pipe, schedule, lambda request=request: run_request(pipe, request, schedule.num_steps, **extra),
+                repeats=args.repeats, forecast=_forecast_of(args, schedule), warmup=1 if compile_setting == "none" else 3,
+                cuda_graphs=compile_setting == "model-cudagraphs", progress=not args.quiet,
+            )
+            cell = {"compile": compile_setting, "batch": batch, "prefetch_timesteps": bool(prefetch)} | result.to_dict()
+            cells.append(cell)
+            _print_bench_cell(args, schedule, cell, prefetch)
+    pipe.transformer = transformer
+    if len(cells) > 1:
+        print(bench_cells_table(cells))
     if args.out:
-        record = result.to_dict() | {"prefetch_timesteps": bool(prefetch), "compile": args.compile}
+        record = {"model": args.model, "steps": schedule.num_steps, "device": args.device, "dtype": args.dtype,
+                  "repeats": args.repeats, "schedule": args.schedule, "cells": cells}
         atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
     return 0
+
+
+def _compiled(transformer: Any, setting: str) -> Any:
+    """The transformer as diffusers' docs compile it: wrapped whole (``model-cudagraphs``: with CUDA graphs)."""
+    if setting == "none":
+        return transformer
+    import torch
+
+    return torch.compile(transformer, mode="reduce-overhead" if setting == "model-cudagraphs" else None)
+
+
+def _request_of_size(requests: list[Any], size: int) -> Any:
+    """The first request's seed with ``size`` samples: the labels or prompts asked for, repeated as needed."""
+    from itertools import cycle, islice
+
+    from .cli_pipelines import Request
+
+    first = requests[0]
+    if size == first.size:
+        return first
+    if first.class_labels:
+        labels = [label for r in requests for label in r.class_labels]
+        return Request(first.seed, class_labels=tuple(islice(cycle(labels), size)))
+    prompts = [prompt for r in requests for prompt in r.prompts]
+    return Request(first.seed, prompts=tuple(islice(cycle(prompts), size)))
+
+
+def _print_bench_cell(args: argparse.Namespace, schedule: Schedule, cell: dict[str, Any], prefetch: Any) -> None:
+    ideal = f"{cell['ideal_speedup']:.2f}x" if cell["ideal_speedup"] else "n/a"
+    efficiency = f"{cell['efficiency']:.2f}" if cell["efficiency"] else "n/a"
+    compiled = "" if cell["compile"] == "none" else f", torch.compile {cell['compile']}"
+    compiled += f", timesteps prefetched ({prefetch.served} device moves served)" if prefetch else ""
+    print(f"{args.model}, {schedule.num_steps} steps, batch {cell['batch']}, {args.device}{compiled}; median of {args.repeats}")
+    print(f"uncached {cell['uncached_seconds']:.3f}s  cached {cell['cached_seconds']:.3f}s  "
+          f"speedup {cell['speedup']:.2f}x  ideal {ideal}  efficiency {efficiency}  compute {cell['compute_fraction']:.2f}")
+    if cell["peak_memory_mib"]:
+        print("peak memory (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in cell["peak_memory_mib"].items()))
+    if cell["host_syncs"] is not None:
+        print(f"host waited for the GPU {cell['host_syncs']} times in one cached generation")
+    for warning in cell["warnings"]:
+        print(f"warning: {warning}")
+
+
+def bench_cells_table(cells: list[dict[str, Any]]) -> str:
+    """The bench's cells side by side: compile setting, batch, times, speedup against ideal, memory."""
+    header = (f"{'compile':<16} {'batch':>5} {'uncached':>9} {'cached':>8} {'speedup':>7} {'ideal':>6} "
+              f"{'efficiency':>10} {'peak MiB (uncached/cached)':>27}")
+    lines = [header]
+    for c in cells:
+        peaks = c["peak_memory_mib"] or {}
+        memory = f"{peaks['uncached']:.0f}/{peaks['cached']:.0f}" if peaks else "-"
+        ideal = f"{c['ideal_speedup']:5.2f}x" if c["ideal_speedup"] else "     -"
+        efficiency = f"{c['efficiency']:10.2f}" if c["efficiency"] else f"{'-':>10}"
+        lines.append(f"{c['compile']:<16} {c['batch']:>5} {c['uncached_seconds']:8.3f}s {c['cached_seconds']:7.3f}s "
+                     f"{c['speedup']:6.2f}x {ideal} {efficiency} {memory:>27}")
+    return "\n".join(lines)
 
 
 def _forecast_of(args: argparse.Namespace, schedule: Schedule) -> str:
@@ -568,13 +622,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each, interleaved (the median counts)")
     bench.add_argument("--forecast", choices=["none", "linear"],
                        help="time the cache with forecast='linear' (default: as the schedule was planned, else none)")
-    bench.add_argument("--compile", choices=["none", "model", "model-cudagraphs"], default="none",
+    bench.add_argument("--compile", nargs="+", choices=["none", "model", "model-cudagraphs"], default=["none"],
                        help="time both runs with the transformer under torch.compile (model-cudagraphs: "
-                       "mode='reduce-overhead'); warms up three runs each")
+                       "mode='reduce-overhead'), after three warm-ups each; several settings: one cell each")
+    bench.add_argument("--batch-sizes", nargs="+", type=positive_int,
+                       help="samples per call, one cell each (default: --batch); labels or prompts repeat to fill a batch")
     bench.add_argument("--prefetch-timesteps", action="store_true",
                        help="copy the scheduler's timesteps to the device once per generation (smoothcache.prefetch_timesteps): "
                        "removes DiTPipeline's wait for the GPU at every step, outputs unchanged")
-    bench.add_argument("--out", help="JSON file for the result")
+    bench.add_argument("--out", help="JSON file: the settings and one entry per cell under 'cells'")
     bench.set_defaults(func=cmd_bench)
 
     inspect_ = _command(commands, "inspect", help="summarise a profile or schedule, optionally as a PNG plot")
