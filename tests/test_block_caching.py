@@ -29,10 +29,11 @@ class BlockTrace:
 
 
 def test_a_reusing_step_returns_its_input_plus_the_last_computed_residual():
+    """Per-block keys: each block keeps and adds its own residual."""
     pipe = make_dit_pipeline()
     blocks = pipe.transformer.transformer_blocks
     trace = BlockTrace(blocks)
-    with smoothcache.cache(pipe, Schedule({"block": PLAN})):
+    with smoothcache.cache(pipe, Schedule({"block-0": PLAN, "block-1": PLAN})):
         generate(pipe)
     for calls in trace.calls:
         assert len(calls) == STEPS  # DiT batches both guidance halves: one call per step
@@ -42,6 +43,56 @@ def test_a_reusing_step_returns_its_input_plus_the_last_computed_residual():
                 residual = output - block_input
             else:
                 assert torch.equal(output, residual + block_input)
+
+
+@pytest.mark.parametrize("forecast", ["none", "linear"])
+def test_a_whole_list_on_one_key_is_reused_with_one_residual(forecast):
+    """One key for every block of the list: a reusing step adds the list's residual (output of the
+    last block minus input of the first, at the last computing step; extrapolated with forecasting)
+    at the first block, and the others pass their input on; the cache holds one block's worth."""
+    pipe = make_dit_pipeline(num_layers=3)
+    trace = BlockTrace(pipe.transformer.transformer_blocks)
+    first, *rest = trace.calls
+    with smoothcache.cache(pipe, Schedule({"block": PLAN}), forecast=forecast) as handle:
+        generate(pipe)
+        kept = handle.state.kept_bytes()
+    last_block = trace.calls[-1]
+    residuals: list[torch.Tensor] = []
+    computed: list[int] = []
+    for step in range(STEPS):
+        block_input = first[step][0]
+        if PLAN[step]:
+            residuals.append(last_block[step][1] - block_input)
+            computed.append(step)
+            continue
+        expected = residuals[-1]
+        if forecast == "linear" and len(residuals) > 1:
+            ratio = (step - computed[-1]) / (computed[-1] - computed[-2])
+            expected = torch.lerp(residuals[-1], residuals[-2], -ratio)
+        assert torch.equal(first[step][1], block_input + expected) or torch.equal(first[step][1], expected + block_input)
+        assert all(torch.equal(calls[step][1], calls[step][0]) for calls in rest)
+    one_block = first[0][0].numel() * first[0][0].element_size()
+    assert sum(kept.values()) == one_block * (2 if forecast == "linear" else 1)
+
+
+def test_a_stream_changed_between_blocks_splits_the_chain_and_reuse_stays_exact():
+    """Something that adds to the stream between two blocks (a ControlNet residual, say): the next
+    block starts a run of its own, so a reusing step equals per-block reuse."""
+    pipe = make_dit_pipeline(num_layers=3)
+
+    def cached_run() -> tuple[torch.Tensor, int]:
+        with smoothcache.cache(pipe, Schedule({"block": PLAN})) as handle:
+            output = generate(pipe)
+            return output, sum(handle.state.kept_bytes().values())
+
+    _, one_run = cached_run()
+    blocks = pipe.transformer.transformer_blocks
+    blocks[1].register_forward_pre_hook(lambda module, args, kwargs: ((args[0] + 0.5, *args[1:]), kwargs), with_kwargs=True)
+    chained, kept = cached_run()
+    assert kept == 2 * one_run  # runs [0] and [1, 2]: two residuals
+    with smoothcache.cache(pipe, Schedule({f"block-{i}": PLAN for i in range(3)})):
+        per_block = generate(pipe)
+    torch.testing.assert_close(chained, per_block, rtol=0, atol=1e-5)
 
 
 def test_a_residual_is_kept_only_where_the_next_step_reuses_it():

@@ -129,11 +129,12 @@ def test_forecasting_says_where_it_does_not_apply(caplog):
 
 
 def test_a_block_extrapolates_its_residual_from_the_last_two_computed_ones():
+    """Per-block keys (one key for a whole list extrapolates the list's residual: test_block_caching)."""
     pipe = make_dit_pipeline()
     block = pipe.transformer.transformer_blocks[1]
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, output) of every call
     block.register_forward_hook(lambda m, args, kwargs, out: seen.append((args[0], out)), with_kwargs=True)
-    with smoothcache.cache(pipe, Schedule({"block": PLAN}), forecast="linear"):
+    with smoothcache.cache(pipe, Schedule({"block-0": PLAN, "block-1": PLAN}), forecast="linear"):
         generate(pipe)
     ratios = extrapolation_ratios(tuple(bool(v) for v in PLAN))
     last = previous = None

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..guidance import check_layer_rows, splice_half, take_half
 from .compile import stream_barrier
-from .streams import BlockStreams, extrapolate
+from .streams import BlockChain, BlockStreams, Follows, RunKept, extrapolate
 
 __all__ = [
     "Decision",
@@ -36,6 +36,7 @@ __all__ = [
     "block_forecasting_forward",
     "branch_caching_forward",
     "caching_forward",
+    "chained_block_forward",
     "forecasting_forward",
     "repeated_caching_forward",
     "shadow_forward",
@@ -200,6 +201,34 @@ def block_forecasting_forward(
         output = original(*args, **kwargs)
         keep = keep_traced if torch.compiler.is_compiling() else streams.residual
         outputs[decision.slot] = (keep(output, inputs), None if kept is None else kept[0])
+        return output
+
+    return forward
+
+
+def chained_block_forward(
+    original: Callable[..., Any], decision: Decision, chain: BlockChain, position: int, streams: BlockStreams
+) -> Callable[..., Any]:
+    """A block of a :class:`~.streams.BlockChain`: a reusing step adds its run's kept residual at
+    the run's first block (extrapolated with forecasting) and passes the stream on through the
+    rest; a computing step links the block into the chain. As :func:`block_caching_forward`, it
+    keeps eagerly where the next step reuses (or where nothing was kept), traced at every
+    computing step; a reusing step that finds nothing kept computes."""
+    outputs = chain.kept[position]
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        inputs = streams.inputs(args, kwargs)
+        if not decision.compute:
+            kept = outputs[decision.slot]
+            if isinstance(kept, RunKept):
+                chain.reusing = position
+                return streams.apply(inputs, chain.residual(kept, decision.ratio))
+            if isinstance(kept, Follows) and chain.reusing == kept.start:
+                return streams.passthrough(inputs)
+            chain.reusing = None
+        output = original(*args, **kwargs)
+        if torch.compiler.is_compiling() or decision.keep or not decision.compute:
+            chain.link(position, decision.slot, streams.states(output, inputs))
         return output
 
     return forward

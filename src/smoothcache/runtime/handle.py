@@ -58,6 +58,7 @@ from .forwards import (
     block_forecasting_forward,
     branch_caching_forward,
     caching_forward,
+    chained_block_forward,
     forecasting_forward,
     repeated_caching_forward,
     shadow_forward,
@@ -67,7 +68,7 @@ from .forwards import (
 )
 from .plan import CachePlan, LayerPlan, plan_cache, split_branches
 from .state import CacheState
-from .streams import BlockStreams
+from .streams import BlockChain, BlockStreams
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -153,6 +154,7 @@ class CacheHandle:
                                        "Disable that handle first (handle.disable(), or leave its with block)"))
         self._forget_generation()
         self._decisions = [Decision() for _ in self.plan.columns]
+        self._chains: dict[int, BlockChain] = {}  # the plan's chains, their blocks' kept entries fresh
         for layer_plan in self.plan.layers:
             forward = self._forward_for(layer_plan)
             self._restore.append(shadow_forward(layer_plan.layer.module, forward))
@@ -198,6 +200,15 @@ class CacheHandle:
         layer, kind = layer_plan.layer, layer_plan.kind
         original, outputs = layer.module.forward, self.state.new_outputs()
         decision = self._decisions[layer_plan.columns[0]]
+        if kind in ("block", "block-forecast") and layer_plan.chain is not None:
+            streams = BlockStreams.of(layer.module, layer.name, layer.streams)  # type: ignore[arg-type]
+            link = layer_plan.chain
+            chain = self._chains.get(link.chain)
+            if chain is None:
+                chain = BlockChain(link.length, streams, forecast=kind == "block-forecast", form=self.kept_form)
+                self._chains[link.chain] = chain
+            chain.kept[link.position] = outputs
+            return chained_block_forward(original, decision, chain, link.position, streams)
         if self.kept_form is not None and kind == "block":
             streams = BlockStreams.of(layer.module, layer.name, layer.streams)  # type: ignore[arg-type]
             return stored_block_caching_forward(original, decision, outputs, streams, self.kept_form)

@@ -15,7 +15,7 @@ find the layers, and :func:`plan_cache` gives each such layer the two branch col
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from typing import Literal
 
@@ -24,8 +24,8 @@ from ..errors import BlockCachingError, ScheduleError
 from ..keys import BRANCHES, Key, key_for
 from ..schedule import Schedule
 
-__all__ = ["BarrierPlan", "BranchSplit", "CachePlan", "Column", "LayerPlan", "keeps", "plan_cache", "ratios",
-           "split_branches"]
+__all__ = ["BarrierPlan", "BranchSplit", "CachePlan", "ChainLink", "Column", "LayerPlan", "keeps", "plan_cache",
+           "ratios", "split_branches"]
 
 Kind = Literal["layer", "forecast", "repeated", "branches", "block", "block-forecast"]
 
@@ -45,6 +45,16 @@ class Column:
 
 
 @dataclass(frozen=True)
+class ChainLink:
+    """A block's place in a chain: every block of one module list, cached whole on one column, which
+    a reusing step skips with one kept residual per stream (:class:`~.streams.BlockChain`)."""
+
+    chain: int  # which chain of the plan
+    position: int  # the block's index in its list
+    length: int  # the list's blocks
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     """One cached layer: the forward it runs and the columns it follows (two, in batch order, for
     ``"branches"``; one otherwise)."""
@@ -53,6 +63,7 @@ class LayerPlan:
     kind: Kind
     columns: tuple[int, ...]
     keep_states: bool = False  # a block: keep its output and inputs as they are (not the first of its list)
+    chain: ChainLink | None = None  # a block reused as part of its whole list
 
 
 @dataclass(frozen=True)
@@ -167,8 +178,38 @@ def plan_cache(
         for i, (key, compute) in enumerate(computes)
     )
     barriers = _barriers(sorted(block_columns.items(), key=lambda item: module_order[item[0]]))
-    return CachePlan(schedule.num_steps, columns, tuple(plans[id(layer)] for layer in ordered), barriers,
-                     tuple(reused_plainly), splits_guidance=branch_order is not None)
+    layer_plans = tuple(plans[id(layer)] for layer in ordered)
+    links = _chains(layer_plans, module_order)
+    layer_plans = tuple(replace(p, chain=links[id(p.layer)]) if id(p.layer) in links else p for p in layer_plans)
+    return CachePlan(schedule.num_steps, columns, layer_plans, barriers, tuple(reused_plainly),
+                     splits_guidance=branch_order is not None)
+
+
+def _chains(layer_plans: Sequence[LayerPlan], module_names: Mapping[str, int]) -> dict[int, ChainLink]:
+    """The blocks (by ``id`` of their layer) that chain: all of one module list's blocks, two or
+    more, cached whole on the same column, with the same streams, each called once per model call.
+
+    Only a whole list, on one column: a block's output may be read beyond the next block (HunyuanDiT
+    passes first-half outputs to second-half blocks), so a chain must reuse or compute as one."""
+    by_list: dict[str, list[LayerPlan]] = {}
+    for layer_plan in layer_plans:
+        if layer_plan.kind in ("block", "block-forecast"):
+            by_list.setdefault(_list_of(layer_plan.layer.name), []).append(layer_plan)
+    links: dict[int, ChainLink] = {}
+    for list_path, members in by_list.items():
+        indices = [member.layer.name.rpartition(".")[2] for member in members]
+        if not all(index.isdigit() for index in indices):
+            continue
+        members = [member for _, member in sorted(zip(map(int, indices), members, strict=True), key=lambda pair: pair[0])]
+        whole_list = sorted(map(int, indices)) == list(range(len(members))) and f"{list_path}.{len(members)}" not in module_names
+        alike = (len({m.columns for m in members}) == 1 and len({m.layer.streams for m in members}) == 1
+                 and all(m.layer.repeats == 1 for m in members))
+        if len(members) < 2 or not whole_list or not alike:
+            continue
+        chain = len({link.chain for link in links.values()})
+        for position, member in enumerate(members):
+            links[id(member.layer)] = ChainLink(chain, position, len(members))
+    return links
 
 
 def _assign_keys(schedule: Schedule, layers: Sequence[CacheableLayer], model_name: str) -> dict[str, list[CacheableLayer]]:

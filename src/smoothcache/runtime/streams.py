@@ -16,14 +16,17 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
 
 from ..errors import BlockCachingError
 
-__all__ = ["BlockStreams", "KeptStates", "extrapolate"]
+if TYPE_CHECKING:
+    from .forwards import KeptForm
+
+__all__ = ["BlockChain", "BlockStreams", "Follows", "KeptStates", "RunKept", "extrapolate"]
 
 
 def extrapolate(last: torch.Tensor, previous: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -113,6 +116,10 @@ class BlockStreams:
             return residual + inputs[0]
         return tuple(None if r is None else r + x for x, r in zip(inputs, residual))
 
+    def passthrough(self, inputs: tuple[Any, ...]) -> Any:
+        """This call's stream inputs as the block's output: a block inside a reused chain adds nothing."""
+        return inputs[0] if len(self.names) == 1 else tuple(inputs)
+
     def extrapolate(self, last: Any, previous: Any, ratio: float) -> Any:
         """``last + ratio * (last - previous)`` for each stream's residual (forecast="linear"); either
         may be kept as :class:`KeptStates`."""
@@ -138,6 +145,88 @@ class BlockStreams:
                     "a block is cached whole only where its output continues its input; cache its layers instead"
                 )
         return outputs
+
+
+class RunKept(NamedTuple):
+    """What the first block of a chained run keeps: the run's residual per stream (``last``; with
+    forecasting also the one before, where that run ended at the same block), and its last block."""
+
+    end: int
+    last: Any
+    previous: Any
+
+
+class Follows(NamedTuple):
+    """Kept by a block inside a chained run: it passes its input on where the run's first block
+    (``start``) reuses."""
+
+    start: int
+
+
+class BlockChain:
+    """A module list's blocks cached whole on one schedule, reused as one.
+
+    Where each block's input is its predecessor's output, the list adds ``output_last - input_first``
+    to its stream, so a reusing step needs one kept residual per stream instead of one per block:
+    the first block returns its input plus that residual and the others pass their input on. That
+    is a block's worth of memory instead of the list's (DiT-XL/2: 28 blocks), and one addition
+    instead of one per block. The chain is checked at every computing step that keeps: where
+    something changes the stream between two blocks (a ControlNet residual, say), the next block
+    starts a run of its own, with its own residual, and reuse stays exact. A block's output read
+    elsewhere is why only whole lists on one column chain (:func:`.plan._chains`).
+
+    ``kept`` holds each block's per-slot entries (a :class:`RunKept`, a :class:`Follows` or None);
+    ``reusing`` is the position of the run whose first block reused in the current call.
+    """
+
+    def __init__(self, length: int, streams: BlockStreams, forecast: bool, form: KeptForm | None = None) -> None:
+        self.kept: list[dict[int, Any]] = [{} for _ in range(length)]
+        self.streams = streams
+        self.forecast = forecast
+        self.form = form  # kept_device / kept_dtype: the residual is stored in that form
+        self.reusing: int | None = None
+        self._start: int | None = None  # the open run's first block, during a computing call
+        self._inputs: tuple[Any, ...] = ()  # its stream inputs
+        self._last: tuple[Any, ...] = ()  # the latest block's outputs
+        self._next = 0  # the position that continues the open run
+
+    def link(self, position: int, slot: int, states: KeptStates) -> None:
+        """Record a computed block: it continues the open run where its inputs are the previous
+        block's outputs, else it starts a run; the list's last block closes the run."""
+        continues = (
+            self._start is not None and position == self._next and position > 0
+            and all(x is out for x, out in zip(states.inputs, self._last, strict=True))
+        )
+        if continues:
+            self.kept[position][slot] = Follows(self._start)  # type: ignore[arg-type]
+        else:
+            if self._start is not None:
+                self._close(slot)
+            self._start, self._inputs = position, states.inputs
+        self._last, self._next = states.outputs, position + 1
+        if position == len(self.kept) - 1:
+            self._close(slot)
+
+    def residual(self, kept: RunKept, ratio: float) -> Any:
+        """The run's residual for this step: kept, or extrapolated from the last two (forecasting)."""
+        if self.form is not None:
+            return self.form.load(kept.last)  # (no forecasting with a stored form)
+        if kept.previous is None or ratio == 0.0:
+            return kept.last
+        return self.streams.extrapolate(kept.last, kept.previous, ratio)
+
+    def _close(self, slot: int) -> None:
+        start, end = self._start, self._next - 1
+        assert start is not None
+        residual = self.streams.residual(self._last if len(self._last) > 1 else self._last[0], self._inputs)
+        if self.form is not None:
+            residual = self.form.store(residual)
+        previous = None
+        if self.forecast:  # read only here: under torch.compile, a read is a guard
+            old = self.kept[start].get(slot)
+            previous = old.last if isinstance(old, RunKept) and old.end == end else None
+        self.kept[start][slot] = RunKept(end, residual, previous)
+        self._start, self._inputs, self._last = None, (), ()
 
 
 def _describe(value: Any) -> str:
