@@ -371,3 +371,27 @@ def test_layers_launched_kernel_by_kernel_are_warned_about_once(keys, warns, mon
     assert caplog.text.count("cached under torch.compile without CUDA graphs") == int(warns)
     if warns:
         assert "components=['block']" in caplog.text and "mode='reduce-overhead'" in caplog.text
+
+
+def test_blocks_compiled_one_by_one_keep_their_own_residuals():
+    """Regional compile: a chained block's graphs would specialise on its place in the chain (a
+    graph per block), so each block keeps its own residual there, as with per-block keys; compiled
+    whole or not at all, the list keeps one."""
+    pipe = make_dit_pipeline(num_layers=4)
+    schedule = Schedule({"block": FF})
+
+    def kept_bytes() -> int:
+        with smoothcache.cache(pipe, schedule) as handle:
+            generate(pipe)
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                generate(pipe)
+            return sum(handle.state.kept_bytes().values())
+
+    chained = kept_bytes()
+    backend = GraphCounter()
+    for block in pipe.transformer.transformer_blocks:
+        block.compile(backend=backend)
+    assert kept_bytes() >= 4 * chained  # a residual or the states of each block (see KeptStates)
+    # compute-and-keep and reuse, for the first block's strided input and the others': four graphs
+    # for four blocks, not one per block
+    assert len(backend.graphs) == 4

@@ -207,16 +207,27 @@ def block_forecasting_forward(
 
 
 def chained_block_forward(
-    original: Callable[..., Any], decision: Decision, chain: BlockChain, position: int, streams: BlockStreams
+    original: Callable[..., Any],
+    decision: Decision,
+    chain: BlockChain,
+    position: int,
+    streams: BlockStreams,
+    one_by_one: Callable[..., Any],
 ) -> Callable[..., Any]:
     """A block of a :class:`~.streams.BlockChain`: a reusing step adds its run's kept residual at
     the run's first block (extrapolated with forecasting) and passes the stream on through the
     rest; a computing step links the block into the chain. As :func:`block_caching_forward`, it
     keeps eagerly where the next step reuses (or where nothing was kept), traced at every
-    computing step; a reusing step that finds nothing kept computes."""
+    computing step; a reusing step that finds nothing kept computes.
+
+    Where the chain is off for the generation (blocks compiled one by one: a compiled block's
+    graphs would specialise on its place in the chain, one per block), ``one_by_one``, the block's
+    own forward keeping its own residual, runs instead."""
     outputs = chain.kept[position]
 
     def forward(*args: Any, **kwargs: Any) -> Any:
+        if not chain.active:
+            return one_by_one(*args, **kwargs)
         inputs = streams.inputs(args, kwargs)
         if not decision.compute:
             kept = outputs[decision.slot]

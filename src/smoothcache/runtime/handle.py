@@ -200,24 +200,24 @@ class CacheHandle:
         layer, kind = layer_plan.layer, layer_plan.kind
         original, outputs = layer.module.forward, self.state.new_outputs()
         decision = self._decisions[layer_plan.columns[0]]
-        if kind in ("block", "block-forecast") and layer_plan.chain is not None:
+        if kind in ("block", "block-forecast"):
             streams = BlockStreams.of(layer.module, layer.name, layer.streams)  # type: ignore[arg-type]
+            if self.kept_form is not None:
+                one_by_one = stored_block_caching_forward(original, decision, outputs, streams, self.kept_form)
+            else:
+                make = block_forecasting_forward if kind == "block-forecast" else block_caching_forward
+                one_by_one = make(original, decision, outputs, streams, layer_plan.keep_states)
             link = layer_plan.chain
+            if link is None:
+                return one_by_one
             chain = self._chains.get(link.chain)
             if chain is None:
                 chain = BlockChain(link.length, streams, forecast=kind == "block-forecast", form=self.kept_form)
                 self._chains[link.chain] = chain
             chain.kept[link.position] = outputs
-            return chained_block_forward(original, decision, chain, link.position, streams)
-        if self.kept_form is not None and kind == "block":
-            streams = BlockStreams.of(layer.module, layer.name, layer.streams)  # type: ignore[arg-type]
-            return stored_block_caching_forward(original, decision, outputs, streams, self.kept_form)
+            return chained_block_forward(original, decision, chain, link.position, streams, one_by_one)
         if self.kept_form is not None:
             return stored_caching_forward(original, decision, outputs, self.kept_form)
-        if kind in ("block", "block-forecast"):
-            streams = BlockStreams.of(layer.module, layer.name, layer.streams)  # type: ignore[arg-type]
-            make = block_forecasting_forward if kind == "block-forecast" else block_caching_forward
-            return make(original, decision, outputs, streams, layer_plan.keep_states)
         if kind == "branches":
             second = self._decisions[layer_plan.columns[1]]
             return branch_caching_forward(original, decision, second, outputs, self.state.guidance, f"Layer {layer.name}")
@@ -346,7 +346,10 @@ class CacheHandle:
                 f"{self._multistep_hint(ran)}"
             )
         state.new_generation()
-        if compiled_anywhere(self.target.model):
+        compiled = compiled_anywhere(self.target.model)
+        for chain in self._chains.values():  # blocks compiled one by one: each keeps its own residual
+            chain.active = state.whole_model_compiled[0] or not compiled
+        if compiled:
             # CUDA graphs (mode="reduce-overhead"): cudagraph trees recycle a replay's outputs when a
             # new generation starts, at every compiled call until this was called once, then only
             # at each call (for every compiled function of the process, from then on). Kept

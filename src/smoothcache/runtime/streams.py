@@ -184,6 +184,7 @@ class BlockChain:
         self.streams = streams
         self.forecast = forecast
         self.form = form  # kept_device / kept_dtype: the residual is stored in that form
+        self.active = True  # set per generation: off where blocks are compiled one by one
         self.reusing: int | None = None
         self._start: int | None = None  # the open run's first block, during a computing call
         self._inputs: tuple[Any, ...] = ()  # its stream inputs
