@@ -122,3 +122,15 @@ def test_bench_prefetch_flag_runs_and_is_recorded(tmp_path, capsys) -> None:
     (record,) = json.loads(out.read_text())["cells"]
     assert record["prefetch_timesteps"] is True and record["speedup"] > 0
     assert "timesteps prefetched (0 device moves served)" in capsys.readouterr().out  # a CPU pipeline: nothing to move
+
+
+def test_a_pipeline_with_device_timesteps_runs_unchanged() -> None:
+    """FluxPipeline sets its timesteps through retrieve_timesteps, which reads set_timesteps'
+    signature for "sigmas", and never moves one to the device in its loop: it runs as before."""
+    from models import test_flux
+
+    pipe = test_flux.make_pipeline()
+    plain = test_flux.generate(pipe)
+    with smoothcache.prefetch_timesteps(pipe, device="cpu") as prefetch:
+        assert torch.equal(test_flux.generate(pipe), plain)
+    assert prefetch.served == 0

@@ -15,6 +15,7 @@ timesteps (the scheduler's arithmetic on the host) runs as before.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, Self
@@ -131,6 +132,7 @@ class TimestepPrefetch:
             return self
         original = type(self.scheduler).set_timesteps.__get__(self.scheduler)
 
+        @functools.wraps(original)  # pipelines read its signature (retrieve_timesteps: "sigmas" in it?)
         def set_timesteps(*args: Any, **kwargs: Any) -> Any:
             result = original(*args, **kwargs)
             self._pair_timesteps()
