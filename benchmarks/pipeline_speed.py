@@ -1,0 +1,887 @@
+"""Speed of caching inside diffusers' own pipelines: a user's ordinary ``pipe(...)`` call (issue 20).
+
+For each model, every cached configuration is timed against the UNCACHED pipeline with the same
+compile setting, batch and prefetch setting, in the same process, one configuration after the other
+(random weights: latency does not depend on them).
+
+Models:
+
+- ``dit``: ``DiTPipeline`` with a DiT-XL/2-256 transformer (``gpu_bench.dit_xl``), fp16, 50 DDIM
+  steps, classifier-free guidance as the pipeline does it (batched, ``guidance_scale`` 4.0).
+  DiTPipeline always decodes, so its VAE is a stand-in module (``LatentsOut``) whose ``decode``
+  returns a slice of the latents (three of four channels, no convolution): the call still runs to
+  its end, and the transformer dominates. The outputs compared are the latents the pipeline handed
+  to ``decode`` (what it returns is clamped to [0, 1]).
+- ``flux``: ``FluxPipeline`` with a FLUX.1-dev transformer (``gpu_peers.build``: made on the meta
+  device, initialised on the GPU), bf16, 1024x1024, 28 steps, guidance 3.5 (guidance-distilled: one
+  transformer call per step), random T5 and CLIP embeddings passed as ``prompt_embeds``, no text
+  encoders, ``output_type="latent"``.
+- ``wan``: ``WanPipeline`` with a Wan 2.1 T2V 1.3B transformer (30 blocks, 12 heads x 128, ffn 8960,
+  text 4096, patch (1, 2, 2)), bf16, 480x832, 81 frames, 30 steps of the UniPC flow scheduler Wan
+  2.1 ships (``flow_shift`` 3.0 for 480p), guidance 5.0 (two transformer calls per step), random
+  512-token prompt and negative-prompt embeddings, ``output_type="latent"``. Made on the device
+  (not on the meta device: its rotary tables are buffers computed at construction, which a
+  meta-device build leaves empty, and its modulation tables have no ``reset_parameters``), then in
+  bf16 except the modules Wan keeps in float32, as ``from_pretrained(torch_dtype=torch.bfloat16)``
+  loads it.
+
+``--tiny`` swaps each for a few-block, narrow model on a small input with few steps: it checks the
+code paths in seconds on a CPU and measures nothing. On the CPU the dtype is float32 and torch.compile
+runs dynamo only (``--backend eager``: inductor's C++ builds would take minutes).
+
+Methods, all computing the same steps (equal compute):
+
+- ``uncached``;
+- ``smoothcache blocks``: whole blocks, ``Schedule({"block": mask})`` (Flux: ``"block"`` and
+  ``"single_block"``, its double- and single-stream blocks);
+- ``smoothcache layers``: the family's default layer keys (docs/models.md): DiT ``attn1`` + ``ff``;
+  Flux ``attn``, ``ff``, ``ff_context``, ``single_attn``, ``single_proj_mlp``; Wan ``attn1`` + ``ffn``;
+- ``cache-dit F1B0 static mask``: ``DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0,
+  steps_computation_mask=mask, steps_computation_policy="static")``. It computes its first block at
+  every step, so its ideal speedup is a little lower.
+
+The mask: DiT, the reference package's 50-step alpha=0.18 pattern (``gpu_bench.ALPHA_018``, 24 of 50
+steps computed); Flux and Wan, ``cache_dit.steps_mask(mask_policy="medium")`` (15 of 28, 18 of 30),
+given to smoothcache unchanged.
+
+Compile settings: ``eager``; ``compile``, the transformer compiled whole (``pipe.transformer =
+torch.compile(pipe.transformer)``, default mode); ``cudagraphs``, the same with
+``mode="reduce-overhead"`` (which is ``options={"triton.cudagraphs": True}``, the form cache-dit's
+docs/user_guide/CUDA_GRAPH.md shows). Each library is combined with compile its documented way:
+smoothcache caches the compiled pipeline (docs/speed.md; its hooks sit on the model inside the
+wrapper, as ``smoothcache bench --compile`` does); cache-dit is enabled first, then the transformer
+compiled (cache-dit's docs/user_guide/COMPILE.md). Every configuration starts from a reset dynamo
+(``torch._dynamo.reset()``: no graphs, guards or CUDA graph trees left from the last), and the
+compiled wrapper is removed after it. Under compile, every ``pipe(...)`` call is preceded by
+``torch.compiler.cudagraph_mark_step_begin()``, as ``smoothcache bench`` does: once anything in the
+process marked a step (smoothcache marks each generation's start, so that kept outputs survive its
+steps), cudagraph trees start a new generation only at marks, for every compiled function.
+
+``--prefetch on`` applies ``smoothcache.prefetch_timesteps(pipe)`` (opt-in, bit-identical outputs:
+it removes the per-step host wait of pipelines whose scheduler keeps timesteps on the host, such as
+DiTPipeline) to every configuration of the cell, uncached included; ``both`` (default) runs each
+configuration without and with it. Where this smoothcache has no ``prefetch_timesteps``, only the
+rows without it run, and the JSON says so (``settings.prefetch_available``).
+
+Each row: the median of ``--repeats`` timed generations after warm-up (eager 1, compile 2,
+cudagraphs 3: cudagraph trees record on a function's second call and replay from its third) and
+all run times; ``speedup`` against the uncached row of the same (compile, batch, prefetch) cell and
+``speedup_vs_plain_uncached`` against the uncached row without prefetch; ``speedup_of_fastest``
+(fastest against fastest: host noise only ever slows a run); ``ideal_speedup``, from the FLOPs one
+eager generation of each (batch, method) dispatches (``torch.utils.flop_counter``; skipped work is
+never dispatched), and ``efficiency`` = speedup / ideal; ``computed_steps``, the steps that ran the
+last block's self-attention, and ``attention_fraction``, the share of all blocks' self-attention
+calls that ran (cache-dit's first block runs at every step); peak GPU memory over the timed runs;
+``kept_mib``, the memory smoothcache's cache holds after a generation
+(``handle.state.kept_bytes()``; cache-dit reports none); how often one generation made the host wait
+for the GPU (``smoothcache.bench.count_host_syncs``, on the last warm-up); graphs compiled in warm-up
+and while timed, recompiles while timed, graph breaks, CUDA graph skips; the largest difference of
+the output from the uncached one (``max_abs_diff_vs_uncached``, same compile and batch, no
+prefetch) and, with prefetch, from the same method without it (``max_abs_diff_vs_prefetch_off``: 0
+means bit-identical); and ``error`` where a configuration failed (the run goes on).
+
+Cells run most wanted first, so that ``--max-minutes`` (no configuration starts past it) trims the
+least wanted: DiT: CUDA graphs at each batch (largest first), compile at the largest, eager at each,
+compile at the others; Flux and Wan: eager, compile, CUDA graphs. The JSON is written after every
+row, so a run cut short keeps what it measured. One line is printed per row, and an estimate of the
+run's length after the first uncached generation.
+
+    python benchmarks/pipeline_speed.py --model dit --tiny --out /tmp/ps     # CPU smoke: ~2 min on 2 cores
+    python benchmarks/pipeline_speed.py --plot-from /tmp/ps/pipeline-speed-dit.json   # redraw its plot
+
+On one H200 (a command may run 10 minutes at most, so one model's cells are split over commands;
+minutes estimated from DiT-XL/2 ~0.2-0.6 s per compiled generation and ~2 s eager, ~30-60 s of
+compiling per compiled DiT configuration (less for its prefetch twin, from inductor's cache) and
+~2 min per Flux one, Flux-dev ~5-12 s and Wan 1.3B ~40-80 s per eager generation, plus ~0.5 min to
+import and build)::
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl-bench/*.whl &&
+    export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
+    # the GPU paths (inductor, CUDA graphs, host syncs) on the tiny DiT first: ~2 min
+    python3 benchmarks/pipeline_speed.py --model dit --tiny --compile cudagraphs eager --batches 2 --out "$OUT/dit-tiny"
+    python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs --batches 8 --out "$OUT/dit-cg8"  # ~5-8 min
+    python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs --batches 1 --out "$OUT/dit-cg1"  # ~5-8 min
+    python3 benchmarks/pipeline_speed.py --model dit --compile eager --out "$OUT/dit-eager"  # ~3-4 min (b8, b1)
+    python3 benchmarks/pipeline_speed.py --model dit --compile compile --batches 8 --out "$OUT/dit-c8"      # ~5-7 min
+    python3 benchmarks/pipeline_speed.py --model dit --compile compile --batches 1 --out "$OUT/dit-c1"      # ~5-7 min
+    # Flux and Wan keep their timesteps on the device (nothing to prefetch): --prefetch off
+    python3 benchmarks/pipeline_speed.py --model flux --compile eager --prefetch off --out "$OUT/flux-eager"  # ~2-3 min
+    # ~8-10 min: uncached and blocks; the budget stops the rest (each compiled Flux configuration ~3-4 min)
+    python3 benchmarks/pipeline_speed.py --model flux --compile compile --prefetch off --max-minutes 5 --out "$OUT/flux-c"
+    python3 benchmarks/pipeline_speed.py --model wan --compile eager --prefetch off --repeats 1 --out "$OUT/wan-eager"  # ~5-8 min
+
+Then ``--plot-from A/pipeline-speed-dit.json B/pipeline-speed-dit.json ... --out DIR`` merges one
+model's parts into one JSON and plot (each cell's rows from one file: every speedup within one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from importlib import metadata
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_bench
+import gpu_peers
+
+import smoothcache
+from smoothcache import Schedule
+from smoothcache.bench import count_host_syncs
+from smoothcache.files import atomic_path, atomic_write_text
+
+MODELS = ("dit", "flux", "wan")
+COMPILES = ("eager", "compile", "cudagraphs")
+UNCACHED, BLOCKS, LAYERS, CACHE_DIT = "uncached", "smoothcache blocks", "smoothcache layers", "cache-dit F1B0 static mask"
+METHODS = (UNCACHED, BLOCKS, LAYERS, CACHE_DIT)
+WARMUP = {"eager": 1, "compile": 2, "cudagraphs": 3}  # cudagraph trees record on the 2nd call, replay from the 3rd
+
+# The tiny DiT: 10 steps, every 2nd computed plus the first and last, as the alpha=0.18 pattern does
+DIT_TINY_MASK = (1, 0, 1, 0, 1, 0, 1, 0, 1, 1)
+WAN_2_1_T2V_1_3B = {  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json
+    "patch_size": (1, 2, 2), "num_attention_heads": 12, "attention_head_dim": 128, "in_channels": 16,
+    "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 8960, "num_layers": 30,
+    "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024,
+}
+WAN_TINY = {
+    "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 16,
+    "out_channels": 16, "text_dim": 32, "freq_dim": 16, "ffn_dim": 32, "num_layers": 2,
+    "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 32,
+}
+WAN_SCHEDULER = {  # Wan 2.1's UniPC flow scheduler; flow_shift 3.0 for 480p (5.0 for 720p)
+    "prediction_type": "flow_prediction", "use_flow_sigmas": True, "num_train_timesteps": 1000, "flow_shift": 3.0,
+}
+
+
+# ---- the pipelines ----------------------------------------------------------------------------
+@dataclass
+class Workload:
+    """One model's pipeline, how a generation calls it, and what each cache is given."""
+
+    model: str
+    pipe: Any
+    steps: int
+    mask: tuple[int, ...]
+    block_keys: tuple[str, ...]
+    layer_keys: tuple[str, ...]
+    calls_per_step: int  # transformer calls per denoising step
+    generate: Callable[[int, torch.Generator], torch.Tensor]  # (batch, generator) -> output compared
+    attentions: Callable[[nn.Module], list[nn.Module]]  # each block's self-attention: every method here skips it on a reused step
+    settings: dict[str, Any]
+    compile_guess_s: float  # for the run-time estimate only
+    compiled_factor: float  # a compiled generation's time over an eager one, for the estimate only
+
+
+class LatentsOut(nn.Module):
+    """Stands in for DiTPipeline's VAE, which the pipeline always calls: ``decode`` returns three of
+    the four latent channels (the pipeline then scales and clamps them) and keeps the latents it
+    was handed, the output this benchmark compares."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(scaling_factor=1.0)  # DiTPipeline divides the latents by it
+        self.register_buffer("anchor", torch.zeros(()), persistent=False)  # for the pipeline's device lookup
+        self.latents: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.anchor.dtype
+
+    def decode(self, latents: torch.Tensor) -> SimpleNamespace:
+        self.latents = latents
+        return SimpleNamespace(sample=latents[:, :3])
+
+
+def dtype_for(device: str, dtype: torch.dtype) -> torch.dtype:
+    """The model's dtype, except float32 on the CPU (half precision is slow there and checks nothing more)."""
+    return torch.float32 if torch.device(device).type == "cpu" else dtype
+
+
+def dit_workload(tiny: bool, device: str) -> Workload:
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    dtype = dtype_for(device, torch.float16)
+    torch.manual_seed(0)
+    pipe = DiTPipeline(transformer=gpu_bench.dit_xl(device, dtype, tiny), vae=LatentsOut().to(device), scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    mask = DIT_TINY_MASK if tiny else gpu_bench.ALPHA_018
+
+    def generate(batch: int, generator: torch.Generator) -> torch.Tensor:
+        pipe(class_labels=[i % 1000 for i in range(batch)], guidance_scale=4.0, num_inference_steps=len(mask),
+             generator=generator, output_type="pt")
+        return pipe.vae.latents
+
+    return Workload(
+        "dit", pipe, len(mask), tuple(mask), ("block",), ("attn1", "ff"), 1, generate,
+        attentions=lambda model: [block.attn1 for block in model.transformer_blocks],
+        settings={"pipeline": "DiTPipeline", "transformer": "DiT-XL/2-256 shape" + (" (tiny)" if tiny else ""),
+                  "dtype": str(dtype), "scheduler": "DDIMScheduler()", "guidance_scale": 4.0, "cfg": "batched (2x batch)",
+                  "vae": "LatentsOut stand-in: decode returns 3 of 4 latent channels (no convolution)",
+                  "output_compared": "the latents handed to decode", "image": "256x256 (32x32 latents)"},
+        compile_guess_s=2.0 if tiny else 45.0, compiled_factor=0.3,
+    )
+
+
+def flux_workload(tiny: bool, device: str) -> Workload:
+    dtype = dtype_for(device, torch.bfloat16)
+    setup = gpu_peers.build(tiny, device, dtype)
+    mask = medium_mask(setup.steps)
+
+    def generate(batch: int, generator: torch.Generator) -> torch.Tensor:
+        return setup.pipe(
+            prompt_embeds=setup.prompt_embeds, pooled_prompt_embeds=setup.pooled_prompt_embeds, height=setup.size,
+            width=setup.size, num_inference_steps=setup.steps, guidance_scale=3.5, num_images_per_prompt=batch,
+            generator=generator, output_type="latent",
+        ).images
+
+    return Workload(
+        "flux", setup.pipe, setup.steps, mask, ("block", "single_block"),
+        ("attn", "ff", "ff_context", "single_attn", "single_proj_mlp"), 1, generate,
+        attentions=lambda model: [block.attn for block in gpu_peers.blocks_of(model)],
+        settings={"pipeline": "FluxPipeline", "transformer": gpu_peers.FLUX_TINY if tiny else gpu_peers.FLUX_DEV,
+                  "dtype": str(dtype), "scheduler": gpu_peers.FLUX_DEV_SCHEDULER, "guidance_scale": 3.5,
+                  "image": f"{setup.size}x{setup.size}", "text_tokens": setup.prompt_embeds.shape[1],
+                  "vae": "excluded (output_type='latent')", "output_compared": "packed latents"},
+        compile_guess_s=2.0 if tiny else 100.0, compiled_factor=0.85,
+    )
+
+
+def cast_as_loaded(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model``'s parameters in ``dtype`` except those of the modules its class keeps in float32,
+    as ``from_pretrained(torch_dtype=dtype)`` loads them (Wan: rope, time embedder, modulation
+    tables, norms); buffers stay as built (Wan's rotary tables: float32)."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, parameter in model.named_parameters():
+        if not keep.intersection(name.split(".")):
+            parameter.data = parameter.data.to(dtype)
+    return model
+
+
+def wan_workload(tiny: bool, device: str) -> Workload:
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    dtype = dtype_for(device, torch.bfloat16)
+    config = WAN_TINY if tiny else WAN_2_1_T2V_1_3B
+    torch.manual_seed(0)
+    with torch.device(device):  # made on the device: no copy on the host
+        transformer = cast_as_loaded(WanTransformer3DModel(**config), dtype).eval().requires_grad_(False)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                       scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER))
+    pipe.set_progress_bar_config(disable=True)
+    height, width, frames, steps, tokens = (32, 32, 5, 12, 8) if tiny else (480, 832, 81, 30, 512)
+    g = torch.Generator().manual_seed(100)
+    prompt, negative = (torch.randn(1, tokens, config["text_dim"], generator=g).to(device, dtype) for _ in range(2))
+
+    def generate(batch: int, generator: torch.Generator) -> torch.Tensor:
+        return pipe(
+            prompt_embeds=prompt, negative_prompt_embeds=negative, height=height, width=width, num_frames=frames,
+            num_inference_steps=steps, guidance_scale=5.0, num_videos_per_prompt=batch, generator=generator,
+            output_type="latent",
+        ).frames
+
+    return Workload(
+        "wan", pipe, steps, medium_mask(steps), ("block",), ("attn1", "ffn"), 2, generate,
+        attentions=lambda model: [block.attn1 for block in model.blocks],
+        settings={"pipeline": "WanPipeline", "transformer": config, "dtype": str(dtype),
+                  "scheduler": {"class": "UniPCMultistepScheduler", **WAN_SCHEDULER}, "guidance_scale": 5.0,
+                  "cfg": "sequential (two transformer calls per step)", "video": f"{frames}x{height}x{width}",
+                  "text_tokens": tokens, "vae": "excluded (output_type='latent')", "output_compared": "latents"},
+        compile_guess_s=2.0 if tiny else 60.0, compiled_factor=0.9,
+    )
+
+
+def medium_mask(steps: int) -> tuple[int, ...]:
+    """cache-dit's 'medium' step mask for ``steps`` (15 of 28 steps computed at 28)."""
+    import cache_dit
+
+    return tuple(int(m) for m in cache_dit.steps_mask(mask_policy="medium", total_steps=steps))
+
+
+BUILDERS: dict[str, Callable[[bool, str], Workload]] = {"dit": dit_workload, "flux": flux_workload, "wan": wan_workload}
+DEFAULT_BATCHES = {"dit": (1, 8), "flux": (1,), "wan": (1,)}
+DEFAULT_REPEATS = {"dit": 5, "flux": 3, "wan": 2}
+
+
+# ---- configurations ----------------------------------------------------------------------------
+class Config(NamedTuple):
+    compile: str
+    batch: int
+    prefetch: bool
+    method: str
+
+
+def cells(model: str, compiles: Sequence[str], batches: Sequence[int]) -> list[tuple[str, int]]:
+    """The (compile, batch) cells, most wanted first (issue 20): DiT, CUDA graphs at each batch
+    (largest first), compile at the largest, eager at each, compile at the others; Flux and Wan,
+    eager, compile, CUDA graphs."""
+    big_first = sorted(set(batches), reverse=True)
+    if model == "dit":
+        order = [("cudagraphs", b) for b in big_first] + [("compile", big_first[0])]
+        order += [("eager", b) for b in big_first] + [("compile", b) for b in big_first[1:]]
+    else:
+        order = [(c, b) for c in COMPILES for b in big_first]
+    return [cell for cell in order if cell[0] in compiles]
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside a ``torch.compile`` wrapper."""
+    return getattr(model, "_orig_mod", model)
+
+
+@dataclass
+class Attached:
+    """A configuration in place: smoothcache's handle where it caches, how it was set up, and what
+    failed while taking it down."""
+
+    handle: Any = None
+    how: list[str] = field(default_factory=list)
+    teardown_errors: list[str] = field(default_factory=list)
+
+
+def restorer(model: nn.Module) -> Callable[[], None]:
+    """Puts ``model``'s modules back as they are now: instance attributes added or replaced since
+    are dropped or restored, and so are child modules. cache-dit 1.5.3's ``disable_cache`` leaves
+    its patched ``forward`` on the transformer (``_is_patched``; DiT's also a ``_norm1_emb``
+    child), which later configurations, uncached ones included, would otherwise run."""
+    before = {module: (dict(vars(module)), dict(module._modules)) for module in model.modules()}
+
+    def restore() -> None:
+        for module, (attributes, children) in before.items():
+            now = vars(module)
+            for name in set(now) - set(attributes):
+                del now[name]
+            now.update(attributes)
+            module._modules.clear()
+            module._modules.update(children)
+
+    return restore
+
+
+@contextlib.contextmanager
+def configured(work: Workload, config: Config, backend: str) -> Iterator[Attached]:
+    """Compile (as ``config`` says) and attach the method, each library its documented way round;
+    then prefetch; undo all of it afterwards, in reverse, from a reset dynamo."""
+    pipe, attached, undo = work.pipe, Attached(), []
+    torch._dynamo.reset()
+
+    def compile_transformer() -> None:
+        if config.compile == "eager":
+            return
+        mode = {"mode": "reduce-overhead"} if config.compile == "cudagraphs" and backend == "inductor" else {}
+        pipe.transformer = torch.compile(pipe.transformer, backend=backend, **mode)
+        undo.append(lambda: setattr(pipe, "transformer", unwrapped(pipe.transformer)))
+        shown = ", mode='reduce-overhead'" if mode else ""
+        attached.how.append(f"pipe.transformer = torch.compile(pipe.transformer, backend={backend!r}{shown})")
+
+    try:
+        if config.method == CACHE_DIT:  # cache-dit's docs: enable_cache(pipe), then torch.compile
+            import cache_dit
+
+            undo.append(restorer(pipe.transformer))
+            cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(
+                Fn_compute_blocks=1, Bn_compute_blocks=0, num_inference_steps=work.steps,
+                steps_computation_mask=list(work.mask), steps_computation_policy="static"))
+            undo.append(lambda: cache_dit.disable_cache(pipe))
+            attached.how.append("cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(Fn_compute_blocks=1, "
+                                "Bn_compute_blocks=0, steps_computation_mask=mask, steps_computation_policy='static'))")
+        compile_transformer()
+        if config.method in (BLOCKS, LAYERS):  # smoothcache's docs: cache the compiled pipeline
+            keys = work.block_keys if config.method == BLOCKS else work.layer_keys
+            attached.handle = smoothcache.cache(pipe, Schedule({key: list(work.mask) for key in keys}))
+            undo.append(attached.handle.disable)
+            attached.how.append(f"smoothcache.cache(pipe, Schedule({{{', '.join(map(repr, keys))}: mask}}))")
+        if config.prefetch:
+            undo.append(smoothcache.prefetch_timesteps(pipe).disable)
+            attached.how.append("smoothcache.prefetch_timesteps(pipe)")
+        yield attached
+    finally:
+        for step in reversed(undo):
+            try:
+                step()
+            except Exception as error:  # noqa: BLE001 - recorded in the row; the next configuration goes on
+                attached.teardown_errors.append(f"{type(error).__name__}: {error}"[:500])
+        torch._dynamo.reset()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def first_linear(module: nn.Module) -> nn.Linear:
+    return next(m for m in module.modules() if isinstance(m, nn.Linear))
+
+
+@contextlib.contextmanager
+def calls_counted(modules: Sequence[nn.Module]) -> Iterator[list[int]]:
+    """How often ``modules`` ran: a pre-hook on each (a cache that skips a module never reaches it)."""
+    count = [0]
+
+    def hook(*_: Any) -> None:
+        count[0] += 1
+
+    handles = [module.register_forward_pre_hook(hook) for module in modules]
+    try:
+        yield count
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def counted_generation(work: Workload, generate: Callable[[], Any]) -> dict[str, float]:
+    """One generation under the FLOP counter: the FLOPs dispatched; ``computed_steps``, the steps
+    that ran the last block's self-attention; ``attention_fraction``, the share of all blocks'
+    self-attention calls that ran (counted at each attention's first Linear: a reused layer, a
+    block cached whole and a block cache-dit skips never reach it; cache-dit runs its first block
+    at every step)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    attentions = [first_linear(a) for a in work.attentions(unwrapped(work.pipe.transformer))]
+    with calls_counted(attentions) as all_calls, calls_counted(attentions[-1:]) as last_calls, \
+            FlopCounterMode(display=False) as flops, warnings.catch_warnings():
+        # the counter's global module hooks meet the compiled wrapper (run eagerly here): torch warns they fire twice
+        warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
+        generate()
+    return {"flops": float(flops.get_total_flops()), "computed_steps": last_calls[0] / work.calls_per_step,
+            "attention_fraction": all_calls[0] / (len(attentions) * work.calls_per_step * work.steps)}
+
+
+def host_syncs_of(run: Callable[[], Any], device: torch.device) -> int | None:
+    """Runs ``run`` once, counting the host's waits for the GPU where there is a GPU
+    (``count_host_syncs`` runs nothing off CUDA)."""
+    if device.type != "cuda":
+        run()
+        return None
+    return count_host_syncs(run, device)
+
+
+def max_abs_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
+    return None if a is None or b is None else float((a - b).abs().max())
+
+
+def error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:1000]
+
+
+@dataclass
+class Runner:
+    """Measures one model's configurations in order and keeps the result file current."""
+
+    work: Workload
+    args: argparse.Namespace
+    out: Path
+    started: float = field(default_factory=time.perf_counter)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    counts: dict[tuple[int, str], dict[str, float]] = field(default_factory=dict)  # (batch, method) -> counted work
+    outputs: dict[Config, torch.Tensor] = field(default_factory=dict)  # this cell's outputs, for the differences
+    plan: list[Config] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.args.device)
+
+    def elapsed_min(self) -> float:
+        return (time.perf_counter() - self.started) / 60
+
+    def run(self) -> dict[str, Any]:
+        for index, config in enumerate(self.plan):
+            if index == 0 or self.plan[index - 1][:2] != config[:2]:
+                self.outputs.clear()  # a new cell
+            self.add(self.measure(config))
+        return self.result()
+
+    def generation(self, batch: int, compiled: bool) -> Callable[[], torch.Tensor]:
+        """One ``pipe(...)`` call with a fixed seed; marked as its own CUDA graph generation under compile."""
+
+        def run() -> torch.Tensor:
+            if compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            return self.work.generate(batch, torch.Generator(self.device).manual_seed(0))
+
+        return run
+
+    def measure(self, config: Config) -> dict[str, Any]:
+        """Set up, count the work (first time per batch and method), warm up, time, take down: one row."""
+        row: dict[str, Any] = {"model": self.work.model, **config._asdict(),
+                               "implementation": {UNCACHED: "none", CACHE_DIT: "cache-dit"}.get(config.method, "smoothcache")}
+        if self.elapsed_min() > self.args.max_minutes:
+            row["skipped"] = f"over the time budget (--max-minutes {self.args.max_minutes})"
+            return row
+        attached = None
+        try:
+            with configured(self.work, config, self.args.backend) as attached:
+                row["how"] = "; then ".join(attached.how) or "pipe(...)"
+                row.update(self.timed(config, attached))
+        except Exception as error:  # noqa: BLE001 - a configuration that cannot run here is recorded, not fatal
+            row["error"] = error_text(error)
+            row["traceback"] = traceback.format_exc(limit=8)[-4000:]
+        if attached is not None and attached.teardown_errors:
+            row["teardown_errors"] = attached.teardown_errors
+        return row
+
+    def timed(self, config: Config, attached: Attached) -> dict[str, Any]:
+        """The configuration in place: its work counted where not yet, warmed up, then timed."""
+        generate = self.generation(config.batch, compiled=config.compile != "eager")
+        before = gpu_bench.dynamo_counts()
+        syncs, warmup_s = self.warm_up(config, generate)
+        after_warmup = gpu_bench.dynamo_counts()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        times, output = [], None
+        for _ in range(self.args.repeats):
+            sync()
+            start = time.perf_counter()
+            output = generate()
+            sync()
+            times.append(time.perf_counter() - start)
+        end = gpu_bench.dynamo_counts()
+        self.outputs[config] = output.detach().float().cpu()
+        kept = attached.handle.state.kept_bytes() if attached.handle is not None else None
+        return {
+            "ms": 1000 * statistics.median(times), "runs_ms": [1000 * t for t in times], "warmup_s": warmup_s,
+            "warmup_generations": WARMUP[config.compile], "repeats": self.args.repeats,
+            "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+            "kept_mib": None if kept is None else sum(kept.values()) / 2**20, "kept_bytes_by_device": kept,
+            "host_syncs_per_generation": syncs,
+            "graphs_compiled_in_warmup": after_warmup["graphs"] - before["graphs"],
+            "graphs_compiled_while_timed": end["graphs"] - after_warmup["graphs"],
+            "recompiles_while_timed": end["frames"] - after_warmup["frames"],
+            "graph_breaks": end["graph_breaks"] - before["graph_breaks"],
+            "cudagraph_skips": end["cudagraph_skips"] - before["cudagraph_skips"],
+            **self.counts[(config.batch, config.method)],
+            **self.differences(config),
+        }
+
+    def warm_up(self, config: Config, generate: Callable[[], Any]) -> tuple[int | None, float]:
+        """Warm-up generations (the last one counting the host's waits for the GPU) and their
+        seconds. The first of each (batch, method) is also counted (FLOPs, steps): eagerly, the
+        warm-up is that generation; compiled, it is an extra one run eagerly before anything compiles."""
+        key = (config.batch, config.method)
+        calls: list[Callable[[], Any]] = [generate] * WARMUP[config.compile]
+        if key not in self.counts:
+            if config.compile != "eager":
+                with torch.compiler.set_stance("force_eager"):
+                    self.count(key, generate)
+            else:
+                calls[0] = partial(self.count, key, generate)
+        start = time.perf_counter()
+        for call in calls[:-1]:
+            call()
+        syncs = host_syncs_of(calls[-1], self.device)
+        sync()
+        return syncs, time.perf_counter() - start
+
+    def count(self, key: tuple[int, str], generate: Callable[[], Any]) -> None:
+        """The counted generation of ``key``; the run's first one also sets the time estimate."""
+        start = time.perf_counter()
+        self.counts[key] = counted_generation(self.work, generate)
+        sync()
+        if "first_generation_s" not in self.extra:
+            self.extra["first_generation_s"] = time.perf_counter() - start
+            self.extra["first_generation_batch"] = key[0]
+            print_estimate(self)
+
+    def differences(self, config: Config) -> dict[str, float | None]:
+        out = self.outputs[config]
+        plain = self.outputs.get(config._replace(prefetch=False, method=UNCACHED))
+        found = {"max_abs_diff_vs_uncached": max_abs_diff(out, plain)}
+        if config.prefetch:
+            found["max_abs_diff_vs_prefetch_off"] = max_abs_diff(out, self.outputs.get(config._replace(prefetch=False)))
+        return found
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Keep ``row``, rewrite the result file, print the row's line."""
+        self.rows.append(row)
+        result = self.result()
+        atomic_write_text(self.out, json.dumps(result, indent=1) + "\n")
+        print(row_line(result["rows"][-1]), flush=True)
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "benchmark": "pipeline_speed: pipe(...) on diffusers' own pipelines, cached against uncached (issue 20)",
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+            "versions": versions(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "settings": self.settings(),
+            **self.extra,
+            "minutes": self.elapsed_min(),
+            "rows": with_speedups(self.rows),
+        }
+
+    def settings(self) -> dict[str, Any]:
+        work, args = self.work, self.args
+        return {
+            "model": work.model, "tiny": args.tiny, **work.settings, "steps": work.steps, "mask": list(work.mask),
+            "computed_steps_in_mask": sum(work.mask), "calls_per_step": work.calls_per_step,
+            "block_keys": list(work.block_keys), "layer_keys": list(work.layer_keys),
+            "batches": args.batches, "compile": args.compile, "prefetch": args.prefetch,
+            "prefetch_available": prefetch_available(), "repeats": args.repeats, "warmup": WARMUP,
+            "backend": args.backend, "max_minutes": args.max_minutes,
+            "recompile_limit": torch._dynamo.config.recompile_limit,
+            "accumulated_recompile_limit": torch._dynamo.config.accumulated_recompile_limit,
+            "compile_how": {
+                "smoothcache": "pipe.transformer = torch.compile(pipe.transformer[, mode='reduce-overhead']), then "
+                               "smoothcache.cache(pipe, schedule) (docs/speed.md; as smoothcache bench --compile)",
+                "cache-dit": "cache_dit.enable_cache(pipe, ...), then pipe.transformer = torch.compile(pipe.transformer"
+                             "[, mode='reduce-overhead']) (cache-dit docs/user_guide/COMPILE.md; reduce-overhead is "
+                             "options={'triton.cudagraphs': True}, its docs/user_guide/CUDA_GRAPH.md)",
+                "every configuration": "torch._dynamo.reset() before and after; under compile each pipe(...) call "
+                                       "follows torch.compiler.cudagraph_mark_step_begin()",
+            },
+            "ideal_speedup": "FLOPs of one eager uncached generation / FLOPs of one eager generation of the method "
+                             "(torch.utils.flop_counter), same batch",
+        }
+
+
+def prefetch_available() -> bool:
+    return hasattr(smoothcache, "prefetch_timesteps")
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
+                                    "cuda": torch.version.cuda, "smoothcache": smoothcache.__version__}
+    for name in ("diffusers", "cache-dit"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def with_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of ``rows`` with speedups against the uncached row of the same (compile, batch,
+    prefetch) cell and against the plain one (no prefetch), ideal speedups from the uncached FLOPs
+    of the same batch, and efficiency."""
+    rows = [dict(row) for row in rows]
+
+    def uncached(row: dict[str, Any], prefetch: bool) -> dict[str, Any]:
+        return next((r for r in rows if r["method"] == UNCACHED and r["compile"] == row["compile"]
+                     and r["batch"] == row["batch"] and r["prefetch"] == prefetch and "ms" in r), {})
+
+    for row in rows:
+        base_flops = next((r["flops"] for r in rows if r["method"] == UNCACHED and r["batch"] == row["batch"] and "flops" in r), None)
+        if base_flops and row.get("flops"):
+            row["ideal_speedup"] = base_flops / row["flops"]
+        if "ms" not in row:
+            continue
+        base, plain = uncached(row, row["prefetch"]), uncached(row, False)
+        if base:
+            row["speedup"] = base["ms"] / row["ms"]
+            row["speedup_of_fastest"] = min(base["runs_ms"]) / min(row["runs_ms"])
+            if "ideal_speedup" in row:
+                row["efficiency"] = row["speedup"] / row["ideal_speedup"]
+        if plain:
+            row["speedup_vs_plain_uncached"] = plain["ms"] / row["ms"]
+    return rows
+
+
+def row_line(row: dict[str, Any]) -> str:
+    head = f"{row['model']} {row['compile']:10} b{row['batch']:<2} prefetch {'on ' if row['prefetch'] else 'off'} {row['method']:27}"
+    if "ms" not in row:
+        return f"{head} {row.get('skipped') or 'FAILED ' + row.get('error', '')[:300]}"
+    speed = f"{row['speedup']:.2f}x" if "speedup" in row else "  -  "
+    ideal = f"{row['ideal_speedup']:.2f}x" if "ideal_speedup" in row else "-"
+    line = (f"{head} {row['ms']:9.1f} ms {speed} (ideal {ideal}), {row['graphs_compiled_in_warmup']} graphs, "
+            f"{row['recompiles_while_timed']} recompiles timed, {row['host_syncs_per_generation']} syncs, "
+            f"warm-up {row['warmup_s']:.0f} s")
+    return line + (f"; teardown failed: {row['teardown_errors']}" if "teardown_errors" in row else "")
+
+
+def print_estimate(runner: Runner) -> None:
+    """Expected run time from the first (eager, counted) uncached generation: generations scaled by
+    batch (never below a quarter: small batches are bound by the host), compiled ones by the model's
+    compiled factor, cached ones by their computed share, plus a compile allowance per compiled
+    configuration; a guess."""
+    work, first_s, first_batch = runner.work, runner.extra["first_generation_s"], runner.extra["first_generation_batch"]
+    share = sum(work.mask) / work.steps + 0.1
+    seen, total = set(), 0.0
+    for config in runner.plan:
+        compiled = config.compile != "eager"
+        counted = compiled and (config.batch, config.method) not in seen  # an extra eager generation
+        seen.add((config.batch, config.method))
+        one = first_s * max(config.batch / first_batch, 0.25) * (1.0 if config.method == UNCACHED else share)
+        total += (WARMUP[config.compile] + runner.args.repeats) * one * (work.compiled_factor if compiled else 1.0)
+        total += one if counted else 0.0
+        total += work.compile_guess_s if compiled else 0.0
+    print(f"first uncached generation {first_s:.2f} s (eager, batch {first_batch}); {len(runner.plan)} configurations, "
+          f"expected about {total / 60:.1f} min (a guess); none starts after {runner.args.max_minutes} min", flush=True)
+
+
+# ---- the plot ----------------------------------------------------------------------------------
+COLOURS = {UNCACHED: "tab:gray", BLOCKS: "tab:blue", LAYERS: "tab:cyan", CACHE_DIT: "tab:green"}
+LABELS = {UNCACHED: "uncached", BLOCKS: "smoothcache\nblocks", LAYERS: "smoothcache\nlayers", CACHE_DIT: "cache-dit\nF1B0 mask"}
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """One panel per (compile, batch) cell: speedup of each method over the plain uncached
+    ``pipe(...)`` (hatched: with prefetch), black ticks at the ideal speedup, a line at 1.0."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    from smoothcache.plots import pyplot
+
+    plt = pyplot()
+    rows = result["rows"]
+    panels = list(dict.fromkeys((r["compile"], r["batch"]) for r in rows))
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    prefetches = sorted({r["prefetch"] for r in rows})
+    width = 0.8 / len(prefetches)
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 3.0 * len(panels), 4.2), sharey=True, squeeze=False)
+    for ax, (compile_mode, batch) in zip(axes[0], panels, strict=True):
+        for j, prefetch in enumerate(prefetches):
+            for i, method in enumerate(methods):
+                row = next((r for r in rows if (r["compile"], r["batch"], r["prefetch"], r["method"])
+                            == (compile_mode, batch, prefetch, method)), None)
+                if row is None:
+                    continue
+                x = i + (j - (len(prefetches) - 1) / 2) * width
+                value = row.get("speedup_vs_plain_uncached")
+                if value is None:
+                    ax.text(x, 0.05, "skipped" if "skipped" in row else "failed", rotation=90, fontsize=6, ha="center")
+                    continue
+                ax.bar(x, value, width, color=COLOURS[method], hatch="///" if prefetch else None, edgecolor="black", linewidth=0.4)
+                if method != UNCACHED and "ideal_speedup" in row:
+                    ax.plot([x - width / 2, x + width / 2], [row["ideal_speedup"]] * 2, color="black", linewidth=2)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], fontsize=6)
+        ax.set_title(f"{compile_mode}, batch {batch}", fontsize=9)
+    axes[0][0].set_ylabel("speedup over uncached pipe()\n(same compile and batch, no prefetch)", fontsize=8)
+    handles = [Patch(facecolor="white", edgecolor="black", label="prefetch off")]
+    if True in prefetches:
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="///", label="prefetch on"))
+    handles.append(Line2D([], [], color="black", linewidth=2, label="ideal (FLOPs)"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7)
+    s = result["settings"]
+    fig.suptitle(f"{s['pipeline']}, {s['steps']} steps ({s['computed_steps_in_mask']} computed), {s['dtype']}, "
+                 f"{result['device']}{' (tiny)' if s['tiny'] else ''}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def merge(files: Sequence[Path]) -> dict[str, Any]:
+    """Parts of one model's run on one device (e.g. one command per compile setting) as one result:
+    each cell's rows from one file only (the last that has the cell), so that every speedup stays
+    within one process; each part's own settings are kept in ``merged_from``."""
+    results = [json.loads(f.read_text()) for f in files]
+    for key, values in (("models", {r["settings"]["model"] for r in results}), ("devices", {r["device"] for r in results})):
+        if len(values) != 1:
+            raise SystemExit(f"--plot-from: the files are of different {key}: {sorted(values)}")
+    owner = {(row["compile"], row["batch"]): i for i, r in enumerate(results) for row in r["rows"]}
+    merged = dict(results[-1])
+    merged["rows"] = [row for i, r in enumerate(results) for row in r["rows"] if owner[(row["compile"], row["batch"])] == i]
+    merged["settings"] = {**results[-1]["settings"], "compile": list(dict.fromkeys(c for c, _ in owner)),
+                          "batches": sorted({b for _, b in owner}, reverse=True)}
+    merged["merged_from"] = [{"file": str(f), "date": r["date"], "minutes": r.get("minutes"), "settings": r["settings"]}
+                             for f, r in zip(files, results, strict=True)]
+    return merged
+
+
+# ---- the command line --------------------------------------------------------------------------
+def result_path(out: Path, model: str) -> Path:
+    return out / f"pipeline-speed-{model}.json"
+
+
+def run_model(model: str, args: argparse.Namespace) -> Path:
+    """Build ``model``'s pipeline, run its configurations in order, plot; returns the JSON's path."""
+    args.batches = args.batches or list(DEFAULT_BATCHES[model])
+    args.repeats = args.repeats or (1 if args.tiny else DEFAULT_REPEATS[model])
+    started = time.perf_counter()
+    work = BUILDERS[model](args.tiny, args.device)
+    runner = Runner(work, args, result_path(args.out, model), started=started)
+    runner.extra["build_s"] = time.perf_counter() - started
+    print(f"{model}: built in {runner.extra['build_s']:.1f} s, "
+          f"{sum(p.numel() for p in work.pipe.transformer.parameters()) / 1e6:,.1f} M parameters", flush=True)
+    prefetches = {"off": [False], "on": [True], "both": [False, True]}[args.prefetch]
+    if not prefetch_available():
+        print("smoothcache.prefetch_timesteps is not in this smoothcache: running without prefetch only", flush=True)
+        prefetches = [False]
+    runner.plan = [Config(c, b, p, m) for c, b in cells(model, args.compile, args.batches) for m in METHODS for p in prefetches]
+    result = runner.run()
+    plot(result, runner.out.with_suffix(".png"))
+    return runner.out
+
+
+def replot(files: Sequence[Path], out: Path) -> list[Path]:
+    """One result file: its plot redrawn beside it. Several: merged into ``out``, then plotted."""
+    if len(files) == 1:
+        return [plot(json.loads(files[0].read_text()), files[0].with_suffix(".png"))]
+    result = merge(files)
+    path = result_path(out, result["settings"]["model"])
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    return [path, plot(result, path.with_suffix(".png"))]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", choices=MODELS, default=["dit"], help="one run per model, in turn")
+    parser.add_argument("--compile", nargs="+", choices=COMPILES, default=list(COMPILES))
+    parser.add_argument("--batches", type=int, nargs="+", help="default: DiT 1 8; Flux and Wan 1")
+    parser.add_argument("--prefetch", choices=["off", "on", "both"], default="both",
+                        help="smoothcache.prefetch_timesteps on every configuration of a cell: off, on, or both in turn")
+    parser.add_argument("--repeats", type=int, help="timed generations per configuration (default: DiT 5, Flux 3, Wan 2; 1 with --tiny)")
+    parser.add_argument("--max-minutes", type=float, default=7.5,
+                        help="per model, start no configuration after this many minutes (the last may take a few more)")
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"),
+                        help="writes OUT/pipeline-speed-<model>.json and .png")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", help="torch.compile backend (default: inductor; eager on the CPU, dynamo only)")
+    parser.add_argument("--tiny", action="store_true", help="tiny models, few steps: checks the code paths, measures nothing")
+    parser.add_argument("--plot-from", type=Path, nargs="+",
+                        help="only redraw the plot of a result JSON; several (parts of one model's run): merge into --out")
+    args = parser.parse_args(argv)
+    if args.backend is None:
+        args.backend = "eager" if torch.device(args.device).type == "cpu" else "inductor"
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    args = parse_args(argv)
+    if args.plot_from:
+        paths = replot(args.plot_from, args.out)
+        print(*paths, sep="\n")
+        return paths
+    if torch.device(args.device).type == "cpu":
+        torch.set_num_threads(1)  # tiny models on a shared CPU: spinning thread pools cost far more than they give
+    # every configuration adds graphs (smoothcache: one per compute/reuse pattern; cache-dit: its own);
+    # keep them compiled rather than falling back to eager (cache-dit's set_compile_configs values)
+    torch._dynamo.config.recompile_limit = 1024
+    torch._dynamo.config.accumulated_recompile_limit = 8192
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # read when cache_dit is first imported: no table per generation
+    paths = []
+    for model in args.model:
+        paths.append(run_model(model, argparse.Namespace(**vars(args))))
+        print(paths[-1], flush=True)
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""benchmarks/pipeline_speed.py on the CPU with its tiny models: every configuration runs through the
+script's own path (diffusers' pipelines, smoothcache and cache-dit attached, dynamo for the compiled
+cells) and the result JSON holds what the GPU run will be judged by."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+pipeline_speed = importlib.import_module("pipeline_speed")
+
+METHODS = ("uncached", "smoothcache blocks", "smoothcache layers", "cache-dit F1B0 static mask")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def run(tmp_path: Path):
+    """The script's main, in this process, on tiny models; dynamo's limits, which it raises, are put back."""
+    config = torch._dynamo.config
+    limits = {name: getattr(config, name) for name in ("recompile_limit", "accumulated_recompile_limit")}
+
+    def run(*args: str, out: str = "out") -> list[dict[str, Any]]:
+        paths = pipeline_speed.main([*args, "--tiny", "--device", "cpu", "--out", str(tmp_path / out)])
+        for path in paths:
+            assert path.with_suffix(".png").read_bytes().startswith(PNG_MAGIC)
+        return [json.loads(path.read_text()) for path in paths]
+
+    yield run
+    for name, value in limits.items():
+        setattr(config, name, value)
+
+
+def positive(value: Any) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def check_rows(result: dict[str, Any]) -> None:
+    """Every method in every cell measured, with speedups, ideals and the work each did."""
+    settings, rows = result["settings"], result["rows"]
+    mask = settings["mask"]
+    cells = {(r["compile"], r["batch"], r["prefetch"]) for r in rows}
+    for cell in cells:
+        assert sorted(r["method"] for r in rows if (r["compile"], r["batch"], r["prefetch"]) == cell) == sorted(METHODS)
+    for row in rows:
+        assert "error" not in row and "skipped" not in row and "teardown_errors" not in row, row
+        for key in ("ms", "speedup", "speedup_of_fastest", "speedup_vs_plain_uncached", "ideal_speedup", "efficiency"):
+            assert positive(row[key]), (key, row)
+        assert len(row["runs_ms"]) == settings["repeats"] and all(t > 0 for t in row["runs_ms"])
+        assert math.isfinite(row["max_abs_diff_vs_uncached"])
+        assert row["graphs_compiled_while_timed"] == 0 and row["recompiles_while_timed"] == 0
+        assert row["peak_mib"] is None and row["host_syncs_per_generation"] is None  # no GPU here
+        if row["method"] == "uncached":
+            assert row["ideal_speedup"] == 1.0 and row["computed_steps"] == settings["steps"]
+            assert row["max_abs_diff_vs_uncached"] == 0.0  # itself, or bit-identical with prefetch
+        else:  # every cache computes the mask's steps, so the last block's attention runs on those only
+            assert row["ideal_speedup"] > 1.0 and row["computed_steps"] == sum(mask)
+        if row["implementation"] == "smoothcache":
+            assert row["attention_fraction"] == pytest.approx(sum(mask) / len(mask))
+            assert row["kept_mib"] > 0
+        else:
+            assert row["kept_mib"] is None
+        if row["implementation"] == "cache-dit":  # its first block computes at every step: a lower ideal
+            smoothcache_ideal = next(r["ideal_speedup"] for r in rows if r["method"] == "smoothcache blocks"
+                                     and r["batch"] == row["batch"])
+            assert row["ideal_speedup"] < smoothcache_ideal
+        if row["compile"] != "eager":
+            assert "torch.compile(pipe.transformer" in row["how"]
+
+
+def test_dit_rows_eager_with_and_without_prefetch(run):
+    (result,) = run("--model", "dit", "--compile", "eager", "--batches", "1")
+    check_rows(result)
+    assert result["settings"]["pipeline"] == "DiTPipeline" and len(result["settings"]["mask"]) == result["settings"]["steps"]
+    assert {r["prefetch"] for r in result["rows"]} == {False, True}
+    for row in result["rows"]:  # prefetching the timesteps claims bit-identical outputs
+        assert row["max_abs_diff_vs_prefetch_off"] == 0.0 if row["prefetch"] else "max_abs_diff_vs_prefetch_off" not in row
+
+
+def test_dit_rows_compiled_each_library_its_documented_way(run):
+    (result,) = run("--model", "dit", "--compile", "cudagraphs", "--batches", "1", "--prefetch", "off")
+    check_rows(result)
+    how = {r["method"]: r["how"] for r in result["rows"]}
+    assert how["cache-dit F1B0 static mask"].startswith("cache_dit.enable_cache")  # then compiled
+    assert how["smoothcache blocks"].startswith("pipe.transformer = torch.compile")  # then cached
+
+
+def test_nothing_starts_past_the_budget_and_parts_of_runs_merge_cell_by_cell(run, tmp_path):
+    """Parts of one model's run (one command each) merge with each cell's rows from one file (the
+    last that has it), so that no speedup mixes processes."""
+    (result,) = run("--model", "dit", "--compile", "eager", "--batches", "1", "--prefetch", "off", "--max-minutes", "0")
+    assert len(result["rows"]) == len(METHODS) and all("skipped" in r for r in result["rows"])
+    parts = []
+    for index, compile_mode in enumerate(["eager", "compile", "eager"]):
+        part = {**result, "rows": [{**r, "compile": compile_mode, "part": index} for r in result["rows"]]}
+        parts.append(tmp_path / f"part{index}.json")
+        parts[-1].write_text(json.dumps(part))
+    path, png = pipeline_speed.main(["--plot-from", *map(str, parts), "--out", str(tmp_path / "merged")])
+    merged = json.loads(path.read_text())
+    assert path.name == "pipeline-speed-dit.json" and png.read_bytes().startswith(PNG_MAGIC)
+    assert sorted((r["compile"], r["part"]) for r in merged["rows"]) == sorted([("compile", 1), ("eager", 2)] * len(METHODS))
+    assert [Path(m["file"]).name for m in merged["merged_from"]] == ["part0.json", "part1.json", "part2.json"]
+    assert sorted(merged["settings"]["compile"]) == ["compile", "eager"]
+
+
+def test_flux_and_wan_rows(run):
+    flux, wan = run("--model", "flux", "wan", "--compile", "eager", "--prefetch", "off")
+    for result in (flux, wan):
+        check_rows(result)
+    assert flux["settings"]["block_keys"] == ["block", "single_block"]
+    assert wan["settings"]["calls_per_step"] == 2  # guidance runs the transformer twice per step
