@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models.tiny_configs import DIT_TRANSFORMER, kl_vae
 from torch import nn
 
 STEPS = 10
@@ -14,34 +15,12 @@ torch.set_num_threads(1)
 
 def make_dit_pipeline(num_layers: int = 2, seed: int = 0, cross_attention: bool = False):
     """A diffusers DiTPipeline small enough for a CPU test (8x8 latents, 2 heads of 8)."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        DiTPipeline,
-        DiTTransformer2DModel,
-    )
+    from diffusers import DDIMScheduler, DiTPipeline
 
     torch.manual_seed(seed)
-    transformer = DiTTransformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        out_channels=8,
-        num_layers=num_layers,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_zero",
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(8,),
-        norm_num_groups=8,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        sample_size=8,
-    )
-    pipe = DiTPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=DDIMScheduler())
+    transformer = DIT_TRANSFORMER.with_config(num_layers=num_layers).build()
+    vae = kl_vae().build()
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

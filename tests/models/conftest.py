@@ -1,10 +1,11 @@
-"""Shared pieces of the model-family tests: the ``FamilyCase`` row, pipeline helpers, a tiny VAE, one
-thread, and the checks every family passes (run over every row by ``test_families.py``).
+"""Shared pieces of the model-family tests: the ``FamilyCase`` row, pipeline helpers, a tiny VAE, the
+``pipe`` fixture of a family file's own tests, one thread, and the checks every family passes (run
+over every row by ``test_families.py``).
 
-Each family's test builds a random-weight transformer from a tiny config and runs it through its
-real diffusers pipeline, with precomputed prompt embeddings instead of text encoders (no network).
-The checks also take a bare model in place of the pipeline (with ``steps=`` to calibrate it), for
-models sampled outside diffusers.
+Each family's test builds a random-weight transformer from a tiny config (``tiny_configs.py``) and
+runs it through its real diffusers pipeline, with precomputed prompt embeddings instead of text
+encoders (no network). The checks also take a bare model in place of the pipeline (with ``steps=``
+to calibrate it), for models sampled outside diffusers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from torch.overrides import TorchFunctionMode
 import smoothcache
 from smoothcache import CacheableLayer, Schedule, find_layers
 from smoothcache.keys import key_for
+
+from .tiny_configs import TinyModel, kl_vae
 
 STEPS = 6
 
@@ -52,7 +55,13 @@ class FamilyCase:
 
 def tiny_pipeline(pipeline_class, **components):
     """``pipeline_class`` built from ``components``, with no text encoders or tokenizers (the tests pass
-    prompt embeddings) and no progress bars."""
+    prompt embeddings) and no progress bars.
+
+    The ``TinyModel`` components are built here, in the order given, from seed 0: the same weights at
+    every build. A component built beforehand (``tiny_vae()``, ...) keeps the weights of its own seed.
+    """
+    torch.manual_seed(0)
+    components = {name: c.build() if isinstance(c, TinyModel) else c for name, c in components.items()}
     parameters = inspect.signature(pipeline_class).parameters
     text_models = [name for name in parameters if name.startswith(("text_encoder", "tokenizer"))]
     pipe = pipeline_class(**dict.fromkeys(text_models), **components)
@@ -71,6 +80,12 @@ def sample(pipe, seed: int, output_type: str = "pt", **inputs) -> torch.Tensor:
     return pipe(**inputs, num_inference_steps=STEPS, generator=generator, output_type=output_type)[0]
 
 
+@pytest.fixture
+def pipe(request: pytest.FixtureRequest) -> Any:
+    """A fresh build of the family file's ``CASE`` for each of the file's own tests (they attach to it)."""
+    return request.module.CASE.make()
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     # Models this small gain nothing from threads, and on a busy CPU they run many times slower.
@@ -81,19 +96,9 @@ def one_thread():
 
 
 def tiny_vae(latent_channels: int = 4, levels: int = 1, **config):
-    """An AutoencoderKL of 8 channels per level, downsampling by ``2 ** (levels - 1)``."""
-    from diffusers import AutoencoderKL
-
+    """The image pipelines' ``kl_vae``, with ``config`` added (shift, scaling), built from seed 0 wherever it is built."""
     torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(8,) * levels,
-        norm_num_groups=8,
-        latent_channels=latent_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        sample_size=8,
-        **config,
-    ).eval()
+    return kl_vae(latent_channels, levels).with_config(**config).build()
 
 
 class WeightUses(TorchFunctionMode):

@@ -5,40 +5,17 @@ only in tiles of 24 frames, far beyond a tiny test."""
 import torch
 
 from .conftest import FamilyCase, sample, text_embeddings, tiny_pipeline
+from .tiny_configs import ALLEGRO_TRANSFORMER, ALLEGRO_VAE
 
-TEXT_DIM = 16
+TEXT_DIM = ALLEGRO_TRANSFORMER["caption_channels"]
 
 
 def make_pipeline():
-    from diffusers import (
-        AllegroPipeline,
-        AllegroTransformer3DModel,
-        AutoencoderKLAllegro,
-        EulerAncestralDiscreteScheduler,
-    )
+    from diffusers import AllegroPipeline, EulerAncestralDiscreteScheduler
 
-    torch.manual_seed(0)
-    transformer = AllegroTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=12,  # the rotary embedding splits it in three
-        in_channels=4,
-        out_channels=4,
-        num_layers=2,
-        cross_attention_dim=24,  # the projected captions have the inner width, 2 x 12
-        sample_width=4,
-        sample_height=4,
-        sample_frames=2,
-        caption_channels=TEXT_DIM,
-    ).eval()
-    # Sets the pipeline's 8x spatial and 4x temporal compression; never run.
-    vae = AutoencoderKLAllegro(
-        block_out_channels=(8,) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=2,
-        temporal_compression_ratio=4,
-    ).eval()
-    return tiny_pipeline(AllegroPipeline, vae=vae, transformer=transformer, scheduler=EulerAncestralDiscreteScheduler())
+    return tiny_pipeline(
+        AllegroPipeline, transformer=ALLEGRO_TRANSFORMER, vae=ALLEGRO_VAE, scheduler=EulerAncestralDiscreteScheduler()
+    )
 
 
 def generate(pipe, seed: int = 0) -> torch.Tensor:

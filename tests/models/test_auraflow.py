@@ -5,33 +5,16 @@ AuraFlowPipeline with batched classifier-free guidance."""
 import torch
 
 from .conftest import FamilyCase, sample, text_embeddings, tiny_pipeline, tiny_vae
+from .tiny_configs import AURAFLOW_TRANSFORMER
 
-JOINT_DIM = 16
+JOINT_DIM = AURAFLOW_TRANSFORMER["joint_attention_dim"]
 
 
 def make_pipeline():
-    from diffusers import (
-        AuraFlowPipeline,
-        AuraFlowTransformer2DModel,
-        FlowMatchEulerDiscreteScheduler,
-    )
+    from diffusers import AuraFlowPipeline, FlowMatchEulerDiscreteScheduler
 
-    torch.manual_seed(0)
-    transformer = AuraFlowTransformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_mmdit_layers=2,
-        num_single_dit_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        caption_projection_dim=16,
-        joint_attention_dim=JOINT_DIM,
-        out_channels=4,
-        pos_embed_max_size=16,
-    ).eval()
     return tiny_pipeline(
-        AuraFlowPipeline, vae=tiny_vae(), transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler()
+        AuraFlowPipeline, transformer=AURAFLOW_TRANSFORMER, vae=tiny_vae(), scheduler=FlowMatchEulerDiscreteScheduler()
     )
 
 

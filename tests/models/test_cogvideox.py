@@ -8,47 +8,24 @@ import functools
 import torch
 
 from .conftest import FamilyCase, sample, text_embeddings, tiny_pipeline
+from .tiny_configs import COGVIDEOX_5B_TRANSFORMER, COGVIDEOX_TRANSFORMER, COGVIDEOX_VAE
 
-TEXT_DIM, TEXT_LEN = 16, 6
+TEXT_DIM, TEXT_LEN = COGVIDEOX_TRANSFORMER["text_embed_dim"], COGVIDEOX_TRANSFORMER["max_text_seq_length"]
 
 
 def make_pipeline(cogvideox_5b: bool = False):
     from diffusers import (
-        AutoencoderKLCogVideoX,
         CogVideoXDDIMScheduler,
         CogVideoXDPMScheduler,
         CogVideoXPipeline,
-        CogVideoXTransformer3DModel,
     )
 
-    torch.manual_seed(0)
-    transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,  # the rotary embedding splits it 4 + 6 + 6 over frames, height, width
-        in_channels=4,
-        out_channels=4,
-        time_embed_dim=8,
-        text_embed_dim=TEXT_DIM,
-        num_layers=2,
-        sample_width=4,
-        sample_height=4,
-        sample_frames=5,
-        patch_size=2,
-        temporal_compression_ratio=4,
-        max_text_seq_length=TEXT_LEN,
-        use_rotary_positional_embeddings=cogvideox_5b,
-    ).eval()
-    vae = AutoencoderKLCogVideoX(
-        down_block_types=("CogVideoXDownBlock3D",) * 2,
-        up_block_types=("CogVideoXUpBlock3D",) * 2,
-        block_out_channels=(8, 8),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=2,
-        temporal_compression_ratio=4,
-    ).eval()
-    scheduler = CogVideoXDPMScheduler() if cogvideox_5b else CogVideoXDDIMScheduler()
-    return tiny_pipeline(CogVideoXPipeline, vae=vae, transformer=transformer, scheduler=scheduler)
+    return tiny_pipeline(
+        CogVideoXPipeline,
+        transformer=COGVIDEOX_5B_TRANSFORMER if cogvideox_5b else COGVIDEOX_TRANSFORMER,
+        vae=COGVIDEOX_VAE,
+        scheduler=CogVideoXDPMScheduler() if cogvideox_5b else CogVideoXDDIMScheduler(),
+    )
 
 
 def generate(pipe, seed: int = 0) -> torch.Tensor:

@@ -19,33 +19,18 @@ from .conftest import (
     tiny_pipeline,
     tiny_vae,
 )
+from .tiny_configs import COGVIEW4_TRANSFORMER
 
-TEXT_DIM = 16
+TEXT_DIM = COGVIEW4_TRANSFORMER["text_embed_dim"]
 
 
 def make_pipeline():
-    from diffusers import (
-        CogView4Pipeline,
-        CogView4Transformer2DModel,
-        FlowMatchEulerDiscreteScheduler,
-    )
+    from diffusers import CogView4Pipeline, FlowMatchEulerDiscreteScheduler
 
-    torch.manual_seed(0)
-    transformer = CogView4Transformer2DModel(
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=4,
-        num_attention_heads=2,
-        out_channels=4,
-        text_embed_dim=TEXT_DIM,
-        time_embed_dim=8,
-        condition_dim=4,
-    ).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(
         use_dynamic_shifting=True, base_shift=0.25, max_shift=0.75, time_shift_type="linear"
     )
-    return tiny_pipeline(CogView4Pipeline, vae=tiny_vae(), transformer=transformer, scheduler=scheduler)
+    return tiny_pipeline(CogView4Pipeline, transformer=COGVIEW4_TRANSFORMER, vae=tiny_vae(), scheduler=scheduler)
 
 
 def generate(pipe, seed: int = 0) -> torch.Tensor:
@@ -59,11 +44,6 @@ CASE = FamilyCase(
     default_keys=["attn1-0", "attn1-1"], schedule_keys={"attn1"},  # joint attention alone
     calls_per_step=2, all_ones_components=["attn1", "ff"],
 )  # fmt: skip
-
-
-@pytest.fixture
-def pipe():
-    return make_pipeline()
 
 
 def test_the_shared_feed_forward_is_calibrated_and_cached_per_occurrence_when_asked_for(pipe):

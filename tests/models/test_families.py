@@ -1,7 +1,8 @@
 """The checks every model family passes, over every ``FamilyCase`` row of the family files.
 
-A family file (``test_<family>.py``) holds the builders of a tiny pipeline or model, one
-``FamilyCase`` row per variant, and only the tests specific to that family.
+A family file (``test_<family>.py``) holds the builders of a tiny pipeline (from the model rows of
+``tiny_configs.py``) or model, one ``FamilyCase`` row per variant, and only the tests specific to
+that family.
 """
 
 import importlib

@@ -2,7 +2,6 @@
 FluxSingleTransformerBlock (attention and MLP input projection in parallel), through FluxPipeline;
 guidance-distilled (one call per step) and with true CFG (two sequential calls per step)."""
 
-import pytest
 import torch
 
 from smoothcache import Schedule, find_layers
@@ -16,35 +15,19 @@ from .conftest import (
     tiny_pipeline,
     tiny_vae,
 )
+from .tiny_configs import FLUX_TRANSFORMER
 
-JOINT_DIM, POOLED_DIM = 16, 16
+JOINT_DIM, POOLED_DIM = FLUX_TRANSFORMER["joint_attention_dim"], FLUX_TRANSFORMER["pooled_projection_dim"]
 
 
 def make_pipeline():
-    from diffusers import (
-        FlowMatchEulerDiscreteScheduler,
-        FluxPipeline,
-        FluxTransformer2DModel,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=JOINT_DIM,
-        pooled_projection_dim=POOLED_DIM,
-        guidance_embeds=True,
-        axes_dims_rope=(2, 2, 4),
-    ).eval()
     return tiny_pipeline(
         FluxPipeline,
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=tiny_vae(latent_channels=1, shift_factor=0.0609, scaling_factor=1.5035),
-        transformer=transformer,
+        transformer=FLUX_TRANSFORMER,
     )
 
 
@@ -71,11 +54,6 @@ CASE = FamilyCase(
     ],  # the single-stream layers get their own keys
     schedule_keys={"attn", "ff", "ff_context", "single_attn", "single_proj_mlp"},
 )  # fmt: skip
-
-
-@pytest.fixture
-def pipe():
-    return make_pipeline()
 
 
 def test_double_stream_keys_leave_the_single_stream_blocks_alone(pipe):

@@ -3,7 +3,6 @@ single-stream HunyuanVideoSingleTransformerBlock (attention and MLP input projec
 after a text token refiner that is not cached unless asked for; through HunyuanVideoPipeline,
 guidance-distilled (one call per step) and with true CFG (two sequential calls per step)."""
 
-import pytest
 import torch
 
 from smoothcache import Schedule, find_layers
@@ -16,53 +15,23 @@ from .conftest import (
     text_embeddings,
     tiny_pipeline,
 )
+from .tiny_configs import HUNYUAN_VIDEO_TRANSFORMER, HUNYUAN_VIDEO_VAE
 
-TEXT_DIM, POOLED_DIM = 16, 8
+TEXT_DIM, POOLED_DIM = HUNYUAN_VIDEO_TRANSFORMER["text_embed_dim"], HUNYUAN_VIDEO_TRANSFORMER["pooled_projection_dim"]
 
 
 def tiny_transformer(**config):
-    from diffusers import HunyuanVideoTransformer3DModel
-
     torch.manual_seed(0)
-    return HunyuanVideoTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        num_layers=2,
-        num_single_layers=2,
-        num_refiner_layers=1,
-        patch_size=1,
-        patch_size_t=1,
-        guidance_embeds=True,
-        text_embed_dim=TEXT_DIM,
-        pooled_projection_dim=POOLED_DIM,
-        rope_axes_dim=(2, 2, 4),
-        **config,
-    ).eval()
+    return HUNYUAN_VIDEO_TRANSFORMER.with_config(**config).build()
 
 
 def make_pipeline():
-    from diffusers import (
-        AutoencoderKLHunyuanVideo,
-        FlowMatchEulerDiscreteScheduler,
-        HunyuanVideoPipeline,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
 
-    torch.manual_seed(0)
-    vae = AutoencoderKLHunyuanVideo(
-        latent_channels=4,
-        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
-        block_out_channels=(8,) * 4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        mid_block_add_attention=False,
-    ).eval()
     return tiny_pipeline(
         HunyuanVideoPipeline,
         transformer=tiny_transformer(),
-        vae=vae,
+        vae=HUNYUAN_VIDEO_VAE,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
     )
 
@@ -93,11 +62,6 @@ CASE = FamilyCase(
     ],  # the single-stream layers get their own keys; the token refiner is left alone
     schedule_keys={"attn", "ff", "ff_context", "single_attn", "single_proj_mlp"},
 )  # fmt: skip
-
-
-@pytest.fixture
-def pipe():
-    return make_pipeline()
 
 
 def test_image_to_video_token_replace_blocks_answer_to_the_same_keys():

@@ -1,37 +1,23 @@
 """HunyuanDiT: HunyuanDiTBlock (self-attention attn1, cross-attention attn2, ff; long skip
 connections into the later blocks), through HunyuanDiTPipeline with batched classifier-free guidance."""
 
-import pytest
 import torch
 
 from .conftest import FamilyCase, sample, text_embeddings, tiny_pipeline, tiny_vae
+from .tiny_configs import HUNYUANDIT_TRANSFORMER
 
-CLIP_DIM, CLIP_LEN, T5_DIM, T5_LEN = 16, 5, 16, 6
+CLIP_DIM, CLIP_LEN = HUNYUANDIT_TRANSFORMER["cross_attention_dim"], HUNYUANDIT_TRANSFORMER["text_len"]
+T5_DIM, T5_LEN = HUNYUANDIT_TRANSFORMER["cross_attention_dim_t5"], HUNYUANDIT_TRANSFORMER["text_len_t5"]
 
 
 def make_pipeline():
-    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+    from diffusers import DDPMScheduler, HunyuanDiTPipeline
 
-    torch.manual_seed(0)
-    transformer = HunyuanDiT2DModel(
-        sample_size=4,
-        num_layers=4,  # the last block takes a long skip connection from the first
-        patch_size=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        in_channels=4,
-        hidden_size=16,
-        cross_attention_dim=CLIP_DIM,
-        cross_attention_dim_t5=T5_DIM,
-        pooled_projection_dim=16,
-        text_len=CLIP_LEN,
-        text_len_t5=T5_LEN,
-    ).eval()
     # The pipeline sizes its rotary grid as if the VAE downsampled by 8, so this one does.
     return tiny_pipeline(
         HunyuanDiTPipeline,
         vae=tiny_vae(levels=4),
-        transformer=transformer,
+        transformer=HUNYUANDIT_TRANSFORMER,
         scheduler=DDPMScheduler(),
         safety_checker=None,
         feature_extractor=None,
@@ -59,8 +45,3 @@ CASE = FamilyCase(
     opt_in_components=["attn1", "attn2", "ff"],  # cross-attention, when asked for
     all_ones_components=["attn1", "attn2", "ff"], disable_components=["attn1", "attn2", "ff"],
 )  # fmt: skip
-
-
-@pytest.fixture
-def pipe():
-    return make_pipeline()

@@ -2,7 +2,6 @@
 temporal_transformer_blocks, interleaved), one class for both, told apart by the list holding them;
 through LattePipeline with batched classifier-free guidance."""
 
-import pytest
 import torch
 
 from smoothcache import Schedule, find_layers
@@ -16,33 +15,17 @@ from .conftest import (
     tiny_pipeline,
     tiny_vae,
 )
+from .tiny_configs import LATTE_TRANSFORMER
 
-TEXT_DIM, FRAMES = 16, 3
+TEXT_DIM, FRAMES = LATTE_TRANSFORMER["caption_channels"], LATTE_TRANSFORMER["video_length"]
 
 
 def make_pipeline():
-    from diffusers import DDIMScheduler, LattePipeline, LatteTransformer3DModel
+    from diffusers import DDIMScheduler, LattePipeline
 
-    torch.manual_seed(0)
-    transformer = LatteTransformer3DModel(
-        sample_size=8,
-        num_layers=2,
-        patch_size=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        caption_channels=TEXT_DIM,
-        in_channels=4,
-        cross_attention_dim=16,
-        out_channels=8,
-        attention_bias=True,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-        video_length=FRAMES,
-    ).eval()
-    return tiny_pipeline(LattePipeline, vae=tiny_vae(levels=2), transformer=transformer, scheduler=DDIMScheduler())
+    return tiny_pipeline(
+        LattePipeline, transformer=LATTE_TRANSFORMER, vae=tiny_vae(levels=2), scheduler=DDIMScheduler()
+    )
 
 
 def generate(pipe, seed: int = 0) -> torch.Tensor:
@@ -62,11 +45,6 @@ CASE = FamilyCase(
     schedule_keys={"attn1", "ff", "temporal_attn1", "temporal_ff"},
     all_ones_components=["attn1", "attn2", "ff", "temporal_attn1", "temporal_ff"],
 )  # fmt: skip
-
-
-@pytest.fixture
-def pipe():
-    return make_pipeline()
 
 
 def test_temporal_keys_name_the_temporal_blocks(pipe):

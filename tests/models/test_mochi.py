@@ -5,41 +5,17 @@ import pytest
 import torch
 
 from .conftest import FamilyCase, sample, text_embeddings, tiny_pipeline
+from .tiny_configs import MOCHI_TRANSFORMER, MOCHI_VAE
 
-TEXT_DIM = 16
+TEXT_DIM = MOCHI_TRANSFORMER["text_embed_dim"]
 
 
 def make_pipeline():
-    from diffusers import (
-        AutoencoderKLMochi,
-        FlowMatchEulerDiscreteScheduler,
-        MochiPipeline,
-        MochiTransformer3DModel,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline
 
-    torch.manual_seed(0)
-    transformer = MochiTransformer3DModel(
-        patch_size=2,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        num_layers=2,
-        pooled_projection_dim=16,
-        in_channels=12,  # the pipeline hard-codes Mochi's 12 latent channels
-        qk_norm="rms_norm",
-        text_embed_dim=TEXT_DIM,
-        time_embed_dim=4,
-        activation_fn="swiglu",
-        max_sequence_length=16,
-    ).eval()
-    # 8x spatial, 6x temporal compression: a 32x32, 7-frame video is 2 latent frames of 4x4.
-    vae = AutoencoderKLMochi(
-        latent_channels=12,
-        encoder_block_out_channels=(32,) * 4,  # group norms of 32 groups
-        decoder_block_out_channels=(32,) * 4,
-        layers_per_block=(1,) * 5,
-        add_attention_block=(False,) * 5,
-    ).eval()
-    return tiny_pipeline(MochiPipeline, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer)
+    return tiny_pipeline(
+        MochiPipeline, transformer=MOCHI_TRANSFORMER, vae=MOCHI_VAE, scheduler=FlowMatchEulerDiscreteScheduler()
+    )
 
 
 def generate(pipe, seed: int = 0) -> torch.Tensor:

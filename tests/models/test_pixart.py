@@ -1,7 +1,6 @@
 """PixArt-α and PixArt-Σ: diffusers' BasicTransformerBlock (attn1, cross-attention attn2, ff),
 through PixArtAlphaPipeline and PixArtSigmaPipeline with batched classifier-free guidance."""
 
-import pytest
 import torch
 
 from .conftest import (
@@ -13,35 +12,18 @@ from .conftest import (
     tiny_pipeline,
     tiny_vae,
 )
+from .tiny_configs import PIXART_TRANSFORMER
 
-CAPTION_CHANNELS = 16
+CAPTION_CHANNELS = PIXART_TRANSFORMER["caption_channels"]
 
 
 def make_pipeline(pipeline_class_name: str = "PixArtAlphaPipeline"):
     import diffusers
-    from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    from diffusers import DPMSolverMultistepScheduler
 
-    torch.manual_seed(0)
-    transformer = PixArtTransformer2DModel(
-        sample_size=8,
-        num_layers=2,
-        patch_size=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        caption_channels=CAPTION_CHANNELS,
-        in_channels=4,
-        out_channels=8,
-        cross_attention_dim=16,
-        attention_bias=True,
-        activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-    ).eval()
     pipeline_class = getattr(diffusers, pipeline_class_name)
     return tiny_pipeline(
-        pipeline_class, vae=tiny_vae(), transformer=transformer, scheduler=DPMSolverMultistepScheduler()
+        pipeline_class, transformer=PIXART_TRANSFORMER, vae=tiny_vae(), scheduler=DPMSolverMultistepScheduler()
     )
 
 
@@ -60,11 +42,6 @@ CASE = FamilyCase(
     default_keys=["attn1-0", "ff-0", "attn1-1", "ff-1"], schedule_keys={"attn1", "ff"},
     all_ones_components=["attn1", "attn2", "ff"], disable_components=["attn1", "attn2", "ff"],
 )  # fmt: skip
-
-
-@pytest.fixture
-def pipe():
-    return make_pipeline()
 
 
 def test_cross_attention_is_cached_when_asked_for(pipe):

@@ -4,40 +4,19 @@ txt_mlp), through QwenImagePipeline; one call per step, or two sequential calls 
 import torch
 
 from .conftest import FamilyCase, sample, text_embeddings, tiny_pipeline
+from .tiny_configs import QWENIMAGE_TRANSFORMER, QWENIMAGE_VAE
 
-TEXT_DIM = 16
+TEXT_DIM = QWENIMAGE_TRANSFORMER["joint_attention_dim"]
 
 
 def make_pipeline():
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
-    torch.manual_seed(0)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=16,
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=TEXT_DIM,
-        axes_dims_rope=(2, 2, 4),
-    ).eval()
-    vae = AutoencoderKLQwenImage(
-        base_dim=8,
-        z_dim=4,
-        dim_mult=[1, 2, 4],
-        num_res_blocks=1,
-        temperal_downsample=[False, True],
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
-    ).eval()
     return tiny_pipeline(
-        QwenImagePipeline, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer
+        QwenImagePipeline,
+        transformer=QWENIMAGE_TRANSFORMER,
+        vae=QWENIMAGE_VAE,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
     )
 
 

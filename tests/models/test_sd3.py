@@ -20,36 +20,17 @@ from .conftest import (
     tiny_pipeline,
     tiny_vae,
 )
+from .tiny_configs import SD3_TRANSFORMER, SD35_TRANSFORMER
 
-JOINT_DIM, POOLED_DIM = 16, 32
+JOINT_DIM, POOLED_DIM = SD3_TRANSFORMER["joint_attention_dim"], SD3_TRANSFORMER["pooled_projection_dim"]
 
 
 def make_pipeline(sd35: bool = False):
-    from diffusers import (
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=JOINT_DIM,
-        caption_projection_dim=16,
-        pooled_projection_dim=POOLED_DIM,
-        out_channels=4,
-        pos_embed_max_size=8,
-        dual_attention_layers=(0,) if sd35 else (),
-        qk_norm="rms_norm" if sd35 else None,
-    ).eval()
     return tiny_pipeline(
         StableDiffusion3Pipeline,
-        transformer=transformer,
+        transformer=SD35_TRANSFORMER if sd35 else SD3_TRANSFORMER,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=tiny_vae(shift_factor=0.0609, scaling_factor=1.5035),
     )
@@ -74,11 +55,6 @@ CASE_35 = FamilyCase(
     default_keys=["attn-0", "attn2-0", "ff-0", "ff_context-0", "attn-1", "ff-1"],  # attn2 where it exists
     schedule_keys={"attn", "attn2", "ff", "ff_context"},
 )  # fmt: skip
-
-
-@pytest.fixture
-def pipe():
-    return make_pipeline()
 
 
 # Skip-layer guidance (SD3.5 Medium's recipe): on steps i with 6 * 0.2 < i < 6 * 0.8 the pipeline calls

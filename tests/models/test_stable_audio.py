@@ -14,50 +14,29 @@ from .conftest import (
     text_embeddings,
     tiny_pipeline,
 )
+from .tiny_configs import (
+    STABLE_AUDIO_PROJECTION,
+    STABLE_AUDIO_TRANSFORMER,
+    STABLE_AUDIO_VAE,
+)
 
-TEXT_DIM = 16
+TEXT_DIM = STABLE_AUDIO_PROJECTION["text_encoder_dim"]
 
 
 def make_pipeline(scheduler=None):
-    from diffusers import (
-        AutoencoderOobleck,
-        EDMDPMSolverMultistepScheduler,
-        StableAudioDiTModel,
-        StableAudioPipeline,
-    )
-    from diffusers.pipelines.stable_audio import StableAudioProjectionModel
+    from diffusers import EDMDPMSolverMultistepScheduler, StableAudioPipeline
 
-    torch.manual_seed(0)
-    transformer = StableAudioDiTModel(
-        sample_size=8,
-        in_channels=3,
-        num_layers=2,
-        attention_head_dim=4,
-        num_attention_heads=2,
-        num_key_value_attention_heads=2,
-        out_channels=3,
-        cross_attention_dim=4,
-        time_proj_dim=8,
-        global_states_input_dim=8,
-        cross_attention_input_dim=4,
-    ).eval()
-    vae = AutoencoderOobleck(
-        encoder_hidden_size=6,
-        downsampling_ratios=[1, 2],
-        decoder_channels=3,
-        decoder_input_channels=3,
-        audio_channels=2,
-        channel_multiples=[2, 4],
-        sampling_rate=4,
-    ).eval()
-    # Projects the T5 embeddings and the start/end seconds; the T5 encoder itself is not needed.
-    projection = StableAudioProjectionModel(text_encoder_dim=TEXT_DIM, conditioning_dim=4, min_value=0, max_value=32)
     if scheduler is None:  # the stochastic DPM-Solver++(2M) of the checkpoint, without torchsde
         scheduler = EDMDPMSolverMultistepScheduler(
             solver_order=2, prediction_type="v_prediction", sigma_data=1.0, algorithm_type="sde-dpmsolver++"
         )
     return tiny_pipeline(
-        StableAudioPipeline, vae=vae, projection_model=projection.eval(), transformer=transformer, scheduler=scheduler
+        StableAudioPipeline,
+        transformer=STABLE_AUDIO_TRANSFORMER,
+        vae=STABLE_AUDIO_VAE,
+        # Projects the T5 embeddings and the start/end seconds; the T5 encoder itself is not needed.
+        projection_model=STABLE_AUDIO_PROJECTION,
+        scheduler=scheduler,
     )
 
 
@@ -72,11 +51,6 @@ CASE = FamilyCase(
     default_keys=["attn1-0", "ff-0", "attn1-1", "ff-1"], schedule_keys={"attn1", "ff"},
     opt_in_components=["attn1", "attn2", "ff"],  # cross-attention, when asked for
 )  # fmt: skip
-
-
-@pytest.fixture
-def pipe():
-    return make_pipeline()
 
 
 def test_checkpoint_cosine_sde_solver_skips_exactly_the_scheduled_calls():

@@ -21,49 +21,25 @@ from .conftest import (
     text_embeddings,
     tiny_pipeline,
 )
+from .tiny_configs import WAN_TRANSFORMER, WAN_VACE_TRANSFORMER, WAN_VAE
 
-TEXT_DIM = 16
+TEXT_DIM = WAN_TRANSFORMER["text_dim"]
 # With UniPC's flow shift of 3, 6 steps run at t = 999, 937, 857, 750, 600, 376: a boundary at
 # t = 800 gives each expert three steps.
 BOUNDARY_RATIO, HIGH_NOISE_STEPS = 0.8, 3
 
 
 def tiny_transformer(seed: int = 0):
-    from diffusers import WanTransformer3DModel
-
     torch.manual_seed(seed)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_dim=TEXT_DIM,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
+    return WAN_TRANSFORMER.build()
 
 
 def make_pipeline(two_experts: bool = False):
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from diffusers import UniPCMultistepScheduler, WanPipeline
 
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(
-        base_dim=3,
-        z_dim=4,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
-    ).eval()
     return tiny_pipeline(
         WanPipeline,
-        vae=vae,
+        vae=WAN_VAE,
         scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
         transformer=tiny_transformer(),
         transformer_2=tiny_transformer(seed=1) if two_experts else None,
@@ -91,28 +67,9 @@ CASE = FamilyCase(
 )  # fmt: skip
 
 
-@pytest.fixture
-def pipe():
-    return make_pipeline()
-
-
 def test_vace_control_blocks_are_refused_and_left_out_of_the_defaults():
-    from diffusers import WanVACETransformer3DModel
-
     torch.manual_seed(0)
-    vace = WanVACETransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_dim=TEXT_DIM,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        vace_layers=[0],
-        vace_in_channels=4,
-    )
+    vace = WAN_VACE_TRANSFORMER.build()
     assert [layer.block_key for layer in find_layers(vace)] == ["attn1-0", "ffn-0", "attn1-1", "ffn-1"]
     assert find_layers(vace)[0].name == "blocks.0.attn1"
     with pytest.raises(NoCacheableLayersError, match=r"vace_blocks.0.attn1 \('vace_attn1' of .*run before blocks.0"):
