@@ -57,8 +57,16 @@ def group_offload(pipe) -> None:
     pipe.transformer.enable_group_offload(cpu, offload_device=cpu, offload_type="leaf_level")
 
 
+def block_group_offload(pipe) -> None:
+    """Block level: the offloading hooks wrap each block's forward (a layer cache leaves those alone
+    unless the model is compiled whole, so disable() can still restore everything)."""
+    cpu = torch.device("cpu")
+    pipe.transformer.enable_group_offload(cpu, offload_device=cpu, offload_type="block_level", num_blocks_per_group=1)
+
+
 @pytest.mark.parametrize("order", ["before", "after"])
-@pytest.mark.parametrize("stack", [lora, int8, group_offload], ids=["lora", "int8", "group-offload"])
+@pytest.mark.parametrize("stack", [lora, int8, group_offload, block_group_offload],
+                         ids=["lora", "int8", "group-offload", "group-offload-blocks"])
 def test_a_stacked_feature_caches_exactly_and_disable_restores_it(stack, order):
     plain = generate(make_pipeline())
     pipe = make_pipeline()
@@ -68,7 +76,7 @@ def test_a_stacked_feature_caches_exactly_and_disable_restores_it(stack, order):
     assert torch.equal(uncached, generate(fresh))  # disable() left the stacked model exactly as without a cache
     assert set(runs.values()) == {sum(PLAN)}  # every cached layer ran on its plan's compute steps only
     assert not torch.equal(cached, uncached)
-    if stack is not group_offload:
+    if stack not in (group_offload, block_group_offload):
         assert not torch.equal(uncached, plain)  # the feature itself acts
 
 

@@ -395,3 +395,19 @@ def test_blocks_compiled_one_by_one_keep_their_own_residuals():
     # compute-and-keep and reuse, for the first block's strided input and the others': four graphs
     # for four blocks, not one per block
     assert len(backend.graphs) == 4
+
+
+def test_blocks_get_their_stream_barrier_only_when_the_model_is_compiled_whole():
+    """Eagerly no block's forward is shadowed for the barrier (block-level offloading added later can
+    then be undone); compiled in place after cache(), the next generation attaches the barriers."""
+    pipe = make_dit_pipeline()
+    blocks = pipe.transformer.transformer_blocks
+    with smoothcache.cache(pipe, SCHEDULE):
+        generate(pipe)
+        assert not any("forward" in vars(block) for block in blocks)
+        backend = GraphCounter()
+        pipe.transformer.compile(backend=backend)
+        generate(pipe)
+        assert all("forward" in vars(block) for block in blocks)
+    assert any(barrier_calls(gm) for gm in backend.graphs)
+    assert not any("forward" in vars(block) for block in blocks)  # disable() took them off

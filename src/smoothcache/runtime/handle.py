@@ -158,12 +158,9 @@ class CacheHandle:
         for layer_plan in self.plan.layers:
             forward = self._forward_for(layer_plan)
             self._restore.append(shadow_forward(layer_plan.layer.module, forward))
-        for barrier in self.plan.barriers:
-            module = self.target.model.get_submodule(barrier.block)
-            following = None if barrier.following is None else [self._decisions[c] for c in barrier.following]
-            forward = stream_barrier_forward(module.forward, [self._decisions[c] for c in barrier.columns], following,
-                                             barrier.closes_group, self.state.whole_model_compiled)
-            self._restore.append(shadow_forward(module, forward))
+        self._barriers_attached = False
+        if compiled_whole(self.target.model):
+            self._attach_barriers()
         if self.plan.reused_plainly:
             logger.warning(
                 "forecast='linear' extrapolates layers' outputs and blocks' residuals; %d cached modules (guidance "
@@ -194,6 +191,18 @@ class CacheHandle:
                 "or drop forecast= and '@cond'/'@uncond' keys"
             )
         return KeptForm(torch.device(device) if device is not None else None, dtype)
+
+    def _attach_barriers(self) -> None:
+        """Shadow the blocks holding cached layers with the stream barrier, which only a model
+        compiled whole needs. Only then: a block's forward shadowed eagerly would be wrapped by
+        whatever comes later (block-level group offloading), and the cache could not be disabled."""
+        for barrier in self.plan.barriers:
+            module = self.target.model.get_submodule(barrier.block)
+            following = None if barrier.following is None else [self._decisions[c] for c in barrier.following]
+            forward = stream_barrier_forward(module.forward, [self._decisions[c] for c in barrier.columns], following,
+                                             barrier.closes_group, self.state.whole_model_compiled)
+            self._restore.append(shadow_forward(module, forward))
+        self._barriers_attached = True
 
     def _forward_for(self, layer_plan: LayerPlan) -> Callable[..., Any]:
         """The caching forward a layer's plan asks for, reading its decisions and kept outputs."""
@@ -336,6 +345,8 @@ class CacheHandle:
     def _start_generation(self) -> None:
         state, num_steps = self.state, self.schedule.num_steps
         state.whole_model_compiled[0] = compiled_whole(self.target.model)  # compiled between generations
+        if state.whole_model_compiled[0] and not self._barriers_attached:  # compiled after cache()
+            self._attach_barriers()
         ran = self._tracker.generation_steps
         if ran is not None and ran != num_steps and self.steps_mismatch == "error":
             self._forget_generation()
