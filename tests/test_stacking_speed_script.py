@@ -1,0 +1,118 @@
+"""benchmarks/stacking_speed.py on the CPU with its tiny DiT (eager): every part runs through the
+script's own path (diffusers' DiTPipeline, torchao int8 weights, smoothcache's kept-output forms,
+calibration) and the result JSON holds what the GPU run will be judged by."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+stacking_speed = importlib.import_module("stacking_speed")
+
+METHODS = ("uncached", "smoothcache blocks", "smoothcache layers")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_script(*args: str) -> dict[str, Any]:
+    """The script's main, in this process; dynamo's limits, which it raises, are put back."""
+    config = torch._dynamo.config
+    limits = {name: getattr(config, name) for name in ("recompile_limit", "accumulated_recompile_limit")}
+    try:
+        path = stacking_speed.main(list(args))
+    finally:
+        for name, value in limits.items():
+            setattr(config, name, value)
+    assert path.with_suffix(".png").read_bytes().startswith(PNG_MAGIC)
+    return json.loads(path.read_text())
+
+
+def positive(value: Any) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def rows_of(result: dict[str, Any], part: str, **match: Any) -> list[dict[str, Any]]:
+    return [r for r in result["rows"] if r["part"] == part and all(r.get(k) == v for k, v in match.items())]
+
+
+def check_quantized_speed(result: dict[str, Any]) -> None:
+    """Part a: every method timed for unquantized and int8 weights, int8's speedups compared; float8 skipped off the GPU."""
+    for weights in ("fp16", "int8"):
+        rows = rows_of(result, "a", weights=weights)
+        assert [r["method"] for r in rows] == list(METHODS)
+        for row in rows:
+            assert "error" not in row and "skipped" not in row, row
+            assert positive(row["ms"]) and positive(row["speedup"]) and len(row["runs_ms"]) == 1
+        assert rows[0]["speedup"] == 1.0 and rows[0]["max_abs_diff_vs_uncached"] == 0.0
+        for row in rows[1:]:  # the caches reuse, and hold what they reuse
+            assert row["max_abs_diff_vs_uncached"] > 0 and row["kept_device_mib"] > 0
+    for row in rows_of(result, "a", weights="int8")[1:]:
+        assert positive(row["speedup_ratio"]) and row["unquantized_speedup"] > 0
+        assert row["within_5_percent"] == (row["speedup_ratio"] >= 0.95)
+    float8 = rows_of(result, "a", weights="float8")
+    assert len(float8) == len(METHODS) and all("compute capability 8.9" in r["skipped"] for r in float8)
+
+
+def check_kept_forms(result: dict[str, Any]) -> None:
+    """Part b: float8 kept outputs hold a quarter of float32's bytes and cost only rounding; the host form is skipped on the CPU."""
+    uncached = rows_of(result, "b", method="uncached")
+    assert len(uncached) == 1 and positive(uncached[0]["ms"])
+    for method in ("smoothcache layers", "smoothcache blocks"):
+        default, float8, host = (rows_of(result, "b", method=method, kept=kept)[0] for kept in ("default", "float8_e4m3fn", "cpu"))
+        for row in (default, float8):
+            assert positive(row["ms"]) and positive(row["speedup"]) and row["psnr_db_vs_uncached"] > 0
+        assert default["max_abs_diff_vs_default_kept"] == 0.0 and default["device_kept_fraction"] == 1.0
+        assert float8["device_kept_fraction"] == 0.25 and float8["halves_cache_memory"]
+        assert float8["kept_bytes_by_device"]["cpu"] * 4 == default["kept_bytes_by_device"]["cpu"] > 0
+        assert float8["max_abs_diff_vs_default_kept"] > 0  # reuses rounded
+        assert "moves nothing" in host["skipped"]  # the CPU is where the model computes
+
+
+def check_calibration(result: dict[str, Any]) -> None:
+    """Part c: an uncached call and one calibration per components and lookahead, no GPU peak off the GPU."""
+    rows = rows_of(result, "c")
+    assert [(r["method"], r.get("components"), r.get("lookahead")) for r in rows] == [("uncached", None, None)] + [
+        ("calibration", name, k) for name in ("layers", "blocks") for k in (1, 2, 3)
+    ]
+    for row in rows:
+        assert positive(row["seconds"]) and row["peak_mib"] is None and "no CUDA GPU" in row["peak_not_measured"]
+    assert all(r["profile_layers"] > 0 for r in rows[1:])
+
+
+def test_every_part_runs_on_the_tiny_dit_and_records_what_the_gpu_run_is_judged_by(tmp_path):
+    pytest.importorskip("torchao")
+    result = run_script("--tiny", "--device", "cpu", "--compile", "eager", "--out", str(tmp_path))
+    assert result["settings"]["parts"] == ["a", "b", "c"] and result["versions"]["torchao"]
+    check_quantized_speed(result)
+    check_kept_forms(result)
+    check_calibration(result)
+
+
+def part_a_result(rows: list[tuple[str, str, float]]) -> dict[str, Any]:
+    """A result file of part a rows (weights, method, ms), eager, as a run writes it."""
+    args = stacking_speed.parse_args(["--tiny", "--device", "cpu"])
+    return {"date": "today", "device": "cpu", "settings": stacking_speed.settings(args),
+            "rows": [{"part": "a", "weights": w, "compile": "eager", "method": m, "ms": ms} for w, m, ms in rows]}
+
+
+def test_merging_parts_takes_each_cell_from_the_last_file_that_has_it_and_compares_speedups_across_them(tmp_path):
+    parts = [
+        part_a_result([("fp16", "uncached", 100.0), ("fp16", "smoothcache blocks", 50.0), ("int8", "uncached", 1.0)]),
+        part_a_result([("int8", "uncached", 120.0), ("int8", "smoothcache blocks", 63.0)]),
+    ]
+    paths = [tmp_path / "first.json", tmp_path / "second.json"]
+    for path, part in zip(paths, parts, strict=True):
+        path.write_text(json.dumps(part))
+    merged = run_script("--merge", *map(str, paths), "--out", str(tmp_path / "merged"))
+    assert [(r["weights"], r["ms"]) for r in merged["rows"]] == [("fp16", 100.0), ("fp16", 50.0), ("int8", 120.0), ("int8", 63.0)]
+    int8 = merged["rows"][-1]
+    assert int8["speedup"] == pytest.approx(120 / 63) and int8["unquantized_speedup"] == 2.0
+    assert int8["speedup_ratio"] == pytest.approx(120 / 63 / 2) and int8["within_5_percent"]
+    assert [Path(m["file"]).name for m in merged["merged_from"]] == ["first.json", "second.json"]
