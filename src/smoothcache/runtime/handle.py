@@ -432,6 +432,10 @@ def cache(
     TaylorSeer's first-order step). It keeps two outputs per layer instead of one; guidance halves
     cached apart and layers called several times per block call still reuse plainly.
 
+    Whole blocks (the ``"block"`` component) on one key for a whole module list reuse the list as
+    one chain: one kept residual per stream for the list, not one per block (see
+    :class:`~smoothcache.runtime.streams.BlockChain`).
+
     ``kept_device`` / ``kept_dtype`` store kept outputs elsewhere (``"cpu"``) or in a lower precision
     (``torch.bfloat16``, ``torch.float8_e4m3fn``) and convert them back on reuse: less memory held by
     the cache for a copy per keep and per reuse (and, for a lower precision, rounded reuses). Plain
