@@ -132,7 +132,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             done = 0
             with calibration(
                 pipe, components=args.components, lookahead=args.lookahead, steps=args.steps, branches=branches,
-                forecast=args.forecast,
+                forecast=args.forecast, layer_groups=args.layer_groups,
             ) as recorder:
                 try:
                     for request in tqdm(shard, desc="calibrating", unit="call", disable=args.quiet or not world.is_main):
@@ -158,8 +158,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     ]
     profile.save(args.out)
     ranks = f" on {world.size} ranks" if world.size > 1 else ""
+    history = profile.metadata.get("history_peak_mib")
+    held = f", outputs held for the errors at most {history:.1f} MiB" if history is not None else ""
     print(f"Calibrated {len(profile.layers)} layers ({', '.join(profile.keys())}) over {profile.num_runs} calls "
-          f"of {profile.num_steps} steps{ranks} in {seconds:.1f}s -> {args.out}")
+          f"of {profile.num_steps} steps{ranks} in {seconds:.1f}s{held} -> {args.out}")
     print(_threshold_table(profile))
     if interrupted:
         print(f"interrupted: saved a partial profile of {interrupted[0]} (metadata 'partial')", file=sys.stderr)
@@ -562,6 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument(
         "--forecast", choices=["none", "linear"], default="none",
         help="linear: also record the errors of extrapolating outputs, to plan schedules for generate --forecast linear",
+    )
+    calibrate.add_argument(
+        "--layer-groups", type=positive_int, default=1,
+        help="measure every n-th layer per generation, in turn: calibration's extra memory (the layers' last "
+        "--lookahead outputs) drops to about 1/n; run a multiple of n generations (--samples / --batch)",
     )
     calibrate.add_argument("--out", required=True, help="profile JSON to write")
     calibrate.set_defaults(func=cmd_calibrate)

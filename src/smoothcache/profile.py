@@ -121,8 +121,9 @@ class CalibrationProfile:
 
     # ---- curves -----------------------------------------------------------------------------
     def mean_errors(self) -> np.ndarray:
-        """``(layers, lookahead, steps)``: the mean over calibration runs."""
-        return self.errors.mean(axis=0)
+        """``(layers, lookahead, steps)``: the mean over the calibration runs that measured each layer
+        (all of them, unless calibrated with ``layer_groups``)."""
+        return _mean_over_runs(self.errors)
 
     def curves(self, key: str) -> np.ndarray:
         """``(lookahead, steps)`` curves for a type key (mean over its blocks) or a per-block key."""
@@ -135,7 +136,7 @@ class CalibrationProfile:
                 "This profile has no forecast errors: calibrate with forecast='linear' "
                 "(smoothcache calibrate --forecast linear) to plan schedules for forecasting"
             )
-        return self._mean_over_rows(self.forecast_errors.mean(axis=0), key)
+        return self._mean_over_rows(_mean_over_runs(self.forecast_errors), key)
 
     def _mean_over_rows(self, per_layer: np.ndarray, key: str) -> np.ndarray:
         rows = [i for i, layer in enumerate(self.layers) if key in (layer.layer_type, layer.block_key)]
@@ -644,3 +645,11 @@ def _fewest_computes(num_steps: int, lookahead: int) -> int:
     """The fewest computed steps a plan of ``num_steps`` can have when a kept output serves at most
     ``lookahead`` later steps (the first step always computes)."""
     return -(-num_steps // (lookahead + 1))
+
+
+def _mean_over_runs(errors: np.ndarray) -> np.ndarray:
+    """The mean over axis 0 (runs), NaN where no run measured an entry (the last lookahead steps; a
+    layer another group measured, with ``layer_groups``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN entries stay NaN
+        return np.nanmean(errors, axis=0)

@@ -95,7 +95,10 @@ class CalibrationRecorder:
         components: Sequence[str] | None = None,
         branches: Sequence[str] | str | None = None,
         forecast: Literal["none", "linear"] = "none",
+        layer_groups: int = 1,
     ) -> None:
+        if layer_groups < 1:
+            raise ValueError(f"layer_groups must be >= 1, got {layer_groups}")
         if forecast not in ("none", "linear"):
             raise ValueError(f"forecast must be 'none' or 'linear', got {forecast!r}")
         if forecast == "linear" and branches is not None:
@@ -138,6 +141,11 @@ class CalibrationRecorder:
         self._step = 0
         self._slot = 0
         self._flop_meter = FlopMeter(len(self.layers))
+        self.layer_groups = layer_groups
+        self._group = 0  # the layers this generation measures: index % layer_groups == _group
+        self._generations = 0  # generations started
+        self._history_bytes = 0  # what the rings hold now, and the most they held
+        self.history_peak_bytes = 0
         self._started = 0.0
         self._profile: CalibrationProfile | None = None
 
@@ -226,6 +234,8 @@ class CalibrationRecorder:
 
     def _after_layer(self, index: int, output: Any, *, fresh: bool = False) -> None:
         self._flop_meter.after_layer(index)
+        if index % self.layer_groups != self._group:  # another generation measures this layer
+            return
         # Kept in the model's dtype (half the memory of float32 copies on a bf16 model); the norms
         # accumulate in float32. Copies, as the model may reuse its buffers (a block's residual is new).
         current = [t.detach() if fresh else t.detach().clone() for t in _tensors(output)]
@@ -246,7 +256,11 @@ class CalibrationRecorder:
                 self._record_forecasts(index, current, earlier, denominator)
         if self.branches is not None:
             self._record_branches(index, current, ring)
+        if len(ring) == ring.maxlen:
+            self._history_bytes -= _nbytes(ring[-1])
         ring.appendleft(current)
+        self._history_bytes += _nbytes(current)
+        self.history_peak_bytes = max(self.history_peak_bytes, self._history_bytes)
 
     def _record_forecasts(
         self, index: int, current: list[torch.Tensor], earlier: list[list[torch.Tensor]], denominator: torch.Tensor
@@ -324,6 +338,9 @@ class CalibrationRecorder:
         self._timesteps = self.target.timesteps()  # kept by reference: read once, when the profile is built
         self._calls_in_generation = 0
         self._rings = [{} for _ in self.layers]
+        self._history_bytes = 0
+        self._group = self._generations % self.layer_groups
+        self._generations += 1
         self._sensitivities.clear()
 
     def _finish_generation(self) -> None:
@@ -346,6 +363,16 @@ class CalibrationRecorder:
         self._current = None
         self._sensitivities.clear()
 
+    def _check_every_group_measured(self, runs: int) -> None:
+        """With ``layer_groups``, each complete generation measured one group in turn: a group no
+        complete generation measured would leave its layers without errors."""
+        if runs < self.layer_groups:
+            raise ProfileError(
+                f"Calibration with layer_groups={self.layer_groups} measures each group of layers in its own "
+                f"generation, but {runs} complete generation(s) ran: run at least {self.layer_groups} (a multiple of "
+                f"{self.layer_groups} measures every layer equally often), or lower layer_groups"
+            )
+
     def _build_profile(self) -> CalibrationProfile:
         if not self._runs:
             raise ProfileError(
@@ -355,6 +382,7 @@ class CalibrationRecorder:
         calls_per_step = self._tracker.calls_per_step
         errors = errors_by_source_step(_host(self._runs), _host(self._run_counts))
         runs, _, lookahead, steps = errors.shape
+        self._check_every_group_measured(runs)
         forecasts = None
         if self.gaps:
             forecasts = forecasts_by_source_step(_host(self._forecast_runs), _host(self._forecast_run_counts))
@@ -380,6 +408,8 @@ class CalibrationRecorder:
             "branches": list(self.branches) if self.branches is not None else None,
             "num_runs": runs,
             "run_labels": [f"call {i}" for i in range(runs)],
+            "layer_groups": self.layer_groups,
+            "history_peak_mib": round(self.history_peak_bytes / 2**20, 3),
             "smoothcache_version": __version__,
             "torch_version": torch.__version__,
             "python": platform.python_version(),
@@ -394,6 +424,10 @@ class CalibrationRecorder:
         if outlook is not None:
             logger.warning("%s", outlook)
         return profile
+
+
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class FlopMeter:
@@ -497,8 +531,14 @@ def calibration(
     measure_flops: bool = True,
     branches: Sequence[str] | str | None = None,
     forecast: Literal["none", "linear"] = "none",
+    layer_groups: int = 1,
 ) -> CalibrationRecorder:
     """Record error curves over any number of ordinary pipeline calls.
+
+    Each measured layer keeps its last ``lookahead`` outputs (about ``2 * lookahead + 1`` with
+    forecasting): that history is calibration's extra memory (``profile.metadata["history_peak_mib"]``).
+    ``layer_groups=n`` bounds it to about ``1/n``: each generation measures every ``n``-th layer,
+    in turn, so every layer is measured on ``1/n`` of the generations; run a multiple of ``n``.
 
     ``forecast="linear"`` also records the errors of extrapolating each layer's output from two
     earlier steps, so that ``profile.schedule(..., forecast="linear")`` places computes where
@@ -532,4 +572,5 @@ def calibration(
         components=components,
         branches=branches,
         forecast=forecast,
+        layer_groups=layer_groups,
     ).start()
