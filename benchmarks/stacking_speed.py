@@ -371,24 +371,35 @@ def part_c(run: Run) -> None:
         for lookahead in run.args.lookaheads:
             fields = {"part": "c", "method": CALIBRATION, "components": name, "lookahead": lookahead, "batch": run.args.batch}
             run.row(fields, lambda c=components, k=lookahead: calibration_row(run, generate, c, k))
+        # the bound on calibration's history: every 2nd layer per generation, two generations
+        lookahead = max(run.args.lookaheads)
+        fields = {"part": "c", "method": CALIBRATION, "components": name, "lookahead": lookahead, "batch": run.args.batch,
+                  "layer_groups": 2}
+        run.row(fields, lambda c=components, k=lookahead: calibration_row(run, generate, c, k, layer_groups=2))
 
 
-def calibration_row(run: Run, generate: Callable[[], Any], components: list[str] | None, lookahead: int) -> dict[str, Any]:
-    """One ``pipe(...)`` call, calibrated with ``components`` (None: uncached): its seconds and peak GPU memory."""
+def calibration_row(
+    run: Run, generate: Callable[[], Any], components: list[str] | None, lookahead: int, layer_groups: int = 1
+) -> dict[str, Any]:
+    """``layer_groups`` ``pipe(...)`` calls (one uncalibrated where ``components`` is None), calibrated
+    with ``components``: seconds, peak GPU memory, and the history calibration held."""
     pipeline_speed.sync()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     allocated_before, start = allocated_mib(), time.perf_counter()
-    profile_layers = None
+    profile_layers = history_mib = None
     if components is None:
         generate()
     else:
-        with smoothcache.calibration(run.pipelines.get("fp16").pipe, components=components, lookahead=lookahead) as recorder:
-            generate()
+        pipe = run.pipelines.get("fp16").pipe
+        with smoothcache.calibration(pipe, components=components, lookahead=lookahead, layer_groups=layer_groups) as recorder:
+            for _ in range(layer_groups):
+                generate()
         profile_layers = len(recorder.profile.layers)
+        history_mib = recorder.profile.metadata.get("history_peak_mib")
     pipeline_speed.sync()
     row = {"seconds": time.perf_counter() - start, "peak_mib": peak_mib(), "allocated_before_mib": allocated_before,
-           "profile_layers": profile_layers}
+           "profile_layers": profile_layers, "history_peak_mib": history_mib, "generations": layer_groups}
     if not torch.cuda.is_available():
         row["peak_not_measured"] = "no CUDA GPU: peak memory is measured on the GPU only"
     return row

@@ -78,12 +78,16 @@ def check_kept_forms(result: dict[str, Any]) -> None:
 def check_calibration(result: dict[str, Any]) -> None:
     """Part c: an uncached call and one calibration per components and lookahead, no GPU peak off the GPU."""
     rows = rows_of(result, "c")
-    assert [(r["method"], r.get("components"), r.get("lookahead")) for r in rows] == [("uncached", None, None)] + [
-        ("calibration", name, k) for name in ("layers", "blocks") for k in (1, 2, 3)
+    assert [(r["method"], r.get("components"), r.get("lookahead"), r.get("layer_groups")) for r in rows] == [
+        ("uncached", None, None, None)] + [
+        ("calibration", name, k, groups) for name in ("layers", "blocks") for k, groups in ((1, None), (2, None), (3, None), (3, 2))
     ]
     for row in rows:
         assert positive(row["seconds"]) and row["peak_mib"] is None and "no CUDA GPU" in row["peak_not_measured"]
     assert all(r["profile_layers"] > 0 for r in rows[1:])
+    by_groups = {(r["components"], r.get("layer_groups")): r["history_peak_mib"] for r in rows[1:] if r["lookahead"] == 3}
+    for name in ("layers", "blocks"):  # two groups hold about half the history
+        assert 0 < by_groups[(name, 2)] <= 0.6 * by_groups[(name, None)]
 
 
 def test_every_part_runs_on_the_tiny_dit_and_records_what_the_gpu_run_is_judged_by(tmp_path):
