@@ -134,3 +134,19 @@ def test_a_pipeline_with_device_timesteps_runs_unchanged() -> None:
     with smoothcache.prefetch_timesteps(pipe, device="cpu") as prefetch:
         assert torch.equal(test_flux.generate(pipe), plain)
     assert prefetch.served == 0
+
+
+def test_generate_takes_the_prefetch_flag_and_writes_the_same_images(tmp_path) -> None:
+    from PIL import Image
+
+    from smoothcache.cli import main
+
+    model = tmp_path / "model"
+    make_dit_pipeline().save_pretrained(model)
+    common = ["generate", "--model", str(model), "--steps", "4", "--classes", "1", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--prefetch-timesteps", "--out", str(tmp_path / "prefetched")]) == 0
+    record = json.loads((tmp_path / "prefetched" / "generation.json").read_text())
+    assert record["prefetch_timesteps"] is True
+    (plain,), (prefetched,) = (sorted((tmp_path / d).glob("*.png")) for d in ("plain", "prefetched"))
+    assert Image.open(plain).tobytes() == Image.open(prefetched).tobytes()

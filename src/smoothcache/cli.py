@@ -85,6 +85,12 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _add_prefetch_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prefetch-timesteps", action="store_true",
+                        help="copy the scheduler's timesteps to the device once per generation (smoothcache.prefetch_timesteps): "
+                        "removes DiTPipeline's wait for the GPU at every step, outputs unchanged")
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="'demo', a local pipeline folder, or a hub id (loaded with from_pretrained)")
     parser.add_argument("--steps", type=positive_int, default=50, help="denoising steps (num_inference_steps)")
@@ -255,6 +261,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             shard = world.shard_range(len(requests))
             index = sum(request.size for request in requests[: shard.start])  # file names number images globally
             handle = cache(pipe, schedule, forecast=_forecast_of(args, schedule)) if schedule is not None else None
+            prefetch = _prefetch_if_asked(args, pipe)
             written: list[str] = []
             started = time.perf_counter()
             try:
@@ -269,6 +276,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             finally:
                 if handle is not None:
                     handle.disable()
+                if prefetch is not None:
+                    prefetch.disable()
             return written, time.perf_counter() - started
 
         results = world.run(generate_shard)
@@ -276,7 +285,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     written = [path for files, _ in results for path in files]
     seconds = max(elapsed for _, elapsed in results)
-    record = {"model": args.model, "steps": args.steps, "schedule": args.schedule, "seconds": seconds, "files": written}
+    record = {"model": args.model, "steps": args.steps, "schedule": args.schedule, "seconds": seconds, "files": written,
+              "prefetch_timesteps": args.prefetch_timesteps}
     if world.size > 1:
         record["world_size"] = world.size
     atomic_write_text(out / "generation.json", json.dumps(record, indent=1))
@@ -295,11 +305,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     schedule = Schedule.load(args.schedule)
     pipe, requests, extra = _load(args)
     batches = args.batch_sizes or [requests[0].size]
-    prefetch = None
-    if args.prefetch_timesteps:  # uncached and cached runs alike: it is on the pipeline
-        from .prefetch import prefetch_timesteps
-
-        prefetch = prefetch_timesteps(pipe)
+    prefetch = _prefetch_if_asked(args, pipe)  # uncached and cached runs alike: it is on the pipeline
     transformer, cells = pipe.transformer, []
     for compile_setting in dict.fromkeys(args.compile):
         torch._dynamo.reset()  # the last setting's graphs: each setting compiles afresh
@@ -322,6 +328,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   "repeats": args.repeats, "schedule": args.schedule, "cells": cells}
         atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
     return 0
+
+
+def _prefetch_if_asked(args: argparse.Namespace, pipe: Any) -> Any:
+    """``smoothcache.prefetch_timesteps(pipe)`` where ``--prefetch-timesteps`` asks for it, else None."""
+    if not args.prefetch_timesteps:
+        return None
+    from .prefetch import prefetch_timesteps
+
+    return prefetch_timesteps(pipe)
 
 
 def _compiled(transformer: Any, setting: str) -> Any:
@@ -621,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="reusing steps extrapolate from the last two computed outputs (linear) instead of reusing the last "
         "(default: as the schedule was planned, else none)",
     )
+    _add_prefetch_arg(generate)
     generate.set_defaults(func=cmd_generate)
 
     bench = _command(commands, "bench", help="uncached vs cached latency of a schedule on your pipeline")
@@ -634,9 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "mode='reduce-overhead'), after three warm-ups each; several settings: one cell each")
     bench.add_argument("--batch-sizes", nargs="+", type=positive_int,
                        help="samples per call, one cell each (default: --batch); labels or prompts repeat to fill a batch")
-    bench.add_argument("--prefetch-timesteps", action="store_true",
-                       help="copy the scheduler's timesteps to the device once per generation (smoothcache.prefetch_timesteps): "
-                       "removes DiTPipeline's wait for the GPU at every step, outputs unchanged")
+    _add_prefetch_arg(bench)
     bench.add_argument("--out", help="JSON file: the settings and one entry per cell under 'cells'")
     bench.set_defaults(func=cmd_bench)
 
