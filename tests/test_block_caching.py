@@ -184,3 +184,22 @@ def test_streams_are_found_by_keyword_or_position():
     assert streams.inputs((x,), {})[0] is x and streams.inputs((), {"hidden_states": x})[0] is x
     with pytest.raises(BlockCachingError, match="takes no argument 'context'"):
         BlockStreams.of(block.module, block.name, ["context"])
+
+
+def test_a_model_call_that_raises_mid_chain_leaves_the_next_generation_exact():
+    pipe = make_dit_pipeline(num_layers=3)
+    with smoothcache.cache(pipe, Schedule({"block": PLAN})):
+        expected = generate(pipe)
+    calls = [0]
+
+    def fail_once(module, args, kwargs):
+        calls[0] += 1
+        if calls[0] == 2:  # the second step, a computing step that keeps: its run is open here
+            raise RuntimeError("interrupted")
+
+    hook = pipe.transformer.transformer_blocks[2].register_forward_pre_hook(fail_once, with_kwargs=True)
+    with smoothcache.cache(pipe, Schedule({"block": PLAN})):
+        with pytest.raises(RuntimeError, match="interrupted"):
+            generate(pipe)
+        hook.remove()
+        assert torch.equal(generate(pipe), expected)

@@ -193,9 +193,12 @@ class BlockChain:
 
     def link(self, position: int, slot: int, states: KeptStates) -> None:
         """Record a computed block: it continues the open run where its inputs are the previous
-        block's outputs, else it starts a run; the list's last block closes the run."""
+        block's outputs, else it starts a run; the list's last block closes the run. A run still
+        open at the first block was cut short (a model call that raised): dropped, not closed."""
+        if position == 0:
+            self._start, self._inputs, self._last = None, (), ()
         continues = (
-            self._start is not None and position == self._next and position > 0
+            self._start is not None and position == self._next
             and all(x is out for x, out in zip(states.inputs, self._last, strict=True))
         )
         if continues:
