@@ -411,3 +411,23 @@ def test_blocks_get_their_stream_barrier_only_when_the_model_is_compiled_whole()
         assert all("forward" in vars(block) for block in blocks)
     assert any(barrier_calls(gm) for gm in backend.graphs)
     assert not any("forward" in vars(block) for block in blocks)  # disable() took them off
+
+
+@pytest.mark.parametrize("keys", [["block"], ["block-0", "block-1"]], ids=["chain", "per-block"])
+def test_two_model_calls_per_step_compile_nothing_the_second_generation(keys):
+    """Wan 2.1 runs guidance as a second model call per step: its call slot opens in the first
+    generation, and the kept-output dicts must not change size then (dynamo guards on it)."""
+    from models.test_wan import generate as generate_wan
+    from models.test_wan import make_pipeline as make_wan
+
+    pipe = make_wan()
+    plan = (1, 0, 1, 1, 0, 1)
+    with smoothcache.cache(pipe, Schedule(dict.fromkeys(keys, plan))):
+        expected = generate_wan(pipe)
+    torch._dynamo.reset()
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager")
+    with smoothcache.cache(pipe, Schedule(dict.fromkeys(keys, plan))):
+        first = generate_wan(pipe)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            second = generate_wan(pipe)
+    assert torch.allclose(first, expected, atol=1e-6) and torch.equal(first, second)

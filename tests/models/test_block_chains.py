@@ -37,3 +37,26 @@ def test_a_list_reused_as_one_matches_its_blocks_reused_one_by_one(name):
     # Latte interleaves its spatial and temporal lists: no block's input is its list predecessor's
     # output, so every block is a run of its own and holds what it held before
     assert 0 < chained_bytes < per_block_bytes or (name == "latte" and chained_bytes == per_block_bytes), name
+
+
+@pytest.mark.parametrize("forecast", ["none", "linear"])
+def test_a_call_that_skips_the_lists_last_block_closes_its_run_in_its_own_slot(forecast):
+    """SD3's skip-layer guidance skipping the last block: that call slot's run ends early, and is
+    closed at the next model call in the slot that opened it (not in the next call's)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from .conftest import tiny_pipeline, tiny_vae
+    from .test_sd3 import generate
+    from .tiny_configs import SD3_TRANSFORMER
+
+    blocks = 4
+    pipe = tiny_pipeline(StableDiffusion3Pipeline, transformer=SD3_TRANSFORMER.with_config(num_layers=blocks),
+                         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                         vae=tiny_vae(shift_factor=0.0609, scaling_factor=1.5035))
+    guidance = {"skip_guidance_layers": [blocks - 1], "skip_layer_guidance_start": 0.0, "skip_layer_guidance_stop": 1.0}
+    plan = (1, 0, 0, 1, 0, 1)
+    with smoothcache.cache(pipe, Schedule({"block": plan}), forecast=forecast):
+        chained = generate(pipe, **guidance)
+    with smoothcache.cache(pipe, Schedule({f"block-{i}": plan for i in range(blocks)}), forecast=forecast):
+        per_block = generate(pipe, **guidance)
+    torch.testing.assert_close(chained, per_block, rtol=1e-4, atol=1e-4)

@@ -231,7 +231,7 @@ def chained_block_forward(
         inputs = streams.inputs(args, kwargs)
         if not decision.compute:
             kept = outputs[decision.slot]
-            if isinstance(kept, RunKept):
+            if isinstance(kept, RunKept) and kept.last is not None:  # (unfilled: its run was cut short)
                 chain.reusing = position
                 return streams.apply(inputs, chain.residual(kept, decision.ratio))
             if isinstance(kept, Follows) and chain.reusing == kept.start:
@@ -239,7 +239,8 @@ def chained_block_forward(
             chain.reusing = None
         output = original(*args, **kwargs)
         if torch.compiler.is_compiling() or decision.keep or not decision.compute:
-            chain.link(position, decision.slot, streams.states(output, inputs))
+            earlier = outputs[decision.slot] if chain.forecast else None  # (a read is a guard under torch.compile)
+            outputs[decision.slot] = chain.link(position, decision.slot, streams.states(output, inputs), earlier)
         return output
 
     return forward

@@ -134,6 +134,7 @@ class CacheHandle:
         self._restore: list[Callable[[], None]] = []
         self._with_depth = 0  # nested ``with`` blocks on this handle: the outermost one disables
         self._warned_launch_bound = False  # see _warn_if_launch_bound
+        self._chains: dict[int, BlockChain] = {}  # the plan's chains, made at enable
         if getattr(model, "_parallel_config", None) is not None:  # diffusers' context parallelism
             from ..distributed import check_ranks_agree
 
@@ -154,7 +155,7 @@ class CacheHandle:
                                        "Disable that handle first (handle.disable(), or leave its with block)"))
         self._forget_generation()
         self._decisions = [Decision() for _ in self.plan.columns]
-        self._chains: dict[int, BlockChain] = {}  # the plan's chains, their blocks' kept entries fresh
+        self._chains = {}  # fresh chains, over fresh kept entries
         for layer_plan in self.plan.layers:
             forward = self._forward_for(layer_plan)
             self._restore.append(shadow_forward(layer_plan.layer.module, forward))
@@ -262,6 +263,8 @@ class CacheHandle:
             restore()
         self._restore.clear()
         release(self.target.model, self)
+        for chain in self._chains.values():
+            chain.abandon()
         self.state.clear()
         self._decisions = []
         self._tracker.reset()
@@ -273,6 +276,8 @@ class CacheHandle:
     def _forget_generation(self) -> None:
         self._tracker.reset()
         self.state.thread = None
+        for chain in self._chains.values():
+            chain.abandon()
 
     def _after_model_error(self) -> None:
         """A model call raised: its generation cannot go on (unless the call was another thread's, refused)."""
@@ -300,6 +305,8 @@ class CacheHandle:
                 "a cache handle follows one generation at a time. Give each thread its own pipeline (and handle), "
                 "or let one pipeline call finish before the next starts (a lock around pipe(...))"
             )
+        for chain in self._chains.values():  # a run the last call left open (it skipped the list's end)
+            chain.end_call()
         try:
             step, slot, new_generation = self._tracker.advance(args, kwargs)
         except StepMismatchError:

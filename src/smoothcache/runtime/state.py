@@ -16,10 +16,18 @@ import torch
 
 from ..guidance import input_shape
 from .forwards import GuidanceRows, StoredTensor
+from .streams import RunKept
 
 __all__ = ["CacheState"]
 
 logger = logging.getLogger(__name__)
+
+
+# Call slots every kept-output dict has from the start. Under torch.compile dynamo may guard on a
+# kept-output dict's size (it did for chained blocks, and cost per-block caches a graph): a slot opened
+# during the first generation (a second model call per step, guidance run apart: Wan) would then
+# recompile the second generation. Pipelines with more calls per step open more, once.
+PREOPENED_SLOTS = 4
 
 
 class CacheState:
@@ -41,7 +49,7 @@ class CacheState:
 
     def new_outputs(self) -> dict[int, Any]:
         """The kept-output dict of one more cached module, with every slot opened so far."""
-        outputs: dict[int, Any] = dict.fromkeys(range(self._slots))
+        outputs: dict[int, Any] = dict.fromkeys(range(max(self._slots, PREOPENED_SLOTS)))
         self.outputs.append(outputs)
         return outputs
 
@@ -104,6 +112,9 @@ class CacheState:
                     add(item)
             elif isinstance(value, StoredTensor):  # kept_device / kept_dtype
                 add(value.tensor)
+            elif isinstance(value, RunKept):  # a chained run's residuals
+                add(value.last)
+                add(value.previous)
 
         for outputs in self.outputs:
             for kept in outputs.values():
@@ -112,7 +123,7 @@ class CacheState:
 
     def opened(self) -> int:
         """How many (module, call slot) entries there are, kept or empty."""
-        return sum(len(outputs) for outputs in self.outputs)
+        return sum(slot < self._slots for outputs in self.outputs for slot in outputs)
 
     def _forget(self, slot: int | None) -> None:
         for outputs in self.outputs:

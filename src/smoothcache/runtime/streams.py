@@ -147,13 +147,19 @@ class BlockStreams:
         return outputs
 
 
-class RunKept(NamedTuple):
+class RunKept:
     """What the first block of a chained run keeps: the run's residual per stream (``last``; with
-    forecasting also the one before, where that run ended at the same block), and its last block."""
+    forecasting also the one before, where that run ended at the same block), and its last block.
 
-    end: int
-    last: Any
-    previous: Any
+    Mutable, and made when the run opens: the first block stores it in its own kept entries then,
+    and the run's last block fills it in, so that no block writes another block's entries."""
+
+    __slots__ = ("end", "last", "previous")
+
+    def __init__(self, previous: RunKept | None = None) -> None:
+        self.end = -1
+        self.last: Any = None
+        self.previous: Any = previous  # the run kept before; replaced by its residual when closed
 
 
 class Follows(NamedTuple):
@@ -187,29 +193,55 @@ class BlockChain:
         self.active = True  # set per generation: off where blocks are compiled one by one
         self.reusing: int | None = None
         self._start: int | None = None  # the open run's first block, during a computing call
+        self._run: RunKept | None = None  # what it keeps, filled in when the run closes
+        self._slot = 0  # the call slot the open run belongs to
         self._inputs: tuple[Any, ...] = ()  # its stream inputs
         self._last: tuple[Any, ...] = ()  # the latest block's outputs
         self._next = 0  # the position that continues the open run
 
-    def link(self, position: int, slot: int, states: KeptStates) -> None:
-        """Record a computed block: it continues the open run where its inputs are the previous
-        block's outputs, else it starts a run; the list's last block closes the run. A run still
-        open at the first block was cut short (a model call that raised): dropped, not closed."""
-        if position == 0:
-            self._start, self._inputs, self._last = None, (), ()
+    def link(self, position: int, slot: int, states: KeptStates, earlier: Any) -> RunKept | Follows:
+        """Record a computed block and return what it keeps (``earlier``: what it kept before): a
+        :class:`Follows` where it continues the open run (its inputs are the previous block's
+        outputs), else a new :class:`RunKept`, which opens a run; the list's last block closes the
+        run (a call that stops earlier leaves it to :meth:`end_call`). The block stores the entry
+        in its own kept entries."""
         continues = (
-            self._start is not None and position == self._next
+            self._start is not None and position == self._next and slot == self._slot
             and all(x is out for x, out in zip(states.inputs, self._last, strict=True))
         )
+        entry: RunKept | Follows
         if continues:
-            self.kept[position][slot] = Follows(self._start)  # type: ignore[arg-type]
+            entry = Follows(self._start)  # type: ignore[arg-type]
         else:
-            if self._start is not None:
-                self._close(slot)
-            self._start, self._inputs = position, states.inputs
+            self.end_call()
+            entry = self._run = RunKept(earlier if self.forecast and isinstance(earlier, RunKept) else None)
+            self._start, self._slot, self._inputs = position, slot, states.inputs
         self._last, self._next = states.outputs, position + 1
         if position == len(self.kept) - 1:
-            self._close(slot)
+            self.end_call()
+        return entry
+
+    def end_call(self) -> None:
+        """Close the open run in the slot that opened it: at the list's last block, or where a model
+        call ended before it (SD3's skip-layer guidance skipping the last block; a list called in
+        another order). The handle calls this at every model call's start."""
+        if self._start is None:
+            return
+        end = self._next - 1
+        residual = self.streams.residual(self._last if len(self._last) > 1 else self._last[0], self._inputs)
+        if self.form is not None:
+            residual = self.form.store(residual)
+        run = self._run
+        assert run is not None
+        earlier = run.previous
+        run.end, run.last = end, residual
+        run.previous = earlier.last if earlier is not None and earlier.end == end else None
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Forget the open run (a model call raised, a generation starts, the cache is disabled):
+        its first block's entry stays unfilled (``last`` None), so a reuse there computes."""
+        self._start, self._run, self._inputs, self._last = None, None, (), ()
 
     def residual(self, kept: RunKept, ratio: float) -> Any:
         """The run's residual for this step: kept, or extrapolated from the last two (forecasting)."""
@@ -218,19 +250,6 @@ class BlockChain:
         if kept.previous is None or ratio == 0.0:
             return kept.last
         return self.streams.extrapolate(kept.last, kept.previous, ratio)
-
-    def _close(self, slot: int) -> None:
-        start, end = self._start, self._next - 1
-        assert start is not None
-        residual = self.streams.residual(self._last if len(self._last) > 1 else self._last[0], self._inputs)
-        if self.form is not None:
-            residual = self.form.store(residual)
-        previous = None
-        if self.forecast:  # read only here: under torch.compile, a read is a guard
-            old = self.kept[start].get(slot)
-            previous = old.last if isinstance(old, RunKept) and old.end == end else None
-        self.kept[start][slot] = RunKept(end, residual, previous)
-        self._start, self._inputs, self._last = None, (), ()
 
 
 def _describe(value: Any) -> str:
