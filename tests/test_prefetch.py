@@ -150,3 +150,21 @@ def test_generate_takes_the_prefetch_flag_and_writes_the_same_images(tmp_path) -
     assert record["prefetch_timesteps"] is True
     (plain,), (prefetched,) = (sorted((tmp_path / d).glob("*.png")) for d in ("plain", "prefetched"))
     assert Image.open(plain).tobytes() == Image.open(prefetched).tobytes()
+
+
+def test_a_copied_scheduler_sets_its_own_timesteps_and_copies_are_plain() -> None:
+    """diffusers deep-copies schedulers: the copy sets (and pairs) its own timesteps, and the paired
+    timesteps copy and pickle as the plain host tensors they are."""
+    import copy
+    import pickle
+
+    pipe = make_dit_pipeline()
+    with smoothcache.prefetch_timesteps(pipe, device="cpu"):
+        generate(pipe)
+        twin = copy.deepcopy(pipe.scheduler)
+        twin.set_timesteps(4)
+        assert len(twin.timesteps) == 4 and type(twin.timesteps) is HostTimesteps
+        assert len(pipe.scheduler.timesteps) == STEPS  # the original's untouched
+        timesteps = pipe.scheduler.timesteps
+        assert type(copy.deepcopy(timesteps)) is torch.Tensor
+        assert torch.equal(pickle.loads(pickle.dumps(timesteps)), timesteps.as_subclass(torch.Tensor))

@@ -22,7 +22,7 @@ from typing import Any, Self
 
 import torch
 
-__all__ = ["HostTimesteps", "TimestepPrefetch", "prefetch_timesteps"]
+__all__ = ["HostTimesteps", "PairingSetTimesteps", "TimestepPrefetch", "prefetch_timesteps"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,14 @@ class HostTimesteps(torch.Tensor):
 
     device_copy: torch.Tensor
     prefetch: TimestepPrefetch | None  # counts what the copy served
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> torch.Tensor:
+        """A plain host copy: the pairing (and the pipeline it leads to) stays behind."""
+        return self.as_subclass(torch.Tensor).clone()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickled as the plain host tensor it is."""
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
 
     @staticmethod
     def pair(host: torch.Tensor, device_copy: torch.Tensor, prefetch: TimestepPrefetch | None) -> HostTimesteps:
@@ -130,27 +138,20 @@ class TimestepPrefetch:
     def enable(self) -> TimestepPrefetch:
         if self.enabled:
             return self
-        original = type(self.scheduler).set_timesteps.__get__(self.scheduler)
-
-        @functools.wraps(original)  # pipelines read its signature (retrieve_timesteps: "sigmas" in it?)
-        def set_timesteps(*args: Any, **kwargs: Any) -> Any:
-            result = original(*args, **kwargs)
-            self._pair_timesteps()
-            return result
-
-        self.scheduler.set_timesteps = set_timesteps
+        self.scheduler.set_timesteps = PairingSetTimesteps(self.scheduler, self)
         self.enabled = True
         return self
 
-    def _pair_timesteps(self) -> None:
-        timesteps = getattr(self.scheduler, "timesteps", None)
+    def pair_timesteps(self, scheduler: Any) -> None:
+        """Pair ``scheduler``'s host timesteps with a copy on the device (called as it sets them)."""
+        timesteps = getattr(scheduler, "timesteps", None)
         if not isinstance(timesteps, torch.Tensor) or type(timesteps) is HostTimesteps:
             return
         device = self.device or _execution_device(self.pipe)
         if timesteps.device.type != "cpu" or device is None or (device.type == "cpu" and self.device is None):
             return  # already where the model runs: nothing is copied per step
-        logger.debug("timesteps of %s paired with a copy on %s", type(self.scheduler).__name__, device)
-        self.scheduler.timesteps = HostTimesteps.pair(timesteps, timesteps.to(device), self)
+        logger.debug("timesteps of %s paired with a copy on %s", type(scheduler).__name__, device)
+        scheduler.timesteps = HostTimesteps.pair(timesteps, timesteps.to(device), self)
 
     def disable(self) -> None:
         if not self.enabled:
@@ -166,6 +167,26 @@ class TimestepPrefetch:
 
     def __exit__(self, *exc: object) -> None:
         self.disable()
+
+
+class PairingSetTimesteps:
+    """A scheduler's ``set_timesteps``, as an instance attribute, that pairs the timesteps it sets.
+
+    An object, not a closure: diffusers deep-copies schedulers (LTX-2's audio scheduler), and a
+    copy must set and pair its own timesteps, not the original's. It carries the method's
+    signature, which pipelines read (``retrieve_timesteps`` looks for ``sigmas``)."""
+
+    def __init__(self, scheduler: Any, prefetch: TimestepPrefetch) -> None:
+        self.scheduler, self.prefetch = scheduler, prefetch
+        functools.update_wrapper(self, type(scheduler).set_timesteps.__get__(scheduler))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = type(self.scheduler).set_timesteps(self.scheduler, *args, **kwargs)
+        self.prefetch.pair_timesteps(self.scheduler)
+        return result
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PairingSetTimesteps:
+        return PairingSetTimesteps(memo.get(id(self.scheduler), self.scheduler), self.prefetch)
 
 
 def _execution_device(pipe: Any) -> torch.device | None:
