@@ -25,10 +25,10 @@ from smoothcache.demo.bench_harness import (
     BenchConfig,
     BenchRun,
     Row,
-    _finite,
     make_scheduler,
 )
 from smoothcache.demo.bench_methods import Method, ours
+from smoothcache.files import strict_json
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
 
     def save(figures: bool = False) -> None:
         result["rows"] = [asdict(r) for r in run.rows]
-        args.out.write_text(json.dumps(_finite(result), indent=1, default=str) + "\n")
+        args.out.write_text(json.dumps(strict_json(result), indent=1, default=str) + "\n")
 
     run = BenchRun(pipe, load_bench_scorer("cuda"), config, args.sampler, time.perf_counter(), save)
     pipe.scheduler = make_scheduler(args.sampler, pipe.scheduler.config)

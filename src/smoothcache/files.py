@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import SmoothCacheError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "read_json", "shown"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "read_json", "shown", "strict_json"]
 
 
 @contextmanager
@@ -116,3 +116,16 @@ def shown(value: object) -> str:
         return reprlib.repr(value)
     except (ValueError, RecursionError):
         return f"a {type(value).__name__} too large to show"
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinity as None, so that it is strict JSON (a number that is not
+    one becomes null); objects with ``as_dict()`` are written as that dict."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    as_dict = getattr(value, "as_dict", None)
+    return strict_json(as_dict()) if callable(as_dict) else value

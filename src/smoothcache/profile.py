@@ -18,7 +18,7 @@ from typing import Any, cast
 import numpy as np
 
 from .errors import ProfileError
-from .files import atomic_write_text, read_json, shown
+from .files import atomic_write_text, read_json, shown, strict_json
 from .keys import Key, key_for
 from .resampling import resample_curves, resample_step_weights, uniform_positions
 from .schedule import Schedule
@@ -371,10 +371,10 @@ class CalibrationProfile:
         """The file's layout in plain JSON values; NaN (a step never measured) and infinities become None."""
 
         def trimmed(curves: np.ndarray) -> list[list[float | None]]:
-            return [_strict(curves[k, : self.num_steps - k - 1].tolist()) for k in range(self.lookahead)]
+            return [strict_json(curves[k, : self.num_steps - k - 1].tolist()) for k in range(self.lookahead)]
 
         layers = [
-            {"name": layer.name, "layer_type": layer.layer_type, "block": layer.block, "flops": _strict(layer.flops)}
+            {"name": layer.name, "layer_type": layer.layer_type, "block": layer.block, "flops": strict_json(layer.flops)}
             for layer in self.layers
         ]
         return {
@@ -382,8 +382,8 @@ class CalibrationProfile:
             "format_version": FORMAT_VERSION,
             "lookahead": self.lookahead,
             "num_steps": self.num_steps,
-            "total_flops": _strict(self.total_flops),
-            "metadata": _strict(self.metadata),
+            "total_flops": strict_json(self.total_flops),
+            "metadata": strict_json(self.metadata),
             "layers": layers,
             "curve_layout": "errors[k-1][s] = rel-L1 between the outputs at step s+k and step s, over ||y_(s+k)||_1",
             "runs": [{layer.name: trimmed(run[i]) for i, layer in enumerate(self.layers)} for run in self.errors],
@@ -397,7 +397,7 @@ class CalibrationProfile:
 
         def trimmed(forecasts: np.ndarray) -> list[list[list[float | None]]]:  # the measured steps s = g .. num_steps - k - 1
             return [
-                [_strict(forecasts[g, k, g + 1 : self.num_steps - k - 1].tolist()) for k in range(self.lookahead)]
+                [strict_json(forecasts[g, k, g + 1 : self.num_steps - k - 1].tolist()) for k in range(self.lookahead)]
                 for g in range(forecasts.shape[0])
             ]
 
@@ -628,17 +628,6 @@ def _is_cost(value: Any) -> bool:
 
 def _problem(where: str, what: str) -> ProfileError:
     return ProfileError(f"Profile{where}: {what}")
-
-
-def _strict(value: Any) -> Any:
-    """``value`` with every NaN or infinity as None, so that it is strict JSON (a number that is not one)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _strict(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(item) for item in value]
-    return value
 
 
 def _fewest_computes(num_steps: int, lookahead: int) -> int:

@@ -1,26 +1,19 @@
 """A module list cached whole on one key is reused as one chain (one kept residual per stream):
 for every family, outputs match the same plan reused block by block, with less memory held."""
 
-import importlib
-
 import pytest
 import torch
 
 import smoothcache
-from smoothcache import Schedule, find_layers
+from smoothcache import Schedule
 from smoothcache.keys import key_for
 
-from .conftest import calibrated_schedule
-from .test_whole_blocks import FAMILIES, _has, block_components
+from .test_whole_blocks import FAMILIES, blocks_of_family
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_list_reused_as_one_matches_its_blocks_reused_one_by_one(name):
-    family_test = importlib.import_module(f".test_{name}", __package__)
-    pipe, generate = family_test.make_pipeline(), family_test.generate
-    components = [c for c in block_components(pipe.transformer) if _has(pipe.transformer, c)]
-    schedule = calibrated_schedule(pipe, generate, components)
-    layers = find_layers(pipe.transformer, components)
+    pipe, generate, _, schedule, layers = blocks_of_family(name)
     one_by_one = Schedule({
         f"{layer.layer_type}-{layer.block}": schedule.plans[key_for(schedule.plans, layer.layer_type, layer.block)]
         for layer in layers

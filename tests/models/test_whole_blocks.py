@@ -3,6 +3,8 @@ its plan's steps, and a schedule computing every step changes nothing. Blocks re
 (Flux, SD3, CogVideoX, ...) rebuild each stream from its own residual."""
 
 import importlib
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -35,12 +37,7 @@ def block_components(model) -> list[str]:
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_blocks_cached_whole_skip_exactly_their_plans_and_all_ones_changes_nothing(name):
-    family_test = importlib.import_module(f".test_{name}", __package__)
-    pipe, generate = family_test.make_pipeline(), family_test.generate
-    components = [c for c in block_components(pipe.transformer) if _has(pipe.transformer, c)]
-    assert components, name
-    schedule = calibrated_schedule(pipe, generate, components)
-    layers = find_layers(pipe.transformer, components)
+    pipe, generate, components, schedule, layers = blocks_of_family(name)
     with WeightUses(layers) as uncached_uses:
         uncached = generate(pipe)
     with smoothcache.cache(pipe, schedule) as handle, WeightUses(layers) as uses:
@@ -59,15 +56,31 @@ def _has(model, component: str) -> bool:
     except NoCacheableLayersError:
         return False
 
+class FamilyBlocks(NamedTuple):
+    """A family's tiny pipeline, its generate, its whole-block components, a schedule calibrated
+    for them and the blocks: what every whole-block test starts from."""
+
+    pipe: Any
+    generate: Callable[..., torch.Tensor]
+    components: list[str]
+    schedule: Any
+    layers: list[Any]
+
+
+def blocks_of_family(name: str) -> FamilyBlocks:
+    family_test = importlib.import_module(f".test_{name}", __package__)
+    pipe, generate = family_test.make_pipeline(), family_test.generate
+    components = [c for c in block_components(pipe.transformer) if _has(pipe.transformer, c)]
+    assert components, name
+    schedule = calibrated_schedule(pipe, generate, components)
+    return FamilyBlocks(pipe, generate, components, schedule, find_layers(pipe.transformer, components))
+
+
 
 @pytest.mark.parametrize("name", ["flux", "sd3", "cogvideox", "pixart"])
 def test_forecasting_blocks_skip_exactly_their_plans_and_extrapolate(name):
     """Forecasting blocks, one- and two-stream: the same computes as plain block reuse, other outputs."""
-    family_test = importlib.import_module(f".test_{name}", __package__)
-    pipe, generate = family_test.make_pipeline(), family_test.generate
-    components = [c for c in block_components(pipe.transformer) if _has(pipe.transformer, c)]
-    schedule = calibrated_schedule(pipe, generate, components)
-    layers = find_layers(pipe.transformer, components)
+    pipe, generate, _, schedule, layers = blocks_of_family(name)
     with smoothcache.cache(pipe, schedule), WeightUses(layers) as plain_uses:
         reused = generate(pipe)
     with smoothcache.cache(pipe, schedule, forecast="linear"), WeightUses(layers) as uses:

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 import smoothcache
 
-from ..files import atomic_write_text
+from ..files import atomic_write_text, strict_json
 from . import peers
 from .bench_compare import summarise
 from .bench_methods import (
@@ -428,7 +428,7 @@ def run_bench(pipe: Any, scorer: QualityScorer, config: BenchConfig, out: Path,
         report["seconds"] = round(time.perf_counter() - started, 1)
         _write_json(out / "report.json", report)
         if figures:
-            bench_figures.draw_all(_finite(report), grids, out)
+            bench_figures.draw_all(strict_json(report), grids, out)
 
     for sampler in config.samplers:
         bench = BenchRun(pipe, scorer, config, sampler, started, save)
@@ -438,7 +438,7 @@ def run_bench(pipe: Any, scorer: QualityScorer, config: BenchConfig, out: Path,
         report["samplers"][sampler]["rows"] = [r.as_dict() for r in bench.rows]
         report["samplers"][sampler]["at_equal_speed"] = summarise(report["samplers"][sampler])
     save()
-    return _finite(report)
+    return strict_json(report)
 
 
 def _versions() -> dict[str, str]:
@@ -466,17 +466,4 @@ def _git_commit() -> str:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Strict JSON, written atomically: a stopped run never leaves half a file."""
-    atomic_write_text(path, json.dumps(_finite(data), indent=1, allow_nan=False) + "\n")
-
-
-def _finite(value: Any) -> Any:
-    """NaN and infinity as null: strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, Row):
-        return _finite(value.as_dict())
-    return value
+    atomic_write_text(path, json.dumps(strict_json(data), indent=1, allow_nan=False) + "\n")
