@@ -196,6 +196,7 @@ def _chains(layer_plans: Sequence[LayerPlan], module_names: Mapping[str, int]) -
         if layer_plan.kind in ("block", "block-forecast"):
             by_list.setdefault(_list_of(layer_plan.layer.name), []).append(layer_plan)
     links: dict[int, ChainLink] = {}
+    chains = 0
     for list_path, members in by_list.items():
         indices = [member.layer.name.rpartition(".")[2] for member in members]
         if not all(index.isdigit() for index in indices):
@@ -206,9 +207,9 @@ def _chains(layer_plans: Sequence[LayerPlan], module_names: Mapping[str, int]) -
                  and all(m.layer.repeats == 1 for m in members))
         if len(members) < 2 or not whole_list or not alike:
             continue
-        chain = len({link.chain for link in links.values()})
         for position, member in enumerate(members):
-            links[id(member.layer)] = ChainLink(chain, position, len(members))
+            links[id(member.layer)] = ChainLink(chains, position, len(members))
+        chains += 1
     return links
 
 
