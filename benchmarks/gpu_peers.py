@@ -324,6 +324,25 @@ def diffusers_methods() -> list[Method]:
     ]
 
 
+def restorer(model: nn.Module) -> Callable[[], None]:
+    """Puts ``model``'s modules back as they are now: instance attributes added or replaced since
+    are dropped or restored, and so are child modules. cache-dit 1.5.3's ``disable_cache`` leaves
+    its patched ``forward`` on the transformer (``_is_patched``; DiT's also a ``_norm1_emb``
+    child), which later configurations, uncached ones included, would otherwise run."""
+    before = {module: (dict(vars(module)), dict(module._modules)) for module in model.modules()}
+
+    def restore() -> None:
+        for module, (attributes, children) in before.items():
+            now = vars(module)
+            for name in set(now) - set(attributes):
+                del now[name]
+            now.update(attributes)
+            module._modules.clear()
+            module._modules.update(children)
+
+    return restore
+
+
 def cache_dit_methods(setup: Setup) -> list[Method]:
     """cache-dit's DBCache: a residual-diff threshold (searched), and its 'medium' static step mask."""
     import cache_dit
@@ -333,9 +352,15 @@ def cache_dit_methods(setup: Setup) -> list[Method]:
     def method(name: str, make_config: Callable[[Setup, float | None], Any], threshold: float | None = None) -> Method:
         def attach(setup: Setup, value: float | None) -> Detach:
             config = make_config(setup, value)
+            restore = restorer(setup.transformer)
             cache_dit.enable_cache(setup.pipe, cache_config=config)
             attach.config = repr(config)  # type: ignore[attr-defined]
-            return lambda: cache_dit.disable_cache(setup.pipe)
+
+            def detach() -> None:
+                cache_dit.disable_cache(setup.pipe)
+                restore()
+
+            return detach
 
         return Method(name, "cache-dit", attach, {"version": cache_dit.__version__}, threshold)
 

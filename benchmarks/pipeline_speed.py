@@ -359,25 +359,6 @@ class Attached:
     teardown_errors: list[str] = field(default_factory=list)
 
 
-def restorer(model: nn.Module) -> Callable[[], None]:
-    """Puts ``model``'s modules back as they are now: instance attributes added or replaced since
-    are dropped or restored, and so are child modules. cache-dit 1.5.3's ``disable_cache`` leaves
-    its patched ``forward`` on the transformer (``_is_patched``; DiT's also a ``_norm1_emb``
-    child), which later configurations, uncached ones included, would otherwise run."""
-    before = {module: (dict(vars(module)), dict(module._modules)) for module in model.modules()}
-
-    def restore() -> None:
-        for module, (attributes, children) in before.items():
-            now = vars(module)
-            for name in set(now) - set(attributes):
-                del now[name]
-            now.update(attributes)
-            module._modules.clear()
-            module._modules.update(children)
-
-    return restore
-
-
 @contextlib.contextmanager
 def configured(work: Workload, config: Config, backend: str) -> Iterator[Attached]:
     """Compile (as ``config`` says) and attach the method, each library its documented way round;
@@ -398,7 +379,7 @@ def configured(work: Workload, config: Config, backend: str) -> Iterator[Attache
         if config.method == CACHE_DIT:  # cache-dit's docs: enable_cache(pipe), then torch.compile
             import cache_dit
 
-            undo.append(restorer(pipe.transformer))
+            undo.append(gpu_peers.restorer(pipe.transformer))
             cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(
                 Fn_compute_blocks=1, Bn_compute_blocks=0, num_inference_steps=work.steps,
                 steps_computation_mask=list(work.mask), steps_computation_policy="static"))
