@@ -78,7 +78,10 @@ for the GPU (``smoothcache.bench.count_host_syncs``, on the last warm-up); graph
 and while timed, recompiles while timed, graph breaks, CUDA graph skips; the largest difference of
 the output from the uncached one (``max_abs_diff_vs_uncached``, same compile and batch, no
 prefetch) and, with prefetch, from the same method without it (``max_abs_diff_vs_prefetch_off``: 0
-means bit-identical); and ``error`` where a configuration failed (the run goes on).
+means bit-identical); ``step_ms``, from one more generation whose transformer calls are marked on
+the host clock and by CUDA events, the median milliseconds of a computing and of a reusing step on
+the host and on the device (where the time goes: a host that waits for the GPU at every step shows
+the device's time on both); and ``error`` where a configuration failed (the run goes on).
 
 Cells run most wanted first, so that ``--max-minutes`` (no configuration starts past it) trims the
 least wanted: DiT: CUDA graphs at each batch (largest first), compile at the largest, eager at each,
@@ -131,6 +134,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import metadata
+from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -461,6 +465,45 @@ def host_syncs_of(run: Callable[[], Any], device: torch.device) -> int | None:
     return count_host_syncs(run, device)
 
 
+@contextlib.contextmanager
+def step_clock(model: nn.Module, device: torch.device) -> Iterator[list[tuple[float, Any]]]:
+    """Marks each call of ``model`` (the pipeline's transformer, or its compiled wrapper: the hook
+    runs outside any graph) with the host's clock and, on a GPU, a CUDA event in the stream: the
+    host's time from one call to the next is what the host spent on a step (all of it where the
+    loop never waits for the GPU), the events' time is what the GPU did in it (idle gaps included
+    where the host is behind)."""
+    marks: list[tuple[float, Any]] = []
+
+    def mark(*_: Any) -> None:
+        event = None
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        marks.append((time.perf_counter(), event))
+
+    handle = model.register_forward_pre_hook(mark)
+    try:
+        yield marks
+    finally:
+        handle.remove()
+
+
+def step_times(marks: Sequence[tuple[float, Any]], mask: Sequence[int], calls_per_step: int) -> dict[str, Any]:
+    """Median host and device milliseconds of computing and of reusing steps, from the marks of one
+    generation's model calls (a step runs from its first call to the next step's; the last step,
+    which runs into the pipeline's ending, is left out)."""
+    firsts = marks[::calls_per_step]
+    spans: dict[str, list[float]] = {"host_computing": [], "host_reusing": [], "device_computing": [], "device_reusing": []}
+    for step, ((host, event), (next_host, next_event)) in enumerate(pairwise(firsts)):
+        kind = "computing" if mask[step] else "reusing"
+        spans[f"host_{kind}"].append(1000 * (next_host - host))
+        if event is not None:
+            spans[f"device_{kind}"].append(event.elapsed_time(next_event))
+    found: dict[str, Any] = {key: statistics.median(values) if values else None for key, values in spans.items()}
+    found["steps_measured"] = len(firsts) - 1
+    return found
+
+
 def max_abs_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
     return None if a is None or b is None else float((a - b).abs().max())
 
@@ -541,6 +584,9 @@ class Runner:
             output = generate()
             sync()
             times.append(time.perf_counter() - start)
+        with step_clock(self.work.pipe.transformer, self.device) as marks:
+            generate()  # one more, its steps clocked
+            sync()
         end = gpu_bench.dynamo_counts()
         self.outputs[config] = output.detach().float().cpu()
         kept = attached.handle.state.kept_bytes() if attached.handle is not None else None
@@ -550,6 +596,7 @@ class Runner:
             "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
             "kept_mib": None if kept is None else sum(kept.values()) / 2**20, "kept_bytes_by_device": kept,
             "host_syncs_per_generation": syncs,
+            "step_ms": step_times(marks, self.work.mask, self.work.calls_per_step),
             "graphs_compiled_in_warmup": after_warmup["graphs"] - before["graphs"],
             "graphs_compiled_while_timed": end["graphs"] - after_warmup["graphs"],
             "recompiles_while_timed": end["frames"] - after_warmup["frames"],
@@ -690,8 +737,17 @@ def row_line(row: dict[str, Any]) -> str:
     ideal = f"{row['ideal_speedup']:.2f}x" if "ideal_speedup" in row else "-"
     line = (f"{head} {row['ms']:9.1f} ms {speed} (ideal {ideal}), {row['graphs_compiled_in_warmup']} graphs, "
             f"{row['recompiles_while_timed']} recompiles timed, {row['host_syncs_per_generation']} syncs, "
-            f"warm-up {row['warmup_s']:.0f} s")
+            f"warm-up {row['warmup_s']:.0f} s; {step_line(row['step_ms'])}")
     return line + (f"; teardown failed: {row['teardown_errors']}" if "teardown_errors" in row else "")
+
+
+def step_line(step_ms: dict[str, Any]) -> str:
+    """A step's median milliseconds, computing / reusing, on the host and (on a GPU) the device."""
+    def pair(where: str) -> str:
+        values = [step_ms[f"{where}_{kind}"] for kind in ("computing", "reusing")]
+        return "/".join("-" if v is None else f"{v:.2f}" for v in values)
+
+    return f"step ms computing/reusing: host {pair('host')}, device {pair('device')}"
 
 
 def print_estimate(runner: Runner) -> None:

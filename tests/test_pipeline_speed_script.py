@@ -57,6 +57,10 @@ def check_rows(result: dict[str, Any]) -> None:
         assert math.isfinite(row["max_abs_diff_vs_uncached"])
         assert row["graphs_compiled_while_timed"] == 0 and row["recompiles_while_timed"] == 0
         assert row["peak_mib"] is None and row["host_syncs_per_generation"] is None  # no GPU here
+        step_ms = row["step_ms"]
+        assert step_ms["steps_measured"] == settings["steps"] - 1
+        assert positive(step_ms["host_computing"]) and positive(step_ms["host_reusing"])
+        assert step_ms["device_computing"] is None and step_ms["device_reusing"] is None
         if row["method"] == "uncached":
             assert row["ideal_speedup"] == 1.0 and row["computed_steps"] == settings["steps"]
             assert row["max_abs_diff_vs_uncached"] == 0.0  # itself, or bit-identical with prefetch
