@@ -1,6 +1,7 @@
 """The GPU half of test_combinations.py (issue 21): what users stack on a pipeline that computes on
 CUDA. Accelerate's model and sequential CPU offloading, diffusers' group offloading onto the GPU
-(block and leaf level), torchao int8 and float8 weight-only weights; each before and after cache().
+(block and leaf level), torchao int8 and float8 weight-only weights, each before and after cache();
+bitsandbytes int8 and NF4 weights, loaded quantized before cache().
 For each: the cache computes each layer exactly on its plan's steps, an all-ones schedule is
 bit-identical to the uncached run, kept outputs live on the GPU, nothing stays behind across
 generations or after disable(), and disable() leaves the model exactly as without a cache. Also
@@ -11,6 +12,7 @@ On the tiny SD3 pipeline of test_combinations.py; skipped without CUDA."""
 from __future__ import annotations
 
 import gc
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -85,12 +87,37 @@ def float8_on_the_gpu(pipe) -> None:
     quantize_(pipe.transformer, Float8WeightOnlyConfig())
 
 
-STACKS = [model_offload, sequential_offload, block_group_offload, leaf_group_offload, int8_on_the_gpu, float8_on_the_gpu]
-STACK_IDS = ["model-offload", "sequential-offload", "group-offload-blocks", "group-offload-leaves", "int8", "float8"]
-stacks = pytest.mark.parametrize("stack", STACKS, ids=STACK_IDS)
+def bitsandbytes_loaded(pipe, **quantization: Any) -> None:
+    """The transformer loaded through ``from_pretrained`` with a ``BitsAndBytesConfig``, as users
+    load it: bitsandbytes quantizes while loading, onto the GPU, so it only ever comes before cache()."""
+    pytest.importorskip("bitsandbytes")
+    from diffusers import BitsAndBytesConfig
+
+    with tempfile.TemporaryDirectory() as folder:
+        pipe.transformer.save_pretrained(folder)
+        quantized = type(pipe.transformer).from_pretrained(folder, quantization_config=BitsAndBytesConfig(**quantization))
+    pipe.register_modules(transformer=quantized)
+    pipe.vae.to(GPU)
+
+
+def bnb_int8(pipe) -> None:
+    bitsandbytes_loaded(pipe, load_in_8bit=True)
+
+
+def bnb_nf4(pipe) -> None:
+    bitsandbytes_loaded(pipe, load_in_4bit=True, bnb_4bit_quant_type="nf4")
+
+
+BOTH, BEFORE = ("before", "after"), ("before",)
+STACKS = {  # id: (stack, where it can come relative to cache())
+    "model-offload": (model_offload, BOTH), "sequential-offload": (sequential_offload, BOTH),
+    "group-offload-blocks": (block_group_offload, BOTH), "group-offload-leaves": (leaf_group_offload, BOTH),
+    "int8": (int8_on_the_gpu, BOTH), "float8": (float8_on_the_gpu, BOTH),
+    "bitsandbytes-int8": (bnb_int8, BEFORE), "bitsandbytes-nf4": (bnb_nf4, BEFORE),
+}
+stacks = pytest.mark.parametrize("stack", [stack for stack, _ in STACKS.values()], ids=list(STACKS))
 stacks_and_orders = pytest.mark.parametrize("stack, order", [
-    pytest.param(stack, order, id=f"{name}-{order}")
-    for stack, name in zip(STACKS, STACK_IDS, strict=True) for order in ("before", "after")
+    pytest.param(stack, order, id=f"{name}-{order}") for name, (stack, orders) in STACKS.items() for order in orders
 ])
 
 
