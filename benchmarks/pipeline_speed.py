@@ -155,6 +155,7 @@ MODELS = ("dit", "flux", "wan")
 COMPILES = ("eager", "compile", "cudagraphs")
 UNCACHED, BLOCKS, LAYERS, CACHE_DIT = "uncached", "smoothcache blocks", "smoothcache layers", "cache-dit F1B0 static mask"
 METHODS = (UNCACHED, BLOCKS, LAYERS, CACHE_DIT)
+METHOD_NAMES = {"uncached": UNCACHED, "blocks": BLOCKS, "layers": LAYERS, "cache-dit": CACHE_DIT}
 WARMUP = {"eager": 1, "compile": 2, "cudagraphs": 3}  # cudagraph trees record on the 2nd call, replay from the 3rd
 
 # The tiny DiT: 10 steps, every 2nd computed plus the first and last, as the alpha=0.18 pattern does
@@ -668,7 +669,7 @@ class Runner:
             "model": work.model, "tiny": args.tiny, **work.settings, "steps": work.steps, "mask": list(work.mask),
             "computed_steps_in_mask": sum(work.mask), "calls_per_step": work.calls_per_step,
             "block_keys": list(work.block_keys), "layer_keys": list(work.layer_keys),
-            "batches": args.batches, "compile": args.compile, "prefetch": args.prefetch,
+            "batches": args.batches, "compile": args.compile, "prefetch": args.prefetch, "methods": list(args.methods),
             "prefetch_available": prefetch_available(), "repeats": args.repeats, "warmup": WARMUP,
             "backend": args.backend, "max_minutes": args.max_minutes,
             "recompile_limit": torch._dynamo.config.recompile_limit,
@@ -861,7 +862,7 @@ def run_model(model: str, args: argparse.Namespace) -> Path:
     if not prefetch_available():
         print("smoothcache.prefetch_timesteps is not in this smoothcache: running without prefetch only", flush=True)
         prefetches = [False]
-    runner.plan = [Config(c, b, p, m) for c, b in cells(model, args.compile, args.batches) for m in METHODS for p in prefetches]
+    runner.plan = [Config(c, b, p, m) for c, b in cells(model, args.compile, args.batches) for m in args.methods for p in prefetches]
     result = runner.run()
     try:
         plot(result, runner.out.with_suffix(".png"))
@@ -887,6 +888,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, nargs="+", help="default: DiT 1 8; Flux and Wan 1")
     parser.add_argument("--prefetch", choices=["off", "on", "both"], default="both",
                         help="smoothcache.prefetch_timesteps on every configuration of a cell: off, on, or both in turn")
+    parser.add_argument("--methods", nargs="+", choices=list(METHOD_NAMES), default=list(METHOD_NAMES),
+                        help="which to run in each cell, in this order (uncached always runs, first)")
     parser.add_argument("--repeats", type=int, help="timed generations per configuration (default: DiT 5, Flux 3, Wan 2; 1 with --tiny)")
     parser.add_argument("--max-minutes", type=float, default=7.5,
                         help="per model, start no configuration after this many minutes (the last may take a few more)")
@@ -898,6 +901,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot-from", type=Path, nargs="+",
                         help="only redraw the plot of a result JSON; several (parts of one model's run): merge into --out")
     args = parser.parse_args(argv)
+    args.methods = [UNCACHED, *(METHOD_NAMES[m] for m in dict.fromkeys(args.methods) if m != "uncached")]
     if args.backend is None:
         args.backend = "eager" if torch.device(args.device).type == "cpu" else "inductor"
     return args

@@ -114,6 +114,14 @@ def test_nothing_starts_past_the_budget_and_parts_of_runs_merge_cell_by_cell(run
     assert sorted(merged["settings"]["compile"]) == ["compile", "eager"]
 
 
+def test_methods_chosen_run_in_the_order_given_after_the_uncached_one(run):
+    (result,) = run("--model", "dit", "--compile", "eager", "--batches", "1", "--prefetch", "both", "--max-minutes", "0",
+                    "--methods", "cache-dit", "blocks", "uncached")
+    order = ["uncached", "cache-dit F1B0 static mask", "smoothcache blocks"]
+    assert [r["method"] for r in result["rows"]] == [m for m in order for _ in (False, True)]
+    assert result["settings"]["methods"] == order
+
+
 def test_flux_and_wan_rows(run):
     flux, wan = run("--model", "flux", "wan", "--compile", "eager", "--prefetch", "off")
     for result in (flux, wan):
