@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .recorder import CalibrationRecorder, calibration
     from .runtime import CacheHandle, cache
     from .schedule import Schedule
+    from .step_split import StepSplit, split_steps
     from .tuning import TuneResult, tune
 
 # public name -> the module that defines it
@@ -45,6 +46,7 @@ _LAZY = {
     "CalibrationRecorder": ".recorder", "calibration": ".recorder",
     "CacheHandle": ".runtime", "cache": ".runtime",
     "Schedule": ".schedule",
+    "StepSplit": ".step_split", "split_steps": ".step_split",
     "TuneResult": ".tuning", "tune": ".tuning",
 }
 
@@ -64,6 +66,7 @@ __all__ = [
     "SmoothCacheConfig",
     "SmoothCacheError",
     "StepMismatchError",
+    "StepSplit",
     "TimestepPrefetch",
     "TuneResult",
     "UnreachableBudgetError",
@@ -73,6 +76,7 @@ __all__ = [
     "disable",
     "find_layers",
     "prefetch_timesteps",
+    "split_steps",
     "tune",
 ]
 
