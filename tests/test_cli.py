@@ -526,3 +526,20 @@ def test_every_option_has_help_and_every_command_an_example_that_parses():
         assert not unexplained, (name, unexplained)
         args = parser.parse_args(shlex.split(EXAMPLES[name])[1:])
         assert args.command == name and EXAMPLES[name] in command.format_help()
+
+
+def test_split_finds_the_least_drifting_split_and_says_how_to_run_it(pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "split.json"
+    common = ["--model", str(pipeline_dir), "--steps", "10", "--quiet", "--samples", "2", "--batch", "2"]
+    assert main(["split", *common, "--compute-fraction", "0.6", "--step-counts", "10,8,6", "--components", "attn1,ff",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = [line.split() for line in printed.splitlines() if line[:5].strip().isdigit()]
+    assert [int(r[0]) for r in rows] == [10, 8, 6] and sum("<-" in r for r in rows) == 1
+    chosen = next(r for r in rows if "<-" in r)
+    assert float(chosen[3]) == min(float(r[3]) for r in rows)
+    schedule = Schedule.load(out)
+    assert schedule.num_steps == int(chosen[0]) and schedule.keys == ["attn1", "ff"]
+    assert f"Run it: smoothcache generate --steps {chosen[0]}" in printed
+    assert main(["split", *common, "--compute-fraction", "0.6", "--step-counts", "12", "--out", str(out)]) == 1
+    assert "step_counts must lie in [2, full_steps=10]" in capsys.readouterr().err

@@ -242,6 +242,31 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_split(args: argparse.Namespace) -> int:
+    from .cli_pipelines import run_request
+    from .step_split import split_steps
+
+    pipe, requests, extra = _load(args)
+
+    def generate(steps: int) -> list[Any]:
+        return [run_request(pipe, request, steps, **extra) for request in requests]
+
+    result = split_steps(pipe, generate, args.steps, args.compute_fraction, step_counts=args.step_counts,
+                         components=args.components, forecast=args.forecast, progress=not args.quiet)
+    result.schedule.save(args.out)
+    print("steps  cache computes  compute  rel-L1 error of the output")
+    for probe in result.probes:
+        mark = "  <- chosen" if probe["num_steps"] == result.num_steps else ""
+        print(f"{probe['num_steps']:5d}  {probe['cache_compute_fraction']:14.3f}  {probe['compute_fraction']:7.3f}  "
+              f"{probe['error']:.4g}{mark}")
+    how = (f"generate --steps {result.num_steps} --schedule {args.out}" + (" --forecast linear" if args.forecast == "linear" else "")
+           if result.uses_cache else f"generate --steps {result.num_steps} with no schedule: fewer steps alone won")
+    print(f"Least drift at compute {args.compute_fraction:g} over {len(requests)} calls: {result.num_steps} of {args.steps} "
+          f"steps, the cache computing {result.schedule.compute_fraction():.3f} of them, error {result.error:.4g} -> {args.out}")
+    print(f"Run it: smoothcache {how}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import distributed
     from .cli_pipelines import run_request
@@ -553,6 +578,7 @@ EXAMPLES = {
     "calibrate": "smoothcache calibrate --model demo --steps 20 --samples 8 --out profile.json",
     "schedule": "smoothcache schedule profile.json --compute-fraction 0.5 --out schedule.json",
     "tune": "smoothcache tune --model demo --steps 20 --profile profile.json --max-error 0.05 --out schedule.json",
+    "split": "smoothcache split --model demo --steps 20 --compute-fraction 0.5 --out schedule.json",
     "generate": "smoothcache generate --model demo --steps 20 --schedule schedule.json --classes 1,2,3 --out images",
     "bench": "smoothcache bench --model demo --steps 20 --schedule schedule.json --out bench.json",
     "inspect": "smoothcache inspect profile.json --plot curves.png",
@@ -626,6 +652,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune_.add_argument("--out", required=True, help="schedule JSON to write")
     tune_.set_defaults(func=cmd_tune)
+
+    split = _command(commands, "split",
+                     help="fewer steps and a cache: the split of a compute budget whose output drifts least (measured)")
+    _add_model_args(split)
+    split.add_argument("--compute-fraction", type=finite_float(0, 1, low_open=True), required=True,
+                       help="block calls computed, as a fraction of the uncached run at --steps")
+    split.add_argument("--step-counts", type=_csv_ints,
+                       help="candidate step counts, e.g. 50,40,35,30,25 (default: five from the fewest the budget allows to --steps)")
+    split.add_argument("--components", type=_csv, default=["block"],
+                       help="what the cache computes or reuses, e.g. block, or block,single_block for Flux")
+    split.add_argument("--forecast", choices=["none", "linear"], default="linear",
+                       help="linear: reusing steps extrapolate (plan and run with it)")
+    split.add_argument("--out", required=True, help="schedule JSON to write (for the chosen step count)")
+    split.set_defaults(func=cmd_split)
 
     generate = _command(commands, "generate", help="generate images, cached on a schedule")
     _add_model_args(generate)
