@@ -51,7 +51,8 @@ def test_every_family_runs_and_is_timed(report):
     families = {r["family"] for r in rows}
     expected = {"fewer steps", "smoothcache layers, paper's greedy", "smoothcache layers, optimal",
                 "smoothcache layers, optimal + forecast", "smoothcache layers, per-block", "smoothcache blocks, optimal",
-                "smoothcache blocks + forecast", "smoothcache tune (blocks + forecast)", "FORA (fixed interval, attn1+ff)",
+                "smoothcache blocks + forecast", "smoothcache tune (blocks + forecast)",
+                "smoothcache fewer steps + blocks + forecast (split_steps)", "FORA (fixed interval, attn1+ff)",
                 "diffusers FirstBlockCache", "diffusers MagCache (calibrated)", "diffusers TaylorSeer (attn1+ff)",
                 "diffusers PyramidAttentionBroadcast", "diffusers FasterCache (attention)"}
     assert expected <= families
@@ -71,6 +72,8 @@ def test_compute_is_measured_not_declared(report):
     every_2 = next(r for r in fora if r["setting"] == "every 2")
     planned = Schedule.fixed_interval(["attn1", "ff"], STEPS, 2).compute_fraction()
     assert every_2["compute_fraction"] == pytest.approx(planned)
+    (split,) = rows_of(data, "smoothcache fewer steps + blocks + forecast (split_steps)")
+    assert split["compute_fraction"] <= 0.5 + 1e-9  # fewer steps and the cache together keep to the budget
     for family in ("smoothcache blocks, optimal", "smoothcache layers, optimal"):
         (row,) = rows_of(data, family)
         assert row["compute_fraction"] <= 0.5 + 1e-9

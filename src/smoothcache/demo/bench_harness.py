@@ -47,6 +47,7 @@ from .bench_methods import (
     diffusers_methods,
     fewer_steps_methods,
     smoothcache_methods,
+    step_split_methods,
 )
 from .metrics import QualityScorer
 
@@ -222,6 +223,9 @@ class BenchRun:
         self.methods = (fewer_steps_methods(self.steps, self.config.budgets)
                         + smoothcache_methods(self.pipe, layers, blocks, self.config.budgets, self.steps,
                                               self.calibration_generate, few, self.config.compile_every_budget)
+                        + step_split_methods(self.pipe, lambda n: self.generate(self.calibration_labels,
+                                                                                  self.config.seed + 10_000, n),
+                                             self.steps, self.config.budgets)
                         + cache_dit_methods(self.steps, len(self.pipe.transformer.transformer_blocks), few, scale)
                         + diffusers_methods(self.pipe, self.steps, self.calibration_generate, few, scale))
         meter.take()

@@ -16,7 +16,7 @@ from smoothcache import Schedule
 from . import peers
 
 __all__ = ["Method", "cache_dit_methods", "compile_priority", "diffusers_methods", "fewer_steps_methods",
-           "smoothcache_methods"]
+           "smoothcache_methods", "step_split_methods"]
 
 
 @dataclass
@@ -74,8 +74,25 @@ def smoothcache_methods(pipe: Any, layers: Any, blocks: Any, budgets: tuple[floa
     return methods
 
 
+SPLIT_FAMILY = "smoothcache fewer steps + blocks + forecast (split_steps)"
+
+
+def step_split_methods(pipe: Any, generate_at: Callable[[int], Any], steps: int, budgets: tuple[float, ...]
+                       ) -> list[Method]:
+    """At each budget, the split between fewer steps and whole blocks with forecasting that
+    ``smoothcache.split_steps`` measures best on the calibration set (``generate_at(n)``)."""
+    methods = []
+    for budget in budgets:
+        split = smoothcache.split_steps(pipe, generate_at, steps, budget, components=["block"], forecast="linear",
+                                        progress=False)
+        attach = ours(split.schedule, "linear") if split.uses_cache else (lambda pipe: (lambda: None))
+        setting = f"compute {budget:g} ({split.num_steps} steps, cache {split.schedule.compute_fraction():.2f})"
+        methods.append(Method(SPLIT_FAMILY, setting, attach, steps=split.num_steps, compiles=True))
+    return methods
+
+
 # cache-dit last: its disable_cache leaves the transformer's forward patched.
-COMPILE_ORDER = ("fewer steps", "smoothcache blocks + forecast", "smoothcache layers, optimal + forecast",
+COMPILE_ORDER = ("fewer steps", "smoothcache fewer steps", "smoothcache blocks + forecast", "smoothcache layers, optimal + forecast",
                  "smoothcache layers, optimal", "smoothcache layers, paper's greedy", "smoothcache blocks, optimal",
                  "FORA", "diffusers", "cache-dit")
 
