@@ -95,7 +95,8 @@ def bitsandbytes_loaded(pipe, **quantization: Any) -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         pipe.transformer.save_pretrained(folder)
-        quantized = type(pipe.transformer).from_pretrained(folder, quantization_config=BitsAndBytesConfig(**quantization))
+        quantized = type(pipe.transformer).from_pretrained(  # the other modules stay in the model's float32
+            folder, quantization_config=BitsAndBytesConfig(**quantization), torch_dtype=torch.float32)
     pipe.register_modules(transformer=quantized)
     pipe.vae.to(GPU)
 
