@@ -120,8 +120,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
             for r in line:
                 if r["chosen"]:
                     axis.plot(r["steps_share"], r["psnr"], marker="*", markersize=16, color=drawn.get_color())
-        axis.set_title(f"{sampler}: left end fewer steps alone, right end cache alone")
-        axis.set_xlabel("share of the steps run (the cache takes the rest of the budget)")
+        axis.set_title(sampler)
+        axis.set_xlabel("share of the steps run: left end fewer steps alone, right end the cache alone")
         axis.set_ylabel("PSNR vs full-step uncached (dB)")
         axis.grid(alpha=0.3)
         axis.legend(title="star: split_steps' choice", fontsize=8)
