@@ -357,8 +357,10 @@ def cache_dit_methods(setup: Setup) -> list[Method]:
             attach.config = repr(config)  # type: ignore[attr-defined]
 
             def detach() -> None:
-                cache_dit.disable_cache(setup.pipe)
-                restore()
+                try:
+                    cache_dit.disable_cache(setup.pipe)
+                finally:
+                    restore()
 
             return detach
 

@@ -492,7 +492,8 @@ def step_clock(model: nn.Module, device: torch.device) -> Iterator[list[tuple[fl
 def step_times(marks: Sequence[tuple[float, Any]], mask: Sequence[int], calls_per_step: int) -> dict[str, Any]:
     """Median host and device milliseconds of computing and of reusing steps, from the marks of one
     generation's model calls (a step runs from its first call to the next step's; the last step,
-    which runs into the pipeline's ending, is left out)."""
+    which runs into the pipeline's ending, is left out). Steps are named by the cell's mask, so for
+    the uncached row "reusing" means the steps the cached rows reuse (it computes them all)."""
     firsts = marks[::calls_per_step]
     spans: dict[str, list[float]] = {"host_computing": [], "host_reusing": [], "device_computing": [], "device_reusing": []}
     for step, ((host, event), (next_host, next_event)) in enumerate(pairwise(firsts)):

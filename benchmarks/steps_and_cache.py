@@ -5,10 +5,11 @@ For each sampler and budget ``b`` (compute as a fraction of the full-step uncach
 calls): ``split_steps`` measures each candidate step count ``n`` on the calibration set (labels
 and seeds apart from the evaluation's): calibrated at ``n`` steps, cached with whole blocks and
 linear forecasting computing ``b * full / n`` of the block calls (uncached where that reaches 1:
-plain fewer steps), compared with the full-step uncached output. Then every candidate runs on the
+plain fewer steps), compared with the full-step uncached output. The default candidates run from
+``full`` (the cache alone) to ``floor(b * full)`` steps (fewer steps alone). Then every candidate runs on the
 evaluation set and is scored there against the full-step uncached samples of the same seeds: PSNR
-(dB, per image, averaged) and class accuracy. The candidate at ``n = full`` is the cache alone; the
-one at the fewest steps is fewer steps alone.
+(dB, per image, averaged) and class accuracy. With the default candidates the one at ``n = full`` is
+the cache alone and the one at the fewest steps fewer steps alone.
 
     python benchmarks/steps_and_cache.py --device cpu --out docs/results/steps-and-cache        # ~25 min on 2 cores
     python benchmarks/steps_and_cache.py --device cuda --eval-per-class 100 --out "$OUT/split"  # one GPU: minutes
@@ -74,10 +75,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         full = BenchConfig.steps_of(sampler)
         pipe.scheduler = make_scheduler(sampler, base_scheduler)
         reference = generate(eval_labels, args.seed, full)
+        calibration_reference = generate(calibration_labels, args.seed + 10_000, full)
         for budget in args.budgets:
             split = smoothcache.split_steps(
                 pipe, lambda n: generate(calibration_labels, args.seed + 10_000, n), full, budget,
-                step_counts=args.step_counts, components=["block"], forecast="linear", progress=not args.tiny,
+                step_counts=args.step_counts, components=["block"], forecast="linear",
+                reference=calibration_reference, progress=not args.tiny,
             )
             for probe in split.probes:
                 steps = probe["num_steps"]

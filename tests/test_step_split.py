@@ -19,11 +19,15 @@ def run(pipe):
     return lambda steps: generate(pipe, seed=5, steps=steps)
 
 
-def test_default_step_counts_run_from_all_steps_down_to_the_fewest_the_budget_allows():
+def test_default_step_counts_run_from_all_steps_down_to_the_most_the_budget_allows_uncached():
     assert default_step_counts(50, 0.5) == [50, 44, 38, 31, 25]
     assert default_step_counts(20, 0.35) == [20, 17, 14, 10, 7]
+    assert default_step_counts(50, 0.35) == [50, 42, 34, 25, 17]  # 17 uncached steps spend 0.34: within the budget
+    assert default_step_counts(100, 0.07)[-1] == 7  # 100 * 0.07 = 7.000000000000001 counts as 7
     assert default_step_counts(10, 1.0) == [10]
     assert default_step_counts(4, 0.1) == [4, 3, 2]  # never below 2 steps, no repeats
+    with pytest.raises(ValueError, match="count"):
+        default_step_counts(50, 0.5, count=1)
 
 
 @pytest.mark.parametrize("forecast", ["none", "linear"])
@@ -64,7 +68,7 @@ def test_fewer_steps_alone_is_a_candidate_that_can_win(pipe):
 
 
 def test_budgets_out_of_reach_and_bad_arguments_say_what_to_change(pipe):
-    with pytest.raises(smoothcache.UnreachableBudgetError, match="step_counts nearer"):
+    with pytest.raises(smoothcache.UnreachableBudgetError, match="include fewer steps"):
         smoothcache.split_steps(pipe, run(pipe), FULL, 0.05, step_counts=[12], components=["attn1", "ff"],
                                 forecast="none", progress=False)
     with pytest.raises(ValueError, match="compute_fraction"):
@@ -73,3 +77,19 @@ def test_budgets_out_of_reach_and_bad_arguments_say_what_to_change(pipe):
         smoothcache.split_steps(pipe, run(pipe), FULL, 0.5, step_counts=[13], progress=False)
     with pytest.raises(ValueError, match="step_counts"):
         smoothcache.split_steps(pipe, run(pipe), FULL, 0.5, step_counts=[1], progress=False)
+
+
+def test_two_steps_calibrate_within_reach_and_a_small_budget_finishes(pipe):
+    """At 2 steps calibration looks 1 step ahead (its default 3 reaches past the end)."""
+    split = smoothcache.split_steps(pipe, run(pipe), FULL, 0.1, components=["attn1", "ff"], forecast="none",
+                                    progress=False)
+    assert split.compute_fraction <= 0.1 + 1e-9
+    assert 2 in [p["num_steps"] for p in split.probes]  # calibrated and run, not refused
+
+
+def test_a_nan_error_is_never_chosen_and_repeated_step_counts_run_once(pipe):
+    errors = iter([float("nan"), 0.2, 0.1])
+    split = smoothcache.split_steps(pipe, run(pipe), FULL, 0.5, step_counts=[12, 12, 9, 6, 6], forecast="none",
+                                    components=["attn1", "ff"], error_fn=lambda out, ref: next(errors), progress=False)
+    assert [p["num_steps"] for p in split.probes] == [12, 9, 6]
+    assert split.num_steps == 6 and split.error == 0.1

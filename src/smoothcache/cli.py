@@ -259,8 +259,12 @@ def cmd_split(args: argparse.Namespace) -> int:
         mark = "  <- chosen" if probe["num_steps"] == result.num_steps else ""
         print(f"{probe['num_steps']:5d}  {probe['cache_compute_fraction']:14.3f}  {probe['compute_fraction']:7.3f}  "
               f"{probe['error']:.4g}{mark}")
-    how = (f"generate --steps {result.num_steps} --schedule {args.out}" + (" --forecast linear" if args.forecast == "linear" else "")
-           if result.uses_cache else f"generate --steps {result.num_steps} with no schedule: fewer steps alone won")
+    if result.uses_cache:
+        how = f"generate --steps {result.num_steps} --schedule {args.out}" + (" --forecast linear" if args.forecast == "linear" else "")
+    elif result.num_steps < args.steps:
+        how = f"generate --steps {result.num_steps} with no schedule: fewer steps alone won"
+    else:
+        how = f"generate --steps {result.num_steps} with no schedule: the budget leaves nothing to skip"
     print(f"Least drift at compute {args.compute_fraction:g} over {len(requests)} calls: {result.num_steps} of {args.steps} "
           f"steps, the cache computing {result.schedule.compute_fraction():.3f} of them, error {result.error:.4g} -> {args.out}")
     print(f"Run it: smoothcache {how}")
@@ -657,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fewer steps and a cache: the split of a compute budget whose output drifts least (measured)")
     _add_model_args(split)
     split.add_argument("--compute-fraction", type=finite_float(0, 1, low_open=True), required=True,
-                       help="block calls computed, as a fraction of the uncached run at --steps")
+                       help="calls of the --components computed, as a fraction of the uncached run at --steps")
     split.add_argument("--step-counts", type=_csv_ints,
                        help="candidate step counts, e.g. 50,40,35,30,25 (default: five from the fewest the budget allows to --steps)")
     split.add_argument("--components", type=_csv, default=["block"],

@@ -3,13 +3,13 @@
 A cache and a shorter sampler spend a compute budget in different ways: the cache skips block
 calls where outputs barely change, fewer steps coarsen the whole trajectory. Each is cheapest in
 error at a mild setting, so a budget spent as somewhat fewer steps with a mild cache can beat
-either alone (docs/results/steps-and-cache.md measures it on our bench model); with a high-order
+either alone (docs/results/bench-model.md measures it on our bench model); with a high-order
 multistep solver the shorter sampler alone may win. Which holds depends on the
 model and the sampler, so ``split_steps`` measures it: for each candidate step count it calibrates
 at that count, plans the cache for the rest of the budget, runs the evaluation set and compares
-the result with the full-step uncached output. The split with the least error wins, the two pure
-options (all steps cached, fewer steps uncached) included, so it is never worse than either on
-that set.
+the result with the full-step uncached output. The split with the least error wins; the default candidates
+include the two pure options (all steps cached, and the most steps the budget allows uncached),
+so it is then never worse than either on that set.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from .tuning import ErrorFn, relative_l1
 __all__ = ["StepSplit", "default_step_counts", "split_steps"]
 
 logger = logging.getLogger(__name__)
+
+_SLACK = 1e-9  # products such as 100 * 0.07 = 7.000000000000001 count as whole
 
 
 @dataclass
@@ -59,9 +61,12 @@ class StepSplit:
 
 
 def default_step_counts(full_steps: int, compute_fraction: float, count: int = 5) -> list[int]:
-    """``count`` step counts spread evenly from the fewest that the budget allows uncached
-    (``ceil(full_steps * compute_fraction)``) to ``full_steps``, most steps first."""
-    fewest = max(2, math.ceil(full_steps * compute_fraction))
+    """``count`` step counts spread evenly from the most the budget allows uncached
+    (``floor(full_steps * compute_fraction)``, at least 2: fewer steps alone) to ``full_steps``
+    (the cache alone), most steps first."""
+    if count < 2:
+        raise ValueError(f"count must be >= 2, got {count}")
+    fewest = max(2, math.floor(full_steps * compute_fraction + _SLACK))
     if fewest >= full_steps:
         return [full_steps]
     spread = {round(fewest + (full_steps - fewest) * i / (count - 1)) for i in range(count)}
@@ -101,7 +106,7 @@ def split_steps(
         raise ValueError(f"compute_fraction must be in (0, 1], got {compute_fraction}")
     if full_steps < 2:
         raise ValueError(f"full_steps must be >= 2, got {full_steps}")
-    counts = list(step_counts) if step_counts is not None else default_step_counts(full_steps, compute_fraction)
+    counts = list(dict.fromkeys(step_counts)) if step_counts is not None else default_step_counts(full_steps, compute_fraction)
     wrong = [n for n in counts if not 2 <= n <= full_steps]
     if wrong or not counts:
         raise ValueError(f"step_counts must lie in [2, full_steps={full_steps}], got {counts}")
@@ -115,7 +120,7 @@ def split_steps(
         try:
             schedule = _plan(pipe_or_module, generate, steps, share, components, forecast)
         except UnreachableBudgetError as error:
-            logger.info("%d steps: no schedule computes %.3f of the calls (%s); skipped", steps, share, error)
+            logger.warning("%d steps: no schedule computes %.3f of the calls (%s); skipped", steps, share, error)
             continue
         if schedule is None:
             output, schedule = generate(steps), Schedule({key: (1,) * steps for key in components})
@@ -128,12 +133,15 @@ def split_steps(
                        "compute_fraction": candidate.compute_fraction, "error": candidate.error})
         logger.info("%d steps, cache computing %.3f: compute %.3f, error %.4g", steps, schedule.compute_fraction(),
                     candidate.compute_fraction, candidate.error)
-        if best is None or candidate.error < best.error:
+        if math.isnan(candidate.error):
+            logger.warning("%d steps: the error is NaN (the output is not finite); never chosen", steps)
+        elif best is None or candidate.error < best.error:
             best = candidate
     if best is None:
         raise UnreachableBudgetError(
-            f"No step count in {counts} reaches compute fraction {compute_fraction}: give step_counts nearer "
-            f"{full_steps}, or a larger compute_fraction"
+            f"No step count in {counts} gave a finite error within compute fraction {compute_fraction}: include "
+            f"fewer steps (at {max(2, math.floor(full_steps * compute_fraction + _SLACK))} or fewer no cache is needed), "
+            "or give a larger compute_fraction"
         )
     best.probes, best.schedules = probes, schedules
     return best
@@ -143,8 +151,10 @@ def _plan(pipe_or_module: Any, generate: Callable[[int], Any], steps: int, share
           components: Sequence[str], forecast: Forecast) -> Schedule | None:
     """The schedule for ``steps`` computing ``share`` of the calls, calibrated at ``steps``; None
     where the share leaves nothing to skip (fewer steps alone)."""
-    if share >= 1:
+    if share >= 1 - _SLACK:
         return None
-    with calibration(pipe_or_module, components=list(components), steps=steps, forecast=forecast) as recorder:
+    lookahead = min(3, steps - 1)  # calibration's default, as far as the steps reach
+    with calibration(pipe_or_module, components=list(components), steps=steps, forecast=forecast,
+                     lookahead=lookahead) as recorder:
         generate(steps)
     return recorder.profile.schedule(compute_fraction=share, forecast=forecast)

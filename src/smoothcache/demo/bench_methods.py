@@ -81,10 +81,10 @@ def step_split_methods(pipe: Any, generate_at: Callable[[int], Any], steps: int,
                        ) -> list[Method]:
     """At each budget, the split between fewer steps and whole blocks with forecasting that
     ``smoothcache.split_steps`` measures best on the calibration set (``generate_at(n)``)."""
-    methods = []
+    methods, reference = [], generate_at(steps)  # the full-step output every budget's split is measured against
     for budget in budgets:
         split = smoothcache.split_steps(pipe, generate_at, steps, budget, components=["block"], forecast="linear",
-                                        progress=False)
+                                        reference=reference, progress=False)
         attach = ours(split.schedule, "linear") if split.uses_cache else (lambda pipe: (lambda: None))
         setting = f"compute {budget:g} ({split.num_steps} steps, cache {split.schedule.compute_fraction():.2f})"
         methods.append(Method(SPLIT_FAMILY, setting, attach, steps=split.num_steps, compiles=True))
