@@ -81,7 +81,9 @@ prefetch) and, with prefetch, from the same method without it (``max_abs_diff_vs
 means bit-identical); ``step_ms``, from one more generation whose transformer calls are marked on
 the host clock and by CUDA events, the median milliseconds of a computing and of a reusing step on
 the host and on the device (where the time goes: a host that waits for the GPU at every step shows
-the device's time on both); and ``error`` where a configuration failed (the run goes on).
+the device's time on both); with ``--trace METHOD...``, those methods' rows also write a profiler
+trace of one more generation (``trace-*.json.gz``, each model call a range "step N computing" or
+"step N reusing") and list their busiest host operators (``top_host_ops``); and ``error`` where a configuration failed (the run goes on).
 
 Cells run most wanted first, so that ``--max-minutes`` (no configuration starts past it) trims the
 least wanted: DiT: CUDA graphs at each batch (largest first), compile at the largest, eager at each,
@@ -102,6 +104,8 @@ import and build)::
     export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
     # the GPU paths (inductor, CUDA graphs, host syncs) on the tiny DiT first: ~2 min
     python3 benchmarks/pipeline_speed.py --model dit --tiny --compile cudagraphs eager --batches 2 --out "$OUT/dit-tiny"
+    # where batch 1's time goes: traces of the uncached and the cached generation (~2 min)
+    python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs --batches 1 --prefetch on --methods blocks --trace uncached blocks --out "$OUT/trace1"
     python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs --batches 8 --out "$OUT/dit-cg8"  # ~5-8 min
     python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs --batches 1 --out "$OUT/dit-cg1"  # ~5-8 min
     python3 benchmarks/pipeline_speed.py --model dit --compile eager --out "$OUT/dit-eager"  # ~3-4 min (b8, b1)
@@ -156,6 +160,7 @@ COMPILES = ("eager", "compile", "cudagraphs")
 UNCACHED, BLOCKS, LAYERS, CACHE_DIT = "uncached", "smoothcache blocks", "smoothcache layers", "cache-dit F1B0 static mask"
 METHODS = (UNCACHED, BLOCKS, LAYERS, CACHE_DIT)
 METHOD_NAMES = {"uncached": UNCACHED, "blocks": BLOCKS, "layers": LAYERS, "cache-dit": CACHE_DIT}
+METHOD_TAGS = {method: tag for tag, method in METHOD_NAMES.items()}
 WARMUP = {"eager": 1, "compile": 2, "cudagraphs": 3}  # cudagraph trees record on the 2nd call, replay from the 3rd
 
 # The tiny DiT: 10 steps, every 2nd computed plus the first and last, as the alpha=0.18 pattern does
@@ -506,6 +511,51 @@ def step_times(marks: Sequence[tuple[float, Any]], mask: Sequence[int], calls_pe
     return found
 
 
+@contextlib.contextmanager
+def steps_named(model: nn.Module, mask: Sequence[int], calls_per_step: int) -> Iterator[None]:
+    """Each call of ``model`` as a profiler range named by its step and the mask ("step 7
+    reusing"), so that a trace shows where each step's host and device time goes."""
+    calls, open_ranges = [0], []
+
+    def enter(*_: Any) -> None:
+        step = calls[0] // calls_per_step
+        kind = "computing" if step < len(mask) and mask[step] else "reusing"
+        open_ranges.append(torch.profiler.record_function(f"step {step} {kind}"))
+        open_ranges[-1].__enter__()
+        calls[0] += 1
+
+    def leave(*_: Any) -> None:
+        if open_ranges:
+            open_ranges.pop().__exit__(None, None, None)
+
+    handles = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def traced_generation(work: Workload, generate: Callable[[], Any], device: torch.device, path: Path) -> dict[str, Any]:
+    """One generation under the torch profiler (host, and the GPU where there is one), each model
+    call a range named by its step: the trace written to ``path`` (gzipped Chrome trace, for
+    Perfetto or chrome://tracing), the host operators that took most of the time summarised."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler, steps_named(work.pipe.transformer, work.mask, work.calls_per_step):
+        generate()
+        sync()
+    with atomic_path(path) as temporary:
+        profiler.export_chrome_trace(str(temporary))
+    events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {
+        "trace_file": path.name,
+        "top_host_ops": [{"name": e.key, "count": e.count, "self_host_ms": e.self_cpu_time_total / 1000}
+                         for e in events[:15]],
+    }
+
+
 def max_abs_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
     return None if a is None or b is None else float((a - b).abs().max())
 
@@ -589,6 +639,10 @@ class Runner:
         with step_clock(self.work.pipe.transformer, self.device) as marks:
             generate()  # one more, its steps clocked
             sync()
+        traced = {}
+        if config.method in self.args.trace:
+            name = f"trace-{self.work.model}-{config.compile}-b{config.batch}-{METHOD_TAGS[config.method]}-prefetch-{'on' if config.prefetch else 'off'}.json.gz"
+            traced = traced_generation(self.work, generate, self.device, self.out.parent / name)
         end = gpu_bench.dynamo_counts()
         self.outputs[config] = output.detach().float().cpu()
         kept = attached.handle.state.kept_bytes() if attached.handle is not None else None
@@ -599,6 +653,7 @@ class Runner:
             "kept_mib": None if kept is None else sum(kept.values()) / 2**20, "kept_bytes_by_device": kept,
             "host_syncs_per_generation": syncs,
             "step_ms": step_times(marks, self.work.mask, self.work.calls_per_step),
+            **traced,
             "graphs_compiled_in_warmup": after_warmup["graphs"] - before["graphs"],
             "graphs_compiled_while_timed": end["graphs"] - after_warmup["graphs"],
             "recompiles_while_timed": end["frames"] - after_warmup["frames"],
@@ -671,6 +726,7 @@ class Runner:
             "computed_steps_in_mask": sum(work.mask), "calls_per_step": work.calls_per_step,
             "block_keys": list(work.block_keys), "layer_keys": list(work.layer_keys),
             "batches": args.batches, "compile": args.compile, "prefetch": args.prefetch, "methods": list(args.methods),
+            "traced": sorted(args.trace),
             "prefetch_available": prefetch_available(), "repeats": args.repeats, "warmup": WARMUP,
             "backend": args.backend, "max_minutes": args.max_minutes,
             "recompile_limit": torch._dynamo.config.recompile_limit,
@@ -891,6 +947,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="smoothcache.prefetch_timesteps on every configuration of a cell: off, on, or both in turn")
     parser.add_argument("--methods", nargs="+", choices=list(METHOD_NAMES), default=list(METHOD_NAMES),
                         help="which to run in each cell, in this order (uncached always runs, first)")
+    parser.add_argument("--trace", nargs="*", choices=list(METHOD_NAMES), default=[],
+                        help="these methods' rows also write a profiler trace of one generation (trace-*.json.gz "
+                             "beside the JSON; each model call a range 'step N computing|reusing') and their "
+                             "busiest host operators")
     parser.add_argument("--repeats", type=int, help="timed generations per configuration (default: DiT 5, Flux 3, Wan 2; 1 with --tiny)")
     parser.add_argument("--max-minutes", type=float, default=7.5,
                         help="per model, start no configuration after this many minutes (the last may take a few more)")
@@ -903,6 +963,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="only redraw the plot of a result JSON; several (parts of one model's run): merge into --out")
     args = parser.parse_args(argv)
     args.methods = [UNCACHED, *(METHOD_NAMES[m] for m in dict.fromkeys(args.methods) if m != "uncached")]
+    args.trace = {METHOD_NAMES[m] for m in args.trace}
     if args.backend is None:
         args.backend = "eager" if torch.device(args.device).type == "cpu" else "inductor"
     return args

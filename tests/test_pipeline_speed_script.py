@@ -4,6 +4,7 @@ cells) and the result JSON holds what the GPU run will be judged by."""
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import json
 import math
@@ -120,6 +121,20 @@ def test_methods_chosen_run_in_the_order_given_after_the_uncached_one(run):
     order = ["uncached", "cache-dit F1B0 static mask", "smoothcache blocks"]
     assert [r["method"] for r in result["rows"]] == [m for m in order for _ in (False, True)]
     assert result["settings"]["methods"] == order
+
+
+def test_traced_rows_write_a_trace_with_each_step_named(run, tmp_path):
+    (result,) = run("--model", "dit", "--compile", "eager", "--batches", "1", "--prefetch", "off",
+                    "--methods", "blocks", "--trace", "blocks")
+    uncached, blocks = result["rows"]
+    assert "trace_file" not in uncached and result["settings"]["traced"] == ["smoothcache blocks"]
+    assert blocks["trace_file"] == "trace-dit-eager-b1-blocks-prefetch-off.json.gz"
+    with gzip.open(tmp_path / "out" / blocks["trace_file"], "rt") as file:
+        names = {event.get("name") for event in json.load(file)["traceEvents"]}
+    mask = result["settings"]["mask"]
+    assert {f"step {i} {'computing' if m else 'reusing'}" for i, m in enumerate(mask)} <= names
+    top = blocks["top_host_ops"]
+    assert 0 < len(top) <= 15 and all(op["count"] > 0 and op["self_host_ms"] >= 0 for op in top)
 
 
 def test_flux_and_wan_rows(run):
