@@ -79,7 +79,8 @@ def test_cli_errors_are_one_clear_line(pipeline_dir, tmp_path, capsys):
     Schedule({"attn1": (1, 0, 1)}).save(schedule)
     assert main(["generate", "--model", str(pipeline_dir), "--steps", "10", "--schedule", str(schedule), "--out", str(tmp_path)]) == 1
     assert "has 3 steps but --steps is 10; pass --steps 3" in capsys.readouterr().err
-    assert main(["calibrate", "--model", str(pipeline_dir), "--steps", "4", "--classes", "5000", "--out", str(bad)]) == 1
+    # --quiet: no loading bar (run alone, diffusers' bar is on; other tests may have turned it off)
+    assert main(["calibrate", "--model", str(pipeline_dir), "--steps", "4", "--classes", "5000", "--quiet", "--out", str(bad)]) == 1
     error = capsys.readouterr().err
     assert "outside 0..999" in error and len(error.splitlines()) == 1
 
