@@ -664,8 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="calls of the --components computed, as a fraction of the uncached run at --steps")
     split.add_argument("--step-counts", type=_csv_ints,
                        help="candidate step counts, e.g. 50,40,35,30,25 (default: five from the fewest the budget allows to --steps)")
-    split.add_argument("--components", type=_csv, default=["block"],
-                       help="what the cache computes or reuses, e.g. block, or block,single_block for Flux")
+    split.add_argument("--components", type=_csv,
+                       help="what the cache computes or reuses, e.g. attn1,ff (default: every block list cached whole, "
+                            "block,single_block for Flux)")
     split.add_argument("--forecast", choices=["none", "linear"], default="linear",
                        help="linear: reusing steps extrapolate (plan and run with it)")
     split.add_argument("--out", required=True, help="schedule JSON to write (for the chosen step count)")

@@ -22,11 +22,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .adapters import whole_block_components
 from .errors import UnreachableBudgetError
 from .recorder import calibration
 from .runtime import cache
 from .schedule import Schedule
 from .solvers import Forecast
+from .steps import resolve_target
 from .tuning import ErrorFn, relative_l1
 
 __all__ = ["StepSplit", "default_step_counts", "split_steps"]
@@ -80,7 +82,7 @@ def split_steps(
     compute_fraction: float,
     *,
     step_counts: Sequence[int] | None = None,
-    components: Sequence[str] = ("block",),
+    components: Sequence[str] | None = None,
     forecast: Forecast = "linear",
     error_fn: ErrorFn = relative_l1,
     reference: Any | None = None,
@@ -94,7 +96,8 @@ def split_steps(
     count ``n`` (``step_counts``, default :func:`default_step_counts`) is calibrated at ``n`` steps
     (one ``generate(n)``) and cached with the schedule computing ``compute_fraction * full_steps /
     n`` of the ``components``' calls (one more); where that is 1 or more, ``n`` steps run uncached.
-    A step count whose budget no schedule reaches is skipped (logged). Equal errors go to the
+    ``components`` default to every block list of the model cached whole (Flux: ``"block"`` and
+    ``"single_block"``). A step count whose budget no schedule reaches is skipped (logged). Equal errors go to the
     earlier candidate.
 
     >>> split = smoothcache.split_steps(pipe, lambda n: pipe(class_labels=labels, num_inference_steps=n,
@@ -110,6 +113,8 @@ def split_steps(
     wrong = [n for n in counts if not 2 <= n <= full_steps]
     if wrong or not counts:
         raise ValueError(f"step_counts must lie in [2, full_steps={full_steps}], got {counts}")
+    if components is None:
+        components = whole_block_components(resolve_target(pipe_or_module).model)
     if reference is None:
         reference = generate(full_steps)
     probes: list[dict[str, float]] = []

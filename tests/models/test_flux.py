@@ -82,3 +82,22 @@ def test_per_block_keys_name_one_single_stream_block(pipe):
     schedule = Schedule({"single_attn-1": (1, 0) * (STEPS // 2)})
     layers = assert_skips_exactly_the_scheduled_calls(pipe, generate, schedule)
     assert [layer.name for layer in layers] == ["single_transformer_blocks.1.attn"]
+
+
+def test_split_steps_caches_both_block_lists_whole_by_default():
+    """Fewer steps and a cache (smoothcache.split_steps) on Flux: the default components are both
+    block lists, double- and single-stream, cached whole."""
+    import smoothcache
+    from smoothcache.adapters import whole_block_components
+
+    pipe = make_pipeline()
+    assert whole_block_components(pipe.transformer) == ["block", "single_block"]
+    prompt, pooled = text_embeddings(2, 6, JOINT_DIM), text_embeddings(2, POOLED_DIM)
+
+    def generate_at(steps: int) -> torch.Tensor:
+        return pipe(prompt_embeds=prompt, pooled_prompt_embeds=pooled, height=8, width=8, guidance_scale=3.5,
+                    num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt")[0]
+
+    split = smoothcache.split_steps(pipe, generate_at, 8, 0.6, step_counts=[8, 6], forecast="none", progress=False)
+    assert split.schedules[8].keys == ["block", "single_block"] and split.schedules[8].compute_fraction() <= 0.6
+    assert split.schedules[6].compute_fraction() < 1  # 6 of 8 steps leave 0.8 for the cache

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import smoothcache
-from smoothcache import NoCacheableLayersError, find_layers
-from smoothcache.adapters import WHOLE_BLOCK, family_of
+from smoothcache import find_layers
+from smoothcache.adapters import whole_block_components
 from smoothcache.keys import key_for
 
 from .conftest import (
@@ -25,14 +25,6 @@ FAMILIES = [
     "allegro", "auraflow", "cogvideox", "cogview4", "flux", "hunyuan_video", "hunyuandit", "latte",
     "ltx_video", "mochi", "pixart", "qwenimage", "sana", "sd3", "stable_audio", "wan",
 ]  # fmt: skip
-
-
-def block_components(model) -> list[str]:
-    """``"block"`` and the prefixed block types of the model's family (``"single_block"``, ...)."""
-    family = family_of(model)
-    prefixes = {prefix for _, prefix in family.prefixes} if family is not None else set()
-    uncacheable = dict(family.uncacheable) if family is not None else {}
-    return [c for c in [WHOLE_BLOCK] + sorted(p + WHOLE_BLOCK for p in prefixes) if c not in uncacheable]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -50,12 +42,6 @@ def test_blocks_cached_whole_skip_exactly_their_plans_and_all_ones_changes_nothi
     assert_all_ones_is_bit_identical(pipe, generate, components)
 
 
-def _has(model, component: str) -> bool:
-    try:
-        return bool(find_layers(model, [component]))
-    except NoCacheableLayersError:
-        return False
-
 class FamilyBlocks(NamedTuple):
     """A family's tiny pipeline, its generate, its whole-block components, a schedule calibrated
     for them and the blocks: what every whole-block test starts from."""
@@ -70,7 +56,7 @@ class FamilyBlocks(NamedTuple):
 def blocks_of_family(name: str) -> FamilyBlocks:
     family_test = importlib.import_module(f".test_{name}", __package__)
     pipe, generate = family_test.make_pipeline(), family_test.generate
-    components = [c for c in block_components(pipe.transformer) if _has(pipe.transformer, c)]
+    components = whole_block_components(pipe.transformer)
     assert components, name
     schedule = calibrated_schedule(pipe, generate, components)
     return FamilyBlocks(pipe, generate, components, schedule, find_layers(pipe.transformer, components))
@@ -115,7 +101,7 @@ def test_blocks_of_two_streams_cached_under_compile_match_eager(name, forecast):
     blocks returning two streams must rebuild (or extrapolate) each from its own pair, as eagerly."""
     family_test = importlib.import_module(f".test_{name}", __package__)
     pipe, generate = family_test.make_pipeline(), family_test.generate
-    components = [c for c in block_components(pipe.transformer) if _has(pipe.transformer, c)]
+    components = whole_block_components(pipe.transformer)
     schedule = calibrated_schedule(pipe, generate, components)
     with smoothcache.cache(pipe, schedule, forecast=forecast):
         expected = generate(pipe)

@@ -28,7 +28,8 @@ from torch import nn
 from ..errors import NoCacheableLayersError
 from ..keys import Key
 
-__all__ = ["FAMILIES", "WHOLE_BLOCK", "BlockFamily", "CacheableLayer", "family_of", "find_layers"]
+__all__ = ["FAMILIES", "WHOLE_BLOCK", "BlockFamily", "CacheableLayer", "family_of", "find_layers",
+           "whole_block_components"]
 
 WHOLE_BLOCK = "block"  # the component naming the blocks themselves, cached whole
 
@@ -263,6 +264,23 @@ def family_of(model: nn.Module) -> BlockFamily | None:
         return named
     names = {type(m).__name__ for m in model.modules()}
     return next((f for f in FAMILIES if not f.model_class_names and names.intersection(f.block_class_names)), None)
+
+
+def whole_block_components(model: nn.Module) -> list[str]:
+    """The components that cache every block list of ``model`` whole: ``"block"`` and its family's
+    prefixed kinds that the model has (Flux: ``["block", "single_block"]``), never an uncacheable one."""
+    family = family_of(model)
+    prefixes = {prefix for _, prefix in family.prefixes} if family is not None else set()
+    uncacheable = dict(family.uncacheable) if family is not None else {}
+    candidates = [c for c in [WHOLE_BLOCK, *sorted(p + WHOLE_BLOCK for p in prefixes)] if c not in uncacheable]
+    found = []
+    for component in candidates:
+        try:
+            find_layers(model, [component])
+        except NoCacheableLayersError:
+            continue
+        found.append(component)
+    return found
 
 
 def find_layers(
