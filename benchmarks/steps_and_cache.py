@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -60,10 +61,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     started, rows, result = time.perf_counter(), [], {}
     result.update(
         benchmark="steps_and_cache: fewer steps and a cache together, split by smoothcache.split_steps (issue 17)",
-        device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        device=torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores, {platform.machine()})",
         date=time.strftime("%Y-%m-%d %H:%M:%S"), torch=torch.__version__, dtype=str(dtype),
         settings={"model": "tiny random bench-shaped DiT (code paths only)" if args.tiny
                   else "bench DiT (16 blocks, Fashion-MNIST), DiTPipeline", "guidance_scale": args.guidance_scale,
+                  "samplers": list(args.samplers), "budgets": list(args.budgets), "step_counts": args.step_counts or "split_steps' default",
                   "eval_images": len(eval_labels), "eval_seed": args.seed, "calibration_images": len(calibration_labels),
                   "calibration_seed": args.seed + 10_000, "components": ["block"], "forecast": "linear",
                   "split_error": "relative L1 against the full-step uncached output, calibration set",

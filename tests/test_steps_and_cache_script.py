@@ -23,4 +23,6 @@ def test_every_split_scored_and_the_choice_marked(tmp_path):
     assert fewer_steps_alone["cache_compute_fraction"] == 1.0 and cache_alone["cache_compute_fraction"] < 1.0
     assert all(r["compute_fraction"] <= 0.5 + 1e-9 and 0 <= r["accuracy"] <= 1 and r["psnr"] > 0 for r in rows)
     assert result["settings"]["eval_images"] == 10
+    assert result["settings"]["budgets"] == [0.5] and result["settings"]["step_counts"] == [8, 6, 4]
+    assert result["device"].startswith("cpu (") and "cores" in result["device"]
     assert path.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
