@@ -149,6 +149,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_bench
 import gpu_peers
+import trace_steps
 
 import smoothcache
 from smoothcache import Schedule
@@ -539,7 +540,8 @@ def steps_named(model: nn.Module, mask: Sequence[int], calls_per_step: int) -> I
 def traced_generation(work: Workload, generate: Callable[[], Any], device: torch.device, path: Path) -> dict[str, Any]:
     """One generation under the torch profiler (host, and the GPU where there is one), each model
     call a range named by its step: the trace written to ``path`` (gzipped Chrome trace, for
-    Perfetto or chrome://tracing), the host operators that took most of the time summarised."""
+    Perfetto or chrome://tracing), the host operators that took most of the time summarised, and
+    each kind of step's host time split by :mod:`trace_steps`."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -549,8 +551,10 @@ def traced_generation(work: Workload, generate: Callable[[], Any], device: torch
     with atomic_path(path) as temporary:
         profiler.export_chrome_trace(str(temporary))
     events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    steps = trace_steps.summarise(path)
     return {
         "trace_file": path.name,
+        "step_host_us": {"by_kind": steps["by_kind"], "by_kind_after": steps["by_kind_after"]},
         "top_host_ops": [{"name": e.key, "count": e.count, "self_host_ms": e.self_cpu_time_total / 1000}
                          for e in events[:15]],
     }

@@ -1,0 +1,108 @@
+"""Where the host's time goes in each denoising step of a profiler trace (issue 20, batch 1).
+
+``pipeline_speed.py --trace`` writes a Chrome trace of one generation in which each transformer call
+is a host range named ``step N computing`` or ``step N reusing``. This summarises it per step: the
+call's host time, split into the parts that set a compiled call's host cost (dynamo's guard check,
+the prologue that gathers the graph's inputs, the CUDA graph launch, the rest of the compiled
+region), and the host's time between one call's end and the next call's start (the pipeline's own
+work: guidance, the scheduler step, the progress bar). Medians are given per kind of step and per
+kind of step before it, because a step's cost can depend on what ran before it (the host's caches).
+
+    python benchmarks/trace_steps.py TRACE.json.gz [...] --out summary.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+STEP_NAME = re.compile(r"^step (\d+) (computing|reusing)$")
+# host ranges that make up a compiled call, by the prefix of the profiler's name for them
+PARTS = {
+    "guard_check_us": "TorchDynamo Cache Lookup",
+    "prologue_us": "Pregraph bytecode",
+    "graph_launch_us": "cudaGraphLaunch",
+    "compiled_region_us": "Torch-Compiled Region",
+}
+HOST_CATEGORIES = ("cpu_op", "cuda_runtime", "user_annotation", "python_function")
+
+
+def load_events(path: Path) -> list[dict[str, Any]]:
+    """The complete ('X') host events of a Chrome trace, gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as file:
+        trace = json.load(file)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return [e for e in events if e.get("ph") == "X" and e.get("cat") in HOST_CATEGORIES]
+
+
+def step_rows(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per named step, in order: its kind, the kind before it, its host time and parts, and
+    the gap to the next step's start (None for the last)."""
+    steps = sorted((e for e in events if STEP_NAME.match(e.get("name", ""))), key=lambda e: e["ts"])
+    if not steps:
+        return []
+    thread = steps[0]["tid"]
+    on_thread = sorted((e for e in events if e.get("tid") == thread), key=lambda e: e["ts"])
+    rows, previous = [], None
+    for index, step in enumerate(steps):
+        match = STEP_NAME.match(step["name"])
+        assert match is not None
+        start, end = step["ts"], step["ts"] + step["dur"]
+        inside = [e for e in on_thread if start <= e["ts"] <= end and e is not step]
+        row: dict[str, Any] = {"step": int(match.group(1)), "kind": match.group(2), "after": previous,
+                               "call_us": step["dur"]}
+        for key, prefix in PARTS.items():
+            row[key] = sum(e["dur"] for e in inside if e["name"].startswith(prefix))
+        following = steps[index + 1] if index + 1 < len(steps) else None
+        row["between_calls_us"] = None if following is None else following["ts"] - end
+        rows.append(row)
+        previous = row["kind"]
+    return rows
+
+
+def medians(rows: Iterable[dict[str, Any]]) -> dict[str, float | int | None]:
+    """The median of every timed field over ``rows``, and how many there were."""
+    rows = list(rows)
+    found: dict[str, float | int | None] = {"steps": len(rows)}
+    for key in ("call_us", *PARTS, "between_calls_us"):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        found[key] = statistics.median(values) if values else None
+    return found
+
+
+def summarise(path: Path) -> dict[str, Any]:
+    """Per-step rows of one trace, and their medians by kind and by (kind, kind before)."""
+    rows = step_rows(load_events(path))
+    by_kind = {kind: medians(r for r in rows if r["kind"] == kind) for kind in ("computing", "reusing")}
+    by_pair = {f"{kind} after {after}": medians(r for r in rows if r["kind"] == kind and r["after"] == after)
+               for kind in ("computing", "reusing") for after in ("computing", "reusing")}
+    return {"trace_file": path.name, "by_kind": {k: v for k, v in by_kind.items() if v["steps"]},
+            "by_kind_after": {k: v for k, v in by_pair.items() if v["steps"]}, "steps": rows}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("traces", type=Path, nargs="+")
+    parser.add_argument("--out", type=Path, help="write the summaries here as JSON (else print the medians)")
+    args = parser.parse_args(argv)
+    result = {"summaries": [summarise(path) for path in args.traces]}
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for summary in result["summaries"]:
+        print(summary["trace_file"])
+        for kind, found in summary["by_kind"].items():
+            parts = ", ".join(f"{key[:-3]} {found[key]:.0f}" for key in ("call_us", *PARTS, "between_calls_us")
+                              if found[key] is not None)
+            print(f"  {kind:9s} ({found['steps']} steps) median us: {parts}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""benchmarks/trace_steps.py: a trace's named steps are split into the parts of a compiled call and
+the host's time between calls, and summarised by kind of step and the kind before it."""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+trace_steps = importlib.import_module("trace_steps")
+
+
+def event(name: str, ts: float, dur: float, cat: str = "cpu_op", tid: int = 1) -> dict:
+    return {"ph": "X", "name": name, "ts": ts, "dur": dur, "cat": cat, "tid": tid}
+
+
+def synthetic_trace() -> list[dict]:
+    """Three steps (computing, reusing, computing) 1000 us apart, with known parts inside each call."""
+    events = []
+    for step, (kind, call, guard, launch) in enumerate([("computing", 600, 100, 300), ("reusing", 200, 50, 20),
+                                                       ("computing", 500, 80, 250)]):
+        start = 1000.0 * step
+        events += [
+            event(f"step {step} {kind}", start, call, cat="user_annotation"),
+            event("TorchDynamo Cache Lookup", start + 1, guard),
+            event("Torch-Compiled Region: 0/0", start + guard + 2, call - guard - 3),
+            event("cudaGraphLaunch", start + guard + 10, launch, cat="cuda_runtime"),
+            event("aten::mul", start + call + 50, 30),  # the pipeline's own work, between calls
+            event("cudaGraphLaunch", start + 5, 999, cat="cuda_runtime", tid=2),  # another thread: not counted
+            {"ph": "X", "name": "kernel", "ts": start, "dur": 10, "cat": "kernel", "tid": 7},  # device: not host
+        ]
+    return events
+
+
+def test_steps_are_split_and_summarised(tmp_path):
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as file:
+        json.dump({"traceEvents": synthetic_trace()}, file)
+    summary = trace_steps.summarise(path)
+    first, second, third = summary["steps"]
+    assert (first["kind"], first["after"], second["after"], third["after"]) == ("computing", None, "computing", "reusing")
+    assert (first["call_us"], first["guard_check_us"], first["graph_launch_us"]) == (600, 100, 300)
+    assert first["compiled_region_us"] == 497 and first["prologue_us"] == 0
+    assert (first["between_calls_us"], second["between_calls_us"], third["between_calls_us"]) == (400, 800, None)
+    computing = summary["by_kind"]["computing"]
+    assert computing["steps"] == 2 and computing["call_us"] == 550 and computing["graph_launch_us"] == 275
+    assert computing["between_calls_us"] == 400  # the last step has no following call
+    assert set(summary["by_kind_after"]) == {"reusing after computing", "computing after reusing"}
+    assert summary["by_kind_after"]["computing after reusing"]["call_us"] == 500
+
+
+def test_command_line_writes_the_summaries(tmp_path, capsys):
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": synthetic_trace()}))
+    out = tmp_path / "summary.json"
+    trace_steps.main([str(path), "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["summaries"][0]["by_kind"]["reusing"]["call_us"] == 200
+    assert "reusing" in capsys.readouterr().out
