@@ -60,3 +60,4 @@ def test_command_line_writes_the_summaries(tmp_path, capsys):
     written = json.loads(out.read_text())
     assert written["summaries"][0]["by_kind"]["reusing"]["call_us"] == 200
     assert "reusing" in capsys.readouterr().out
+
