@@ -27,6 +27,7 @@ from .version import __version__
 if TYPE_CHECKING:
     from .adapters import CacheableLayer, find_layers
     from .cache_mixin import SmoothCacheConfig
+    from .graph_replay import GraphStats, StepGraphs, step_graphs
     from .ownership import disable
     from .prefetch import TimestepPrefetch, prefetch_timesteps
     from .profile import CalibrationProfile, LayerInfo
@@ -47,6 +48,7 @@ _LAZY = {
     "CacheHandle": ".runtime", "cache": ".runtime",
     "Schedule": ".schedule",
     "StepSplit": ".step_split", "split_steps": ".step_split",
+    "GraphStats": ".graph_replay", "StepGraphs": ".graph_replay", "step_graphs": ".graph_replay",
     "TuneResult": ".tuning", "tune": ".tuning",
 }
 
@@ -56,6 +58,7 @@ __all__ = [
     "CacheableLayer",
     "CalibrationProfile",
     "CalibrationRecorder",
+    "GraphStats",
     "GuidanceError",
     "LayerInfo",
     "ModelInUseError",
@@ -65,6 +68,7 @@ __all__ = [
     "ScheduleError",
     "SmoothCacheConfig",
     "SmoothCacheError",
+    "StepGraphs",
     "StepMismatchError",
     "StepSplit",
     "TimestepPrefetch",
@@ -77,6 +81,7 @@ __all__ = [
     "find_layers",
     "prefetch_timesteps",
     "split_steps",
+    "step_graphs",
     "tune",
 ]
 

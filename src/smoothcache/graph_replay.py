@@ -1,0 +1,284 @@
+"""Replay each denoising step's model call from a CUDA graph captured once (opt-in, CUDA only).
+
+Where a step's GPU work is short (batch 1, or a step that reuses), the host's time per model call
+sets the pace. Under ``torch.compile(mode="reduce-overhead")`` that time is dynamo's guard check,
+gathering the graph's inputs and cudagraph trees' bookkeeping before the launch
+(``docs/speed.md``). :func:`step_graphs` takes the model call off that path: the pipeline's model
+runs as it is for ``warmup_generations`` generations (compiling where it is compiled, without CUDA
+graphs), the next generation captures each call as a ``torch.cuda.CUDAGraph``, and later
+generations copy each call's tensors into the captured inputs and replay.
+
+Why one graph per step rather than one per compute/reuse pattern: a step's graph reads what the
+cache kept at earlier steps at the addresses the capture saw, and a generation's graphs share one
+memory pool, which is safe only when they replay in the order they were captured. So a graph is
+keyed by the call's step and slot (its place in the generation) and by the call's signature (every
+tensor's shape, dtype and device, every other argument's value); a generation replays from its
+first call or not at all, and calls it meets uncaptured run as they are. Everything the graphs
+baked in (parameters, buffers, the modules' forwards, so a cache attached or removed) is checked
+at each generation's start; a change drops every graph and starts over.
+
+The model's own hooks still run at every call (the cache's step bookkeeping among them); its
+``forward`` does not, which is the point: the kernels it launched are replayed. Outputs are the
+replayed graph's, copied out by default so that nothing the pipeline holds is overwritten by a
+later replay.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Self
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .runtime.compile import cuda_graphs_anywhere
+from .runtime.forwards import ShadowedForward, shadow_forward
+from .steps import Experts, StepTracker, resolve_target, scheduler_step_index
+
+__all__ = ["GraphStats", "StepGraphs", "step_graphs"]
+
+logger = logging.getLogger(__name__)
+
+
+class Replay(Protocol):
+    """A captured call: copy fresh inputs in, run, hand back the outputs it wrote."""
+
+    def __call__(self, leaves: list[Any]) -> Any: ...
+
+
+Capture = Callable[[Callable[..., Any], list[Any], Any, Any], tuple[Replay, Any]]
+
+
+class CudaCapture:
+    """Captures calls as CUDA graphs on one side stream; each capture generation has its own pool."""
+
+    def __init__(self) -> None:
+        self.stream = torch.cuda.Stream()
+        self.pool: Any = None
+
+    def new_pool(self) -> None:
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def run_plain(self, call: Callable[[], Any]) -> Any:
+        """A warm-up call, on the stream captures use (as torch's CUDA graph notes advise)."""
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            output = call()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return output
+
+    def __call__(self, forward: Callable[..., Any], leaves: list[Any], spec: Any, _: Any) -> tuple[Replay, Any]:
+        static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        args, kwargs = pytree.tree_unflatten(static, spec)
+        graph = torch.cuda.CUDAGraph()
+        # capture_begin/end rather than torch.cuda.graph(), which collects garbage and empties the
+        # allocator's cache at every capture: one generation captures every step
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(pool=self.pool)
+            try:
+                output = forward(*args, **kwargs)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(self.stream)
+
+        def replay(fresh: list[Any]) -> Any:
+            for target, given in zip(static, fresh, strict=True):
+                if isinstance(target, torch.Tensor) and target is not given:
+                    target.copy_(given)
+            graph.replay()
+            return output
+
+        return replay, replay(leaves)
+
+
+@dataclass
+class GraphStats:
+    """What the graphs did: calls captured, replayed and run as they are; times everything was dropped."""
+
+    captured: int = 0
+    replayed: int = 0
+    plain: int = 0
+    invalidated: int = 0
+    uncapturable: list[str] = field(default_factory=list)
+
+
+class StepGraphs:
+    """Step graphs on one pipeline's model; ``disable()`` (or leaving a ``with`` block) removes them."""
+
+    def __init__(self, pipe: Any, *, warmup_generations: int = 1, copy_outputs: bool = True,
+                 capture: Any = None) -> None:
+        self.target = resolve_target(pipe)
+        if self.target.pipeline is None or getattr(self.target.pipeline, "scheduler", None) is None:
+            raise TypeError("step_graphs needs a diffusers pipeline with a scheduler: its timesteps mark each generation")
+        if isinstance(self.target.model, Experts):
+            raise TypeError("step_graphs takes a pipeline with one transformer; this one has two experts (Wan 2.2)")
+        if cuda_graphs_anywhere(self.target.model):
+            raise ValueError(
+                "The model is compiled with CUDA graphs (mode='reduce-overhead'), which step_graphs replaces: "
+                "compile it without them (torch.compile(model), default mode), then call step_graphs"
+            )
+        if warmup_generations < 1:
+            raise ValueError(f"warmup_generations must be >= 1 (the first generation compiles), got {warmup_generations}")
+        self.warmup_generations, self.copy_outputs = warmup_generations, copy_outputs
+        self.capture = capture if capture is not None else CudaCapture()
+        self.stats = GraphStats()
+        self._tracker = StepTracker(None, self.target.timesteps, None, scheduler_step_index(self.target))
+        self._graphs: dict[Hashable, Replay] = {}
+        self._seen: dict[Hashable, int] = {}  # plain runs of each key, towards its warm-up
+        self._uncapturable: set[Hashable] = set()
+        self._fingerprint: tuple[Any, ...] | None = None
+        self._mode = "plain"  # this generation: "plain", "capture" or "replay"
+        self._shadow: ShadowedForward | None = None
+        self.enable()
+
+    @property
+    def graphs(self) -> int:
+        return len(self._graphs)
+
+    def enable(self) -> Self:
+        if self._shadow is None:
+            self._shadow = shadow_forward(self.target.model, self._forward(self.target.model.forward))
+        return self
+
+    def disable(self) -> None:
+        """Put the model's ``forward`` back exactly and drop every graph."""
+        if self._shadow is None:
+            return
+        if not self._shadow.intact():
+            raise RuntimeError("The model's forward was replaced after step_graphs attached; undo that first")
+        self._shadow()
+        self._shadow = None
+        self.drop()
+
+    def drop(self) -> None:
+        """Forget every graph (they are captured again after the warm-up); the next call starts a generation."""
+        self._forget_graphs()
+        self._tracker.reset()
+        self._mode = "plain"
+
+    def _forget_graphs(self) -> None:
+        self._graphs.clear()
+        self._seen.clear()
+        self._uncapturable.clear()
+
+    def __enter__(self) -> Self:
+        return self.enable()
+
+    def __exit__(self, *exc: object) -> None:
+        self.disable()
+
+    # ---- per call ---------------------------------------------------------------------------
+    def _forward(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            step, slot, new_generation = self._tracker.advance(args, kwargs)
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+            key = self._key(step, slot, leaves, spec)
+            if new_generation:
+                self._start_generation(key)
+            if self._mode == "replay":
+                replay = self._graphs.get(key) if key is not None else None
+                if replay is not None:
+                    self.stats.replayed += 1
+                    return self._out(replay(leaves))
+                # Replays leave the model's Python state as the capture left it; the cache forgot its
+                # kept outputs at this generation's start, so plain calls from here on compute afresh
+                self._mode = "plain"
+            if key is not None and self._mode == "capture" and key not in self._uncapturable:
+                captured = self._captured(original, key, leaves, spec)
+                if captured is not None:
+                    return self._out(captured)
+            self.stats.plain += 1
+            if key is not None:
+                self._seen[key] = self._seen.get(key, 0) + 1
+            run_plain = getattr(self.capture, "run_plain", None)
+            return run_plain(lambda: original(*args, **kwargs)) if run_plain else original(*args, **kwargs)
+
+        return forward
+
+    def _key(self, step: int, slot: int, leaves: list[Any], spec: Any) -> Hashable | None:
+        """The call's place and signature; None where an argument cannot be part of a key."""
+        signature: list[Hashable] = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                signature.append((tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device, leaf.requires_grad))
+            else:
+                try:
+                    hash(leaf)
+                except TypeError:
+                    return None
+                signature.append((type(leaf), leaf))
+        return (step, slot, str(spec), tuple(signature), torch.is_grad_enabled())
+
+    def _start_generation(self, first: Hashable | None) -> None:
+        fingerprint = model_fingerprint(self.target.model)
+        if self._fingerprint is not None and fingerprint != self._fingerprint and (self._graphs or self._seen):
+            logger.info("The model changed (parameters, buffers or forwards): its step graphs are captured again")
+            self.stats.invalidated += 1
+            self._forget_graphs()
+        self._fingerprint = fingerprint
+        if first is not None and first in self._graphs:
+            self._mode = "replay"
+        elif first is not None and self._seen.get(first, 0) >= self.warmup_generations and first not in self._uncapturable:
+            self._mode = "capture"
+            new_pool = getattr(self.capture, "new_pool", None)
+            if new_pool is not None:
+                new_pool()  # graphs of one generation share a pool, replayed in the order captured
+        else:
+            self._mode = "plain"
+
+    def _captured(self, original: Callable[..., Any], key: Hashable, leaves: list[Any], spec: Any) -> Any | None:
+        """Capture the call and return its outputs; None (and never again for this key) where it cannot be."""
+        try:
+            replay, output = self.capture(original, leaves, spec, key)
+        except Exception as error:  # noqa: BLE001 - a call that cannot be captured runs as it is
+            self._uncapturable.add(key)
+            self.stats.uncapturable.append(f"{type(error).__name__}: {error}"[:300])
+            logger.warning("A model call could not be captured as a CUDA graph (%s: %s); it runs as it is",
+                           type(error).__name__, str(error)[:200])
+            return None
+        self._graphs[key] = replay
+        self.stats.captured += 1
+        return output
+
+    def _out(self, output: Any) -> Any:
+        if not self.copy_outputs:
+            return output
+        return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, output)
+
+
+def model_fingerprint(model: nn.Module) -> tuple[Any, ...]:
+    """What a captured graph baked in: each parameter's and buffer's storage, shape and dtype, and
+    which modules run a replaced ``forward`` (a cache attaches by replacing them)."""
+    tensors = tuple(
+        (name, t.data_ptr(), tuple(t.shape), t.dtype)
+        for name, t in _named_tensors(model)
+    )
+    forwards = tuple((name, id(m.__dict__["forward"])) for name, m in model.named_modules() if "forward" in m.__dict__)
+    return tensors, forwards
+
+
+def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def step_graphs(pipe: Any, *, warmup_generations: int = 1, copy_outputs: bool = True) -> StepGraphs:
+    """Replay the pipeline's model calls from CUDA graphs captured once per step; returns the handle.
+
+    Works cached (``smoothcache.cache``, before or after) or not, eager or compiled without CUDA
+    graphs; outputs are the plain path's (the same kernels, replayed). The first
+    ``warmup_generations`` generations run as they are (compiling), the next captures. A change of
+    shapes, arguments, parameters or caches is noticed and captured afresh.
+
+    >>> graphs = smoothcache.step_graphs(pipe)                        # doctest: +SKIP
+    >>> images = pipe(prompt, num_inference_steps=28).images          # doctest: +SKIP
+    """
+    model = resolve_target(pipe).model
+    device = next((p.device for p in model.parameters()), None)
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        raise ValueError(f"step_graphs replays CUDA graphs: the model must be on a CUDA device (it is on {device})")
+    return StepGraphs(pipe, warmup_generations=warmup_generations, copy_outputs=copy_outputs)

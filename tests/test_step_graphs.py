@@ -1,0 +1,154 @@
+"""step_graphs: each denoising step's model call is captured once and replayed after, keyed by its
+place in the generation and its signature; anything a graph baked in that changes drops them all.
+
+CUDA graphs need a GPU, so here a stand-in capture (:class:`RerunCapture`) "replays" by copying the
+fresh inputs into the captured ones and running the captured forward again: the dispatch, the keys,
+the warm-up, the fallbacks and the restore are what these tests check, on the CPU.
+tests/test_step_graphs_cuda.py checks real graphs where there is a GPU."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import torch
+from conftest import STEPS, generate, make_dit_pipeline
+from torch.utils import _pytree as pytree
+
+import smoothcache
+from smoothcache import Schedule
+from smoothcache.graph_replay import StepGraphs
+
+
+class RerunCapture:
+    """Captures by keeping the call's inputs; a replay copies fresh inputs into them and reruns."""
+
+    def __init__(self, fail_at_step: int | None = None) -> None:
+        self.pools = 0
+        self.replays = 0
+        self.fail_at_step = fail_at_step
+
+    def new_pool(self) -> None:
+        self.pools += 1
+
+    def __call__(self, forward, leaves: list[Any], spec: Any, key: Any):
+        if self.fail_at_step is not None and key[0] == self.fail_at_step:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        args, kwargs = pytree.tree_unflatten(static, spec)
+
+        def replay(fresh: list[Any]) -> Any:
+            self.replays += 1
+            for target, given in zip(static, fresh, strict=True):
+                if isinstance(target, torch.Tensor):
+                    target.copy_(given)
+            return forward(*args, **kwargs)
+
+        return replay, replay(leaves)
+
+
+def counts(graphs: StepGraphs) -> tuple[int, int, int]:
+    return graphs.stats.plain, graphs.stats.captured, graphs.stats.replayed
+
+
+def test_one_plain_generation_then_one_captured_then_replays() -> None:
+    pipe = make_dit_pipeline()
+    plain = generate(pipe)
+    capture = RerunCapture()
+    with StepGraphs(pipe, capture=capture) as graphs:
+        outputs = [generate(pipe) for _ in range(4)]
+        assert counts(graphs) == (STEPS, STEPS, 2 * STEPS)
+        assert graphs.graphs == STEPS and capture.pools == 1
+    assert all(torch.equal(output, plain) for output in outputs)
+
+
+def test_with_a_cache_the_outputs_are_the_cache_alone() -> None:
+    pipe = make_dit_pipeline()
+    schedule = Schedule.fixed_interval(["block"], STEPS, 2)
+    with smoothcache.cache(pipe, schedule):
+        cached = generate(pipe)
+    with smoothcache.cache(pipe, schedule), StepGraphs(pipe, capture=RerunCapture()) as graphs:
+        outputs = [generate(pipe) for _ in range(3)]
+        assert counts(graphs) == (STEPS, STEPS, STEPS)
+    assert all(torch.equal(output, cached) for output in outputs)
+
+
+def test_attaching_a_cache_drops_the_graphs_and_starts_over() -> None:
+    pipe = make_dit_pipeline()
+    schedule = Schedule.fixed_interval(["block"], STEPS, 2)
+    with smoothcache.cache(pipe, schedule):
+        cached = generate(pipe)
+    graphs = StepGraphs(pipe, capture=RerunCapture())
+    for _ in range(3):
+        generate(pipe)
+    assert graphs.graphs == STEPS and graphs.stats.invalidated == 0
+    with smoothcache.cache(pipe, schedule):
+        first = generate(pipe)  # the block forwards changed: run as it is, graphs dropped
+        assert graphs.stats.invalidated == 1 and graphs.graphs == 0
+        generate(pipe)
+        assert graphs.graphs == STEPS
+        replayed = generate(pipe)
+    assert torch.equal(first, cached) and torch.equal(replayed, cached)
+    graphs.disable()
+
+
+def test_changed_parameters_are_noticed() -> None:
+    pipe, reference = make_dit_pipeline(), make_dit_pipeline()
+    graphs = StepGraphs(pipe, capture=RerunCapture())
+    for _ in range(3):
+        generate(pipe)
+    for model in (pipe.transformer, reference.transformer):  # a new tensor, as loading a LoRA makes
+        linear = model.transformer_blocks[0].ff.net[2]
+        linear.weight = torch.nn.Parameter(linear.weight.detach() * 2)
+    changed = generate(pipe)
+    assert graphs.stats.invalidated == 1 and graphs.graphs == 0
+    assert torch.equal(changed, generate(reference))
+
+
+def test_a_new_batch_size_is_warmed_up_and_captured_on_its_own() -> None:
+    pipe = make_dit_pipeline()
+    graphs = StepGraphs(pipe, capture=RerunCapture())
+    for _ in range(3):
+        generate(pipe)
+    assert counts(graphs) == (STEPS, STEPS, STEPS)
+    three = [generate(pipe, labels=(1, 2, 3)) for _ in range(3)]
+    assert counts(graphs) == (2 * STEPS, 2 * STEPS, 2 * STEPS)
+    assert graphs.graphs == 2 * STEPS
+    assert torch.equal(three[0], three[2])
+
+
+def test_a_call_that_cannot_be_captured_runs_as_it_is_and_ends_the_replays_of_its_generation(caplog) -> None:
+    pipe = make_dit_pipeline()
+    plain = generate(pipe)
+    graphs = StepGraphs(pipe, capture=RerunCapture(fail_at_step=3))
+    with caplog.at_level(logging.WARNING, logger="smoothcache.graph_replay"):
+        outputs = [generate(pipe) for _ in range(3)]
+    assert "could not be captured" in caplog.text and len(graphs.stats.uncapturable) == 1
+    # generation 2 captured every step but step 3; generation 3 replayed steps 0-2, then ran plainly
+    assert graphs.graphs == STEPS - 1
+    assert counts(graphs) == (STEPS + 1 + STEPS - 3, STEPS - 1, 3)
+    assert all(torch.equal(output, plain) for output in outputs)
+    graphs.disable()
+
+
+def test_disable_restores_the_model_exactly() -> None:
+    pipe = make_dit_pipeline()
+    model = pipe.transformer
+    assert "forward" not in vars(model)
+    graphs = StepGraphs(pipe, capture=RerunCapture())
+    generate(pipe)
+    graphs.disable()
+    assert "forward" not in vars(model) and graphs.graphs == 0
+    graphs.disable()  # twice is harmless
+
+
+def test_what_it_refuses() -> None:
+    pipe = make_dit_pipeline()
+    with pytest.raises(ValueError, match="CUDA device"):
+        smoothcache.step_graphs(pipe)  # a CPU model
+    with pytest.raises(TypeError, match="pipeline with a scheduler"):
+        StepGraphs(pipe.transformer, capture=RerunCapture())
+    pipe.transformer = torch.compile(pipe.transformer, mode="reduce-overhead")
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        StepGraphs(pipe, capture=RerunCapture())

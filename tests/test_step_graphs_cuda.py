@@ -1,0 +1,69 @@
+"""step_graphs with real CUDA graphs (skipped without CUDA): replayed generations give the plain
+path's output bit for bit, uncached and cached (whole blocks, layers with forecasting), eager and
+compiled without CUDA graphs, with prefetched timesteps; and the replays happen."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import STEPS, make_dit_pipeline
+
+import smoothcache
+from smoothcache import Schedule
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+BLOCKS = Schedule.fixed_interval(["block"], STEPS, 2)
+LAYERS = Schedule.fixed_interval(["attn1", "ff"], STEPS, 2)
+
+
+@pytest.fixture(autouse=True)
+def deterministic_convolutions() -> Any:
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+def cuda_pipeline():
+    return make_dit_pipeline(num_layers=3).to("cuda")
+
+
+def latents(pipe) -> torch.Tensor:
+    return pipe(class_labels=[1, 2], num_inference_steps=STEPS, generator=torch.Generator("cuda").manual_seed(0),
+                output_type="pt").images.float().cpu()
+
+
+@pytest.mark.parametrize("schedule, forecast", [(None, "none"), (BLOCKS, "none"), (BLOCKS, "linear"), (LAYERS, "linear")],
+                         ids=["uncached", "blocks", "blocks-forecast", "layers-forecast"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_replayed_generations_are_the_plain_path_bit_for_bit(schedule, forecast, compiled) -> None:
+    pipe = cuda_pipeline()
+    if compiled:
+        pipe.transformer = torch.compile(pipe.transformer)
+    cached = smoothcache.cache(pipe, schedule, forecast=forecast) if schedule is not None else None
+    plain = [latents(pipe) for _ in range(2)]
+    assert torch.equal(plain[0], plain[1])
+    graphs = smoothcache.step_graphs(pipe)
+    outputs = [latents(pipe) for _ in range(4)]
+    assert graphs.stats.captured == STEPS and graphs.stats.replayed == 2 * STEPS, graphs.stats
+    assert graphs.stats.uncapturable == []
+    for output in outputs:
+        assert torch.equal(output, plain[0])
+    graphs.disable()
+    if cached is not None:
+        cached.disable()
+    torch._dynamo.reset()
+
+
+def test_with_prefetched_timesteps() -> None:
+    pipe = cuda_pipeline()
+    cached = smoothcache.cache(pipe, BLOCKS)
+    plain = latents(pipe)
+    with smoothcache.prefetch_timesteps(pipe), smoothcache.step_graphs(pipe) as graphs:
+        outputs = [latents(pipe) for _ in range(3)]
+        assert graphs.stats.replayed == STEPS
+    assert all(torch.equal(output, plain) for output in outputs)
+    cached.disable()
