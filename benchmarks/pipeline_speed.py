@@ -57,6 +57,12 @@ compiled wrapper is removed after it. Under compile, every ``pipe(...)`` call is
 process marked a step (smoothcache marks each generation's start, so that kept outputs survive its
 steps), cudagraph trees start a new generation only at marks, for every compiled function.
 
+``graphs``: compiled in the default mode, then ``smoothcache.step_graphs(pipe)`` after the cache (the
+uncached row too): each step's transformer call replayed from a CUDA graph captured once, instead of
+cudagraph trees (CUDA only; not a default, name it; cache-dit is skipped there, its CUDA graphs are
+the ``cudagraphs`` cell). Its rows carry the graphs' counts (``step_graphs``) and, where the run has the
+``cudagraphs`` cell of the same batch and prefetch, ``speedup_vs_cudagraphs_uncached``.
+
 ``--prefetch on`` applies ``smoothcache.prefetch_timesteps(pipe)`` (opt-in, bit-identical outputs:
 it removes the per-step host wait of pipelines whose scheduler keeps timesteps on the host, such as
 DiTPipeline) to every configuration of the cell, uncached included; ``both`` (default) runs each
@@ -104,6 +110,8 @@ import and build)::
     export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
     # the GPU paths (inductor, CUDA graphs, host syncs) on the tiny DiT first: ~2 min
     python3 benchmarks/pipeline_speed.py --model dit --tiny --compile cudagraphs eager --batches 2 --out "$OUT/dit-tiny"
+    # step_graphs against torch's CUDA graphs at batch 1, one process (~5 min; tests/test_step_graphs_cuda.py first)
+    python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs graphs --batches 1 --prefetch on --methods blocks --out "$OUT/graphs1"
     # where batch 1's time goes: traces of the uncached and the cached generation (~2 min)
     python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs --batches 1 --prefetch on --methods blocks --trace uncached blocks --out "$OUT/trace1"
     python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs --batches 8 --out "$OUT/dit-cg8"  # ~5-8 min
@@ -125,6 +133,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -157,12 +166,13 @@ from smoothcache.bench import count_host_syncs
 from smoothcache.files import atomic_path, atomic_write_text
 
 MODELS = ("dit", "flux", "wan")
-COMPILES = ("eager", "compile", "cudagraphs")
+COMPILES = ("eager", "compile", "cudagraphs", "graphs")
+DEFAULT_COMPILES = ("eager", "compile", "cudagraphs")  # "graphs" needs CUDA: asked for by name
 UNCACHED, BLOCKS, LAYERS, CACHE_DIT = "uncached", "smoothcache blocks", "smoothcache layers", "cache-dit F1B0 static mask"
 METHODS = (UNCACHED, BLOCKS, LAYERS, CACHE_DIT)
 METHOD_NAMES = {"uncached": UNCACHED, "blocks": BLOCKS, "layers": LAYERS, "cache-dit": CACHE_DIT}
 METHOD_TAGS = {method: tag for tag, method in METHOD_NAMES.items()}
-WARMUP = {"eager": 1, "compile": 2, "cudagraphs": 3}  # cudagraph trees record on the 2nd call, replay from the 3rd
+WARMUP = {"eager": 1, "compile": 2, "cudagraphs": 3, "graphs": 3}  # cudagraph trees and step_graphs: record on the 2nd call, replay from the 3rd
 
 # The tiny DiT: 10 steps, every 2nd computed plus the first and last, as the alpha=0.18 pattern does
 DIT_TINY_MASK = (1, 0, 1, 0, 1, 0, 1, 0, 1, 1)
@@ -348,7 +358,7 @@ def cells(model: str, compiles: Sequence[str], batches: Sequence[int]) -> list[t
     eager, compile, CUDA graphs."""
     big_first = sorted(set(batches), reverse=True)
     if model == "dit":
-        order = [("cudagraphs", b) for b in big_first] + [("compile", big_first[0])]
+        order = [("cudagraphs", b) for b in big_first] + [("graphs", b) for b in big_first] + [("compile", big_first[0])]
         order += [("eager", b) for b in big_first] + [("compile", b) for b in big_first[1:]]
     else:
         order = [(c, b) for c in COMPILES for b in big_first]
@@ -366,6 +376,7 @@ class Attached:
     failed while taking it down."""
 
     handle: Any = None
+    graphs: Any = None  # smoothcache.step_graphs' handle, under the "graphs" setting
     how: list[str] = field(default_factory=list)
     teardown_errors: list[str] = field(default_factory=list)
 
@@ -406,6 +417,10 @@ def configured(work: Workload, config: Config, backend: str) -> Iterator[Attache
         if config.prefetch:
             undo.append(smoothcache.prefetch_timesteps(pipe).disable)
             attached.how.append("smoothcache.prefetch_timesteps(pipe)")
+        if config.compile == "graphs":
+            attached.graphs = smoothcache.step_graphs(pipe)
+            undo.append(attached.graphs.disable)
+            attached.how.append("smoothcache.step_graphs(pipe)")
         yield attached
     finally:
         for step in reversed(undo):
@@ -613,6 +628,10 @@ class Runner:
         if self.elapsed_min() > self.args.max_minutes:
             row["skipped"] = f"over the time budget (--max-minutes {self.args.max_minutes})"
             return row
+        if config.compile == "graphs" and (config.method == CACHE_DIT or self.device.type != "cuda"):
+            row["skipped"] = ("smoothcache.step_graphs replays CUDA graphs: it needs a CUDA GPU" if self.device.type != "cuda"
+                              else "step_graphs is smoothcache's; cache-dit's CUDA graphs are the cudagraphs cell")
+            return row
         attached = None
         try:
             with configured(self.work, config, self.args.backend) as attached:
@@ -650,12 +669,14 @@ class Runner:
         end = gpu_bench.dynamo_counts()
         self.outputs[config] = output.detach().float().cpu()
         kept = attached.handle.state.kept_bytes() if attached.handle is not None else None
+        graph_stats = None if attached.graphs is None else dataclasses.asdict(attached.graphs.stats)
         return {
             "ms": 1000 * statistics.median(times), "runs_ms": [1000 * t for t in times], "warmup_s": warmup_s,
             "warmup_generations": WARMUP[config.compile], "repeats": self.args.repeats,
             "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
             "kept_mib": None if kept is None else sum(kept.values()) / 2**20, "kept_bytes_by_device": kept,
             "host_syncs_per_generation": syncs,
+            "step_graphs": graph_stats,
             "step_ms": step_times(marks, self.work.mask, self.work.calls_per_step),
             **traced,
             "graphs_compiled_in_warmup": after_warmup["graphs"] - before["graphs"],
@@ -788,6 +809,10 @@ def with_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row["efficiency"] = row["speedup"] / row["ideal_speedup"]
         if plain:
             row["speedup_vs_plain_uncached"] = plain["ms"] / row["ms"]
+        if row["compile"] == "graphs":  # against what a user gets from torch for CUDA graphs, where this run has it
+            torch_graphs = uncached({**row, "compile": "cudagraphs"}, row["prefetch"])
+            if torch_graphs:
+                row["speedup_vs_cudagraphs_uncached"] = torch_graphs["ms"] / row["ms"]
     return rows
 
 
@@ -945,7 +970,8 @@ def replot(files: Sequence[Path], out: Path) -> list[Path]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", choices=MODELS, default=["dit"], help="one run per model, in turn")
-    parser.add_argument("--compile", nargs="+", choices=COMPILES, default=list(COMPILES))
+    parser.add_argument("--compile", nargs="+", choices=COMPILES, default=list(DEFAULT_COMPILES),
+                        help="graphs: compiled in the default mode, then smoothcache.step_graphs(pipe) (CUDA only)")
     parser.add_argument("--batches", type=int, nargs="+", help="default: DiT 1 8; Flux and Wan 1")
     parser.add_argument("--prefetch", choices=["off", "on", "both"], default="both",
                         help="smoothcache.prefetch_timesteps on every configuration of a cell: off, on, or both in turn")

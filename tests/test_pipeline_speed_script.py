@@ -146,3 +146,13 @@ def test_flux_and_wan_rows(run):
         check_rows(result)
     assert flux["settings"]["block_keys"] == ["block", "single_block"]
     assert wan["settings"]["calls_per_step"] == 2  # guidance runs the transformer twice per step
+
+
+def test_the_step_graphs_cell_says_it_needs_a_gpu(run):
+    """``--compile graphs`` is smoothcache.step_graphs: on the CPU each row says why it did not run."""
+    (result,) = run("--model", "dit", "--compile", "graphs", "--batches", "1", "--prefetch", "off",
+                    "--methods", "blocks", "cache-dit")
+    rows = result["rows"]
+    assert [r["method"] for r in rows] == ["uncached", "smoothcache blocks", "cache-dit F1B0 static mask"]
+    assert all("CUDA GPU" in r["skipped"] for r in rows)
+    assert result["settings"]["warmup"]["graphs"] == 3
