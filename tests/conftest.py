@@ -120,3 +120,12 @@ def sample_loop(model_fn, x: torch.Tensor, steps: int, **kwargs) -> torch.Tensor
 def original_dit():
     torch.manual_seed(0)
     return OriginalStyleDiT().eval()
+
+
+@pytest.fixture
+def deterministic_convolutions():
+    """cuDNN picks the same convolution algorithm at every call, so GPU outputs compare bit for bit."""
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved

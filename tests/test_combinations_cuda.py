@@ -26,7 +26,8 @@ from test_combinations import PLAN, SCHEDULE, computes, int8
 import smoothcache
 from smoothcache import Schedule
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.usefixtures("deterministic_convolutions")]
 
 GPU, CPU = torch.device("cuda"), torch.device("cpu")
 BLOCKS = Schedule({"block": PLAN})
@@ -39,14 +40,6 @@ def embeddings_on_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     offloading hooks move them), so test_sd3's stand-ins are made on the GPU here."""
     monkeypatch.setattr(test_sd3, "text_embeddings", lambda *shape: text_embeddings(*shape).to(GPU))
 
-
-@pytest.fixture(autouse=True)
-def deterministic_convolutions() -> Any:
-    """The VAE's convolutions pick the same cuDNN algorithm at every call: outputs compare bit for bit."""
-    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    yield
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
 # ---- what is stacked: each takes a tiny SD3 pipeline built on the CPU and makes it compute on the GPU

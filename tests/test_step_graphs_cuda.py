@@ -4,8 +4,6 @@ compiled without CUDA graphs, with prefetched timesteps; and the replays happen.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 from conftest import STEPS, make_dit_pipeline
@@ -13,18 +11,12 @@ from conftest import STEPS, make_dit_pipeline
 import smoothcache
 from smoothcache import Schedule
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.usefixtures("deterministic_convolutions")]
 
 BLOCKS = Schedule.fixed_interval(["block"], STEPS, 2)
 LAYERS = Schedule.fixed_interval(["attn1", "ff"], STEPS, 2)
 
-
-@pytest.fixture(autouse=True)
-def deterministic_convolutions() -> Any:
-    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    yield
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
 def cuda_pipeline():
