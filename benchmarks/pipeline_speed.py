@@ -60,8 +60,10 @@ steps), cudagraph trees start a new generation only at marks, for every compiled
 ``graphs``: compiled in the default mode, then ``smoothcache.step_graphs(pipe)`` after the cache (the
 uncached row too): each step's transformer call replayed from a CUDA graph captured once, instead of
 cudagraph trees (CUDA only; not a default, name it; cache-dit is skipped there, its CUDA graphs are
-the ``cudagraphs`` cell). Its rows carry the graphs' counts (``step_graphs``) and, where the run has the
-``cudagraphs`` cell of the same batch and prefetch, ``speedup_vs_cudagraphs_uncached``.
+the ``cudagraphs`` cell; step_graphs warms up two generations, as the first may be the counting one run
+eagerly). Its rows carry the graphs' counts (``step_graphs``) and, where the run has the ``cudagraphs``
+cell of the same batch and prefetch, ``speedup_vs_cudagraphs_uncached``; ``kept_mib`` is None there
+(the kept outputs live in the graphs' pool) and ``peak_reserved_mib`` (every row) includes the pools.
 
 ``--prefetch on`` applies ``smoothcache.prefetch_timesteps(pipe)`` (opt-in, bit-identical outputs:
 it removes the per-step host wait of pipelines whose scheduler keeps timesteps on the host, such as
@@ -418,7 +420,9 @@ def configured(work: Workload, config: Config, backend: str) -> Iterator[Attache
             undo.append(smoothcache.prefetch_timesteps(pipe).disable)
             attached.how.append("smoothcache.prefetch_timesteps(pipe)")
         if config.compile == "graphs":
-            attached.graphs = smoothcache.step_graphs(pipe)
+            # two plain generations: the first of a (batch, method) may be the counting one, run
+            # under force_eager, and nothing may compile inside a capture
+            attached.graphs = smoothcache.step_graphs(pipe, warmup_generations=2)
             undo.append(attached.graphs.disable)
             attached.how.append("smoothcache.step_graphs(pipe)")
         yield attached
@@ -668,12 +672,16 @@ class Runner:
             traced = traced_generation(self.work, generate, self.device, self.out.parent / name)
         end = gpu_bench.dynamo_counts()
         self.outputs[config] = output.detach().float().cpu()
-        kept = attached.handle.state.kept_bytes() if attached.handle is not None else None
+        # replays do not refill the cache's Python state (it forgets its kept outputs at each
+        # generation's start), so under step_graphs its kept memory is in the graphs' pool, unread
+        kept = attached.handle.state.kept_bytes() if attached.handle is not None and attached.graphs is None else None
         graph_stats = None if attached.graphs is None else dataclasses.asdict(attached.graphs.stats)
         return {
             "ms": 1000 * statistics.median(times), "runs_ms": [1000 * t for t in times], "warmup_s": warmup_s,
             "warmup_generations": WARMUP[config.compile], "repeats": self.args.repeats,
             "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+            # graph pools' memory is reserved at capture and not allocated again by replays
+            "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20 if torch.cuda.is_available() else None,
             "kept_mib": None if kept is None else sum(kept.values()) / 2**20, "kept_bytes_by_device": kept,
             "host_syncs_per_generation": syncs,
             "step_graphs": graph_stats,

@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,13 +38,41 @@ import smoothcache
 from smoothcache import Schedule
 
 
+def timed(name: str, work: Any, args: argparse.Namespace, graphs: Any, outputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Three warm-up generations (compile; capture; replay), then ``--repeats`` timed ones."""
+
+    def generate() -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return work.generate(args.batch, torch.Generator("cuda").manual_seed(0)).detach().clone()
+
+    start = time.perf_counter()
+    for _ in range(3):
+        generate()
+    torch.cuda.synchronize()
+    warm = time.perf_counter() - start
+    times = []
+    for _ in range(args.repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = generate()
+        torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - start))
+    outputs[name] = out.float().cpu()
+    row = {"config": name, "ms": statistics.median(times), "runs_ms": times, "warmup_s": warm,
+           "graphs": None if graphs is None else dataclasses.asdict(graphs.stats)}
+    reference = outputs.get(name.replace("graphs", "ro"))
+    if reference is not None and reference is not outputs[name]:
+        row["max_abs_diff_vs_ro"] = float((outputs[name] - reference).abs().max())
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--max-s", type=float, default=150)
-    parser.add_argument("--configs", nargs="+", default=["uncached-ro", "blocks-graphs", "uncached-graphs", "blocks-ro"])
+    parser.add_argument("--max-s", type=float, default=330, help="start no configuration after this many seconds")
+    parser.add_argument("--configs", nargs="+", default=["uncached-ro", "blocks-ro", "blocks-graphs", "uncached-graphs"])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("step_graphs_probe.py captures CUDA graphs: run it on a machine with a CUDA GPU")
@@ -59,41 +88,23 @@ def main(argv: list[str] | None = None) -> None:
             continue
         torch._dynamo.reset()
         method, how = name.split("-")
-        pipe.transformer = torch.compile(model, mode="reduce-overhead") if how == "ro" else torch.compile(model)
-        handle = smoothcache.cache(pipe, Schedule({"block": mask})) if method == "blocks" else None
-        prefetch = smoothcache.prefetch_timesteps(pipe)
-        graphs = smoothcache.step_graphs(pipe) if how == "graphs" else None
-
-        def generate() -> torch.Tensor:
-            torch.compiler.cudagraph_mark_step_begin()
-            return work.generate(args.batch, torch.Generator("cuda").manual_seed(0)).detach().clone()
-
-        t0 = time.perf_counter()
-        for _ in range(3):
-            generate()
-        torch.cuda.synchronize()
-        warm = time.perf_counter() - t0
-        times = []
-        for _ in range(args.repeats):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            out = generate()
-            torch.cuda.synchronize()
-            times.append(1000 * (time.perf_counter() - t))
-        outputs[name] = out.float().cpu()
-        row = {"config": name, "ms": statistics.median(times), "runs_ms": times, "warmup_s": warm,
-               "graphs": None if graphs is None else dataclasses.asdict(graphs.stats)}
-        ref = outputs.get(name.replace("graphs", "ro"))
-        if ref is not None:
-            row["max_abs_diff_vs_ro"] = float((out.float().cpu() - ref).abs().max())
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if graphs is not None:
-            graphs.disable()
-        prefetch.disable()
-        if handle is not None:
-            handle.disable()
-        pipe.transformer = model
+        undo: list[Any] = []
+        try:
+            pipe.transformer = torch.compile(model, mode="reduce-overhead") if how == "ro" else torch.compile(model)
+            undo.append(lambda: setattr(pipe, "transformer", model))
+            if method == "blocks":
+                undo.append(smoothcache.cache(pipe, Schedule({"block": mask})).disable)
+            undo.append(smoothcache.prefetch_timesteps(pipe).disable)
+            graphs = smoothcache.step_graphs(pipe) if how == "graphs" else None
+            if graphs is not None:
+                undo.append(graphs.disable)
+            rows.append(timed(name, work, args, graphs, outputs))
+        except Exception as error:  # noqa: BLE001 - recorded; the next configuration goes on
+            rows.append({"config": name, "error": f"{type(error).__name__}: {error}"[:1000]})
+        finally:
+            for step in reversed(undo):
+                step()
+        print(json.dumps(rows[-1]), flush=True)
         (args.out / "step-graphs-probe.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
                                                                     "torch": torch.__version__, "rows": rows}, indent=1))
     base = {r["config"]: r.get("ms") for r in rows}

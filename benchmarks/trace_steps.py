@@ -2,9 +2,9 @@
 
 ``pipeline_speed.py --trace`` writes a Chrome trace of one generation in which each transformer call
 is a host range named ``step N computing`` or ``step N reusing``. This summarises it per step: the
-call's host time, split into the parts that set a compiled call's host cost (dynamo's guard check,
-the prologue that gathers the graph's inputs, the CUDA graph launch, the rest of the compiled
-region), and the host's time between one call's end and the next call's start (the pipeline's own
+call's host time and the parts that set a compiled call's host cost (dynamo's guard check, the
+prologue that gathers the graph's inputs, the CUDA graph launch, and the whole compiled region,
+the launch included; a compiled region inside another would be counted twice), and the host's time between one call's end and the next call's start (the pipeline's own
 work: guidance, the scheduler step, the progress bar). Medians are given per kind of step and per
 kind of step before it, because a step's cost can depend on what ran before it (the host's caches).
 

@@ -8,7 +8,6 @@ tests/test_step_graphs_cuda.py checks real graphs where there is a GPU."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import pytest
@@ -18,7 +17,8 @@ from torch.utils import _pytree as pytree
 
 import smoothcache
 from smoothcache import Schedule
-from smoothcache.graph_replay import StepGraphs
+from smoothcache.errors import GraphCaptureError
+from smoothcache.graph_replay import StepGraphs, copy_inputs, static_inputs
 
 
 class RerunCapture:
@@ -118,18 +118,50 @@ def test_a_new_batch_size_is_warmed_up_and_captured_on_its_own() -> None:
     assert torch.equal(three[0], three[2])
 
 
-def test_a_call_that_cannot_be_captured_runs_as_it_is_and_ends_the_replays_of_its_generation(caplog) -> None:
+def test_a_call_that_cannot_be_captured_detaches_the_graphs_and_says_so() -> None:
     pipe = make_dit_pipeline()
     plain = generate(pipe)
     graphs = StepGraphs(pipe, capture=RerunCapture(fail_at_step=3))
-    with caplog.at_level(logging.WARNING, logger="smoothcache.graph_replay"):
-        outputs = [generate(pipe) for _ in range(3)]
-    assert "could not be captured" in caplog.text and len(graphs.stats.uncapturable) == 1
-    # generation 2 captured every step but step 3; generation 3 replayed steps 0-2, then ran plainly
-    assert graphs.graphs == STEPS - 1
-    assert counts(graphs) == (STEPS + 1 + STEPS - 3, STEPS - 1, 3)
-    assert all(torch.equal(output, plain) for output in outputs)
-    graphs.disable()
+    assert torch.equal(generate(pipe), plain)
+    with pytest.raises(GraphCaptureError, match="could not be captured as a CUDA graph"):
+        generate(pipe)  # the capture generation stops at step 3: the cache's state there is unknown
+    assert "forward" not in vars(pipe.transformer) and graphs.graphs == 0
+    assert "stream is capturing" in graphs.stats.capture_error
+    assert torch.equal(generate(pipe), plain)  # the next call runs without graphs
+
+
+def test_a_generation_that_meets_an_uncaptured_call_runs_the_rest_as_it_is_and_the_set_is_captured_again() -> None:
+    pipe = make_dit_pipeline()
+    schedule = Schedule.fixed_interval(["block"], STEPS, 2)
+    with smoothcache.cache(pipe, schedule):
+        cached = generate(pipe)
+    with smoothcache.cache(pipe, schedule), StepGraphs(pipe, capture=RerunCapture()) as graphs:
+        outputs = [generate(pipe) for _ in range(2)]
+        del graphs._graphs[next(key for key in graphs._graphs if key[0] == 5)]  # as if step 5 had not been captured
+        outputs.append(generate(pipe))  # replays steps 0-4, runs 5-9 as they are
+        assert graphs.stats.incomplete == 1 and graphs.stats.replayed == 5 and graphs.graphs == 0
+        outputs += [generate(pipe) for _ in range(2)]  # captured again, then replayed whole
+        assert graphs.stats.captured == 2 * STEPS and graphs.stats.replayed == 5 + STEPS
+    assert all(torch.equal(output, cached) for output in outputs)
+
+
+def test_static_inputs_keep_each_tensors_layout_and_identity() -> None:
+    timestep = torch.tensor(7.0).expand(4)  # DiTPipeline's t.expand(batch): stride 0
+    latents = torch.randn(4, 3)
+    static = static_inputs([latents, timestep, timestep, None, 2])
+    assert static[1].stride() == (0,) and static[1] is static[2] and static[3:] == [None, 2]
+    assert torch.equal(static[0], latents) and static[0] is not latents
+    copy_inputs(static, [latents * 2, torch.tensor(3.0).expand(4), torch.tensor(3.0).expand(4), None, 2])
+    assert torch.equal(static[0], latents * 2) and static[1].tolist() == [3.0] * 4
+
+
+def test_outputs_kept_on_the_host_are_refused() -> None:
+    pipe = make_dit_pipeline()
+    schedule = Schedule.fixed_interval(["block"], STEPS, 2)
+    with smoothcache.cache(pipe, schedule, kept_device="cpu"), StepGraphs(pipe, capture=RerunCapture()):
+        generate(pipe)
+        with pytest.raises(ValueError, match="kept_device='cpu'"):
+            generate(pipe)
 
 
 def test_disable_restores_the_model_exactly() -> None:

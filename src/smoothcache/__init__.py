@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     BlockCachingError,
+    GraphCaptureError,
     GuidanceError,
     ModelInUseError,
     NoCacheableLayersError,
@@ -58,6 +59,7 @@ __all__ = [
     "CacheableLayer",
     "CalibrationProfile",
     "CalibrationRecorder",
+    "GraphCaptureError",
     "GraphStats",
     "GuidanceError",
     "LayerInfo",

@@ -65,3 +65,7 @@ class DemoAssetError(SmoothCacheError, OSError):
 
 class FashionMnistError(SmoothCacheError, OSError):
     """The Fashion-MNIST files are missing or not valid IDX data."""
+
+
+class GraphCaptureError(SmoothCacheError, RuntimeError):
+    """A model call could not be captured as a CUDA graph; step graphs detached themselves."""

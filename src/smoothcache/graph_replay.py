@@ -20,23 +20,36 @@ at each generation's start; a change drops every graph and starts over.
 The model's own hooks still run at every call (the cache's step bookkeeping among them); its
 ``forward`` does not, which is the point: the kernels it launched are replayed. Outputs are the
 replayed graph's, copied out by default so that nothing the pipeline holds is overwritten by a
-later replay.
+later replay. A call is captured only once it has run as it is ``warmup_generations`` times (so
+nothing compiles inside a capture), into inputs laid out like the warm-up's (an expanded timestep
+stays expanded: dynamo guards on strides). A generation that meets an uncaptured call replays up to
+it and runs the rest as it is (the cache forgot its kept outputs at the generation's start, so it
+computes afresh); the next generation captures the whole set again. A capture that fails leaves
+the model's Python state (the cache's kept outputs) unknown mid-generation: step graphs then
+detach and raise :class:`~smoothcache.errors.GraphCaptureError`, and the next ``pipe(...)`` runs
+without them. Each signature (batch size, resolution) keeps its own set of graphs and pool.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Hashable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Protocol, Self
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .errors import GraphCaptureError
+from .ownership import holder
 from .runtime.compile import cuda_graphs_anywhere
 from .runtime.forwards import ShadowedForward, shadow_forward
 from .steps import Experts, StepTracker, resolve_target, scheduler_step_index
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["GraphStats", "StepGraphs", "step_graphs"]
 
@@ -71,7 +84,7 @@ class CudaCapture:
         return output
 
     def __call__(self, forward: Callable[..., Any], leaves: list[Any], spec: Any, _: Any) -> tuple[Replay, Any]:
-        static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        static = static_inputs(leaves)
         args, kwargs = pytree.tree_unflatten(static, spec)
         graph = torch.cuda.CUDAGraph()
         # capture_begin/end rather than torch.cuda.graph(), which collects garbage and empties the
@@ -81,18 +94,53 @@ class CudaCapture:
             graph.capture_begin(pool=self.pool)
             try:
                 output = forward(*args, **kwargs)
-            finally:
-                graph.capture_end()
+            except BaseException:
+                with contextlib.suppress(Exception):  # the call's own error is the one to report
+                    graph.capture_end()
+                raise
+            graph.capture_end()
         torch.cuda.current_stream().wait_stream(self.stream)
 
         def replay(fresh: list[Any]) -> Any:
-            for target, given in zip(static, fresh, strict=True):
-                if isinstance(target, torch.Tensor) and target is not given:
-                    target.copy_(given)
+            copy_inputs(static, fresh)
             graph.replay()
             return output
 
         return replay, replay(leaves)
+
+
+def _distinct(tensor: torch.Tensor) -> torch.Tensor:
+    """The view of ``tensor`` with each element once: a dimension expanded (stride 0) taken at index 0."""
+    index = tuple(slice(0, 1) if stride == 0 and size > 1 else slice(None)
+                  for stride, size in zip(tensor.stride(), tensor.shape, strict=True))
+    return tensor[index]
+
+
+def static_inputs(leaves: list[Any]) -> list[Any]:
+    """The captured inputs: each tensor copied into one of the same shape, strides and dtype (dynamo
+    guards on strides, so a contiguous copy of an expanded timestep would compile again inside the
+    capture); a tensor passed twice stays one tensor."""
+    made: dict[int, torch.Tensor] = {}
+    static: list[Any] = []
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            static.append(leaf)
+            continue
+        if id(leaf) not in made:
+            target = torch.empty_strided(leaf.shape, leaf.stride(), dtype=leaf.dtype, device=leaf.device)
+            _distinct(target).copy_(_distinct(leaf))
+            made[id(leaf)] = target
+        static.append(made[id(leaf)])
+    return static
+
+
+def copy_inputs(static: list[Any], fresh: list[Any]) -> None:
+    """A call's tensors into the captured inputs (each distinct element once)."""
+    done: set[int] = set()
+    for target, given in zip(static, fresh, strict=True):
+        if isinstance(target, torch.Tensor) and target is not given and id(target) not in done:
+            _distinct(target).copy_(_distinct(given))
+            done.add(id(target))
 
 
 @dataclass
@@ -103,7 +151,8 @@ class GraphStats:
     replayed: int = 0
     plain: int = 0
     invalidated: int = 0
-    uncapturable: list[str] = field(default_factory=list)
+    incomplete: int = 0  # generations that met an uncaptured call after replaying (their set is captured again)
+    capture_error: str | None = None
 
 
 class StepGraphs:
@@ -129,9 +178,10 @@ class StepGraphs:
         self._tracker = StepTracker(None, self.target.timesteps, None, scheduler_step_index(self.target))
         self._graphs: dict[Hashable, Replay] = {}
         self._seen: dict[Hashable, int] = {}  # plain runs of each key, towards its warm-up
-        self._uncapturable: set[Hashable] = set()
         self._fingerprint: tuple[Any, ...] | None = None
         self._mode = "plain"  # this generation: "plain", "capture" or "replay"
+        self._first: Hashable | None = None  # this generation's first key: names its set of graphs
+        self._sets: dict[Hashable, list[Hashable]] = {}  # first key -> the keys captured with it
         self._shadow: ShadowedForward | None = None
         self.enable()
 
@@ -162,8 +212,13 @@ class StepGraphs:
 
     def _forget_graphs(self) -> None:
         self._graphs.clear()
+        self._sets.clear()
         self._seen.clear()
-        self._uncapturable.clear()
+
+    def _drop_set(self, first: Hashable | None) -> None:
+        """Forget the graphs captured with ``first`` (their pool goes with them)."""
+        for key in self._sets.pop(first, []):
+            self._graphs.pop(key, None)
 
     def __enter__(self) -> Self:
         return self.enable()
@@ -185,12 +240,15 @@ class StepGraphs:
                     self.stats.replayed += 1
                     return self._out(replay(leaves))
                 # Replays leave the model's Python state as the capture left it; the cache forgot its
-                # kept outputs at this generation's start, so plain calls from here on compute afresh
+                # kept outputs at this generation's start, so plain calls from here on compute
+                # afresh. The set is incomplete: the next generation captures it again.
+                self.stats.incomplete += 1
+                self._drop_set(self._first)
                 self._mode = "plain"
-            if key is not None and self._mode == "capture" and key not in self._uncapturable:
-                captured = self._captured(original, key, leaves, spec)
-                if captured is not None:
-                    return self._out(captured)
+            if key is not None and self._mode == "capture" and self._seen.get(key, 0) >= self.warmup_generations:
+                return self._out(self._captured(original, key, leaves, spec))
+            if self._mode == "capture":  # a call not warmed up: later captures would read its plain state
+                self._mode = "plain"
             self.stats.plain += 1
             if key is not None:
                 self._seen[key] = self._seen.get(key, 0) + 1
@@ -199,7 +257,7 @@ class StepGraphs:
 
         return forward
 
-    def _key(self, step: int, slot: int, leaves: list[Any], spec: Any) -> Hashable | None:
+    def _key(self, step: int, slot: int, leaves: list[Any], spec: pytree.TreeSpec) -> Hashable | None:
         """The call's place and signature; None where an argument cannot be part of a key."""
         signature: list[Hashable] = []
         for leaf in leaves:
@@ -211,7 +269,7 @@ class StepGraphs:
                 except TypeError:
                     return None
                 signature.append((type(leaf), leaf))
-        return (step, slot, str(spec), tuple(signature), torch.is_grad_enabled())
+        return (step, slot, spec, tuple(signature), torch.is_grad_enabled())
 
     def _start_generation(self, first: Hashable | None) -> None:
         fingerprint = model_fingerprint(self.target.model)
@@ -220,29 +278,50 @@ class StepGraphs:
             self.stats.invalidated += 1
             self._forget_graphs()
         self._fingerprint = fingerprint
+        self._first = first
         if first is not None and first in self._graphs:
             self._mode = "replay"
-        elif first is not None and self._seen.get(first, 0) >= self.warmup_generations and first not in self._uncapturable:
+        elif first is not None and self._seen.get(first, 0) >= self.warmup_generations:
+            self._refuse_host_kept_outputs()
             self._mode = "capture"
+            self._drop_set(first)
+            self._sets[first] = []
             new_pool = getattr(self.capture, "new_pool", None)
             if new_pool is not None:
                 new_pool()  # graphs of one generation share a pool, replayed in the order captured
         else:
             self._mode = "plain"
 
-    def _captured(self, original: Callable[..., Any], key: Hashable, leaves: list[Any], spec: Any) -> Any | None:
-        """Capture the call and return its outputs; None (and never again for this key) where it cannot be."""
+    def _captured(self, original: Callable[..., Any], key: Hashable, leaves: list[Any], spec: Any) -> Any:
+        """Capture the call and return its outputs. Where it cannot be captured the model's Python
+        ran part way (the cache's kept outputs are unknown), so the generation cannot go on: detach
+        and say so."""
         try:
             replay, output = self.capture(original, leaves, spec, key)
-        except Exception as error:  # noqa: BLE001 - a call that cannot be captured runs as it is
-            self._uncapturable.add(key)
-            self.stats.uncapturable.append(f"{type(error).__name__}: {error}"[:300])
-            logger.warning("A model call could not be captured as a CUDA graph (%s: %s); it runs as it is",
-                           type(error).__name__, str(error)[:200])
-            return None
+        except Exception as error:
+            self.stats.capture_error = f"{type(error).__name__}: {error}"[:500]
+            self.disable()
+            raise GraphCaptureError(
+                f"A call of the model could not be captured as a CUDA graph ({type(error).__name__}: "
+                f"{str(error)[:300]}), so step graphs detached themselves and this generation stopped; "
+                "the next pipe(...) runs without them. A model whose forward waits for the GPU (.item(), "
+                "a host copy) or changes shape from call to call cannot be replayed from graphs"
+            ) from error
         self._graphs[key] = replay
+        self._sets.setdefault(self._first, []).append(key)
         self.stats.captured += 1
         return output
+
+    def _refuse_host_kept_outputs(self) -> None:
+        """A cache keeping its outputs on the host copies them outside the graphs' memory: refused."""
+        handle = holder(self.target.model)
+        form = getattr(handle, "kept_form", None)
+        if form is not None and form.device is not None and form.device.type != "cuda":
+            raise ValueError(
+                "The cache keeps its outputs on the host (kept_device='cpu'); CUDA graphs cannot replay copies to "
+                "memory the cache frees between generations. Keep them on the GPU (kept_dtype= still saves memory) "
+                "or disable step_graphs"
+            )
 
     def _out(self, output: Any) -> Any:
         if not self.copy_outputs:
@@ -257,8 +336,21 @@ def model_fingerprint(model: nn.Module) -> tuple[Any, ...]:
         (name, t.data_ptr(), tuple(t.shape), t.dtype)
         for name, t in _named_tensors(model)
     )
-    forwards = tuple((name, id(m.__dict__["forward"])) for name, m in model.named_modules() if "forward" in m.__dict__)
-    return tensors, forwards
+    modules = tuple((name, *_module_state(m)) for name, m in model.named_modules())
+    return tensors, modules
+
+
+def _module_state(module: nn.Module) -> tuple[Any, ...]:
+    """A module's Python state that its kernels depend on: a replaced forward, training mode, hooks,
+    the attention processor, and peft's adapter switches and scales."""
+    scaling = getattr(module, "scaling", None)
+    return (
+        id(module.__dict__.get("forward")), module.training,
+        tuple(module._forward_pre_hooks), tuple(module._forward_hooks),
+        id(getattr(module, "processor", None)),
+        repr(getattr(module, "_active_adapter", None)), getattr(module, "_disable_adapters", None),
+        tuple(sorted(scaling.items())) if isinstance(scaling, dict) else None,
+    )
 
 
 def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

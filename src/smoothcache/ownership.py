@@ -19,7 +19,7 @@ from torch import nn
 from .errors import ModelInUseError
 from .steps import Experts, resolve_target
 
-__all__ = ["Claim", "claim", "disable", "release"]
+__all__ = ["Claim", "claim", "disable", "holder", "release"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,12 @@ def claim(model: nn.Module, new: Claim) -> None:
             )
     for denoiser in _denoisers(model):
         _claims[denoiser] = new
+
+
+def holder(model: nn.Module) -> Any | None:
+    """Whoever holds ``model`` now (a cache handle, a recorder), or None."""
+    held = _claims.get(model)
+    return None if held is None else held.owner
 
 
 def release(model: nn.Module, owner: Any) -> None:

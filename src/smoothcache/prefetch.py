@@ -18,9 +18,12 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["HostTimesteps", "PairingSetTimesteps", "TimestepPrefetch", "prefetch_timesteps"]
 

@@ -390,8 +390,9 @@ class CacheHandle:
         logger.warning(
             "Layers are cached under torch.compile without CUDA graphs: a reusing step still launches its blocks' "
             "norm, modulation and gate kernels from the host, so where launches set the pace (a small model or "
-            "batch) caching gains little and can be slower than no cache. Cache whole blocks (components=['block']) "
-            "or compile with CUDA graphs (mode='reduce-overhead'); smoothcache bench --compile model measures it"
+            "batch) caching gains little and can be slower than no cache. Cache whole blocks (components=['block']), "
+            "compile with CUDA graphs (mode='reduce-overhead') or replay steps from graphs (smoothcache.step_graphs); "
+            "smoothcache bench --compile model measures it"
         )
 
     def _check_guidance_batch(self, slot: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
