@@ -184,3 +184,29 @@ def test_what_it_refuses() -> None:
     pipe.transformer = torch.compile(pipe.transformer, mode="reduce-overhead")
     with pytest.raises(ValueError, match="reduce-overhead"):
         StepGraphs(pipe, capture=RerunCapture())
+
+
+def test_at_most_max_sets_signatures_keep_graphs_the_least_recently_used_goes() -> None:
+    pipe = make_dit_pipeline()
+    graphs = StepGraphs(pipe, capture=RerunCapture(), max_sets=2)
+    for labels in ((1,), (1, 2), (1, 2, 3)):  # three batch sizes, each warmed up then captured
+        for _ in range(2):
+            generate(pipe, labels=labels)
+    assert graphs.graphs == 2 * STEPS  # the batch of one was dropped for the batch of three
+    replayed = graphs.stats.replayed
+    generate(pipe, labels=(1, 2))
+    assert graphs.stats.replayed == replayed + STEPS
+    generate(pipe, labels=(1,))  # warmed up long ago: captured again, dropping (1, 2, 3), now least recent
+    assert graphs.graphs == 2 * STEPS and graphs.stats.replayed == replayed + STEPS
+    generate(pipe, labels=(1, 2, 3))
+    assert graphs.stats.replayed == replayed + STEPS  # it was dropped: captured again
+    graphs.disable()
+
+
+def test_one_step_graphs_per_model() -> None:
+    pipe = make_dit_pipeline()
+    graphs = StepGraphs(pipe, capture=RerunCapture())
+    with pytest.raises(ValueError, match="already replays step graphs"):
+        StepGraphs(pipe, capture=RerunCapture())
+    graphs.disable()
+    StepGraphs(pipe, capture=RerunCapture()).disable()

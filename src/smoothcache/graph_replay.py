@@ -159,7 +159,7 @@ class StepGraphs:
     """Step graphs on one pipeline's model; ``disable()`` (or leaving a ``with`` block) removes them."""
 
     def __init__(self, pipe: Any, *, warmup_generations: int = 1, copy_outputs: bool = True,
-                 capture: Any = None) -> None:
+                 max_sets: int = 4, capture: Any = None) -> None:
         self.target = resolve_target(pipe)
         if self.target.pipeline is None or getattr(self.target.pipeline, "scheduler", None) is None:
             raise TypeError("step_graphs needs a diffusers pipeline with a scheduler: its timesteps mark each generation")
@@ -170,9 +170,11 @@ class StepGraphs:
                 "The model is compiled with CUDA graphs (mode='reduce-overhead'), which step_graphs replaces: "
                 "compile it without them (torch.compile(model), default mode), then call step_graphs"
             )
+        if max_sets < 1:
+            raise ValueError(f"max_sets must be >= 1, got {max_sets}")
         if warmup_generations < 1:
             raise ValueError(f"warmup_generations must be >= 1 (the first generation compiles), got {warmup_generations}")
-        self.warmup_generations, self.copy_outputs = warmup_generations, copy_outputs
+        self.warmup_generations, self.copy_outputs, self.max_sets = warmup_generations, copy_outputs, max_sets
         self.capture = capture if capture is not None else CudaCapture()
         self.stats = GraphStats()
         self._tracker = StepTracker(None, self.target.timesteps, None, scheduler_step_index(self.target))
@@ -181,7 +183,9 @@ class StepGraphs:
         self._fingerprint: tuple[Any, ...] | None = None
         self._mode = "plain"  # this generation: "plain", "capture" or "replay"
         self._first: Hashable | None = None  # this generation's first key: names its set of graphs
-        self._sets: dict[Hashable, list[Hashable]] = {}  # first key -> the keys captured with it
+        # first key -> the keys captured with it, least recently used first: each set holds a pool
+        # (a forward's working memory) and every step's inputs and outputs, so at most max_sets are kept
+        self._sets: dict[Hashable, list[Hashable]] = {}
         self._shadow: ShadowedForward | None = None
         self.enable()
 
@@ -191,7 +195,12 @@ class StepGraphs:
 
     def enable(self) -> Self:
         if self._shadow is None:
-            self._shadow = shadow_forward(self.target.model, self._forward(self.target.model.forward))
+            current = self.target.model.__dict__.get("forward")
+            if getattr(current, "_smoothcache_step_graphs", None) is not None:
+                raise ValueError("This model already replays step graphs: disable those first (graphs.disable())")
+            forward = self._forward(self.target.model.forward)
+            forward._smoothcache_step_graphs = self  # type: ignore[attr-defined]
+            self._shadow = shadow_forward(self.target.model, forward)
         return self
 
     def disable(self) -> None:
@@ -281,10 +290,13 @@ class StepGraphs:
         self._first = first
         if first is not None and first in self._graphs:
             self._mode = "replay"
+            self._sets[first] = self._sets.pop(first, [])  # the most recently used
         elif first is not None and self._seen.get(first, 0) >= self.warmup_generations:
             self._refuse_host_kept_outputs()
             self._mode = "capture"
             self._drop_set(first)
+            while len(self._sets) >= self.max_sets:
+                self._drop_set(next(iter(self._sets)))
             self._sets[first] = []
             new_pool = getattr(self.capture, "new_pool", None)
             if new_pool is not None:
@@ -358,13 +370,14 @@ def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from model.named_buffers(remove_duplicate=False)
 
 
-def step_graphs(pipe: Any, *, warmup_generations: int = 1, copy_outputs: bool = True) -> StepGraphs:
+def step_graphs(pipe: Any, *, warmup_generations: int = 1, copy_outputs: bool = True, max_sets: int = 4) -> StepGraphs:
     """Replay the pipeline's model calls from CUDA graphs captured once per step; returns the handle.
 
     Works cached (``smoothcache.cache``, before or after) or not, eager or compiled without CUDA
     graphs; outputs are the plain path's (the same kernels, replayed). The first
     ``warmup_generations`` generations run as they are (compiling), the next captures. A change of
-    shapes, arguments, parameters or caches is noticed and captured afresh.
+    parameters, hooks or caches is noticed and captured afresh; each signature (batch size,
+    resolution) gets its own set of graphs, of which the ``max_sets`` used last are kept.
 
     >>> graphs = smoothcache.step_graphs(pipe)                        # doctest: +SKIP
     >>> images = pipe(prompt, num_inference_steps=28).images          # doctest: +SKIP
@@ -373,4 +386,4 @@ def step_graphs(pipe: Any, *, warmup_generations: int = 1, copy_outputs: bool = 
     device = next((p.device for p in model.parameters()), None)
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
         raise ValueError(f"step_graphs replays CUDA graphs: the model must be on a CUDA device (it is on {device})")
-    return StepGraphs(pipe, warmup_generations=warmup_generations, copy_outputs=copy_outputs)
+    return StepGraphs(pipe, warmup_generations=warmup_generations, copy_outputs=copy_outputs, max_sets=max_sets)
