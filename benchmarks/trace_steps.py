@@ -7,6 +7,9 @@ prologue that gathers the graph's inputs, the CUDA graph launch, and the whole c
 the launch included; a compiled region inside another would be counted twice), and the host's time between one call's end and the next call's start (the pipeline's own
 work: guidance, the scheduler step, the progress bar). Medians are given per kind of step and per
 kind of step before it, because a step's cost can depend on what ran before it (the host's caches).
+Where the trace has the GPU's side (the same ranges on the device), each step also gets its span on
+the device, the kernels' time within it, and the GPU's idle time since the previous step's span
+ended: a step the host holds up shows idle time before it, or a span longer than its kernels.
 
     python benchmarks/trace_steps.py TRACE.json.gz [...] --out summary.json
 """
@@ -31,21 +34,42 @@ PARTS = {
     "compiled_region_us": "Torch-Compiled Region",
 }
 HOST_CATEGORIES = ("cpu_op", "cuda_runtime", "user_annotation", "python_function")
+DEVICE_RANGE, KERNEL = "gpu_user_annotation", "kernel"
 
 
 def load_events(path: Path) -> list[dict[str, Any]]:
-    """The complete ('X') host events of a Chrome trace, gzipped or not."""
+    """The complete ('X') events of a Chrome trace, gzipped or not: the host's, the device's step
+    ranges and its kernels."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as file:
         trace = json.load(file)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    return [e for e in events if e.get("ph") == "X" and e.get("cat") in HOST_CATEGORIES]
+    wanted = (*HOST_CATEGORIES, DEVICE_RANGE, KERNEL)
+    return [e for e in events if e.get("ph") == "X" and e.get("cat") in wanted]
+
+
+def device_spans(events: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per step name, its range on the device: span, kernel time inside it, idle time before it."""
+    ranges = sorted((e for e in events if e.get("cat") == DEVICE_RANGE and STEP_NAME.match(e.get("name", ""))),
+                    key=lambda e: e["ts"])
+    kernels = sorted((e for e in events if e.get("cat") == KERNEL), key=lambda e: e["ts"])
+    found: dict[str, dict[str, float | None]] = {}
+    previous_end: float | None = None
+    for span in ranges:
+        start, end = span["ts"], span["ts"] + span["dur"]
+        busy = sum(k["dur"] for k in kernels if start <= k["ts"] and k["ts"] + k["dur"] <= end)
+        found[span["name"]] = {"device_us": span["dur"], "kernel_us": busy,
+                               "idle_before_us": None if previous_end is None else max(0.0, start - previous_end)}
+        previous_end = end
+    return found
 
 
 def step_rows(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per named step, in order: its kind, the kind before it, its host time and parts, and
     the gap to the next step's start (None for the last)."""
-    steps = sorted((e for e in events if STEP_NAME.match(e.get("name", ""))), key=lambda e: e["ts"])
+    steps = sorted((e for e in events if e.get("cat") in HOST_CATEGORIES and STEP_NAME.match(e.get("name", ""))),
+                   key=lambda e: e["ts"])
+    on_device = device_spans(events)
     if not steps:
         return []
     thread = steps[0]["tid"]
@@ -60,6 +84,7 @@ def step_rows(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                                "call_us": step["dur"]}
         for key, prefix in PARTS.items():
             row[key] = sum(e["dur"] for e in inside if e["name"].startswith(prefix))
+        row.update(on_device.get(step["name"], {}))
         following = steps[index + 1] if index + 1 < len(steps) else None
         row["between_calls_us"] = None if following is None else following["ts"] - end
         rows.append(row)
@@ -71,7 +96,7 @@ def medians(rows: Iterable[dict[str, Any]]) -> dict[str, float | int | None]:
     """The median of every timed field over ``rows``, and how many there were."""
     rows = list(rows)
     found: dict[str, float | int | None] = {"steps": len(rows)}
-    for key in ("call_us", *PARTS, "between_calls_us"):
+    for key in ("call_us", *PARTS, "between_calls_us", "device_us", "kernel_us", "idle_before_us"):
         values = [r[key] for r in rows if r.get(key) is not None]
         found[key] = statistics.median(values) if values else None
     return found
@@ -98,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for summary in result["summaries"]:
         print(summary["trace_file"])
         for kind, found in summary["by_kind"].items():
-            parts = ", ".join(f"{key[:-3]} {found[key]:.0f}" for key in ("call_us", *PARTS, "between_calls_us")
+            parts = ", ".join(f"{key[:-3]} {found[key]:.0f}" for key in
+                              ("call_us", *PARTS, "between_calls_us", "device_us", "kernel_us", "idle_before_us")
                               if found[key] is not None)
             print(f"  {kind:9s} ({found['steps']} steps) median us: {parts}")
     return result

@@ -30,7 +30,10 @@ def synthetic_trace() -> list[dict]:
             event("cudaGraphLaunch", start + guard + 10, launch, cat="cuda_runtime"),
             event("aten::mul", start + call + 50, 30),  # the pipeline's own work, between calls
             event("cudaGraphLaunch", start + 5, 999, cat="cuda_runtime", tid=2),  # another thread: not counted
-            {"ph": "X", "name": "kernel", "ts": start, "dur": 10, "cat": "kernel", "tid": 7},  # device: not host
+            # the device: the step's range 50 us after the host's, and two kernels in it
+            event(f"step {step} {kind}", start + 50, call + 100, cat="gpu_user_annotation", tid=7),
+            event("kernel", start + 60, 40, cat="kernel", tid=7),
+            event("kernel", start + 120, 30, cat="kernel", tid=7),
         ]
     return events
 
@@ -45,6 +48,8 @@ def test_steps_are_split_and_summarised(tmp_path):
     assert (first["call_us"], first["guard_check_us"], first["graph_launch_us"]) == (600, 100, 300)
     assert first["compiled_region_us"] == 497 and first["prologue_us"] == 0
     assert (first["between_calls_us"], second["between_calls_us"], third["between_calls_us"]) == (400, 800, None)
+    assert (first["device_us"], first["kernel_us"], first["idle_before_us"]) == (700, 70, None)
+    assert second["idle_before_us"] == 1000 - 700 and second["device_us"] == 300
     computing = summary["by_kind"]["computing"]
     assert computing["steps"] == 2 and computing["call_us"] == 550 and computing["graph_launch_us"] == 275
     assert computing["between_calls_us"] == 400  # the last step has no following call
