@@ -210,3 +210,15 @@ def test_one_step_graphs_per_model() -> None:
         StepGraphs(pipe, capture=RerunCapture())
     graphs.disable()
     StepGraphs(pipe, capture=RerunCapture()).disable()
+
+
+def test_the_model_says_it_replays_step_graphs_while_they_are_attached() -> None:
+    """The cache's warning about kernels launched one by one under compile is not for a model
+    replayed from graphs: it asks runtime.compile.replays_step_graphs."""
+    from smoothcache.runtime.compile import replays_step_graphs
+
+    pipe = make_dit_pipeline()
+    graphs = StepGraphs(pipe, capture=RerunCapture())
+    assert replays_step_graphs(pipe.transformer)
+    graphs.disable()
+    assert not replays_step_graphs(pipe.transformer)

@@ -22,6 +22,7 @@ __all__ = [
     "cuda_graphs_anywhere",
     "cudagraph_step_mark",
     "launches_each_kernel",
+    "replays_step_graphs",
     "stream_barrier",
     "warn_if_past_recompile_limit",
 ]
@@ -75,11 +76,18 @@ def cuda_graphs_anywhere(model: nn.Module) -> bool:
     return bool(inductor_config is not None and inductor_config.triton.cudagraphs and compiled_anywhere(model))
 
 
+def replays_step_graphs(model: nn.Module) -> bool:
+    """Whether ``smoothcache.step_graphs`` replays ``model``'s calls from CUDA graphs (its forward says so)."""
+    return getattr(model.__dict__.get("forward"), "_smoothcache_step_graphs", None) is not None
+
+
 def launches_each_kernel(model: nn.Module) -> bool:
-    """Whether ``model`` runs compiled on a GPU without CUDA graphs: the host then launches every
-    kernel of a step, so work a reusing step leaves behind costs launch time even when tiny."""
+    """Whether ``model`` runs compiled on a GPU without CUDA graphs (torch's or step graphs): the host
+    then launches every kernel of a step, so work a reusing step leaves behind costs launch time even
+    when tiny."""
     device = next((p.device for p in model.parameters()), None)
-    return device is not None and device.type == "cuda" and compiled_anywhere(model) and not cuda_graphs_anywhere(model)
+    return (device is not None and device.type == "cuda" and compiled_anywhere(model)
+            and not cuda_graphs_anywhere(model) and not replays_step_graphs(model))
 
 
 def cudagraph_step_mark() -> int | None:
