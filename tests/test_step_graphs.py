@@ -17,6 +17,7 @@ from torch.utils import _pytree as pytree
 
 import smoothcache
 from smoothcache import Schedule
+from smoothcache.adapters import whole_block_components
 from smoothcache.errors import GraphCaptureError
 from smoothcache.graph_replay import StepGraphs, copy_inputs, static_inputs
 
@@ -222,3 +223,22 @@ def test_the_model_says_it_replays_step_graphs_while_they_are_attached() -> None
     assert replays_step_graphs(pipe.transformer)
     graphs.disable()
     assert not replays_step_graphs(pipe.transformer)
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_two_calls_a_step_and_a_scheduler_with_a_step_index(family: str) -> None:
+    """Flux with true CFG and Wan call the model twice a step (the slots key apart) and their
+    schedulers count steps by a step index; cached whole blocks, replayed generations are the cache's."""
+    from models import test_flux, test_wan
+    from models.conftest import STEPS as FAMILY_STEPS
+
+    module = {"flux": test_flux, "wan": test_wan}[family]
+    generate_family = test_flux.generate_true_cfg if family == "flux" else test_wan.generate
+    pipe = module.make_pipeline()
+    schedule = Schedule({key: (1, 0) * (FAMILY_STEPS // 2) for key in whole_block_components(pipe.transformer)})
+    with smoothcache.cache(pipe, schedule):
+        cached = generate_family(pipe)
+    with smoothcache.cache(pipe, schedule), StepGraphs(pipe, capture=RerunCapture()) as graphs:
+        outputs = [generate_family(pipe) for _ in range(3)]
+        assert graphs.graphs == 2 * FAMILY_STEPS and graphs.stats.replayed == 2 * FAMILY_STEPS
+    assert all(torch.equal(output, cached) for output in outputs)
