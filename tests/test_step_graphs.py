@@ -138,7 +138,8 @@ def test_a_generation_that_meets_an_uncaptured_call_runs_the_rest_as_it_is_and_t
         cached = generate(pipe)
     with smoothcache.cache(pipe, schedule), StepGraphs(pipe, capture=RerunCapture()) as graphs:
         outputs = [generate(pipe) for _ in range(2)]
-        del graphs._graphs[next(key for key in graphs._graphs if key[0] == 5)]  # as if step 5 had not been captured
+        (graph_set,) = graphs._sets.values()
+        del graph_set[next(key for key in graph_set if key[0] == 5)]  # as if step 5 had not been captured
         outputs.append(generate(pipe))  # replays steps 0-4, runs 5-9 as they are
         assert graphs.stats.incomplete == 1 and graphs.stats.replayed == 5 and graphs.graphs == 0
         outputs += [generate(pipe) for _ in range(2)]  # captured again, then replayed whole
@@ -242,3 +243,52 @@ def test_two_calls_a_step_and_a_scheduler_with_a_step_index(family: str) -> None
         outputs = [generate_family(pipe) for _ in range(3)]
         assert graphs.graphs == 2 * FAMILY_STEPS and graphs.stats.replayed == 2 * FAMILY_STEPS
     assert all(torch.equal(output, cached) for output in outputs)
+
+
+def test_each_step_count_keeps_its_own_set() -> None:
+    """Generations of 10 and 8 steps begin with the same call; each set replays only its own graphs."""
+    pipe = make_dit_pipeline()
+    plain = {steps: generate(pipe, steps=steps) for steps in (STEPS, 8)}
+    graphs = StepGraphs(pipe, capture=RerunCapture())
+    for _ in range(3):
+        for steps in (STEPS, 8):
+            assert torch.equal(generate(pipe, steps=steps), plain[steps])
+    assert len(graphs._sets) == 2 and graphs.graphs == STEPS + 8
+    # the 8-step generation's calls were warmed up by the 10-step one's first 8: it captured first
+    assert graphs.stats.plain == STEPS and graphs.stats.replayed == STEPS + 2 * 8 and graphs.stats.incomplete == 0
+    graphs.disable()
+
+
+def test_keys_tell_a_tensor_passed_twice_from_two_tensors_and_skip_objects() -> None:
+    pipe = make_dit_pipeline()
+    graphs = StepGraphs(pipe, capture=RerunCapture())
+    a, b = torch.ones(3), torch.ones(3)
+    twice, two = (pytree.tree_flatten(((a, a), {})), pytree.tree_flatten(((a, b), {})))
+    assert graphs._key(0, 0, *twice) != graphs._key(0, 0, *two)
+    assert graphs._key(0, 0, *pytree.tree_flatten(((a, object()), {}))) is None  # may hold tensors: runs as it is
+    assert graphs._key(0, 0, *pytree.tree_flatten(((a, 2, None, "x", torch.float16), {}))) is not None
+    graphs.disable()
+
+
+def test_work_the_cache_leaves_between_calls_cannot_be_captured(monkeypatch) -> None:
+    pipe = make_dit_pipeline()
+    handle = smoothcache.cache(pipe, Schedule.fixed_interval(["block"], STEPS, 2))
+    monkeypatch.setattr(handle, "works_between_calls", lambda: True)  # as SD3's skip-layer guidance leaves a run open
+    graphs = StepGraphs(pipe, capture=RerunCapture())
+    generate(pipe)
+    with pytest.raises(GraphCaptureError, match="next call's start"):
+        generate(pipe)
+    assert graphs.graphs == 0 and "forward" not in vars(pipe.transformer)
+    handle.disable()
+
+
+def test_a_model_compiled_after_attaching_runs_its_calls_through_the_graphs_eagerly() -> None:
+    pipe = make_dit_pipeline()
+    plain = generate(pipe)
+    graphs = StepGraphs(pipe, capture=RerunCapture())
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager")
+    outputs = [generate(pipe) for _ in range(3)]
+    assert graphs.stats.replayed == STEPS and all(torch.equal(output, plain) for output in outputs)
+    pipe.transformer = pipe.transformer._orig_mod
+    graphs.disable()
+    torch._dynamo.reset()

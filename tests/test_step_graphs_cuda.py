@@ -67,3 +67,34 @@ def test_with_prefetched_timesteps() -> None:
         assert graphs.stats.replayed == STEPS
     assert all(torch.equal(output, plain) for output in outputs)
     cached.disable()
+
+
+def test_two_step_counts_alternating_with_one_set_kept() -> None:
+    """With room for one set, each generation drops the other's graphs and captures its own: every
+    output is still the plain one, bit for bit (with copy_outputs=False too)."""
+    pipe = cuda_pipeline()
+
+    def run(steps: int) -> torch.Tensor:
+        return pipe(class_labels=[1, 2], num_inference_steps=steps, generator=torch.Generator("cuda").manual_seed(0),
+                    output_type="pt").images.float().cpu()
+
+    plain = {steps: run(steps) for steps in (STEPS, STEPS - 2)}
+    with smoothcache.step_graphs(pipe, max_sets=1, copy_outputs=False) as graphs:
+        for _ in range(3):
+            for steps in (STEPS, STEPS - 2):
+                assert torch.equal(run(steps), plain[steps])
+        assert len(graphs._sets) == 1 and graphs.stats.captured >= 4 * STEPS - 4
+
+
+def test_a_forward_that_waits_for_the_gpu_cannot_be_captured() -> None:
+    pipe = cuda_pipeline()
+    hook = pipe.transformer.transformer_blocks[0].register_forward_hook(lambda _m, _a, out: float(out.sum()))
+    try:
+        graphs = smoothcache.step_graphs(pipe)
+        latents(pipe)
+        with pytest.raises(smoothcache.GraphCaptureError):
+            latents(pipe)
+        assert graphs.graphs == 0 and "forward" not in vars(pipe.transformer)
+        latents(pipe)  # the next generation runs without graphs
+    finally:
+        hook.remove()

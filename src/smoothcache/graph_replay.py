@@ -27,7 +27,11 @@ it and runs the rest as it is (the cache forgot its kept outputs at the generati
 computes afresh); the next generation captures the whole set again. A capture that fails leaves
 the model's Python state (the cache's kept outputs) unknown mid-generation: step graphs then
 detach and raise :class:`~smoothcache.errors.GraphCaptureError`, and the next ``pipe(...)`` runs
-without them. Each signature (batch size, resolution) keeps its own set of graphs and pool.
+without them. Each generation's set of graphs (named by its first call and its step count) has
+its own pool and is looked up alone; the ``max_sets`` used last are kept. Calls whose arguments
+cannot be captured (a tensor off the GPU, a tensor subclass, an object that is not a plain value)
+run as they are. The wrapper is kept out of dynamo: a model compiled after step graphs attach runs
+its calls through them eagerly rather than tracing the capture.
 """
 
 from __future__ import annotations
@@ -66,47 +70,59 @@ Capture = Callable[[Callable[..., Any], list[Any], Any, Any], tuple[Replay, Any]
 
 
 class CudaCapture:
-    """Captures calls as CUDA graphs on one side stream; each capture generation has its own pool."""
+    """Captures calls as CUDA graphs on one side stream of the model's device; each capture
+    generation has its own pool."""
 
-    def __init__(self) -> None:
-        self.stream = torch.cuda.Stream()
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
         self.pool: Any = None
 
     def new_pool(self) -> None:
-        self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.device(self.device):
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # what the allocator holds unused can go to the new pool
+            self.pool = torch.cuda.graph_pool_handle()
 
     def run_plain(self, call: Callable[[], Any]) -> Any:
         """A warm-up call, on the stream captures use (as torch's CUDA graph notes advise)."""
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            output = call()
-        torch.cuda.current_stream().wait_stream(self.stream)
+        with torch.cuda.device(self.device):
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                output = call()
+            torch.cuda.current_stream().wait_stream(self.stream)
         return output
 
     def __call__(self, forward: Callable[..., Any], leaves: list[Any], spec: Any, _: Any) -> tuple[Replay, Any]:
         static = static_inputs(leaves)
         args, kwargs = pytree.tree_unflatten(static, spec)
         graph = torch.cuda.CUDAGraph()
-        # capture_begin/end rather than torch.cuda.graph(), which collects garbage and empties the
-        # allocator's cache at every capture: one generation captures every step
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            graph.capture_begin(pool=self.pool)
-            try:
-                output = forward(*args, **kwargs)
-            except BaseException:
-                with contextlib.suppress(Exception):  # the call's own error is the one to report
-                    graph.capture_end()
-                raise
-            graph.capture_end()
-        torch.cuda.current_stream().wait_stream(self.stream)
+        with torch.cuda.device(self.device):
+            # capture_begin/end rather than torch.cuda.graph(), which collects garbage and empties
+            # the allocator's cache at every capture (one generation captures every step). cuBLAS's
+            # workspace is cleared around the capture, as cudagraph trees do: a graph must not bake
+            # in a workspace that another user of CUDA graphs in the process frees.
+            torch._C._cuda_clearCublasWorkspaces()
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                try:
+                    output = forward(*args, **kwargs)
+                except BaseException:
+                    with contextlib.suppress(Exception):  # the call's own error is the one to report
+                        graph.capture_end()
+                    raise
+                graph.capture_end()
+            torch.cuda.current_stream().wait_stream(self.stream)
+            torch._C._cuda_clearCublasWorkspaces()
 
         def replay(fresh: list[Any]) -> Any:
             copy_inputs(static, fresh)
             graph.replay()
             return output
 
-        return replay, replay(leaves)
+        with torch.cuda.device(self.device):
+            return replay, replay(leaves)
 
 
 def _distinct(tensor: torch.Tensor) -> torch.Tensor:
@@ -129,6 +145,7 @@ def static_inputs(leaves: list[Any]) -> list[Any]:
         if id(leaf) not in made:
             target = torch.empty_strided(leaf.shape, leaf.stride(), dtype=leaf.dtype, device=leaf.device)
             _distinct(target).copy_(_distinct(leaf))
+            target.requires_grad_(leaf.requires_grad)  # dynamo guards on it
             made[id(leaf)] = target
         static.append(made[id(leaf)])
     return static
@@ -139,7 +156,10 @@ def copy_inputs(static: list[Any], fresh: list[Any]) -> None:
     done: set[int] = set()
     for target, given in zip(static, fresh, strict=True):
         if isinstance(target, torch.Tensor) and target is not given and id(target) not in done:
-            _distinct(target).copy_(_distinct(given))
+            if 0 in given.stride():
+                _distinct(target).copy_(_distinct(given))
+            else:
+                target.detach().copy_(given)
             done.add(id(target))
 
 
@@ -153,6 +173,11 @@ class GraphStats:
     invalidated: int = 0
     incomplete: int = 0  # generations that met an uncaptured call after replaying (their set is captured again)
     capture_error: str | None = None
+
+
+# non-tensor arguments a key holds by value; any other object (which may hold tensors a graph would
+# bake in) makes its call run as it is
+_VALUE_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.memory_format)
 
 
 class StepGraphs:
@@ -175,30 +200,34 @@ class StepGraphs:
         if warmup_generations < 1:
             raise ValueError(f"warmup_generations must be >= 1 (the first generation compiles), got {warmup_generations}")
         self.warmup_generations, self.copy_outputs, self.max_sets = warmup_generations, copy_outputs, max_sets
-        self.capture = capture if capture is not None else CudaCapture()
+        if capture is None:
+            capture = CudaCapture(next(p.device for p in self.target.model.parameters()))
+        self.capture = capture
         self.stats = GraphStats()
         self._tracker = StepTracker(None, self.target.timesteps, None, scheduler_step_index(self.target))
-        self._graphs: dict[Hashable, Replay] = {}
         self._seen: dict[Hashable, int] = {}  # plain runs of each key, towards its warm-up
         self._fingerprint: tuple[Any, ...] | None = None
         self._mode = "plain"  # this generation: "plain", "capture" or "replay"
-        self._first: Hashable | None = None  # this generation's first key: names its set of graphs
-        # first key -> the keys captured with it, least recently used first: each set holds a pool
-        # (a forward's working memory) and every step's inputs and outputs, so at most max_sets are kept
-        self._sets: dict[Hashable, list[Hashable]] = {}
+        self._name: Hashable | None = None  # this generation's set: its first key and step count
+        # Each generation's graphs: one set per name, least recently used first. A set holds a pool
+        # (a forward's working memory) and every step's inputs and outputs, so at most max_sets are
+        # kept; a generation looks up only its own set (another set's graphs read other kept outputs)
+        self._sets: dict[Hashable, dict[Hashable, Replay]] = {}
         self._shadow: ShadowedForward | None = None
         self.enable()
 
     @property
     def graphs(self) -> int:
-        return len(self._graphs)
+        return sum(len(graphs) for graphs in self._sets.values())
 
     def enable(self) -> Self:
         if self._shadow is None:
             current = self.target.model.__dict__.get("forward")
             if getattr(current, "_smoothcache_step_graphs", None) is not None:
                 raise ValueError("This model already replays step graphs: disable those first (graphs.disable())")
-            forward = self._forward(self.target.model.forward)
+            # kept out of dynamo: a model compiled after this (or in place, model.compile()) then runs
+            # its calls through here eagerly instead of tracing the capture and the replays
+            forward = torch.compiler.disable(self._forward(self.target.model.forward))
             forward._smoothcache_step_graphs = self  # type: ignore[attr-defined]
             self._shadow = shadow_forward(self.target.model, forward)
         return self
@@ -220,14 +249,8 @@ class StepGraphs:
         self._mode = "plain"
 
     def _forget_graphs(self) -> None:
-        self._graphs.clear()
         self._sets.clear()
         self._seen.clear()
-
-    def _drop_set(self, first: Hashable | None) -> None:
-        """Forget the graphs captured with ``first`` (their pool goes with them)."""
-        for key in self._sets.pop(first, []):
-            self._graphs.pop(key, None)
 
     def __enter__(self) -> Self:
         return self.enable()
@@ -244,7 +267,7 @@ class StepGraphs:
             if new_generation:
                 self._start_generation(key)
             if self._mode == "replay":
-                replay = self._graphs.get(key) if key is not None else None
+                replay = self._sets[self._name].get(key) if key is not None else None
                 if replay is not None:
                     self.stats.replayed += 1
                     return self._out(replay(leaves))
@@ -252,7 +275,7 @@ class StepGraphs:
                 # kept outputs at this generation's start, so plain calls from here on compute
                 # afresh. The set is incomplete: the next generation captures it again.
                 self.stats.incomplete += 1
-                self._drop_set(self._first)
+                self._sets.pop(self._name, None)
                 self._mode = "plain"
             if key is not None and self._mode == "capture" and self._seen.get(key, 0) >= self.warmup_generations:
                 return self._out(self._captured(original, key, leaves, spec))
@@ -267,37 +290,43 @@ class StepGraphs:
         return forward
 
     def _key(self, step: int, slot: int, leaves: list[Any], spec: pytree.TreeSpec) -> Hashable | None:
-        """The call's place and signature; None where an argument cannot be part of a key."""
+        """The call's place and signature: each tensor's layout and which earlier argument it is (a
+        tensor passed twice is one captured input), each other argument's value, and the modes the
+        kernels depend on. None, so the call runs as it is, where an argument cannot be captured: a
+        tensor off the GPU (read on the host at launch), a tensor subclass, an object not a plain value."""
         signature: list[Hashable] = []
-        for leaf in leaves:
+        first_seen: dict[int, int] = {}
+        for position, leaf in enumerate(leaves):
             if isinstance(leaf, torch.Tensor):
-                signature.append((tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device, leaf.requires_grad))
-            else:
-                try:
-                    hash(leaf)
-                except TypeError:
+                if type(leaf) is not torch.Tensor or leaf.device.type != "cuda" and not _captures_anywhere(self.capture):
                     return None
+                same = first_seen.setdefault(id(leaf), position)
+                signature.append((tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device, leaf.requires_grad, same))
+            elif isinstance(leaf, _VALUE_TYPES):
                 signature.append((type(leaf), leaf))
-        return (step, slot, spec, tuple(signature), torch.is_grad_enabled())
+            else:
+                return None
+        modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"))
+        return (step, slot, spec, tuple(signature), modes)
 
     def _start_generation(self, first: Hashable | None) -> None:
         fingerprint = model_fingerprint(self.target.model)
-        if self._fingerprint is not None and fingerprint != self._fingerprint and (self._graphs or self._seen):
-            logger.info("The model changed (parameters, buffers or forwards): its step graphs are captured again")
+        if self._fingerprint is not None and fingerprint != self._fingerprint and (self._sets or self._seen):
+            logger.info("The model changed (parameters, buffers, hooks or forwards): its step graphs are captured again")
             self.stats.invalidated += 1
             self._forget_graphs()
         self._fingerprint = fingerprint
-        self._first = first
-        if first is not None and first in self._graphs:
+        timesteps = self.target.timesteps()
+        self._name = None if first is None else (first, None if timesteps is None else len(timesteps))
+        if self._name is not None and self._name in self._sets:
             self._mode = "replay"
-            self._sets[first] = self._sets.pop(first, [])  # the most recently used
+            self._sets[self._name] = self._sets.pop(self._name)  # the most recently used
         elif first is not None and self._seen.get(first, 0) >= self.warmup_generations:
             self._refuse_host_kept_outputs()
             self._mode = "capture"
-            self._drop_set(first)
             while len(self._sets) >= self.max_sets:
-                self._drop_set(next(iter(self._sets)))
-            self._sets[first] = []
+                self._sets.pop(next(iter(self._sets)))
+            self._sets[self._name] = {}
             new_pool = getattr(self.capture, "new_pool", None)
             if new_pool is not None:
                 new_pool()  # graphs of one generation share a pool, replayed in the order captured
@@ -307,9 +336,12 @@ class StepGraphs:
     def _captured(self, original: Callable[..., Any], key: Hashable, leaves: list[Any], spec: Any) -> Any:
         """Capture the call and return its outputs. Where it cannot be captured the model's Python
         ran part way (the cache's kept outputs are unknown), so the generation cannot go on: detach
-        and say so."""
+        and say so. Likewise where the cache left GPU work for the next call's start (a chained run
+        left open), which no graph of a call would hold."""
         try:
             replay, output = self.capture(original, leaves, spec, key)
+            if getattr(holder(self.target.model), "works_between_calls", lambda: False)():
+                raise RuntimeError("the cache closes a run of whole blocks at the next call's start, outside any call")
         except Exception as error:
             self.stats.capture_error = f"{type(error).__name__}: {error}"[:500]
             self.disable()
@@ -319,8 +351,7 @@ class StepGraphs:
                 "the next pipe(...) runs without them. A model whose forward waits for the GPU (.item(), "
                 "a host copy) or changes shape from call to call cannot be replayed from graphs"
             ) from error
-        self._graphs[key] = replay
-        self._sets.setdefault(self._first, []).append(key)
+        self._sets[self._name][key] = replay
         self.stats.captured += 1
         return output
 
@@ -341,11 +372,17 @@ class StepGraphs:
         return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, output)
 
 
+def _captures_anywhere(capture: Any) -> bool:
+    """Whether ``capture`` takes tensors on any device (a stand-in for tests), not only the GPU's."""
+    return not isinstance(capture, CudaCapture)
+
+
 def model_fingerprint(model: nn.Module) -> tuple[Any, ...]:
-    """What a captured graph baked in: each parameter's and buffer's storage, shape and dtype, and
-    which modules run a replaced ``forward`` (a cache attaches by replacing them)."""
+    """What a captured graph baked in: each parameter's and buffer's tensor (its identity too: a
+    quantized weight's data pointer says nothing), storage, shape and dtype, and each module's
+    Python state that its kernels depend on."""
     tensors = tuple(
-        (name, t.data_ptr(), tuple(t.shape), t.dtype)
+        (name, id(t), t.data_ptr(), tuple(t.shape), t.dtype)
         for name, t in _named_tensors(model)
     )
     modules = tuple((name, *_module_state(m)) for name, m in model.named_modules())
@@ -353,14 +390,15 @@ def model_fingerprint(model: nn.Module) -> tuple[Any, ...]:
 
 
 def _module_state(module: nn.Module) -> tuple[Any, ...]:
-    """A module's Python state that its kernels depend on: a replaced forward, training mode, hooks,
-    the attention processor, and peft's adapter switches and scales."""
-    scaling = getattr(module, "scaling", None)
+    """A replaced forward, training mode, hooks, the attention processor, and peft's adapter switches
+    and scales (read from the instance's own attributes: a missing one through ``nn.Module`` costs)."""
+    own = vars(module)
+    scaling = own.get("scaling")
     return (
-        id(module.__dict__.get("forward")), module.training,
+        id(own.get("forward")), module.training,
         tuple(module._forward_pre_hooks), tuple(module._forward_hooks),
-        id(getattr(module, "processor", None)),
-        repr(getattr(module, "_active_adapter", None)), getattr(module, "_disable_adapters", None),
+        id(own.get("processor")),
+        repr(own.get("_active_adapter")), own.get("_disable_adapters"),
         tuple(sorted(scaling.items())) if isinstance(scaling, dict) else None,
     )
 

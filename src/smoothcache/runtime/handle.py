@@ -269,6 +269,11 @@ class CacheHandle:
         self._decisions = []
         self._tracker.reset()
 
+    def works_between_calls(self) -> bool:
+        """Whether the last model call left a chained run open, which the next call's start closes
+        on the GPU, outside the model's forward (graphs captured per call would miss that work)."""
+        return any(chain.open for chain in self._chains.values())
+
     def reset(self) -> None:
         """Start over at step 0 on the next call (e.g. after an interrupted generation)."""
         self._forget_generation()

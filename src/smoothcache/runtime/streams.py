@@ -221,6 +221,11 @@ class BlockChain:
             self.end_call()
         return entry
 
+    @property
+    def open(self) -> bool:
+        """Whether a run is open: the next model call's start closes it (GPU work outside any call)."""
+        return self._start is not None
+
     def end_call(self) -> None:
         """Close the open run in the slot that opened it: at the list's last block, or where a model
         call ended before it (SD3's skip-layer guidance skipping the last block; a list called in
