@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import STEPS, generate, make_dit_pipeline
+from torch._dynamo.utils import counters
 from torch.utils import _pytree as pytree
 
 import smoothcache
@@ -36,14 +37,12 @@ class RerunCapture:
     def __call__(self, forward, leaves: list[Any], spec: Any, key: Any):
         if self.fail_at_step is not None and key[0] == self.fail_at_step:
             raise RuntimeError("operation not permitted when stream is capturing")
-        static = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        static = static_inputs(leaves)  # as the CUDA capture makes them
         args, kwargs = pytree.tree_unflatten(static, spec)
 
         def replay(fresh: list[Any]) -> Any:
             self.replays += 1
-            for target, given in zip(static, fresh, strict=True):
-                if isinstance(target, torch.Tensor):
-                    target.copy_(given)
+            copy_inputs(static, fresh)
             return forward(*args, **kwargs)
 
         return replay, replay(leaves)
@@ -287,8 +286,26 @@ def test_a_model_compiled_after_attaching_runs_its_calls_through_the_graphs_eage
     plain = generate(pipe)
     graphs = StepGraphs(pipe, capture=RerunCapture())
     pipe.transformer = torch.compile(pipe.transformer, backend="eager")
+    traced = counters["frames"]["total"]
     outputs = [generate(pipe) for _ in range(3)]
     assert graphs.stats.replayed == STEPS and all(torch.equal(output, plain) for output in outputs)
+    assert counters["frames"]["total"] == traced  # nothing traced: the wrapper runs the calls eagerly
     pipe.transformer = pipe.transformer._orig_mod
+    graphs.disable()
+    torch._dynamo.reset()
+
+
+def test_compiled_first_the_captures_compile_nothing_again() -> None:
+    """Captured inputs are laid out as the warm-up's (the expanded timestep included): dynamo's
+    guards hold, so the capture and replays add no graph (dynamo only, on the CPU)."""
+    torch._dynamo.reset()
+    pipe = make_dit_pipeline()
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager")
+    graphs = StepGraphs(pipe, capture=RerunCapture())
+    generate(pipe)
+    compiled = counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        generate(pipe)
+    assert counters["stats"]["unique_graphs"] == compiled and graphs.stats.replayed == 2 * STEPS
     graphs.disable()
     torch._dynamo.reset()
