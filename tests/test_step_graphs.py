@@ -281,13 +281,15 @@ def test_work_the_cache_leaves_between_calls_cannot_be_captured(monkeypatch) -> 
     handle.disable()
 
 
-def test_a_model_compiled_after_attaching_runs_its_calls_through_the_graphs_eagerly() -> None:
+def test_a_model_compiled_after_attaching_runs_its_calls_through_the_graphs_eagerly_and_says_so(caplog) -> None:
     pipe = make_dit_pipeline()
     plain = generate(pipe)
     graphs = StepGraphs(pipe, capture=RerunCapture())
     pipe.transformer = torch.compile(pipe.transformer, backend="eager")
     traced = counters["frames"]["total"]
-    outputs = [generate(pipe) for _ in range(3)]
+    with caplog.at_level("WARNING", logger="smoothcache.graph_replay"):
+        outputs = [generate(pipe) for _ in range(3)]
+    assert caplog.text.count("compiled after step_graphs attached") == 1
     assert graphs.stats.replayed == STEPS and all(torch.equal(output, plain) for output in outputs)
     assert counters["frames"]["total"] == traced  # nothing traced: the wrapper runs the calls eagerly
     pipe.transformer = pipe.transformer._orig_mod
@@ -309,3 +311,38 @@ def test_compiled_first_the_captures_compile_nothing_again() -> None:
     assert counters["stats"]["unique_graphs"] == compiled and graphs.stats.replayed == 2 * STEPS
     graphs.disable()
     torch._dynamo.reset()
+
+
+def test_a_model_compiled_in_place_is_refused() -> None:
+    pipe = make_dit_pipeline()
+    pipe.transformer.compile(backend="eager")
+    with pytest.raises(ValueError, match="compiled in place"):
+        StepGraphs(pipe, capture=RerunCapture())
+    torch._dynamo.reset()
+
+
+def test_a_fused_adapter_and_a_new_attention_backend_are_noticed() -> None:
+    """peft's merge adds to the weights in place (same tensors); a backend switch keeps the processor."""
+    pipe = make_dit_pipeline()
+    graphs = StepGraphs(pipe, capture=RerunCapture())
+    for _ in range(2):
+        generate(pipe)
+    block = pipe.transformer.transformer_blocks[0]
+    block.ff.net[2].merged_adapters = ["style"]
+    generate(pipe)
+    assert graphs.stats.invalidated == 1
+    block.attn1.processor._attention_backend = "flash"
+    generate(pipe)
+    assert graphs.stats.invalidated == 2
+    graphs.disable()
+
+
+def test_inputs_that_need_gradients_run_as_they_are_while_grad_is_on() -> None:
+    pipe = make_dit_pipeline()
+    graphs = StepGraphs(pipe, capture=RerunCapture())
+    weights = torch.ones(3, requires_grad=True)
+    leaves = pytree.tree_flatten(((weights,), {}))
+    assert graphs._key(0, 0, *leaves) is None
+    with torch.no_grad():
+        assert graphs._key(0, 0, *leaves) is not None
+    graphs.disable()

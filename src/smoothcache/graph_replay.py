@@ -138,6 +138,12 @@ def static_inputs(leaves: list[Any]) -> list[Any]:
     capture); a tensor passed twice stays one tensor."""
     made: dict[int, torch.Tensor] = {}
     static: list[Any] = []
+    with torch.no_grad():
+        _fill_static(leaves, made, static)
+    return static
+
+
+def _fill_static(leaves: list[Any], made: dict[int, torch.Tensor], static: list[Any]) -> None:
     for leaf in leaves:
         if not isinstance(leaf, torch.Tensor):
             static.append(leaf)
@@ -148,7 +154,6 @@ def static_inputs(leaves: list[Any]) -> list[Any]:
             target.requires_grad_(leaf.requires_grad)  # dynamo guards on it
             made[id(leaf)] = target
         static.append(made[id(leaf)])
-    return static
 
 
 def copy_inputs(static: list[Any], fresh: list[Any]) -> None:
@@ -195,6 +200,11 @@ class StepGraphs:
                 "The model is compiled with CUDA graphs (mode='reduce-overhead'), which step_graphs replaces: "
                 "compile it without them (torch.compile(model), default mode), then call step_graphs"
             )
+        if getattr(self.target.model, "_compiled_call_impl", None) is not None:
+            raise ValueError(
+                "The model was compiled in place (model.compile()), which step graphs would run eagerly: compile it "
+                "as a wrapper (pipe.transformer = torch.compile(pipe.transformer)) before calling step_graphs"
+            )
         if max_sets < 1:
             raise ValueError(f"max_sets must be >= 1, got {max_sets}")
         if warmup_generations < 1:
@@ -214,6 +224,7 @@ class StepGraphs:
         # kept; a generation looks up only its own set (another set's graphs read other kept outputs)
         self._sets: dict[Hashable, dict[Hashable, Replay]] = {}
         self._shadow: ShadowedForward | None = None
+        self._warned_wrapped = False
         self.enable()
 
     @property
@@ -280,6 +291,7 @@ class StepGraphs:
             if key is not None and self._mode == "capture" and self._seen.get(key, 0) >= self.warmup_generations:
                 return self._out(self._captured(original, key, leaves, spec))
             if self._mode == "capture":  # a call not warmed up: later captures would read its plain state
+                self._sets.pop(self._name, None)  # and a partial set would only be replayed up to here
                 self._mode = "plain"
             self.stats.plain += 1
             if key is not None:
@@ -296,9 +308,12 @@ class StepGraphs:
         tensor off the GPU (read on the host at launch), a tensor subclass, an object not a plain value."""
         signature: list[Hashable] = []
         first_seen: dict[int, int] = {}
+        grad = torch.is_grad_enabled()
         for position, leaf in enumerate(leaves):
             if isinstance(leaf, torch.Tensor):
                 if type(leaf) is not torch.Tensor or leaf.device.type != "cuda" and not _captures_anywhere(self.capture):
+                    return None
+                if grad and leaf.requires_grad:  # a replay's output would hang off the capture's autograd graph
                     return None
                 same = first_seen.setdefault(id(leaf), position)
                 signature.append((tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device, leaf.requires_grad, same))
@@ -306,10 +321,12 @@ class StepGraphs:
                 signature.append((type(leaf), leaf))
             else:
                 return None
-        modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"))
+        autocast = torch.is_autocast_enabled("cuda")
+        modes = (grad, torch.is_inference_mode_enabled(), autocast, torch.get_autocast_dtype("cuda") if autocast else None)
         return (step, slot, spec, tuple(signature), modes)
 
     def _start_generation(self, first: Hashable | None) -> None:
+        self._check_compile_order()
         fingerprint = model_fingerprint(self.target.model)
         if self._fingerprint is not None and fingerprint != self._fingerprint and (self._sets or self._seen):
             logger.info("The model changed (parameters, buffers, hooks or forwards): its step graphs are captured again")
@@ -355,6 +372,26 @@ class StepGraphs:
         self.stats.captured += 1
         return output
 
+    def _check_compile_order(self) -> None:
+        """The wrapper is kept out of dynamo, so compiling must come first and as a wrapper: a model
+        compiled in place (``model.compile()``) is refused; one wrapped after attaching runs eagerly,
+        which is said once."""
+        model = self.target.model
+        if getattr(model, "_compiled_call_impl", None) is not None:
+            self.disable()
+            raise ValueError(
+                "The model was compiled in place (model.compile()), which step graphs would run eagerly: compile it "
+                "as a wrapper (pipe.transformer = torch.compile(pipe.transformer)) before calling step_graphs"
+            )
+        called = getattr(self.target.pipeline, "transformer", model)
+        if called is not model and getattr(called, "_orig_mod", None) is model and not self._warned_wrapped:
+            self._warned_wrapped = True
+            logger.warning(
+                "The transformer was compiled after step_graphs attached: its calls go through step graphs eagerly, "
+                "uncompiled. Disable step graphs, compile (pipe.transformer = torch.compile(pipe.transformer)), then "
+                "call smoothcache.step_graphs(pipe)"
+            )
+
     def _refuse_host_kept_outputs(self) -> None:
         """A cache keeping its outputs on the host copies them outside the graphs' memory: refused."""
         handle = holder(self.target.model)
@@ -390,15 +427,17 @@ def model_fingerprint(model: nn.Module) -> tuple[Any, ...]:
 
 
 def _module_state(module: nn.Module) -> tuple[Any, ...]:
-    """A replaced forward, training mode, hooks, the attention processor, and peft's adapter switches
-    and scales (read from the instance's own attributes: a missing one through ``nn.Module`` costs)."""
+    """A replaced forward, training mode, hooks, the attention processor and its backend, and peft's
+    adapter switches, merges (``fuse_lora`` adds to the weights in place) and scales (read from the
+    instance's own attributes: a missing one through ``nn.Module`` costs)."""
     own = vars(module)
     scaling = own.get("scaling")
+    processor = own.get("processor", module._modules.get("processor"))
     return (
         id(own.get("forward")), module.training,
         tuple(module._forward_pre_hooks), tuple(module._forward_hooks),
-        id(own.get("processor")),
-        repr(own.get("_active_adapter")), own.get("_disable_adapters"),
+        id(processor), repr(getattr(processor, "_attention_backend", None)),
+        repr(own.get("_active_adapter")), own.get("_disable_adapters"), tuple(own.get("merged_adapters", ())),
         tuple(sorted(scaling.items())) if isinstance(scaling, dict) else None,
     )
 
