@@ -66,12 +66,11 @@ class Replay(Protocol):
     def __call__(self, leaves: list[Any]) -> Any: ...
 
 
-Capture = Callable[[Callable[..., Any], list[Any], Any, Any], tuple[Replay, Any]]
-
-
 class CudaCapture:
     """Captures calls as CUDA graphs on one side stream of the model's device; each capture
     generation has its own pool."""
+
+    device_types = ("cuda",)  # the devices whose tensors it can take as captured inputs
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -200,11 +199,7 @@ class StepGraphs:
                 "The model is compiled with CUDA graphs (mode='reduce-overhead'), which step_graphs replaces: "
                 "compile it without them (torch.compile(model), default mode), then call step_graphs"
             )
-        if getattr(self.target.model, "_compiled_call_impl", None) is not None:
-            raise ValueError(
-                "The model was compiled in place (model.compile()), which step graphs would run eagerly: compile it "
-                "as a wrapper (pipe.transformer = torch.compile(pipe.transformer)) before calling step_graphs"
-            )
+        _refuse_compiled_in_place(self.target.model)
         if max_sets < 1:
             raise ValueError(f"max_sets must be >= 1, got {max_sets}")
         if warmup_generations < 1:
@@ -213,6 +208,7 @@ class StepGraphs:
         if capture is None:
             capture = CudaCapture(next(p.device for p in self.target.model.parameters()))
         self.capture = capture
+        self._device_types: tuple[str, ...] | None = getattr(capture, "device_types", None)  # None: any
         self.stats = GraphStats()
         self._tracker = StepTracker(None, self.target.timesteps, None, scheduler_step_index(self.target))
         self._seen: dict[Hashable, int] = {}  # plain runs of each key, towards its warm-up
@@ -311,7 +307,8 @@ class StepGraphs:
         grad = torch.is_grad_enabled()
         for position, leaf in enumerate(leaves):
             if isinstance(leaf, torch.Tensor):
-                if type(leaf) is not torch.Tensor or leaf.device.type != "cuda" and not _captures_anywhere(self.capture):
+                if type(leaf) is not torch.Tensor or (
+                        self._device_types is not None and leaf.device.type not in self._device_types):
                     return None
                 if grad and leaf.requires_grad:  # a replay's output would hang off the capture's autograd graph
                     return None
@@ -379,10 +376,7 @@ class StepGraphs:
         model = self.target.model
         if getattr(model, "_compiled_call_impl", None) is not None:
             self.disable()
-            raise ValueError(
-                "The model was compiled in place (model.compile()), which step graphs would run eagerly: compile it "
-                "as a wrapper (pipe.transformer = torch.compile(pipe.transformer)) before calling step_graphs"
-            )
+            _refuse_compiled_in_place(model)
         called = getattr(self.target.pipeline, "transformer", model)
         if called is not model and getattr(called, "_orig_mod", None) is model and not self._warned_wrapped:
             self._warned_wrapped = True
@@ -409,9 +403,13 @@ class StepGraphs:
         return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, output)
 
 
-def _captures_anywhere(capture: Any) -> bool:
-    """Whether ``capture`` takes tensors on any device (a stand-in for tests), not only the GPU's."""
-    return not isinstance(capture, CudaCapture)
+def _refuse_compiled_in_place(model: nn.Module) -> None:
+    """The wrapper is kept out of dynamo, so a model compiled in place would run through it eagerly."""
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        raise ValueError(
+            "The model was compiled in place (model.compile()), which step graphs would run eagerly: compile it "
+            "as a wrapper (pipe.transformer = torch.compile(pipe.transformer)) before calling step_graphs"
+        )
 
 
 def model_fingerprint(model: nn.Module) -> tuple[Any, ...]:
