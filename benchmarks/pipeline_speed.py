@@ -539,8 +539,7 @@ def steps_named(model: nn.Module, mask: Sequence[int], calls_per_step: int) -> I
 
     def enter(*_: Any) -> None:
         step = calls[0] // calls_per_step
-        kind = "computing" if step < len(mask) and mask[step] else "reusing"
-        open_ranges.append(torch.profiler.record_function(f"step {step} {kind}"))
+        open_ranges.append(torch.profiler.record_function(trace_steps.range_name(step, step < len(mask) and bool(mask[step]))))
         open_ranges[-1].__enter__()
         calls[0] += 1
 
@@ -560,7 +559,7 @@ def traced_generation(work: Workload, generate: Callable[[], Any], device: torch
     """One generation under the torch profiler (host, and the GPU where there is one), each model
     call a range named by its step: the trace written to ``path`` (gzipped Chrome trace, for
     Perfetto or chrome://tracing), the host operators that took most of the time summarised, and
-    each kind of step's host time split by :mod:`trace_steps`."""
+    each kind of step's host and device time split by :mod:`trace_steps` (``step_us``)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -573,7 +572,7 @@ def traced_generation(work: Workload, generate: Callable[[], Any], device: torch
     steps = trace_steps.summarise(path)
     return {
         "trace_file": path.name,
-        "step_host_us": {"by_kind": steps["by_kind"], "by_kind_after": steps["by_kind_after"]},
+        "step_us": {"by_kind": steps["by_kind"], "by_kind_after": steps["by_kind_after"]},
         "top_host_ops": [{"name": e.key, "count": e.count, "self_host_ms": e.self_cpu_time_total / 1000}
                          for e in events[:15]],
     }

@@ -26,6 +26,11 @@ from pathlib import Path
 from typing import Any
 
 STEP_NAME = re.compile(r"^step (\d+) (computing|reusing)$")
+
+
+def range_name(step: int, computing: bool) -> str:
+    """The name a model call's profiler range carries (what :data:`STEP_NAME` reads back)."""
+    return f"step {step} {'computing' if computing else 'reusing'}"
 # host ranges that make up a compiled call, by the prefix of the profiler's name for them
 PARTS = {
     "guard_check_us": "TorchDynamo Cache Lookup",

@@ -135,7 +135,7 @@ def test_traced_rows_write_a_trace_with_each_step_named(run, tmp_path):
     assert {f"step {i} {'computing' if m else 'reusing'}" for i, m in enumerate(mask)} <= names
     top = blocks["top_host_ops"]
     assert 0 < len(top) <= 15 and all(op["count"] > 0 and op["self_host_ms"] >= 0 for op in top)
-    by_kind = blocks["step_host_us"]["by_kind"]
+    by_kind = blocks["step_us"]["by_kind"]
     assert by_kind["computing"]["steps"] == sum(mask) and by_kind["reusing"]["steps"] == len(mask) - sum(mask)
     assert all(found["call_us"] > 0 and found["between_calls_us"] > 0 for found in by_kind.values())
 
