@@ -11,7 +11,7 @@ Where the trace has the GPU's side (the same ranges on the device), each step al
 the device, the kernels' time within it, and the GPU's idle time since the previous step's span
 ended: a step the host holds up shows idle time before it, or a span longer than its kernels.
 
-    python benchmarks/trace_steps.py TRACE.json.gz [...] --out summary.json
+    python benchmarks/trace_steps.py TRACE.json.gz [...] --run RESULT.json --out summary.json
 """
 
 from __future__ import annotations
@@ -121,8 +121,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("traces", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, help="write the summaries here as JSON (else print the medians)")
+    parser.add_argument("--run", type=Path,
+                        help="the result JSON of the run that wrote the traces: its device, versions, date and settings are copied in")
     args = parser.parse_args(argv)
-    result = {"summaries": [summarise(path) for path in args.traces]}
+    result: dict[str, Any] = {}
+    if args.run is not None:
+        run = json.loads(args.run.read_text())
+        result["run"] = {"file": args.run.name, **{key: run.get(key) for key in ("device", "versions", "date", "settings")}}
+    result["summaries"] = [summarise(path) for path in args.traces]
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     for summary in result["summaries"]:

@@ -60,9 +60,12 @@ def test_steps_are_split_and_summarised(tmp_path):
 def test_command_line_writes_the_summaries(tmp_path, capsys):
     path = tmp_path / "trace.json"
     path.write_text(json.dumps({"traceEvents": synthetic_trace()}))
-    out = tmp_path / "summary.json"
-    trace_steps.main([str(path), "--out", str(out)])
+    out, run = tmp_path / "summary.json", tmp_path / "run.json"
+    run.write_text(json.dumps({"device": "NVIDIA H200", "date": "2026-12-05", "settings": {"batch": 1}, "rows": []}))
+    trace_steps.main([str(path), "--run", str(run), "--out", str(out)])
     written = json.loads(out.read_text())
+    assert written["run"] == {"file": "run.json", "device": "NVIDIA H200", "versions": None, "date": "2026-12-05",
+                              "settings": {"batch": 1}}
     assert written["summaries"][0]["by_kind"]["reusing"]["call_us"] == 200
     assert "reusing" in capsys.readouterr().out
 
