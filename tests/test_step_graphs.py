@@ -1,10 +1,11 @@
 """step_graphs: each denoising step's model call is captured once and replayed after, keyed by its
 place in the generation and its signature; anything a graph baked in that changes drops them all.
 
-CUDA graphs need a GPU, so here a stand-in capture (:class:`RerunCapture`) "replays" by copying the
-fresh inputs into the captured ones and running the captured forward again: the dispatch, the keys,
-the warm-up, the fallbacks and the restore are what these tests check, on the CPU.
-tests/test_step_graphs_cuda.py checks real graphs where there is a GPU."""
+CUDA graphs need a GPU, so here a stand-in capture (``op_replay.OpReplayCapture``) records the
+ATen operations of a captured call and replays only them, on the same tensors, with none of the
+model's or the cache's Python: the dispatch, the keys, the warm-up, the fallbacks and the restore
+are what these tests check on the CPU, under a graph's semantics. tests/test_step_graphs_cuda.py
+checks real graphs where there is a GPU."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import STEPS, generate, make_dit_pipeline
+from op_replay import OpReplayCapture
 from torch._dynamo.utils import counters
 from torch.utils import _pytree as pytree
 
@@ -23,31 +25,6 @@ from smoothcache.errors import GraphCaptureError
 from smoothcache.graph_replay import StepGraphs, copy_inputs, static_inputs
 
 
-class RerunCapture:
-    """Captures by keeping the call's inputs; a replay copies fresh inputs into them and reruns."""
-
-    def __init__(self, fail_at_step: int | None = None) -> None:
-        self.pools = 0
-        self.replays = 0
-        self.fail_at_step = fail_at_step
-
-    def new_pool(self) -> None:
-        self.pools += 1
-
-    def __call__(self, forward, leaves: list[Any], spec: Any, key: Any):
-        if self.fail_at_step is not None and key[0] == self.fail_at_step:
-            raise RuntimeError("operation not permitted when stream is capturing")
-        static = static_inputs(leaves)  # as the CUDA capture makes them
-        args, kwargs = pytree.tree_unflatten(static, spec)
-
-        def replay(fresh: list[Any]) -> Any:
-            self.replays += 1
-            copy_inputs(static, fresh)
-            return forward(*args, **kwargs)
-
-        return replay, replay(leaves)
-
-
 def counts(graphs: StepGraphs) -> tuple[int, int, int]:
     return graphs.stats.plain, graphs.stats.captured, graphs.stats.replayed
 
@@ -55,7 +32,7 @@ def counts(graphs: StepGraphs) -> tuple[int, int, int]:
 def test_one_plain_generation_then_one_captured_then_replays() -> None:
     pipe = make_dit_pipeline()
     plain = generate(pipe)
-    capture = RerunCapture()
+    capture = OpReplayCapture()
     with StepGraphs(pipe, capture=capture) as graphs:
         outputs = [generate(pipe) for _ in range(4)]
         assert counts(graphs) == (STEPS, STEPS, 2 * STEPS)
@@ -68,7 +45,7 @@ def test_with_a_cache_the_outputs_are_the_cache_alone() -> None:
     schedule = Schedule.fixed_interval(["block"], STEPS, 2)
     with smoothcache.cache(pipe, schedule):
         cached = generate(pipe)
-    with smoothcache.cache(pipe, schedule), StepGraphs(pipe, capture=RerunCapture()) as graphs:
+    with smoothcache.cache(pipe, schedule), StepGraphs(pipe, capture=OpReplayCapture()) as graphs:
         outputs = [generate(pipe) for _ in range(3)]
         assert counts(graphs) == (STEPS, STEPS, STEPS)
     assert all(torch.equal(output, cached) for output in outputs)
@@ -79,7 +56,7 @@ def test_attaching_a_cache_drops_the_graphs_and_starts_over() -> None:
     schedule = Schedule.fixed_interval(["block"], STEPS, 2)
     with smoothcache.cache(pipe, schedule):
         cached = generate(pipe)
-    graphs = StepGraphs(pipe, capture=RerunCapture())
+    graphs = StepGraphs(pipe, capture=OpReplayCapture())
     for _ in range(3):
         generate(pipe)
     assert graphs.graphs == STEPS and graphs.stats.invalidated == 0
@@ -95,7 +72,7 @@ def test_attaching_a_cache_drops_the_graphs_and_starts_over() -> None:
 
 def test_changed_parameters_are_noticed() -> None:
     pipe, reference = make_dit_pipeline(), make_dit_pipeline()
-    graphs = StepGraphs(pipe, capture=RerunCapture())
+    graphs = StepGraphs(pipe, capture=OpReplayCapture())
     for _ in range(3):
         generate(pipe)
     for model in (pipe.transformer, reference.transformer):  # a new tensor, as loading a LoRA makes
@@ -108,7 +85,7 @@ def test_changed_parameters_are_noticed() -> None:
 
 def test_a_new_batch_size_is_warmed_up_and_captured_on_its_own() -> None:
     pipe = make_dit_pipeline()
-    graphs = StepGraphs(pipe, capture=RerunCapture())
+    graphs = StepGraphs(pipe, capture=OpReplayCapture())
     for _ in range(3):
         generate(pipe)
     assert counts(graphs) == (STEPS, STEPS, STEPS)
@@ -121,7 +98,7 @@ def test_a_new_batch_size_is_warmed_up_and_captured_on_its_own() -> None:
 def test_a_call_that_cannot_be_captured_detaches_the_graphs_and_says_so() -> None:
     pipe = make_dit_pipeline()
     plain = generate(pipe)
-    graphs = StepGraphs(pipe, capture=RerunCapture(fail_at_step=3))
+    graphs = StepGraphs(pipe, capture=OpReplayCapture(fail_at_step=3))
     assert torch.equal(generate(pipe), plain)
     with pytest.raises(GraphCaptureError, match="could not be captured as a CUDA graph"):
         generate(pipe)  # the capture generation stops at step 3: the cache's state there is unknown
@@ -130,20 +107,29 @@ def test_a_call_that_cannot_be_captured_detaches_the_graphs_and_says_so() -> Non
     assert torch.equal(generate(pipe), plain)  # the next call runs without graphs
 
 
-def test_a_generation_that_meets_an_uncaptured_call_runs_the_rest_as_it_is_and_the_set_is_captured_again() -> None:
+def test_a_generation_that_meets_an_uncaptured_call_runs_the_rest_as_it_is_and_the_set_is_captured_again(caplog) -> None:
+    """Replays keep nothing in the cache (its Python does not run), so from the uncaptured call on the
+    generation computes where the schedule reuses, until each layer computes again: here step 5,
+    a reusing step, computes. A warning says the image is not the cache's alone."""
     pipe = make_dit_pipeline()
-    schedule = Schedule.fixed_interval(["block"], STEPS, 2)
+    schedule = Schedule.fixed_interval(["block"], STEPS, 2)  # computes steps 0, 2, 4, 6, 8 and the last
     with smoothcache.cache(pipe, schedule):
         cached = generate(pipe)
-    with smoothcache.cache(pipe, schedule), StepGraphs(pipe, capture=RerunCapture()) as graphs:
+    step_5_computes = Schedule({"block": [1, 0, 1, 0, 1, 1, 1, 0, 1, 1]})
+    with smoothcache.cache(pipe, step_5_computes):
+        fallen_back = generate(pipe)
+    with smoothcache.cache(pipe, schedule), StepGraphs(pipe, capture=OpReplayCapture()) as graphs:
         outputs = [generate(pipe) for _ in range(2)]
         (graph_set,) = graphs._sets.values()
         del graph_set[next(key for key in graph_set if key[0] == 5)]  # as if step 5 had not been captured
-        outputs.append(generate(pipe))  # replays steps 0-4, runs 5-9 as they are
+        with caplog.at_level("WARNING", logger="smoothcache.graph_replay"):
+            incomplete = generate(pipe)  # replays steps 0-4, runs 5-9 as they are
         assert graphs.stats.incomplete == 1 and graphs.stats.replayed == 5 and graphs.graphs == 0
         outputs += [generate(pipe) for _ in range(2)]  # captured again, then replayed whole
         assert graphs.stats.captured == 2 * STEPS and graphs.stats.replayed == 5 + STEPS
     assert all(torch.equal(output, cached) for output in outputs)
+    assert torch.equal(incomplete, fallen_back) and not torch.equal(incomplete, cached)
+    assert "Step 6 (call 1) of this generation has no step graph" in caplog.text
 
 
 def test_static_inputs_keep_each_tensors_layout_and_identity() -> None:
@@ -159,7 +145,7 @@ def test_static_inputs_keep_each_tensors_layout_and_identity() -> None:
 def test_outputs_kept_on_the_host_are_refused() -> None:
     pipe = make_dit_pipeline()
     schedule = Schedule.fixed_interval(["block"], STEPS, 2)
-    with smoothcache.cache(pipe, schedule, kept_device="cpu"), StepGraphs(pipe, capture=RerunCapture()):
+    with smoothcache.cache(pipe, schedule, kept_device="cpu"), StepGraphs(pipe, capture=OpReplayCapture()):
         generate(pipe)
         with pytest.raises(ValueError, match="kept_device='cpu'"):
             generate(pipe)
@@ -169,7 +155,7 @@ def test_disable_restores_the_model_exactly() -> None:
     pipe = make_dit_pipeline()
     model = pipe.transformer
     assert "forward" not in vars(model)
-    graphs = StepGraphs(pipe, capture=RerunCapture())
+    graphs = StepGraphs(pipe, capture=OpReplayCapture())
     generate(pipe)
     graphs.disable()
     assert "forward" not in vars(model) and graphs.graphs == 0
@@ -181,15 +167,15 @@ def test_what_it_refuses() -> None:
     with pytest.raises(ValueError, match="CUDA device"):
         smoothcache.step_graphs(pipe)  # a CPU model
     with pytest.raises(TypeError, match="pipeline with a scheduler"):
-        StepGraphs(pipe.transformer, capture=RerunCapture())
+        StepGraphs(pipe.transformer, capture=OpReplayCapture())
     pipe.transformer = torch.compile(pipe.transformer, mode="reduce-overhead")
     with pytest.raises(ValueError, match="reduce-overhead"):
-        StepGraphs(pipe, capture=RerunCapture())
+        StepGraphs(pipe, capture=OpReplayCapture())
 
 
 def test_at_most_max_sets_signatures_keep_graphs_the_least_recently_used_goes() -> None:
     pipe = make_dit_pipeline()
-    graphs = StepGraphs(pipe, capture=RerunCapture(), max_sets=2)
+    graphs = StepGraphs(pipe, capture=OpReplayCapture(), max_sets=2)
     for labels in ((1,), (1, 2), (1, 2, 3)):  # three batch sizes, each warmed up then captured
         for _ in range(2):
             generate(pipe, labels=labels)
@@ -206,11 +192,11 @@ def test_at_most_max_sets_signatures_keep_graphs_the_least_recently_used_goes() 
 
 def test_one_step_graphs_per_model() -> None:
     pipe = make_dit_pipeline()
-    graphs = StepGraphs(pipe, capture=RerunCapture())
+    graphs = StepGraphs(pipe, capture=OpReplayCapture())
     with pytest.raises(ValueError, match="already replays step graphs"):
-        StepGraphs(pipe, capture=RerunCapture())
+        StepGraphs(pipe, capture=OpReplayCapture())
     graphs.disable()
-    StepGraphs(pipe, capture=RerunCapture()).disable()
+    StepGraphs(pipe, capture=OpReplayCapture()).disable()
 
 
 def test_the_model_says_it_replays_step_graphs_while_they_are_attached() -> None:
@@ -219,7 +205,7 @@ def test_the_model_says_it_replays_step_graphs_while_they_are_attached() -> None
     from smoothcache.runtime.compile import replays_step_graphs
 
     pipe = make_dit_pipeline()
-    graphs = StepGraphs(pipe, capture=RerunCapture())
+    graphs = StepGraphs(pipe, capture=OpReplayCapture())
     assert replays_step_graphs(pipe.transformer)
     graphs.disable()
     assert not replays_step_graphs(pipe.transformer)
@@ -238,7 +224,7 @@ def test_two_calls_a_step_and_a_scheduler_with_a_step_index(family: str) -> None
     schedule = Schedule({key: (1, 0) * (FAMILY_STEPS // 2) for key in whole_block_components(pipe.transformer)})
     with smoothcache.cache(pipe, schedule):
         cached = generate_family(pipe)
-    with smoothcache.cache(pipe, schedule), StepGraphs(pipe, capture=RerunCapture()) as graphs:
+    with smoothcache.cache(pipe, schedule), StepGraphs(pipe, capture=OpReplayCapture()) as graphs:
         outputs = [generate_family(pipe) for _ in range(3)]
         assert graphs.graphs == 2 * FAMILY_STEPS and graphs.stats.replayed == 2 * FAMILY_STEPS
     assert all(torch.equal(output, cached) for output in outputs)
@@ -248,7 +234,7 @@ def test_each_step_count_keeps_its_own_set() -> None:
     """Generations of 10 and 8 steps begin with the same call; each set replays only its own graphs."""
     pipe = make_dit_pipeline()
     plain = {steps: generate(pipe, steps=steps) for steps in (STEPS, 8)}
-    graphs = StepGraphs(pipe, capture=RerunCapture())
+    graphs = StepGraphs(pipe, capture=OpReplayCapture())
     for _ in range(3):
         for steps in (STEPS, 8):
             assert torch.equal(generate(pipe, steps=steps), plain[steps])
@@ -260,7 +246,7 @@ def test_each_step_count_keeps_its_own_set() -> None:
 
 def test_keys_tell_a_tensor_passed_twice_from_two_tensors_and_skip_objects() -> None:
     pipe = make_dit_pipeline()
-    graphs = StepGraphs(pipe, capture=RerunCapture())
+    graphs = StepGraphs(pipe, capture=OpReplayCapture())
     a, b = torch.ones(3), torch.ones(3)
     twice, two = (pytree.tree_flatten(((a, a), {})), pytree.tree_flatten(((a, b), {})))
     assert graphs._key(0, 0, *twice) != graphs._key(0, 0, *two)
@@ -273,7 +259,7 @@ def test_work_the_cache_leaves_between_calls_cannot_be_captured(monkeypatch) -> 
     pipe = make_dit_pipeline()
     handle = smoothcache.cache(pipe, Schedule.fixed_interval(["block"], STEPS, 2))
     monkeypatch.setattr(handle, "works_between_calls", lambda: True)  # as SD3's skip-layer guidance leaves a run open
-    graphs = StepGraphs(pipe, capture=RerunCapture())
+    graphs = StepGraphs(pipe, capture=OpReplayCapture())
     generate(pipe)
     with pytest.raises(GraphCaptureError, match="next call's start"):
         generate(pipe)
@@ -284,7 +270,7 @@ def test_work_the_cache_leaves_between_calls_cannot_be_captured(monkeypatch) -> 
 def test_a_model_compiled_after_attaching_runs_its_calls_through_the_graphs_eagerly_and_says_so(caplog) -> None:
     pipe = make_dit_pipeline()
     plain = generate(pipe)
-    graphs = StepGraphs(pipe, capture=RerunCapture())
+    graphs = StepGraphs(pipe, capture=OpReplayCapture())
     pipe.transformer = torch.compile(pipe.transformer, backend="eager")
     traced = counters["frames"]["total"]
     with caplog.at_level("WARNING", logger="smoothcache.graph_replay"):
@@ -303,7 +289,7 @@ def test_compiled_first_the_captures_compile_nothing_again() -> None:
     torch._dynamo.reset()
     pipe = make_dit_pipeline()
     pipe.transformer = torch.compile(pipe.transformer, backend="eager")
-    graphs = StepGraphs(pipe, capture=RerunCapture())
+    graphs = StepGraphs(pipe, capture=OpReplayCapture())
     generate(pipe)
     compiled = counters["stats"]["unique_graphs"]
     for _ in range(3):
@@ -317,14 +303,14 @@ def test_a_model_compiled_in_place_is_refused() -> None:
     pipe = make_dit_pipeline()
     pipe.transformer.compile(backend="eager")
     with pytest.raises(ValueError, match="compiled in place"):
-        StepGraphs(pipe, capture=RerunCapture())
+        StepGraphs(pipe, capture=OpReplayCapture())
     torch._dynamo.reset()
 
 
 def test_a_fused_adapter_and_a_new_attention_backend_are_noticed() -> None:
     """peft's merge adds to the weights in place (same tensors); a backend switch keeps the processor."""
     pipe = make_dit_pipeline()
-    graphs = StepGraphs(pipe, capture=RerunCapture())
+    graphs = StepGraphs(pipe, capture=OpReplayCapture())
     for _ in range(2):
         generate(pipe)
     block = pipe.transformer.transformer_blocks[0]
@@ -339,10 +325,74 @@ def test_a_fused_adapter_and_a_new_attention_backend_are_noticed() -> None:
 
 def test_inputs_that_need_gradients_run_as_they_are_while_grad_is_on() -> None:
     pipe = make_dit_pipeline()
-    graphs = StepGraphs(pipe, capture=RerunCapture())
+    graphs = StepGraphs(pipe, capture=OpReplayCapture())
     weights = torch.ones(3, requires_grad=True)
     leaves = pytree.tree_flatten(((weights,), {}))
     assert graphs._key(0, 0, *leaves) is None
     with torch.no_grad():
         assert graphs._key(0, 0, *leaves) is not None
     graphs.disable()
+
+
+SEMANTICS = {  # every kind of kept state a replay must leave right, each one schedule
+    "uncached": (None, {}),
+    "blocks": (Schedule.fixed_interval(["block"], STEPS, 2), {}),
+    "blocks-forecast": (Schedule.fixed_interval(["block"], STEPS, 2), {"forecast": "linear"}),
+    "layers": (Schedule.fixed_interval(["attn1", "ff"], STEPS, 2), {}),
+    "layers-forecast": (Schedule.fixed_interval(["attn1", "ff"], STEPS, 2), {"forecast": "linear"}),
+    "layers-bfloat16": (Schedule.fixed_interval(["attn1", "ff"], STEPS, 2), {"kept_dtype": torch.bfloat16}),
+    "per-block": (Schedule({"block-0": [1, 0] * (STEPS // 2), "block-1": [1, 1, 0] * (STEPS // 3) + [1]}), {}),
+    "guidance-halves": (Schedule({key: [1, 0] * (STEPS // 2) if key.endswith("@cond") else [1, 1, 0] * (STEPS // 3) + [1]
+                                  for key in ("attn1@cond", "attn1@uncond", "ff@cond", "ff@uncond")}), {}),
+}
+
+
+@pytest.mark.parametrize("name", list(SEMANTICS))
+def test_replayed_generations_are_the_plain_path_under_a_graphs_semantics(name: str) -> None:
+    """With nothing of the model's or the cache's Python running on replay, each kind of kept state
+    (outputs, residual chains, forecasting's two, a lower precision, per-block and per-branch
+    columns) is read where the capture left it and rewritten by the replays: the plain path's output."""
+    schedule, options = SEMANTICS[name]
+    pipe = make_dit_pipeline()
+    handle = smoothcache.cache(pipe, schedule, **options) if schedule is not None else None
+    plain = generate(pipe)
+    capture = OpReplayCapture()
+    with StepGraphs(pipe, capture=capture) as graphs:
+        outputs = [generate(pipe) for _ in range(3)]
+        assert counts(graphs) == (STEPS, STEPS, STEPS) and graphs.stats.incomplete == 0
+    assert capture.operations > 0 and all(torch.equal(output, plain) for output in outputs)
+    if handle is not None:
+        handle.disable()
+
+
+def test_two_step_counts_alternating_with_one_set_kept_and_outputs_not_copied() -> None:
+    """With room for one set each generation captures its own into a fresh pool; outputs handed out
+    uncopied are still the plain ones (the pipeline is done with each before the next replay)."""
+    pipe = make_dit_pipeline()
+    plain = {steps: generate(pipe, steps=steps) for steps in (STEPS, STEPS - 2)}
+    capture = OpReplayCapture()
+    with StepGraphs(pipe, capture=capture, max_sets=1, copy_outputs=False) as graphs:
+        for _ in range(3):
+            for steps in (STEPS, STEPS - 2):
+                assert torch.equal(generate(pipe, steps=steps), plain[steps])
+        # the 8-step calls were warmed up by the first 10-step generation: every generation after it captures
+        assert len(graphs._sets) == 1 and capture.pools == 5 and graphs.stats.captured == 3 * (STEPS - 2) + 2 * STEPS
+
+
+def read_on_host(_module, _args, output) -> None:
+    """A forward hook that reads a value back on the host (a sync, which no capture allows); returns
+    nothing, so the output stays the block's."""
+    float(output.sum())
+
+
+def test_a_forward_that_reads_a_value_on_the_host_cannot_be_captured() -> None:
+    pipe = make_dit_pipeline()
+    plain = generate(pipe)
+    hook = pipe.transformer.transformer_blocks[0].register_forward_hook(read_on_host)
+    graphs = StepGraphs(pipe, capture=OpReplayCapture())
+    generate(pipe)
+    with pytest.raises(GraphCaptureError, match="could not be captured"):
+        generate(pipe)
+    assert graphs.graphs == 0 and "forward" not in vars(pipe.transformer)
+    hook.remove()
+    assert torch.equal(generate(pipe), plain)

@@ -23,8 +23,9 @@ replayed graph's, copied out by default so that nothing the pipeline holds is ov
 later replay. A call is captured only once it has run as it is ``warmup_generations`` times (so
 nothing compiles inside a capture), into inputs laid out like the warm-up's (an expanded timestep
 stays expanded: dynamo guards on strides). A generation that meets an uncaptured call replays up to
-it and runs the rest as it is (the cache forgot its kept outputs at the generation's start, so it
-computes afresh); the next generation captures the whole set again. A capture that fails leaves
+it and runs the rest as it is; the cache forgot its kept outputs at the generation's start and the
+replays kept none, so it computes where it would reuse until each layer computes again (that image
+is not the cache's exactly, and a warning says so); the next generation captures the whole set again. A capture that fails leaves
 the model's Python state (the cache's kept outputs) unknown mid-generation: step graphs then
 detach and raise :class:`~smoothcache.errors.GraphCaptureError`, and the next ``pipe(...)`` runs
 without them. Each generation's set of graphs (named by its first call and its step count) has
@@ -278,10 +279,18 @@ class StepGraphs:
                 if replay is not None:
                     self.stats.replayed += 1
                     return self._out(replay(leaves))
-                # Replays leave the model's Python state as the capture left it; the cache forgot its
-                # kept outputs at this generation's start, so plain calls from here on compute
-                # afresh. The set is incomplete: the next generation captures it again.
+                # Replays run none of the model's Python: the cache forgot its kept outputs at this
+                # generation's start and replays kept nothing, so plain calls from here on compute
+                # where the schedule reuses, until each layer computes again. The set is
+                # incomplete: the next generation captures it again.
                 self.stats.incomplete += 1
+                logger.warning(
+                    "Step %d (call %d) of this generation has no step graph (the calls changed since the capture): "
+                    "it and the rest run as they are, and the cache, which kept nothing during the replayed steps, "
+                    "computes where its schedule reuses until each layer computes again, so this image differs "
+                    "slightly from the cache's alone (closer to uncached). The next generation captures again",
+                    step + 1, slot + 1,
+                )
                 self._sets.pop(self._name, None)
                 self._mode = "plain"
             if key is not None and self._mode == "capture" and self._seen.get(key, 0) >= self.warmup_generations:
@@ -449,7 +458,8 @@ def step_graphs(pipe: Any, *, warmup_generations: int = 1, copy_outputs: bool = 
     """Replay the pipeline's model calls from CUDA graphs captured once per step; returns the handle.
 
     Works cached (``smoothcache.cache``, before or after) or not, eager or compiled without CUDA
-    graphs; outputs are the plain path's (the same kernels, replayed). The first
+    graphs; outputs are the plain path's (the same kernels, replayed), except in a generation whose
+    calls change after its first (it replays up to the change, then runs as it is and warns). The first
     ``warmup_generations`` generations run as they are (compiling), the next captures. A change of
     parameters, hooks or caches is noticed and captured afresh; each signature (batch size,
     resolution) gets its own set of graphs, of which the ``max_sets`` used last are kept.

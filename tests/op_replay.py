@@ -1,0 +1,91 @@
+"""A CUDA graph's replay semantics on the CPU, for step_graphs' tests.
+
+:class:`OpReplayCapture` captures a call by recording every ATen operation it dispatches (a
+``TorchDispatchMode``), with the very tensors it read and wrote. A replay copies the fresh inputs
+into the captured ones and runs those operations again on the same tensors, writing each result
+into the tensor the capture produced. None of the model's Python runs on replay: not its forward,
+not the cache's forwards, not their bookkeeping; what a replay reads is whatever those tensors'
+memory holds, exactly as a CUDA graph reads fixed addresses. So a state bug that only real graphs
+would show (a value the Python side updates at every call, a tensor the cache replaces rather than
+writes into) shows here as a wrong output. A value read back on the host during capture (``.item()``,
+``bool(tensor)``) raises, as it does inside a CUDA capture.
+
+What it does not model: one memory pool shared by a generation's graphs (the capture keeps every
+tensor it recorded alive), kernels' own streams, and the side stream the capture runs on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from smoothcache.graph_replay import copy_inputs, static_inputs
+
+Operation = tuple[Any, tuple[Any, ...], dict[str, Any], Any]
+
+_HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
+               torch.ops.aten.is_nonzero.default}
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.operations: list[Operation] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _HOST_READS:
+            raise RuntimeError(f"operation not permitted when stream is capturing ({func} reads a value on the host)")
+        output = func(*args, **kwargs)
+        self.operations.append((func, args, kwargs, output))
+        return output
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
+
+
+def _run(operations: list[Operation]) -> None:
+    with torch.no_grad():
+        for func, args, kwargs, recorded in operations:
+            result = func(*args, **kwargs)
+            for into, value in zip(pytree.tree_leaves(recorded), pytree.tree_leaves(result), strict=True):
+                if isinstance(into, torch.Tensor) and not _same_memory(into, value):
+                    into.copy_(value)  # a fresh result lands where the capture's was
+
+
+class OpReplayCapture:
+    """Captures a call as its list of operations; a replay reruns them on the captured tensors only."""
+
+    def __init__(self, fail_at_step: int | None = None) -> None:
+        self.pools = 0
+        self.replays = 0
+        self.operations = 0  # recorded in the last capture
+        self.fail_at_step = fail_at_step
+
+    def new_pool(self) -> None:
+        self.pools += 1
+
+    def __call__(self, forward: Callable[..., Any], leaves: list[Any], spec: Any, key: Any) -> tuple[Callable[[list[Any]], Any], Any]:
+        if self.fail_at_step is not None and key[0] == self.fail_at_step:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        static = static_inputs(leaves)  # as the CUDA capture makes them
+        args, kwargs = pytree.tree_unflatten(static, spec)
+        recorder = _Recorder()
+        with recorder:
+            output = forward(*args, **kwargs)
+        operations = recorder.operations
+        self.operations = len(operations)
+
+        def replay(fresh: list[Any]) -> Any:
+            self.replays += 1
+            copy_inputs(static, fresh)
+            _run(operations)
+            return output
+
+        return replay, replay(leaves)
