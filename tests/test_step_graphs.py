@@ -9,8 +9,6 @@ checks real graphs where there is a GPU."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 from conftest import STEPS, generate, make_dit_pipeline
