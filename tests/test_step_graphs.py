@@ -346,21 +346,29 @@ SEMANTICS = {  # every kind of kept state a replay must leave right, each one sc
 
 
 @pytest.mark.parametrize("name", list(SEMANTICS))
-def test_replayed_generations_are_the_plain_path_under_a_graphs_semantics(name: str) -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_replayed_generations_are_the_plain_path_under_a_graphs_semantics(name: str, compiled: bool) -> None:
     """With nothing of the model's or the cache's Python running on replay, each kind of kept state
     (outputs, residual chains, forecasting's two, a lower precision, per-block and per-branch
-    columns) is read where the capture left it and rewritten by the replays: the plain path's output."""
+    columns) is read where the capture left it and rewritten by the replays: the plain path's output,
+    eager and compiled (dynamo only), with nothing compiled again."""
     schedule, options = SEMANTICS[name]
+    torch._dynamo.reset()
     pipe = make_dit_pipeline()
+    if compiled:
+        pipe.transformer = torch.compile(pipe.transformer, backend="eager")
     handle = smoothcache.cache(pipe, schedule, **options) if schedule is not None else None
     plain = generate(pipe)
+    compiled_before = counters["stats"]["unique_graphs"]
     capture = OpReplayCapture()
     with StepGraphs(pipe, capture=capture) as graphs:
         outputs = [generate(pipe) for _ in range(3)]
         assert counts(graphs) == (STEPS, STEPS, STEPS) and graphs.stats.incomplete == 0
     assert capture.operations > 0 and all(torch.equal(output, plain) for output in outputs)
+    assert counters["stats"]["unique_graphs"] == compiled_before
     if handle is not None:
         handle.disable()
+    torch._dynamo.reset()
 
 
 def test_two_step_counts_alternating_with_one_set_kept_and_outputs_not_copied() -> None:
