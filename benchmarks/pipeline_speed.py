@@ -65,6 +65,11 @@ eagerly). Its rows carry the graphs' counts (``step_graphs``) and, where the run
 cell of the same batch and prefetch, ``speedup_vs_cudagraphs_uncached``; ``kept_mib`` is None there
 (the kept outputs live in the graphs' pool) and ``peak_reserved_mib`` (every row) includes the pools.
 
+``--skip-guards`` runs every compiled configuration's timed, clocked and traced generations (after
+its warm-up, which compiled every graph it needs) under
+``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: dynamo checks only the guards that tell
+its graphs apart (the cache's decisions among them), not every parameter's; the settings say so.
+
 ``--prefetch on`` applies ``smoothcache.prefetch_timesteps(pipe)`` (opt-in, bit-identical outputs:
 it removes the per-step host wait of pipelines whose scheduler keeps timesteps on the host, such as
 DiTPipeline) to every configuration of the cell, uncached included; ``both`` (default) runs each
@@ -114,6 +119,8 @@ import and build)::
     python3 benchmarks/pipeline_speed.py --model dit --tiny --compile cudagraphs eager --batches 2 --out "$OUT/dit-tiny"
     # step_graphs against torch's CUDA graphs at batch 1, one process (~5 min; tests/test_step_graphs_cuda.py first)
     python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs graphs --batches 1 --prefetch on --methods blocks --out "$OUT/graphs1"
+    # the same with dynamo's guard check cut to the guards that tell graphs apart, traced (~3 min)
+    python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs --batches 1 --prefetch on --methods blocks --skip-guards --trace uncached blocks --out "$OUT/skip1"
     # where batch 1's time goes: traces of the uncached and the cached generation (~2 min)
     python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs --batches 1 --prefetch on --methods blocks --trace uncached blocks --out "$OUT/trace1"
     python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs --batches 8 --out "$OUT/dit-cg8"  # ~5-8 min
@@ -653,6 +660,8 @@ class Runner:
         before = gpu_bench.dynamo_counts()
         syncs, warmup_s = self.warm_up(config, generate)
         after_warmup = gpu_bench.dynamo_counts()
+        if self.args.skip_guards and config.compile != "eager":
+            generate = unchecked(generate)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         times, output = [], None
@@ -761,6 +770,7 @@ class Runner:
             "traced": sorted(args.trace),
             "prefetch_available": prefetch_available(), "repeats": args.repeats, "warmup": WARMUP,
             "backend": args.backend, "max_minutes": args.max_minutes,
+            "skip_guard_eval_unsafe": "timed, clocked and traced runs of compiled configurations" if args.skip_guards else False,
             "recompile_limit": torch._dynamo.config.recompile_limit,
             "accumulated_recompile_limit": torch._dynamo.config.accumulated_recompile_limit,
             "compile_how": {
@@ -775,6 +785,18 @@ class Runner:
             "ideal_speedup": "FLOPs of one eager uncached generation / FLOPs of one eager generation of the method "
                              "(torch.utils.flop_counter), same batch",
         }
+
+
+def unchecked(generate: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``generate`` with dynamo checking only the guards that tell its compiled graphs apart
+    (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``): for runs after the warm-up, which
+    compiled every graph the configuration needs."""
+
+    def run() -> torch.Tensor:
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            return generate()
+
+    return run
 
 
 def prefetch_available() -> bool:
@@ -995,6 +1017,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="writes OUT/pipeline-speed-<model>.json and .png")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", help="torch.compile backend (default: inductor; eager on the CPU, dynamo only)")
+    parser.add_argument("--skip-guards", action="store_true",
+                        help="compiled configurations (uncached too) run their timed generations under "
+                             "torch.compiler.set_stance(skip_guard_eval_unsafe=True), after the warm-up")
     parser.add_argument("--tiny", action="store_true", help="tiny models, few steps: checks the code paths, measures nothing")
     parser.add_argument("--plot-from", type=Path, nargs="+",
                         help="only redraw the plot of a result JSON; several (parts of one model's run): merge into --out")

@@ -431,3 +431,27 @@ def test_two_model_calls_per_step_compile_nothing_the_second_generation(keys):
         with torch._dynamo.config.patch(error_on_recompile=True):
             second = generate_wan(pipe)
     assert torch.allclose(first, expected, atol=1e-6) and torch.equal(first, second)
+
+
+@pytest.mark.parametrize("schedule, forecast", [
+    (Schedule.fixed_interval(["block"], STEPS, 2), "none"),
+    (SCHEDULE, "none"),
+    (SCHEDULE, "linear"),
+    (Schedule({key: ATTN1 if key.endswith("@cond") else FF for key in ("attn1@cond", "attn1@uncond", "ff@cond", "ff@uncond")}), "none"),
+], ids=["blocks", "layers", "layers-forecast", "guidance-halves"])
+def test_after_one_generation_only_the_guards_that_tell_graphs_apart_are_needed(schedule, forecast):
+    """torch.compiler.set_stance(skip_guard_eval_unsafe=True) checks only the guards that told the
+    compiled graphs apart (docs/speed.md): the cache's compute/reuse decisions are among them, so
+    after one warm-up generation a cached model picks the right graph at every step without the
+    full guard check, and compiles nothing."""
+    torch._dynamo.reset()
+    pipe = make_dit_pipeline()
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager")
+    with smoothcache.cache(pipe, schedule, forecast=forecast):
+        checked = generate(pipe)
+        frames = torch._dynamo.utils.counters["frames"]["total"]
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            unchecked = [generate(pipe) for _ in range(2)]
+        assert torch._dynamo.utils.counters["frames"]["total"] == frames
+    assert all(torch.equal(output, checked) for output in unchecked)
+    torch._dynamo.reset()

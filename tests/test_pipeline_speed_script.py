@@ -156,3 +156,18 @@ def test_the_step_graphs_cell_says_it_needs_a_gpu(run):
     assert [r["method"] for r in rows] == ["uncached", "smoothcache blocks", "cache-dit F1B0 static mask"]
     assert all("CUDA GPU" in r["skipped"] for r in rows)
     assert result["settings"]["warmup"]["graphs"] == 3
+
+
+def test_skip_guards_times_compiled_rows_with_only_the_guards_that_tell_graphs_apart(run):
+    """--skip-guards: after the warm-up, every compiled configuration runs under
+    set_stance(skip_guard_eval_unsafe=True); nothing compiles and every output is as checked."""
+    args = ("--model", "dit", "--compile", "compile", "--batches", "1", "--prefetch", "off",
+            "--methods", "blocks", "layers")
+    (checked,) = run(*args, out="checked")
+    (unchecked,) = run(*args, "--skip-guards", out="unchecked")
+    assert checked["settings"]["skip_guard_eval_unsafe"] is False
+    assert unchecked["settings"]["skip_guard_eval_unsafe"].startswith("timed")
+    for plain, fast in zip(checked["rows"], unchecked["rows"], strict=True):
+        assert plain["method"] == fast["method"] and "error" not in fast
+        assert fast["graphs_compiled_while_timed"] == 0 and fast["recompiles_while_timed"] == 0
+        assert fast["max_abs_diff_vs_uncached"] == plain["max_abs_diff_vs_uncached"]
