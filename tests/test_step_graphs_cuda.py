@@ -86,6 +86,22 @@ def test_two_step_counts_alternating_with_one_set_kept() -> None:
         assert len(graphs._sets) == 1 and graphs.stats.captured >= 4 * STEPS - 4
 
 
+def test_replays_hold_their_memory_flat() -> None:
+    """Replays allocate nothing new beyond the copied-out outputs, which the caller frees: what the
+    allocator reserves stays put from one replayed generation to the next."""
+    pipe = cuda_pipeline()
+    with smoothcache.cache(pipe, BLOCKS), smoothcache.step_graphs(pipe) as graphs:
+        for _ in range(3):
+            latents(pipe)
+        torch.cuda.synchronize()
+        reserved, allocated = torch.cuda.memory_reserved(), torch.cuda.memory_allocated()
+        for _ in range(3):
+            latents(pipe)
+        torch.cuda.synchronize()
+        assert graphs.stats.replayed == 4 * STEPS
+        assert torch.cuda.memory_reserved() == reserved and torch.cuda.memory_allocated() == allocated
+
+
 def read_on_host(_module, _args, output) -> None:
     """A forward hook that reads a value back on the host (a sync, which no capture allows); returns
     nothing, so the output stays the block's."""
