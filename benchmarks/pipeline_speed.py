@@ -61,9 +61,14 @@ steps), cudagraph trees start a new generation only at marks, for every compiled
 uncached row too): each step's transformer call replayed from a CUDA graph captured once, instead of
 cudagraph trees (CUDA only; not a default, name it; cache-dit is skipped there, its CUDA graphs are
 the ``cudagraphs`` cell; step_graphs warms up two generations, as the first may be the counting one run
-eagerly). Its rows carry the graphs' counts (``step_graphs``) and, where the run has the ``cudagraphs``
-cell of the same batch and prefetch, ``speedup_vs_cudagraphs_uncached``; ``kept_mib`` is None there
-(the kept outputs live in the graphs' pool) and ``peak_reserved_mib`` (every row) includes the pools.
+eagerly). ``eager-graphs``: the same without torch.compile (one plain generation, then the capture),
+for pipelines a user does not compile; step graphs replay the uncached pipeline's steps too, so
+besides ``speedup`` (against the uncached pipeline with step graphs, as every cell compares like
+with like) its rows say how far they are from plain eager. Rows of both carry the graphs' counts
+(``step_graphs``) and, where the run has the cell they stand in for (``cudagraphs``, ``eager``) at
+the same batch and prefetch, ``speedup_vs_cudagraphs_uncached`` or ``speedup_vs_eager_uncached``;
+``kept_mib`` is None there (the kept outputs live in the graphs' pool) and ``peak_reserved_mib``
+(every row) includes the pools.
 
 ``--skip-guards`` runs every compiled configuration's timed, clocked and traced generations (after
 its warm-up, which compiled every graph it needs) under
@@ -118,6 +123,7 @@ import and build)::
     # the GPU paths (inductor, CUDA graphs, host syncs) on the tiny DiT first: ~2 min
     python3 benchmarks/pipeline_speed.py --model dit --tiny --compile cudagraphs eager --batches 2 --out "$OUT/dit-tiny"
     # step_graphs against torch's CUDA graphs at batch 1, one process (~5 min; tests/test_step_graphs_cuda.py first)
+    # (add eager eager-graphs for the pipeline without torch.compile: ~2 min more)
     python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs graphs --batches 1 --prefetch on --methods blocks --out "$OUT/graphs1"
     # the same with dynamo's guard check cut to the guards that tell graphs apart, traced (~3 min)
     python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs --batches 1 --prefetch on --methods blocks --skip-guards --trace uncached blocks --out "$OUT/skip1"
@@ -175,13 +181,16 @@ from smoothcache.bench import count_host_syncs
 from smoothcache.files import atomic_path, atomic_write_text
 
 MODELS = ("dit", "flux", "wan")
-COMPILES = ("eager", "compile", "cudagraphs", "graphs")
-DEFAULT_COMPILES = ("eager", "compile", "cudagraphs")  # "graphs" needs CUDA: asked for by name
+COMPILES = ("eager", "compile", "cudagraphs", "graphs", "eager-graphs")
+DEFAULT_COMPILES = ("eager", "compile", "cudagraphs")  # the step-graphs settings need CUDA: asked for by name
+STEP_GRAPHS = {"graphs": 2, "eager-graphs": 1}  # the settings that replay step graphs: their plain warm-up generations
+STANDS_IN_FOR = {"graphs": "cudagraphs", "eager-graphs": "eager"}  # what a user without step graphs runs
 UNCACHED, BLOCKS, LAYERS, CACHE_DIT = "uncached", "smoothcache blocks", "smoothcache layers", "cache-dit F1B0 static mask"
 METHODS = (UNCACHED, BLOCKS, LAYERS, CACHE_DIT)
 METHOD_NAMES = {"uncached": UNCACHED, "blocks": BLOCKS, "layers": LAYERS, "cache-dit": CACHE_DIT}
 METHOD_TAGS = {method: tag for tag, method in METHOD_NAMES.items()}
-WARMUP = {"eager": 1, "compile": 2, "cudagraphs": 3, "graphs": 3}  # cudagraph trees and step_graphs: record on the 2nd call, replay from the 3rd
+# cudagraph trees and compiled step_graphs: record on the 2nd call, replay from the 3rd; eager step_graphs from the 2nd
+WARMUP = {"eager": 1, "compile": 2, "cudagraphs": 3, "graphs": 3, "eager-graphs": 2}
 
 # The tiny DiT: 10 steps, every 2nd computed plus the first and last, as the alpha=0.18 pattern does
 DIT_TINY_MASK = (1, 0, 1, 0, 1, 0, 1, 0, 1, 1)
@@ -368,7 +377,8 @@ def cells(model: str, compiles: Sequence[str], batches: Sequence[int]) -> list[t
     big_first = sorted(set(batches), reverse=True)
     if model == "dit":
         order = [("cudagraphs", b) for b in big_first] + [("graphs", b) for b in big_first] + [("compile", big_first[0])]
-        order += [("eager", b) for b in big_first] + [("compile", b) for b in big_first[1:]]
+        order += [("eager", b) for b in big_first] + [("eager-graphs", b) for b in big_first]
+        order += [("compile", b) for b in big_first[1:]]
     else:
         order = [(c, b) for c in COMPILES for b in big_first]
     return [cell for cell in order if cell[0] in compiles]
@@ -398,7 +408,7 @@ def configured(work: Workload, config: Config, backend: str) -> Iterator[Attache
     torch._dynamo.reset()
 
     def compile_transformer() -> None:
-        if config.compile == "eager":
+        if config.compile in ("eager", "eager-graphs"):
             return
         mode = {"mode": "reduce-overhead"} if config.compile == "cudagraphs" and backend == "inductor" else {}
         pipe.transformer = torch.compile(pipe.transformer, backend=backend, **mode)
@@ -426,10 +436,10 @@ def configured(work: Workload, config: Config, backend: str) -> Iterator[Attache
         if config.prefetch:
             undo.append(smoothcache.prefetch_timesteps(pipe).disable)
             attached.how.append("smoothcache.prefetch_timesteps(pipe)")
-        if config.compile == "graphs":
-            # two plain generations: the first of a (batch, method) may be the counting one, run
-            # under force_eager, and nothing may compile inside a capture
-            attached.graphs = smoothcache.step_graphs(pipe, warmup_generations=2)
+        if config.compile in STEP_GRAPHS:
+            # compiled, two plain generations: the first of a (batch, method) may be the counting
+            # one, run under force_eager, and nothing may compile inside a capture
+            attached.graphs = smoothcache.step_graphs(pipe, warmup_generations=STEP_GRAPHS[config.compile])
             undo.append(attached.graphs.disable)
             attached.how.append("smoothcache.step_graphs(pipe)")
         yield attached
@@ -638,7 +648,7 @@ class Runner:
         if self.elapsed_min() > self.args.max_minutes:
             row["skipped"] = f"over the time budget (--max-minutes {self.args.max_minutes})"
             return row
-        if config.compile == "graphs" and (config.method == CACHE_DIT or self.device.type != "cuda"):
+        if config.compile in STEP_GRAPHS and (config.method == CACHE_DIT or self.device.type != "cuda"):
             row["skipped"] = ("smoothcache.step_graphs replays CUDA graphs: it needs a CUDA GPU" if self.device.type != "cuda"
                               else "step_graphs is smoothcache's; cache-dit's CUDA graphs are the cudagraphs cell")
             return row
@@ -656,11 +666,12 @@ class Runner:
 
     def timed(self, config: Config, attached: Attached) -> dict[str, Any]:
         """The configuration in place: its work counted where not yet, warmed up, then timed."""
-        generate = self.generation(config.batch, compiled=config.compile != "eager")
+        compiled = config.compile not in ("eager", "eager-graphs")
+        generate = self.generation(config.batch, compiled=compiled)
         before = gpu_bench.dynamo_counts()
         syncs, warmup_s = self.warm_up(config, generate)
         after_warmup = gpu_bench.dynamo_counts()
-        if self.args.skip_guards and config.compile != "eager":
+        if self.args.skip_guards and compiled:
             generate = unchecked(generate)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -711,7 +722,7 @@ class Runner:
         key = (config.batch, config.method)
         calls: list[Callable[[], Any]] = [generate] * WARMUP[config.compile]
         if key not in self.counts:
-            if config.compile != "eager":
+            if config.compile not in ("eager", "eager-graphs"):
                 with torch.compiler.set_stance("force_eager"):
                     self.count(key, generate)
             else:
@@ -838,10 +849,11 @@ def with_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row["efficiency"] = row["speedup"] / row["ideal_speedup"]
         if plain:
             row["speedup_vs_plain_uncached"] = plain["ms"] / row["ms"]
-        if row["compile"] == "graphs":  # against what a user gets from torch for CUDA graphs, where this run has it
-            torch_graphs = uncached({**row, "compile": "cudagraphs"}, row["prefetch"])
-            if torch_graphs:
-                row["speedup_vs_cudagraphs_uncached"] = torch_graphs["ms"] / row["ms"]
+        if row["compile"] in STANDS_IN_FOR:  # against the uncached pipeline a user would run instead, where this run has it
+            instead = STANDS_IN_FOR[row["compile"]]
+            without = uncached({**row, "compile": instead}, row["prefetch"])
+            if without:
+                row[f"speedup_vs_{instead}_uncached"] = without["ms"] / row["ms"]
     return rows
 
 
@@ -875,7 +887,7 @@ def print_estimate(runner: Runner) -> None:
     share = sum(work.mask) / work.steps + 0.1
     seen, total = set(), 0.0
     for config in runner.plan:
-        compiled = config.compile != "eager"
+        compiled = config.compile not in ("eager", "eager-graphs")
         counted = compiled and (config.batch, config.method) not in seen  # an extra eager generation
         seen.add((config.batch, config.method))
         one = first_s * max(config.batch / first_batch, 0.25) * (1.0 if config.method == UNCACHED else share)
@@ -1000,7 +1012,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", choices=MODELS, default=["dit"], help="one run per model, in turn")
     parser.add_argument("--compile", nargs="+", choices=COMPILES, default=list(DEFAULT_COMPILES),
-                        help="graphs: compiled in the default mode, then smoothcache.step_graphs(pipe) (CUDA only)")
+                        help="graphs: compiled in the default mode, then smoothcache.step_graphs(pipe); "
+                             "eager-graphs: step_graphs without compiling (both CUDA only)")
     parser.add_argument("--batches", type=int, nargs="+", help="default: DiT 1 8; Flux and Wan 1")
     parser.add_argument("--prefetch", choices=["off", "on", "both"], default="both",
                         help="smoothcache.prefetch_timesteps on every configuration of a cell: off, on, or both in turn")

@@ -148,14 +148,31 @@ def test_flux_and_wan_rows(run):
     assert wan["settings"]["calls_per_step"] == 2  # guidance runs the transformer twice per step
 
 
-def test_the_step_graphs_cell_says_it_needs_a_gpu(run):
-    """``--compile graphs`` is smoothcache.step_graphs: on the CPU each row says why it did not run."""
-    (result,) = run("--model", "dit", "--compile", "graphs", "--batches", "1", "--prefetch", "off",
+def test_the_step_graphs_cells_say_they_need_a_gpu(run):
+    """``--compile graphs eager-graphs`` are smoothcache.step_graphs, compiled and not: on the CPU
+    each row says why it did not run."""
+    (result,) = run("--model", "dit", "--compile", "graphs", "eager-graphs", "--batches", "1", "--prefetch", "off",
                     "--methods", "blocks", "cache-dit")
     rows = result["rows"]
-    assert [r["method"] for r in rows] == ["uncached", "smoothcache blocks", "cache-dit F1B0 static mask"]
+    assert [(r["compile"], r["method"]) for r in rows] == [
+        (setting, method) for setting in ("graphs", "eager-graphs")
+        for method in ("uncached", "smoothcache blocks", "cache-dit F1B0 static mask")]
     assert all("CUDA GPU" in r["skipped"] for r in rows)
-    assert result["settings"]["warmup"]["graphs"] == 3
+    assert result["settings"]["warmup"]["graphs"] == 3 and result["settings"]["warmup"]["eager-graphs"] == 2
+
+
+def test_step_graph_rows_are_also_compared_with_the_pipeline_they_stand_in_for() -> None:
+    """A step-graphs row's speedup is against the uncached pipeline with step graphs (like with like),
+    and also against the uncached one a user would run instead, where the run has it."""
+    def row(setting: str, method: str, ms: float) -> dict[str, Any]:
+        return {"model": "dit", "compile": setting, "batch": 1, "prefetch": False, "method": method,
+                "ms": ms, "runs_ms": [ms], "flops": 100.0 if method == "uncached" else 50.0}
+
+    rows = pipeline_speed.with_speedups([row("eager", "uncached", 400.0), row("eager-graphs", "uncached", 100.0),
+                                         row("eager-graphs", "smoothcache blocks", 50.0)])
+    cached = rows[-1]
+    assert cached["speedup"] == 2.0 and cached["speedup_vs_eager_uncached"] == 8.0
+    assert rows[1]["speedup_vs_eager_uncached"] == 4.0 and "speedup_vs_cudagraphs_uncached" not in cached
 
 
 def test_skip_guards_times_compiled_rows_with_only_the_guards_that_tell_graphs_apart(run):
