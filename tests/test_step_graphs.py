@@ -402,3 +402,21 @@ def test_a_forward_that_reads_a_value_on_the_host_cannot_be_captured() -> None:
     assert graphs.graphs == 0 and "forward" not in vars(pipe.transformer)
     hook.remove()
     assert torch.equal(generate(pipe), plain)
+
+
+def test_the_warm_up_counts_are_bounded(monkeypatch) -> None:
+    """A pipeline whose calls never repeat a signature must not grow the warm-up counts without end:
+    past the limit they start over (one more plain generation for a signature seen before)."""
+    from smoothcache import graph_replay
+
+    monkeypatch.setattr(graph_replay, "SEEN_LIMIT", 2 * STEPS)
+    pipe = make_dit_pipeline()
+    graphs = StepGraphs(pipe, capture=OpReplayCapture())
+    for labels in ((1,), (1, 2), (1, 2, 3)):  # three signatures, one plain generation each
+        generate(pipe, labels=labels)
+        assert len(graphs._seen) <= 2 * STEPS
+    generate(pipe, labels=(1,))  # its count was dropped with the third signature's arrival: plain again
+    assert graphs.stats.captured == 0 and len(graphs._seen) == 2 * STEPS
+    generate(pipe, labels=(1,))
+    assert graphs.stats.captured == STEPS
+    graphs.disable()

@@ -61,6 +61,12 @@ __all__ = ["GraphStats", "StepGraphs", "step_graphs"]
 logger = logging.getLogger(__name__)
 
 
+# Calls counted towards their warm-up, at most: a pipeline whose calls never repeat a signature
+# (a new resolution every time) would otherwise grow the count without end. Past it the counts
+# start over, which costs each signature one more plain generation.
+SEEN_LIMIT = 1 << 16
+
+
 class Replay(Protocol):
     """A captured call: copy fresh inputs in, run, hand back the outputs it wrote."""
 
@@ -300,6 +306,8 @@ class StepGraphs:
                 self._mode = "plain"
             self.stats.plain += 1
             if key is not None:
+                if len(self._seen) >= SEEN_LIMIT and key not in self._seen:  # signatures without end: start counting afresh
+                    self._seen.clear()
                 self._seen[key] = self._seen.get(key, 0) + 1
             run_plain = getattr(self.capture, "run_plain", None)
             return run_plain(lambda: original(*args, **kwargs)) if run_plain else original(*args, **kwargs)
