@@ -127,7 +127,7 @@ def test_a_generation_that_meets_an_uncaptured_call_runs_the_rest_as_it_is_and_t
         assert graphs.stats.captured == 2 * STEPS and graphs.stats.replayed == 5 + STEPS
     assert all(torch.equal(output, cached) for output in outputs)
     assert torch.equal(incomplete, fallen_back) and not torch.equal(incomplete, cached)
-    assert "Step 6 (call 1) of this generation has no step graph" in caplog.text
+    assert "Step 6 (call 1) of this generation is not the next captured call" in caplog.text
 
 
 def test_static_inputs_keep_each_tensors_layout_and_identity() -> None:
@@ -420,3 +420,47 @@ def test_the_warm_up_counts_are_bounded(monkeypatch) -> None:
     generate(pipe, labels=(1,))
     assert graphs.stats.captured == STEPS
     graphs.disable()
+
+
+def guided_loop(pipe, skip_uncond_at: tuple[int, ...] = ()) -> torch.Tensor:
+    """A denoising loop of one's own with guidance as two model calls a step, the unconditional one
+    left out on the steps in ``skip_uncond_at`` (as guidance limited to an interval does)."""
+    from diffusers import EulerDiscreteScheduler
+
+    if not isinstance(pipe.scheduler, EulerDiscreteScheduler):
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    scheduler, generator = pipe.scheduler, torch.Generator().manual_seed(0)
+    scheduler.set_timesteps(STEPS)
+    x = torch.randn(1, 4, 8, 8, generator=generator) * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            model_input, timestep = scheduler.scale_model_input(x, t), t[None].expand(1)
+            cond = pipe.transformer(model_input, timestep=timestep, class_labels=torch.tensor([1])).sample[:, :4]
+            uncond = cond if i in skip_uncond_at else pipe.transformer(
+                model_input, timestep=timestep, class_labels=torch.tensor([1000])).sample[:, :4]
+            x = scheduler.step(uncond + 4.0 * (cond - uncond), t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "uncached"])
+def test_a_generation_that_leaves_out_a_captured_call_replays_no_graph_after_it(cached: bool, caplog) -> None:
+    """Every later call of the set is still there, but its graphs read kept outputs the left-out
+    graph would have written: from the gap on, the generation runs as it is."""
+    pipe = make_dit_pipeline()
+    schedule = Schedule.fixed_interval(["block"], STEPS, 2)
+    handle = smoothcache.cache(pipe, schedule) if cached else None
+    full, gap = guided_loop(pipe), guided_loop(pipe, skip_uncond_at=(2,))
+    with StepGraphs(pipe, capture=OpReplayCapture()) as graphs:
+        guided_loop(pipe)
+        guided_loop(pipe)  # captured: two calls at every step
+        assert graphs.stats.captured == 2 * STEPS
+        with caplog.at_level("INFO", logger="smoothcache.graph_replay"):
+            replayed_with_gap = guided_loop(pipe, skip_uncond_at=(2,))
+        assert graphs.stats.replayed == 5 and graphs.stats.incomplete == 1  # steps 0-1 and step 2's first call
+    assert "Step 4 (call 1) of this generation is not the next captured call" in caplog.text
+    if cached:  # replays kept nothing: from step 3, a reusing step, the cache computes
+        assert not torch.equal(replayed_with_gap, gap) and "differs slightly from the cache's" in caplog.text
+    else:  # the plain path from the gap on: the same output
+        assert torch.equal(replayed_with_gap, gap) and not torch.equal(gap, full)
+    if handle is not None:
+        handle.disable()

@@ -13,7 +13,7 @@ cache kept at earlier steps at the addresses the capture saw, and a generation's
 memory pool, which is safe only when they replay in the order they were captured. So a graph is
 keyed by the call's step and slot (its place in the generation) and by the call's signature (every
 tensor's shape, dtype and device, every other argument's value); a generation replays from its
-first call or not at all, and calls it meets uncaptured run as they are. Everything the graphs
+first call, in order, or not at all, and calls off that order run as they are. Everything the graphs
 baked in (parameters, buffers, the modules' forwards, so a cache attached or removed) is checked
 at each generation's start; a change drops every graph and starts over.
 
@@ -22,8 +22,9 @@ The model's own hooks still run at every call (the cache's step bookkeeping amon
 replayed graph's, copied out by default so that nothing the pipeline holds is overwritten by a
 later replay. A call is captured only once it has run as it is ``warmup_generations`` times (so
 nothing compiles inside a capture), into inputs laid out like the warm-up's (an expanded timestep
-stays expanded: dynamo guards on strides). A generation that meets an uncaptured call replays up to
-it and runs the rest as it is; the cache forgot its kept outputs at the generation's start and the
+stays expanded: dynamo guards on strides). A generation replays its set's graphs in the order
+they were captured: one that meets a call other than the set's next (uncaptured, or a captured call
+left out before it) replays up to it and runs the rest as it is; the cache forgot its kept outputs at the generation's start and the
 replays kept none, so it computes where it would reuse until each layer computes again (that image
 is not the cache's exactly, and a warning says so); the next generation captures the whole set again. A capture that fails leaves
 the model's Python state (the cache's kept outputs) unknown mid-generation: step graphs then
@@ -51,6 +52,7 @@ from .errors import GraphCaptureError
 from .ownership import holder
 from .runtime.compile import cuda_graphs_anywhere
 from .runtime.forwards import ShadowedForward, shadow_forward
+from .runtime.handle import CacheHandle
 from .steps import Experts, StepTracker, resolve_target, scheduler_step_index
 
 if TYPE_CHECKING:
@@ -222,6 +224,8 @@ class StepGraphs:
         self._fingerprint: tuple[Any, ...] | None = None
         self._mode = "plain"  # this generation: "plain", "capture" or "replay"
         self._name: Hashable | None = None  # this generation's set: its first key and step count
+        self._order: list[Hashable] = []  # a replayed generation: its set's keys in the order captured
+        self._position = 0  # and how many of them this generation has replayed
         # Each generation's graphs: one set per name, least recently used first. A set holds a pool
         # (a forward's working memory) and every step's inputs and outputs, so at most max_sets are
         # kept; a generation looks up only its own set (another set's graphs read other kept outputs)
@@ -281,22 +285,19 @@ class StepGraphs:
             if new_generation:
                 self._start_generation(key)
             if self._mode == "replay":
-                replay = self._sets[self._name].get(key) if key is not None else None
-                if replay is not None:
+                # the set's next call, or none: a graph replayed out of order (a call skipped, as
+                # guidance left out on a step) would read kept outputs the skipped graph did not write
+                expected = self._order[self._position] if self._position < len(self._order) else None
+                if key is not None and key == expected:
+                    self._position += 1
                     self.stats.replayed += 1
-                    return self._out(replay(leaves))
+                    return self._out(self._sets[self._name][key](leaves))
                 # Replays run none of the model's Python: the cache forgot its kept outputs at this
                 # generation's start and replays kept nothing, so plain calls from here on compute
                 # where the schedule reuses, until each layer computes again. The set is
                 # incomplete: the next generation captures it again.
                 self.stats.incomplete += 1
-                logger.warning(
-                    "Step %d (call %d) of this generation has no step graph (the calls changed since the capture): "
-                    "it and the rest run as they are, and the cache, which kept nothing during the replayed steps, "
-                    "computes where its schedule reuses until each layer computes again, so this image differs "
-                    "slightly from the cache's alone (closer to uncached). The next generation captures again",
-                    step + 1, slot + 1,
-                )
+                self._warn_incomplete(step, slot)
                 self._sets.pop(self._name, None)
                 self._mode = "plain"
             if key is not None and self._mode == "capture" and self._seen.get(key, 0) >= self.warmup_generations:
@@ -352,6 +353,7 @@ class StepGraphs:
         if self._name is not None and self._name in self._sets:
             self._mode = "replay"
             self._sets[self._name] = self._sets.pop(self._name)  # the most recently used
+            self._order, self._position = list(self._sets[self._name]), 0
         elif first is not None and self._seen.get(first, 0) >= self.warmup_generations:
             self._refuse_host_kept_outputs()
             self._mode = "capture"
@@ -385,6 +387,16 @@ class StepGraphs:
         self._sets[self._name][key] = replay
         self.stats.captured += 1
         return output
+
+    def _warn_incomplete(self, step: int, slot: int) -> None:
+        where = f"Step {step + 1} (call {slot + 1}) of this generation is not the next captured call (the calls changed since the capture)"
+        if isinstance(holder(self.target.model), CacheHandle):  # it kept nothing during the replays
+            logger.warning(
+                "%s: it and the rest run as they are, and the cache, which kept nothing during the replayed steps, "
+                "computes where its schedule reuses until each layer computes again, so this image differs "
+                "slightly from the cache's alone (closer to uncached). The next generation captures again", where)
+        else:  # the plain path from here on: the same output
+            logger.info("%s: it and the rest run as they are; the next generation captures again", where)
 
     def _check_compile_order(self) -> None:
         """The wrapper is kept out of dynamo, so compiling must come first and as a wrapper: a model
