@@ -10,8 +10,14 @@ would show (a value the Python side updates at every call, a tensor the cache re
 writes into) shows here as a wrong output. A value read back on the host during capture (``.item()``,
 ``bool(tensor)``) raises, as it does inside a CUDA capture.
 
+Operations whose output shape depends on the values (``nonzero``, ``masked_select``) raise too.
+
 What it does not model: one memory pool shared by a generation's graphs (the capture keeps every
-tensor it recorded alive), kernels' own streams, and the side stream the capture runs on.
+tensor it recorded alive, so a graph reading a tensor the model later replaces, which on a GPU would
+be freed memory, replays its old values here); values read on the host without an ATen operation
+(``.tolist()``, ``.numpy()`` on the CPU), which it bakes in where a capture fails; operations that
+change a tensor's shape in place (``unsqueeze_``, ``resize_``, ``out=`` into an empty tensor), which
+it does not replay right; kernels' own streams and the side stream the capture runs on.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ Operation = tuple[Any, tuple[Any, ...], dict[str, Any], Any]
 
 _HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
                torch.ops.aten.is_nonzero.default}
+# an output whose shape depends on the values (nonzero, masked_select, unique): the host must read them
+_DATA_DEPENDENT = {torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output}
 
 
 class _Recorder(TorchDispatchMode):
@@ -38,7 +46,7 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
-        if func in _HOST_READS:
+        if func in _HOST_READS or _DATA_DEPENDENT & set(func.tags):
             raise RuntimeError(f"operation not permitted when stream is capturing ({func} reads a value on the host)")
         output = func(*args, **kwargs)
         self.operations.append((func, args, kwargs, output))
