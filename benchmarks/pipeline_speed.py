@@ -66,7 +66,9 @@ for pipelines a user does not compile; step graphs replay the uncached pipeline'
 besides ``speedup`` (against the uncached pipeline with step graphs, as every cell compares like
 with like) its rows say how far they are from plain eager. Rows of both carry the graphs' counts
 (``step_graphs``) and, where the run has the cell they stand in for (``cudagraphs``, ``eager``) at
-the same batch and prefetch, ``speedup_vs_cudagraphs_uncached`` or ``speedup_vs_eager_uncached``;
+the same batch and prefetch, ``speedup_vs_cudagraphs_uncached`` or ``speedup_vs_eager_uncached``, and
+where the run has the same method without step graphs (``compile``, ``eager``),
+``max_abs_diff_vs_plain_path`` (0: bit-identical, as step graphs claim);
 ``kept_mib`` is None there (the kept outputs live in the graphs' pool) and ``peak_reserved_mib``
 (every row) includes the pools.
 
@@ -82,7 +84,8 @@ configuration without and with it. Where this smoothcache has no ``prefetch_time
 rows without it run, and the JSON says so (``settings.prefetch_available``).
 
 Each row: the median of ``--repeats`` timed generations after warm-up (eager 1, compile 2,
-cudagraphs 3: cudagraph trees record on a function's second call and replay from its third) and
+cudagraphs 3: cudagraph trees record on a function's second call and replay from its third; graphs
+4 and eager-graphs 3: plain, capture, one replay) and
 all run times; ``speedup`` against the uncached row of the same (compile, batch, prefetch) cell and
 ``speedup_vs_plain_uncached`` against the uncached row without prefetch; ``speedup_of_fastest``
 (fastest against fastest: host noise only ever slows a run); ``ideal_speedup``, from the FLOPs one
@@ -185,12 +188,14 @@ COMPILES = ("eager", "compile", "cudagraphs", "graphs", "eager-graphs")
 DEFAULT_COMPILES = ("eager", "compile", "cudagraphs")  # the step-graphs settings need CUDA: asked for by name
 STEP_GRAPHS = {"graphs": 2, "eager-graphs": 1}  # the settings that replay step graphs: their plain warm-up generations
 STANDS_IN_FOR = {"graphs": "cudagraphs", "eager-graphs": "eager"}  # what a user without step graphs runs
+PLAIN_PATH = {"graphs": "compile", "eager-graphs": "eager"}  # the same kernels without step graphs
 UNCACHED, BLOCKS, LAYERS, CACHE_DIT = "uncached", "smoothcache blocks", "smoothcache layers", "cache-dit F1B0 static mask"
 METHODS = (UNCACHED, BLOCKS, LAYERS, CACHE_DIT)
 METHOD_NAMES = {"uncached": UNCACHED, "blocks": BLOCKS, "layers": LAYERS, "cache-dit": CACHE_DIT}
 METHOD_TAGS = {method: tag for tag, method in METHOD_NAMES.items()}
-# cudagraph trees and compiled step_graphs: record on the 2nd call, replay from the 3rd; eager step_graphs from the 2nd
-WARMUP = {"eager": 1, "compile": 2, "cudagraphs": 3, "graphs": 3, "eager-graphs": 2}
+# cudagraph trees record on the 2nd call and replay from the 3rd; step graphs warm up (STEP_GRAPHS), capture,
+# then replay once more untimed, so that the last warm-up (where host syncs are counted) is a replay
+WARMUP = {"eager": 1, "compile": 2, "cudagraphs": 3, "graphs": 4, "eager-graphs": 3}
 
 # The tiny DiT: 10 steps, every 2nd computed plus the first and last, as the alpha=0.18 pattern does
 DIT_TINY_MASK = (1, 0, 1, 0, 1, 0, 1, 0, 1, 1)
@@ -613,7 +618,7 @@ class Runner:
     started: float = field(default_factory=time.perf_counter)
     rows: list[dict[str, Any]] = field(default_factory=list)
     counts: dict[tuple[int, str], dict[str, float]] = field(default_factory=dict)  # (batch, method) -> counted work
-    outputs: dict[Config, torch.Tensor] = field(default_factory=dict)  # this cell's outputs, for the differences
+    outputs: dict[Config, torch.Tensor] = field(default_factory=dict)  # every configuration's, for the differences
     plan: list[Config] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -625,9 +630,7 @@ class Runner:
         return (time.perf_counter() - self.started) / 60
 
     def run(self) -> dict[str, Any]:
-        for index, config in enumerate(self.plan):
-            if index == 0 or self.plan[index - 1][:2] != config[:2]:
-                self.outputs.clear()  # a new cell
+        for config in self.plan:
             self.add(self.measure(config))
         return self.result()
 
@@ -755,9 +758,20 @@ class Runner:
     def add(self, row: dict[str, Any]) -> None:
         """Keep ``row``, rewrite the result file, print the row's line."""
         self.rows.append(row)
+        self.compare_plain_paths()
         result = self.result()
         atomic_write_text(self.out, json.dumps(result, indent=1) + "\n")
         print(row_line(result["rows"][-1]), flush=True)
+
+    def compare_plain_paths(self) -> None:
+        """Each step-graphs row against the same method on the plain path (``PLAIN_PATH``: the same
+        kernels, not replayed), once both have run in whichever order: 0 means bit-identical."""
+        for row in self.rows:
+            if row["compile"] in PLAIN_PATH and "ms" in row and "max_abs_diff_vs_plain_path" not in row:
+                config = Config(row["compile"], row["batch"], row["prefetch"], row["method"])
+                plain = self.outputs.get(config._replace(compile=PLAIN_PATH[row["compile"]]))
+                if plain is not None:
+                    row["max_abs_diff_vs_plain_path"] = max_abs_diff(self.outputs[config], plain)
 
     def result(self) -> dict[str, Any]:
         return {

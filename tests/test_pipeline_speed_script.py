@@ -158,7 +158,7 @@ def test_the_step_graphs_cells_say_they_need_a_gpu(run):
         (setting, method) for setting in ("graphs", "eager-graphs")
         for method in ("uncached", "smoothcache blocks", "cache-dit F1B0 static mask")]
     assert all("CUDA GPU" in r["skipped"] for r in rows)
-    assert result["settings"]["warmup"]["graphs"] == 3 and result["settings"]["warmup"]["eager-graphs"] == 2
+    assert result["settings"]["warmup"]["graphs"] == 4 and result["settings"]["warmup"]["eager-graphs"] == 3
 
 
 def test_step_graph_rows_are_also_compared_with_the_pipeline_they_stand_in_for() -> None:
@@ -188,3 +188,17 @@ def test_skip_guards_times_compiled_rows_with_only_the_guards_that_tell_graphs_a
         assert plain["method"] == fast["method"] and "error" not in fast
         assert fast["graphs_compiled_while_timed"] == 0 and fast["recompiles_while_timed"] == 0
         assert fast["max_abs_diff_vs_uncached"] == plain["max_abs_diff_vs_uncached"]
+
+
+def test_step_graph_rows_are_compared_with_the_same_method_on_the_plain_path_in_either_order() -> None:
+    Config = pipeline_speed.Config
+    runner = pipeline_speed.Runner(work=None, args=None, out=None)
+    replayed, plain = Config("eager-graphs", 1, False, "smoothcache blocks"), Config("eager", 1, False, "smoothcache blocks")
+    runner.outputs[replayed] = torch.ones(2)
+    runner.rows.append({**replayed._asdict(), "ms": 1.0})
+    runner.compare_plain_paths()
+    assert "max_abs_diff_vs_plain_path" not in runner.rows[0]  # the plain path has not run yet
+    runner.outputs[plain] = torch.tensor([1.0, 1.5])
+    runner.rows.append({**plain._asdict(), "ms": 2.0})
+    runner.compare_plain_paths()
+    assert runner.rows[0]["max_abs_diff_vs_plain_path"] == 0.5 and "max_abs_diff_vs_plain_path" not in runner.rows[1]
