@@ -544,3 +544,70 @@ def test_split_finds_the_least_drifting_split_and_says_how_to_run_it(pipeline_di
     assert f"Run it: smoothcache generate --steps {chosen[0]}" in printed
     assert main(["split", *common, "--compute-fraction", "0.6", "--step-counts", "12", "--out", str(out)]) == 1
     assert "step_counts must lie in [2, full_steps=10]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("compile_setting", ["none", "model"])
+def test_bench_with_step_graphs_times_uncached_then_cached_each_replayed(
+    compile_setting, pipeline_dir, tmp_path, capsys, monkeypatch
+):
+    """--step-graphs: attaching or removing the cache drops the graphs, so the uncached runs come
+    first and the cached ones after, each phase warmed up through a capture and one replay (a
+    stand-in capture with a graph's semantics here, tests/op_replay.py; dynamo only)."""
+    from op_replay import OpReplayCapture
+
+    from smoothcache.graph_replay import StepGraphs
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: real_compile(model, backend="eager"))
+    monkeypatch.setattr(smoothcache.bench, "_attach_step_graphs", lambda pipe: StepGraphs(pipe, capture=OpReplayCapture()))
+    schedule, out = tmp_path / "s.json", tmp_path / "bench.json"
+    Schedule.fixed_interval(["block"], 10, 2).save(schedule)
+    torch._dynamo.reset()
+    args = ["bench", "--model", str(pipeline_dir), "--schedule", str(schedule), "--classes", "1,2", "--repeats", "2",
+            "--compile", compile_setting, "--step-graphs", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    torch._dynamo.reset()
+    (cell,) = json.loads(out.read_text())["cells"]
+    assert cell["timing"] == "sequential" and cell["speedup"] > 0 and cell["ideal_speedup"] > 1
+    for name in ("uncached", "cached"):  # a plain generation, the capture, one replay untimed, two timed
+        counts = cell["step_graphs"][name]
+        assert (counts["plain"], counts["captured"], counts["replayed"]) == (10, 10, 30)
+        assert counts["incomplete"] == 0 and counts["capture_error"] is None
+    assert "step graphs (uncached runs, then cached ones)" in capsys.readouterr().out
+
+
+def test_bench_refuses_step_graphs_over_torchs_cuda_graphs(pipeline_dir, tmp_path, capsys):
+    schedule = tmp_path / "s.json"
+    Schedule.fixed_interval(["block"], 10, 2).save(schedule)
+    args = ["bench", "--model", str(pipeline_dir), "--schedule", str(schedule), "--classes", "1,2",
+            "--compile", "model-cudagraphs", "--step-graphs"]
+    assert main(args) != 0
+    assert "not model-cudagraphs" in capsys.readouterr().err
+
+
+def test_bench_with_skip_guards_times_compiled_runs_under_the_stance(pipeline_dir, tmp_path, monkeypatch):
+    """--skip-guards: compiled runs are timed under set_stance(skip_guard_eval_unsafe=True), in turn
+    as usual, and only they; an uncompiled cell says it did not apply."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: real_compile(model, backend="eager"))
+    stances: list[bool] = []
+    real_run_request = smoothcache.cli_pipelines.run_request
+
+    def noting_the_stance(*args, **kwargs):
+        stances.append(torch._dynamo.eval_frame._is_skip_guard_eval_unsafe_stance())
+        return real_run_request(*args, **kwargs)
+
+    monkeypatch.setattr(smoothcache.cli_pipelines, "run_request", noting_the_stance)
+    schedule, out = tmp_path / "s.json", tmp_path / "bench.json"
+    Schedule.fixed_interval(["attn1", "ff"], 10, 2).save(schedule)
+    torch._dynamo.reset()
+    args = ["bench", "--model", str(pipeline_dir), "--schedule", str(schedule), "--classes", "1,2", "--repeats", "2",
+            "--compile", "none", "model", "--skip-guards", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    torch._dynamo.reset()
+    cells = json.loads(out.read_text())["cells"]
+    assert [(c["compile"], c["skip_guards"], c["timing"]) for c in cells] == [
+        ("none", False, "interleaved"), ("model", True, "interleaved")]
+    # each cell: the ideal's run, the warm-up (1 uncompiled, 3 compiled, each way), then 2 timed each way
+    assert stances == [False] * (1 + 2 + 4) + [False] * (1 + 6) + [True] * 4
+    assert all(c["speedup"] > 0 for c in cells)

@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class BenchResult:
-    """Medians over interleaved repeats; ``efficiency`` is measured over ideal speedup."""
+    """Medians over the timed repeats (interleaved, or one run after the other with step graphs);
+    ``efficiency`` is measured over ideal speedup."""
 
     uncached_seconds: float
     cached_seconds: float
@@ -39,6 +40,9 @@ class BenchResult:
     peak_memory_mib: dict[str, float] | None
     host_syncs: int | None = None  # times one cached generation made the host wait for the GPU (CUDA only)
     warnings: list[str] = field(default_factory=list)
+    timing: str = "interleaved"  # or "sequential": uncached runs, then cached ones (step graphs)
+    step_graphs: dict[str, Any] | None = None  # uncached and cached: the step graphs' counts, where replayed
+    skip_guards: bool = False  # timed under torch.compiler.set_stance(skip_guard_eval_unsafe=True)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,6 +158,28 @@ def _eagerly() -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext() if set_stance is None else set_stance("force_eager")
 
 
+def _unchecked(run: Callable[[], Any]) -> Callable[[], Any]:
+    """``run`` with dynamo checking only the guards that tell its compiled graphs apart (after a
+    warm-up that compiled every graph it needs; docs/speed.md says when that is safe)."""
+
+    def fast() -> Any:
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            return run()
+
+    return fast
+
+
+def _attach_step_graphs(pipe: Any) -> Any:
+    """``smoothcache.step_graphs(pipe)`` (a seam: tests on the CPU attach a stand-in capture)."""
+    from .graph_replay import step_graphs
+
+    return step_graphs(pipe)
+
+
+# step graphs per timed phase: a plain generation (compiling where compiled), the capture, one replay
+STEP_GRAPHS_WARMUP = 3
+
+
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     """``fn()`` and its wall-clock seconds, with the GPU synchronised on both sides."""
     if device.type == "cuda":
@@ -177,11 +203,19 @@ def benchmark_schedule(
     warmup: int = 1,
     cuda_graphs: bool | None = None,
     progress: bool = False,
+    step_graphs: bool = False,
+    skip_guards: bool = False,
 ) -> BenchResult:
     """Time ``run()`` (one pipeline call) uncached and cached on ``schedule``, interleaved, after
     ``warmup`` runs of each (under torch.compile the cached patterns compile there, not while
     timed; with CUDA graphs, cudagraph trees record on a function's second run and replay from its
     third, so warm up three times).
+
+    ``step_graphs`` replays each step's model call from a CUDA graph (:func:`smoothcache.step_graphs`)
+    in both: the uncached runs, then the cached ones, each after a plain generation, the capture
+    and one replay (attaching or removing the cache drops the graphs, so the two cannot take turns).
+    ``skip_guards`` times compiled runs under ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``,
+    after the warm-up.
 
     The ideal speedup comes from one extra calibration pass that counts FLOPs per layer, run
     eagerly where the model is compiled; on CUDA one more cached run, untimed, counts the host's
@@ -194,9 +228,12 @@ def benchmark_schedule(
         raise ValueError(f"repeats and warmup must be >= 1, got {repeats} and {warmup}")
     model = getattr(pipe, "transformer", pipe)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if compiled_anywhere(model):  # each run its own CUDA graph generation, uncached ones too
+    compiled = compiled_anywhere(model)
+    if compiled:  # each run its own CUDA graph generation, uncached ones too
         run = _marking_steps(run)
         cuda_graphs = cuda_graphs_anywhere(model) if cuda_graphs is None else cuda_graphs
+    if step_graphs:
+        warmup, cuda_graphs = STEP_GRAPHS_WARMUP, True
     calls = int(measure_ideal) + 2 * warmup + 2 * repeats + int(device.type == "cuda")  # the last: counting syncs
     bar = tqdm(total=calls, desc="bench", unit="call", disable=not progress)
     run = _counted(run, bar)
@@ -210,6 +247,33 @@ def benchmark_schedule(
         ) as rec:
             run()
         ideal = rec.profile.estimated_speedup(schedule)
+    timing = _timed_one_after_the_other if step_graphs else _timed_in_turn
+    times, peaks, host_syncs, graph_counts = timing(
+        pipe, handle, run, device, warmup, repeats, skip_guards=skip_guards and compiled)
+    bar.close()
+    uncached, cached = (statistics.median(times[n]) for n in ("uncached", "cached"))
+    speedup = uncached / cached
+    efficiency = speedup / ideal if ideal else None
+    result = BenchResult(
+        uncached, cached, speedup, ideal, efficiency, schedule.compute_fraction(), peaks or None, host_syncs,
+        timing="sequential" if step_graphs else "interleaved", step_graphs=graph_counts, skip_guards=skip_guards and compiled,
+    )
+    caches_layers = any(layer.streams is None for layer in handle.layers)
+    graphs = cuda_graphs if device.type == "cuda" else None  # launches cost the host on a GPU only
+    result.warnings = diagnose(speedup, ideal, host_syncs, schedule.num_steps, caches_layers, graphs)
+    for warning in result.warnings:
+        logger.warning(warning)
+    return result
+
+
+# per run kind: seconds of each timed run; peak GPU MiB; the host's waits in one cached run; step graphs' counts
+Timings = tuple[dict[str, list[float]], dict[str, float], int | None, dict[str, Any] | None]
+
+
+def _timed_in_turn(pipe: Any, handle: Any, run: Callable[[], Any], device: torch.device, warmup: int, repeats: int,
+                   *, skip_guards: bool) -> Timings:
+    """Uncached and cached runs taking turns (drift in the host's speed hits both alike), after
+    ``warmup`` runs of each; then the host's waits in one cached run."""
     times: dict[str, list[float]] = {"uncached": [], "cached": []}
     peaks: dict[str, float] = {}
     for _ in range(warmup):
@@ -220,34 +284,55 @@ def benchmark_schedule(
             run()
     finally:
         handle.disable()
+    run = _unchecked(run) if skip_guards else run
     for _ in range(repeats):
         for name in ("uncached", "cached"):
             if name == "cached":
                 handle.enable()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
             try:
-                _, seconds = timed(run, device)
+                times[name].append(_timed_with_peak(run, device, peaks, name))
             finally:
                 handle.disable()
-            times[name].append(seconds)
-            if device.type == "cuda":
-                peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**20)
     handle.enable()
     try:
         host_syncs = count_host_syncs(run, device)
     finally:
         handle.disable()
-    bar.close()
-    uncached, cached = (statistics.median(times[n]) for n in ("uncached", "cached"))
-    speedup = uncached / cached
-    efficiency = speedup / ideal if ideal else None
-    result = BenchResult(
-        uncached, cached, speedup, ideal, efficiency, schedule.compute_fraction(), peaks or None, host_syncs
-    )
-    caches_layers = any(layer.streams is None for layer in handle.layers)
-    graphs = cuda_graphs if device.type == "cuda" else None  # launches cost the host on a GPU only
-    result.warnings = diagnose(speedup, ideal, host_syncs, schedule.num_steps, caches_layers, graphs)
-    for warning in result.warnings:
-        logger.warning(warning)
-    return result
+    return times, peaks, host_syncs, None
+
+
+def _timed_one_after_the_other(pipe: Any, handle: Any, run: Callable[[], Any], device: torch.device, warmup: int,
+                               repeats: int, *, skip_guards: bool) -> Timings:
+    """With step graphs: the uncached runs, then the cached ones, each with step graphs attached
+    afresh and warmed up through one replay; the host's waits counted in one more cached replay."""
+    times: dict[str, list[float]] = {"uncached": [], "cached": []}
+    peaks: dict[str, float] = {}
+    counts: dict[str, Any] = {}
+    host_syncs = None
+    for name in ("uncached", "cached"):
+        if name == "cached":
+            handle.enable()
+        graphs = _attach_step_graphs(pipe)
+        try:
+            for _ in range(warmup):
+                run()
+            timed_run = _unchecked(run) if skip_guards else run
+            for _ in range(repeats):
+                times[name].append(_timed_with_peak(timed_run, device, peaks, name))
+            if name == "cached":
+                host_syncs = count_host_syncs(timed_run, device)
+            counts[name] = asdict(graphs.stats)
+        finally:
+            graphs.disable()
+            handle.disable()
+    return times, peaks, host_syncs, counts
+
+
+def _timed_with_peak(run: Callable[[], Any], device: torch.device, peaks: dict[str, float], name: str) -> float:
+    """One timed ``run()``; its peak GPU memory joins ``peaks[name]``."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _, seconds = timed(run, device)
+    if device.type == "cuda":
+        peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**20)
+    return seconds

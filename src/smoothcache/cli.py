@@ -332,6 +332,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .cli_pipelines import run_request
 
     schedule = Schedule.load(args.schedule)
+    if args.step_graphs and "model-cudagraphs" in args.compile:
+        raise ValueError("--step-graphs replays CUDA graphs of its own: use --compile none or model with it, "
+                         "not model-cudagraphs (torch's CUDA graphs, which it replaces)")
     pipe, requests, extra = _load(args)
     batches = args.batch_sizes or [requests[0].size]
     prefetch = _prefetch_if_asked(args, pipe)  # uncached and cached runs alike: it is on the pipeline
@@ -345,6 +348,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 pipe, schedule, lambda request=request: run_request(pipe, request, schedule.num_steps, **extra),
                 repeats=args.repeats, forecast=_forecast_of(args, schedule), warmup=1 if compile_setting == "none" else 3,
                 cuda_graphs=compile_setting == "model-cudagraphs", progress=not args.quiet,
+                step_graphs=args.step_graphs, skip_guards=args.skip_guards,
             )
             cell = {"compile": compile_setting, "batch": batch, "prefetch_timesteps": bool(prefetch)} | result.to_dict()
             cells.append(cell)
@@ -405,6 +409,12 @@ def _print_bench_cell(args: argparse.Namespace, schedule: Schedule, cell: dict[s
         print("peak memory (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in cell["peak_memory_mib"].items()))
     if cell["host_syncs"] is not None:
         print(f"host waited for the GPU {cell['host_syncs']} times in one cached generation")
+    if cell["step_graphs"]:
+        counts = cell["step_graphs"]
+        print("step graphs (uncached runs, then cached ones): " + "; ".join(
+            f"{name} {c['replayed']} calls replayed, {c['captured']} captured" for name, c in counts.items()))
+    if cell["skip_guards"]:
+        print("timed with torch.compiler.set_stance(skip_guard_eval_unsafe=True)")
     for warning in cell["warnings"]:
         print(f"warning: {warning}")
 
@@ -696,6 +706,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", nargs="+", type=positive_int,
                        help="samples per call, one cell each (default: --batch); labels or prompts repeat to fill a batch")
     _add_prefetch_arg(bench)
+    bench.add_argument("--step-graphs", action="store_true",
+                       help="replay each step's model call from a CUDA graph (smoothcache.step_graphs), uncached and "
+                       "cached alike; timed one after the other, not in turn (CUDA; with --compile none or model)")
+    bench.add_argument("--skip-guards", action="store_true",
+                       help="time compiled runs under torch.compiler.set_stance(skip_guard_eval_unsafe=True), after "
+                       "the warm-up (docs/speed.md says when that is safe)")
     bench.add_argument("--out", help="JSON file: the settings and one entry per cell under 'cells'")
     bench.set_defaults(func=cmd_bench)
 
