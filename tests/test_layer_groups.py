@@ -1,4 +1,4 @@
-"""calibration(layer_groups=n): each generation measures every n-th layer in turn, so the outputs
+"""calibration(layer_groups=n): each generation measures every n-th block's layers in turn, so the outputs
 held for the errors shrink to about 1/n, and every layer is still measured."""
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ def test_groups_hold_a_fraction_of_the_history_and_measure_every_layer():
     # every layer measured in the generations of its group, NaN in the others
     measured = np.isfinite(halves.errors[:, :, 0, 0])
     assert measured.sum(axis=0).tolist() == [2] * len(halves.layers)
-    assert measured[0].tolist() == [index % 2 == 0 for index in range(len(halves.layers))]
+    # a group is every other block, whole: both of its layers in the same generations
+    assert measured[0].tolist() == [layer.block % 2 == 0 for layer in halves.layers]
     # a layer's mean over its generations is the mean of those same generations measured whole
-    for index in range(len(halves.layers)):
-        runs = [run for run in range(4) if run % 2 == index % 2]
+    for index, layer in enumerate(halves.layers):
+        runs = [run for run in range(4) if run % 2 == layer.block % 2]
         np.testing.assert_allclose(halves.mean_errors()[index], whole.errors[runs, index].mean(axis=0), rtol=1e-5)
     # the curves, and so the schedules, stay close to measuring everything everywhere
     np.testing.assert_allclose(halves.curves("attn1")[:, : STEPS - 2], whole.curves("attn1")[:, : STEPS - 2], rtol=0.5)
@@ -40,9 +41,11 @@ def test_groups_hold_a_fraction_of_the_history_and_measure_every_layer():
 
 def test_fewer_generations_than_groups_is_refused_with_the_fix():
     with pytest.raises(ProfileError, match="run at least 3"):
-        calibrated(make_dit_pipeline(), 3, generations=2)
+        calibrated(make_dit_pipeline(num_layers=4), 3, generations=2)
     with pytest.raises(ValueError, match="layer_groups must be >= 1"):
         smoothcache.calibration(make_dit_pipeline(), layer_groups=0)
+    with pytest.raises(ValueError, match="at most 2 groups"):  # a group is every n-th block: two blocks, two groups
+        smoothcache.calibration(make_dit_pipeline(), layer_groups=3)
 
 
 def test_the_command_line_takes_layer_groups(tmp_path, capsys):

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     BlockCachingError,
+    CalibrationMemoryError,
     GraphCaptureError,
     GuidanceError,
     ModelInUseError,
@@ -57,6 +58,7 @@ __all__ = [
     "BlockCachingError",
     "CacheHandle",
     "CacheableLayer",
+    "CalibrationMemoryError",
     "CalibrationProfile",
     "CalibrationRecorder",
     "GraphCaptureError",

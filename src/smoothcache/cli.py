@@ -622,8 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calibrate.add_argument(
         "--layer-groups", type=positive_int, default=1,
-        help="measure every n-th layer per generation, in turn: calibration's extra memory (the layers' last "
-        "--lookahead outputs) drops to about 1/n; run a multiple of n generations (--samples / --batch)",
+        help="measure the layers of every n-th block per generation, in turn: calibration's extra memory (the "
+        "layers' last --lookahead outputs) drops to about 1/n; run a multiple of n generations (--samples / --batch)",
     )
     calibrate.add_argument("--out", required=True, help="profile JSON to write")
     calibrate.set_defaults(func=cmd_calibrate)

@@ -30,6 +30,12 @@ class UnreachableBudgetError(ScheduleError, ProfileError):
     lookahead bounds how long an output may be reused); the message names the reachable end."""
 
 
+class CalibrationMemoryError(SmoothCacheError, MemoryError):
+    """Calibration's history of layer outputs will not fit on the device. Raised after the first
+    step, before it runs out, with the ``layer_groups`` or ``lookahead`` that would fit; the model
+    is left without calibration hooks."""
+
+
 class StepMismatchError(SmoothCacheError, RuntimeError):
     """The pipeline ran a different number of steps than the schedule or profile was made for."""
 

@@ -10,6 +10,11 @@ With ``forecast="linear"`` it also measures the error of predicting step ``s + k
 linearly from steps ``s`` and ``s - g`` (what a reusing step computes under
 ``cache(..., forecast="linear")``), for gaps ``g = 1..lookahead + 1``; each layer then keeps its
 last ``2 * lookahead + 1`` outputs.
+
+At the first call of a generation's second step the rings hold exactly one step's outputs, so the
+generation's peak is known before it is reached: it is logged once, and on CUDA a history that
+the device cannot hold is refused then (:class:`~smoothcache.errors.CalibrationMemoryError`, with
+the ``layer_groups`` that would fit), not an out-of-memory error steps later.
 """
 
 from __future__ import annotations
@@ -27,7 +32,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import CacheableLayer, find_layers
-from .errors import GuidanceError, ProfileError, StepMismatchError
+from .errors import (
+    CalibrationMemoryError,
+    GuidanceError,
+    ProfileError,
+    StepMismatchError,
+)
 from .guidance import branch_order, check_cfg_batch
 from .keys import BRANCHES, Key
 from .ownership import Claim, claim, release
@@ -114,6 +124,11 @@ class CalibrationRecorder:
                 "since there is no scheduler to tell where one generation ends"
             )
         self.layers = list(layers)
+        if layer_groups > most_layer_groups(self.layers):
+            raise ValueError(
+                f"layer_groups={layer_groups} would leave some generations nothing to measure: a group is every "
+                f"n-th block, and these layers make at most {most_layer_groups(self.layers)} groups"
+            )
         # Guidance halves in batch order (guidance.py); their errors go to extra rows: cond L..2L-1, uncond 2L..3L-1.
         self.branches = branch_order(self.target.pipeline, branches) if branches is not None else None
         self._batch_rows = 0  # the current model call's batch, where branches are recorded
@@ -142,10 +157,13 @@ class CalibrationRecorder:
         self._slot = 0
         self._flop_meter = FlopMeter(len(self.layers))
         self.layer_groups = layer_groups
-        self._group = 0  # the layers this generation measures: index % layer_groups == _group
+        self._group_of = group_of(self.layers, layer_groups)  # each layer's group
+        self._group = 0  # the group this generation measures
         self._generations = 0  # generations started
         self._history_bytes = 0  # what the rings hold now, and the most they held
         self.history_peak_bytes = 0
+        self.history_predicted_bytes = 0  # the most a generation's history was predicted to reach, at its second step
+        self._history_said = False  # the prediction is logged once per calibration
         self._started = 0.0
         self._profile: CalibrationProfile | None = None
 
@@ -223,6 +241,8 @@ class CalibrationRecorder:
                 "pipeline's num_inference_steps, or calls_per_step= if it calls the model several times per step"
             )
         self._step, self._slot = step, slot
+        if step == 1 and slot == 0:  # once per generation, off the per-layer path
+            self._check_history_fits()
         self._occurrences = [0] * len(self.layers)
         if self.branches is not None:  # compare the halves once per generation: it syncs with the device
             self._batch_rows = check_cfg_batch(args, kwargs, compare=step == slot == 0)
@@ -234,7 +254,7 @@ class CalibrationRecorder:
 
     def _after_layer(self, index: int, output: Any, *, fresh: bool = False) -> None:
         self._flop_meter.after_layer(index)
-        if index % self.layer_groups != self._group:  # another generation measures this layer
+        if self._group_of[index] != self._group:  # another generation measures this layer
             return
         # Kept in the model's dtype (half the memory of float32 copies on a bf16 model); the norms
         # accumulate in float32. Copies, as the model may reuse its buffers (a block's residual is new).
@@ -305,6 +325,92 @@ class CalibrationRecorder:
             ]
             self._current[entry, self._step, : len(numerators)] += torch.stack(numerators) / denominator
             self._counts[entry, self._step, : len(numerators)] += 1
+
+    # ---- the history's size -----------------------------------------------------------------
+    def _check_history_fits(self) -> None:
+        """Predict this generation's history from step 0's (the rings hold exactly that now): each
+        layer of this generation's group keeps its outputs of the last ``lookahead + gaps`` steps.
+        Said once; where a CUDA device cannot give the growth still to come, the hooks come off and
+        :class:`CalibrationMemoryError` says what fits, before the rings fill and run out."""
+        assert self._current is not None
+        ring = _ring_length(self.lookahead, bool(self.gaps), self._current.shape[1])
+        group = [i for i, g in enumerate(self._group_of) if g == self._group]
+        by_device = self._step_bytes_by_device()
+        predicted = {device: ring * sum(layer_bytes[i] for i in group) for device, layer_bytes in by_device.items()}
+        total = sum(predicted.values())
+        self.history_predicted_bytes = max(self.history_predicted_bytes, round(total))
+        if not self._history_said:
+            self._history_said = True
+            self._say_history(total, ring, len(group), [sum(column) for column in zip(*by_device.values())])
+        for device, layer_bytes in by_device.items():
+            held = sum(layer_bytes[i] for i, rings in enumerate(self._rings) if rings)
+            available = _available_bytes(device)
+            if available is not None and predicted[device] - held > available:
+                self._detach()  # leave the model clean: the raise ends the pipeline call
+                raise CalibrationMemoryError(self._too_big(device, layer_bytes, ring, predicted[device], available, held))
+
+    def _say_history(self, total: float, ring: int, measured: int, layer_bytes: list[float]) -> None:
+        """Log the prediction, and what more layer groups would keep (about ``1/n`` of it where the
+        blocks are alike)."""
+        layers = f"{measured} layers" if self.layer_groups == 1 else \
+            f"{measured} of {len(self.layers)} layers, layer_groups={self.layer_groups}"
+        more = [n for n in (2 * self.layer_groups, 4 * self.layer_groups) if n <= most_layer_groups(self.layers)]
+        fewer = " and ".join(
+            f"layer_groups={n} about {_size(ring * largest_group_bytes(layer_bytes, group_of(self.layers, n)))}" for n in more)
+        logger.info(
+            "Calibration keeps about %s of layer outputs (%d steps' outputs of %s; lookahead %d%s)%s",
+            _size(total), ring, layers, self.lookahead, ", forecast" if self.gaps else "",
+            f"; {fewer}, over that many generations" if more else "",
+        )
+
+    def _step_bytes_by_device(self) -> dict[torch.device, list[float]]:
+        """Per device, each layer's bytes of one step (what its rings hold at step 1). A layer that
+        has not run yet (another generation's group, or another expert's) counts at the mean of
+        its kind, so that another expert's layers, which run later, are in the prediction."""
+        held: dict[torch.device, list[float]] = {}
+        for index, rings in enumerate(self._rings):
+            for tensor in (t for ring in rings.values() for entry in ring for t in entry):
+                held.setdefault(tensor.device, [0.0] * len(self.layers))[index] += tensor.numel() * tensor.element_size()
+        ran = [index for index, rings in enumerate(self._rings) if rings]
+        for layer_bytes in held.values():
+            overall = sum(layer_bytes[i] for i in ran) / len(ran)
+            by_kind: dict[str, list[float]] = {}
+            for index in ran:
+                by_kind.setdefault(self.layers[index].layer_type, []).append(layer_bytes[index])
+            for index, rings in enumerate(self._rings):
+                if not rings:
+                    same = by_kind.get(self.layers[index].layer_type)
+                    layer_bytes[index] = sum(same) / len(same) if same else overall
+        return held
+
+    def _too_big(
+        self, device: torch.device, layer_bytes: list[float], ring: int, predicted: float, available: int, held: float
+    ) -> str:
+        """What to say where the history will not fit: the sizes, and the ``layer_groups`` or
+        ``lookahead`` that would fit in the room there is (what the device can give plus what the
+        rings hold now)."""
+        room = available + held
+        fixes = []
+        groups = smallest_layer_groups(self.layers, layer_bytes, ring, room, above=self.layer_groups)
+        if groups is not None:
+            fixes.append(f"layer_groups={groups} (each generation then measures one layer in {groups}: run {groups} "
+                         f"generations, or a multiple of {groups}, for every layer to be measured)")
+        steps = self._current.shape[1] if self._current is not None else ring
+        step_bytes = predicted / ring
+        lower = next((k for k in range(self.lookahead - 1, 0, -1)
+                      if step_bytes * _ring_length(k, bool(self.gaps), steps) <= room), None)
+        if lower is not None:
+            fixes.append(f"lookahead={lower} (caching then reuses an output for at most {lower} steps)")
+        fix = f"Calibrate with {' or '.join(fixes)}." if fixes else (
+            "Even one layer per generation would not fit: free memory on the device (a smaller batch or "
+            "resolution, model offloading).")
+        return (
+            f"Calibration would keep about {_size(predicted)} of layer outputs on {device} (the last {ring} "
+            f"steps' outputs of the layers it measures, lookahead {self.lookahead}"
+            f"{', forecast' if self.gaps else ''}, layer_groups={self.layer_groups}), but the device has about "
+            f"{_size(room)} for them ({_size(held)} held after the first step plus {_size(available)} it can "
+            f"still give). {fix} The calibration hooks were removed: the model is as before it"
+        )
 
     # ---- generations ------------------------------------------------------------------------
     def _start_generation(self) -> None:
@@ -430,6 +536,63 @@ def _nbytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _size(nbytes: float) -> str:
+    """Bytes as GiB, or MiB / KiB where smaller (a tiny model's history)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes / 2**10:.2f} KiB"
+
+
+def _ring_length(lookahead: int, forecast: bool, steps: int) -> int:
+    """How many steps' outputs a layer keeps at most: ``lookahead`` (``2 * lookahead + 1`` with
+    forecasting), no more than the generation has steps."""
+    return min(lookahead + (lookahead + 1 if forecast else 0), steps)
+
+
+def group_of(layers: Sequence[CacheableLayer], groups: int) -> list[int]:
+    """Each layer's group under ``layer_groups=groups``: its block's index modulo ``groups`` (a layer
+    outside the blocks: its own place). A group holds every ``groups``-th block whole, so blocks
+    alike split evenly: on Flux a single-stream block's attention (27 MiB a step) and MLP input
+    (108 MiB) stay together, where every ``groups``-th layer would put all the MLP inputs in one group."""
+    return [(index if layer.block is None else layer.block) % groups for index, layer in enumerate(layers)]
+
+
+def most_layer_groups(layers: Sequence[CacheableLayer]) -> int:
+    """The most groups :func:`group_of` can make with none empty."""
+    if any(layer.block is None for layer in layers):
+        return len(layers)
+    return max(layer.block for layer in layers if layer.block is not None) + 1
+
+
+def largest_group_bytes(layer_bytes: Sequence[float], groups: Sequence[int]) -> float:
+    """One step's bytes of the largest group (``groups``: each layer's, as :func:`group_of` gives)."""
+    totals: dict[int, float] = {}
+    for nbytes, group in zip(layer_bytes, groups, strict=True):
+        totals[group] = totals.get(group, 0.0) + nbytes
+    return max(totals.values())
+
+
+def smallest_layer_groups(
+    layers: Sequence[CacheableLayer], layer_bytes: Sequence[float], ring: int, room: float, *, above: int = 0
+) -> int | None:
+    """The fewest ``layer_groups`` (more than ``above``) whose largest group's ``ring`` steps of
+    outputs fit in ``room`` bytes; None where even the most groups there can be do not."""
+    for n in range(above + 1, most_layer_groups(layers) + 1):
+        if ring * largest_group_bytes(layer_bytes, group_of(layers, n)) <= room:
+            return n
+    return None
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """What ``device`` can still give new tensors: its free memory plus what the caching allocator
+    holds unused; None off CUDA, where there is nothing cheap to ask. One driver call, no sync."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 class FlopMeter:
     """FLOPs of one whole model call and of each calibrated layer in it, counted once: from the
     first model call to the second (the first call's lead-in, the embeddings before the anchor
@@ -537,8 +700,11 @@ def calibration(
 
     Each measured layer keeps its last ``lookahead`` outputs (about ``2 * lookahead + 1`` with
     forecasting): that history is calibration's extra memory (``profile.metadata["history_peak_mib"]``).
-    ``layer_groups=n`` bounds it to about ``1/n``: each generation measures every ``n``-th layer,
-    in turn, so every layer is measured on ``1/n`` of the generations; run a multiple of ``n``.
+    ``layer_groups=n`` bounds it to about ``1/n``: each generation measures the layers of every
+    ``n``-th block, in turn, so every layer is measured on ``1/n`` of the generations; run a multiple of ``n``.
+    After a generation's first step the history's peak is known: it is logged (INFO), and on CUDA
+    a peak the device cannot hold raises :class:`~smoothcache.errors.CalibrationMemoryError` then,
+    naming the ``layer_groups`` or ``lookahead`` that fits, rather than running out steps later.
 
     ``forecast="linear"`` also records the errors of extrapolating each layer's output from two
     earlier steps, so that ``profile.schedule(..., forecast="linear")`` places computes where
