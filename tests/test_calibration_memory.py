@@ -94,8 +94,8 @@ def test_a_history_too_big_for_the_device_is_refused_after_the_first_step(monkey
     message = str(raised.value)
     assert len(finished_calls) == 1  # refused at the second step's call, before the rings grew
     assert f"about {3 * step / 1024:.2f} KiB of layer outputs" in message
-    assert f"about {2 * step / 1024:.2f} KiB for them ({step / 1024:.2f} KiB held after the first step" in message
-    assert "layer_groups=2 (each generation then measures one layer in 2: run 2 generations, or a multiple of 2" in message
+    assert f"about {2 * step / 1024:.2f} KiB for them ({step / 1024:.2f} KiB held now" in message
+    assert "layer_groups=2 (each generation then measures the layers of one block in 2: run 2 generations, or a multiple of 2" in message
     assert "or lookahead=2" in message
     assert isinstance(raised.value, MemoryError)
     # the model is left clean: no hooks, no holder, and it generates as if never calibrated
@@ -129,7 +129,7 @@ def test_with_no_layer_groups_that_fits_the_message_says_to_free_memory(monkeypa
     recorders: list = []
     fake_device(monkeypatch, 1, recorders)
     recorders.append(smoothcache.calibration(pipe, components=COMPONENTS, lookahead=2))
-    with pytest.raises(CalibrationMemoryError, match="Even one layer per generation would not fit: free memory"):
+    with pytest.raises(CalibrationMemoryError, match="Even one block per generation would not fit: free memory"):
         generate(pipe)
     assert holder(pipe.transformer) is None
 
@@ -137,3 +137,45 @@ def test_with_no_layer_groups_that_fits_the_message_says_to_free_memory(monkeypa
 def test_off_cuda_there_is_nothing_to_ask():
     assert recorder_module._available_bytes(torch.device("cpu")) is None
     assert recorder_module._available_bytes(torch.device("meta")) is None
+
+
+def test_a_call_slot_first_seen_after_the_first_step_joins_the_prediction():
+    """SD3's skip-layer guidance adds a model call on a few middle steps only: its rings open after
+    the first check, and the prediction grows to hold them when they do."""
+    from models.test_sd3 import generate_slg, make_pipeline
+
+    pipe = make_pipeline()
+    with smoothcache.calibration(pipe, lookahead=3) as rec:
+        generate_slg(pipe, seed=1)
+    assert rec.history_predicted_bytes == rec.history_peak_bytes > 0
+
+
+def test_groups_are_the_blocks_present_numbered_densely():
+    """Blocks 1 and 3 alone make two groups, not four (a layer outside the blocks is a unit of its own)."""
+    pipe = make_dit_pipeline(num_layers=4)
+    odd = smoothcache.find_layers(pipe.transformer, ["transformer_blocks.[13].attn1"])
+    assert [layer.block for layer in odd] == [1, 3]
+    assert recorder_module.group_of(odd, 2) == [0, 1] and recorder_module.most_layer_groups(odd) == 2
+    with smoothcache.calibration(pipe, components=["transformer_blocks.[13].attn1"], layer_groups=2) as rec:
+        for seed in range(2):
+            generate(pipe, seed=seed)
+    assert rec.profile.num_runs == 2
+
+
+def test_after_the_refusal_the_history_is_let_go_so_the_fix_fits_at_once(monkeypatch):
+    """The refused recorder may outlive the error (its ``with`` name, a notebook's traceback): it must
+    not keep the first step's outputs, or the suggested fix finds less room than the message said."""
+    pipe = make_dit_pipeline(num_layers=4)
+    step = sum(one_step_bytes(pipe))
+    recorders: list = []
+    fake_device(monkeypatch, 2 * step, recorders)
+    with pytest.raises(CalibrationMemoryError, match="layer_groups=2"), \
+            smoothcache.calibration(pipe, components=COMPONENTS, lookahead=3) as refused:
+        recorders.append(refused)
+        generate(pipe)
+    assert refused._history_bytes == 0 and not refused._rings
+    with smoothcache.calibration(pipe, components=COMPONENTS, lookahead=3, layer_groups=2) as fitting:
+        recorders.append(fitting)
+        for seed in range(2):
+            generate(pipe, seed=seed)
+    assert fitting.profile.num_runs == 2

@@ -12,9 +12,11 @@ linearly from steps ``s`` and ``s - g`` (what a reusing step computes under
 last ``2 * lookahead + 1`` outputs.
 
 At the first call of a generation's second step the rings hold exactly one step's outputs, so the
-generation's peak is known before it is reached: it is logged once, and on CUDA a history that
-the device cannot hold is refused then (:class:`~smoothcache.errors.CalibrationMemoryError`, with
-the ``layer_groups`` that would fit), not an out-of-memory error steps later.
+generation's peak is known before it is reached (and again where a call slot first appears later):
+it is logged, and on CUDA a history that the device cannot hold is refused then
+(:class:`~smoothcache.errors.CalibrationMemoryError`, with the ``layer_groups`` that would fit), not
+an out-of-memory error steps later. It counts the history only: the model's own activations need
+room too, so a card nearly full can still run out.
 """
 
 from __future__ import annotations
@@ -162,8 +164,9 @@ class CalibrationRecorder:
         self._generations = 0  # generations started
         self._history_bytes = 0  # what the rings hold now, and the most they held
         self.history_peak_bytes = 0
-        self.history_predicted_bytes = 0  # the most a generation's history was predicted to reach, at its second step
-        self._history_said = False  # the prediction is logged once per calibration
+        self.history_predicted_bytes = 0  # the most a generation's history was predicted to reach
+        self._history_said = 0.0  # the largest prediction logged (logged again only where it grows)
+        self._new_rings = False  # rings opened since the last prediction
         self._started = 0.0
         self._profile: CalibrationProfile | None = None
 
@@ -218,6 +221,7 @@ class CalibrationRecorder:
             self.stop()
             return
         self._detach()  # leave the model clean, keep the original error
+        self._rings, self._history_bytes = [], 0  # and the memory the history held
 
     @property
     def profile(self) -> CalibrationProfile:
@@ -241,7 +245,8 @@ class CalibrationRecorder:
                 "pipeline's num_inference_steps, or calls_per_step= if it calls the model several times per step"
             )
         self._step, self._slot = step, slot
-        if step == 1 and slot == 0:  # once per generation, off the per-layer path
+        if step >= 1 and self._new_rings:  # after the step that opened rings (step 0; a call slot first
+            self._new_rings = False        # seen later, as SD3's skip-layer guidance): off the per-layer path
             self._check_history_fits()
         self._occurrences = [0] * len(self.layers)
         if self.branches is not None:  # compare the halves once per generation: it syncs with the device
@@ -265,6 +270,7 @@ class CalibrationRecorder:
         ring = rings.get(key)
         if ring is None:
             ring = rings[key] = deque(maxlen=self.lookahead + self.gaps)
+            self._new_rings = True  # the history's prediction grows: checked at the next step's call
         if ring:
             earlier = list(ring)  # earlier[i] is step t - 1 - i
             denominator = _total(_l1(t) for t in current)
@@ -328,26 +334,36 @@ class CalibrationRecorder:
 
     # ---- the history's size -----------------------------------------------------------------
     def _check_history_fits(self) -> None:
-        """Predict this generation's history from step 0's (the rings hold exactly that now): each
-        layer of this generation's group keeps its outputs of the last ``lookahead + gaps`` steps.
-        Said once; where a CUDA device cannot give the growth still to come, the hooks come off and
-        :class:`CalibrationMemoryError` says what fits, before the rings fill and run out."""
+        """Predict this generation's history from the newest output of each ring (one step's, for
+        every layer, call slot and occurrence seen so far): each layer of this generation's group
+        keeps its outputs of the last ``lookahead + gaps`` steps. Logged where it grows; where a
+        CUDA device cannot give the growth still to come, the hooks come off, the history is let
+        go and :class:`CalibrationMemoryError` says what fits, before the rings fill and run out."""
         assert self._current is not None
         ring = _ring_length(self.lookahead, bool(self.gaps), self._current.shape[1])
         group = [i for i, g in enumerate(self._group_of) if g == self._group]
-        by_device = self._step_bytes_by_device()
+        by_device, held_by_device = self._step_bytes_by_device()
+        if not by_device:
+            return
         predicted = {device: ring * sum(layer_bytes[i] for i in group) for device, layer_bytes in by_device.items()}
         total = sum(predicted.values())
         self.history_predicted_bytes = max(self.history_predicted_bytes, round(total))
-        if not self._history_said:
-            self._history_said = True
+        if total > self._history_said:
+            self._history_said = total
             self._say_history(total, ring, len(group), [sum(column) for column in zip(*by_device.values())])
         for device, layer_bytes in by_device.items():
-            held = sum(layer_bytes[i] for i, rings in enumerate(self._rings) if rings)
+            held = held_by_device[device]
             available = _available_bytes(device)
             if available is not None and predicted[device] - held > available:
+                message = self._too_big(device, layer_bytes, ring, predicted[device], available, held)
                 self._detach()  # leave the model clean: the raise ends the pipeline call
-                raise CalibrationMemoryError(self._too_big(device, layer_bytes, ring, predicted[device], available, held))
+                self._release_history()
+                raise CalibrationMemoryError(message)
+
+    def _release_history(self) -> None:
+        """Let the rings' outputs go (a calibration that raised: a retry must have that memory)."""
+        self._rings, self._history_bytes, self._current, self._counts = [], 0, None, None
+        self._forecasts = self._forecast_counts = None
 
     def _say_history(self, total: float, ring: int, measured: int, layer_bytes: list[float]) -> None:
         """Log the prediction, and what more layer groups would keep (about ``1/n`` of it where the
@@ -363,16 +379,23 @@ class CalibrationRecorder:
             f"; {fewer}, over that many generations" if more else "",
         )
 
-    def _step_bytes_by_device(self) -> dict[torch.device, list[float]]:
-        """Per device, each layer's bytes of one step (what its rings hold at step 1). A layer that
-        has not run yet (another generation's group, or another expert's) counts at the mean of
-        its kind, so that another expert's layers, which run later, are in the prediction."""
-        held: dict[torch.device, list[float]] = {}
+    def _step_bytes_by_device(self) -> tuple[dict[torch.device, list[float]], dict[torch.device, float]]:
+        """Per device, each layer's bytes of one step (the newest output of each of its rings), and
+        the bytes the rings hold now. A layer that has not run yet (another generation's group, or
+        another expert's) counts at the mean of its kind, so that another expert's layers, which
+        run later, are in the prediction."""
+        step: dict[torch.device, list[float]] = {}
+        held: dict[torch.device, float] = {}
         for index, rings in enumerate(self._rings):
-            for tensor in (t for ring in rings.values() for entry in ring for t in entry):
-                held.setdefault(tensor.device, [0.0] * len(self.layers))[index] += tensor.numel() * tensor.element_size()
+            for ring in rings.values():
+                for position, entry in enumerate(ring):
+                    for tensor in entry:
+                        nbytes = tensor.numel() * tensor.element_size()
+                        held[tensor.device] = held.get(tensor.device, 0.0) + nbytes
+                        if position == 0:
+                            step.setdefault(tensor.device, [0.0] * len(self.layers))[index] += nbytes
         ran = [index for index, rings in enumerate(self._rings) if rings]
-        for layer_bytes in held.values():
+        for layer_bytes in step.values():
             overall = sum(layer_bytes[i] for i in ran) / len(ran)
             by_kind: dict[str, list[float]] = {}
             for index in ran:
@@ -381,7 +404,7 @@ class CalibrationRecorder:
                 if not rings:
                     same = by_kind.get(self.layers[index].layer_type)
                     layer_bytes[index] = sum(same) / len(same) if same else overall
-        return held
+        return step, held
 
     def _too_big(
         self, device: torch.device, layer_bytes: list[float], ring: int, predicted: float, available: int, held: float
@@ -393,8 +416,8 @@ class CalibrationRecorder:
         fixes = []
         groups = smallest_layer_groups(self.layers, layer_bytes, ring, room, above=self.layer_groups)
         if groups is not None:
-            fixes.append(f"layer_groups={groups} (each generation then measures one layer in {groups}: run {groups} "
-                         f"generations, or a multiple of {groups}, for every layer to be measured)")
+            fixes.append(f"layer_groups={groups} (each generation then measures the layers of one block in {groups}: "
+                         f"run {groups} generations, or a multiple of {groups}, for every layer to be measured)")
         steps = self._current.shape[1] if self._current is not None else ring
         step_bytes = predicted / ring
         lower = next((k for k in range(self.lookahead - 1, 0, -1)
@@ -402,13 +425,13 @@ class CalibrationRecorder:
         if lower is not None:
             fixes.append(f"lookahead={lower} (caching then reuses an output for at most {lower} steps)")
         fix = f"Calibrate with {' or '.join(fixes)}." if fixes else (
-            "Even one layer per generation would not fit: free memory on the device (a smaller batch or "
+            "Even one block per generation would not fit: free memory on the device (a smaller batch or "
             "resolution, model offloading).")
         return (
             f"Calibration would keep about {_size(predicted)} of layer outputs on {device} (the last {ring} "
             f"steps' outputs of the layers it measures, lookahead {self.lookahead}"
             f"{', forecast' if self.gaps else ''}, layer_groups={self.layer_groups}), but the device has about "
-            f"{_size(room)} for them ({_size(held)} held after the first step plus {_size(available)} it can "
+            f"{_size(room)} for them ({_size(held)} held now plus {_size(available)} it can "
             f"still give). {fix} The calibration hooks were removed: the model is as before it"
         )
 
@@ -551,18 +574,31 @@ def _ring_length(lookahead: int, forecast: bool, steps: int) -> int:
 
 
 def group_of(layers: Sequence[CacheableLayer], groups: int) -> list[int]:
-    """Each layer's group under ``layer_groups=groups``: its block's index modulo ``groups`` (a layer
-    outside the blocks: its own place). A group holds every ``groups``-th block whole, so blocks
-    alike split evenly: on Flux a single-stream block's attention (27 MiB a step) and MLP input
-    (108 MiB) stay together, where every ``groups``-th layer would put all the MLP inputs in one group."""
-    return [(index if layer.block is None else layer.block) % groups for index, layer in enumerate(layers)]
+    """Each layer's group under ``layer_groups=groups``: its block's place among the blocks present,
+    modulo ``groups`` (a layer outside the blocks counts as a block of its own, after them). A group
+    holds every ``groups``-th block whole, so blocks alike split evenly: on Flux a single-stream
+    block's attention (27 MiB a step) and MLP input (108 MiB) stay together, where every
+    ``groups``-th layer would put all the MLP inputs in one group."""
+    return [unit % groups for unit in _block_units(layers)]
+
+
+def _block_units(layers: Sequence[CacheableLayer]) -> list[int]:
+    """Each layer's block, numbered densely (0, 1, ... over the blocks present, then one number per
+    layer outside the blocks): blocks 1 and 3 alone make two units, not four."""
+    places = {block: place for place, block in enumerate(sorted({layer.block for layer in layers if layer.block is not None}))}
+    units, loose = [], len(places)
+    for layer in layers:
+        if layer.block is None:
+            units.append(loose)
+            loose += 1
+        else:
+            units.append(places[layer.block])
+    return units
 
 
 def most_layer_groups(layers: Sequence[CacheableLayer]) -> int:
     """The most groups :func:`group_of` can make with none empty."""
-    if any(layer.block is None for layer in layers):
-        return len(layers)
-    return max(layer.block for layer in layers if layer.block is not None) + 1
+    return max(_block_units(layers), default=0) + 1
 
 
 def largest_group_bytes(layer_bytes: Sequence[float], groups: Sequence[int]) -> float:
@@ -704,7 +740,8 @@ def calibration(
     ``n``-th block, in turn, so every layer is measured on ``1/n`` of the generations; run a multiple of ``n``.
     After a generation's first step the history's peak is known: it is logged (INFO), and on CUDA
     a peak the device cannot hold raises :class:`~smoothcache.errors.CalibrationMemoryError` then,
-    naming the ``layer_groups`` or ``lookahead`` that fits, rather than running out steps later.
+    naming the ``layer_groups`` or ``lookahead`` that fits, rather than running out steps later
+    (the history only: the model's activations need room besides).
 
     ``forecast="linear"`` also records the errors of extrapolating each layer's output from two
     earlier steps, so that ``profile.schedule(..., forecast="linear")`` places computes where
