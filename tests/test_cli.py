@@ -560,6 +560,7 @@ def test_bench_with_step_graphs_times_uncached_then_cached_each_replayed(
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: real_compile(model, backend="eager"))
     monkeypatch.setattr(smoothcache.bench, "_attach_step_graphs", lambda pipe: StepGraphs(pipe, capture=OpReplayCapture()))
+    monkeypatch.setattr(smoothcache.cli, "_replays_on", lambda device: True)
     schedule, out = tmp_path / "s.json", tmp_path / "bench.json"
     Schedule.fixed_interval(["block"], 10, 2).save(schedule)
     torch._dynamo.reset()
@@ -576,13 +577,44 @@ def test_bench_with_step_graphs_times_uncached_then_cached_each_replayed(
     assert "step graphs (uncached runs, then cached ones)" in capsys.readouterr().out
 
 
-def test_bench_refuses_step_graphs_over_torchs_cuda_graphs(pipeline_dir, tmp_path, capsys):
+def test_bench_refuses_step_graphs_where_they_cannot_replay_before_loading(pipeline_dir, tmp_path, capsys, monkeypatch):
     schedule = tmp_path / "s.json"
     Schedule.fixed_interval(["block"], 10, 2).save(schedule)
-    args = ["bench", "--model", str(pipeline_dir), "--schedule", str(schedule), "--classes", "1,2",
-            "--compile", "model-cudagraphs", "--step-graphs"]
-    assert main(args) != 0
+    loads = []
+    monkeypatch.setattr(smoothcache.cli, "_load", lambda args: loads.append(args))
+    args = ["bench", "--model", str(pipeline_dir), "--schedule", str(schedule), "--classes", "1,2", "--step-graphs"]
+    assert main([*args, "--compile", "model-cudagraphs"]) != 0
     assert "not model-cudagraphs" in capsys.readouterr().err
+    assert main(args) != 0  # on the CPU
+    assert "run on a CUDA device (--device cuda), not cpu" in capsys.readouterr().err
+    assert loads == []
+
+
+def test_bench_step_graphs_on_a_pipeline_they_cannot_take_is_an_error_not_a_traceback(monkeypatch):
+    """step_graphs refuses what it cannot replay with a TypeError (no scheduler, two experts): the
+    bench says it as the ValueError the command line reports."""
+    from op_replay import OpReplayCapture
+
+    import smoothcache.graph_replay
+
+    monkeypatch.setattr(smoothcache.graph_replay, "step_graphs",
+                        lambda pipe: smoothcache.graph_replay.StepGraphs(pipe, capture=OpReplayCapture()))
+    with pytest.raises(ValueError, match="--step-graphs cannot replay this pipeline: step_graphs needs a diffusers pipeline"):
+        smoothcache.bench._attach_step_graphs(make_dit_pipeline().transformer)
+
+
+def test_bench_with_step_graphs_leaves_nothing_attached_when_a_phase_fails(dit_pipe, monkeypatch):
+    def failing(pipe):
+        raise ValueError("no graphs here")
+
+    monkeypatch.setattr(smoothcache.bench, "_attach_step_graphs", failing)
+    schedule = Schedule.fixed_interval(["block"], 10, 2)
+    run = lambda: dit_pipe(class_labels=[1], num_inference_steps=10, output_type="pt")
+    with pytest.raises(ValueError, match="no graphs here"):
+        smoothcache.bench.benchmark_schedule(dit_pipe, schedule, run, repeats=1, measure_ideal=False, step_graphs=True)
+    from smoothcache.ownership import holder
+
+    assert holder(dit_pipe.transformer) is None  # the cache is off again
 
 
 def test_bench_with_skip_guards_times_compiled_runs_under_the_stance(pipeline_dir, tmp_path, monkeypatch):

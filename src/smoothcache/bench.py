@@ -170,10 +170,14 @@ def _unchecked(run: Callable[[], Any]) -> Callable[[], Any]:
 
 
 def _attach_step_graphs(pipe: Any) -> Any:
-    """``smoothcache.step_graphs(pipe)`` (a seam: tests on the CPU attach a stand-in capture)."""
+    """``smoothcache.step_graphs(pipe)`` (a seam: tests on the CPU attach a stand-in capture); a
+    pipeline it cannot take is a ValueError, as the command line reports it."""
     from .graph_replay import step_graphs
 
-    return step_graphs(pipe)
+    try:
+        return step_graphs(pipe)
+    except TypeError as error:
+        raise ValueError(f"--step-graphs cannot replay this pipeline: {error}") from error
 
 
 # step graphs per timed phase: a plain generation (compiling where compiled), the capture, one replay
@@ -310,20 +314,22 @@ def _timed_one_after_the_other(pipe: Any, handle: Any, run: Callable[[], Any], d
     counts: dict[str, Any] = {}
     host_syncs = None
     for name in ("uncached", "cached"):
-        if name == "cached":
-            handle.enable()
-        graphs = _attach_step_graphs(pipe)
         try:
-            for _ in range(warmup):
-                run()
-            timed_run = _unchecked(run) if skip_guards else run
-            for _ in range(repeats):
-                times[name].append(_timed_with_peak(timed_run, device, peaks, name))
             if name == "cached":
-                host_syncs = count_host_syncs(timed_run, device)
-            counts[name] = asdict(graphs.stats)
+                handle.enable()
+            graphs = _attach_step_graphs(pipe)
+            try:
+                for _ in range(warmup):
+                    run()
+                timed_run = _unchecked(run) if skip_guards else run
+                for _ in range(repeats):
+                    times[name].append(_timed_with_peak(timed_run, device, peaks, name))
+                if name == "cached":
+                    host_syncs = count_host_syncs(timed_run, device)
+                counts[name] = asdict(graphs.stats)
+            finally:
+                graphs.disable()
         finally:
-            graphs.disable()
             handle.disable()
     return times, peaks, host_syncs, counts
 

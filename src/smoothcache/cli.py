@@ -335,6 +335,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.step_graphs and "model-cudagraphs" in args.compile:
         raise ValueError("--step-graphs replays CUDA graphs of its own: use --compile none or model with it, "
                          "not model-cudagraphs (torch's CUDA graphs, which it replaces)")
+    if args.step_graphs and not _replays_on(args.device):
+        raise ValueError(f"--step-graphs replays CUDA graphs: run on a CUDA device (--device cuda), not {args.device}")
+    if args.skip_guards and set(args.compile) == {"none"}:
+        print("note: --skip-guards applies to compiled runs only (--compile model or model-cudagraphs)")
     pipe, requests, extra = _load(args)
     batches = args.batch_sizes or [requests[0].size]
     prefetch = _prefetch_if_asked(args, pipe)  # uncached and cached runs alike: it is on the pipeline
@@ -361,6 +365,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   "repeats": args.repeats, "schedule": args.schedule, "cells": cells}
         atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
     return 0
+
+
+def _replays_on(device: str) -> bool:
+    """Whether step graphs can replay on ``device``: CUDA graphs need a CUDA device (asked before the
+    pipeline loads; a test seam, where a stand-in capture replays on the CPU)."""
+    return str(device).startswith("cuda")
 
 
 def _prefetch_if_asked(args: argparse.Namespace, pipe: Any) -> Any:
