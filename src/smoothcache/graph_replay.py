@@ -23,11 +23,12 @@ replayed graph's, copied out by default so that nothing the pipeline holds is ov
 later replay. A call is captured only once it has run as it is ``warmup_generations`` times (so
 nothing compiles inside a capture), into inputs laid out like the warm-up's (an expanded timestep
 stays expanded: dynamo guards on strides). A generation replays its set's graphs in the order
-they were captured: one that meets a call other than the set's next (uncaptured, or a captured call
-left out before it) replays up to it and runs the rest as it is; the cache forgot its kept outputs at the generation's start and the
-replays kept none, so it computes where it would reuse until each layer computes again (that image
-is not the cache's exactly, and a warning says so); the next generation captures the whole set again. A capture that fails leaves
-the model's Python state (the cache's kept outputs) unknown mid-generation: step graphs then
+they were captured: one that meets a call other than the set's next (uncaptured, or a captured
+call left out before it) replays up to it and runs the rest as it is; a cache then computes where
+it would reuse until each layer computes again, as it forgot its kept outputs at the generation's
+start and the replays kept none (that image is not the cache's exactly, and a warning says so);
+the next generation captures the whole set again. A capture that fails leaves the model's Python
+state (the cache's kept outputs) unknown mid-generation: step graphs then
 detach and raise :class:`~smoothcache.errors.GraphCaptureError`, and the next ``pipe(...)`` runs
 without them. Each generation's set of graphs (named by its first call and its step count) has
 its own pool and is looked up alone; the ``max_sets`` used last are kept. Calls whose arguments
@@ -478,8 +479,9 @@ def step_graphs(pipe: Any, *, warmup_generations: int = 1, copy_outputs: bool = 
     """Replay the pipeline's model calls from CUDA graphs captured once per step; returns the handle.
 
     Works cached (``smoothcache.cache``, before or after) or not, eager or compiled without CUDA
-    graphs; outputs are the plain path's (the same kernels, replayed), except in a generation whose
-    calls change after its first (it replays up to the change, then runs as it is and warns). The first
+    graphs; outputs are the plain path's (the same kernels, replayed), except, with a cache, in a
+    generation whose calls change after its first (it replays up to the change, then runs as it
+    is, computing where the cache would reuse, and warns). The first
     ``warmup_generations`` generations run as they are (compiling), the next captures. A change of
     parameters, hooks or caches is noticed and captured afresh; each signature (batch size,
     resolution) gets its own set of graphs, of which the ``max_sets`` used last are kept.
