@@ -345,8 +345,11 @@ SEMANTICS = {  # every kind of kept state a replay must leave right, each one sc
 }
 
 
-@pytest.mark.parametrize("name", list(SEMANTICS))
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+COMPILED_SEMANTICS = ("blocks-forecast", "layers-forecast", "guidance-halves")  # the rest compile alike
+
+
+@pytest.mark.parametrize(("name", "compiled"), [(name, False) for name in SEMANTICS]
+                         + [(name, True) for name in COMPILED_SEMANTICS])
 def test_replayed_generations_are_the_plain_path_under_a_graphs_semantics(name: str, compiled: bool) -> None:
     """With nothing of the model's or the cache's Python running on replay, each kind of kept state
     (outputs, residual chains, forecasting's two, a lower precision, per-block and per-branch
@@ -464,3 +467,54 @@ def test_a_generation_that_leaves_out_a_captured_call_replays_no_graph_after_it(
         assert torch.equal(replayed_with_gap, gap) and not torch.equal(gap, full)
     if handle is not None:
         handle.disable()
+
+
+def on_scheduler_step(pipe, n: int, action) -> None:
+    """Run ``action`` at the pipeline's ``n``-th scheduler step (1-based), once."""
+    real, calls = type(pipe.scheduler).step, [0]
+
+    def step(scheduler, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            action()
+        return real(scheduler, *args, **kwargs)
+
+    pipe.scheduler.step = step.__get__(pipe.scheduler)
+
+
+def test_a_capture_cut_short_leaves_no_partial_set_behind() -> None:
+    """A capture generation interrupted at step 6 (an error, a user's interrupt) holds graphs of
+    steps 0-5 only: the next generation captures afresh rather than replaying them and falling back."""
+    pipe = make_dit_pipeline()
+    schedule = Schedule.fixed_interval(["block"], STEPS, 2)
+    with smoothcache.cache(pipe, schedule):
+        cached = generate(pipe)
+    with smoothcache.cache(pipe, schedule), StepGraphs(pipe, capture=OpReplayCapture()) as graphs:
+        generate(pipe)
+
+        def interrupt() -> None:
+            raise KeyboardInterrupt
+
+        on_scheduler_step(pipe, 6, interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            generate(pipe)
+        del pipe.scheduler.step
+        assert graphs.stats.captured == 6
+        outputs = [generate(pipe) for _ in range(2)]  # captured whole, then replayed
+        assert graphs.stats.incomplete == 0 and graphs.stats.captured == 6 + STEPS and graphs.stats.replayed == STEPS
+    assert all(torch.equal(output, cached) for output in outputs)
+
+
+def test_dropping_the_graphs_in_the_middle_of_a_replayed_generation_says_what_it_costs(caplog) -> None:
+    pipe = make_dit_pipeline()
+    with smoothcache.cache(pipe, Schedule.fixed_interval(["block"], STEPS, 2)):
+        graphs = StepGraphs(pipe, capture=OpReplayCapture())
+        generate(pipe)
+        generate(pipe)
+        on_scheduler_step(pipe, 4, graphs.drop)
+        with caplog.at_level("WARNING", logger="smoothcache.graph_replay"):
+            generate(pipe)
+        assert "Step graphs were dropped after 4 replayed calls" in caplog.text
+        assert "differs slightly from the cache's alone" in caplog.text
+        del pipe.scheduler.step
+        graphs.disable()

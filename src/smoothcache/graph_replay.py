@@ -226,6 +226,7 @@ class StepGraphs:
         self._mode = "plain"  # this generation: "plain", "capture" or "replay"
         self._name: Hashable | None = None  # this generation's set: its first key and step count
         self._order: list[Hashable] = []  # a replayed generation: its set's keys in the order captured
+        self._captured_to, self._capture_steps = -1, 0  # a capture generation: its last step captured, of how many
         self._position = 0  # and how many of them this generation has replayed
         # Each generation's graphs: one set per name, least recently used first. A set holds a pool
         # (a forward's working memory) and every step's inputs and outputs, so at most max_sets are
@@ -262,7 +263,11 @@ class StepGraphs:
         self.drop()
 
     def drop(self) -> None:
-        """Forget every graph (they are captured again after the warm-up); the next call starts a generation."""
+        """Forget every graph (they are captured again after the warm-up); the next call starts a
+        generation. Meant for between generations: in the middle of a replayed one, the rest runs
+        as it is (a warning says what that means for a cache)."""
+        if self._mode == "replay" and 0 < self._position < len(self._order):
+            self._warn_incomplete(f"Step graphs were dropped after {self._position} replayed calls of this generation")
         self._forget_graphs()
         self._tracker.reset()
         self._mode = "plain"
@@ -298,7 +303,8 @@ class StepGraphs:
                 # where the schedule reuses, until each layer computes again. The set is
                 # incomplete: the next generation captures it again.
                 self.stats.incomplete += 1
-                self._warn_incomplete(step, slot)
+                self._warn_incomplete(f"Step {step + 1} (call {slot + 1}) of this generation is not the next captured "
+                                      "call (the calls changed since the capture)")
                 self._sets.pop(self._name, None)
                 self._mode = "plain"
             if key is not None and self._mode == "capture" and self._seen.get(key, 0) >= self.warmup_generations:
@@ -342,6 +348,8 @@ class StepGraphs:
         return (step, slot, spec, tuple(signature), modes)
 
     def _start_generation(self, first: Hashable | None) -> None:
+        if self._mode == "capture" and self._captured_to < self._capture_steps - 1:  # cut short (interrupted)
+            self._sets.pop(self._name, None)  # a partial set would replay its steps, then fall back
         self._check_compile_order()
         fingerprint = model_fingerprint(self.target.model)
         if self._fingerprint is not None and fingerprint != self._fingerprint and (self._sets or self._seen):
@@ -361,6 +369,7 @@ class StepGraphs:
             while len(self._sets) >= self.max_sets:
                 self._sets.pop(next(iter(self._sets)))
             self._sets[self._name] = {}
+            self._captured_to, self._capture_steps = -1, self._tracker.generation_steps or 0
             new_pool = getattr(self.capture, "new_pool", None)
             if new_pool is not None:
                 new_pool()  # graphs of one generation share a pool, replayed in the order captured
@@ -386,11 +395,11 @@ class StepGraphs:
                 "a host copy) or changes shape from call to call cannot be replayed from graphs"
             ) from error
         self._sets[self._name][key] = replay
+        self._captured_to = max(self._captured_to, key[0])  # type: ignore[index]
         self.stats.captured += 1
         return output
 
-    def _warn_incomplete(self, step: int, slot: int) -> None:
-        where = f"Step {step + 1} (call {slot + 1}) of this generation is not the next captured call (the calls changed since the capture)"
+    def _warn_incomplete(self, where: str) -> None:
         if isinstance(holder(self.target.model), CacheHandle):  # it kept nothing during the replays
             logger.warning(
                 "%s: it and the rest run as they are, and the cache, which kept nothing during the replayed steps, "
