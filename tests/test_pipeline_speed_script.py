@@ -178,8 +178,7 @@ def test_step_graph_rows_are_also_compared_with_the_pipeline_they_stand_in_for()
 def test_skip_guards_times_compiled_rows_with_only_the_guards_that_tell_graphs_apart(run):
     """--skip-guards: after the warm-up, every compiled configuration runs under
     set_stance(skip_guard_eval_unsafe=True); nothing compiles and every output is as checked."""
-    args = ("--model", "dit", "--compile", "compile", "--batches", "1", "--prefetch", "off",
-            "--methods", "blocks", "layers")
+    args = ("--model", "dit", "--compile", "compile", "--batches", "1", "--prefetch", "off", "--methods", "layers")
     (checked,) = run(*args, out="checked")
     (unchecked,) = run(*args, "--skip-guards", out="unchecked")
     assert checked["settings"]["skip_guard_eval_unsafe"] is False
