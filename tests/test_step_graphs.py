@@ -518,3 +518,16 @@ def test_dropping_the_graphs_in_the_middle_of_a_replayed_generation_says_what_it
         assert "differs slightly from the cache's alone" in caplog.text
         del pipe.scheduler.step
         graphs.disable()
+
+
+def test_with_prefetched_timesteps_the_replays_are_the_plain_path() -> None:
+    """prefetch_timesteps answers the pipeline's per-step timestep copies from one made per
+    generation: the replayed calls read those, and the output stays the plain path's."""
+    pipe = make_dit_pipeline()
+    schedule = Schedule.fixed_interval(["block"], STEPS, 2)
+    with smoothcache.cache(pipe, schedule):
+        plain = generate(pipe)
+        with smoothcache.prefetch_timesteps(pipe), StepGraphs(pipe, capture=OpReplayCapture()) as graphs:
+            outputs = [generate(pipe) for _ in range(3)]
+            assert counts(graphs) == (STEPS, STEPS, STEPS) and graphs.stats.incomplete == 0
+    assert all(torch.equal(output, plain) for output in outputs)
