@@ -177,6 +177,8 @@ def _attach_step_graphs(pipe: Any) -> Any:
     try:
         return step_graphs(pipe)
     except TypeError as error:
+        if not str(error).startswith("step_graphs "):  # not one of its refusals: a bug, shown as it is
+            raise
         raise ValueError(f"--step-graphs cannot replay this pipeline: {error}") from error
 
 
