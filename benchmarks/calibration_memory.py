@@ -52,7 +52,7 @@ from torch import nn
 
 import smoothcache
 from smoothcache.adapters import whole_block_components
-from smoothcache.files import atomic_path, atomic_write_text
+from smoothcache.files import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import dit_xl
@@ -195,10 +195,9 @@ def gpu_cross_check(rows: list[dict[str, Any]], path: Path) -> list[dict[str, An
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from smoothcache.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     models = list(dict.fromkeys(r["model"] for r in result["rows"]))
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.9), squeeze=False)
@@ -219,9 +218,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.suptitle("Layer outputs calibration keeps, counted on the meta device (not measured on a GPU)", fontsize=9)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -38,7 +38,7 @@ import torch
 
 import smoothcache
 from smoothcache.demo.assets import load_demo_pipeline, load_quality_scorer
-from smoothcache.files import atomic_path, atomic_write_text
+from smoothcache.files import atomic_write_text
 
 BUDGETS = (0.7, 0.5, 0.4, 0.3)
 STEPS, GUIDANCE, SEED = 20, 1.5, 0
@@ -176,7 +176,7 @@ def line(row: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: Path) -> None:
     """PSNR against the budget, one line per kept form; top: against the uncached samples (the
     quality), bottom: against the default-kept ones (what the form alone changes). A panel per components."""
-    from smoothcache.plots import pyplot
+    from smoothcache.plots import pyplot, save_figure
 
     plt = pyplot()
     names = list(result["settings"]["components"])
@@ -209,9 +209,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"Demo DiT, kept outputs in a lower precision ({result['settings']['samples']} samples, "
                  f"{result['settings']['steps']} steps)", fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def nan_for_none(value: float | None) -> float:

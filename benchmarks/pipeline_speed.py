@@ -923,7 +923,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    from smoothcache.plots import pyplot
+    from smoothcache.plots import pyplot, save_figure
 
     plt = pyplot()
     rows = result["rows"]
@@ -960,10 +960,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     fig.suptitle(f"{s['pipeline']}, {s['steps']} steps ({s['computed_steps_in_mask']} computed), {s['dtype']}, "
                  f"{result['device']}{' (tiny)' if s['tiny'] else ''}", fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def merge(files: Sequence[Path]) -> dict[str, Any]:

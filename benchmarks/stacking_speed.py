@@ -96,7 +96,7 @@ from pipeline_speed import BLOCKS, LAYERS, UNCACHED, Config, Workload
 
 import smoothcache
 from smoothcache import Schedule
-from smoothcache.files import atomic_path, atomic_write_text
+from smoothcache.files import atomic_write_text
 
 PARTS = ("a", "b", "c")
 WEIGHTS = ("fp16", "int8", "float8")
@@ -495,7 +495,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 def plot(result: dict[str, Any], path: Path) -> Path:
     """Three panels: part a's speedups per (weights, compile), part b's GPU-kept MiB per option,
     part c's calibration peak per lookahead."""
-    from smoothcache.plots import pyplot
+    from smoothcache.plots import pyplot, save_figure
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -505,10 +505,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     fig.suptitle(f"DiTPipeline, {result['settings']['transformer']}, {result['settings']['steps']} steps "
                  f"({result['settings']['computed_steps']} computed), batch {result['settings']['batch']}, {result['device']}", fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_speedups(ax: Any, rows: list[dict[str, Any]]) -> None:

@@ -10,7 +10,7 @@ from .files import atomic_path
 from .profile import CalibrationProfile
 from .schedule import Schedule
 
-__all__ = ["plot_profile", "plot_schedule", "pyplot"]
+__all__ = ["plot_profile", "plot_schedule", "pyplot", "save_figure"]
 
 
 def pyplot():
@@ -22,6 +22,15 @@ def pyplot():
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("Plots need matplotlib: pip install 'smoothcache[plot]'") from exc
     return plt
+
+
+def save_figure(fig, path: str | Path, *, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path`` (its suffix picks the format) in one step, and close it: a figure
+    left open keeps its memory until the process ends."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    pyplot().close(fig)
+    return Path(path)
 
 
 def plot_profile(profile: CalibrationProfile, path: str | Path, alphas: tuple[float, ...] = ()) -> Path:
@@ -61,10 +70,7 @@ def plot_profile(profile: CalibrationProfile, path: str | Path, alphas: tuple[fl
     runs = f"{profile.num_runs} calibration run{'s' if profile.num_runs != 1 else ''}"
     fig.suptitle(f"{model}: {runs}, {profile.num_steps} steps")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
@@ -78,7 +84,4 @@ def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
     ax.set_xlabel("step (dark = compute, light = reuse)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
