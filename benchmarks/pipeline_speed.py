@@ -180,7 +180,7 @@ import trace_steps
 
 import smoothcache
 from smoothcache import Schedule
-from smoothcache.bench import count_host_syncs
+from smoothcache.bench import count_host_syncs, unchecked
 from smoothcache.files import atomic_path, atomic_write_text
 
 MODELS = ("dit", "flux", "wan")
@@ -810,18 +810,6 @@ class Runner:
             "ideal_speedup": "FLOPs of one eager uncached generation / FLOPs of one eager generation of the method "
                              "(torch.utils.flop_counter), same batch",
         }
-
-
-def unchecked(generate: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """``generate`` with dynamo checking only the guards that tell its compiled graphs apart
-    (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``): for runs after the warm-up, which
-    compiled every graph the configuration needs."""
-
-    def run() -> torch.Tensor:
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-            return generate()
-
-    return run
 
 
 def prefetch_available() -> bool:

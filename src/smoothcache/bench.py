@@ -21,7 +21,7 @@ from .runtime import cache
 from .runtime.compile import compiled_anywhere, cuda_graphs_anywhere
 from .schedule import Schedule
 
-__all__ = ["BenchResult", "benchmark_schedule", "count_host_syncs", "diagnose", "timed"]
+__all__ = ["BenchResult", "benchmark_schedule", "count_host_syncs", "diagnose", "timed", "unchecked"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def _eagerly() -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext() if set_stance is None else set_stance("force_eager")
 
 
-def _unchecked(run: Callable[[], Any]) -> Callable[[], Any]:
+def unchecked(run: Callable[[], Any]) -> Callable[[], Any]:
     """``run`` with dynamo checking only the guards that tell its compiled graphs apart (after a
     warm-up that compiled every graph it needs; docs/speed.md says when that is safe)."""
 
@@ -290,7 +290,7 @@ def _timed_in_turn(pipe: Any, handle: Any, run: Callable[[], Any], device: torch
             run()
     finally:
         handle.disable()
-    run = _unchecked(run) if skip_guards else run
+    run = unchecked(run) if skip_guards else run
     for _ in range(repeats):
         for name in ("uncached", "cached"):
             if name == "cached":
@@ -323,7 +323,7 @@ def _timed_one_after_the_other(pipe: Any, handle: Any, run: Callable[[], Any], d
             try:
                 for _ in range(warmup):
                     run()
-                timed_run = _unchecked(run) if skip_guards else run
+                timed_run = unchecked(run) if skip_guards else run
                 for _ in range(repeats):
                     times[name].append(_timed_with_peak(timed_run, device, peaks, name))
                 if name == "cached":

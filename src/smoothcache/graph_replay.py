@@ -383,7 +383,8 @@ class StepGraphs:
         left open), which no graph of a call would hold."""
         try:
             replay, output = self.capture(original, leaves, spec, key)
-            if getattr(holder(self.target.model), "works_between_calls", lambda: False)():
+            cache = self._cache()
+            if cache is not None and cache.works_between_calls():
                 raise RuntimeError("the cache closes a run of whole blocks at the next call's start, outside any call")
         except Exception as error:
             self.stats.capture_error = f"{type(error).__name__}: {error}"[:500]
@@ -400,7 +401,7 @@ class StepGraphs:
         return output
 
     def _warn_incomplete(self, where: str) -> None:
-        if isinstance(holder(self.target.model), CacheHandle):  # it kept nothing during the replays
+        if self._cache() is not None:  # it kept nothing during the replays
             logger.warning(
                 "%s: it and the rest run as they are, and the cache, which kept nothing during the replayed steps, "
                 "computes where its schedule reuses until each layer computes again, so this image differs "
@@ -427,14 +428,19 @@ class StepGraphs:
 
     def _refuse_host_kept_outputs(self) -> None:
         """A cache keeping its outputs on the host copies them outside the graphs' memory: refused."""
-        handle = holder(self.target.model)
-        form = getattr(handle, "kept_form", None)
+        cache = self._cache()
+        form = None if cache is None else cache.kept_form
         if form is not None and form.device is not None and form.device.type != "cuda":
             raise ValueError(
                 "The cache keeps its outputs on the host (kept_device='cpu'); CUDA graphs cannot replay copies to "
                 "memory the cache frees between generations. Keep them on the GPU (kept_dtype= still saves memory) "
                 "or disable step_graphs"
             )
+
+    def _cache(self) -> CacheHandle | None:
+        """The cache on the model, if one holds it (a calibration may hold it instead)."""
+        held = holder(self.target.model)
+        return held if isinstance(held, CacheHandle) else None
 
     def _out(self, output: Any) -> Any:
         if not self.copy_outputs:
