@@ -221,7 +221,7 @@ class CalibrationRecorder:
             self.stop()
             return
         self._detach()  # leave the model clean, keep the original error
-        self._rings, self._history_bytes = [], 0  # and the memory the history held
+        self._release_history()  # and the memory the interrupted generation held
 
     @property
     def profile(self) -> CalibrationProfile:
