@@ -444,7 +444,7 @@ def configured(work: Workload, config: Config, backend: str) -> Iterator[Attache
         if config.compile in STEP_GRAPHS:
             # compiled, two plain generations: the first of a (batch, method) may be the counting
             # one, run under force_eager, and nothing may compile inside a capture
-            attached.graphs = smoothcache.step_graphs(pipe, warmup_generations=STEP_GRAPHS[config.compile])
+            attached.graphs = attach_step_graphs(pipe, STEP_GRAPHS[config.compile])
             undo.append(attached.graphs.disable)
             attached.how.append("smoothcache.step_graphs(pipe)")
         yield attached
@@ -458,6 +458,16 @@ def configured(work: Workload, config: Config, backend: str) -> Iterator[Attache
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def attach_step_graphs(pipe: Any, warmup_generations: int) -> smoothcache.StepGraphs:
+    """``smoothcache.step_graphs``: the seam where the tests put a CPU stand-in for CUDA graphs."""
+    return smoothcache.step_graphs(pipe, warmup_generations=warmup_generations)
+
+
+def replays_on(device: torch.device) -> bool:
+    """Whether step graphs can replay on ``device`` (the tests' stand-in replays on the CPU)."""
+    return device.type == "cuda"
 
 
 # ---- measuring ---------------------------------------------------------------------------------
@@ -651,8 +661,8 @@ class Runner:
         if self.elapsed_min() > self.args.max_minutes:
             row["skipped"] = f"over the time budget (--max-minutes {self.args.max_minutes})"
             return row
-        if config.compile in STEP_GRAPHS and (config.method == CACHE_DIT or self.device.type != "cuda"):
-            row["skipped"] = ("smoothcache.step_graphs replays CUDA graphs: it needs a CUDA GPU" if self.device.type != "cuda"
+        if config.compile in STEP_GRAPHS and (config.method == CACHE_DIT or not replays_on(self.device)):
+            row["skipped"] = ("smoothcache.step_graphs replays CUDA graphs: it needs a CUDA GPU" if not replays_on(self.device)
                               else "step_graphs is smoothcache's; cache-dit's CUDA graphs are the cudagraphs cell")
             return row
         attached = None

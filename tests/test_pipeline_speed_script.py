@@ -161,6 +161,39 @@ def test_the_step_graphs_cells_say_they_need_a_gpu(run):
     assert result["settings"]["warmup"]["graphs"] == 4 and result["settings"]["warmup"]["eager-graphs"] == 3
 
 
+def test_the_step_graphs_cells_run_through_the_script_under_a_graphs_semantics(run, monkeypatch):
+    """The GPU run's step-graphs cells, on the CPU with a stand-in capture that keeps a CUDA graph's
+    semantics (tests/op_replay.py): every generation after the warm-up replays, nothing falls back,
+    and each row is bit-identical to the same method without step graphs."""
+    from op_replay import OpReplayCapture
+
+    from smoothcache import StepGraphs
+
+    monkeypatch.setattr(pipeline_speed, "replays_on", lambda device: True)
+    monkeypatch.setattr(pipeline_speed, "attach_step_graphs",
+                        lambda pipe, warmup: StepGraphs(pipe, warmup_generations=warmup, capture=OpReplayCapture()))
+    (result,) = run("--model", "dit", "--compile", "compile", "graphs", "eager", "eager-graphs", "--batches", "1",
+                    "--prefetch", "on", "--methods", "blocks")
+    rows = {(r["compile"], r["method"]): r for r in result["rows"]}
+    steps = result["settings"]["steps"]
+    for setting, plain in pipeline_speed.PLAIN_PATH.items():
+        for method in ("uncached", "smoothcache blocks"):
+            row = rows[(setting, method)]
+            assert "error" not in row and "skipped" not in row, row
+            assert row["max_abs_diff_vs_plain_path"] == 0.0, (setting, method)
+            assert row["max_abs_diff_vs_uncached"] == rows[(plain, method)]["max_abs_diff_vs_uncached"]
+            stats = row["step_graphs"]
+            # the run's first row of a method counts its work with hooks on every linear layer: then,
+            # and only then, the graphs are dropped once, before the warm-up
+            counted_here = next(r for r in result["rows"] if r["method"] == method) is row
+            assert stats["capture_error"] is None and stats["incomplete"] == 0
+            assert stats["invalidated"] == int(counted_here)
+            assert stats["captured"] == steps  # one generation captured, a call per step
+            replayed = row["repeats"] + 1 + (pipeline_speed.WARMUP[setting] - pipeline_speed.STEP_GRAPHS[setting] - 1)
+            assert stats["replayed"] == steps * replayed  # the timed, the clocked and the warm-up's last
+            assert row["graphs_compiled_while_timed"] == 0 and row["kept_mib"] is None
+
+
 def test_step_graph_rows_are_also_compared_with_the_pipeline_they_stand_in_for() -> None:
     """A step-graphs row's speedup is against the uncached pipeline with step graphs (like with like),
     and also against the uncached one a user would run instead, where the run has it."""

@@ -81,6 +81,29 @@ def test_changed_parameters_are_noticed() -> None:
     assert torch.equal(changed, generate(reference))
 
 
+def test_the_models_own_hooks_run_on_every_replayed_call_and_a_blocks_hook_is_captured_afresh() -> None:
+    """The model's own hooks run around the replaced forward, replays included (a benchmark's clock,
+    a profiler's ranges), so adding one keeps the graphs; a block's hook runs inside the forward,
+    where a graph would skip it, so adding one drops them."""
+    pipe = make_dit_pipeline()
+    plain = generate(pipe)
+    graphs = StepGraphs(pipe, capture=OpReplayCapture())
+    for _ in range(3):
+        generate(pipe)
+    calls: list[int] = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    assert torch.equal(generate(pipe), plain)
+    handle.remove()
+    assert len(calls) == STEPS and graphs.stats.invalidated == 0
+    assert counts(graphs) == (STEPS, STEPS, 2 * STEPS)
+    block = pipe.transformer.transformer_blocks[0]
+    doubled = block.register_forward_hook(lambda module, args, output: output * 2)
+    changed = generate(pipe)
+    assert graphs.stats.invalidated == 1 and graphs.graphs == 0 and not torch.equal(changed, plain)
+    doubled.remove()
+    graphs.disable()
+
+
 def test_a_new_batch_size_is_warmed_up_and_captured_on_its_own() -> None:
     pipe = make_dit_pipeline()
     graphs = StepGraphs(pipe, capture=OpReplayCapture())

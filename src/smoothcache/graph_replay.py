@@ -353,7 +353,7 @@ class StepGraphs:
         self._check_compile_order()
         fingerprint = model_fingerprint(self.target.model)
         if self._fingerprint is not None and fingerprint != self._fingerprint and (self._sets or self._seen):
-            logger.info("The model changed (parameters, buffers, hooks or forwards): its step graphs are captured again")
+            logger.info("The model changed (parameters, buffers, forwards or hooks inside it): its step graphs are captured again")
             self.stats.invalidated += 1
             self._forget_graphs()
         self._fingerprint = fingerprint
@@ -460,25 +460,26 @@ def _refuse_compiled_in_place(model: nn.Module) -> None:
 def model_fingerprint(model: nn.Module) -> tuple[Any, ...]:
     """What a captured graph baked in: each parameter's and buffer's tensor (its identity too: a
     quantized weight's data pointer says nothing), storage, shape and dtype, and each module's
-    Python state that its kernels depend on."""
+    Python state that its kernels depend on. The model's own hooks are left out: they run around
+    the replaced forward, on every call, replays included, and no graph holds them."""
     tensors = tuple(
         (name, id(t), t.data_ptr(), tuple(t.shape), t.dtype)
         for name, t in _named_tensors(model)
     )
-    modules = tuple((name, *_module_state(m)) for name, m in model.named_modules())
+    modules = tuple((name, *_module_state(m, hooks=m is not model)) for name, m in model.named_modules())
     return tensors, modules
 
 
-def _module_state(module: nn.Module) -> tuple[Any, ...]:
-    """A replaced forward, training mode, hooks, the attention processor and its backend, and peft's
-    adapter switches, merges (``fuse_lora`` adds to the weights in place) and scales (read from the
-    instance's own attributes: a missing one through ``nn.Module`` costs)."""
+def _module_state(module: nn.Module, *, hooks: bool = True) -> tuple[Any, ...]:
+    """A replaced forward, training mode, hooks (where ``hooks``), the attention processor and its
+    backend, and peft's adapter switches, merges (``fuse_lora`` adds to the weights in place) and
+    scales (read from the instance's own attributes: a missing one through ``nn.Module`` costs)."""
     own = vars(module)
     scaling = own.get("scaling")
     processor = own.get("processor", module._modules.get("processor"))
     return (
         id(own.get("forward")), module.training,
-        tuple(module._forward_pre_hooks), tuple(module._forward_hooks),
+        (tuple(module._forward_pre_hooks), tuple(module._forward_hooks)) if hooks else None,
         id(processor), repr(getattr(processor, "_attention_backend", None)),
         repr(own.get("_active_adapter")), own.get("_disable_adapters"), tuple(own.get("merged_adapters", ())),
         tuple(sorted(scaling.items())) if isinstance(scaling, dict) else None,
