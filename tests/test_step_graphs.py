@@ -430,6 +430,27 @@ def test_a_forward_that_reads_a_value_on_the_host_cannot_be_captured() -> None:
     assert torch.equal(generate(pipe), plain)
 
 
+def test_the_stand_in_holds_a_tensor_made_outside_the_captures_by_its_address_only() -> None:
+    """As a CUDA graph holds a tensor made outside its pool (a parameter, a value a hook sets)
+    by its address only, the stand-in holds it weakly: a replay that reads one that is gone, which
+    on a GPU reads freed memory, raises; one still held replays."""
+    capture = OpReplayCapture()
+    capture.new_pool()
+    weight = torch.nn.Parameter(torch.full((3,), 2.0), requires_grad=False)
+    per_call = {"scale": torch.tensor(3.0)}
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x * weight * per_call["scale"]
+
+    leaves, spec = pytree.tree_flatten(((torch.ones(3),), {}))
+    replay, output = capture(forward, leaves, spec, (0, 0))
+    assert torch.equal(output, torch.full((3,), 6.0))
+    assert torch.equal(replay([torch.full((3,), 2.0)]), torch.full((3,), 12.0))
+    per_call["scale"] = torch.tensor(3.0)  # the same value, made anew: the captured one is freed
+    with pytest.raises(RuntimeError, match="reads freed memory"):
+        replay(leaves)
+
+
 def test_the_warm_up_counts_are_bounded(monkeypatch) -> None:
     """A pipeline whose calls never repeat a signature must not grow the warm-up counts without end:
     past the limit they start over (one more plain generation for a signature seen before)."""
