@@ -39,6 +39,19 @@ def run(tmp_path: Path):
         setattr(config, name, value)
 
 
+@pytest.fixture
+def stand_in_graphs(monkeypatch) -> None:
+    """The script's step graphs on the CPU: a stand-in capture that keeps a CUDA graph's semantics
+    (tests/op_replay.py) in place of CUDA graphs."""
+    from op_replay import OpReplayCapture
+
+    from smoothcache import StepGraphs
+
+    monkeypatch.setattr(pipeline_speed, "replays_on", lambda device: True)
+    monkeypatch.setattr(pipeline_speed, "attach_step_graphs",
+                        lambda pipe, warmup: StepGraphs(pipe, warmup_generations=warmup, capture=OpReplayCapture()))
+
+
 def positive(value: Any) -> bool:
     return isinstance(value, float) and math.isfinite(value) and value > 0
 
@@ -148,6 +161,18 @@ def test_flux_and_wan_rows(run):
     assert wan["settings"]["calls_per_step"] == 2  # guidance runs the transformer twice per step
 
 
+def test_flux_and_wan_replay_their_steps_bit_identically(run, stand_in_graphs):
+    """Flux's two kinds of blocks and Wan's two calls a step (guidance), each step's calls replayed
+    under a graph's semantics: the same output as the pipeline without step graphs."""
+    for result in run("--model", "flux", "wan", "--compile", "eager", "eager-graphs", "--batches", "1",
+                      "--prefetch", "off", "--methods", "blocks"):
+        calls = result["settings"]["steps"] * result["settings"]["calls_per_step"]
+        for row in (r for r in result["rows"] if r["compile"] == "eager-graphs"):
+            assert row["max_abs_diff_vs_plain_path"] == 0.0, row
+            stats = row["step_graphs"]
+            assert stats["captured"] == calls and stats["incomplete"] == 0 and stats["capture_error"] is None
+
+
 def test_the_step_graphs_cells_say_they_need_a_gpu(run):
     """``--compile graphs eager-graphs`` are smoothcache.step_graphs, compiled and not: on the CPU
     each row says why it did not run."""
@@ -161,17 +186,10 @@ def test_the_step_graphs_cells_say_they_need_a_gpu(run):
     assert result["settings"]["warmup"]["graphs"] == 4 and result["settings"]["warmup"]["eager-graphs"] == 3
 
 
-def test_the_step_graphs_cells_run_through_the_script_under_a_graphs_semantics(run, monkeypatch):
+def test_the_step_graphs_cells_run_through_the_script_under_a_graphs_semantics(run, stand_in_graphs):
     """The GPU run's step-graphs cells, on the CPU with a stand-in capture that keeps a CUDA graph's
     semantics (tests/op_replay.py): every generation after the warm-up replays, nothing falls back,
     and each row is bit-identical to the same method without step graphs."""
-    from op_replay import OpReplayCapture
-
-    from smoothcache import StepGraphs
-
-    monkeypatch.setattr(pipeline_speed, "replays_on", lambda device: True)
-    monkeypatch.setattr(pipeline_speed, "attach_step_graphs",
-                        lambda pipe, warmup: StepGraphs(pipe, warmup_generations=warmup, capture=OpReplayCapture()))
     (result,) = run("--model", "dit", "--compile", "compile", "graphs", "eager", "eager-graphs", "--batches", "1",
                     "--prefetch", "on", "--methods", "blocks")
     rows = {(r["compile"], r["method"]): r for r in result["rows"]}

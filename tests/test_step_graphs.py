@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 from torch.utils import _pytree as pytree
 
 import smoothcache
-from smoothcache import Schedule
+from smoothcache import Schedule, graph_replay
 from smoothcache.adapters import whole_block_components
 from smoothcache.errors import GraphCaptureError
 from smoothcache.graph_replay import StepGraphs, copy_inputs, static_inputs
@@ -79,6 +79,22 @@ def test_changed_parameters_are_noticed() -> None:
     changed = generate(pipe)
     assert graphs.stats.invalidated == 1 and graphs.graphs == 0
     assert torch.equal(changed, generate(reference))
+
+
+def test_a_model_that_changes_at_every_generation_never_replays_and_is_told_so(caplog) -> None:
+    """As CPU offloading moves the weights at every generation: the graphs are dropped each time,
+    and a warning says why nothing replays (once)."""
+    pipe = make_dit_pipeline()
+    graphs = StepGraphs(pipe, capture=OpReplayCapture())
+    linear = pipe.transformer.transformer_blocks[0].ff.net[2]
+    with caplog.at_level("WARNING", logger="smoothcache.graph_replay"):
+        for _ in range(2 + 2 * graph_replay.CHANGED_IN_A_ROW):
+            generate(pipe)
+            linear.weight = torch.nn.Parameter(linear.weight.detach().clone())  # the same values, moved
+    warnings = [r for r in caplog.records if "never get to replay" in r.getMessage()]
+    assert len(warnings) == 1 and "offloading" in warnings[0].getMessage()
+    assert graphs.stats.replayed == 0 and graphs.stats.invalidated == 1 + 2 * graph_replay.CHANGED_IN_A_ROW
+    graphs.disable()
 
 
 def test_the_models_own_hooks_run_on_every_replayed_call_and_a_blocks_hook_is_captured_afresh() -> None:

@@ -69,6 +69,9 @@ logger = logging.getLogger(__name__)
 # start over, which costs each signature one more plain generation.
 SEEN_LIMIT = 1 << 16
 
+# Generations in a row that find the model changed (so nothing replays) before a warning says so
+CHANGED_IN_A_ROW = 3
+
 
 class Replay(Protocol):
     """A captured call: copy fresh inputs in, run, hand back the outputs it wrote."""
@@ -234,6 +237,7 @@ class StepGraphs:
         self._sets: dict[Hashable, dict[Hashable, Replay]] = {}
         self._shadow: ShadowedForward | None = None
         self._warned_wrapped = False
+        self._changed_in_a_row = 0  # generations in a row that found the model changed
         self.enable()
 
     @property
@@ -356,6 +360,14 @@ class StepGraphs:
             logger.info("The model changed (parameters, buffers, forwards or hooks inside it): its step graphs are captured again")
             self.stats.invalidated += 1
             self._forget_graphs()
+            self._changed_in_a_row += 1
+            if self._changed_in_a_row == CHANGED_IN_A_ROW:
+                logger.warning(
+                    "The model changed between each of the last %d generations, so step graphs never get to replay: "
+                    "something moves or replaces its weights or hooks at every generation (CPU offloading does; so "
+                    "does loading or switching adapters per call). Remove that, or disable step_graphs", CHANGED_IN_A_ROW)
+        else:
+            self._changed_in_a_row = 0
         self._fingerprint = fingerprint
         timesteps = self.target.timesteps()
         self._name = None if first is None else (first, None if timesteps is None else len(timesteps))
