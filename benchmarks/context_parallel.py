@@ -438,7 +438,7 @@ def build_report(args, device, config, latent_shape, tokens, schedule, compute_f
 
 def plot(report: dict, path: Path) -> Path:
     """Seconds per configuration, speedup over 1-GPU uncached on each bar."""
-    from smoothcache.plots import pyplot
+    from smoothcache.plots import pyplot, save_figure
 
     plt = pyplot()
     rows = report["rows"]
@@ -454,9 +454,7 @@ def plot(report: dict, path: Path) -> Path:
     ax.set_title(f"Wan {report['model']['size']} (random), {s['tokens']} tokens, {s['steps']} steps x {s['calls_per_step']} "
                  f"calls, {s['dtype']}, {report['device']}\n{s['schedule']}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def setup_distributed(args: argparse.Namespace) -> torch.device:

@@ -185,7 +185,7 @@ def compile_model(model, compile_mode: str, backend: str) -> Any:
 
 def plot(result: dict[str, Any], path: Path) -> Path:
     """Speedup over uncached (same compile setting) per schedule; bars for ours and the reference, ticks for ideal."""
-    from smoothcache.plots import pyplot
+    from smoothcache.plots import pyplot, save_figure
 
     plt = pyplot()
     panels = sorted({(r["compile"], r["batch"], r.get("loop", "synced")) for r in result["rows"]})
@@ -210,9 +210,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle(f"DiT-XL/2-256, {result['settings']['steps']} DDIM steps, {result['settings']['dtype']}, {result['device']}", fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def fresh_pipe(shared: SimpleNamespace | None, compile_mode: str, args: argparse.Namespace) -> SimpleNamespace:

@@ -152,18 +152,16 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     try:
-        import matplotlib
+        from smoothcache.plots import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 3.2))
         ax.boxplot([times[n] for n in variants])
         ax.set_xticks(range(1, len(variants) + 1), list(variants))
         ax.set_ylabel("seconds per pipeline call")
         ax.set_title(f"{args.steps} steps, {args.layers} blocks, width {args.width}, batch {args.batch} (CPU)")
         fig.tight_layout()
-        fig.savefig(args.out.with_suffix(".png"), dpi=120)
+        save_figure(fig, args.out.with_suffix(".png"), dpi=120)
     except ImportError:
         pass
     print(json.dumps({k: result[k] for k in ("device", "median_seconds", "hook_overhead", "calibration_overhead", "python_cost_no_op_dit_xl_layout")}, indent=1))

@@ -37,6 +37,7 @@ from smoothcache.demo.peers import (
     attach_diffusers_hook,
     calibrate_mag_ratios,
 )
+from smoothcache.plots import pyplot, save_figure
 
 SETTINGS = ("steps", "guidance_scale", "samples_per_class", "num_classes", "seed", "calibration_samples_per_class")
 Apply = Callable[[Any], Callable[[], None] | None]  # attaches a method to the pipeline; returns its undo
@@ -197,10 +198,7 @@ def main() -> None:
 
 def plot(report: dict[str, Any], path: Path) -> Path:
     """PSNR and FID against measured compute, one series per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = [r for r in report["runs"] if r["family"] != "uncached" and r["error"] is None]
     families = list(dict.fromkeys(r["family"] for r in runs))
@@ -219,9 +217,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Demo DiT, {report['settings']['samples']} samples, {report['settings']['steps']} DDIM steps")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..files import atomic_path
+from ..plots import pyplot, save_figure
 from .fashion_mnist import CLASS_NAMES
 
 __all__ = ["draw_all", "file_tag", "pareto_figure", "samples_figure"]
@@ -43,10 +43,7 @@ def _style(family: str) -> dict[str, Any]:
 
 def pareto_figure(result: dict[str, Any], report: dict[str, Any], path: Path) -> Path:
     """PSNR and FD-clf against eager speedup, compiled speedup and compute; one line per family."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in result["rows"] if r.get("error") is None]
     families = list(dict.fromkeys(r["family"] for r in rows))
@@ -75,18 +72,12 @@ def pareto_figure(result: dict[str, Any], report: dict[str, Any], path: Path) ->
                  f"guidance {config['guidance_scale']}, {report['device']}; uncached FD-clf "
                  f"{result.get('uncached', {}).get('fd_clf', float('nan')):.3g} (dotted)")
     fig.tight_layout(rect=(0, 0.09, 1, 0.97))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def samples_figure(grid: dict[str, torch.Tensor | None], path: Path, sampler: str) -> Path:
     """Rows: uncached, then each family at its setting nearest half the compute; columns: one seed a class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [(name, images) for name, images in grid.items() if images is not None]
     fig, axes = plt.subplots(len(rows), 1, figsize=(7, 1.05 * len(rows) + 0.8), squeeze=False)
@@ -101,7 +92,4 @@ def samples_figure(grid: dict[str, torch.Tensor | None], path: Path, sampler: st
                       CLASS_NAMES[: len(images)] if last else [], fontsize=6)
     fig.suptitle(f"Same seeds, each family at the setting nearest half the compute ({sampler})", fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

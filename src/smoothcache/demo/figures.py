@@ -9,8 +9,7 @@ from typing import Any
 
 import torch
 
-from ..files import atomic_path
-from ..plots import pyplot
+from ..plots import pyplot, save_figure
 
 __all__ = ["plot_samples", "plot_tradeoff"]
 
@@ -53,10 +52,7 @@ def plot_samples(images: list[tuple[str, torch.Tensor]], path: str | Path, colum
         top.tick_params(length=0)
     top_margin = 1 - header / (rows * 0.68 + 0.2 + header) - 0.01
     fig.subplots_adjust(left=0.2, right=0.99, top=top_margin, bottom=0.01, hspace=0.08)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_tradeoff(report: dict[str, Any], path: str | Path) -> Path:
@@ -94,7 +90,4 @@ def plot_tradeoff(report: dict[str, Any], path: str | Path) -> Path:
     fig.legend(loc="lower center", ncol=min(5, len(families) + 2), fontsize=8, frameon=False)
     fig.suptitle(f"demo model, {report['steps']} steps, {report['samples']} samples, {report['device']}")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=120)
