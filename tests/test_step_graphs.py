@@ -467,6 +467,28 @@ def test_the_stand_in_holds_a_tensor_made_outside_the_captures_by_its_address_on
         replay(leaves)
 
 
+@pytest.mark.parametrize("torch_ended_it", [False, True], ids=["torch-before-2.12", "torch-2.12-on"])
+def test_a_failed_capture_ends_the_allocators_routing_into_its_pool_where_torch_did_not(torch_ended_it, monkeypatch) -> None:
+    """Torch before 2.12 leaves the allocator routing into a failed capture's pool and never
+    releases the failed graph's hold on it; later torch does both itself. The capture ends the
+    routing and releases the pool exactly where torch did not (torch's allocator calls are faked
+    here: there is no GPU)."""
+    calls: list[tuple[str, int, tuple[int, int]]] = []
+
+    def end(index: int, pool: tuple[int, int]) -> None:
+        if torch_ended_it:
+            raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
+        calls.append(("end", index, pool))
+
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", end, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_releasePool", lambda index, pool: calls.append(("release", index, pool)),
+                        raising=False)
+    capture = object.__new__(graph_replay.CudaCapture)  # no CUDA stream to make here
+    capture.device, capture.pool = torch.device("cuda", 1), (0, 7)
+    capture._end_failed_capture()
+    assert calls == ([] if torch_ended_it else [("end", 1, (0, 7)), ("release", 1, (0, 7))])
+
+
 def test_the_warm_up_counts_are_bounded(monkeypatch) -> None:
     """A pipeline whose calls never repeat a signature must not grow the warm-up counts without end:
     past the limit they start over (one more plain generation for a signature seen before)."""

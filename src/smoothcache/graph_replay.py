@@ -123,6 +123,7 @@ class CudaCapture:
                 except BaseException:
                     with contextlib.suppress(Exception):  # the call's own error is the one to report
                         graph.capture_end()
+                    self._end_failed_capture()
                     raise
                 graph.capture_end()
             torch.cuda.current_stream().wait_stream(self.stream)
@@ -135,6 +136,21 @@ class CudaCapture:
 
         with torch.cuda.device(self.device):
             return replay, replay(leaves)
+
+    def _end_failed_capture(self) -> None:
+        """Torch before 2.12 leaves the allocator routing this thread's allocations into the pool
+        after a capture that failed (its ``capture_end`` raises before it ends that), and never
+        releases the failed graph's hold on the pool: later ``empty_cache()`` calls then free
+        nothing (or assert) and the pool's memory stays reserved. End both where torch did not; a
+        torch that ended the routing itself also releases the pool itself."""
+        if self.pool is None:
+            return
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        try:
+            torch._C._cuda_endAllocateToPool(index, self.pool)
+        except RuntimeError:  # "not currently recording": torch ended it
+            return
+        torch._C._cuda_releasePool(index, self.pool)
 
 
 def _distinct(tensor: torch.Tensor) -> torch.Tensor:
