@@ -14,8 +14,10 @@ Operations whose output shape depends on the values (``nonzero``, ``masked_selec
 
 A tensor a graph reads that no capture of its pool made (a parameter, a buffer, something the
 model or the cache made outside the captures) is held weakly, as a CUDA graph holds only its
-address: a replay that finds it gone raises, where a GPU would read freed memory. Tensors made by
-the pool's captures are held for good, as the pool keeps their memory.
+address: a replay that finds it gone raises, where a GPU would read freed memory. Views of such a
+tensor and in-place writes to it are not held either (a view would keep it alive): a replay makes
+them again from it. Tensors made by the pool's captures are held for good, as the pool keeps their
+memory.
 
 What it does not model: the pool reusing a freed tensor's memory for a later capture's (it keeps
 them all; replayed in the order captured, as step_graphs does, that makes no difference); values
@@ -37,12 +39,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from smoothcache.graph_replay import copy_inputs, static_inputs
 
-Operation = tuple[Any, tuple[Any, ...], dict[str, Any], Any]
+Operation = tuple[Any, tuple[Any, ...], dict[str, Any], list[Any], bool]
 
 _HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
                torch.ops.aten.is_nonzero.default}
 # an output whose shape depends on the values (nonzero, masked_select, unique): the host must read them
 _DATA_DEPENDENT = {torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output}
+# the tensor made by torch.tensor(...) enters dispatch here, made outside any operation
+_CONSTANTS = {torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default}
 
 
 class _Outside:
@@ -52,7 +56,7 @@ class _Outside:
         self.ref = weakref.ref(tensor)
         self.shape = tuple(tensor.shape)
 
-    def get(self, func: Any) -> torch.Tensor:
+    def get(self, func: Any, _: dict[int, list[Any]]) -> torch.Tensor:
         tensor = self.ref()
         if tensor is None:
             raise RuntimeError(f"a replayed graph reads freed memory: {func} reads a tensor of shape {self.shape} that "
@@ -60,30 +64,63 @@ class _Outside:
         return tensor
 
 
+class _Derived:
+    """A view of, or an in-place write to, a tensor made outside: not held (a view would hold the
+    outside tensor alive, which a graph does not), but made again on replay by its operation."""
+
+    def __init__(self, operation: int, leaf: int) -> None:
+        self.operation, self.leaf = operation, leaf
+
+    def get(self, _: Any, made_again: dict[int, list[Any]]) -> torch.Tensor:
+        return made_again[self.operation][self.leaf]
+
+
+def _storage(tensor: torch.Tensor) -> int | None:
+    return tensor.untyped_storage()._cdata if tensor.numel() else None
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self, made: set[int]) -> None:
         super().__init__()
         self.operations: list[Operation] = []
         self.made = made  # ids of the tensors the pool's captures made, and the captured inputs
+        self.derived: dict[int, tuple[weakref.ref, _Derived]] = {}  # this capture's, by id
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         if func in _HOST_READS or _DATA_DEPENDENT & set(func.tags):
             raise RuntimeError(f"operation not permitted when stream is capturing ({func} reads a value on the host)")
         output = func(*args, **kwargs)
+        if func in _CONSTANTS:  # torch.tensor(...) in the forward: a constant of the graph, as a capture bakes it
+            self.made.update(id(t) for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor))
         held_args, held_kwargs = pytree.tree_map(self._held, (args, kwargs))
-        self.operations.append((func, held_args, held_kwargs, output))
-        self.made.update(id(t) for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor))
+        # an output sharing memory with an outside tensor read here is that tensor's view or itself
+        outside = {_storage(t) for t in pytree.tree_leaves((args, kwargs))
+                   if isinstance(t, torch.Tensor) and id(t) not in self.made} - {None}
+        recorded, aliases = [], False
+        for leaf_index, leaf in enumerate(pytree.tree_leaves(output)):
+            if isinstance(leaf, torch.Tensor) and _storage(leaf) in outside:
+                self.derived[id(leaf)] = (weakref.ref(leaf), _Derived(len(self.operations), leaf_index))
+                recorded.append(None)
+                aliases = True
+            else:
+                if isinstance(leaf, torch.Tensor):
+                    self.made.add(id(leaf))
+                recorded.append(leaf)
+        self.operations.append((func, held_args, held_kwargs, recorded, aliases))
         return output
 
     def _held(self, value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and id(value) not in self.made:
-            return _Outside(value)
-        return value
+        if not isinstance(value, torch.Tensor) or id(value) in self.made:
+            return value
+        ref, derived = self.derived.get(id(value), (None, None))
+        if ref is not None and ref() is value:
+            return derived
+        return _Outside(value)
 
 
-def _resolved(func: Any, value: Any) -> Any:
-    return pytree.tree_map(lambda v: v.get(func) if isinstance(v, _Outside) else v, value)
+def _resolved(func: Any, value: Any, made_again: dict[int, list[Any]]) -> Any:
+    return pytree.tree_map(lambda v: v.get(func, made_again) if isinstance(v, (_Outside, _Derived)) else v, value)
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -92,10 +129,14 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _run(operations: list[Operation]) -> None:
+    made_again: dict[int, list[Any]] = {}  # the results of operations on outside tensors, this replay's
     with torch.no_grad():
-        for func, args, kwargs, recorded in operations:
-            result = func(*_resolved(func, args), **_resolved(func, kwargs))
-            for into, value in zip(pytree.tree_leaves(recorded), pytree.tree_leaves(result), strict=True):
+        for index, (func, args, kwargs, recorded, aliases) in enumerate(operations):
+            result = func(*_resolved(func, args, made_again), **_resolved(func, kwargs, made_again))
+            values = pytree.tree_leaves(result)
+            if aliases:
+                made_again[index] = values
+            for into, value in zip(recorded, values, strict=True):
                 if isinstance(into, torch.Tensor) and not _same_memory(into, value):
                     into.copy_(value)  # a fresh result lands where the capture's was
 

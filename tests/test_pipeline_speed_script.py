@@ -171,6 +171,7 @@ def test_flux_and_wan_replay_their_steps_bit_identically(run, stand_in_graphs):
             assert row["max_abs_diff_vs_plain_path"] == 0.0, row
             stats = row["step_graphs"]
             assert stats["captured"] == calls and stats["incomplete"] == 0 and stats["capture_error"] is None
+            assert stats["replayed"] == calls * (row["repeats"] + 2) and stats["invalidated"] == 0  # warm-up's last, timed, clocked
 
 
 def test_the_step_graphs_cells_say_they_need_a_gpu(run):

@@ -112,10 +112,16 @@ def test_the_models_own_hooks_run_on_every_replayed_call_and_a_blocks_hook_is_ca
     handle.remove()
     assert len(calls) == STEPS and graphs.stats.invalidated == 0
     assert counts(graphs) == (STEPS, STEPS, 2 * STEPS)
+    everywhere = torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
+    generate(pipe)  # a hook for every module runs inside the forward too
+    assert graphs.stats.invalidated == 1 and graphs.graphs == 0
+    everywhere.remove()
+    for _ in range(3):
+        generate(pipe)
     block = pipe.transformer.transformer_blocks[0]
     doubled = block.register_forward_hook(lambda module, args, output: output * 2)
     changed = generate(pipe)
-    assert graphs.stats.invalidated == 1 and graphs.graphs == 0 and not torch.equal(changed, plain)
+    assert graphs.stats.invalidated == 3 and graphs.graphs == 0 and not torch.equal(changed, plain)
     doubled.remove()
     graphs.disable()
 
@@ -446,47 +452,69 @@ def test_a_forward_that_reads_a_value_on_the_host_cannot_be_captured() -> None:
     assert torch.equal(generate(pipe), plain)
 
 
-def test_the_stand_in_holds_a_tensor_made_outside_the_captures_by_its_address_only() -> None:
+@pytest.mark.parametrize("read", ["directly", "through-a-view", "written-in-place"])
+def test_the_stand_in_holds_a_tensor_made_outside_the_captures_by_its_address_only(read: str) -> None:
     """As a CUDA graph holds a tensor made outside its pool (a parameter, a value a hook sets)
-    by its address only, the stand-in holds it weakly: a replay that reads one that is gone, which
-    on a GPU reads freed memory, raises; one still held replays."""
+    by its address only, the stand-in holds it weakly, views of it and writes into it included (a
+    view would keep it alive): a replay that reads one that is gone, which on a GPU reads freed
+    memory, raises; one still held replays."""
     capture = OpReplayCapture()
     capture.new_pool()
     weight = torch.nn.Parameter(torch.full((3,), 2.0), requires_grad=False)
-    per_call = {"scale": torch.tensor(3.0)}
+    per_call = {"scale": torch.full((3,), 3.0)}
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return x * weight * per_call["scale"]
+        scale = per_call["scale"]
+        if read == "through-a-view":
+            scale = scale.view(3, 1)[:, 0]
+        elif read == "written-in-place":
+            scale = scale.fill_(3.0)
+        return x * weight * scale
 
     leaves, spec = pytree.tree_flatten(((torch.ones(3),), {}))
     replay, output = capture(forward, leaves, spec, (0, 0))
     assert torch.equal(output, torch.full((3,), 6.0))
     assert torch.equal(replay([torch.full((3,), 2.0)]), torch.full((3,), 12.0))
-    per_call["scale"] = torch.tensor(3.0)  # the same value, made anew: the captured one is freed
+    per_call["scale"] = torch.full((3,), 3.0)  # the same value, made anew: the captured one is freed
     with pytest.raises(RuntimeError, match="reads freed memory"):
         replay(leaves)
 
 
-@pytest.mark.parametrize("torch_ended_it", [False, True], ids=["torch-before-2.12", "torch-2.12-on"])
-def test_a_failed_capture_ends_the_allocators_routing_into_its_pool_where_torch_did_not(torch_ended_it, monkeypatch) -> None:
+def test_the_stand_in_bakes_in_a_constant_the_forward_makes() -> None:
+    capture = OpReplayCapture()
+    capture.new_pool()
+    leaves, spec = pytree.tree_flatten(((torch.ones(3),), {}))
+    replay, _ = capture(lambda x: x * torch.tensor([1.0, 2.0, 3.0]), leaves, spec, (0, 0))
+    assert torch.equal(replay([torch.full((3,), 2.0)]), torch.tensor([2.0, 4.0, 6.0]))
+
+
+@pytest.mark.parametrize("torch_version", ["2.8-2.11", "before-2.8", "2.12-on", "rocm"])
+def test_a_failed_capture_ends_the_allocators_routing_into_its_pool_where_torch_did_not(torch_version, monkeypatch) -> None:
     """Torch before 2.12 leaves the allocator routing into a failed capture's pool and never
-    releases the failed graph's hold on it; later torch does both itself. The capture ends the
-    routing and releases the pool exactly where torch did not (torch's allocator calls are faked
-    here: there is no GPU)."""
+    releases the failed graph's hold on it (before 2.8 the call that ends it had another name);
+    later torch ends the routing itself. The capture ends the routing where torch did not, and
+    releases the pool then, except on ROCm, whose branches took the fixes in another order (a
+    second release would fail in the graph's destructor). Torch's allocator calls are faked here."""
     calls: list[tuple[str, int, tuple[int, int]]] = []
 
     def end(index: int, pool: tuple[int, int]) -> None:
-        if torch_ended_it:
+        if torch_version == "2.12-on":
             raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
         calls.append(("end", index, pool))
 
-    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", end, raising=False)
+    monkeypatch.delattr(torch._C, "_cuda_endAllocateToPool", raising=False)
+    monkeypatch.delattr(torch._C, "_cuda_endAllocateCurrentStreamToPool", raising=False)
+    name = "_cuda_endAllocateCurrentStreamToPool" if torch_version == "before-2.8" else "_cuda_endAllocateToPool"
+    monkeypatch.setattr(torch._C, name, end, raising=False)
     monkeypatch.setattr(torch._C, "_cuda_releasePool", lambda index, pool: calls.append(("release", index, pool)),
                         raising=False)
+    monkeypatch.setattr(torch.version, "hip", "6.4" if torch_version == "rocm" else None)
     capture = object.__new__(graph_replay.CudaCapture)  # no CUDA stream to make here
     capture.device, capture.pool = torch.device("cuda", 1), (0, 7)
     capture._end_failed_capture()
-    assert calls == ([] if torch_ended_it else [("end", 1, (0, 7)), ("release", 1, (0, 7))])
+    expected = {"2.8-2.11": [("end", 1, (0, 7)), ("release", 1, (0, 7))], "before-2.8": [("end", 1, (0, 7)), ("release", 1, (0, 7))],
+                "2.12-on": [], "rocm": [("end", 1, (0, 7))]}
+    assert calls == expected[torch_version]
 
 
 def test_the_warm_up_counts_are_bounded(monkeypatch) -> None:

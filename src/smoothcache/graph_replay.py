@@ -17,8 +17,9 @@ first call, in order, or not at all, and calls off that order run as they are. E
 baked in (parameters, buffers, the modules' forwards, so a cache attached or removed) is checked
 at each generation's start; a change drops every graph and starts over.
 
-The model's own hooks still run at every call (the cache's step bookkeeping among them); its
-``forward`` does not, which is the point: the kernels it launched are replayed. Outputs are the
+The model's own hooks still run at every call (the cache's step bookkeeping among them, except
+where the model is a compiled wrapper: then the hooks of the model inside it are in the graphs);
+its ``forward`` does not, which is the point: the kernels it launched are replayed. Outputs are the
 replayed graph's, copied out by default so that nothing the pipeline holds is overwritten by a
 later replay. A call is captured only once it has run as it is ``warmup_generations`` times (so
 nothing compiles inside a capture), into inputs laid out like the warm-up's (an expanded timestep
@@ -47,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torch.utils import _pytree as pytree
 
 from .errors import GraphCaptureError
@@ -139,18 +141,30 @@ class CudaCapture:
 
     def _end_failed_capture(self) -> None:
         """Torch before 2.12 leaves the allocator routing this thread's allocations into the pool
-        after a capture that failed (its ``capture_end`` raises before it ends that), and never
-        releases the failed graph's hold on the pool: later ``empty_cache()`` calls then free
-        nothing (or assert) and the pool's memory stays reserved. End both where torch did not; a
-        torch that ended the routing itself also releases the pool itself."""
+        after a capture that failed (its ``capture_end`` raises before it ends that, pytorch#180395),
+        and its ``reset()`` never releases a failed graph's hold on the pool (pytorch#190348): later
+        ``empty_cache()`` calls then free nothing (or assert) and the pool's memory stays reserved.
+        End both where torch did not. A torch that ended the routing itself is left to release the
+        pool itself: releasing it twice would fail an assertion in the graph's destructor, so a
+        torch with the first fix and not the second keeps the pool reserved (its bug, not undone
+        here); so does ROCm, whose branches took the fixes in another order. Never raises: the
+        capture's own error is the one to report."""
         if self.pool is None:
             return
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        try:
-            torch._C._cuda_endAllocateToPool(index, self.pool)
-        except RuntimeError:  # "not currently recording": torch ended it
+        end = getattr(torch._C, "_cuda_endAllocateToPool", None) or getattr(
+            torch._C, "_cuda_endAllocateCurrentStreamToPool", None)  # its name before torch 2.8
+        if end is None:
             return
-        torch._C._cuda_releasePool(index, self.pool)
+        try:
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            try:
+                end(index, self.pool)
+            except RuntimeError:  # "not currently recording": torch ended it
+                return
+            if torch.version.hip is None:
+                torch._C._cuda_releasePool(index, self.pool)
+        except Exception:  # cleanup after a failure must not hide it
+            logger.debug("Could not end the failed capture's pool", exc_info=True)
 
 
 def _distinct(tensor: torch.Tensor) -> torch.Tensor:
@@ -488,14 +502,17 @@ def _refuse_compiled_in_place(model: nn.Module) -> None:
 def model_fingerprint(model: nn.Module) -> tuple[Any, ...]:
     """What a captured graph baked in: each parameter's and buffer's tensor (its identity too: a
     quantized weight's data pointer says nothing), storage, shape and dtype, and each module's
-    Python state that its kernels depend on. The model's own hooks are left out: they run around
-    the replaced forward, on every call, replays included, and no graph holds them."""
+    Python state that its kernels depend on (other attributes its forward reads are baked in
+    unseen: after changing one, call ``drop()``). The model's own hooks are left out: they run
+    around the replaced forward, on every call, replays included, and no graph holds them."""
     tensors = tuple(
         (name, id(t), t.data_ptr(), tuple(t.shape), t.dtype)
         for name, t in _named_tensors(model)
     )
     modules = tuple((name, *_module_state(m, hooks=m is not model)) for name, m in model.named_modules())
-    return tensors, modules
+    # hooks for every module (torch.nn.modules.module.register_module_forward_hook) run inside too
+    everywhere = tuple(_global_forward_pre_hooks), tuple(_global_forward_hooks)
+    return tensors, modules, everywhere
 
 
 def _module_state(module: nn.Module, *, hooks: bool = True) -> tuple[Any, ...]:

@@ -27,9 +27,11 @@ def pyplot():
 def save_figure(fig, path: str | Path, *, dpi: int = 120) -> Path:
     """Write ``fig`` to ``path`` (its suffix picks the format) in one step, and close it: a figure
     left open keeps its memory until the process ends."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi)
-    pyplot().close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        pyplot().close(fig)
     return Path(path)
 
 
