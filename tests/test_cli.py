@@ -24,6 +24,15 @@ def pipeline_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def one_block_dir(tmp_path_factory):
+    """The tiny DiT with a single block, for the benches under torch.compile: what they check does not
+    depend on the depth, and dynamo's tracing, their cost, grows with it."""
+    path = tmp_path_factory.mktemp("tiny-dit-one-block")
+    make_dit_pipeline(num_layers=1).save_pretrained(path)
+    return path
+
+
 def test_calibrate_schedule_generate_inspect(pipeline_dir, tmp_path, capsys):
     profile_path, schedule_path = tmp_path / "profile.json", tmp_path / "schedule.json"
     common = ["--model", str(pipeline_dir), "--steps", "10", "--quiet"]
@@ -272,7 +281,7 @@ def test_bench_reports_speedup_ideal_and_warns_when_caching_gains_nothing(pipeli
 
 
 def test_bench_compiles_the_transformer_measures_the_ideal_eagerly_and_compiles_nothing_while_timed(
-    pipeline_dir, tmp_path, capsys, monkeypatch
+    one_block_dir, tmp_path, capsys, monkeypatch
 ):
     """--compile wraps the transformer whole (dynamo only here: inductor would make this slow);
     the FLOP count runs eagerly, and after the warm-up no graph is compiled."""
@@ -287,7 +296,7 @@ def test_bench_compiles_the_transformer_measures_the_ideal_eagerly_and_compiles_
 
     monkeypatch.setattr(torch, "compile", compile_with_dynamo_only)
     torch._dynamo.reset()
-    args = ["bench", "--model", str(pipeline_dir), "--schedule", str(schedule), "--classes", "1,2", "--repeats", "2",
+    args = ["bench", "--model", str(one_block_dir), "--schedule", str(schedule), "--classes", "1,2", "--repeats", "2",
             "--compile", "model", "--out", str(out)]
     from torch._dynamo.utils import counters
 
@@ -310,7 +319,7 @@ def test_bench_compiles_the_transformer_measures_the_ideal_eagerly_and_compiles_
     assert "torch.compile model" in capsys.readouterr().out
 
 
-def test_bench_times_one_cell_per_compile_setting_and_batch_size(pipeline_dir, tmp_path, capsys, monkeypatch):
+def test_bench_times_one_cell_per_compile_setting_and_batch_size(one_block_dir, tmp_path, capsys, monkeypatch):
     """--compile none model --batch-sizes 1 3: four cells, each against its own uncached runs; the
     transformer is compiled afresh per setting (dynamo only here) and put back at the end."""
     schedule, out = tmp_path / "s.json", tmp_path / "bench.json"
@@ -331,7 +340,7 @@ def test_bench_times_one_cell_per_compile_setting_and_batch_size(pipeline_dir, t
         return real_run_request(pipe, request, *args, **kwargs)
 
     monkeypatch.setattr(smoothcache.cli_pipelines, "run_request", counting_run_request)
-    args = ["bench", "--model", str(pipeline_dir), "--schedule", str(schedule), "--classes", "1,2", "--repeats", "1",
+    args = ["bench", "--model", str(one_block_dir), "--schedule", str(schedule), "--classes", "1,2", "--repeats", "1",
             "--compile", "none", "model", "--batch-sizes", "1", "3", "--quiet", "--out", str(out)]
     assert main(args) == 0
     torch._dynamo.reset()
@@ -548,7 +557,7 @@ def test_split_finds_the_least_drifting_split_and_says_how_to_run_it(pipeline_di
 
 @pytest.mark.parametrize("compile_setting", ["none", "model"])
 def test_bench_with_step_graphs_times_uncached_then_cached_each_replayed(
-    compile_setting, pipeline_dir, tmp_path, capsys, monkeypatch
+    compile_setting, one_block_dir, tmp_path, capsys, monkeypatch
 ):
     """--step-graphs: attaching or removing the cache drops the graphs, so the uncached runs come
     first and the cached ones after, each phase warmed up through a capture and one replay (a
@@ -564,7 +573,7 @@ def test_bench_with_step_graphs_times_uncached_then_cached_each_replayed(
     schedule, out = tmp_path / "s.json", tmp_path / "bench.json"
     Schedule.fixed_interval(["block"], 10, 2).save(schedule)
     torch._dynamo.reset()
-    args = ["bench", "--model", str(pipeline_dir), "--schedule", str(schedule), "--classes", "1,2", "--repeats", "2",
+    args = ["bench", "--model", str(one_block_dir), "--schedule", str(schedule), "--classes", "1,2", "--repeats", "2",
             "--compile", compile_setting, "--step-graphs", "--quiet", "--out", str(out)]
     assert main(args) == 0
     torch._dynamo.reset()
@@ -617,7 +626,7 @@ def test_bench_with_step_graphs_leaves_nothing_attached_when_a_phase_fails(dit_p
     assert holder(dit_pipe.transformer) is None  # the cache is off again
 
 
-def test_bench_with_skip_guards_times_compiled_runs_under_the_stance(pipeline_dir, tmp_path, monkeypatch):
+def test_bench_with_skip_guards_times_compiled_runs_under_the_stance(one_block_dir, tmp_path, monkeypatch):
     """--skip-guards: compiled runs are timed under set_stance(skip_guard_eval_unsafe=True), in turn
     as usual, and only they; an uncompiled cell says it did not apply."""
     real_compile = torch.compile
@@ -633,7 +642,7 @@ def test_bench_with_skip_guards_times_compiled_runs_under_the_stance(pipeline_di
     schedule, out = tmp_path / "s.json", tmp_path / "bench.json"
     Schedule.fixed_interval(["attn1", "ff"], 10, 2).save(schedule)
     torch._dynamo.reset()
-    args = ["bench", "--model", str(pipeline_dir), "--schedule", str(schedule), "--classes", "1,2", "--repeats", "2",
+    args = ["bench", "--model", str(one_block_dir), "--schedule", str(schedule), "--classes", "1,2", "--repeats", "2",
             "--compile", "none", "model", "--skip-guards", "--quiet", "--out", str(out)]
     assert main(args) == 0
     torch._dynamo.reset()

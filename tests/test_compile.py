@@ -5,9 +5,12 @@ nothing about guards and graph breaks, and would make these tests slow on a CPU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import operator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -21,6 +24,9 @@ from smoothcache import Schedule
 ATTN1 = (1, 0, 0, 1, 0, 1, 0, 1, 0, 1)
 FF = (1, 1, 0, 1, 0, 0, 1, 1, 0, 1)
 SCHEDULE = Schedule({"attn1": ATTN1, "ff": FF})
+# every layer computes, or every layer reuses: two patterns, for tests that need reuse but not all four
+# patterns (each pattern is a graph to trace)
+ALTERNATE = Schedule.fixed_interval(["attn1", "ff"], STEPS, 2)
 
 
 class GraphCounter:
@@ -61,12 +67,20 @@ class ExecutionCounter:
         return count
 
 
+@contextlib.contextmanager
+def fresh_compiler() -> Iterator[None]:
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            yield
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+    with fresh_compiler():
         yield
-    torch._dynamo.reset()
 
 
 def counted_pipeline():
@@ -75,69 +89,129 @@ def counted_pipeline():
     return pipe, ExecutionCounter([b.attn1.to_q for b in blocks]), ExecutionCounter([b.ff.net[2] for b in blocks])
 
 
-def eager_cached(pipe) -> torch.Tensor:
-    with smoothcache.cache(pipe, SCHEDULE):
+def eager_cached(pipe, schedule: Schedule = SCHEDULE) -> torch.Tensor:
+    with smoothcache.cache(pipe, schedule):
         return generate(pipe)
 
 
-def test_regional_compile_matches_eager_with_one_graph_per_pattern_and_no_recompiles():
+@dataclass
+class CompiledRun:
+    """What one compiled, cached pipeline did: two generations in one ``cache()``, the second under
+    ``error_on_recompile``. Several tests check the same run, so each is made once (module fixtures below)
+    and only read by the tests; nothing runs the compiled model again."""
+
+    pipe: object  # its transformer compiled; the cache is off again
+    backend: GraphCounter
+    expected: torch.Tensor  # the same schedule, eagerly, before compiling
+    first: torch.Tensor
+    second: torch.Tensor
+    graphs_after_first: int
+    graphs_after_second: int
+    second_calls: int  # graph calls of the second generation
+    attn_computes: int  # attn1 (to_q) executions over both generations, every block
+    ff_computes: int
+    decision_patterns: int
+    marks: int  # cudagraph-trees steps the cache marked over the two generations
+    graphs_after_uncached: int | None = None  # after one more generation with the cache off
+
+    @property
+    def graphs(self) -> list[torch.fx.GraphModule]:
+        """The graphs of the two cached generations."""
+        return self.backend.graphs[:self.graphs_after_second]
+
+
+def compiled_run(compile_model: Callable[[object, GraphCounter], None], schedule: Schedule = SCHEDULE) -> CompiledRun:
+    """A counted pipeline cached with ``schedule``: eagerly, then compiled by ``compile_model`` twice."""
     pipe, attn, ff = counted_pipeline()
-    blocks = pipe.transformer.transformer_blocks
-    expected = eager_cached(pipe)
+    expected = eager_cached(pipe, schedule)
     attn.take(), ff.take()
     backend = GraphCounter()
-    for block in blocks:
-        block.compile(backend=backend)
-    with smoothcache.cache(pipe, SCHEDULE) as handle:
-        first = generate(pipe)
-        graphs = len(backend.graphs)
-        backend.calls = 0
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            second = generate(pipe)
-    assert torch.allclose(first, expected, atol=1e-6) and torch.allclose(second, expected, atol=1e-6)
-    assert attn.take() == 2 * len(blocks) * sum(ATTN1)
-    assert ff.take() == 2 * len(blocks) * sum(FF)
-    assert handle.decision_patterns() == 4
+    compile_model(pipe, backend)
+    marks = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+        with smoothcache.cache(pipe, schedule) as handle:
+            first = generate(pipe)
+            graphs_after_first = len(backend.graphs)
+            backend.calls = 0
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                second = generate(pipe)
+            patterns = handle.decision_patterns()
+    return CompiledRun(pipe, backend, expected, first, second, graphs_after_first, len(backend.graphs), backend.calls,
+                       attn.take(), ff.take(), patterns, len(marks))
+
+
+def compile_whole(pipe, backend: GraphCounter) -> None:
+    pipe.transformer = torch.compile(pipe.transformer, backend=backend)
+
+
+@pytest.fixture(scope="module")
+def whole() -> CompiledRun:
+    """SCHEDULE, the transformer compiled whole by a wrapper (as diffusers' docs do; the step hook
+    then sits on the wrapper); then one generation with the cache off."""
+    with fresh_compiler():
+        run = compiled_run(compile_whole)
+        generate(run.pipe)
+        run.graphs_after_uncached = len(run.backend.graphs)
+    return run
+
+
+@pytest.fixture(scope="module")
+def whole_in_place() -> CompiledRun:
+    """SCHEDULE, the transformer compiled whole in place (``module.compile()``)."""
+    with fresh_compiler():
+        return compiled_run(lambda pipe, backend: pipe.transformer.compile(backend=backend))
+
+
+@pytest.fixture(scope="module")
+def regional() -> CompiledRun:
+    """SCHEDULE, each block compiled on its own (regional compile)."""
+
+    def compile_blocks(pipe, backend: GraphCounter) -> None:
+        for block in pipe.transformer.transformer_blocks:
+            block.compile(backend=backend)
+
+    with fresh_compiler():
+        return compiled_run(compile_blocks)
+
+
+@pytest.fixture(scope="module")
+def chained_blocks() -> CompiledRun:
+    """Both blocks cached whole under one key, with FF's plan; the transformer compiled whole."""
+    with fresh_compiler():
+        return compiled_run(compile_whole, Schedule({"block": FF}))
+
+
+def test_regional_compile_matches_eager_with_one_graph_per_pattern_and_no_recompiles(regional):
+    blocks = regional.pipe.transformer.transformer_blocks
+    backend = regional.backend
+    assert torch.allclose(regional.first, regional.expected, atol=1e-6)
+    assert torch.allclose(regional.second, regional.expected, atol=1e-6)
+    assert regional.attn_computes == 2 * len(blocks) * sum(ATTN1)
+    assert regional.ff_computes == 2 * len(blocks) * sum(FF)
+    assert regional.decision_patterns == 4
     # DiT's first block sees strided input (the patch embedding), the others contiguous: two variants
-    assert graphs == 4 * 2 and len(backend.graphs) == graphs
+    assert regional.graphs_after_first == 4 * 2 and regional.graphs_after_second == regional.graphs_after_first
     # one graph call per block call: no graph break splits a block
-    assert backend.calls == STEPS * len(blocks)
+    assert regional.second_calls == STEPS * len(blocks)
     # a reused attention is not in the graph at all
-    assert sorted({backend.attention_calls(gm) for gm in backend.graphs}) == [0, 1]
+    assert sorted({backend.attention_calls(gm) for gm in regional.graphs}) == [0, 1]
 
 
 @pytest.mark.parametrize("how", ["wrapper", "in place"])
-def test_whole_model_compile_is_one_graph_per_step_and_compiles_nothing_the_second_time(how):
-    pipe, attn, ff = counted_pipeline()
-    expected = eager_cached(pipe)
-    attn.take(), ff.take()
-    backend = GraphCounter()
-    if how == "wrapper":  # as diffusers' docs do; the step hook then sits on the wrapper
-        pipe.transformer = torch.compile(pipe.transformer, backend=backend)
-    else:
-        pipe.transformer.compile(backend=backend)
-    with smoothcache.cache(pipe, SCHEDULE):
-        first = generate(pipe)
-        backend.calls = 0
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            second = generate(pipe)
-    assert torch.allclose(first, expected, atol=1e-6) and torch.allclose(second, expected, atol=1e-6)
-    assert attn.take() == 2 * 2 * sum(ATTN1) and ff.take() == 2 * 2 * sum(FF)
-    assert len(backend.graphs) == 4  # the four compute/reuse patterns
-    assert backend.calls == STEPS  # each model call is one graph: nothing breaks it
+def test_whole_model_compile_is_one_graph_per_step_and_compiles_nothing_the_second_time(how, request):
+    run = request.getfixturevalue({"wrapper": "whole", "in place": "whole_in_place"}[how])
+    assert torch.allclose(run.first, run.expected, atol=1e-6) and torch.allclose(run.second, run.expected, atol=1e-6)
+    assert run.attn_computes == 2 * 2 * sum(ATTN1) and run.ff_computes == 2 * 2 * sum(FF)
+    assert len(run.graphs) == 4  # the four compute/reuse patterns
+    assert run.second_calls == STEPS  # each model call is one graph: nothing breaks it
     # attention computes in two patterns (in both blocks) and is left out of the other two
-    assert sorted(backend.attention_calls(gm) for gm in backend.graphs) == [0, 0, 2, 2]
+    assert sorted(run.backend.attention_calls(gm) for gm in run.graphs) == [0, 0, 2, 2]
 
 
-def test_uncached_after_disable_compiles_like_a_plain_model():
-    pipe = make_dit_pipeline()
-    backend = GraphCounter()
-    pipe.transformer = torch.compile(pipe.transformer, backend=backend)
-    with smoothcache.cache(pipe, SCHEDULE):
-        generate(pipe)
-    plain = len(backend.graphs)
-    generate(pipe)
-    assert len(backend.graphs) == plain + 1  # the model without the cache: one more graph, no more
+def test_uncached_after_disable_compiles_like_a_plain_model(whole):
+    # the model without the cache: one more graph, no more
+    assert whole.graphs_after_uncached == len(whole.graphs) + 1
 
 
 def test_more_patterns_than_the_recompile_limit_warns(caplog):
@@ -156,24 +230,14 @@ def test_more_patterns_than_the_recompile_limit_warns(caplog):
     assert "uses 4 compute/reuse patterns" in caplog.text and "recompile_limit is 3" in caplog.text
 
 
-def test_blocks_cached_whole_compile_one_graph_per_pattern_and_nothing_the_second_time():
-    pipe = make_dit_pipeline()
-    schedule = Schedule({"block": FF})
-    with smoothcache.cache(pipe, schedule):
-        expected = generate(pipe)
-    backend = GraphCounter()
-    pipe.transformer = torch.compile(pipe.transformer, backend=backend)
-    with smoothcache.cache(pipe, schedule) as handle:
-        first = generate(pipe)
-        backend.calls = 0
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            second = generate(pipe)
-    assert torch.allclose(first, expected, atol=1e-6) and torch.allclose(second, expected, atol=1e-6)
+def test_blocks_cached_whole_compile_one_graph_per_pattern_and_nothing_the_second_time(chained_blocks):
+    run = chained_blocks
+    assert torch.allclose(run.first, run.expected, atol=1e-6) and torch.allclose(run.second, run.expected, atol=1e-6)
     # eagerly: compute and keep, compute only (the next step computes too), reuse; traced, a
     # computing block keeps regardless, so the first two are one graph
-    assert handle.decision_patterns() == 3 and len(backend.graphs) == 2
-    assert backend.calls == STEPS
-    assert sorted(backend.attention_calls(gm) for gm in backend.graphs) == [0, 2]
+    assert run.decision_patterns == 3 and len(run.graphs) == 2
+    assert run.second_calls == STEPS
+    assert sorted(run.backend.attention_calls(gm) for gm in run.graphs) == [0, 2]
 
 
 def subtractions(gm: torch.fx.GraphModule) -> int:
@@ -193,15 +257,11 @@ def test_compiled_blocks_keep_their_states_and_take_the_difference_where_they_re
     assert sorted((backend.attention_calls(gm), subtractions(gm)) for gm in backend.graphs) == [(0, 1), (2, 1)]
 
 
-def test_a_compiled_chain_keeps_one_residual_and_reuses_with_one_addition():
+def test_a_compiled_chain_keeps_one_residual_and_reuses_with_one_addition(chained_blocks):
     """One key for the whole list, traced: a computing step takes one difference (the list's
     output minus its input), a reusing step none."""
-    pipe = make_dit_pipeline()
-    backend = GraphCounter()
-    pipe.transformer = torch.compile(pipe.transformer, backend=backend)
-    with smoothcache.cache(pipe, Schedule({"block": FF})):
-        generate(pipe)
-    assert sorted((backend.attention_calls(gm), subtractions(gm)) for gm in backend.graphs) == [(0, 0), (2, 1)]
+    backend = chained_blocks.backend
+    assert sorted((backend.attention_calls(gm), subtractions(gm)) for gm in chained_blocks.graphs) == [(0, 0), (2, 1)]
 
 
 def barrier_calls(gm: torch.fx.GraphModule) -> int:
@@ -215,28 +275,16 @@ def live_layer_norms(gm: torch.fx.GraphModule) -> int:
     return sum(node.target is torch.nn.functional.layer_norm for node in graph.nodes)
 
 
-def test_under_whole_model_compile_a_run_of_reusing_blocks_ends_at_the_barrier_and_dead_norms_go():
+def test_under_whole_model_compile_a_run_of_reusing_blocks_ends_at_the_barrier_and_dead_norms_go(whole, regional):
     """Compiled whole, where a run of blocks whose cached layers all reuse ends (here at the last
     block), the stream goes through smoothcache::stream_barrier, so inductor cannot fuse the run into
     the next reduction; the norms feeding only reused layers are dead code, dropped from the graph.
     Compiled block by block, nothing spans blocks: no barrier."""
-    pipe = make_dit_pipeline()
-    with smoothcache.cache(pipe, SCHEDULE):
-        expected = generate(pipe)
-    whole = GraphCounter()
-    pipe.transformer = torch.compile(pipe.transformer, backend=whole)
-    with smoothcache.cache(pipe, SCHEDULE):
-        assert torch.allclose(generate(pipe), expected, atol=1e-6)
+    assert torch.allclose(whole.first, whole.expected, atol=1e-6)
     # per graph (attn1, ff): both compute, one reused (twice), both reused; norm1 feeds attn1, norm2
     # ff, plus the model's final norm
     assert sorted((barrier_calls(gm), live_layer_norms(gm)) for gm in whole.graphs) == [(0, 3), (0, 3), (0, 5), (1, 1)]
-    torch._dynamo.reset()
-    pipe = make_dit_pipeline()
-    regional = GraphCounter()
-    for block in pipe.transformer.transformer_blocks:
-        block.compile(backend=regional)
-    with smoothcache.cache(pipe, SCHEDULE):
-        assert torch.allclose(generate(pipe), expected, atol=1e-6)
+    assert torch.allclose(regional.first, whole.expected, atol=1e-6)
     assert regional.graphs and not any(barrier_calls(gm) for gm in regional.graphs)
 
 
@@ -269,21 +317,19 @@ def test_long_runs_of_reusing_blocks_have_a_barrier_every_few_blocks():
 
 
 @pytest.mark.parametrize("compiled", ["uncompiled", "whole", "regional"])
-def test_a_compiled_model_marks_a_cudagraph_step_once_per_generation(monkeypatch, compiled):
+def test_a_compiled_model_marks_a_cudagraph_step_once_per_generation(monkeypatch, request, compiled):
     """Under CUDA graphs, kept outputs must outlive their step: the cache marks a cudagraph-trees
     step at each generation's first call (never within one), and only where something is compiled."""
+    if compiled != "uncompiled":  # two generations in one cache(), marks counted (see compiled_run)
+        assert request.getfixturevalue(compiled).marks == 2
+        return
     marks = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     pipe = make_dit_pipeline()
-    if compiled == "whole":
-        pipe.transformer = torch.compile(pipe.transformer, backend="eager")
-    elif compiled == "regional":
-        for block in pipe.transformer.transformer_blocks:
-            block.compile(backend="eager")
     with smoothcache.cache(pipe, SCHEDULE):
         generate(pipe)
         generate(pipe)
-    assert len(marks) == (0 if compiled == "uncompiled" else 2)
+    assert len(marks) == 0
 
 
 def test_compiled_modules_are_found_wrapped_inside_others_and_through_an_instance_forward():
@@ -321,10 +367,10 @@ def test_barriers_follow_module_order_whatever_the_order_of_the_schedule_keys():
 def test_a_step_marked_within_a_generation_is_warned_about_once(caplog):
     """Torch's own error message for overwritten CUDA graph outputs suggests a mark before every
     model call; with kept outputs that recycles them, so the cache says so."""
-    pipe = make_dit_pipeline()
+    pipe = make_dit_pipeline(num_layers=1)  # one block: the warning is the generation's, not a block's
     model = torch.compile(pipe.transformer, backend="eager")
     inputs = {"hidden_states": torch.randn(2, 4, 8, 8), "class_labels": torch.tensor([1, 2])}
-    with smoothcache.cache(model, SCHEDULE), caplog.at_level(logging.WARNING, logger="smoothcache"):
+    with smoothcache.cache(model, ALTERNATE), caplog.at_level(logging.WARNING, logger="smoothcache"):
         for generation in range(2):
             for step in range(STEPS):
                 model(timestep=torch.tensor([999 - 100 * step] * 2), **inputs)
@@ -362,7 +408,7 @@ def test_layers_launched_kernel_by_kernel_are_warned_about_once(keys, warns, mon
     import smoothcache.runtime.handle
 
     monkeypatch.setattr(smoothcache.runtime.handle, "launches_each_kernel", lambda model: True)
-    pipe = make_dit_pipeline()
+    pipe = make_dit_pipeline(num_layers=1)  # one block: the warning is the handle's, not a block's
     pipe.transformer = torch.compile(pipe.transformer, backend="eager")
     torch._dynamo.reset()
     with caplog.at_level(logging.WARNING, logger="smoothcache"), smoothcache.cache(pipe, Schedule.fixed_interval(keys, STEPS, 2)):
@@ -402,7 +448,7 @@ def test_blocks_get_their_stream_barrier_only_when_the_model_is_compiled_whole()
     then be undone); compiled in place after cache(), the next generation attaches the barriers."""
     pipe = make_dit_pipeline()
     blocks = pipe.transformer.transformer_blocks
-    with smoothcache.cache(pipe, SCHEDULE):
+    with smoothcache.cache(pipe, ALTERNATE):
         generate(pipe)
         assert not any("forward" in vars(block) for block in blocks)
         backend = GraphCounter()

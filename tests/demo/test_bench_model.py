@@ -37,20 +37,25 @@ from smoothcache.demo.fashion_mnist import (
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def write_idx(path: Path, array: np.ndarray, *, gz: bool = True, lie_about: tuple[int, ...] | None = None) -> Path:
+def write_idx(path: Path, array: np.ndarray, *, gz: bool = True, lie_about: tuple[int, ...] | None = None,
+              compresslevel: int = 9) -> Path:
     shape = lie_about or array.shape
     raw = bytes([0, 0, 0x08, len(shape)]) + struct.pack(f">{len(shape)}I", *shape) + array.astype(np.uint8).tobytes()
-    path.write_bytes(gzip.compress(raw) if gz else raw)
+    path.write_bytes(gzip.compress(raw, compresslevel=compresslevel) if gz else raw)
     return path
 
 
 def fake_fashion_mnist(folder: Path, train: int = 60_000, test: int = 10_000) -> Path:
-    """IDX files shaped as Debian's (the loader checks the real counts), filled with random photos."""
+    """IDX files shaped as Debian's (the loader checks the real counts), filled with random photos.
+
+    Stored uncompressed inside the gzip container: still gzip to the loader, and random photos would not
+    shrink anyway (deflating 47 MB of them took seconds)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for prefix, count in (("train", train), ("t10k", test)):
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count) % 10)
+        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images, compresslevel=0)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count) % 10, compresslevel=0)
     return folder
 
 
