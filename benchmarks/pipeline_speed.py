@@ -661,9 +661,11 @@ class Runner:
         if self.elapsed_min() > self.args.max_minutes:
             row["skipped"] = f"over the time budget (--max-minutes {self.args.max_minutes})"
             return row
-        if config.compile in STEP_GRAPHS and (config.method == CACHE_DIT or not replays_on(self.device)):
-            row["skipped"] = ("smoothcache.step_graphs replays CUDA graphs: it needs a CUDA GPU" if not replays_on(self.device)
-                              else "step_graphs is smoothcache's; cache-dit's CUDA graphs are the cudagraphs cell")
+        if config.compile in STEP_GRAPHS and not replays_on(self.device):
+            row["skipped"] = "smoothcache.step_graphs replays CUDA graphs: it needs a CUDA GPU"
+            return row
+        if config.compile in STEP_GRAPHS and config.method == CACHE_DIT:
+            row["skipped"] = "step_graphs is smoothcache's; cache-dit's CUDA graphs are the cudagraphs cell"
             return row
         attached = None
         try:
