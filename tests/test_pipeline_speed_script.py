@@ -253,3 +253,27 @@ def test_step_graph_rows_are_compared_with_the_same_method_on_the_plain_path_in_
     runner.rows.append({**plain._asdict(), "ms": 2.0})
     runner.compare_plain_paths()
     assert runner.rows[0]["max_abs_diff_vs_plain_path"] == 0.5 and "max_abs_diff_vs_plain_path" not in runner.rows[1]
+
+
+def test_a_run_with_prefetch_only_plots_against_its_own_uncached_call(tmp_path):
+    """A run of prefetched cells alone has no plain uncached row: its bars are against the uncached
+    call with prefetch, and the axis says so (they were all drawn as failed before)."""
+    def row(compile_mode: str, method: str, prefetch: bool, ms: float | None) -> dict[str, Any]:
+        timed = {"ms": ms, "runs_ms": [ms]} if ms else {"skipped": "over the time budget"}
+        return {"compile": compile_mode, "batch": 1, "prefetch": prefetch, "method": method, **timed}
+
+    prefetched = [row("cudagraphs", "uncached", True, 166.5), row("cudagraphs", "smoothcache blocks", True, 106.6),
+                  row("graphs", "uncached", True, 181.7), row("graphs", "smoothcache blocks", True, None)]
+    settings = {"pipeline": "DiTPipeline", "steps": 50, "computed_steps_in_mask": 24, "dtype": "torch.float16", "tiny": True}
+    result = {"device": "cpu", "settings": settings, "rows": pipeline_speed.with_speedups(prefetched)}
+    baseline, values = pipeline_speed.plotted_speedups(result)
+    assert baseline == "both with prefetch"
+    assert values[("cudagraphs", 1, True, "smoothcache blocks")] == pytest.approx(166.5 / 106.6)
+    assert values[("graphs", 1, True, "uncached")] == 1.0 and values[("graphs", 1, True, "smoothcache blocks")] == "skipped"
+    assert result["rows"][2]["speedup_vs_cudagraphs_uncached"] == pytest.approx(166.5 / 181.7)
+    assert pipeline_speed.plot(result, tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
+
+    both = pipeline_speed.with_speedups([row("eager", "uncached", False, 200.0), row("eager", "uncached", True, 160.0),
+                                         row("eager", "smoothcache blocks", True, 100.0)])
+    baseline, values = pipeline_speed.plotted_speedups({"rows": both})
+    assert baseline == "no prefetch" and values[("eager", 1, True, "smoothcache blocks")] == 2.0
