@@ -78,6 +78,29 @@ def test_the_device_default_leaves_a_cpu_pipeline_alone(dit_pipe) -> None:
     assert prefetch.served == 0
 
 
+def test_the_device_is_the_denoisers_own_where_its_weights_are_on_an_accelerator() -> None:
+    """One parameter's device, not diffusers' lookup, which walks every module of every component at
+    each generation; weights on the host (a CPU pipeline, offloading) ask diffusers."""
+    from types import SimpleNamespace
+
+    from smoothcache.prefetch import _execution_device
+
+    class OnAnAccelerator(torch.nn.Module):
+        def parameters(self, recurse: bool = True):
+            yield SimpleNamespace(device=torch.device("cuda", 1))
+
+    class AskingFails:
+        transformer = OnAnAccelerator()
+
+        @property
+        def _execution_device(self):
+            raise AssertionError("diffusers' lookup was asked")
+
+    assert _execution_device(AskingFails()) == torch.device("cuda", 1)
+    on_the_host = SimpleNamespace(unet=torch.nn.Linear(2, 2), _execution_device=torch.device("cuda", 0))
+    assert _execution_device(on_the_host) == torch.device("cuda", 0)  # offloaded: diffusers knows
+
+
 def test_twice_on_one_scheduler_is_refused(dit_pipe) -> None:
     with smoothcache.prefetch_timesteps(dit_pipe, device="cpu"), pytest.raises(RuntimeError, match="already replaced"):
         smoothcache.prefetch_timesteps(dit_pipe, device="cpu")
