@@ -81,6 +81,21 @@ def test_changed_parameters_are_noticed() -> None:
     assert torch.equal(changed, generate(reference))
 
 
+def test_a_module_without_weights_swapped_for_another_is_noticed() -> None:
+    """A module that holds no weights (the feed-forward's dropout) replaced by another kind in the
+    same mode: same name, no tensor changed, yet the graphs baked in the old one's kernels."""
+    pipe, reference = make_dit_pipeline(), make_dit_pipeline()
+    graphs = StepGraphs(pipe, capture=OpReplayCapture())
+    for _ in range(3):
+        generate(pipe)
+    for model in (pipe.transformer, reference.transformer):
+        net = model.transformer_blocks[0].ff.net
+        net[1] = torch.nn.Tanh().train(net[1].training)
+    changed = generate(pipe)
+    assert graphs.stats.invalidated == 1
+    assert torch.equal(changed, generate(reference))
+
+
 def test_a_model_that_changes_at_every_generation_never_replays_and_is_told_so(caplog) -> None:
     """As CPU offloading moves the weights at every generation: the graphs are dropped each time,
     and a warning says why nothing replays (once)."""

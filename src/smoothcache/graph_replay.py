@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -500,19 +500,30 @@ def _refuse_compiled_in_place(model: nn.Module) -> None:
 
 
 def model_fingerprint(model: nn.Module) -> tuple[Any, ...]:
-    """What a captured graph baked in: each parameter's and buffer's tensor (its identity too: a
-    quantized weight's data pointer says nothing), storage, shape and dtype, and each module's
-    Python state that its kernels depend on (other attributes its forward reads are baked in
+    """What a captured graph baked in: each module (its identity and class: a module swapped for
+    another is seen even where it holds no weights), its parameters' and buffers' tensors (their
+    identity too: a quantized weight's data pointer says nothing), storage, shape and dtype, and
+    its Python state that its kernels depend on (other attributes its forward reads are baked in
     unseen: after changing one, call ``drop()``). The model's own hooks are left out: they run
-    around the replaced forward, on every call, replays included, and no graph holds them."""
-    tensors = tuple(
-        (name, id(t), t.data_ptr(), tuple(t.shape), t.dtype)
-        for name, t in _named_tensors(model)
+    around the replaced forward, on every call, replays included, and no graph holds them.
+
+    Taken at every generation's first call, before the GPU has work, so it reads each module's own
+    dictionaries rather than building every parameter's dotted name."""
+    modules = tuple(
+        (id(module), type(module), _tensors_of(module), *_module_state(module, hooks=module is not model))
+        for module in model.modules()
     )
-    modules = tuple((name, *_module_state(m, hooks=m is not model)) for name, m in model.named_modules())
     # hooks for every module (torch.nn.modules.module.register_module_forward_hook) run inside too
     everywhere = tuple(_global_forward_pre_hooks), tuple(_global_forward_hooks)
-    return tensors, modules, everywhere
+    return modules, everywhere
+
+
+def _tensors_of(module: nn.Module) -> tuple[Any, ...]:
+    """The module's own parameters and buffers (not its children's), as a graph sees them."""
+    return tuple(
+        (id(t), t.data_ptr(), t.shape, t.dtype)
+        for t in (*module._parameters.values(), *module._buffers.values()) if t is not None
+    )
 
 
 def _module_state(module: nn.Module, *, hooks: bool = True) -> tuple[Any, ...]:
@@ -529,11 +540,6 @@ def _module_state(module: nn.Module, *, hooks: bool = True) -> tuple[Any, ...]:
         repr(own.get("_active_adapter")), own.get("_disable_adapters"), tuple(own.get("merged_adapters", ())),
         tuple(sorted(scaling.items())) if isinstance(scaling, dict) else None,
     )
-
-
-def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    yield from model.named_parameters(remove_duplicate=False)
-    yield from model.named_buffers(remove_duplicate=False)
 
 
 def step_graphs(pipe: Any, *, warmup_generations: int = 1, copy_outputs: bool = True, max_sets: int = 4) -> StepGraphs:
