@@ -125,9 +125,10 @@ import and build)::
     export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
     # the GPU paths (inductor, CUDA graphs, host syncs) on the tiny DiT first: ~2 min
     python3 benchmarks/pipeline_speed.py --model dit --tiny --compile cudagraphs eager --batches 2 --out "$OUT/dit-tiny"
-    # step_graphs against torch's CUDA graphs at batch 1, one process (~5 min; tests/test_step_graphs_cuda.py first)
-    # (add eager eager-graphs for the pipeline without torch.compile: ~2 min more)
-    python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs graphs --batches 1 --prefetch on --methods blocks --out "$OUT/graphs1"
+    # step_graphs against torch's CUDA graphs at batch 1, one process, with the plain compile cell for
+    # bit-identity (~5 min: on one H100 each compiled b1 configuration took 35-40 s including its warm-up;
+    # tests/test_step_graphs_cuda.py first; add eager eager-graphs for the pipeline without torch.compile: ~2 min more)
+    python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs graphs compile --batches 1 --prefetch on --methods blocks --out "$OUT/graphs1"
     # the same with dynamo's guard check cut to the guards that tell graphs apart, traced (~3 min)
     python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs --batches 1 --prefetch on --methods blocks --skip-guards --trace uncached blocks --out "$OUT/skip1"
     # where batch 1's time goes: traces of the uncached and the cached generation (~2 min)
