@@ -96,6 +96,26 @@ def test_a_module_without_weights_swapped_for_another_is_noticed() -> None:
     assert torch.equal(changed, generate(reference))
 
 
+def test_the_fingerprint_sees_where_modules_and_weights_are_registered() -> None:
+    """A module registered twice and one registration re-pointed, or a weight moved to another
+    name of its module, change what the forward runs though no module or tensor is new."""
+    shared, other = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    model = torch.nn.Module()
+    model.first, model.second = shared, shared
+    before = graph_replay.model_fingerprint(model)
+    assert graph_replay.model_fingerprint(model) == before  # nothing changed, nothing seen
+    model.second = other
+    assert graph_replay.model_fingerprint(model) != before
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    module = torch.nn.Module()
+    module.register_parameter("scale", weight)
+    module.register_parameter("shift", None)
+    before = graph_replay.model_fingerprint(module)
+    module._parameters["scale"], module._parameters["shift"] = None, weight
+    assert graph_replay.model_fingerprint(module) != before
+
+
 def test_a_model_that_changes_at_every_generation_never_replays_and_is_told_so(caplog) -> None:
     """As CPU offloading moves the weights at every generation: the graphs are dropped each time,
     and a warning says why nothing replays (once)."""

@@ -510,8 +510,9 @@ def model_fingerprint(model: nn.Module) -> tuple[Any, ...]:
     Taken at every generation's first call, before the GPU has work, so it reads each module's own
     dictionaries rather than building every parameter's dotted name."""
     modules = tuple(
-        (id(module), type(module), _tensors_of(module), *_module_state(module, hooks=module is not model))
-        for module in model.modules()
+        (id(module), type(module), tuple(map(id, module._modules.values())), _tensors_of(module),
+         *_module_state(module, hooks=module is not model))
+        for module in model.modules()  # each module once: its children's identities say where it is registered
     )
     # hooks for every module (torch.nn.modules.module.register_module_forward_hook) run inside too
     everywhere = tuple(_global_forward_pre_hooks), tuple(_global_forward_hooks)
@@ -519,10 +520,10 @@ def model_fingerprint(model: nn.Module) -> tuple[Any, ...]:
 
 
 def _tensors_of(module: nn.Module) -> tuple[Any, ...]:
-    """The module's own parameters and buffers (not its children's), as a graph sees them."""
+    """The module's own parameters and buffers (not its children's), by name, as a graph sees them."""
     return tuple(
-        (id(t), t.data_ptr(), t.shape, t.dtype)
-        for t in (*module._parameters.values(), *module._buffers.values()) if t is not None
+        (name, id(t), t.data_ptr(), t.shape, t.dtype)
+        for name, t in (*module._parameters.items(), *module._buffers.items()) if t is not None
     )
 
 
