@@ -99,6 +99,9 @@ def test_the_device_is_the_denoisers_own_where_its_weights_are_on_an_accelerator
     assert _execution_device(AskingFails()) == torch.device("cuda", 1)
     on_the_host = SimpleNamespace(unet=torch.nn.Linear(2, 2), _execution_device=torch.device("cuda", 0))
     assert _execution_device(on_the_host) == torch.device("cuda", 0)  # offloaded: diffusers knows
+    placed = SimpleNamespace(hf_device_map={"transformer": 1}, transformer=OnAnAccelerator(),
+                             _execution_device=torch.device("cuda", 0))
+    assert _execution_device(placed) == torch.device("cuda", 0)  # over several devices: diffusers knows
 
 
 def test_twice_on_one_scheduler_is_refused(dit_pipe) -> None:

@@ -198,9 +198,9 @@ def _execution_device(pipe: Any) -> torch.device | None:
 
     Asked at every generation, before the GPU has work: diffusers' lookup walks every module of
     every component (milliseconds on a 28-block DiT), one parameter's device does not. A wrong
-    answer (a model split over GPUs) costs only the prefetch: a move to another device is copied as
-    before."""
-    for name in ("transformer", "unet"):
+    answer costs only the prefetch: a move to another device is copied as before. A pipeline
+    placed over several devices (``device_map``) asks diffusers."""
+    for name in () if getattr(pipe, "hf_device_map", None) else ("transformer", "unet"):
         model = getattr(pipe, name, None)
         weight = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         if weight is not None and weight.device.type not in ("cpu", "meta"):
