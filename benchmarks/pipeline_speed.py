@@ -918,22 +918,44 @@ COLOURS = {UNCACHED: "tab:gray", BLOCKS: "tab:blue", LAYERS: "tab:cyan", CACHE_D
 LABELS = {UNCACHED: "uncached", BLOCKS: "smoothcache\nblocks", LAYERS: "smoothcache\nlayers", CACHE_DIT: "cache-dit\nF1B0 mask"}
 
 
-def plotted_speedups(result: dict[str, Any]) -> tuple[str, dict[tuple[str, int, bool, str], float | str]]:
-    """What each bar of the plot shows: the speedup over the plain uncached ``pipe(...)`` of its cell
-    (no prefetch), or, in a run with prefetch only, over the uncached call with prefetch; the
-    baseline's words for the axis; "skipped", "failed" or "no uncached row" where there is no bar."""
+class Plotted(NamedTuple):
+    """What the plot draws: per (compile, batch) cell, the words for its baseline; per row (compile,
+    batch, prefetch, method), its bar (or why there is none) and, for step-graph rows, the marker
+    against the pipeline without step graphs, on the same kind of baseline."""
+
+    baselines: dict[tuple[str, int], str]
+    bars: dict[tuple[str, int, bool, str], float | str]
+    markers: dict[tuple[str, int, bool, str], float]
+
+
+def plotted_speedups(result: dict[str, Any]) -> Plotted:
+    """Each bar is a speedup over its cell's plain uncached ``pipe(...)`` (no prefetch) or, in a
+    cell that ran with prefetch only (a merged run may mix both kinds), over its uncached call with
+    prefetch; "skipped", "failed" or "no uncached row" where there is no bar."""
     rows = result["rows"]
-    prefetched_only = all(r["prefetch"] for r in rows)
-    key = "speedup" if prefetched_only else "speedup_vs_plain_uncached"
-    baseline = "both with prefetch" if prefetched_only else "no prefetch"
-    values: dict[tuple[str, int, bool, str], float | str] = {}
+
+    def uncached_of(compile_mode: str, batch: int) -> tuple[str, dict[str, Any] | None]:
+        timed = {r["prefetch"]: r for r in rows if (r["compile"], r["batch"], r["method"]) == (compile_mode, batch, UNCACHED)
+                 and "ms" in r}
+        ran_plain = any(not r["prefetch"] for r in rows if (r["compile"], r["batch"]) == (compile_mode, batch))
+        return ("no prefetch", timed.get(False)) if ran_plain else ("with prefetch", timed.get(True))
+
+    plotted = Plotted({}, {}, {})
     for row in rows:
-        where = (row["compile"], row["batch"], row["prefetch"], row["method"])
-        if key in row:
-            values[where] = row[key]
-        else:
-            values[where] = "skipped" if "skipped" in row else "no uncached row" if "ms" in row else "failed"
-    return baseline, values
+        cell, where = (row["compile"], row["batch"]), (row["compile"], row["batch"], row["prefetch"], row["method"])
+        plotted.baselines[cell], base = uncached_of(*cell)
+        if "ms" not in row:
+            plotted.bars[where] = "skipped" if "skipped" in row else "failed"
+            continue
+        if base is None:
+            plotted.bars[where] = "no uncached row"
+            continue
+        plotted.bars[where] = base["ms"] / row["ms"]
+        if row["compile"] in STANDS_IN_FOR:
+            _, instead = uncached_of(STANDS_IN_FOR[row["compile"]], row["batch"])
+            if instead is not None and instead["prefetch"] == base["prefetch"]:
+                plotted.markers[where] = instead["ms"] / row["ms"]
+    return plotted
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
@@ -946,12 +968,11 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
     plt = pyplot()
     rows = result["rows"]
-    baseline, values = plotted_speedups(result)
+    plotted = plotted_speedups(result)
     panels = list(dict.fromkeys((r["compile"], r["batch"]) for r in rows))
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     prefetches = sorted({r["prefetch"] for r in rows})
     width = 0.8 / len(prefetches)
-    stood_in = False
     fig, axes = plt.subplots(1, len(panels), figsize=(1.6 + 3.0 * len(panels), 4.4), sharey=True, squeeze=False)
     for ax, (compile_mode, batch) in zip(axes[0], panels, strict=True):
         for j, prefetch in enumerate(prefetches):
@@ -961,26 +982,25 @@ def plot(result: dict[str, Any], path: Path) -> Path:
                 if row is None:
                     continue
                 x = i + (j - (len(prefetches) - 1) / 2) * width
-                value = values[(compile_mode, batch, prefetch, method)]
+                value = plotted.bars[(compile_mode, batch, prefetch, method)]
                 if isinstance(value, str):
                     ax.text(x, 0.05, value, rotation=90, fontsize=6, ha="center")
                     continue
                 ax.bar(x, value, width, color=COLOURS[method], hatch="///" if prefetch else None, edgecolor="black", linewidth=0.4)
                 if method != UNCACHED and "ideal_speedup" in row:
                     ax.plot([x - width / 2, x + width / 2], [row["ideal_speedup"]] * 2, color="black", linewidth=2)
-                instead = row.get(f"speedup_vs_{STANDS_IN_FOR.get(compile_mode)}_uncached")
+                instead = plotted.markers.get((compile_mode, batch, prefetch, method))
                 if instead is not None:  # a step-graphs row against the pipeline a user would run instead
                     ax.plot(x, instead, marker="D", markersize=5, markerfacecolor="white", markeredgecolor="tab:red")
-                    stood_in = True
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], fontsize=6)
-        ax.set_title(f"{compile_mode}, batch {batch}", fontsize=9)
-    axes[0][0].set_ylabel(f"speedup over uncached pipe()\n(same compile and batch, {baseline})", fontsize=8)
+        ax.set_title(f"{compile_mode}, batch {batch}\n(against uncached {plotted.baselines[(compile_mode, batch)]})", fontsize=8)
+    axes[0][0].set_ylabel("speedup over uncached pipe()\n(same compile and batch)", fontsize=8)
     handles = [Patch(facecolor="white", edgecolor="black", label="prefetch off")] if False in prefetches else []
     if True in prefetches:
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="///", label="prefetch on"))
     handles.append(Line2D([], [], color="black", linewidth=2, label="ideal (FLOPs)"))
-    if stood_in:
+    if plotted.markers:
         handles.append(Line2D([], [], linestyle="", marker="D", markerfacecolor="white", markeredgecolor="tab:red",
                               label="step graphs against the uncached pipeline without them"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7)

@@ -255,25 +255,31 @@ def test_step_graph_rows_are_compared_with_the_same_method_on_the_plain_path_in_
     assert runner.rows[0]["max_abs_diff_vs_plain_path"] == 0.5 and "max_abs_diff_vs_plain_path" not in runner.rows[1]
 
 
-def test_a_run_with_prefetch_only_plots_against_its_own_uncached_call(tmp_path):
-    """A run of prefetched cells alone has no plain uncached row: its bars are against the uncached
-    call with prefetch, and the axis says so (they were all drawn as failed before)."""
+def test_a_cell_run_with_prefetch_only_plots_against_its_own_uncached_call(tmp_path):
+    """A cell with prefetched rows alone has no plain uncached row: its bars are against the uncached
+    call with prefetch, and its title says so (they were all drawn as failed before), also beside a
+    cell that ran both ways, as a merge of two runs can put them; a step-graph row's marker is
+    against the pipeline without step graphs on the same kind of baseline as its bar."""
     def row(compile_mode: str, method: str, prefetch: bool, ms: float | None) -> dict[str, Any]:
         timed = {"ms": ms, "runs_ms": [ms]} if ms else {"skipped": "over the time budget"}
         return {"compile": compile_mode, "batch": 1, "prefetch": prefetch, "method": method, **timed}
 
-    prefetched = [row("cudagraphs", "uncached", True, 166.5), row("cudagraphs", "smoothcache blocks", True, 106.6),
-                  row("graphs", "uncached", True, 181.7), row("graphs", "smoothcache blocks", True, None)]
+    rows = [row("cudagraphs", "uncached", True, 166.5), row("cudagraphs", "smoothcache blocks", True, 106.6),
+            row("graphs", "uncached", True, 181.7), row("graphs", "smoothcache blocks", True, 100.0),
+            row("eager", "uncached", False, 200.0), row("eager", "uncached", True, 160.0),
+            row("eager", "smoothcache blocks", True, 100.0), row("eager", "smoothcache layers", True, None),
+            row("eager-graphs", "uncached", True, 150.0)]
     settings = {"pipeline": "DiTPipeline", "steps": 50, "computed_steps_in_mask": 24, "dtype": "torch.float16", "tiny": True}
-    result = {"device": "cpu", "settings": settings, "rows": pipeline_speed.with_speedups(prefetched)}
-    baseline, values = pipeline_speed.plotted_speedups(result)
-    assert baseline == "both with prefetch"
-    assert values[("cudagraphs", 1, True, "smoothcache blocks")] == pytest.approx(166.5 / 106.6)
-    assert values[("graphs", 1, True, "uncached")] == 1.0 and values[("graphs", 1, True, "smoothcache blocks")] == "skipped"
-    assert result["rows"][2]["speedup_vs_cudagraphs_uncached"] == pytest.approx(166.5 / 181.7)
+    result = {"device": "cpu", "settings": settings, "rows": pipeline_speed.with_speedups(rows)}
+    plotted = pipeline_speed.plotted_speedups(result)
+    assert plotted.baselines == {("cudagraphs", 1): "with prefetch", ("graphs", 1): "with prefetch",
+                                 ("eager", 1): "no prefetch", ("eager-graphs", 1): "with prefetch"}
+    assert plotted.bars[("cudagraphs", 1, True, "smoothcache blocks")] == pytest.approx(166.5 / 106.6)
+    assert plotted.bars[("graphs", 1, True, "smoothcache blocks")] == pytest.approx(181.7 / 100.0)
+    assert plotted.bars[("eager", 1, True, "smoothcache blocks")] == 2.0  # against the plain uncached call
+    assert plotted.bars[("eager", 1, True, "smoothcache layers")] == "skipped"
+    assert plotted.markers == {("graphs", 1, True, "uncached"): pytest.approx(166.5 / 181.7),
+                               ("graphs", 1, True, "smoothcache blocks"): pytest.approx(166.5 / 100.0)}
+    # eager-graphs stands in for eager, whose baseline is the plain call: no marker on another baseline
+    assert ("eager-graphs", 1, True, "uncached") not in plotted.markers
     assert pipeline_speed.plot(result, tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
-
-    both = pipeline_speed.with_speedups([row("eager", "uncached", False, 200.0), row("eager", "uncached", True, 160.0),
-                                         row("eager", "smoothcache blocks", True, 100.0)])
-    baseline, values = pipeline_speed.plotted_speedups({"rows": both})
-    assert baseline == "no prefetch" and values[("eager", 1, True, "smoothcache blocks")] == 2.0
