@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -19,8 +20,13 @@ import smoothcache
 from smoothcache import CalibrationMemoryError
 from smoothcache.ownership import holder
 
-pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-              pytest.mark.usefixtures("deterministic_convolutions")]
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    # the test fills the card: another worker's allocations would break its arithmetic (run with -n 0)
+    pytest.mark.skipif(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1",
+                       reason="fills the GPU: run it in one process (pytest -n 0)"),
+    pytest.mark.usefixtures("deterministic_convolutions"),
+]
 
 GPU = torch.device("cuda")
 COMPONENTS = ["attn1", "ff"]
