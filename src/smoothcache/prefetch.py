@@ -200,7 +200,8 @@ def _execution_device(pipe: Any) -> torch.device | None:
     every component (milliseconds on a 28-block DiT), one parameter's device does not. A wrong
     answer costs only the prefetch: a move to another device is copied as before. A pipeline
     placed over several devices (``device_map``) asks diffusers."""
-    for name in () if getattr(pipe, "hf_device_map", None) else ("transformer", "unet"):
+    denoisers = () if getattr(pipe, "hf_device_map", None) else ("transformer", "unet")
+    for name in denoisers:
         model = getattr(pipe, name, None)
         weight = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
         if weight is not None and weight.device.type not in ("cpu", "meta"):
