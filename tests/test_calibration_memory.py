@@ -18,8 +18,9 @@ from smoothcache.ownership import holder
 COMPONENTS = ["attn1", "ff"]
 
 
-def one_step_bytes(pipe) -> list[int]:
-    """Each calibrated layer's output bytes in one model call, counted by plain forward hooks."""
+def one_step_bytes(pipe, run=generate) -> list[int]:
+    """Each calibrated layer's output bytes in one model call of ``run(pipe, steps=2)``, counted by
+    plain forward hooks."""
     layers = smoothcache.find_layers(pipe.transformer, COMPONENTS)
     sizes = [0] * len(layers)
 
@@ -27,9 +28,11 @@ def one_step_bytes(pipe) -> list[int]:
         sizes[index] = output.numel() * output.element_size()
 
     handles = [layer.module.register_forward_hook(lambda m, a, out, i=i: count(i, out)) for i, layer in enumerate(layers)]
-    generate(pipe, steps=2)
-    for handle in handles:
-        handle.remove()
+    try:
+        run(pipe, steps=2)
+    finally:
+        for handle in handles:
+            handle.remove()
     return sizes
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from models.tiny_configs import DIT_TRANSFORMER, kl_vae
+from test_calibration_memory import COMPONENTS, one_step_bytes
 
 import smoothcache
 from smoothcache import CalibrationMemoryError
@@ -29,7 +30,6 @@ pytestmark = [
 ]
 
 GPU = torch.device("cuda")
-COMPONENTS = ["attn1", "ff"]
 STEPS = 40
 LABELS = list(range(32))  # 64 rows with classifier-free guidance
 
@@ -48,20 +48,6 @@ def wide_dit_pipeline():
 def generate(pipe, seed: int = 0, steps: int = STEPS) -> torch.Tensor:
     return pipe(class_labels=LABELS, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
                 output_type="pt").images
-
-
-def one_step_bytes(pipe) -> int:
-    """The bytes of one model call's attn1 and ff outputs, counted by plain forward hooks."""
-    layers = smoothcache.find_layers(pipe.transformer, COMPONENTS)
-    sizes = [0] * len(layers)
-    handles = [layer.module.register_forward_hook(
-        lambda m, a, out, i=i: sizes.__setitem__(i, out.numel() * out.element_size())) for i, layer in enumerate(layers)]
-    try:
-        generate(pipe, steps=2)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return sum(sizes)
 
 
 def generation_bytes(pipe) -> int:
@@ -96,7 +82,7 @@ def card_filled_to() -> Iterator:
 def test_a_history_the_card_cannot_hold_is_refused_and_the_named_fix_fits(card_filled_to):
     pipe = wide_dit_pipeline()
     reference = generate(pipe)
-    step = one_step_bytes(pipe)
+    step = sum(one_step_bytes(pipe, generate))
     activations = generation_bytes(pipe)
     # Room for lookahead-1 steps and half a step: a ring of `lookahead` steps cannot fit (refused after
     # the first step), half of it can (layer_groups=2: two of four blocks per generation), with the
