@@ -10,6 +10,8 @@ kind of step before it, because a step's cost can depend on what ran before it (
 Where the trace has the GPU's side (the same ranges on the device), each step also gets its span on
 the device, the kernels' time within it, and the GPU's idle time since the previous step's span
 ended: a step the host holds up shows idle time before it, or a span longer than its kernels.
+The whole generation is split too: the host's time before the first model call and after the
+last, and the GPU's busy and idle time over it.
 
     python benchmarks/trace_steps.py TRACE.json.gz [...] --run RESULT.json --out summary.json
 """
@@ -40,6 +42,7 @@ PARTS = {
 }
 HOST_CATEGORIES = ("cpu_op", "cuda_runtime", "user_annotation", "python_function")
 DEVICE_RANGE, KERNEL = "gpu_user_annotation", "kernel"
+DEVICE_WORK = (KERNEL, "gpu_memcpy", "gpu_memset")  # what keeps the GPU busy
 
 
 def load_events(path: Path) -> list[dict[str, Any]]:
@@ -49,7 +52,7 @@ def load_events(path: Path) -> list[dict[str, Any]]:
     with opener(path, "rt") as file:
         trace = json.load(file)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    wanted = (*HOST_CATEGORIES, DEVICE_RANGE, KERNEL)
+    wanted = (*HOST_CATEGORIES, DEVICE_RANGE, *DEVICE_WORK)
     return [e for e in events if e.get("ph") == "X" and e.get("cat") in wanted]
 
 
@@ -97,6 +100,37 @@ def step_rows(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _union_us(intervals: Iterable[tuple[float, float]]) -> float:
+    """Total length of the union of ``(start, end)`` intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def generation_totals(events: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """Where one generation's wall time went: the host's span (its traced thread's first event to
+    its last), the host's time before the first model call and after the last (the pipeline's own
+    setup and ending, while the GPU has nothing of the denoising loop to do), and the GPU's busy
+    time (kernels, copies and fills, overlaps counted once) against its idle time over the host's span."""
+    steps = sorted((e for e in events if e.get("cat") in HOST_CATEGORIES and STEP_NAME.match(e.get("name", ""))),
+                   key=lambda e: e["ts"])
+    if not steps:
+        return {}
+    thread = steps[0]["tid"]
+    on_thread = [e for e in events if e.get("tid") == thread and e.get("cat") in HOST_CATEGORIES]
+    start = min(e["ts"] for e in on_thread)
+    end = max(e["ts"] + e["dur"] for e in on_thread)
+    work = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in DEVICE_WORK]
+    busy = _union_us(work) if work else None
+    return {"host_us": end - start, "before_first_call_us": steps[0]["ts"] - start,
+            "after_last_call_us": end - (steps[-1]["ts"] + steps[-1]["dur"]),
+            "device_busy_us": busy, "device_idle_us": None if busy is None else max(0.0, end - start - busy),
+            "device_first_work_after_us": min(w[0] for w in work) - start if work else None}
+
+
 def medians(rows: Iterable[dict[str, Any]]) -> dict[str, float | int | None]:
     """The median of every timed field over ``rows``, and how many there were."""
     rows = list(rows)
@@ -109,11 +143,12 @@ def medians(rows: Iterable[dict[str, Any]]) -> dict[str, float | int | None]:
 
 def summarise(path: Path) -> dict[str, Any]:
     """Per-step rows of one trace, and their medians by kind and by (kind, kind before)."""
-    rows = step_rows(load_events(path))
+    events = load_events(path)
+    rows = step_rows(events)
     by_kind = {kind: medians(r for r in rows if r["kind"] == kind) for kind in ("computing", "reusing")}
     by_pair = {f"{kind} after {after}": medians(r for r in rows if r["kind"] == kind and r["after"] == after)
                for kind in ("computing", "reusing") for after in ("computing", "reusing")}
-    return {"trace_file": path.name, "by_kind": {k: v for k, v in by_kind.items() if v["steps"]},
+    return {"trace_file": path.name, "generation": generation_totals(events), "by_kind": {k: v for k, v in by_kind.items() if v["steps"]},
             "by_kind_after": {k: v for k, v in by_pair.items() if v["steps"]}, "steps": rows}
 
 
@@ -133,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     for summary in result["summaries"]:
         print(summary["trace_file"])
+        totals = summary["generation"]
+        if totals:
+            print("  generation us: " + ", ".join(f"{key[:-3]} {value:.0f}" for key, value in totals.items() if value is not None))
         for kind, found in summary["by_kind"].items():
             parts = ", ".join(f"{key[:-3]} {found[key]:.0f}" for key in
                               ("call_us", *PARTS, "between_calls_us", "device_us", "kernel_us", "idle_before_us")

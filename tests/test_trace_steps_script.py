@@ -57,6 +57,20 @@ def test_steps_are_split_and_summarised(tmp_path):
     assert summary["by_kind_after"]["computing after reusing"]["call_us"] == 500
 
 
+def test_the_generation_is_split_into_host_setup_ending_and_device_busy_and_idle():
+    events = [event("aten::empty", -300, 20)]  # the pipeline's setup before the first call
+    events += synthetic_trace()
+    events += [event("kernel", 2100, 60, cat="kernel", tid=7),  # overlaps the last step's second kernel by 10
+               event("Memcpy DtoH", 2700, 50, cat="gpu_memcpy", tid=7),
+               event("aten::to", 2900, 100)]  # the ending: the host waits for the copy
+    totals = trace_steps.generation_totals(events)
+    assert totals["host_us"] == 3000 + 300 and totals["before_first_call_us"] == 300
+    assert totals["after_last_call_us"] == 3000 - (2000 + 500)
+    # kernels: 40 + 30 per step, the third step's second kernel (2120-2150) overlapped by 2100-2160
+    assert totals["device_busy_us"] == 70 + 70 + 40 + 60 + 50
+    assert totals["device_idle_us"] == 3300 - 290 and totals["device_first_work_after_us"] == 60 + 300
+
+
 def test_command_line_writes_the_summaries(tmp_path, capsys):
     path = tmp_path / "trace.json"
     path.write_text(json.dumps({"traceEvents": synthetic_trace()}))
