@@ -605,6 +605,7 @@ def traced_generation(work: Workload, generate: Callable[[], Any], device: torch
     steps = trace_steps.summarise(path)
     return {
         "trace_file": path.name,
+        "generation_us": steps["generation"],
         "step_us": {"by_kind": steps["by_kind"], "by_kind_after": steps["by_kind_after"]},
         "top_host_ops": [{"name": e.key, "count": e.count, "self_host_ms": e.self_cpu_time_total / 1000}
                          for e in events[:15]],

@@ -151,6 +151,9 @@ def test_traced_rows_write_a_trace_with_each_step_named(run, tmp_path):
     by_kind = blocks["step_us"]["by_kind"]
     assert by_kind["computing"]["steps"] == sum(mask) and by_kind["reusing"]["steps"] == len(mask) - sum(mask)
     assert all(found["call_us"] > 0 and found["between_calls_us"] > 0 for found in by_kind.values())
+    generation = blocks["generation_us"]  # on the CPU: no device work traced
+    assert generation["host_us"] > generation["before_first_call_us"] > 0 and generation["after_last_call_us"] > 0
+    assert generation["device_busy_us"] is None
 
 
 def test_flux_and_wan_rows(run):
