@@ -126,6 +126,9 @@ class CudaCapture:
                     with contextlib.suppress(Exception):  # the call's own error is the one to report
                         graph.capture_end()
                     self._end_failed_capture()
+                    # cuBLAS keeps the workspace it allocated inside the capture, in its pool, for
+                    # the next call on this stream: cleared, or the pool's memory stays reserved
+                    torch._C._cuda_clearCublasWorkspaces()
                     raise
                 graph.capture_end()
             torch.cuda.current_stream().wait_stream(self.stream)
