@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .device_once import DeviceOnce
+
 if TYPE_CHECKING:
     from typing_extensions import Self
 
@@ -117,10 +119,12 @@ class TimestepPrefetch:
     """Pairs a pipeline scheduler's host timesteps with a device copy each time they are set.
 
     ``served`` counts the device moves answered from the copy (one per step in DiTPipeline).
-    ``disable()`` (or leaving the ``with`` block) puts the scheduler back as it was.
+    With ``device_once``, the pipeline's execution device is also looked up once per call
+    (:mod:`smoothcache.device_once`). ``disable()`` (or leaving the ``with`` block) puts the
+    scheduler and the pipeline back as they were.
     """
 
-    def __init__(self, pipe: Any, device: torch.device | str | None = None) -> None:
+    def __init__(self, pipe: Any, device: torch.device | str | None = None, *, device_once: bool = True) -> None:
         scheduler = getattr(pipe, "scheduler", None)
         if scheduler is None or not callable(getattr(scheduler, "set_timesteps", None)):
             raise TypeError(
@@ -135,6 +139,8 @@ class TimestepPrefetch:
         self.scheduler = scheduler
         self.device = None if device is None else torch.device(device)
         self.served = 0
+        self.device_once = device_once
+        self._device_memo: DeviceOnce | None = None
         self.enabled = False
         self.enable()
 
@@ -142,6 +148,8 @@ class TimestepPrefetch:
         if self.enabled:
             return self
         self.scheduler.set_timesteps = PairingSetTimesteps(self.scheduler, self)
+        if self.device_once:
+            self._device_memo = DeviceOnce(self.pipe)
         self.enabled = True
         return self
 
@@ -163,6 +171,9 @@ class TimestepPrefetch:
         timesteps = getattr(self.scheduler, "timesteps", None)
         if type(timesteps) is HostTimesteps:
             self.scheduler.timesteps = timesteps.as_subclass(torch.Tensor)
+        if self._device_memo is not None:
+            self._device_memo.restore()
+            self._device_memo = None
         self.enabled = False
 
     def __enter__(self) -> Self:
@@ -212,7 +223,7 @@ def _execution_device(pipe: Any) -> torch.device | None:
     return None if device is None else torch.device(device)
 
 
-def prefetch_timesteps(pipe: Any, device: torch.device | str | None = None) -> TimestepPrefetch:
+def prefetch_timesteps(pipe: Any, device: torch.device | str | None = None, *, device_once: bool = True) -> TimestepPrefetch:
     """Copy the scheduler's timesteps to the device once per generation instead of once per step.
 
     For pipelines whose loop copies each host timestep to the device (DiTPipeline): that copy makes
@@ -221,8 +232,13 @@ def prefetch_timesteps(pipe: Any, device: torch.device | str | None = None) -> T
     already live on the device (most newer pipelines), nothing changes. Apply it after choosing
     the pipeline's scheduler; ``device`` defaults to the pipeline's execution device.
 
+    ``device_once`` (default on) also answers the pipeline's repeated ``_execution_device``
+    lookups within one call from the first: each walks every module of every component, and
+    DiTPipeline asks three times per call while the GPU waits (:mod:`smoothcache.device_once`;
+    exact, and undone by ``disable()``).
+
     >>> prefetch = smoothcache.prefetch_timesteps(pipe)  # doctest: +SKIP
     >>> images = pipe(class_labels=[207], num_inference_steps=50).images  # doctest: +SKIP
     >>> prefetch.disable()  # doctest: +SKIP
     """
-    return TimestepPrefetch(pipe, device)
+    return TimestepPrefetch(pipe, device, device_once=device_once)

@@ -1,0 +1,112 @@
+"""device_once (applied by prefetch_timesteps): within one pipe(...) call diffusers' execution-device
+lookup, a walk over every module, runs once and its answer serves the rest; outside a call, and
+after disable(), every lookup asks diffusers again; outputs and the pipeline's class are unchanged."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+from conftest import generate, make_dit_pipeline
+from diffusers import DiffusionPipeline, DiTPipeline
+
+import smoothcache
+from smoothcache import device_once
+from smoothcache.device_once import DeviceOnce, base_class
+
+LOOKUP = inspect.getattr_static(DiffusionPipeline, "_execution_device")
+
+
+@pytest.fixture
+def walks(monkeypatch) -> list[str]:
+    """Each time diffusers' own lookup runs (DiTPipeline asks three times per call)."""
+    seen: list[str] = []
+
+    def counted(self):
+        seen.append(type(self).__name__)
+        return LOOKUP.fget(self)
+
+    monkeypatch.setattr(DiffusionPipeline, "_execution_device", property(counted))
+    return seen
+
+
+def test_one_lookup_per_call_and_the_same_images(walks) -> None:
+    pipe = make_dit_pipeline()
+    plain = generate(pipe)
+    assert len(walks) == 3  # DiTPipeline: latents, class labels, null class
+    with smoothcache.prefetch_timesteps(pipe, device="cpu"):
+        walks.clear()
+        images = [generate(pipe) for _ in range(2)]
+        assert len(walks) == 2  # once per call
+        assert type(pipe).__name__ == "DiTPipeline" and isinstance(pipe, DiTPipeline)
+        walks.clear()
+        assert pipe._execution_device == torch.device("cpu") and pipe._execution_device == torch.device("cpu")
+        assert len(walks) == 2  # outside a call every lookup asks diffusers
+    assert all(torch.equal(image, plain) for image in images)
+    assert type(pipe) is DiTPipeline and "_smoothcache_device_once" not in vars(pipe)
+    walks.clear()
+    generate(pipe)
+    assert len(walks) == 3
+
+
+def test_a_call_that_fails_leaves_no_answer_behind(walks) -> None:
+    pipe = make_dit_pipeline()
+
+    def fail(*_):
+        raise RuntimeError("stop")
+
+    with smoothcache.prefetch_timesteps(pipe, device="cpu"):
+        hook = pipe.transformer.register_forward_pre_hook(fail)
+        with pytest.raises(RuntimeError, match="stop"):
+            generate(pipe)  # after all three lookups
+        hook.remove()
+        memo = vars(pipe)["_smoothcache_device_once"]
+        assert memo.depth == 0 and memo.answer is device_once._UNSET
+        walks.clear()
+        generate(pipe)  # the next call asks afresh (the device may have changed between calls)
+        assert len(walks) == 1
+
+
+def test_the_signature_the_class_name_and_copies_stay_the_pipelines() -> None:
+    pipe = make_dit_pipeline()
+    signature = inspect.signature(pipe.__call__)
+    with smoothcache.prefetch_timesteps(pipe, device="cpu"):
+        assert inspect.signature(pipe.__call__) == signature  # pipelines and users read it (callbacks, from_pipe)
+        assert type(pipe).__qualname__ == "DiTPipeline" and type(pipe).__module__ == DiTPipeline.__module__
+        assert base_class(type(pipe)) is DiTPipeline
+        twin = copy.deepcopy(pipe)
+        assert torch.equal(generate(twin), generate(pipe))
+    assert type(pipe) is DiTPipeline
+
+
+def test_off_by_request_and_on_objects_without_the_lookup(walks) -> None:
+    pipe = make_dit_pipeline()
+    with smoothcache.prefetch_timesteps(pipe, device="cpu", device_once=False):
+        assert type(pipe) is DiTPipeline
+        walks.clear()
+        generate(pipe)
+        assert len(walks) == 3
+
+    class NotAPipeline:
+        pass
+
+    other = NotAPipeline()
+    memo = DeviceOnce(other)
+    assert not memo.applied and type(other) is NotAPipeline
+    memo.restore()
+
+
+def test_applied_once_and_a_class_changed_since_is_left_alone(caplog) -> None:
+    pipe = make_dit_pipeline()
+    first = DeviceOnce(pipe)
+    second = DeviceOnce(pipe)  # already the memo's subclass: not stacked
+    assert first.applied and not second.applied and base_class(type(pipe)) is DiTPipeline
+
+    class Users(DiTPipeline):
+        pass
+
+    pipe.__class__ = Users
+    first.restore()
+    assert type(pipe) is Users and "left as it is" in caplog.text
