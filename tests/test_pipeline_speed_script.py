@@ -286,3 +286,17 @@ def test_a_cell_run_with_prefetch_only_plots_against_its_own_uncached_call(tmp_p
     # eager-graphs stands in for eager, whose baseline is the plain call: no marker on another baseline
     assert ("eager-graphs", 1, True, "uncached") not in plotted.markers
     assert pipeline_speed.plot(result, tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_cell_with_no_timed_row_is_named_not_drawn():
+    """A cell cut by the time budget gets no empty panel: the title lists it as not run. A run with
+    no timed row at all still draws every cell (its labels say why)."""
+    def row(compile_mode: str, method: str, ms: float | None) -> dict[str, Any]:
+        timed = {"ms": ms} if ms else {"skipped": "over the time budget"}
+        return {"compile": compile_mode, "batch": 1, "prefetch": True, "method": method, **timed}
+
+    rows = [row("cudagraphs", "uncached", 164.7), row("cudagraphs", "smoothcache blocks", 95.1),
+            row("compile", "uncached", None), row("compile", "smoothcache blocks", None)]
+    assert pipeline_speed.plotted_panels(rows) == ([("cudagraphs", 1)], [("compile", 1)])
+    skipped = [r for r in rows if "skipped" in r]
+    assert pipeline_speed.plotted_panels(skipped) == ([("compile", 1)], [])
