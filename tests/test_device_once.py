@@ -101,7 +101,7 @@ def test_off_by_request_and_on_objects_without_the_lookup(walks) -> None:
 def test_applied_once_and_a_class_changed_since_is_left_alone(caplog) -> None:
     pipe = make_dit_pipeline()
     first = DeviceOnce(pipe)
-    second = DeviceOnce(pipe)  # already the memo's subclass: not stacked
+    second = DeviceOnce(pipe)  # the memo is on already: not stacked
     assert first.applied and not second.applied and base_class(type(pipe)) is DiTPipeline
 
     class Users(DiTPipeline):
@@ -109,4 +109,34 @@ def test_applied_once_and_a_class_changed_since_is_left_alone(caplog) -> None:
 
     pipe.__class__ = Users
     first.restore()
-    assert type(pipe) is Users and "left as it is" in caplog.text
+    assert type(pipe) is Users and "kept as it is" in caplog.text
+
+
+def test_each_pipeline_has_its_own_subclass_and_a_patched_one_is_kept_with_the_memo_off(walks, caplog) -> None:
+    """cache-dit wraps ``type(pipe).__call__``: on the memo's subclass that concerns one pipeline,
+    and swapping the class back at disable() would drop the wrap, so the subclass stays (memo off)
+    until a later prefetch turns it on again."""
+    pipe, other = make_dit_pipeline(), make_dit_pipeline()
+    prefetch, other_prefetch = (smoothcache.prefetch_timesteps(p, device="cpu") for p in (pipe, other))
+    assert type(pipe) is not type(other) and type(pipe).__name__ == type(other).__name__ == "DiTPipeline"
+    calls = []
+    wrapped = type(pipe).__call__
+
+    def counting_call(self, *args, **kwargs):  # as cache-dit's enable_cache patches the class
+        calls.append(1)
+        return wrapped(self, *args, **kwargs)
+
+    type(pipe).__call__ = counting_call
+    generate(other)
+    assert calls == []  # the other pipeline is untouched
+    prefetch.disable()
+    other_prefetch.disable()
+    assert type(other) is DiTPipeline and "kept as it is" in caplog.text
+    assert base_class(type(pipe)) is DiTPipeline  # kept: the patch still runs
+    walks.clear()
+    generate(pipe)
+    assert calls == [1] and len(walks) == 3  # memo off
+    with smoothcache.prefetch_timesteps(pipe, device="cpu"):
+        walks.clear()
+        generate(pipe)
+        assert calls == [1, 1] and len(walks) == 1  # on again

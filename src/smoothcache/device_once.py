@@ -10,8 +10,12 @@ it computes on), so the first answer serves the rest and outputs are bit-identic
 call every lookup asks diffusers, as before.
 
 Python looks properties and ``__call__`` up on the class, not the instance, so the pipeline's
-class is swapped for a subclass of it with the same name and module that adds the memo;
-:meth:`DeviceOnce.restore` swaps it back. :func:`~smoothcache.prefetch_timesteps` applies it.
+class is swapped for a subclass of its own, made for this one pipeline, with the same name and
+module, that adds the memo; :meth:`DeviceOnce.restore` swaps it back. Libraries that patch "the
+pipeline's class" (cache-dit wraps ``type(pipe).__call__``) then patch that subclass, which
+concerns this pipeline alone, as they meant; a subclass patched so is kept at ``restore()``, with
+the memo off, since swapping it back would drop their patch.
+:func:`~smoothcache.prefetch_timesteps` applies it.
 """
 
 from __future__ import annotations
@@ -25,36 +29,45 @@ __all__ = ["DeviceOnce", "base_class"]
 
 logger = logging.getLogger(__name__)
 
-_STATE = "_smoothcache_device_once"  # the instance's memo, in its __dict__ while the class is swapped
+_STATE = "_smoothcache_device_once"  # the instance's memo, in its __dict__
+_BASE = "_smoothcache_base_class"  # on a memo subclass: the class it was made from
 _UNSET = object()
-_SUBCLASSES: dict[type, type] = {}  # one memo subclass per pipeline class, made once
 
 
 class _CallMemo:
-    """How many ``pipe(...)`` calls are running on the instance, and their answer once asked."""
+    """How many ``pipe(...)`` calls are running on the instance, their answer once asked, and
+    whether the memo is on."""
 
-    __slots__ = ("answer", "depth")
+    __slots__ = ("answer", "depth", "on")
 
     def __init__(self) -> None:
         self.depth = 0
         self.answer: Any = _UNSET
+        self.on = True
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _CallMemo:
+        """A copied pipeline (``copy.deepcopy(pipe)``) starts with no call running."""
+        fresh = _CallMemo()
+        fresh.on = self.on
+        return fresh
+
+    __copy__ = __deepcopy__  # type: ignore[assignment]
 
 
 def base_class(cls: type) -> type:
     """The pipeline class a memo subclass was made from (``cls`` itself otherwise)."""
-    return cls.__dict__.get("_smoothcache_base_class", cls)
+    return vars(cls).get(_BASE, cls)
 
 
 def _memo_subclass(cls: type) -> type:
-    made = _SUBCLASSES.get(cls)
-    if made is not None:
-        return made
+    """A subclass of ``cls`` for one pipeline: its ``_execution_device`` answers from the running
+    call's memo; its ``__call__`` opens and closes the memo around the class's own."""
 
     # super() rather than the base's functions as they are now: whatever the base class has at
     # the time of the call is what runs (a patched lookup included)
     def _execution_device(self: Any) -> Any:
         memo = self.__dict__.get(_STATE)
-        if memo is None or memo.depth == 0:
+        if memo is None or memo.depth == 0 or not memo.on:
             return super(made, self)._execution_device
         if memo.answer is _UNSET:
             memo.answer = super(made, self)._execution_device
@@ -76,10 +89,8 @@ def _memo_subclass(cls: type) -> type:
     lookup = inspect.getattr_static(cls, "_execution_device")
     made = type(cls.__name__, (cls,), {
         "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
-        "_execution_device": property(_execution_device, doc=lookup.__doc__), "__call__": __call__,
-        "_smoothcache_base_class": cls,
+        "_execution_device": property(_execution_device, doc=lookup.__doc__), "__call__": __call__, _BASE: cls,
     })
-    _SUBCLASSES[cls] = made
     return made
 
 
@@ -90,18 +101,46 @@ class DeviceOnce:
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
         cls = type(pipe)
-        lookup = inspect.getattr_static(cls, "_execution_device", None)
-        self.applied = isinstance(lookup, property) and lookup.fget is not None and base_class(cls) is cls
-        if self.applied:
-            pipe.__class__ = _memo_subclass(cls)
+        self._made: type | None = None
+        self._made_as: dict[str, Any] = {}
+        if base_class(cls) is not cls:  # a memo subclass: on again if an earlier restore() kept it
+            if not self._memo().on:
+                self._made, self._made_as = cls, dict(vars(cls))
+                self._memo().on = True
+        else:
+            lookup = inspect.getattr_static(cls, "_execution_device", None)
+            if isinstance(lookup, property) and lookup.fget is not None:
+                self._made = _memo_subclass(cls)
+                self._made_as = dict(vars(self._made))
+                pipe.__class__ = self._made
+                self._memo().on = True
+
+    @property
+    def applied(self) -> bool:
+        return self._made is not None
+
+    def _memo(self) -> _CallMemo:
+        memo = self.pipe.__dict__.get(_STATE)
+        if memo is None:
+            memo = self.pipe.__dict__[_STATE] = _CallMemo()
+        return memo
 
     def restore(self) -> None:
-        """Give the pipeline its own class back (unless something else changed it since)."""
-        if not self.applied:
+        """Give the pipeline its own class back. Where the memo subclass was patched since (or
+        the pipeline's class changed), it is kept as it is, with the memo off."""
+        made, self._made = self._made, None
+        if made is None:
             return
-        self.applied = False
-        self.pipe.__dict__.pop(_STATE, None)
-        if type(self.pipe) is _SUBCLASSES.get(base_class(type(self.pipe))):
-            self.pipe.__class__ = base_class(type(self.pipe))
-        else:
-            logger.warning("The pipeline's class was changed after prefetch_timesteps; it is left as it is now")
+        memo = self.pipe.__dict__.get(_STATE)
+        now = {name: value for name, value in vars(made).items() if name != "__slotnames__"}  # copyreg's cache
+        untouched = type(self.pipe) is made and now.keys() == self._made_as.keys() and all(
+            now[name] is value for name, value in self._made_as.items())
+        if untouched and (memo is None or memo.depth == 0):
+            self.pipe.__dict__.pop(_STATE, None)
+            self.pipe.__class__ = base_class(made)
+            return
+        if memo is not None:
+            memo.on = False
+        logger.warning(
+            "The pipeline's class was changed or patched after prefetch_timesteps (%s); it is kept as it is, "
+            "with the execution-device memo off", type(self.pipe).__qualname__)
