@@ -12,18 +12,38 @@ comparison is at equal compute.
 
 Parts (``--parts``):
 
-- ``a``, speed with quantized weights. For each of ``--weights`` (``fp16`` unquantized; ``int8``,
+- ``a``, speed with quantized weights. A cell per ``--compile`` setting (``eager``; ``compile``, the
+  transformer compiled whole in the default mode, cached after compiling as docs/speed.md says;
+  torchao needs compile to be fast) and each of ``--weights`` (``fp16`` unquantized; ``int8``,
   torchao ``Int8WeightOnlyConfig`` on the fp16 model; ``float8``, torchao ``Float8WeightOnlyConfig``
-  on the model in bf16, which needs compute capability 8.9) and each ``--compile`` setting
-  (``eager``; ``compile``, the transformer compiled whole in the default mode, cached after
-  compiling as docs/speed.md says; torchao needs compile to be fast): the uncached call and both
-  schedules, timed in the same process (pipeline_speed.configured: dynamo reset before and after
-  each configuration). Each row's ``speedup`` is against the uncached row of the same weights and
-  compile setting; a quantized row's ``speedup_ratio`` is its speedup over the unquantized model's
-  (same compile setting and schedule). The issue's target: ``speedup_ratio`` >= 0.95. torchao's
-  ``set_inductor_config`` is off, so every row compiles with the same inductor settings.
-  Configurations run compile setting by compile setting, then schedule by schedule across the
-  weights, so that a run cut short by ``--max-minutes`` keeps whole pairs.
+  on the model in bf16, which needs compute capability 8.9). A cell's three methods, the uncached
+  call and both schedules, are timed in turn on one pipeline (``"timing": "interleaved"``, as
+  ``smoothcache.bench`` times uncached against cached): the host's speed drifts over minutes
+  (under torch.compile at batch 8 one H100 process timed fp16 uncached at 626 ms and, minutes
+  later, the blocks schedule at 720 ms, 0.87x; another 1080 ms and 565 ms), so rows timed one
+  after another do not compare. In a cell the transformer is compiled once
+  (pipeline_speed.configured: dynamo reset before and after the cell), then each schedule attached
+  with ``smoothcache.cache(pipe, schedule)`` and at once disabled. One handle may hold a model at
+  a time (a second one enabled is refused, ``ModelInUseError``) but disabled handles coexist, so
+  each cached generation runs between its handle's ``enable()`` and ``disable()``: that puts the
+  same caching forwards back, which the graphs compiled in the warm-up accept (no recompiles
+  while timed: ``recompiles_while_timed``, counted per method), and ``disable()`` releases the
+  kept outputs, so no method's memory stays behind for the next. Then
+  ``pipeline_speed.WARMUP[compile]`` rounds of uncached, blocks, layers (each method compiles its
+  own graphs there: ``graphs_compiled_in_warmup``), then ``--repeats`` timed rounds in the same
+  order, one generation of each per round (enabling and disabling a cache is not timed). Each method keeps its own row: ``ms`` the median of its
+  ``runs_ms``, ``runs_at_s`` when each of them started (seconds after the cell's first timed
+  generation), ``peak_mib`` the largest of its timed generations' peaks (the counter reset before
+  each), its kept bytes after its last generation, its output's difference from the uncached one.
+  Each row's ``speedup`` is against the uncached row of the same cell; a quantized row's
+  ``speedup_ratio`` is its speedup over the unquantized model's (same compile setting and
+  schedule). The issue's target: ``speedup_ratio`` >= 0.95. torchao's ``set_inductor_config`` is
+  off, so every row compiles with the same inductor settings. A method that fails (attaching,
+  warming up or in a turn) records its error and leaves the rounds; one that fails the whole cell
+  (building, quantizing, compiling) records it in each of the cell's rows. Cells run compile
+  setting by compile setting, the weights in the order given within each (fp16 first by default,
+  so that the quantized cells' ratios have their reference), so that a run cut short by
+  ``--max-minutes`` keeps whole cells.
 - ``b``, the memory option, eager, fp16: the uncached call, then each schedule with kept outputs
   as they are (``default``), in float8 (``cache(kept_dtype=torch.float8_e4m3fn)``: a quarter of
   fp32's bytes, half of fp16's; bf16 would save nothing on an fp16 model) and on the host
@@ -40,8 +60,9 @@ Parts (``--parts``):
   ``--lookaheads``, against an uncached call measured the same way; ``extra_peak_mib`` is the peak
   above the uncached call's. (The issue: Flux at lookahead 3 peaked at about 48 GB.)
 
-Each row is written to the JSON as soon as it is measured (atomically), and printed as one line;
-no configuration starts past ``--max-minutes`` (the last may run a little over). A row records
+Each row is written to the JSON as soon as it is measured (atomically; part a's rows when their
+cell is), and printed as one line; no row or cell starts past ``--max-minutes`` (the last may run a
+little over), and a cell not started records each of its rows as ``skipped``. A row records
 ``skipped`` (and why) or ``error`` where it could not run. ``--tiny`` swaps in pipeline_speed's
 tiny DiT (10 steps, batch 2; float32 and dynamo without inductor on the CPU) to check the code
 paths: it measures nothing. On the CPU, float8 weights and kept outputs on the host are skipped and
@@ -59,7 +80,7 @@ image: put a wheel for its torch (torchao 0.18 needs torch >= 2.11) in .whl-benc
     export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
     # every part eagerly (all GPU paths but inductor's): ~4-5 min
     python3 benchmarks/stacking_speed.py --parts b c a --compile eager --out "$OUT/eager"
-    # part a compiled, one command per weights (3 configurations each): ~3-5 min each
+    # part a compiled, one command per weights (one cell each): ~3-5 min each
     python3 benchmarks/stacking_speed.py --parts a --compile compile --weights fp16 --out "$OUT/c-fp16"
     python3 benchmarks/stacking_speed.py --parts a --compile compile --weights int8 --out "$OUT/c-int8"
     python3 benchmarks/stacking_speed.py --parts a --compile compile --weights float8 --out "$OUT/c-float8"
@@ -67,7 +88,8 @@ image: put a wheel for its torch (torchao 0.18 needs torch >= 2.11) in .whl-benc
 Then ``--merge $OUT/eager/stacking-speed.json $OUT/c-fp16/... $OUT/c-int8/... --out DIR`` (no GPU) puts the
 parts into one JSON and plot, each cell's rows from one file (the last that has it: part a's cells
 are (weights, compile setting); parts b and c are one cell each), so every speedup is within one
-process; quantized speedups are then compared with the unquantized ones of the other file.
+process (part a's: within one cell's interleaved rounds); quantized speedups are then compared with
+the unquantized ones of the other file.
 """
 
 from __future__ import annotations
@@ -274,9 +296,12 @@ class Run:
         atomic_write_text(self.args.out / RESULT_NAME, json.dumps(result, indent=1) + "\n")
         print(row_line(result["rows"][-1]), flush=True)
 
+    def budget_skip(self) -> str | None:
+        return f"over the time budget (--max-minutes {self.args.max_minutes})" if self.over_budget() else None
+
     def row(self, fields: dict[str, Any], measure_row: Callable[[], dict[str, Any]], skip: str | None = None) -> None:
         """Measure one row unless it is skipped (or over the budget); an error is recorded, not raised."""
-        skip = skip or (f"over the time budget (--max-minutes {self.args.max_minutes})" if self.over_budget() else None)
+        skip = skip or self.budget_skip()
         if skip is not None:
             self.add({**fields, "skipped": skip})
             return
@@ -286,6 +311,23 @@ class Run:
             fields = {**fields, **error_fields(error)}
         release_memory()
         self.add(fields)
+
+    def cell(self, rows: list[dict[str, Any]], measure_cell: Callable[[], list[dict[str, Any]]], skip: str | None = None) -> None:
+        """Measure a cell's rows together (``measure_cell`` gives each row's measured fields, in order)
+        unless the cell is skipped (or over the budget): a cell starts whole or not at all. An error
+        that ends the whole cell is recorded in each of its rows, not raised."""
+        skip = skip or self.budget_skip()
+        if skip is not None:
+            for fields in rows:
+                self.add({**fields, "skipped": skip})
+            return
+        try:
+            measured = measure_cell()
+        except Exception as error:  # noqa: BLE001 - a cell that cannot run here is recorded, not fatal
+            measured = [error_fields(error)] * len(rows)
+        release_memory()
+        for fields, found in zip(rows, measured, strict=True):
+            self.add({**fields, **found})
 
     def result(self) -> dict[str, Any]:
         return {
@@ -300,34 +342,146 @@ class Run:
         }
 
 
+CELL_METHODS = (UNCACHED, BLOCKS, LAYERS)  # part a's order within each round of a cell
+
+
 def part_a(run: Run) -> None:
-    """Speed with quantized weights: per compile setting, each method across the weights."""
+    """Speed with quantized weights: per compile setting, a cell per weights, its methods timed in turn."""
     args = run.args
     skips = {w: weights_skip_reason(w, run.device) for w in args.weights}
     run.pipelines.keep_only([w for w in args.weights if skips[w] is None])
-    outputs: dict[tuple[str, str], torch.Tensor] = {}  # (weights, compile) -> the uncached output
     for compile_mode in args.compile:
-        for method in (UNCACHED, BLOCKS, LAYERS):
-            for weights in args.weights:
-                fields = {"part": "a", "weights": weights, "compile": compile_mode, "method": method, "batch": args.batch}
-                run.row(fields, lambda w=weights, c=compile_mode, m=method: timed_method(run, w, c, m, outputs), skips[weights])
+        for weights in args.weights:
+            rows = [{"part": "a", "weights": weights, "compile": compile_mode, "method": method, "batch": args.batch,
+                     "timing": "interleaved"} for method in CELL_METHODS]
+            run.cell(rows, lambda w=weights, c=compile_mode: timed_cell(run, w, c), skips[weights])
 
 
-def timed_method(run: Run, weights: str, compile_mode: str, method: str, outputs: dict[tuple[str, str], torch.Tensor]) -> dict[str, Any]:
-    """One part-a configuration in place (compiled and cached as pipeline_speed does it), timed."""
+@dataclass
+class MethodTurns:
+    """One method of a part-a cell: its cache handle (None: uncached), switched on for its own
+    generations only, and what those generations measured."""
+
+    method: str
+    handle: Any = None
+    how: str = "pipe(...)"
+    warmup_s: float = 0.0
+    graphs_compiled: int = 0  # in its warm-up generations
+    recompiles: int = 0  # in its timed generations
+    allocated_before: float | None = None  # MiB, before its first generation (its cache attached)
+    generations: int = 0
+    times: list[float] = field(default_factory=list)
+    starts: list[float] = field(default_factory=list)  # seconds after the cell's first timed generation
+    peak: float | None = None
+    kept: dict[str, Any] = field(default_factory=dict)
+    output: torch.Tensor | None = None  # the last timed generation's
+    error: dict[str, str] | None = None  # set: the method has left the rounds
+
+
+def take_turn(turn: MethodTurns, generate: Callable[[], torch.Tensor], timed_since: float | None, device: str) -> None:
+    """One generation of ``turn``'s method, its cache enabled for this generation only. Timed (where
+    ``timed_since`` is the cell's first timed start) it adds its time, start, peak memory (the counter
+    reset first), recompiles, output and kept bytes (by ``device``, where the model computes); else
+    its seconds and graphs to the warm-up."""
+    if turn.handle is not None:
+        turn.handle.enable()
+    try:
+        if turn.generations == 0:
+            turn.allocated_before = allocated_mib()
+        before = gpu_bench.dynamo_counts()
+        pipeline_speed.sync()
+        if timed_since is not None and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        output = generate()
+        pipeline_speed.sync()
+        seconds = time.perf_counter() - start
+        after = gpu_bench.dynamo_counts()
+        turn.generations += 1
+        if timed_since is None:
+            turn.warmup_s += seconds
+            turn.graphs_compiled += after["graphs"] - before["graphs"]
+            return
+        turn.times.append(seconds)
+        turn.starts.append(start - timed_since)
+        peak = peak_mib()
+        if peak is not None:
+            turn.peak = max(turn.peak or 0.0, peak)
+        turn.recompiles += after["frames"] - before["frames"]
+        turn.output = output.detach()
+        if turn.handle is not None:  # what it holds after a generation: disable() releases it
+            turn.kept = kept_fields(turn.handle, device)
+    finally:
+        if turn.handle is not None:
+            turn.handle.disable()
+
+
+def timed_cell(run: Run, weights: str, compile_mode: str) -> list[dict[str, Any]]:
+    """One part-a cell: the pipeline compiled once, each schedule's cache attached (compiled first,
+    then cached, as pipeline_speed does it) and disabled, then warm-up and timed rounds of
+    uncached, blocks, layers in turn; a row per method, in ``CELL_METHODS``' order."""
+    args = run.args
     work = run.pipelines.get(weights)
-    config = Config(compile_mode, run.args.batch, False, method)
-    with pipeline_speed.configured(work, config, run.args.backend) as attached:
-        generate = generation(work, run.args.batch, run.args.device)
-        row, output = measure(generate, pipeline_speed.WARMUP[compile_mode], run.args.repeats)
-        row.update(how="; then ".join(attached.how) or "pipe(...)", dtype=dtype_of(work))
-        if attached.handle is not None:
-            row.update(kept_fields(attached.handle, compute_device(work)))
-    if attached.teardown_errors:
-        row["teardown_errors"] = attached.teardown_errors
-    if method == UNCACHED:
-        outputs[(weights, compile_mode)] = output
-    return {**row, **differences(output, outputs.get((weights, compile_mode)), "uncached")}
+    generate = generation(work, args.batch, args.device)
+    warmup = pipeline_speed.WARMUP[compile_mode]
+    turns = [MethodTurns(method) for method in CELL_METHODS]
+    with pipeline_speed.configured(work, Config(compile_mode, args.batch, False, UNCACHED), args.backend) as attached:
+        try:
+            for turn in turns:
+                turn.how = "; then ".join(attached.how) or turn.how
+                if turn.method != UNCACHED:
+                    attach_switched(turn, work, attached.how)
+            device = compute_device(work)
+            timed_since: float | None = None  # None: warming up
+            for round_index in range(warmup + args.repeats):
+                if round_index == warmup:
+                    timed_since = time.perf_counter()
+                for turn in turns:
+                    if turn.error is None:
+                        try:
+                            take_turn(turn, generate, timed_since, device)
+                        except Exception as error:  # noqa: BLE001 - this method leaves the rounds; the others go on
+                            turn.error = error_fields(error)
+        finally:
+            for turn in turns:
+                if turn.handle is not None:
+                    try:
+                        turn.handle.disable()  # already disabled unless a turn failed to
+                    except Exception as error:  # noqa: BLE001 - recorded in the rows
+                        attached.teardown_errors.append(f"{turn.method}: {type(error).__name__}: {error}"[:500])
+    uncached = turns[0].output.float().cpu() if turns[0].error is None and turns[0].output is not None else None
+    rows = [turn_row(turn, warmup, dtype_of(work), uncached) for turn in turns]
+    return [{**row, "teardown_errors": attached.teardown_errors} if attached.teardown_errors else row for row in rows]
+
+
+def attach_switched(turn: MethodTurns, work: Workload, compiled: list[str]) -> None:
+    """``turn``'s schedule cached on the (compiled) pipeline, then disabled at once: one handle may
+    hold a model at a time (a second enabled one is refused), disabled ones coexist, and each is
+    enabled for its own generations only. An error is the method's, not the cell's."""
+    keys = work.block_keys if turn.method == BLOCKS else work.layer_keys
+    turn.how = "; then ".join([*compiled, f"smoothcache.cache(pipe, Schedule({{{', '.join(map(repr, keys))}: mask}}))",
+                               "handle.disable(); handle.enable() before each of its generations, handle.disable() after"])
+    try:
+        turn.handle = smoothcache.cache(work.pipe, Schedule({key: list(work.mask) for key in keys}))
+        turn.handle.disable()
+    except Exception as error:  # noqa: BLE001 - this method's row records it; the others go on
+        turn.error = error_fields(error)
+
+
+def turn_row(turn: MethodTurns, warmup: int, dtype: str, uncached: torch.Tensor | None) -> dict[str, Any]:
+    """A method's row from its turns: its median and runs (and when each started), warm-up, peak
+    memory, graphs and recompiles, what its cache kept, its output's difference from uncached."""
+    if turn.error is not None:
+        return {"how": turn.how, **turn.error}
+    assert turn.output is not None  # every round gave one, and there is at least one timed round
+    output = turn.output.float().cpu()
+    return {
+        "ms": 1000 * statistics.median(turn.times), "runs_ms": [1000 * t for t in turn.times],
+        "runs_at_s": turn.starts, "warmup_s": turn.warmup_s, "warmup_generations": warmup, "peak_mib": turn.peak,
+        "allocated_before_mib": turn.allocated_before, "graphs_compiled_in_warmup": turn.graphs_compiled,
+        "recompiles_while_timed": turn.recompiles, "how": turn.how, "dtype": dtype, **turn.kept,
+        **differences(output, uncached, "uncached"),
+    }
 
 
 def part_b(run: Run) -> None:
@@ -484,8 +638,14 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "repeats": args.repeats, "warmup": {c: pipeline_speed.WARMUP[c] for c in COMPILES}, "backend": args.backend,
         "max_minutes": args.max_minutes,
         "torchao": "quantize_(transformer, Int8WeightOnlyConfig / Float8WeightOnlyConfig(set_inductor_config=False))",
-        "compile_how": "pipe.transformer = torch.compile(pipe.transformer), then smoothcache.cache(pipe, schedule); "
-                       "torch._dynamo.reset() before and after each configuration",
+        "compile_how": "pipe.transformer = torch.compile(pipe.transformer), then smoothcache.cache(pipe, schedule) per "
+                       "schedule, each disabled at once; torch._dynamo.reset() before and after each part-a cell",
+        "timing": {"a": f"interleaved: per (compile, weights) cell, warm-up rounds (the warmup above), then {args.repeats} "
+                        f"timed rounds, each one generation of {', '.join(CELL_METHODS)} in turn; a cached method's handle "
+                        "enabled for its own generations only (handle.enable() before, handle.disable() after); ms = "
+                        "median of a method's runs_ms; peak_mib = max over its timed generations, the counter reset "
+                        "before each",
+                   "b": "one configuration after another, each its warm-up generation then its repeats"},
         "part_b": "eager, fp16; kept forms: " + ", ".join(f"{k}: cache(..., {v})" for k, v in KEPT_FORMS.items()),
         "psnr": "on the latents, peak = the reference's range; None where equal",
         "targets": {"speedup_ratio": f">= {TARGET_RATIO}", "device_kept_fraction": f"<= {TARGET_FRACTION}"},

@@ -1,12 +1,14 @@
-"""benchmarks/stacking_speed.py on the CPU with its tiny DiT (eager): every part runs through the
-script's own path (diffusers' DiTPipeline, torchao int8 weights, smoothcache's kept-output forms,
-calibration) and the result JSON holds what the GPU run will be judged by."""
+"""benchmarks/stacking_speed.py on the CPU with its tiny DiT (eager, and dynamo without inductor):
+every part runs through the script's own path (diffusers' DiTPipeline, torchao int8 weights,
+smoothcache's kept-output forms, calibration) and the result JSON holds what the GPU run will be
+judged by; part a times each cell's methods in turn, compiled once, without recompiling."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ def check_quantized_speed(result: dict[str, Any]) -> None:
         for row in rows:
             assert "error" not in row and "skipped" not in row, row
             assert positive(row["ms"]) and positive(row["speedup"]) and len(row["runs_ms"]) == 1
+            assert row["timing"] == "interleaved"
         assert rows[0]["speedup"] == 1.0 and rows[0]["max_abs_diff_vs_uncached"] == 0.0
         for row in rows[1:]:  # the caches reuse, and hold what they reuse
             assert row["max_abs_diff_vs_uncached"] > 0 and row["kept_device_mib"] > 0
@@ -58,6 +61,7 @@ def check_quantized_speed(result: dict[str, Any]) -> None:
         assert row["within_5_percent"] == (row["speedup_ratio"] >= 0.95)
     float8 = rows_of(result, "a", weights="float8")
     assert len(float8) == len(METHODS) and all("compute capability 8.9" in r["skipped"] for r in float8)
+    assert all(r["timing"] == "interleaved" for r in float8)  # skipped whole, as a cell
 
 
 def check_kept_forms(result: dict[str, Any]) -> None:
@@ -97,6 +101,87 @@ def test_every_part_runs_on_the_tiny_dit_and_records_what_the_gpu_run_is_judged_
     check_quantized_speed(result)
     check_kept_forms(result)
     check_calibration(result)
+
+
+def cells_of(result: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Part a's rows by (weights, compile), in the order written."""
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows_of(result, "a"):
+        cells.setdefault((row["weights"], row["compile"]), []).append(row)
+    return cells
+
+
+def test_part_a_times_a_cells_methods_in_turn_against_its_own_uncached_row_without_recompiling(tmp_path):
+    result = run_script("--tiny", "--device", "cpu", "--parts", "a", "--compile", "eager", "compile", "--weights", "fp16",
+                        "--repeats", "3", "--out", str(tmp_path))
+    assert "interleaved" in result["settings"]["timing"]["a"]
+    cells = cells_of(result)
+    assert list(cells) == [("fp16", "eager"), ("fp16", "compile")]
+    for (_, compile_mode), rows in cells.items():
+        assert [r["method"] for r in rows] == list(METHODS)
+        for row in rows:
+            assert "error" not in row and "skipped" not in row, row
+            assert row["timing"] == "interleaved" and len(row["runs_ms"]) == 3 == len(row["runs_at_s"])
+            assert row["ms"] == pytest.approx(statistics.median(row["runs_ms"]))
+            assert row["speedup"] == pytest.approx(rows[0]["ms"] / row["ms"])  # this cell's uncached row
+            assert row["warmup_generations"] == (2 if compile_mode == "compile" else 1)
+        # in turn: uncached, blocks, layers, one timed generation each per round, three rounds
+        starts = sorted((start, row["method"]) for row in rows for start in row["runs_at_s"])
+        assert [method for _, method in starts] == list(METHODS) * 3
+        for row in rows[1:]:  # each cache on for its own turns: it reused, and kept what it reuses
+            assert row["max_abs_diff_vs_uncached"] > 0 and row["kept_device_mib"] > 0
+            assert "handle.enable() before each of its generations" in row["how"]
+    eager, compiled = cells[("fp16", "eager")], cells[("fp16", "compile")]
+    for row in compiled:  # each method compiled its own graphs in the warm-up; switching caches recompiles nothing
+        assert row["graphs_compiled_in_warmup"] >= 1 and row["recompiles_while_timed"] == 0
+        assert row["how"].startswith("pipe.transformer = torch.compile(pipe.transformer, backend='eager')")
+    assert all(r["graphs_compiled_in_warmup"] == 0 for r in eager)
+    for plain, traced in zip(eager[1:], compiled[1:], strict=True):  # the same schedules, compiled or not
+        assert traced["max_abs_diff_vs_uncached"] == pytest.approx(plain["max_abs_diff_vs_uncached"], rel=1e-4)
+
+
+def test_a_cell_past_the_time_budget_is_skipped_whole(tmp_path, monkeypatch):
+    checked: list[bool] = []
+
+    def over_budget(run: Any) -> bool:  # the first cell starts in time, the second does not
+        checked.append(bool(checked))
+        return checked[-1]
+
+    monkeypatch.setattr(stacking_speed.Run, "over_budget", over_budget)
+    result = run_script("--tiny", "--device", "cpu", "--parts", "a", "--compile", "eager", "compile", "--weights", "fp16",
+                        "--out", str(tmp_path))
+    assert checked == [False, True]  # asked once per cell, not per row
+    measured, late = cells_of(result).values()
+    assert all("ms" in r and "skipped" not in r for r in measured)
+    assert [r["method"] for r in late] == list(METHODS)
+    assert all(r["compile"] == "compile" and r["timing"] == "interleaved" and "over the time budget" in r["skipped"]
+               and "ms" not in r for r in late)
+
+
+def test_an_error_is_recorded_in_its_methods_row_or_its_cells_rows_and_the_run_goes_on(tmp_path, monkeypatch):
+    pipeline_speed = stacking_speed.pipeline_speed
+    cache, configured = stacking_speed.smoothcache.cache, pipeline_speed.configured
+
+    def failing_cache(pipe: Any, schedule: Any, **kwargs: Any) -> Any:
+        if "ff" in schedule.keys:
+            raise RuntimeError("layers cannot attach here")
+        return cache(pipe, schedule, **kwargs)
+
+    def failing_configured(work: Any, config: Any, backend: str) -> Any:
+        if config.compile == "compile":
+            raise RuntimeError("no compiler here")
+        return configured(work, config, backend)
+
+    monkeypatch.setattr(stacking_speed.smoothcache, "cache", failing_cache)
+    monkeypatch.setattr(pipeline_speed, "configured", failing_configured)
+    result = run_script("--tiny", "--device", "cpu", "--parts", "a", "--compile", "eager", "compile", "--weights", "fp16",
+                        "--repeats", "2", "--out", str(tmp_path))
+    eager, compiled = cells_of(result).values()
+    uncached, blocks, layers = eager  # the failing method leaves the rounds, the others are timed
+    assert len(uncached["runs_ms"]) == len(blocks["runs_ms"]) == 2 and blocks["speedup"] > 0
+    assert "layers cannot attach here" in layers["error"] and "ms" not in layers
+    assert [r["method"] for r in compiled] == list(METHODS)
+    assert all("no compiler here" in r["error"] and r["timing"] == "interleaved" for r in compiled)
 
 
 def part_a_result(rows: list[tuple[str, str, float]]) -> dict[str, Any]:
