@@ -77,9 +77,11 @@ its warm-up, which compiled every graph it needs) under
 ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: dynamo checks only the guards that tell
 its graphs apart (the cache's decisions among them), not every parameter's; the settings say so.
 
-``--prefetch on`` applies ``smoothcache.prefetch_timesteps(pipe)`` (opt-in, bit-identical outputs:
-it removes the per-step host wait of pipelines whose scheduler keeps timesteps on the host, such as
-DiTPipeline) to every configuration of the cell, uncached included; ``both`` (default) runs each
+``--prefetch on`` applies ``smoothcache.prefetch_timesteps(pipe, device_once=True)`` (opt-in,
+bit-identical outputs: it removes the per-step host wait of pipelines whose scheduler keeps
+timesteps on the host, such as DiTPipeline, and answers the pipeline's repeated execution-device
+lookups within a call from the first) to every configuration of the cell, uncached included
+(cache-dit wraps the pipeline's class first, so there the device memo stays off, as for a user); ``both`` (default) runs each
 configuration without and with it. Where this smoothcache has no ``prefetch_timesteps``, only the
 rows without it run, and the JSON says so (``settings.prefetch_available``).
 
@@ -440,8 +442,8 @@ def configured(work: Workload, config: Config, backend: str) -> Iterator[Attache
             undo.append(attached.handle.disable)
             attached.how.append(f"smoothcache.cache(pipe, Schedule({{{', '.join(map(repr, keys))}: mask}}))")
         if config.prefetch:
-            undo.append(smoothcache.prefetch_timesteps(pipe).disable)
-            attached.how.append("smoothcache.prefetch_timesteps(pipe)")
+            undo.append(smoothcache.prefetch_timesteps(pipe, device_once=True).disable)
+            attached.how.append("smoothcache.prefetch_timesteps(pipe, device_once=True)")
         if config.compile in STEP_GRAPHS:
             # compiled, two plain generations: the first of a (batch, method) may be the counting
             # one, run under force_eager, and nothing may compile inside a capture

@@ -4,22 +4,26 @@ diffusers' ``DiffusionPipeline._execution_device`` looks for offloading hooks by
 module of every component: about 7 ms for a 28-block DiT on one CPU core. ``DiTPipeline`` asks
 three times per call, before the GPU has any work, so at batch 1 the GPU idles through three walks
 per generation (a profiler trace of one on an H100 shows them as the three longest host gaps
-before the first step). Within one ``pipe(...)`` call the answer cannot change: the hooks and
-devices it reads are set between calls (offloading moves weights during a call, never the device
-it computes on), so the first answer serves the rest and outputs are bit-identical. Outside a
-call every lookup asks diffusers, as before.
+before the first step). Within one ``pipe(...)`` call of diffusers' pipelines the answer does not
+change: the hooks and devices it reads are set between calls (offloading moves weights during a
+call, never the device it computes on), so the first answer serves the rest and outputs are
+bit-identical. Code of your own that moves the pipeline during a call (in a step callback) would
+get the old answer. Outside a call every lookup asks diffusers, as before.
 
 Python looks properties and ``__call__`` up on the class, not the instance, so the pipeline's
 class is swapped for a subclass of its own, made for this one pipeline, with the same name and
 module, that adds the memo; :meth:`DeviceOnce.restore` swaps it back. Libraries that patch "the
 pipeline's class" (cache-dit wraps ``type(pipe).__call__``) then patch that subclass, which
 concerns this pipeline alone, as they meant; a subclass patched so is kept at ``restore()``, with
-the memo off, since swapping it back would drop their patch.
-:func:`~smoothcache.prefetch_timesteps` applies it.
+the memo off, since swapping it back would drop their patch. A class cache-dit wrapped first is
+left alone (its ``disable_cache`` must find its wrapper on the pipeline's own class); undo such
+patches in the reverse order of applying them. A pickled or deep-copied pipeline is its own class
+again. Opt-in: ``smoothcache.prefetch_timesteps(pipe, device_once=True)``.
 """
 
 from __future__ import annotations
 
+import copyreg
 import functools
 import inspect
 import logging
@@ -51,7 +55,8 @@ class _CallMemo:
         fresh.on = self.on
         return fresh
 
-    __copy__ = __deepcopy__  # type: ignore[assignment]
+    def __copy__(self) -> _CallMemo:
+        return self.__deepcopy__({})
 
 
 def base_class(cls: type) -> type:
@@ -86,11 +91,19 @@ def _memo_subclass(cls: type) -> type:
             if memo.depth == 0:
                 memo.answer = _UNSET
 
+    def __reduce_ex__(self: Any, protocol: Any) -> Any:
+        """Pickled and deep-copied as the pipeline class it was made from, without the memo (the
+        subclass cannot be found by name, and a copy is not this pipeline)."""
+        state = {k: v for k, v in self.__dict__.items() if k != _STATE}
+        return copyreg._reconstructor, (cls, object, None), state
+
     lookup = inspect.getattr_static(cls, "_execution_device")
     made = type(cls.__name__, (cls,), {
         "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
-        "_execution_device": property(_execution_device, doc=lookup.__doc__), "__call__": __call__, _BASE: cls,
+        "_execution_device": property(_execution_device, doc=lookup.__doc__), "__call__": __call__,
+        "__reduce_ex__": __reduce_ex__, _BASE: cls,
     })
+    made._smoothcache_pristine = dict(vars(made))  # type: ignore[attr-defined]  # what restore() compares with
     return made
 
 
@@ -102,18 +115,24 @@ class DeviceOnce:
         self.pipe = pipe
         cls = type(pipe)
         self._made: type | None = None
-        self._made_as: dict[str, Any] = {}
         if base_class(cls) is not cls:  # a memo subclass: on again if an earlier restore() kept it
             if not self._memo().on:
-                self._made, self._made_as = cls, dict(vars(cls))
+                self._made = cls
                 self._memo().on = True
         else:
             lookup = inspect.getattr_static(cls, "_execution_device", None)
-            if isinstance(lookup, property) and lookup.fget is not None:
+            if "_original_call" in vars(cls):  # cache-dit wrapped this class's __call__ first: its disable_cache must find it
+                logger.warning("The pipeline's class is wrapped by cache-dit (enable_cache came first); the "
+                               "execution-device memo is not applied")
+            elif isinstance(lookup, property) and lookup.fget is not None:
                 self._made = _memo_subclass(cls)
-                self._made_as = dict(vars(self._made))
                 pipe.__class__ = self._made
                 self._memo().on = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the memo subclass, which cannot be found by name (a pickled pipeline is
+        its base class's)."""
+        return {**self.__dict__, "_made": None}
 
     @property
     def applied(self) -> bool:
@@ -132,15 +151,21 @@ class DeviceOnce:
         if made is None:
             return
         memo = self.pipe.__dict__.get(_STATE)
-        now = {name: value for name, value in vars(made).items() if name != "__slotnames__"}  # copyreg's cache
-        untouched = type(self.pipe) is made and now.keys() == self._made_as.keys() and all(
-            now[name] is value for name, value in self._made_as.items())
+        # as made, whatever restored it since (copyreg caches __slotnames__ on a class it copies)
+        pristine = vars(made)["_smoothcache_pristine"]
+        now = {name: value for name, value in vars(made).items() if name not in ("__slotnames__", "_smoothcache_pristine")}
+        untouched = type(self.pipe) is made and now.keys() == pristine.keys() and all(
+            now[name] is value for name, value in pristine.items())
         if untouched and (memo is None or memo.depth == 0):
             self.pipe.__dict__.pop(_STATE, None)
             self.pipe.__class__ = base_class(made)
             return
         if memo is not None:
             memo.on = False
+        if untouched:  # disabled from inside a pipe(...) call (a callback)
+            logger.warning("The execution-device memo was turned off during a pipe(...) call; the pipeline keeps "
+                           "the memo's subclass, with the memo off")
+            return
         logger.warning(
             "The pipeline's class was changed or patched after prefetch_timesteps (%s); it is kept as it is, "
             "with the execution-device memo off", type(self.pipe).__qualname__)

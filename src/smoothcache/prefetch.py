@@ -124,7 +124,7 @@ class TimestepPrefetch:
     scheduler and the pipeline back as they were.
     """
 
-    def __init__(self, pipe: Any, device: torch.device | str | None = None, *, device_once: bool = True) -> None:
+    def __init__(self, pipe: Any, device: torch.device | str | None = None, *, device_once: bool = False) -> None:
         scheduler = getattr(pipe, "scheduler", None)
         if scheduler is None or not callable(getattr(scheduler, "set_timesteps", None)):
             raise TypeError(
@@ -147,9 +147,9 @@ class TimestepPrefetch:
     def enable(self) -> TimestepPrefetch:
         if self.enabled:
             return self
-        self.scheduler.set_timesteps = PairingSetTimesteps(self.scheduler, self)
-        if self.device_once:
+        if self.device_once:  # first: if it fails, nothing is left half done
             self._device_memo = DeviceOnce(self.pipe)
+        self.scheduler.set_timesteps = PairingSetTimesteps(self.scheduler, self)
         self.enabled = True
         return self
 
@@ -223,7 +223,7 @@ def _execution_device(pipe: Any) -> torch.device | None:
     return None if device is None else torch.device(device)
 
 
-def prefetch_timesteps(pipe: Any, device: torch.device | str | None = None, *, device_once: bool = True) -> TimestepPrefetch:
+def prefetch_timesteps(pipe: Any, device: torch.device | str | None = None, *, device_once: bool = False) -> TimestepPrefetch:
     """Copy the scheduler's timesteps to the device once per generation instead of once per step.
 
     For pipelines whose loop copies each host timestep to the device (DiTPipeline): that copy makes
@@ -232,10 +232,11 @@ def prefetch_timesteps(pipe: Any, device: torch.device | str | None = None, *, d
     already live on the device (most newer pipelines), nothing changes. Apply it after choosing
     the pipeline's scheduler; ``device`` defaults to the pipeline's execution device.
 
-    ``device_once`` (default on) also answers the pipeline's repeated ``_execution_device``
+    ``device_once=True`` (opt-in) also answers the pipeline's repeated ``_execution_device``
     lookups within one call from the first: each walks every module of every component, and
-    DiTPipeline asks three times per call while the GPU waits (:mod:`smoothcache.device_once`;
-    exact, and undone by ``disable()``).
+    DiTPipeline asks three times per call while the GPU waits. It swaps the pipeline's class for
+    a subclass of its own (:mod:`smoothcache.device_once`; outputs bit-identical, undone by
+    ``disable()``).
 
     >>> prefetch = smoothcache.prefetch_timesteps(pipe)  # doctest: +SKIP
     >>> images = pipe(class_labels=[207], num_inference_steps=50).images  # doctest: +SKIP
