@@ -123,12 +123,31 @@ def generation_totals(events: Sequence[dict[str, Any]]) -> dict[str, float | Non
     on_thread = [e for e in events if e.get("tid") == thread and e.get("cat") in HOST_CATEGORIES]
     start = min(e["ts"] for e in on_thread)
     end = max(e["ts"] + e["dur"] for e in on_thread)
-    work = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in DEVICE_WORK]
+    # the GPU's work within the host's span only (a trace may hold work queued before it)
+    work = [(max(e["ts"], start), min(e["ts"] + e["dur"], end)) for e in events
+            if e.get("cat") in DEVICE_WORK and e["ts"] < end and e["ts"] + e["dur"] > start]
     busy = _union_us(work) if work else None
     return {"host_us": end - start, "before_first_call_us": steps[0]["ts"] - start,
             "after_last_call_us": end - (steps[-1]["ts"] + steps[-1]["dur"]),
-            "device_busy_us": busy, "device_idle_us": None if busy is None else max(0.0, end - start - busy),
-            "device_first_work_after_us": min(w[0] for w in work) - start if work else None}
+            "device_busy_us": busy, "device_idle_us": None if busy is None else end - start - busy,
+            "device_first_work_after_us": min(w[0] for w in work) - start if work else None,
+            "longest_setup_gaps": setup_gaps(on_thread, start, steps[0]["ts"])}
+
+
+def setup_gaps(on_thread: Sequence[dict[str, Any]], start: float, first_call: float, count: int = 3) -> list[dict[str, Any]]:
+    """The ``count`` longest stretches before the first model call in which the host ran no traced
+    operator (Python work: the profiler records operators, not Python), each with the operator
+    that ended it (what the Python work was preparing)."""
+    gaps, reach = [], start
+    for event in sorted(on_thread, key=lambda e: e["ts"]):
+        if event["ts"] >= first_call:
+            break
+        if event["ts"] > reach:
+            gaps.append({"at_us": reach - start, "gap_us": event["ts"] - reach, "before": event["name"]})
+        reach = max(reach, event["ts"] + event["dur"])
+    if first_call > reach:
+        gaps.append({"at_us": reach - start, "gap_us": first_call - reach, "before": "the first model call"})
+    return sorted(gaps, key=lambda g: g["gap_us"], reverse=True)[:count]
 
 
 def medians(rows: Iterable[dict[str, Any]]) -> dict[str, float | int | None]:
@@ -170,7 +189,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(summary["trace_file"])
         totals = summary["generation"]
         if totals:
-            print("  generation us: " + ", ".join(f"{key[:-3]} {value:.0f}" for key, value in totals.items() if value is not None))
+            print("  generation us: " + ", ".join(f"{key[:-3]} {value:.0f}" for key, value in totals.items()
+                                                  if isinstance(value, float | int)))
+            print("  longest setup gaps us: " + ", ".join(f"{g['gap_us']:.0f} before {g['before']}"
+                                                         for g in totals["longest_setup_gaps"]))
         for kind, found in summary["by_kind"].items():
             parts = ", ".join(f"{key[:-3]} {found[key]:.0f}" for key in
                               ("call_us", *PARTS, "between_calls_us", "device_us", "kernel_us", "idle_before_us")

@@ -69,6 +69,19 @@ def test_the_generation_is_split_into_host_setup_ending_and_device_busy_and_idle
     # kernels: 40 + 30 per step, the third step's second kernel (2120-2150) overlapped by 2100-2160
     assert totals["device_busy_us"] == 70 + 70 + 40 + 60 + 50
     assert totals["device_idle_us"] == 3300 - 290 and totals["device_first_work_after_us"] == 60 + 300
+    # before the first call: aten::empty at -300 for 20 us, then nothing until step 0 at 0
+    assert totals["longest_setup_gaps"] == [{"at_us": 20, "gap_us": 280, "before": "the first model call"}]
+    early = [event("kernel", -1000, 500, cat="kernel", tid=7)]  # queued before the host's span: clipped away
+    assert trace_steps.generation_totals(early + events)["device_busy_us"] == totals["device_busy_us"]
+
+
+def test_the_longest_setup_gaps_name_the_operator_that_ends_them():
+    events = [event("aten::a", 0, 10), event("aten::randn", 5010, 10), event("aten::b", 5030, 10),
+              event("aten::empty", 7040, 5), event("aten::c", 7050, 5), event("step 0 computing", 7055, 100,
+                                                                                 cat="user_annotation")]
+    gaps = trace_steps.setup_gaps(events, 0, 7055, count=2)
+    assert gaps == [{"at_us": 10, "gap_us": 5000, "before": "aten::randn"},
+                    {"at_us": 5040, "gap_us": 2000, "before": "aten::empty"}]
 
 
 def test_command_line_writes_the_summaries(tmp_path, capsys):
