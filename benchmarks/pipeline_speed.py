@@ -963,7 +963,7 @@ def plotted_speedups(result: dict[str, Any]) -> Plotted:
 
 def plotted_panels(rows: Sequence[dict[str, Any]]) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """The (compile, batch) cells that get a panel, and those that do not: a cell none of whose
-    rows was timed (all skipped or failed) is only named, unless no cell was timed at all."""
+    rows was timed (all skipped or failed) is only named in the title, unless no cell was timed at all."""
     cells = list(dict.fromkeys((r["compile"], r["batch"]) for r in rows))
     timed = [c for c in cells if any("ms" in r for r in rows if (r["compile"], r["batch"]) == c)]
     return (timed, [c for c in cells if c not in timed]) if timed else (cells, [])
@@ -1016,7 +1016,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
                               label="step graphs against the uncached pipeline without them"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7)
     s = result["settings"]
-    missing = f"\nnot run: {', '.join(f'{c} batch {b}' for c, b in not_run)}" if not_run else ""
+    missing = f"\nnot timed (skipped or failed): {', '.join(f'{c} batch {b}' for c, b in not_run)}" if not_run else ""
     fig.suptitle(f"{s['pipeline']}, {s['steps']} steps ({s['computed_steps_in_mask']} computed), {s['dtype']},\n"
                  f"{result['device']}{' (tiny)' if s['tiny'] else ''}{missing}", fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))

@@ -30,8 +30,9 @@ Parts (``--parts``):
   while timed: ``recompiles_while_timed``, counted per method), and ``disable()`` releases the
   kept outputs, so no method's memory stays behind for the next. Then
   ``pipeline_speed.WARMUP[compile]`` rounds of uncached, blocks, layers (each method compiles its
-  own graphs there: ``graphs_compiled_in_warmup``), then ``--repeats`` timed rounds in the same
-  order, one generation of each per round (enabling and disabling a cache is not timed). Each method keeps its own row: ``ms`` the median of its
+  own graphs there: ``graphs_compiled_in_warmup``), then ``--repeats`` timed rounds, one
+  generation of each per round, each round starting one method later than the one before (so no
+  method always runs first or last) (enabling and disabling a cache is not timed). Each method keeps its own row: ``ms`` the median of its
   ``runs_ms``, ``runs_at_s`` when each of them started (seconds after the cell's first timed
   generation), ``peak_mib`` the largest of its timed generations' peaks (the counter reset before
   each), its kept bytes after its last generation, its output's difference from the uncached one.
@@ -436,7 +437,9 @@ def timed_cell(run: Run, weights: str, compile_mode: str) -> list[dict[str, Any]
             for round_index in range(warmup + args.repeats):
                 if round_index == warmup:
                     timed_since = time.perf_counter()
-                for turn in turns:
+                # each round starts one method later, so that no method always runs first (after
+                # the previous round's last) or last
+                for turn in turns[round_index % len(turns):] + turns[:round_index % len(turns)]:
                     if turn.error is None:
                         try:
                             take_turn(turn, generate, timed_since, device)
@@ -641,7 +644,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "compile_how": "pipe.transformer = torch.compile(pipe.transformer), then smoothcache.cache(pipe, schedule) per "
                        "schedule, each disabled at once; torch._dynamo.reset() before and after each part-a cell",
         "timing": {"a": f"interleaved: per (compile, weights) cell, warm-up rounds (the warmup above), then {args.repeats} "
-                        f"timed rounds, each one generation of {', '.join(CELL_METHODS)} in turn; a cached method's handle "
+                        f"timed rounds, each one generation of {', '.join(CELL_METHODS)} in turn, each round starting one method later; a cached method's handle "
                         "enabled for its own generations only (handle.enable() before, handle.disable() after); ms = "
                         "median of a method's runs_ms; peak_mib = max over its timed generations, the counter reset "
                         "before each",
