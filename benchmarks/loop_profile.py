@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from gpu_bench import LOOPS, SCHEDULES, compiled_pipe, denoise
+from trace_steps import union_us
 
 import smoothcache
 from smoothcache import Schedule
@@ -28,12 +29,7 @@ from smoothcache import Schedule
 
 def busy_ms(intervals: list[tuple[float, float]]) -> float:
     """The length of the union of ``(start, end)`` intervals (microseconds in, milliseconds out)."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total / 1000
+    return union_us(intervals) / 1000
 
 
 def profile_generation(generate, table_path: Path) -> dict[str, float]:

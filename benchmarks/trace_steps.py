@@ -100,7 +100,7 @@ def step_rows(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _union_us(intervals: Iterable[tuple[float, float]]) -> float:
+def union_us(intervals: Iterable[tuple[float, float]]) -> float:
     """Total length of the union of ``(start, end)`` intervals."""
     total, reach = 0.0, float("-inf")
     for start, end in sorted(intervals):
@@ -126,7 +126,7 @@ def generation_totals(events: Sequence[dict[str, Any]]) -> dict[str, float | Non
     # the GPU's work within the host's span only (a trace may hold work queued before it)
     work = [(max(e["ts"], start), min(e["ts"] + e["dur"], end)) for e in events
             if e.get("cat") in DEVICE_WORK and e["ts"] < end and e["ts"] + e["dur"] > start]
-    busy = _union_us(work) if work else None
+    busy = union_us(work) if work else None
     return {"host_us": end - start, "before_first_call_us": steps[0]["ts"] - start,
             "after_last_call_us": end - (steps[-1]["ts"] + steps[-1]["dur"]),
             "device_busy_us": busy, "device_idle_us": None if busy is None else end - start - busy,
