@@ -676,3 +676,17 @@ def test_with_prefetched_timesteps_the_replays_are_the_plain_path() -> None:
             outputs = [generate(pipe) for _ in range(3)]
             assert counts(graphs) == (STEPS, STEPS, STEPS) and graphs.stats.incomplete == 0
     assert all(torch.equal(output, plain) for output in outputs)
+
+
+def test_a_generations_start_is_a_named_range_in_profiler_traces() -> None:
+    """Where a traced generation's start goes (the model check): one range per generation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pipe = make_dit_pipeline()
+    graphs = StepGraphs(pipe, capture=OpReplayCapture())
+    generate(pipe)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        generate(pipe)
+    names = [e.name for e in profiler.events()]
+    assert names.count("smoothcache.step_graphs: new generation") == 1
+    graphs.disable()

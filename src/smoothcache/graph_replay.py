@@ -326,7 +326,9 @@ class StepGraphs:
             leaves, spec = pytree.tree_flatten((args, kwargs))
             key = self._key(step, slot, leaves, spec)
             if new_generation:
-                self._start_generation(key)
+                # a named range in profiler traces: the model check's share of a generation's start
+                with torch.profiler.record_function("smoothcache.step_graphs: new generation"):
+                    self._start_generation(key)
             if self._mode == "replay":
                 # the set's next call, or none: a graph replayed out of order (a call skipped, as
                 # guidance left out on a step) would read kept outputs the skipped graph did not write
