@@ -136,8 +136,19 @@ def test_bench_names_the_remedy_for_a_loop_that_waits_every_step() -> None:
     assert "smoothcache.prefetch_timesteps(pipe)" in waits and "--prefetch-timesteps" in waits
 
 
-def test_bench_prefetch_flag_runs_and_is_recorded(tmp_path, capsys) -> None:
+def test_bench_prefetch_flag_runs_and_is_recorded(tmp_path, capsys, monkeypatch) -> None:
+    from smoothcache import prefetch
     from smoothcache.cli import main
+
+    applied = []  # the command line's own pipeline also gets the device memo
+
+    def recorded(pipe, *args, **kwargs):
+        made = real(pipe, *args, **kwargs)
+        applied.append(made._device_memo is not None and made._device_memo.applied)
+        return made
+
+    real = prefetch.prefetch_timesteps
+    monkeypatch.setattr(prefetch, "prefetch_timesteps", recorded)
 
     model, schedule, out = tmp_path / "model", tmp_path / "s.json", tmp_path / "bench.json"
     make_dit_pipeline().save_pretrained(model)
@@ -148,6 +159,7 @@ def test_bench_prefetch_flag_runs_and_is_recorded(tmp_path, capsys) -> None:
     (record,) = json.loads(out.read_text())["cells"]
     assert record["prefetch_timesteps"] is True and record["speedup"] > 0
     assert "timesteps prefetched (0 device moves served)" in capsys.readouterr().out  # a CPU pipeline: nothing to move
+    assert applied == [True]
 
 
 def test_a_pipeline_with_device_timesteps_runs_unchanged() -> None:
