@@ -648,7 +648,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
                         "enabled for its own generations only (handle.enable() before, handle.disable() after); ms = "
                         "median of a method's runs_ms; peak_mib = max over its timed generations, the counter reset "
                         "before each",
-                   "b": "one configuration after another, each its warm-up generation then its repeats"},
+                   "b": "one configuration after another, each its warm-up generation then its repeats",
+                   "c": "one configuration after another (peak memory, not time)"},
         "part_b": "eager, fp16; kept forms: " + ", ".join(f"{k}: cache(..., {v})" for k, v in KEPT_FORMS.items()),
         "psnr": "on the latents, peak = the reference's range; None where equal",
         "targets": {"speedup_ratio": f">= {TARGET_RATIO}", "device_kept_fraction": f"<= {TARGET_FRACTION}"},

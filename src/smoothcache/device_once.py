@@ -18,7 +18,9 @@ concerns this pipeline alone, as they meant; a subclass patched so is kept at ``
 the memo off, since swapping it back would drop their patch. A class cache-dit wrapped first is
 left alone (its ``disable_cache`` must find its wrapper on the pipeline's own class); undo such
 patches in the reverse order of applying them. A pickled or deep-copied pipeline is its own class
-again. Opt-in: ``smoothcache.prefetch_timesteps(pipe, device_once=True)``.
+again. Calls of one pipeline from several threads at once share its memo (the same answer, and
+diffusers' pipelines are not made for that anyway). Opt-in:
+``smoothcache.prefetch_timesteps(pipe, device_once=True)``.
 """
 
 from __future__ import annotations
