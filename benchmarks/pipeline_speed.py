@@ -81,8 +81,8 @@ its graphs apart (the cache's decisions among them), not every parameter's; the 
 bit-identical outputs: it removes the per-step host wait of pipelines whose scheduler keeps
 timesteps on the host, such as DiTPipeline, and answers the pipeline's repeated execution-device
 lookups within a call from the first) to every configuration of the cell, uncached included
-(cache-dit wraps the pipeline's class first, so there the device memo stays off, as for a user); ``both`` (default) runs each
-configuration without and with it. Where this smoothcache has no ``prefetch_timesteps``, only the
+(cache-dit wraps the pipeline's class first, so there the device memo stays off, as for a user);
+``both`` (default) runs each configuration without and with it. Where this smoothcache has no ``prefetch_timesteps``, only the
 rows without it run, and the JSON says so (``settings.prefetch_available``).
 
 Each row: the median of ``--repeats`` timed generations after warm-up (eager 1, compile 2,

@@ -72,11 +72,16 @@ def device_spans(events: Sequence[dict[str, Any]]) -> dict[str, dict[str, float 
     return found
 
 
+def host_steps(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The host's named step ranges (one per model call), in time order."""
+    return sorted((e for e in events if e.get("cat") in HOST_CATEGORIES and STEP_NAME.match(e.get("name", ""))),
+                  key=lambda e: e["ts"])
+
+
 def step_rows(events: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per named step, in order: its kind, the kind before it, its host time and parts, and
     the gap to the next step's start (None for the last)."""
-    steps = sorted((e for e in events if e.get("cat") in HOST_CATEGORIES and STEP_NAME.match(e.get("name", ""))),
-                   key=lambda e: e["ts"])
+    steps = host_steps(events)
     on_device = device_spans(events)
     if not steps:
         return []
@@ -115,8 +120,7 @@ def generation_totals(events: Sequence[dict[str, Any]]) -> dict[str, float | Non
     its last), the host's time before the first model call and after the last (the pipeline's own
     setup and ending, while the GPU has nothing of the denoising loop to do), and the GPU's busy
     time (kernels, copies and fills, overlaps counted once) against its idle time over the host's span."""
-    steps = sorted((e for e in events if e.get("cat") in HOST_CATEGORIES and STEP_NAME.match(e.get("name", ""))),
-                   key=lambda e: e["ts"])
+    steps = host_steps(events)
     if not steps:
         return {}
     thread = steps[0]["tid"]
