@@ -38,7 +38,9 @@ Parts (``--parts``):
   each), its kept bytes after its last generation, its output's difference from the uncached one.
   Each row's ``speedup`` is against the uncached row of the same cell; a quantized row's
   ``speedup_ratio`` is its speedup over the unquantized model's (same compile setting and
-  schedule). The issue's target: ``speedup_ratio`` >= 0.95. torchao's ``set_inductor_config`` is
+  schedule). The issue's target: ``speedup_ratio`` >= 0.95. A second estimate pairs each round's
+  generations: ``speedup_per_round`` (the round's uncached time over the method's),
+  ``speedup_paired`` (their median) and ``speedup_ratio_paired``. torchao's ``set_inductor_config`` is
   off, so every row compiles with the same inductor settings. A method that fails (attaching,
   warming up or in a turn) records its error and leaves the rounds; one that fails the whole cell
   (building, quantizing, compiling) records it in each of the cell's rows. Cells run compile
@@ -580,6 +582,7 @@ def with_derived(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             base = find(part="a", weights=row["weights"], compile=row["compile"], method=UNCACHED)
             if base:
                 row["speedup"] = base["ms"] / row["ms"]
+                row.update(paired_speedups(base, row))
         elif row["part"] == "b":
             base = find(part="b", method=UNCACHED)
             if base:
@@ -601,7 +604,22 @@ def with_derived(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row["unquantized_speedup"] = reference["speedup"]
                 row["speedup_ratio"] = row["speedup"] / reference["speedup"]
                 row["within_5_percent"] = row["speedup_ratio"] >= TARGET_RATIO
+                if "speedup_paired" in row and "speedup_paired" in reference:
+                    row["speedup_ratio_paired"] = row["speedup_paired"] / reference["speedup_paired"]
     return rows
+
+
+def paired_speedups(uncached: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """Where a cell's methods took turns, the speedup round by round (the uncached generation
+    against the cached one of the same round, seconds apart, where the rows' medians may come from
+    different rounds) and its median: a second estimate, which a host drifting between rounds moves less."""
+    if row.get("timing") != "interleaved" or row is uncached:
+        return {}
+    base_runs, runs = uncached.get("runs_ms") or [], row.get("runs_ms") or []
+    if not runs or len(base_runs) != len(runs):
+        return {}
+    per_round = [b / r for b, r in zip(base_runs, runs, strict=True)]
+    return {"speedup_per_round": per_round, "speedup_paired": statistics.median(per_round)}
 
 
 def row_line(row: dict[str, Any]) -> str:
@@ -614,6 +632,7 @@ def row_line(row: dict[str, Any]) -> str:
     line = f"{head}: {row['ms']:.1f} ms"
     line += f", {row['speedup']:.2f}x" if "speedup" in row else ""
     line += f" (ratio to unquantized {row['speedup_ratio']:.3f})" if "speedup_ratio" in row else ""
+    line += f", round by round {row['speedup_paired']:.2f}x" if "speedup_paired" in row else ""
     line += f", kept {row['kept_device_mib']:.1f} MiB on device" if "kept_device_mib" in row else ""
     line += f" + {row['kept_elsewhere_mib']:.1f} MiB on the host" if row.get("kept_elsewhere_mib") else ""
     line += f" (fraction {row['device_kept_fraction']:.2f})" if "device_kept_fraction" in row else ""

@@ -208,3 +208,32 @@ def test_merging_parts_takes_each_cell_from_the_last_file_that_has_it_and_compar
     assert int8["speedup"] == pytest.approx(120 / 63) and int8["unquantized_speedup"] == 2.0
     assert int8["speedup_ratio"] == pytest.approx(120 / 63 / 2) and int8["within_5_percent"]
     assert [Path(m["file"]).name for m in merged["merged_from"]] == ["first.json", "second.json"]
+
+
+def test_methods_timed_in_turn_also_get_their_speedup_round_by_round(tmp_path):
+    """A host that slows down in one round slows every method of that round: the per-round speedups
+    stay put where the rows' medians, taken from different rounds, move."""
+    runs = {("fp16", "uncached"): [100.0, 100.0, 300.0], ("fp16", "smoothcache blocks"): [50.0, 150.0, 150.0],
+            ("int8", "uncached"): [200.0, 200.0, 200.0], ("int8", "smoothcache blocks"): [100.0, 110.0, 100.0]}
+    result = part_a_result([(w, m, statistics.median(r)) for (w, m), r in runs.items()])
+    for row in result["rows"]:
+        row.update(timing="interleaved", runs_ms=runs[(row["weights"], row["method"])])
+    path = tmp_path / "in-turn.json"
+    path.write_text(json.dumps(result))
+    merged = run_script("--merge", str(path), "--out", str(tmp_path / "merged"))
+    fp16_uncached, fp16_blocks, _, int8_blocks = merged["rows"]
+    assert "speedup_paired" not in fp16_uncached
+    assert fp16_blocks["speedup"] == pytest.approx(100 / 150)  # medians from different rounds: slower than uncached
+    assert fp16_blocks["speedup_per_round"] == pytest.approx([2.0, 100 / 150, 2.0]) and fp16_blocks["speedup_paired"] == 2.0
+    assert int8_blocks["speedup_paired"] == 2.0 and int8_blocks["speedup_ratio_paired"] == 1.0
+    assert int8_blocks["speedup_ratio"] == pytest.approx(2.0 / (100 / 150))
+
+
+def test_rows_timed_one_after_another_get_no_paired_speedup(tmp_path):
+    result = part_a_result([("fp16", "uncached", 100.0), ("fp16", "smoothcache blocks", 50.0)])
+    for row in result["rows"]:
+        row["runs_ms"] = [row["ms"]] * 3  # same lengths, but not taken in turn
+    path = tmp_path / "one-after-another.json"
+    path.write_text(json.dumps(result))
+    blocks = run_script("--merge", str(path), "--out", str(tmp_path / "merged"))["rows"][1]
+    assert blocks["speedup"] == 2.0 and "speedup_paired" not in blocks and "speedup_per_round" not in blocks
