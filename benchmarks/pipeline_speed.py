@@ -104,7 +104,7 @@ prefetch) and, with prefetch, from the same method without it (``max_abs_diff_vs
 means bit-identical); ``step_ms``, from one more generation whose transformer calls are marked on
 the host clock and by CUDA events, the median milliseconds of a computing and of a reusing step on
 the host and on the device (where the time goes: a host that waits for the GPU at every step shows
-the device's time on both); with ``--trace METHOD...``, those methods' rows also write a profiler
+the device's time on both; None with ``--no-step-clock``, which saves that generation); with ``--trace METHOD...``, those methods' rows also write a profiler
 trace of one more generation (``trace-*.json.gz``, each model call a range "step N computing" or
 "step N reusing") and list their busiest host operators (``top_host_ops``); and ``error`` where a configuration failed (the run goes on).
 
@@ -144,10 +144,21 @@ import and build)::
     python3 benchmarks/pipeline_speed.py --model flux --compile eager --prefetch off --out "$OUT/flux-eager"  # ~2-3 min
     # ~8-10 min: uncached and blocks; the budget stops the rest (each compiled Flux configuration ~3-4 min)
     python3 benchmarks/pipeline_speed.py --model flux --compile compile --prefetch off --max-minutes 5 --out "$OUT/flux-c"
-    python3 benchmarks/pipeline_speed.py --model wan --compile eager --prefetch off --repeats 1 --out "$OUT/wan-eager"  # ~5-8 min
+    python3 benchmarks/pipeline_speed.py --model wan --compile eager --prefetch off --repeats 1 --no-step-clock --methods blocks cache-dit --out "$OUT/wan-eager"  # ~5-8 min
 
 Then ``--plot-from A/pipeline-speed-dit.json B/pipeline-speed-dit.json ... --out DIR`` merges one
-model's parts into one JSON and plot (each cell's rows from one file: every speedup within one process).
+model's parts into one JSON and plot (each cell's rows from one file: every speedup within one process;
+each row's ``from_file`` indexes ``merged_from``).
+
+``targets`` in the JSON is issue 20's verdict, drawn from the rows and printed as a table at the end of
+a run and of ``--plot-from``. One entry per column, a user's compile setting (eager, compile,
+cudagraphs) and batch, step-graph rows counted in the setting they stand in for, as smoothcache's:
+smoothcache's fastest row and cache-dit's, each against the column's fastest plain uncached row
+(prefetch off or on, never the step-graph uncached rows: conservative on purpose); their ratio
+(target 1.05); the slowest smoothcache row against its own cell's uncached row (target 1.0); DiT's
+CUDA graphs speedup (1.9 at batch 8, 1.6 at batch 1) or Flux's and Wan's efficiency (0.95); and
+whether those rows came from one process. ``bit_identical``: whether every row that has
+``max_abs_diff_vs_plain_path`` has 0 there. Missing rows give None, not a verdict.
 """
 
 from __future__ import annotations
@@ -164,7 +175,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import metadata
@@ -701,9 +712,12 @@ class Runner:
             output = generate()
             sync()
             times.append(time.perf_counter() - start)
-        with step_clock(self.work.pipe.transformer, self.device) as marks:
-            generate()  # one more, its steps clocked
-            sync()
+        step_ms = None
+        if self.args.step_clock:
+            with step_clock(self.work.pipe.transformer, self.device) as marks:
+                generate()  # one more, its steps clocked
+                sync()
+            step_ms = step_times(marks, self.work.mask, self.work.calls_per_step)
         traced = {}
         if config.method in self.args.trace:
             name = f"trace-{self.work.model}-{config.compile}-b{config.batch}-{METHOD_TAGS[config.method]}-prefetch-{'on' if config.prefetch else 'off'}.json.gz"
@@ -723,7 +737,7 @@ class Runner:
             "kept_mib": None if kept is None else sum(kept.values()) / 2**20, "kept_bytes_by_device": kept,
             "host_syncs_per_generation": syncs,
             "step_graphs": graph_stats,
-            "step_ms": step_times(marks, self.work.mask, self.work.calls_per_step),
+            "step_ms": step_ms,
             **traced,
             "graphs_compiled_in_warmup": after_warmup["graphs"] - before["graphs"],
             "graphs_compiled_while_timed": end["graphs"] - after_warmup["graphs"],
@@ -790,6 +804,7 @@ class Runner:
                     row["max_abs_diff_vs_plain_path"] = max_abs_diff(self.outputs[config], plain)
 
     def result(self) -> dict[str, Any]:
+        rows = with_speedups(self.rows)
         return {
             "benchmark": "pipeline_speed: pipe(...) on diffusers' own pipelines, cached against uncached (issue 20)",
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
@@ -798,7 +813,8 @@ class Runner:
             "settings": self.settings(),
             **self.extra,
             "minutes": self.elapsed_min(),
-            "rows": with_speedups(self.rows),
+            "targets": targets(rows, self.work.model),
+            "rows": rows,
         }
 
     def settings(self) -> dict[str, Any]:
@@ -887,8 +903,11 @@ def row_line(row: dict[str, Any]) -> str:
     return line + (f"; teardown failed: {row['teardown_errors']}" if "teardown_errors" in row else "")
 
 
-def step_line(step_ms: dict[str, Any]) -> str:
+def step_line(step_ms: dict[str, Any] | None) -> str:
     """A step's median milliseconds, computing / reusing, on the host and (on a GPU) the device."""
+    if step_ms is None:
+        return "steps not clocked (--no-step-clock)"
+
     def pair(where: str) -> str:
         values = [step_ms[f"{where}_{kind}"] for kind in ("computing", "reusing")]
         return "/".join("-" if v is None else f"{v:.2f}" for v in values)
@@ -909,11 +928,139 @@ def print_estimate(runner: Runner) -> None:
         counted = compiled and (config.batch, config.method) not in seen  # an extra eager generation
         seen.add((config.batch, config.method))
         one = first_s * max(config.batch / first_batch, 0.25) * (1.0 if config.method == UNCACHED else share)
-        total += (WARMUP[config.compile] + runner.args.repeats) * one * (work.compiled_factor if compiled else 1.0)
+        clocked = 1 if runner.args.step_clock else 0
+        total += (WARMUP[config.compile] + runner.args.repeats + clocked) * one * (work.compiled_factor if compiled else 1.0)
         total += one if counted else 0.0
         total += work.compile_guess_s if compiled else 0.0
     print(f"first uncached generation {first_s:.2f} s (eager, batch {first_batch}); {len(runner.plan)} configurations, "
           f"expected about {total / 60:.1f} min (a guess); none starts after {runner.args.max_minutes} min", flush=True)
+
+
+# ---- issue 20's verdict -----------------------------------------------------------------------
+# The issue's targets; every figure they are held against comes from the rows
+RATIO_TO_CACHE_DIT_TARGET = 1.05  # smoothcache's fastest over cache-dit's fastest, in each column
+NO_CELL_BELOW = 1.0  # every smoothcache row against its own cell's uncached row
+SPEEDUP_TARGETS = {("dit", "cudagraphs", 8): 1.9, ("dit", "cudagraphs", 1): 1.6}  # (model, compile, batch)
+EFFICIENCY_TARGETS = {"flux": 0.95, "wan": 0.95}  # measured / ideal speedup of the fastest smoothcache row
+SMOOTHCACHE_METHODS = (BLOCKS, LAYERS)
+
+
+def column_of(row: dict[str, Any]) -> tuple[str, int]:
+    """The user's compile setting and batch a row answers for: step-graph rows stand in for theirs."""
+    return STANDS_IN_FOR.get(row["compile"], row["compile"]), row["batch"]
+
+
+def at_least(value: float | None, target: float | None) -> bool | None:
+    return None if value is None or target is None else value >= target
+
+
+def described(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A row picked for the verdict: which configuration, its time and the file it came from."""
+    if row is None:
+        return None
+    return {"compile": row["compile"], "prefetch": row["prefetch"], "method": row["method"], "ms": row["ms"],
+            "from_file": row.get("from_file")}
+
+
+def column_verdict(rows: Sequence[dict[str, Any]], compile_mode: str, batch: int, model: str) -> dict[str, Any]:
+    """One column's verdict from its timed rows (see ``targets``)."""
+    def fastest(candidates: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+        return min(candidates, key=lambda r: r["ms"], default=None)
+
+    plain = [r for r in rows if r["compile"] == compile_mode]
+    ours = [r for r in rows if r["method"] in SMOOTHCACHE_METHODS]
+    baseline_row = fastest(r for r in plain if r["method"] == UNCACHED)
+    best_row = fastest(ours)
+    their_row = fastest(r for r in plain if r["method"] == CACHE_DIT)  # never run under step graphs
+
+    def against_baseline(row: dict[str, Any] | None) -> dict[str, Any] | None:
+        if row is None:
+            return None
+        return {**described(row), "speedup": None if baseline_row is None else baseline_row["ms"] / row["ms"]}
+
+    best, theirs = against_baseline(best_row), against_baseline(their_row)
+    if best is not None:
+        ideal = best_row.get("ideal_speedup")
+        best["efficiency"] = best["speedup"] / ideal if best["speedup"] is not None and ideal else None
+    ratio = None if best is None or theirs is None else theirs["ms"] / best["ms"]
+    slowest = min((r for r in ours if r.get("speedup") is not None), key=lambda r: r["speedup"], default=None)
+    speedup_target, efficiency_target = SPEEDUP_TARGETS.get((model, compile_mode, batch)), EFFICIENCY_TARGETS.get(model)
+    picked = [r for r in (baseline_row, best_row, their_row) if r is not None]
+    return {
+        "compile": compile_mode, "batch": batch,
+        "baseline": described(baseline_row),
+        "smoothcache_fastest": best, "cache_dit_fastest": theirs,
+        "ratio_to_cache_dit": ratio, "meets_1_05": at_least(ratio, RATIO_TO_CACHE_DIT_TARGET),
+        "slowest_smoothcache_speedup": None if slowest is None else slowest["speedup"],
+        "slowest_smoothcache": None if slowest is None else {k: slowest[k] for k in ("compile", "prefetch", "method")},
+        "none_below_1": None if slowest is None else slowest["speedup"] >= NO_CELL_BELOW,
+        "speedup_target": speedup_target,
+        "meets_speedup_target": at_least(None if best is None else best["speedup"], speedup_target),
+        "efficiency_target": efficiency_target,
+        "meets_efficiency_target": at_least(None if best is None else best["efficiency"], efficiency_target),
+        "one_process": len({r.get("from_file") for r in picked}) == 1 if picked else None,
+    }
+
+
+def targets(rows: Sequence[dict[str, Any]], model: str) -> dict[str, Any]:
+    """Issue 20's verdict from ``rows`` (as ``with_speedups`` gives them; untimed rows are left out).
+
+    One entry per column, a user's compile setting (eager, compile, cudagraphs) and batch; step-graph
+    rows count in the setting they stand in for, as smoothcache configurations. The baseline is the
+    column's fastest plain uncached row, prefetch off or on, not the step-graph uncached rows
+    (smoothcache's own feature): conservative on purpose, every speedup here is against the best
+    pipeline a user gets without smoothcache. ``one_process`` says whether the baseline and both
+    fastest rows came from one file (``from_file``, set by ``merge``). Missing data gives None."""
+    columns = sorted({column_of(r) for r in rows}, key=lambda c: (DEFAULT_COMPILES.index(c[0]), -c[1]))
+    timed = [r for r in rows if r.get("ms") is not None]
+    diffs = [r["max_abs_diff_vs_plain_path"] for r in rows if r.get("max_abs_diff_vs_plain_path") is not None]
+    return {
+        "model": model,
+        "thresholds": {"ratio_to_cache_dit": RATIO_TO_CACHE_DIT_TARGET, "every_smoothcache_row_speedup": NO_CELL_BELOW,
+                       "speedup": {f"{c} b{b}": t for (m, c, b), t in SPEEDUP_TARGETS.items() if m == model},
+                       "efficiency": EFFICIENCY_TARGETS.get(model)},
+        "baseline": "the column's fastest plain uncached row (prefetch off or on, no step graphs): conservative",
+        "columns": [column_verdict([r for r in timed if column_of(r) == column], *column, model) for column in columns],
+        "bit_identical": {"compared": len(diffs), "identical": sum(d == 0.0 for d in diffs),
+                          "all_identical": all(d == 0.0 for d in diffs) if diffs else None},
+    }
+
+
+def targets_table(found: dict[str, Any]) -> str:
+    """The verdict as text, one line per column."""
+    def number(value: float | None, spec: str, suffix: str = "") -> str:
+        return "-" if value is None else f"{value:{spec}}{suffix}"
+
+    def flag(value: bool | None) -> str:
+        return {True: "yes", False: "NO", None: "-"}[value]
+
+    def fastest(row: dict[str, Any] | None) -> str:
+        if row is None:
+            return "-"
+        where = f" {row['compile']}" if row["compile"] in STANDS_IN_FOR else ""
+        return (f"{number(row['ms'], '.1f', ' ms')} {number(row['speedup'], '.2f', 'x')} "
+                f"({METHOD_TAGS[row['method']]}{where}, prefetch {'on' if row['prefetch'] else 'off'})")
+
+    lines = [f"issue 20's targets, {found['model']}; speedups against {found['baseline']}",
+             f"{'column':14} {'baseline':>10}  {'smoothcache fastest':52} {'eff':>5}  {'cache-dit fastest':42} "
+             f"{'ratio':>7} >=1.05  {'slowest':>7} >=1.0  {'target':14} one process"]
+    for c in found["columns"]:
+        ours, base = c["smoothcache_fastest"], c["baseline"]
+        if c["speedup_target"] is not None:
+            target = f"{c['speedup_target']}x: {flag(c['meets_speedup_target'])}"
+        elif c["efficiency_target"] is not None:
+            target = f"eff {c['efficiency_target']}: {flag(c['meets_efficiency_target'])}"
+        else:
+            target = "-"
+        lines.append(f"{c['compile'] + ' b' + str(c['batch']):14} {number(base['ms'] if base else None, '.1f', ' ms'):>10}  "
+                     f"{fastest(ours):52} {number(ours['efficiency'] if ours else None, '.2f'):>5}  "
+                     f"{fastest(c['cache_dit_fastest']):42} {number(c['ratio_to_cache_dit'], '.4f', 'x'):>7} "
+                     f"{flag(c['meets_1_05']):6}  {number(c['slowest_smoothcache_speedup'], '.2f', 'x'):>7} "
+                     f"{flag(c['none_below_1']):5}  {target:14} {flag(c['one_process'])}")
+    bits = found["bit_identical"]
+    lines.append(f"step graphs bit-identical to the plain path: {flag(bits['all_identical'])} "
+                 f"({bits['identical']} of {bits['compared']} rows compared)")
+    return "\n".join(lines)
 
 
 # ---- the plot ----------------------------------------------------------------------------------
@@ -1026,18 +1173,21 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 def merge(files: Sequence[Path]) -> dict[str, Any]:
     """Parts of one model's run on one device (e.g. one command per compile setting) as one result:
     each cell's rows from one file only (the last that has the cell), so that every speedup stays
-    within one process; each part's own settings are kept in ``merged_from``."""
+    within one process; each row says which (``from_file``, an index into ``merged_from``, where
+    each part's own settings are kept); issue 20's verdict drawn afresh from the merged rows."""
     results = [json.loads(f.read_text()) for f in files]
     for key, values in (("models", {r["settings"]["model"] for r in results}), ("devices", {r["device"] for r in results})):
         if len(values) != 1:
             raise SystemExit(f"--plot-from: the files are of different {key}: {sorted(values)}")
     owner = {(row["compile"], row["batch"]): i for i, r in enumerate(results) for row in r["rows"]}
     merged = dict(results[-1])
-    merged["rows"] = [row for i, r in enumerate(results) for row in r["rows"] if owner[(row["compile"], row["batch"])] == i]
+    merged["rows"] = [{**row, "from_file": i} for i, r in enumerate(results) for row in r["rows"]
+                      if owner[(row["compile"], row["batch"])] == i]
     merged["settings"] = {**results[-1]["settings"], "compile": list(dict.fromkeys(c for c, _ in owner)),
                           "batches": sorted({b for _, b in owner}, reverse=True)}
     merged["merged_from"] = [{"file": str(f), "date": r["date"], "minutes": r.get("minutes"), "settings": r["settings"]}
                              for f, r in zip(files, results, strict=True)]
+    merged["targets"] = targets(merged["rows"], merged["settings"]["model"])
     return merged
 
 
@@ -1062,6 +1212,7 @@ def run_model(model: str, args: argparse.Namespace) -> Path:
         prefetches = [False]
     runner.plan = [Config(c, b, p, m) for c, b in cells(model, args.compile, args.batches) for m in args.methods for p in prefetches]
     result = runner.run()
+    print(targets_table(result["targets"]), flush=True)
     try:
         plot(result, runner.out.with_suffix(".png"))
     except ImportError as error:  # the GPU machine may lack matplotlib: the JSON is the result
@@ -1070,10 +1221,14 @@ def run_model(model: str, args: argparse.Namespace) -> Path:
 
 
 def replot(files: Sequence[Path], out: Path) -> list[Path]:
-    """One result file: its plot redrawn beside it. Several: merged into ``out``, then plotted."""
+    """One result file: its plot redrawn beside it (the file is left as it is). Several: merged into
+    ``out``, then plotted. Either way issue 20's verdict is printed, drawn from the rows."""
     if len(files) == 1:
-        return [plot(json.loads(files[0].read_text()), files[0].with_suffix(".png"))]
+        result = json.loads(files[0].read_text())
+        print(targets_table(targets(result["rows"], result["settings"]["model"])), flush=True)
+        return [plot(result, files[0].with_suffix(".png"))]
     result = merge(files)
+    print(targets_table(result["targets"]), flush=True)
     path = result_path(out, result["settings"]["model"])
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     return [path, plot(result, path.with_suffix(".png"))]
@@ -1104,6 +1259,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-guards", action="store_true",
                         help="compiled configurations (uncached too) run their timed generations under "
                              "torch.compiler.set_stance(skip_guard_eval_unsafe=True), after the warm-up")
+    parser.add_argument("--step-clock", action=argparse.BooleanOptionalAction, default=True,
+                        help="one more generation per configuration with its steps clocked (step_ms); "
+                             "--no-step-clock saves it where a generation takes a minute (Wan)")
     parser.add_argument("--tiny", action="store_true", help="tiny models, few steps: checks the code paths, measures nothing")
     parser.add_argument("--plot-from", type=Path, nargs="+",
                         help="only redraw the plot of a result JSON; several (parts of one model's run): merge into --out")

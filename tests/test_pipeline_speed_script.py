@@ -93,9 +93,16 @@ def check_rows(result: dict[str, Any]) -> None:
             assert "torch.compile(pipe.transformer" in row["how"]
 
 
-def test_dit_rows_eager_with_and_without_prefetch(run):
+def test_dit_rows_eager_with_and_without_prefetch(run, capsys):
     (result,) = run("--model", "dit", "--compile", "eager", "--batches", "1")
     check_rows(result)
+    # the run's verdict: its one column, from the rows it wrote, printed at the end
+    assert result["targets"] == pipeline_speed.targets(result["rows"], "dit")
+    (verdict,) = result["targets"]["columns"]
+    assert (verdict["compile"], verdict["batch"], verdict["one_process"]) == ("eager", 1, True)
+    assert verdict["baseline"]["ms"] == min(r["ms"] for r in result["rows"] if r["method"] == "uncached")
+    assert verdict["ratio_to_cache_dit"] == verdict["cache_dit_fastest"]["ms"] / verdict["smoothcache_fastest"]["ms"]
+    assert "issue 20's targets, dit" in capsys.readouterr().out
     assert result["settings"]["pipeline"] == "DiTPipeline" and len(result["settings"]["mask"]) == result["settings"]["steps"]
     assert {r["prefetch"] for r in result["rows"]} == {False, True}
     for row in result["rows"]:  # prefetching the timesteps claims bit-identical outputs
@@ -300,3 +307,136 @@ def test_a_cell_with_no_timed_row_is_named_not_drawn():
     assert pipeline_speed.plotted_panels(rows) == ([("cudagraphs", 1)], [("compile", 1)])
     skipped = [r for r in rows if "skipped" in r]
     assert pipeline_speed.plotted_panels(skipped) == ([("compile", 1)], [])
+
+
+# ---- issue 20's verdict from the rows ----------------------------------------------------------
+BLOCKS, LAYERS, CACHE_DIT = "smoothcache blocks", "smoothcache layers", "cache-dit F1B0 static mask"
+FLOPS = {"uncached": 100.0, BLOCKS: 40.0, LAYERS: 40.0, CACHE_DIT: 50.0}  # ideal speedups 2.5, 2.5, 2.0
+
+
+def verdict_row(compile_mode: str, method: str, ms: float | None, prefetch: bool = True, **extra: Any) -> dict[str, Any]:
+    """A row as a run writes it: timed (``ms``), or failed where ``ms`` is None."""
+    timed = {"ms": ms, "runs_ms": [ms]} if ms else {"error": "RuntimeError: out of memory"}
+    return {"model": "dit", "compile": compile_mode, "batch": 1, "prefetch": prefetch, "method": method,
+            "flops": FLOPS[method], **timed, **extra}
+
+
+def column(found: dict[str, Any], compile_mode: str, batch: int = 1) -> dict[str, Any]:
+    return next(c for c in found["columns"] if (c["compile"], c["batch"]) == (compile_mode, batch))
+
+
+def test_the_verdict_counts_step_graph_rows_where_they_stand_in_against_the_fastest_plain_uncached_row():
+    """Step-graph rows are smoothcache configurations of the column they stand in for; the baseline
+    is the fastest plain uncached row (here the prefetched one), never the step-graph uncached row,
+    even where that is faster; a failed row is left out."""
+    rows = pipeline_speed.with_speedups([
+        verdict_row("cudagraphs", "uncached", 200.0, prefetch=False), verdict_row("cudagraphs", "uncached", 160.0),
+        verdict_row("cudagraphs", BLOCKS, 120.0, prefetch=False), verdict_row("cudagraphs", BLOCKS, 100.0),
+        verdict_row("cudagraphs", LAYERS, None), verdict_row("cudagraphs", CACHE_DIT, 150.0),
+        verdict_row("graphs", "uncached", 130.0, max_abs_diff_vs_plain_path=0.0),
+        verdict_row("graphs", BLOCKS, 80.0, max_abs_diff_vs_plain_path=0.0),
+        {"model": "dit", "compile": "graphs", "batch": 1, "prefetch": True, "method": CACHE_DIT,
+         "skipped": "step_graphs is smoothcache's"},
+    ])
+    found = pipeline_speed.targets(rows, "dit")
+    assert [(c["compile"], c["batch"]) for c in found["columns"]] == [("cudagraphs", 1)]
+    verdict = column(found, "cudagraphs")
+    assert verdict["baseline"] == {"compile": "cudagraphs", "prefetch": True, "method": "uncached", "ms": 160.0,
+                                   "from_file": None}
+    ours = verdict["smoothcache_fastest"]
+    assert (ours["compile"], ours["method"], ours["ms"]) == ("graphs", BLOCKS, 80.0)
+    assert ours["speedup"] == 2.0 and ours["efficiency"] == pytest.approx(2.0 / 2.5)
+    theirs = verdict["cache_dit_fastest"]
+    assert (theirs["compile"], theirs["ms"], theirs["speedup"]) == ("cudagraphs", 150.0, pytest.approx(160 / 150))
+    assert verdict["ratio_to_cache_dit"] == pytest.approx(150 / 80) and verdict["meets_1_05"] is True
+    # each row against its own cell's uncached row: the graphs row against 130 ms, the others against 160 or 200
+    assert verdict["slowest_smoothcache_speedup"] == 1.6 and verdict["none_below_1"] is True
+    assert verdict["slowest_smoothcache"] == {"compile": "cudagraphs", "prefetch": True, "method": BLOCKS}
+    assert (verdict["speedup_target"], verdict["meets_speedup_target"]) == (1.6, True)
+    assert verdict["efficiency_target"] is None and verdict["meets_efficiency_target"] is None
+    assert verdict["one_process"] is True
+    assert found["bit_identical"] == {"compared": 2, "identical": 2, "all_identical": True}
+
+
+def test_the_verdict_holds_flux_to_its_efficiency_and_says_none_where_rows_are_missing():
+    """A column without cache-dit has no ratio; a smoothcache row slower than its own uncached row
+    fails "no cell below 1.0x"; a column whose rows all failed, or that has no plain uncached row,
+    gives None where there is no figure, and no exception."""
+    flux = [{**r, "model": "flux"} for r in (
+        verdict_row("eager", "uncached", 1000.0), verdict_row("eager", BLOCKS, 1100.0), verdict_row("eager", LAYERS, 800.0),
+        verdict_row("compile", "uncached", None), verdict_row("compile", BLOCKS, None),
+        verdict_row("cudagraphs", "uncached", None), verdict_row("cudagraphs", BLOCKS, 500.0))]
+    found = pipeline_speed.targets(pipeline_speed.with_speedups(flux), "flux")
+    assert [c["compile"] for c in found["columns"]] == ["eager", "compile", "cudagraphs"]
+    eager = column(found, "eager")
+    assert eager["smoothcache_fastest"]["method"] == LAYERS and eager["smoothcache_fastest"]["speedup"] == 1.25
+    assert eager["smoothcache_fastest"]["efficiency"] == pytest.approx(1.25 / 2.5)
+    assert (eager["efficiency_target"], eager["meets_efficiency_target"]) == (0.95, False)
+    assert eager["speedup_target"] is None and eager["meets_speedup_target"] is None
+    assert eager["cache_dit_fastest"] is None and eager["ratio_to_cache_dit"] is None and eager["meets_1_05"] is None
+    assert eager["slowest_smoothcache_speedup"] == pytest.approx(1000 / 1100) and eager["none_below_1"] is False
+    failed = column(found, "compile")
+    assert failed["baseline"] is None and failed["smoothcache_fastest"] is None and failed["one_process"] is None
+    assert failed["slowest_smoothcache_speedup"] is None and failed["none_below_1"] is None
+    unbased = column(found, "cudagraphs")
+    assert unbased["baseline"] is None and unbased["smoothcache_fastest"]["ms"] == 500.0
+    assert unbased["smoothcache_fastest"]["speedup"] is None and unbased["smoothcache_fastest"]["efficiency"] is None
+    assert unbased["meets_efficiency_target"] is None and unbased["none_below_1"] is None
+    assert found["bit_identical"] == {"compared": 0, "identical": 0, "all_identical": None}
+    table = pipeline_speed.targets_table(found).splitlines()
+    assert len(table) == 2 + len(found["columns"]) + 1 and table[2].startswith("eager b1")
+
+
+def test_one_step_graph_row_off_the_plain_path_fails_bit_identity():
+    rows = pipeline_speed.with_speedups([
+        verdict_row("eager", "uncached", 400.0),
+        verdict_row("eager-graphs", "uncached", 300.0, max_abs_diff_vs_plain_path=0.0),
+        verdict_row("eager-graphs", BLOCKS, 150.0, max_abs_diff_vs_plain_path=0.0078125)])
+    found = pipeline_speed.targets(rows, "dit")
+    assert found["bit_identical"] == {"compared": 2, "identical": 1, "all_identical": False}
+    assert column(found, "eager")["smoothcache_fastest"]["speedup"] == 400 / 150
+
+
+def test_merged_parts_say_which_file_each_row_came_from_and_a_column_across_files_is_not_one_process(tmp_path, capsys):
+    """--plot-from: every row carries ``from_file`` (its index in ``merged_from``) and the merged
+    file carries the verdict; a column whose baseline and fastest rows come from two processes says so."""
+    settings = {"model": "dit", "pipeline": "DiTPipeline", "steps": 50, "computed_steps_in_mask": 24,
+                "dtype": "torch.float16", "tiny": True}
+    parts = [
+        [verdict_row("cudagraphs", "uncached", 160.0), verdict_row("cudagraphs", BLOCKS, 100.0),
+         verdict_row("cudagraphs", CACHE_DIT, 150.0)],
+        [verdict_row("graphs", "uncached", 130.0), verdict_row("graphs", BLOCKS, 80.0),
+         verdict_row("eager", "uncached", 400.0), verdict_row("eager", BLOCKS, 200.0)],
+    ]
+    files = []
+    for index, rows in enumerate(parts):
+        files.append(tmp_path / f"part{index}.json")
+        files[-1].write_text(json.dumps({"device": "cpu", "date": "today", "settings": settings,
+                                         "rows": pipeline_speed.with_speedups(rows)}))
+    path, _ = pipeline_speed.main(["--plot-from", *map(str, files), "--out", str(tmp_path / "merged")])
+    merged = json.loads(path.read_text())
+    assert sorted({(r["compile"], r["from_file"]) for r in merged["rows"]}) == [
+        ("cudagraphs", 0), ("eager", 1), ("graphs", 1)]
+    assert [Path(m["file"]).name for m in merged["merged_from"]] == ["part0.json", "part1.json"]
+    assert merged["targets"] == pipeline_speed.targets(merged["rows"], "dit")
+    cudagraphs, eager = column(merged["targets"], "cudagraphs"), column(merged["targets"], "eager")
+    assert cudagraphs["baseline"]["from_file"] == 0 and cudagraphs["smoothcache_fastest"]["from_file"] == 1
+    assert cudagraphs["smoothcache_fastest"]["speedup"] == 2.0 and cudagraphs["one_process"] is False
+    assert eager["one_process"] is True and eager["smoothcache_fastest"]["speedup"] == 2.0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("issue 20's targets, dit")
+    assert [line.split()[:2] for line in printed[2:4]] == [["eager", "b1"], ["cudagraphs", "b1"]]
+
+
+def test_no_step_clock_saves_the_clocked_generation_and_says_so(run, capsys, monkeypatch):
+    """A Wan generation takes a minute on the GPU: --no-step-clock runs one generation fewer per
+    configuration, and the rows and lines say their steps were not clocked."""
+    clocked = []
+    real_clock = pipeline_speed.step_clock
+    monkeypatch.setattr(pipeline_speed, "step_clock", lambda *a: (clocked.append(a), real_clock(*a))[1])
+    (result,) = run("--model", "wan", "--compile", "eager", "--batches", "1", "--prefetch", "off",
+                    "--methods", "blocks", "--no-step-clock")
+    rows = result["rows"]
+    assert [r["method"] for r in rows] == ["uncached", "smoothcache blocks"] and all(positive(r["ms"]) for r in rows)
+    assert all(r["step_ms"] is None for r in rows) and clocked == []
+    assert capsys.readouterr().out.count("steps not clocked (--no-step-clock)") == 2
