@@ -1064,6 +1064,7 @@ def targets_table(found: dict[str, Any]) -> str:
 
 
 # ---- the plot ----------------------------------------------------------------------------------
+PANELS_PER_ROW = 4  # more cells wrap to further rows: seven side by side were too wide to read
 COLOURS = {UNCACHED: "tab:gray", BLOCKS: "tab:blue", LAYERS: "tab:cyan", CACHE_DIT: "tab:green"}
 LABELS = {UNCACHED: "uncached", BLOCKS: "smoothcache\nblocks", LAYERS: "smoothcache\nlayers", CACHE_DIT: "cache-dit\nF1B0 mask"}
 
@@ -1131,8 +1132,12 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     prefetches = sorted({r["prefetch"] for r in rows})
     width = 0.8 / len(prefetches)
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.6 + 3.0 * len(panels), 4.4), sharey=True, squeeze=False)
-    for ax, (compile_mode, batch) in zip(axes[0], panels, strict=True):
+    across = min(len(panels), PANELS_PER_ROW)
+    down = -(-len(panels) // across)
+    fig, axes = plt.subplots(down, across, figsize=(1.6 + 3.0 * across, 0.8 + 3.6 * down), sharey=True, squeeze=False)
+    for ax in axes.flat[len(panels):]:  # a last row not full
+        ax.set_visible(False)
+    for ax, (compile_mode, batch) in zip(axes.flat, panels):
         for j, prefetch in enumerate(prefetches):
             for i, method in enumerate(methods):
                 row = next((r for r in rows if (r["compile"], r["batch"], r["prefetch"], r["method"])
@@ -1153,7 +1158,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], fontsize=6)
         ax.set_title(f"{compile_mode}, batch {batch}\n(against uncached {plotted.baselines[(compile_mode, batch)]})", fontsize=8)
-    axes[0][0].set_ylabel("speedup over uncached pipe()\n(same compile and batch)", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("speedup over uncached pipe()\n(same compile and batch)", fontsize=8)
     handles = [Patch(facecolor="white", edgecolor="black", label="prefetch off")] if False in prefetches else []
     if True in prefetches:
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="///", label="prefetch on"))
@@ -1166,7 +1172,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     missing = f"\nnot timed (skipped or failed): {', '.join(f'{c} batch {b}' for c, b in not_run)}" if not_run else ""
     fig.suptitle(f"{s['pipeline']}, {s['steps']} steps ({s['computed_steps_in_mask']} computed), {s['dtype']},\n"
                  f"{result['device']}{' (tiny)' if s['tiny'] else ''}{missing}", fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.06 / down, 1, 1))
     return save_figure(fig, path)
 
 
