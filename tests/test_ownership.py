@@ -51,6 +51,20 @@ def test_a_nested_with_on_the_same_handle_keeps_it_enabled_until_the_outer_block
     assert not torch.equal(cached, uncached) and torch.equal(generate(pipe), uncached)
 
 
+def test_a_with_block_refused_at_its_start_does_not_count_as_entered(pipe, uncached):
+    """A ``with`` refused on entry (another handle holds the model) never ran its exit, so a later
+    ``with`` on the same handle must still be the outermost and disable it at its end."""
+    waiting = smoothcache.cache(pipe, OTHER)
+    waiting.disable()
+    with smoothcache.cache(pipe, SKIPPING), pytest.raises(ModelInUseError):
+        with waiting:
+            pass
+    with waiting:
+        assert waiting.enabled
+    assert not waiting.enabled
+    assert torch.equal(generate(pipe), uncached)
+
+
 def test_calibrating_a_cached_model_is_refused_and_caching_a_calibrated_one_too(pipe):
     with (smoothcache.cache(pipe, SKIPPING),
           pytest.raises(ModelInUseError, match="cannot also be being calibrated.*Disable that handle first"),

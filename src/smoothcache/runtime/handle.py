@@ -290,8 +290,9 @@ class CacheHandle:
             self._forget_generation()
 
     def __enter__(self) -> Self:
+        self.enable()  # first: a refused entry never reaches __exit__, so it must not count
         self._with_depth += 1
-        return self.enable()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         """Leaving the outermost ``with`` block on this handle disables it; an inner one does not."""
