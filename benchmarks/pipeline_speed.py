@@ -1,8 +1,16 @@
 """Speed of caching inside diffusers' own pipelines: a user's ordinary ``pipe(...)`` call (issue 20).
 
 For each model, every cached configuration is timed against the UNCACHED pipeline with the same
-compile setting, batch and prefetch setting, in the same process, one configuration after the other
-(random weights: latency does not depend on them).
+compile setting, batch and prefetch setting, in the same process (random weights: latency does not
+depend on them). Eager cells time their methods in turn on one pipeline set-up (``"timing":
+"interleaved"``): a generation of each per round, each round starting one method later, because a
+borrowed GPU host's speed drifts by up to 1.5x within a minute and eager DiT is bound by the host's
+kernel launches, so rows timed one after the other did not compare. Each smoothcache schedule is
+attached once and enabled for its own generations only; cache-dit is enabled before each of its
+generations and disabled after. The other settings time one configuration after another
+(``"sequential"``), since each compiles or captures its own; so do eager cells with
+``--no-in-turn``, whose rows are then written one by one (an in-turn cell's rows are written when
+the cell ends, which a command's time limit could cut where a generation takes a minute).
 
 Models:
 
@@ -81,16 +89,19 @@ its graphs apart (the cache's decisions among them), not every parameter's; the 
 bit-identical outputs: it removes the per-step host wait of pipelines whose scheduler keeps
 timesteps on the host, such as DiTPipeline, and answers the pipeline's repeated execution-device
 lookups within a call from the first) to every configuration of the cell, uncached included
-(cache-dit wraps the pipeline's class first, so there the device memo stays off, as for a user);
-``both`` (default) runs each configuration without and with it. Where this smoothcache has no ``prefetch_timesteps``, only the
-rows without it run, and the JSON says so (``settings.prefetch_available``).
+(cache-dit wraps the pipeline's class first, so there the device memo stays off, as for a user; an
+eager cell, prefetched once for all its methods, suspends prefetch around each ``enable_cache`` to
+keep that order); ``both`` (default) runs each configuration without and with it. Where this
+smoothcache has no ``prefetch_timesteps``, only the rows without it run, and the JSON says so
+(``settings.prefetch_available``).
 
 Each row: the median of ``--repeats`` timed generations after warm-up (eager 1, compile 2,
 cudagraphs 3: cudagraph trees record on a function's second call and replay from its third; graphs
-4 and eager-graphs 3: plain, capture, one replay) and
-all run times; ``speedup`` against the uncached row of the same (compile, batch, prefetch) cell and
-``speedup_vs_plain_uncached`` against the uncached row without prefetch; ``speedup_of_fastest``
-(fastest against fastest: host noise only ever slows a run); ``ideal_speedup``, from the FLOPs one
+4 and eager-graphs 3: plain, capture, one replay) and all run times (in turn, also when each
+started, ``runs_at_s``, and ``speedup_per_round``, each round's uncached time over the method's,
+with their median ``speedup_paired``); ``speedup`` against the uncached row of the same (compile,
+batch, prefetch) cell and ``speedup_vs_plain_uncached`` against the uncached row without prefetch;
+``speedup_of_fastest`` (fastest against fastest: host noise only ever slows a run); ``ideal_speedup``, from the FLOPs one
 eager generation of each (batch, method) dispatches (``torch.utils.flop_counter``; skipped work is
 never dispatched), and ``efficiency`` = speedup / ideal; ``computed_steps``, the steps that ran the
 last block's self-attention, and ``attention_fraction``, the share of all blocks' self-attention
@@ -108,9 +119,9 @@ the device's time on both; None with ``--no-step-clock``, which saves that gener
 trace of one more generation (``trace-*.json.gz``, each model call a range "step N computing" or
 "step N reusing") and list their busiest host operators (``top_host_ops``); and ``error`` where a configuration failed (the run goes on).
 
-Cells run most wanted first, so that ``--max-minutes`` (no configuration starts past it) trims the
-least wanted: DiT: CUDA graphs at each batch (largest first), compile at the largest, eager at each,
-compile at the others; Flux and Wan: eager, compile, CUDA graphs. The JSON is written after every
+Cells run most wanted first, so that ``--max-minutes`` (no configuration or eager cell starts past
+it) trims the least wanted: DiT: CUDA graphs at each batch (largest first), compile at the largest,
+eager at each, compile at the others; Flux and Wan: eager, compile, CUDA graphs. The JSON is written after every
 row, so a run cut short keeps what it measured. One line is printed per row, and an estimate of the
 run's length after the first uncached generation.
 
@@ -144,7 +155,7 @@ import and build)::
     python3 benchmarks/pipeline_speed.py --model flux --compile eager --prefetch off --out "$OUT/flux-eager"  # ~2-3 min
     # ~8-10 min: uncached and blocks; the budget stops the rest (each compiled Flux configuration ~3-4 min)
     python3 benchmarks/pipeline_speed.py --model flux --compile compile --prefetch off --max-minutes 5 --out "$OUT/flux-c"
-    python3 benchmarks/pipeline_speed.py --model wan --compile eager --prefetch off --repeats 1 --no-step-clock --methods blocks cache-dit --out "$OUT/wan-eager"  # ~5-8 min
+    python3 benchmarks/pipeline_speed.py --model wan --compile eager --prefetch off --repeats 1 --no-step-clock --no-in-turn --methods blocks cache-dit --out "$OUT/wan-eager"  # ~5-8 min
 
 Then ``--plot-from A/pipeline-speed-dit.json B/pipeline-speed-dit.json ... --out DIR`` merges one
 model's parts into one JSON and plot (each cell's rows from one file: every speedup within one process;
@@ -168,6 +179,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import logging
 import os
 import platform
 import statistics
@@ -175,6 +187,7 @@ import sys
 import time
 import traceback
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -403,6 +416,29 @@ def cells(model: str, compiles: Sequence[str], batches: Sequence[int]) -> list[t
     return [cell for cell in order if cell[0] in compiles]
 
 
+def timed_in_turn(config: Config, in_turn: bool = True) -> bool:
+    """Whether ``config``'s cell times its methods in turn on one set-up (eager, unless ``in_turn``
+    is off: nothing to compile or capture per method); the other settings compile or capture each
+    configuration's own."""
+    return in_turn and config.compile == "eager"
+
+
+def timing_groups(plan: Sequence[Config], in_turn: bool = True) -> list[list[Config]]:
+    """The plan as it is timed, in the order of first appearance: each eager (compile, batch,
+    prefetch) cell's configurations together, every other configuration alone."""
+    groups: dict[tuple[Any, ...], list[Config]] = {}
+    for config in plan:
+        groups.setdefault(config[:3] if timed_in_turn(config, in_turn) else config, []).append(config)
+    return list(groups.values())
+
+
+def row_head(model: str, config: Config, in_turn: bool = True) -> dict[str, Any]:
+    """What every row of ``config`` says, measured or not."""
+    return {"model": model, **config._asdict(),
+            "implementation": {UNCACHED: "none", CACHE_DIT: "cache-dit"}.get(config.method, "smoothcache"),
+            "timing": "interleaved" if timed_in_turn(config, in_turn) else "sequential"}
+
+
 def unwrapped(model: nn.Module) -> nn.Module:
     """The model inside a ``torch.compile`` wrapper."""
     return getattr(model, "_orig_mod", model)
@@ -440,21 +476,17 @@ def configured(work: Workload, config: Config, backend: str) -> Iterator[Attache
             import cache_dit
 
             undo.append(gpu_peers.restorer(pipe.transformer))
-            cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(
-                Fn_compute_blocks=1, Bn_compute_blocks=0, num_inference_steps=work.steps,
-                steps_computation_mask=list(work.mask), steps_computation_policy="static"))
+            cache_dit.enable_cache(pipe, cache_config=cache_dit_config(work))
             undo.append(lambda: cache_dit.disable_cache(pipe))
-            attached.how.append("cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(Fn_compute_blocks=1, "
-                                "Bn_compute_blocks=0, steps_computation_mask=mask, steps_computation_policy='static'))")
+            attached.how.append(CACHE_DIT_HOW)
         compile_transformer()
         if config.method in (BLOCKS, LAYERS):  # smoothcache's docs: cache the compiled pipeline
-            keys = work.block_keys if config.method == BLOCKS else work.layer_keys
-            attached.handle = smoothcache.cache(pipe, Schedule({key: list(work.mask) for key in keys}))
+            attached.handle = smoothcache.cache(pipe, schedule_of(work, config.method))
             undo.append(attached.handle.disable)
-            attached.how.append(f"smoothcache.cache(pipe, Schedule({{{', '.join(map(repr, keys))}: mask}}))")
+            attached.how.append(smoothcache_how(work, config.method))
         if config.prefetch:
             undo.append(smoothcache.prefetch_timesteps(pipe, device_once=True).disable)
-            attached.how.append("smoothcache.prefetch_timesteps(pipe, device_once=True)")
+            attached.how.append(PREFETCH_HOW)
         if config.compile in STEP_GRAPHS:
             # compiled, two plain generations: the first of a (batch, method) may be the counting
             # one, run under force_eager, and nothing may compile inside a capture
@@ -463,15 +495,47 @@ def configured(work: Workload, config: Config, backend: str) -> Iterator[Attache
             attached.how.append("smoothcache.step_graphs(pipe)")
         yield attached
     finally:
-        for step in reversed(undo):
-            try:
-                step()
-            except Exception as error:  # noqa: BLE001 - recorded in the row; the next configuration goes on
-                attached.teardown_errors.append(f"{type(error).__name__}: {error}"[:500])
-        torch._dynamo.reset()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        undo_all(undo, attached.teardown_errors)
+
+
+def undo_all(undo: Sequence[Callable[[], Any]], errors: list[str]) -> None:
+    """Run ``undo`` in reverse, each failure recorded in ``errors`` (the rest still run), then reset
+    dynamo and free memory: the next configuration starts from nothing left by this one."""
+    for step in reversed(undo):
+        try:
+            step()
+        except Exception as error:  # noqa: BLE001 - recorded in the rows; the next configuration goes on
+            errors.append(f"{type(error).__name__}: {error}"[:500])
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+PREFETCH_HOW = "smoothcache.prefetch_timesteps(pipe, device_once=True)"
+CACHE_DIT_HOW = ("cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, "
+                 "steps_computation_mask=mask, steps_computation_policy='static'))")
+
+
+def cache_dit_config(work: Workload) -> Any:
+    """cache-dit's F1B0 static mask: its first block at every step, the others at the mask's steps."""
+    import cache_dit
+
+    return cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, num_inference_steps=work.steps,
+                                   steps_computation_mask=list(work.mask), steps_computation_policy="static")
+
+
+def cached_keys(work: Workload, method: str) -> tuple[str, ...]:
+    """The schedule's keys: whole blocks (``BLOCKS``) or the family's default layers (``LAYERS``)."""
+    return work.block_keys if method == BLOCKS else work.layer_keys
+
+
+def schedule_of(work: Workload, method: str) -> Schedule:
+    return Schedule({key: list(work.mask) for key in cached_keys(work, method)})
+
+
+def smoothcache_how(work: Workload, method: str) -> str:
+    return f"smoothcache.cache(pipe, Schedule({{{', '.join(map(repr, cached_keys(work, method)))}: mask}}))"
 
 
 def attach_step_graphs(pipe: Any, warmup_generations: int) -> smoothcache.StepGraphs:
@@ -633,6 +697,11 @@ def error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:1000]
 
 
+def error_fields(error: BaseException) -> dict[str, str]:
+    """A failure as a row records it; call it inside the ``except`` block (it reads the traceback there)."""
+    return {"error": error_text(error), "traceback": traceback.format_exc(limit=8)[-4000:]}
+
+
 @dataclass
 class Runner:
     """Measures one model's configurations in order and keeps the result file current."""
@@ -655,9 +724,18 @@ class Runner:
         return (time.perf_counter() - self.started) / 60
 
     def run(self) -> dict[str, Any]:
-        for config in self.plan:
-            self.add(self.measure(config))
+        for configs in timing_groups(self.plan, self.args.in_turn):
+            in_turn = timed_in_turn(configs[0], self.args.in_turn)
+            rows = InTurnCell(self, configs).measure() if in_turn else [self.measure(configs[0])]
+            for row in rows:
+                self.add(row)
         return self.result()
+
+    def over_budget(self) -> str | None:
+        """Why nothing more may start, or None."""
+        if self.elapsed_min() > self.args.max_minutes:
+            return f"over the time budget (--max-minutes {self.args.max_minutes})"
+        return None
 
     def generation(self, batch: int, compiled: bool) -> Callable[[], torch.Tensor]:
         """One ``pipe(...)`` call with a fixed seed; marked as its own CUDA graph generation under compile."""
@@ -671,10 +749,9 @@ class Runner:
 
     def measure(self, config: Config) -> dict[str, Any]:
         """Set up, count the work (first time per batch and method), warm up, time, take down: one row."""
-        row: dict[str, Any] = {"model": self.work.model, **config._asdict(),
-                               "implementation": {UNCACHED: "none", CACHE_DIT: "cache-dit"}.get(config.method, "smoothcache")}
-        if self.elapsed_min() > self.args.max_minutes:
-            row["skipped"] = f"over the time budget (--max-minutes {self.args.max_minutes})"
+        row, skip = row_head(self.work.model, config, self.args.in_turn), self.over_budget()
+        if skip:
+            row["skipped"] = skip
             return row
         if config.compile in STEP_GRAPHS and not replays_on(self.device):
             row["skipped"] = "smoothcache.step_graphs replays CUDA graphs: it needs a CUDA GPU"
@@ -688,8 +765,7 @@ class Runner:
                 row["how"] = "; then ".join(attached.how) or "pipe(...)"
                 row.update(self.timed(config, attached))
         except Exception as error:  # noqa: BLE001 - a configuration that cannot run here is recorded, not fatal
-            row["error"] = error_text(error)
-            row["traceback"] = traceback.format_exc(limit=8)[-4000:]
+            row.update(error_fields(error))
         if attached is not None and attached.teardown_errors:
             row["teardown_errors"] = attached.teardown_errors
         return row
@@ -720,8 +796,7 @@ class Runner:
             step_ms = step_times(marks, self.work.mask, self.work.calls_per_step)
         traced = {}
         if config.method in self.args.trace:
-            name = f"trace-{self.work.model}-{config.compile}-b{config.batch}-{METHOD_TAGS[config.method]}-prefetch-{'on' if config.prefetch else 'off'}.json.gz"
-            traced = traced_generation(self.work, generate, self.device, self.out.parent / name)
+            traced = traced_generation(self.work, generate, self.device, self.trace_path(config))
         end = gpu_bench.dynamo_counts()
         self.outputs[config] = output.detach().float().cpu()
         # replays do not refill the cache's Python state (it forgets its kept outputs at each
@@ -776,6 +851,10 @@ class Runner:
             self.extra["first_generation_s"] = time.perf_counter() - start
             self.extra["first_generation_batch"] = key[0]
             print_estimate(self)
+
+    def trace_path(self, config: Config) -> Path:
+        on = "on" if config.prefetch else "off"
+        return self.out.parent / f"trace-{self.work.model}-{config.compile}-b{config.batch}-{METHOD_TAGS[config.method]}-prefetch-{on}.json.gz"
 
     def differences(self, config: Config) -> dict[str, float | None]:
         out = self.outputs[config]
@@ -839,9 +918,268 @@ class Runner:
                 "every configuration": "torch._dynamo.reset() before and after; under compile each pipe(...) call "
                                        "follows torch.compiler.cudagraph_mark_step_begin()",
             },
+            "timing": {"eager": ("interleaved: the cell's methods in turn on one set-up, each round starting one method later"
+                                 if self.args.in_turn else "sequential (--no-in-turn)"),
+                       "others": "sequential: one configuration after another, each compiling or capturing its own"},
             "ideal_speedup": "FLOPs of one eager uncached generation / FLOPs of one eager generation of the method "
                              "(torch.utils.flop_counter), same batch",
         }
+
+
+# ---- eager cells: the methods in turn ----------------------------------------------------------
+@dataclass
+class Turn:
+    """One method of an eager cell: how it is switched on for its own generations only, and what
+    those generations measured."""
+
+    config: Config
+    how: list[str] = field(default_factory=list)
+    switched_on: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+    handle: Any = None  # smoothcache's, where the method is smoothcache's
+    warmup_s: float = 0.0
+    host_syncs: int | None = None
+    times: list[float] = field(default_factory=list)
+    starts: list[float] = field(default_factory=list)  # seconds after the cell's first timed generation
+    peak_mib: float | None = None
+    peak_reserved_mib: float | None = None
+    kept: dict[str, int] | None = None  # by device, read after its last generation
+    dynamo: dict[str, Counter[str]] = field(default_factory=lambda: {"warmup": Counter(), "timed": Counter()})
+    output: torch.Tensor | None = None  # its last timed generation's
+    step_ms: dict[str, Any] | None = None
+    traced: dict[str, Any] = field(default_factory=dict)
+    error: dict[str, str] | None = None  # set: the method has left the rounds
+
+
+class InTurnCell:
+    """An eager (batch, prefetch) cell's methods on one pipeline set-up, taking turns: after the
+    warm-up rounds, ``--repeats`` rounds of one generation each, every round starting one method
+    later. Eager DiT is bound by the host's kernel launches and a borrowed host's speed drifts
+    within a minute, so methods timed one after the other would not compare; in turn, the drift
+    hits them alike."""
+
+    def __init__(self, runner: Runner, configs: Sequence[Config]) -> None:
+        self.runner, self.work = runner, runner.work
+        self.generate = runner.generation(configs[0].batch, compiled=False)
+        self.turns = [Turn(config) for config in configs]
+        self.timed_since: float | None = None  # when the first timed generation started
+        self.teardown_errors: list[str] = []
+
+    def measure(self) -> list[dict[str, Any]]:
+        """A row per method, in the cell's order; a failed set-up fails every row."""
+        heads = [row_head(self.work.model, turn.config) for turn in self.turns]
+        skip = self.runner.over_budget()
+        if skip:
+            return [{**head, "skipped": skip} for head in heads]
+        try:
+            with self.set_up():
+                self.take_rounds()
+                self.finish()
+        except Exception as error:  # noqa: BLE001 - a cell that cannot run here is recorded, not fatal
+            rows = [{**head, **error_fields(error)} for head in heads]
+        else:
+            for turn in self.turns:  # every output first: the rows compare them
+                if turn.error is None:
+                    self.runner.outputs[turn.config] = turn.output.detach().float().cpu()
+            rows = [{**head, **self.row(turn)} for head, turn in zip(heads, self.turns, strict=True)]
+        if self.teardown_errors:
+            rows = [{**row, "teardown_errors": self.teardown_errors} for row in rows]
+        return rows
+
+    @contextlib.contextmanager
+    def set_up(self) -> Iterator[None]:
+        """Prefetch where the cell has it, then each method made ready and switched off; all of it
+        undone afterwards in reverse (what cache-dit leaves on the transformer put back last)."""
+        pipe, undo = self.work.pipe, []
+        torch._dynamo.reset()
+        try:
+            undo.append(gpu_peers.restorer(pipe.transformer))
+            prefetch = None
+            if self.turns[0].config.prefetch:
+                prefetch = smoothcache.prefetch_timesteps(pipe, device_once=True)
+                undo.append(prefetch.disable)
+            for turn in self.turns:
+                turn.how = [PREFETCH_HOW] if prefetch else []
+                self.make_ready(turn, prefetch)
+                if turn.handle is not None:
+                    undo.append(turn.handle.disable)
+            yield
+        finally:
+            undo_all(undo, self.teardown_errors)
+
+    def make_ready(self, turn: Turn, prefetch: Any) -> None:
+        """smoothcache: the schedule cached, then disabled at once (disabled handles coexist, one
+        may be enabled at a time), enabled for its own generations only. cache-dit: enabled for each
+        of its generations and disabled after. An error is the method's: it leaves the rounds."""
+        method = turn.config.method
+        try:
+            if method in (BLOCKS, LAYERS):
+                turn.handle = smoothcache.cache(self.work.pipe, schedule_of(self.work, method))
+                turn.handle.disable()
+                turn.switched_on = partial(enabled, turn.handle)
+                turn.how += [smoothcache_how(self.work, method), "handle.disable(); handle.enable() before each of its "
+                             "generations, handle.disable() after"]
+            elif method == CACHE_DIT:
+                import cache_dit  # noqa: F401 - missing, the method fails here, not in its first turn
+
+                turn.switched_on = partial(cache_dit_on, self.work, prefetch)
+                suspended = " (prefetch suspended around it: cache-dit wraps the pipeline's class first)" if prefetch else ""
+                turn.how += [f"{CACHE_DIT_HOW} before each of its generations{suspended}",
+                             "cache_dit.disable_cache(pipe) after, and the forward it leaves on the transformer put back"]
+        except Exception as error:  # noqa: BLE001 - this method's row records it; the others go on
+            turn.error = error_fields(error)
+
+    def take_rounds(self) -> None:
+        """The warm-up rounds, then the timed ones; each round starts one method later than the last,
+        so that no method always runs first (after another's last) or last."""
+        for round_index in range(WARMUP["eager"] + self.runner.args.repeats):
+            shift = round_index % len(self.turns)
+            for turn in self.turns[shift:] + self.turns[:shift]:
+                if turn.error is None:
+                    try:
+                        self.take_turn(turn, round_index)
+                    except Exception as error:  # noqa: BLE001 - this method leaves the rounds; the others go on
+                        turn.error = error_fields(error)
+
+    def take_turn(self, turn: Turn, round_index: int) -> None:
+        """One generation of ``turn``'s method, switched on for it alone."""
+        warming_up = round_index < WARMUP["eager"]
+        with self.switched_on(turn, "warmup" if warming_up else "timed"):
+            if warming_up:
+                self.warm_up_generation(turn, round_index)
+            else:
+                self.timed_generation(turn)
+
+    def warm_up_generation(self, turn: Turn, round_index: int) -> None:
+        """As ``Runner.warm_up`` does eagerly: the run's first generation of a (batch, method) is the
+        counted one; the last warm-up counts the host's waits for the GPU."""
+        key = (turn.config.batch, turn.config.method)
+        run = self.generate
+        if round_index == 0 and key not in self.runner.counts:
+            run = partial(self.runner.count, key, self.generate)
+        start = time.perf_counter()
+        if round_index == WARMUP["eager"] - 1:
+            turn.host_syncs = host_syncs_of(run, self.runner.device)
+        else:
+            run()
+        sync()
+        turn.warmup_s += time.perf_counter() - start
+
+    def timed_generation(self, turn: Turn) -> None:
+        """One timed generation: its time and start, and the peak memory of it alone."""
+        sync()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        output = self.generate()
+        sync()
+        turn.times.append(time.perf_counter() - start)
+        self.timed_since = start if self.timed_since is None else self.timed_since
+        turn.starts.append(start - self.timed_since)
+        turn.output = output
+        if torch.cuda.is_available():
+            turn.peak_mib = max(turn.peak_mib or 0.0, torch.cuda.max_memory_allocated() / 2**20)
+            turn.peak_reserved_mib = max(turn.peak_reserved_mib or 0.0, torch.cuda.max_memory_reserved() / 2**20)
+
+    @contextlib.contextmanager
+    def switched_on(self, turn: Turn, phase: str) -> Iterator[None]:
+        """``turn``'s method on for one generation; dynamo's counts in it go to ``phase``. What its
+        cache keeps is read before it is switched off, which releases it."""
+        before = gpu_bench.dynamo_counts()
+        with turn.switched_on():
+            yield
+            if turn.handle is not None:
+                turn.kept = turn.handle.state.kept_bytes()
+        turn.dynamo[phase].update({key: value - before[key] for key, value in gpu_bench.dynamo_counts().items()})
+
+    def finish(self) -> None:
+        """After the rounds, per method: one generation with its steps clocked, and one traced where asked."""
+        args = self.runner.args
+        for turn in self.turns:
+            if turn.error is not None:
+                continue
+            try:
+                if args.step_clock:
+                    with self.switched_on(turn, "timed"), step_clock(self.work.pipe.transformer, self.runner.device) as marks:
+                        self.generate()
+                        sync()
+                    turn.step_ms = step_times(marks, self.work.mask, self.work.calls_per_step)
+                if turn.config.method in args.trace:
+                    with self.switched_on(turn, "timed"):
+                        turn.traced = traced_generation(self.work, self.generate, self.runner.device,
+                                                        self.runner.trace_path(turn.config))
+            except Exception as error:  # noqa: BLE001 - this method's row records it
+                turn.error = error_fields(error)
+
+    def row(self, turn: Turn) -> dict[str, Any]:
+        """``turn``'s fields as ``Runner.timed`` gives a configuration's, and when each run started."""
+        how = "; then ".join(turn.how) or "pipe(...)"
+        if turn.error is not None:
+            return {"how": how, **turn.error}
+        config, kept, warmup, timed = turn.config, turn.kept, turn.dynamo["warmup"], turn.dynamo["timed"]
+        return {
+            "how": how, "ms": 1000 * statistics.median(turn.times), "runs_ms": [1000 * t for t in turn.times],
+            "runs_at_s": turn.starts, "warmup_s": turn.warmup_s, "warmup_generations": WARMUP[config.compile],
+            "repeats": self.runner.args.repeats, "peak_mib": turn.peak_mib, "peak_reserved_mib": turn.peak_reserved_mib,
+            "kept_mib": None if kept is None else sum(kept.values()) / 2**20, "kept_bytes_by_device": kept,
+            "host_syncs_per_generation": turn.host_syncs,
+            "step_graphs": None,
+            "step_ms": turn.step_ms,
+            **turn.traced,
+            "graphs_compiled_in_warmup": warmup["graphs"],
+            "graphs_compiled_while_timed": timed["graphs"],
+            "recompiles_while_timed": timed["frames"],
+            "graph_breaks": warmup["graph_breaks"] + timed["graph_breaks"],
+            "cudagraph_skips": warmup["cudagraph_skips"] + timed["cudagraph_skips"],
+            **self.runner.counts[(config.batch, config.method)],
+            **self.runner.differences(config),
+        }
+
+
+@contextlib.contextmanager
+def enabled(handle: Any) -> Iterator[None]:
+    """A smoothcache handle enabled for one generation."""
+    handle.enable()
+    try:
+        yield
+    finally:
+        handle.disable()
+
+
+@contextlib.contextmanager
+def cache_dit_on(work: Workload, prefetch: Any) -> Iterator[None]:
+    """cache-dit for one generation, enabled as ``configured`` enables it: before prefetch, which
+    is suspended around ``enable_cache`` (cache-dit then wraps the pipeline's own class and the
+    device memo stays off, as for a user who enables cache-dit first); afterwards disabled, and the
+    forward its ``disable_cache`` leaves on the transformer put back, so that no other method runs it."""
+    import cache_dit
+
+    pipe = work.pipe
+    with contextlib.ExitStack() as undo:  # unwinds every step, even past one that fails
+        undo.callback(gpu_peers.restorer(pipe.transformer))
+        if prefetch is not None:
+            prefetch.disable()
+            undo.callback(prefetch.enable)
+        cache_dit.enable_cache(pipe, cache_config=cache_dit_config(work))
+        undo.callback(silenced(cache_dit.disable_cache, "cache_dit.caching.cache_interface"), pipe)
+        if prefetch is not None:
+            silenced(prefetch.enable, "smoothcache.device_once")()
+            undo.callback(prefetch.disable)
+        yield
+
+
+def silenced(call: Callable[..., Any], logger_name: str) -> Callable[..., Any]:
+    """``call`` with the logger ``logger_name`` off: cache-dit's turns toggle it every generation, and
+    each toggle logs what is meant here (cache-dit's hooks released; the device memo left off)."""
+    logger = logging.getLogger(logger_name)
+
+    def quietly(*args: Any) -> Any:
+        was, logger.disabled = logger.disabled, True
+        try:
+            return call(*args)
+        finally:
+            logger.disabled = was
+
+    return quietly
 
 
 def prefetch_available() -> bool:
@@ -862,7 +1200,7 @@ def versions() -> dict[str, str | None]:
 def with_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Copies of ``rows`` with speedups against the uncached row of the same (compile, batch,
     prefetch) cell and against the plain one (no prefetch), ideal speedups from the uncached FLOPs
-    of the same batch, and efficiency."""
+    of the same batch, and efficiency; where the cell's methods took turns, also round by round."""
     rows = [dict(row) for row in rows]
 
     def uncached(row: dict[str, Any], prefetch: bool) -> dict[str, Any]:
@@ -881,6 +1219,7 @@ def with_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["speedup_of_fastest"] = min(base["runs_ms"]) / min(row["runs_ms"])
             if "ideal_speedup" in row:
                 row["efficiency"] = row["speedup"] / row["ideal_speedup"]
+            row.update(paired_speedups(base, row))
         if plain:
             row["speedup_vs_plain_uncached"] = plain["ms"] / row["ms"]
         if row["compile"] in STANDS_IN_FOR:  # against the uncached pipeline a user would run instead, where this run has it
@@ -891,13 +1230,26 @@ def with_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def paired_speedups(uncached: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """Where a cell's methods took turns: each round's uncached time over the method's (seconds
+    apart, where the medians may come from different rounds) and their median, which a host
+    drifting between rounds moves less."""
+    if row.get("timing") != "interleaved" or row is uncached or len(uncached["runs_ms"]) != len(row["runs_ms"]):
+        return {}
+    per_round = [base / own for base, own in zip(uncached["runs_ms"], row["runs_ms"], strict=True)]
+    return {"speedup_per_round": per_round, "speedup_paired": statistics.median(per_round)}
+
+
 def row_line(row: dict[str, Any]) -> str:
     head = f"{row['model']} {row['compile']:10} b{row['batch']:<2} prefetch {'on ' if row['prefetch'] else 'off'} {row['method']:27}"
     if "ms" not in row:
         return f"{head} {row.get('skipped') or 'FAILED ' + row.get('error', '')[:300]}"
     speed = f"{row['speedup']:.2f}x" if "speedup" in row else "  -  "
     ideal = f"{row['ideal_speedup']:.2f}x" if "ideal_speedup" in row else "-"
-    line = (f"{head} {row['ms']:9.1f} ms {speed} (ideal {ideal}), {row['graphs_compiled_in_warmup']} graphs, "
+    in_turn = ""
+    if row.get("timing") == "interleaved":
+        in_turn = ", in turn" + (f" {row['speedup_paired']:.2f}x round by round" if "speedup_paired" in row else "")
+    line = (f"{head} {row['ms']:9.1f} ms {speed} (ideal {ideal}){in_turn}, {row['graphs_compiled_in_warmup']} graphs, "
             f"{row['recompiles_while_timed']} recompiles timed, {row['host_syncs_per_generation']} syncs, "
             f"warm-up {row['warmup_s']:.0f} s; {step_line(row['step_ms'])}")
     return line + (f"; teardown failed: {row['teardown_errors']}" if "teardown_errors" in row else "")
@@ -1265,6 +1617,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-guards", action="store_true",
                         help="compiled configurations (uncached too) run their timed generations under "
                              "torch.compiler.set_stance(skip_guard_eval_unsafe=True), after the warm-up")
+    parser.add_argument("--in-turn", action=argparse.BooleanOptionalAction, default=True,
+                        help="eager cells time their methods in turn (default); --no-in-turn times them one after "
+                             "another, each row written as it ends (a Wan cell's generations take a minute each)")
     parser.add_argument("--step-clock", action=argparse.BooleanOptionalAction, default=True,
                         help="one more generation per configuration with its steps clocked (step_ms); "
                              "--no-step-clock saves it where a generation takes a minute (Wan)")

@@ -8,12 +8,17 @@ import gzip
 import importlib
 import json
 import math
+import statistics
 import sys
+from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, NamedTuple
 
 import pytest
 import torch
+
+from smoothcache.device_once import base_class
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 pipeline_speed = importlib.import_module("pipeline_speed")
@@ -139,7 +144,8 @@ def test_methods_chosen_run_in_the_order_given_after_the_uncached_one(run):
     (result,) = run("--model", "dit", "--compile", "eager", "--batches", "1", "--prefetch", "both", "--max-minutes", "0",
                     "--methods", "cache-dit", "blocks", "uncached")
     order = ["uncached", "cache-dit F1B0 static mask", "smoothcache blocks"]
-    assert [r["method"] for r in result["rows"]] == [m for m in order for _ in (False, True)]
+    # an eager cell's methods take turns: its rows come together, prefetch off's cell first
+    assert [(r["prefetch"], r["method"]) for r in result["rows"]] == [(p, m) for p in (False, True) for m in order]
     assert result["settings"]["methods"] == order
 
 
@@ -440,3 +446,191 @@ def test_no_step_clock_saves_the_clocked_generation_and_says_so(run, capsys, mon
     assert [r["method"] for r in rows] == ["uncached", "smoothcache blocks"] and all(positive(r["ms"]) for r in rows)
     assert all(r["step_ms"] is None for r in rows) and clocked == []
     assert capsys.readouterr().out.count("steps not clocked (--no-step-clock)") == 2
+
+
+# ---- eager cells: the methods in turn ------------------------------------------------------------
+class Pristine(NamedTuple):
+    """What a tiny DiT pipeline looks like before any cache touched it, and its uncached output."""
+
+    pipe_class: type
+    call: Any
+    transformer_class: type
+    transformer_attributes: frozenset[str]  # its instance attributes and child modules
+    output: torch.Tensor
+
+    @classmethod
+    def of(cls, work: Any) -> Pristine:
+        pipe, transformer = work.pipe, work.pipe.transformer
+        return cls(type(pipe), type(pipe).__call__, type(transformer), attributes(transformer), uncached_output(work))
+
+    def check(self, work: Any) -> None:
+        pipe, transformer = work.pipe, work.pipe.transformer
+        assert type(pipe) is self.pipe_class and type(pipe).__call__ is self.call
+        assert "_original_call" not in vars(self.pipe_class) and "_is_cached" not in vars(self.pipe_class)  # cache-dit's
+        assert type(transformer) is self.transformer_class and attributes(transformer) == self.transformer_attributes
+        assert "forward" not in vars(transformer) and "set_timesteps" not in vars(pipe.scheduler)
+        assert torch.equal(uncached_output(work), self.output)
+
+
+def attributes(module: torch.nn.Module) -> frozenset[str]:
+    return frozenset(vars(module)) | frozenset(module._modules)
+
+
+def uncached_output(work: Any, batch: int = 2) -> torch.Tensor:
+    return work.generate(batch, torch.Generator("cpu").manual_seed(0)).float().clone()
+
+
+def leftovers(cell: Any) -> list[str]:
+    """What another method left switched on, seen at the start of a turn."""
+    pipe, transformer = cell.work.pipe, cell.work.pipe.transformer
+    found = [t.config.method for t in cell.turns if t.handle is not None and t.handle.enabled]
+    found += [name for name in ("_is_patched", "_original_forward", "forward", "_norm1_emb") if name in attributes(transformer)]
+    return found + (["cache-dit's __call__"] if "_original_call" in vars(type(pipe)) else [])
+
+
+class TurnSeen(NamedTuple):
+    cell: tuple[str, int, bool]  # (compile, batch, prefetch)
+    method: str
+    round: int
+    leftovers: list[str]  # at the turn's start
+    device_memo: list[bool]  # whether prefetch's device memo was on, in each generation of the turn
+
+
+@pytest.fixture
+def watched(monkeypatch) -> SimpleNamespace:
+    """A run of the tiny DiT, watched: its workload and how it looked as built, its runner, and each
+    turn taken in an eager cell (``TurnSeen``)."""
+    seen = SimpleNamespace(work=None, pristine=None, runner=None, turns=[])
+
+    def build(tiny: bool, device: str) -> Any:
+        seen.work = pipeline_speed.dit_workload(tiny, device)
+        seen.pristine = Pristine.of(seen.work)
+        return seen.work
+
+    real_run, real_take_turn = pipeline_speed.Runner.run, pipeline_speed.InTurnCell.take_turn
+
+    def run(runner: Any) -> Any:
+        seen.runner = runner
+        return real_run(runner)
+
+    def take_turn(cell: Any, turn: Any, round_index: int) -> None:
+        seen.turns.append(TurnSeen(turn.config[:3], turn.config.method, round_index, leftovers(cell), []))
+        generate = cell.generate
+
+        def generate_watched() -> torch.Tensor:
+            seen.turns[-1].device_memo.append(base_class(type(cell.work.pipe)) is not type(cell.work.pipe))
+            return generate()
+
+        cell.generate = generate_watched
+        try:
+            real_take_turn(cell, turn, round_index)
+        finally:
+            cell.generate = generate
+
+    monkeypatch.setitem(pipeline_speed.BUILDERS, "dit", build)
+    monkeypatch.setattr(pipeline_speed.Runner, "run", run)
+    monkeypatch.setattr(pipeline_speed.InTurnCell, "take_turn", take_turn)
+    return seen
+
+
+def alone(config: Any) -> torch.Tensor:
+    """``config``'s output from a fresh tiny DiT pipeline with that method alone, set up as the
+    sequential cells set up each configuration (``configured``)."""
+    work = pipeline_speed.dit_workload(True, "cpu")
+    with pipeline_speed.configured(work, config, "eager"):
+        return uncached_output(work, config.batch)
+
+
+def test_eager_cells_time_their_methods_in_turn_each_round_one_method_later(run, watched):
+    repeats = 3
+    (result,) = run("--model", "dit", "--compile", "eager", "--batches", "2", "--prefetch", "both",
+                    "--repeats", str(repeats))
+    check_rows(result)
+    rows = result["rows"]
+    assert [(r["prefetch"], r["method"]) for r in rows] == [(p, m) for p in (False, True) for m in METHODS]
+    warmup = pipeline_speed.WARMUP["eager"]
+    for prefetch in (False, True):
+        cell = {r["method"]: r for r in rows if r["prefetch"] == prefetch}
+        turns = [(t.method, t.round) for t in watched.turns if t.cell == ("eager", 2, prefetch)]
+        for round_index in range(warmup + repeats):  # each round starts one method later
+            shift = round_index % len(METHODS)
+            assert [m for m, r in turns if r == round_index] == list(METHODS[shift:] + METHODS[:shift])
+        starts = [cell[m]["runs_at_s"][r - warmup] for m, r in turns if r >= warmup]
+        assert starts[0] == 0.0 and all(a < b for a, b in pairwise(starts))  # in the order the turns ran
+        uncached = cell["uncached"]
+        for row in cell.values():
+            assert row["timing"] == "interleaved" and len(row["runs_ms"]) == len(row["runs_at_s"]) == repeats
+            if row is uncached:
+                assert "speedup_paired" not in row
+                continue
+            assert row["speedup_per_round"] == [b / r for b, r in zip(uncached["runs_ms"], row["runs_ms"], strict=True)]
+            assert row["speedup_paired"] == statistics.median(row["speedup_per_round"])
+    assert [t for t in watched.turns if t.leftovers] == []  # no method ran with another's switched on
+    # prefetch's device memo as configured() leaves it: on, except where cache-dit wrapped the class first
+    assert all(t.device_memo == [t.cell[2] and t.method != "cache-dit F1B0 static mask"] for t in watched.turns)
+    for config, output in watched.runner.outputs.items():  # as each method gives alone, cache-dit's toggles included
+        assert torch.equal(output, alone(config)), config
+    assert len(watched.runner.outputs) == 2 * len(METHODS)
+    watched.pristine.check(watched.work)
+
+
+@pytest.mark.parametrize(("failing", "in_round"), [("smoothcache layers", 2), ("cache-dit F1B0 static mask", 2),
+                                                   ("smoothcache blocks", 0)])  # round 0: its counted warm-up
+def test_a_method_failing_in_its_turn_leaves_the_rounds_and_the_others_go_on(run, watched, monkeypatch, failing, in_round):
+    """Its generation raises once, switched on: its row records the error, the others have every
+    run, and the pipeline is put back all the same."""
+    take_turn = pipeline_speed.InTurnCell.take_turn  # the watched one
+
+    def raising_once(cell: Any, turn: Any, round_index: int) -> None:
+        if turn.config.method != failing or round_index != in_round:
+            return take_turn(cell, turn, round_index)
+        generate, cell.generate = cell.generate, lambda: (_ for _ in ()).throw(RuntimeError("broke in its turn"))
+        try:
+            take_turn(cell, turn, round_index)
+        finally:
+            cell.generate = generate
+
+    monkeypatch.setattr(pipeline_speed.InTurnCell, "take_turn", raising_once)
+    (result,) = run("--model", "dit", "--compile", "eager", "--batches", "2", "--prefetch", "off", "--repeats", "3")
+    rows = {r["method"]: r for r in result["rows"]}
+    broken = rows.pop(failing)
+    assert broken["error"] == "RuntimeError: broke in its turn" and "raising_once" in broken["traceback"]
+    assert "ms" not in broken and broken["how"]
+    assert [t.round for t in watched.turns if t.method == failing] == list(range(in_round + 1))
+    for row in rows.values():
+        assert "error" not in row and len(row["runs_ms"]) == 3
+        assert row["method"] == "uncached" or len(row["speedup_per_round"]) == 3
+    assert [t for t in watched.turns if t.leftovers] == []
+    watched.pristine.check(watched.work)
+
+
+def test_a_cell_whose_set_up_fails_records_it_in_each_row(run, monkeypatch):
+    def refused(pipe: Any, **_: Any) -> Any:
+        raise RuntimeError("no prefetch here")
+
+    monkeypatch.setattr(pipeline_speed.smoothcache, "prefetch_timesteps", refused)
+    (result,) = run("--model", "dit", "--compile", "eager", "--batches", "1", "--methods", "blocks")
+    plain, prefetched = ([r for r in result["rows"] if r["prefetch"] == p] for p in (False, True))
+    assert all("ms" in r for r in plain) and len(prefetched) == 2
+    assert all(r["error"] == "RuntimeError: no prefetch here" and "ms" not in r for r in prefetched)
+
+
+def test_compiled_cells_are_still_timed_one_configuration_after_another(run):
+    (result,) = run("--model", "dit", "--compile", "compile", "eager", "--batches", "1", "--prefetch", "off",
+                    "--methods", "blocks", "--repeats", "2")
+    assert [(r["compile"], r["method"], r["timing"]) for r in result["rows"]] == [
+        ("compile", "uncached", "sequential"), ("compile", "smoothcache blocks", "sequential"),
+        ("eager", "uncached", "interleaved"), ("eager", "smoothcache blocks", "interleaved")]
+    compiled = result["rows"][1]
+    assert "error" not in compiled and len(compiled["runs_ms"]) == 2
+    assert "runs_at_s" not in compiled and "speedup_paired" not in compiled
+    assert len(result["rows"][3]["speedup_per_round"]) == 2
+
+
+def test_no_in_turn_times_eager_cells_one_configuration_after_another(run):
+    (result,) = run("--model", "dit", "--compile", "eager", "--batches", "1", "--prefetch", "off",
+                    "--methods", "blocks", "--no-in-turn")
+    rows = result["rows"]
+    assert [r["method"] for r in rows] == ["uncached", "smoothcache blocks"] and all(positive(r["ms"]) for r in rows)
+    assert all(r["timing"] == "sequential" and "runs_at_s" not in r and "speedup_paired" not in r for r in rows)
+    assert result["settings"]["timing"]["eager"] == "sequential (--no-in-turn)"
