@@ -788,6 +788,9 @@ class Runner:
             output = generate()
             sync()
             times.append(time.perf_counter() - start)
+        # the timed generations' peaks, before the clocked and traced ones add their own
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+        peak_reserved_mib = torch.cuda.max_memory_reserved() / 2**20 if torch.cuda.is_available() else None
         step_ms = None
         if self.args.step_clock:
             with step_clock(self.work.pipe.transformer, self.device) as marks:
@@ -806,9 +809,8 @@ class Runner:
         return {
             "ms": 1000 * statistics.median(times), "runs_ms": [1000 * t for t in times], "warmup_s": warmup_s,
             "warmup_generations": WARMUP[config.compile], "repeats": self.args.repeats,
-            "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
             # graph pools' memory is reserved at capture and not allocated again by replays
-            "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20 if torch.cuda.is_available() else None,
+            "peak_mib": peak_mib, "peak_reserved_mib": peak_reserved_mib,
             "kept_mib": None if kept is None else sum(kept.values()) / 2**20, "kept_bytes_by_device": kept,
             "host_syncs_per_generation": syncs,
             "step_graphs": graph_stats,
@@ -918,6 +920,7 @@ class Runner:
                 "every configuration": "torch._dynamo.reset() before and after; under compile each pipe(...) call "
                                        "follows torch.compiler.cudagraph_mark_step_begin()",
             },
+            "step_clock": self.args.step_clock,
             "timing": {"eager": ("interleaved: the cell's methods in turn on one set-up, each round starting one method later"
                                  if self.args.in_turn else "sequential (--no-in-turn)"),
                        "others": "sequential: one configuration after another, each compiling or capturing its own"},
@@ -946,6 +949,7 @@ class Turn:
     dynamo: dict[str, Counter[str]] = field(default_factory=lambda: {"warmup": Counter(), "timed": Counter()})
     output: torch.Tensor | None = None  # its last timed generation's
     step_ms: dict[str, Any] | None = None
+    after_rounds_error: str | None = None  # the step-clocked or traced generation failed; the timings stand
     traced: dict[str, Any] = field(default_factory=dict)
     error: dict[str, str] | None = None  # set: the method has left the rounds
 
@@ -974,13 +978,12 @@ class InTurnCell:
             with self.set_up():
                 self.take_rounds()
                 self.finish()
-        except Exception as error:  # noqa: BLE001 - a cell that cannot run here is recorded, not fatal
-            rows = [{**head, **error_fields(error)} for head in heads]
-        else:
             for turn in self.turns:  # every output first: the rows compare them
                 if turn.error is None:
-                    self.runner.outputs[turn.config] = turn.output.detach().float().cpu()
+                    self.runner.outputs[turn.config] = turn.output
             rows = [{**head, **self.row(turn)} for head, turn in zip(heads, self.turns, strict=True)]
+        except Exception as error:  # noqa: BLE001 - a cell that cannot run here is recorded, not fatal
+            rows = [{**head, **error_fields(error)} for head in heads]
         if self.teardown_errors:
             rows = [{**row, "teardown_errors": self.teardown_errors} for row in rows]
         return rows
@@ -1039,6 +1042,21 @@ class InTurnCell:
                         self.take_turn(turn, round_index)
                     except Exception as error:  # noqa: BLE001 - this method leaves the rounds; the others go on
                         turn.error = error_fields(error)
+                        left = self.left_on()
+                        if left:  # switching it off failed: every later turn would run with it on
+                            raise RuntimeError(
+                                f"{turn.config.method}'s turn failed and left {', '.join(left)} switched on, which the "
+                                "other methods' turns would run with; the cell stops") from error
+
+    def left_on(self) -> list[str]:
+        """What a method left switched on: an enabled smoothcache handle, cache-dit's pipeline class
+        or the forward it puts on the transformer."""
+        found = [f"{t.config.method} (its handle)" for t in self.turns if t.handle is not None and t.handle.enabled]
+        if "_original_call" in vars(type(self.work.pipe)):
+            found.append("cache-dit's pipeline __call__")
+        if "forward" in vars(self.work.pipe.transformer):
+            found.append("a forward set on the transformer")
+        return found
 
     def take_turn(self, turn: Turn, round_index: int) -> None:
         """One generation of ``turn``'s method, switched on for it alone."""
@@ -1075,7 +1093,7 @@ class InTurnCell:
         turn.times.append(time.perf_counter() - start)
         self.timed_since = start if self.timed_since is None else self.timed_since
         turn.starts.append(start - self.timed_since)
-        turn.output = output
+        turn.output = output.detach().float().cpu()  # off the GPU: the next methods' peaks are their own
         if torch.cuda.is_available():
             turn.peak_mib = max(turn.peak_mib or 0.0, torch.cuda.max_memory_allocated() / 2**20)
             turn.peak_reserved_mib = max(turn.peak_reserved_mib or 0.0, torch.cuda.max_memory_reserved() / 2**20)
@@ -1107,8 +1125,8 @@ class InTurnCell:
                     with self.switched_on(turn, "timed"):
                         turn.traced = traced_generation(self.work, self.generate, self.runner.device,
                                                         self.runner.trace_path(turn.config))
-            except Exception as error:  # noqa: BLE001 - this method's row records it
-                turn.error = error_fields(error)
+            except Exception as error:  # noqa: BLE001 - its timed runs stand; the row says what failed after them
+                turn.after_rounds_error = error_text(error)
 
     def row(self, turn: Turn) -> dict[str, Any]:
         """``turn``'s fields as ``Runner.timed`` gives a configuration's, and when each run started."""
@@ -1124,6 +1142,7 @@ class InTurnCell:
             "host_syncs_per_generation": turn.host_syncs,
             "step_graphs": None,
             "step_ms": turn.step_ms,
+            **({"after_rounds_error": turn.after_rounds_error} if turn.after_rounds_error else {}),
             **turn.traced,
             "graphs_compiled_in_warmup": warmup["graphs"],
             "graphs_compiled_while_timed": timed["graphs"],
@@ -1234,9 +1253,10 @@ def paired_speedups(uncached: dict[str, Any], row: dict[str, Any]) -> dict[str, 
     """Where a cell's methods took turns: each round's uncached time over the method's (seconds
     apart, where the medians may come from different rounds) and their median, which a host
     drifting between rounds moves less."""
-    if row.get("timing") != "interleaved" or row is uncached or len(uncached["runs_ms"]) != len(row["runs_ms"]):
+    base_runs, runs = uncached.get("runs_ms") or [], row.get("runs_ms") or []
+    if row.get("timing") != "interleaved" or row is uncached or not runs or len(base_runs) != len(runs):
         return {}
-    per_round = [base / own for base, own in zip(uncached["runs_ms"], row["runs_ms"], strict=True)]
+    per_round = [base / own for base, own in zip(base_runs, runs, strict=True)]
     return {"speedup_per_round": per_round, "speedup_paired": statistics.median(per_round)}
 
 
@@ -1311,7 +1331,7 @@ def described(row: dict[str, Any] | None) -> dict[str, Any] | None:
     if row is None:
         return None
     return {"compile": row["compile"], "prefetch": row["prefetch"], "method": row["method"], "ms": row["ms"],
-            "from_file": row.get("from_file")}
+            "timing": row.get("timing"), "from_file": row.get("from_file")}
 
 
 def column_verdict(rows: Sequence[dict[str, Any]], compile_mode: str, batch: int, model: str) -> dict[str, Any]:
@@ -1335,7 +1355,8 @@ def column_verdict(rows: Sequence[dict[str, Any]], compile_mode: str, batch: int
         ideal = best_row.get("ideal_speedup")
         best["efficiency"] = best["speedup"] / ideal if best["speedup"] is not None and ideal else None
     ratio = None if best is None or theirs is None else theirs["ms"] / best["ms"]
-    slowest = min((r for r in ours if r.get("speedup") is not None), key=lambda r: r["speedup"], default=None)
+    # a smoothcache row without its own cell's uncached row has no speedup to hold to 1.0: no verdict
+    slowest = None if any(r.get("speedup") is None for r in ours) else min(ours, key=lambda r: r["speedup"], default=None)
     speedup_target, efficiency_target = SPEEDUP_TARGETS.get((model, compile_mode, batch)), EFFICIENCY_TARGETS.get(model)
     picked = [r for r in (baseline_row, best_row, their_row) if r is not None]
     return {
@@ -1373,6 +1394,8 @@ def targets(rows: Sequence[dict[str, Any]], model: str) -> dict[str, Any]:
                        "efficiency": EFFICIENCY_TARGETS.get(model)},
         "baseline": "the column's fastest plain uncached row (prefetch off or on, no step graphs): conservative",
         "columns": [column_verdict([r for r in timed if column_of(r) == column], *column, model) for column in columns],
+        # the issue asks for every cell from one run: merged parts are several processes
+        "one_run": len({r.get("from_file") for r in timed}) <= 1,
         "bit_identical": {"compared": len(diffs), "identical": sum(d == 0.0 for d in diffs),
                           "all_identical": all(d == 0.0 for d in diffs) if diffs else None},
     }
@@ -1412,6 +1435,7 @@ def targets_table(found: dict[str, Any]) -> str:
     bits = found["bit_identical"]
     lines.append(f"step graphs bit-identical to the plain path: {flag(bits['all_identical'])} "
                  f"({bits['identical']} of {bits['compared']} rows compared)")
+    lines.append(f"every row from one run (one process): {flag(found['one_run'])}")
     return "\n".join(lines)
 
 

@@ -105,7 +105,6 @@ import platform
 import statistics
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -271,10 +270,6 @@ def differences(output: torch.Tensor, reference: torch.Tensor | None, against: s
     return {f"max_abs_diff_vs_{against}": float((output - reference).abs().max()), f"psnr_db_vs_{against}": psnr_db(output, reference)}
 
 
-def error_fields(error: BaseException) -> dict[str, str]:
-    return {"error": pipeline_speed.error_text(error), "traceback": traceback.format_exc(limit=8)[-4000:]}
-
-
 # ---- the parts ------------------------------------------------------------------------------------
 @dataclass
 class Run:
@@ -311,7 +306,7 @@ class Run:
         try:
             fields = {**fields, **measure_row()}
         except Exception as error:  # noqa: BLE001 - a configuration that cannot run here is recorded, not fatal
-            fields = {**fields, **error_fields(error)}
+            fields = {**fields, **pipeline_speed.error_fields(error)}
         release_memory()
         self.add(fields)
 
@@ -327,7 +322,7 @@ class Run:
         try:
             measured = measure_cell()
         except Exception as error:  # noqa: BLE001 - a cell that cannot run here is recorded, not fatal
-            measured = [error_fields(error)] * len(rows)
+            measured = [pipeline_speed.error_fields(error)] * len(rows)
         release_memory()
         for fields, found in zip(rows, measured, strict=True):
             self.add({**fields, **found})
@@ -446,7 +441,7 @@ def timed_cell(run: Run, weights: str, compile_mode: str) -> list[dict[str, Any]
                         try:
                             take_turn(turn, generate, timed_since, device)
                         except Exception as error:  # noqa: BLE001 - this method leaves the rounds; the others go on
-                            turn.error = error_fields(error)
+                            turn.error = pipeline_speed.error_fields(error)
         finally:
             for turn in turns:
                 if turn.handle is not None:
@@ -470,7 +465,7 @@ def attach_switched(turn: MethodTurns, work: Workload, compiled: list[str]) -> N
         turn.handle = smoothcache.cache(work.pipe, Schedule({key: list(work.mask) for key in keys}))
         turn.handle.disable()
     except Exception as error:  # noqa: BLE001 - this method's row records it; the others go on
-        turn.error = error_fields(error)
+        turn.error = pipeline_speed.error_fields(error)
 
 
 def turn_row(turn: MethodTurns, warmup: int, dtype: str, uncached: torch.Tensor | None) -> dict[str, Any]:
@@ -582,7 +577,7 @@ def with_derived(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             base = find(part="a", weights=row["weights"], compile=row["compile"], method=UNCACHED)
             if base:
                 row["speedup"] = base["ms"] / row["ms"]
-                row.update(paired_speedups(base, row))
+                row.update(pipeline_speed.paired_speedups(base, row))
         elif row["part"] == "b":
             base = find(part="b", method=UNCACHED)
             if base:
@@ -607,19 +602,6 @@ def with_derived(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if "speedup_paired" in row and "speedup_paired" in reference:
                     row["speedup_ratio_paired"] = row["speedup_paired"] / reference["speedup_paired"]
     return rows
-
-
-def paired_speedups(uncached: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
-    """Where a cell's methods took turns, the speedup round by round (the uncached generation
-    against the cached one of the same round, seconds apart, where the rows' medians may come from
-    different rounds) and its median: a second estimate, which a host drifting between rounds moves less."""
-    if row.get("timing") != "interleaved" or row is uncached:
-        return {}
-    base_runs, runs = uncached.get("runs_ms") or [], row.get("runs_ms") or []
-    if not runs or len(base_runs) != len(runs):
-        return {}
-    per_round = [b / r for b, r in zip(base_runs, runs, strict=True)]
-    return {"speedup_per_round": per_round, "speedup_paired": statistics.median(per_round)}
 
 
 def row_line(row: dict[str, Any]) -> str:

@@ -4,12 +4,14 @@ cells) and the result JSON holds what the GPU run will be judged by."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib
 import json
 import math
 import statistics
 import sys
+from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
@@ -102,9 +104,10 @@ def test_dit_rows_eager_with_and_without_prefetch(run, capsys):
     (result,) = run("--model", "dit", "--compile", "eager", "--batches", "1")
     check_rows(result)
     # the run's verdict: its one column, from the rows it wrote, printed at the end
-    assert result["targets"] == pipeline_speed.targets(result["rows"], "dit")
     (verdict,) = result["targets"]["columns"]
-    assert (verdict["compile"], verdict["batch"], verdict["one_process"]) == ("eager", 1, True)
+    assert (verdict["compile"], verdict["batch"], verdict["one_process"], result["targets"]["one_run"]) == ("eager", 1, True, True)
+    assert verdict["smoothcache_fastest"]["ms"] == min(r["ms"] for r in result["rows"] if r["implementation"] == "smoothcache")
+    assert verdict["smoothcache_fastest"]["timing"] == "interleaved"
     assert verdict["baseline"]["ms"] == min(r["ms"] for r in result["rows"] if r["method"] == "uncached")
     assert verdict["ratio_to_cache_dit"] == verdict["cache_dit_fastest"]["ms"] / verdict["smoothcache_fastest"]["ms"]
     assert "issue 20's targets, dit" in capsys.readouterr().out
@@ -348,7 +351,7 @@ def test_the_verdict_counts_step_graph_rows_where_they_stand_in_against_the_fast
     assert [(c["compile"], c["batch"]) for c in found["columns"]] == [("cudagraphs", 1)]
     verdict = column(found, "cudagraphs")
     assert verdict["baseline"] == {"compile": "cudagraphs", "prefetch": True, "method": "uncached", "ms": 160.0,
-                                   "from_file": None}
+                                   "timing": None, "from_file": None}
     ours = verdict["smoothcache_fastest"]
     assert (ours["compile"], ours["method"], ours["ms"]) == ("graphs", BLOCKS, 80.0)
     assert ours["speedup"] == 2.0 and ours["efficiency"] == pytest.approx(2.0 / 2.5)
@@ -390,7 +393,8 @@ def test_the_verdict_holds_flux_to_its_efficiency_and_says_none_where_rows_are_m
     assert unbased["meets_efficiency_target"] is None and unbased["none_below_1"] is None
     assert found["bit_identical"] == {"compared": 0, "identical": 0, "all_identical": None}
     table = pipeline_speed.targets_table(found).splitlines()
-    assert len(table) == 2 + len(found["columns"]) + 1 and table[2].startswith("eager b1")
+    assert len(table) == 2 + len(found["columns"]) + 2 and table[2].startswith("eager b1")
+    assert table[-1] == "every row from one run (one process): yes"
 
 
 def test_one_step_graph_row_off_the_plain_path_fails_bit_identity():
@@ -429,6 +433,7 @@ def test_merged_parts_say_which_file_each_row_came_from_and_a_column_across_file
     assert cudagraphs["baseline"]["from_file"] == 0 and cudagraphs["smoothcache_fastest"]["from_file"] == 1
     assert cudagraphs["smoothcache_fastest"]["speedup"] == 2.0 and cudagraphs["one_process"] is False
     assert eager["one_process"] is True and eager["smoothcache_fastest"]["speedup"] == 2.0
+    assert merged["targets"]["one_run"] is False  # two processes, though each column but one is within one
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("issue 20's targets, dit")
     assert [line.split()[:2] for line in printed[2:4]] == [["eager", "b1"], ["cudagraphs", "b1"]]
@@ -602,6 +607,45 @@ def test_a_method_failing_in_its_turn_leaves_the_rounds_and_the_others_go_on(run
         assert row["method"] == "uncached" or len(row["speedup_per_round"]) == 3
     assert [t for t in watched.turns if t.leftovers] == []
     watched.pristine.check(watched.work)
+
+
+def test_a_method_that_cannot_be_switched_off_stops_its_cell_rather_than_time_the_others_with_it(run, watched, monkeypatch):
+    """Its handle's disable() raises once, leaving it enabled: no other method may take a turn with
+    it on (the uncached turns would run cached), so the cell's every row records why it stopped."""
+    enabled = pipeline_speed.enabled
+    broke = []
+
+    @contextlib.contextmanager
+    def sticking_once(handle: Any) -> Iterator[None]:
+        if broke or list(handle.schedule.keys) != ["block"]:
+            with enabled(handle):
+                yield
+            return
+        handle.enable()
+        yield
+        broke.append(handle)
+        raise RuntimeError("disable failed")
+
+    monkeypatch.setattr(pipeline_speed, "enabled", sticking_once)
+    (result,) = run("--model", "dit", "--compile", "eager", "--batches", "2", "--prefetch", "off", "--repeats", "2")
+    rows = result["rows"]
+    assert len(rows) == 4 and broke
+    for row in rows:
+        assert "ms" not in row and "left smoothcache blocks (its handle) switched on" in row["error"], row
+    assert not broke[0].enabled  # the cell's teardown still switched it off
+    watched.pristine.check(watched.work)
+
+
+def test_a_failing_step_clocked_generation_keeps_the_timed_runs(run, monkeypatch):
+    def broken_clock(*_: Any) -> Any:
+        raise RuntimeError("no clock")
+
+    monkeypatch.setattr(pipeline_speed, "step_clock", broken_clock)
+    (result,) = run("--model", "dit", "--compile", "eager", "--batches", "1", "--prefetch", "off", "--methods", "blocks",
+                    "--repeats", "2")
+    for row in result["rows"]:
+        assert "error" not in row and len(row["runs_ms"]) == 2 and positive(row["ms"])
+        assert row["after_rounds_error"] == "RuntimeError: no clock" and row["step_ms"] is None
 
 
 def test_a_cell_whose_set_up_fails_records_it_in_each_row(run, monkeypatch):
