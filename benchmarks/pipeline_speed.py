@@ -1035,8 +1035,7 @@ class InTurnCell:
         """The warm-up rounds, then the timed ones; each round starts one method later than the last,
         so that no method always runs first (after another's last) or last."""
         for round_index in range(WARMUP["eager"] + self.runner.args.repeats):
-            shift = round_index % len(self.turns)
-            for turn in self.turns[shift:] + self.turns[:shift]:
+            for turn in in_rotation(self.turns, round_index):
                 if turn.error is None:
                     try:
                         self.take_turn(turn, round_index)
@@ -1152,6 +1151,13 @@ class InTurnCell:
             **self.runner.counts[(config.batch, config.method)],
             **self.runner.differences(config),
         }
+
+
+def in_rotation(turns: Sequence[Any], round_index: int) -> list[Any]:
+    """``turns`` in the order round ``round_index`` takes them: each round starts one later than the
+    last, so that no method always runs first (after the previous round's last) or last."""
+    shift = round_index % len(turns)
+    return [*turns[shift:], *turns[:shift]]
 
 
 @contextlib.contextmanager

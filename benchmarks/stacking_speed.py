@@ -119,7 +119,6 @@ import pipeline_speed
 from pipeline_speed import BLOCKS, LAYERS, UNCACHED, Config, Workload
 
 import smoothcache
-from smoothcache import Schedule
 from smoothcache.files import atomic_write_text
 
 PARTS = ("a", "b", "c")
@@ -434,9 +433,7 @@ def timed_cell(run: Run, weights: str, compile_mode: str) -> list[dict[str, Any]
             for round_index in range(warmup + args.repeats):
                 if round_index == warmup:
                     timed_since = time.perf_counter()
-                # each round starts one method later, so that no method always runs first (after
-                # the previous round's last) or last
-                for turn in turns[round_index % len(turns):] + turns[:round_index % len(turns)]:
+                for turn in pipeline_speed.in_rotation(turns, round_index):
                     if turn.error is None:
                         try:
                             take_turn(turn, generate, timed_since, device)
@@ -458,11 +455,10 @@ def attach_switched(turn: MethodTurns, work: Workload, compiled: list[str]) -> N
     """``turn``'s schedule cached on the (compiled) pipeline, then disabled at once: one handle may
     hold a model at a time (a second enabled one is refused), disabled ones coexist, and each is
     enabled for its own generations only. An error is the method's, not the cell's."""
-    keys = work.block_keys if turn.method == BLOCKS else work.layer_keys
-    turn.how = "; then ".join([*compiled, f"smoothcache.cache(pipe, Schedule({{{', '.join(map(repr, keys))}: mask}}))",
+    turn.how = "; then ".join([*compiled, pipeline_speed.smoothcache_how(work, turn.method),
                                "handle.disable(); handle.enable() before each of its generations, handle.disable() after"])
     try:
-        turn.handle = smoothcache.cache(work.pipe, Schedule({key: list(work.mask) for key in keys}))
+        turn.handle = smoothcache.cache(work.pipe, pipeline_speed.schedule_of(work, turn.method))
         turn.handle.disable()
     except Exception as error:  # noqa: BLE001 - this method's row records it; the others go on
         turn.error = pipeline_speed.error_fields(error)
@@ -505,8 +501,7 @@ def kept_form_row(run: Run, method: str, kept: str | None, outputs: dict[str, to
     if method == UNCACHED:
         row, outputs[UNCACHED] = measure(generate, 1, run.args.repeats)
         return {**row, "dtype": dtype_of(work)}
-    keys = work.block_keys if method == BLOCKS else work.layer_keys
-    with smoothcache.cache(work.pipe, Schedule({key: list(work.mask) for key in keys}), **KEPT_FORMS[kept]) as handle:
+    with smoothcache.cache(work.pipe, pipeline_speed.schedule_of(work, method), **KEPT_FORMS[kept]) as handle:
         row, output = measure(generate, 1, run.args.repeats)
         row.update(kept_fields(handle, compute_device(work)), dtype=dtype_of(work))
     if kept == "default":
