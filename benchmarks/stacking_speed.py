@@ -439,6 +439,11 @@ def timed_cell(run: Run, weights: str, compile_mode: str) -> list[dict[str, Any]
                             take_turn(turn, generate, timed_since, device)
                         except Exception as error:  # noqa: BLE001 - this method leaves the rounds; the others go on
                             turn.error = pipeline_speed.error_fields(error)
+                            left_on = [t.method for t in turns if t.handle is not None and t.handle.enabled]
+                            if left_on:  # its disable() failed: every later turn would run with its cache
+                                raise RuntimeError(
+                                    f"{turn.method}'s turn failed and left the cache of {', '.join(left_on)} enabled, "
+                                    "which the other methods' turns would run with; the cell stops") from error
         finally:
             for turn in turns:
                 if turn.handle is not None:

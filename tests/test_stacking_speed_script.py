@@ -187,6 +187,36 @@ def test_an_error_is_recorded_in_its_methods_row_or_its_cells_rows_and_the_run_g
     assert all("no compiler here" in r["error"] and r["timing"] == "interleaved" for r in compiled)
 
 
+def test_a_cache_that_cannot_be_disabled_stops_its_cell_rather_than_time_the_others_with_it(tmp_path, monkeypatch):
+    """A handle whose disable() fails once stays enabled: the uncached turns would run cached, so
+    the cell stops and each of its rows says why (the cell's teardown still disables it)."""
+    cache = stacking_speed.smoothcache.cache
+    stuck = []
+
+    def sticking_cache(pipe: Any, schedule: Any, **kwargs: Any) -> Any:
+        handle = cache(pipe, schedule, **kwargs)
+        if list(schedule.keys) == ["block"]:
+            disable, calls = handle.disable, []
+
+            def disable_failing_on_the_third_call() -> None:  # the first: at attaching; then one per turn
+                calls.append(1)
+                if len(calls) == 3:
+                    stuck.append(handle)
+                    raise RuntimeError("disable failed")
+                disable()
+
+            handle.disable = disable_failing_on_the_third_call
+        return handle
+
+    monkeypatch.setattr(stacking_speed.smoothcache, "cache", sticking_cache)
+    result = run_script("--tiny", "--device", "cpu", "--parts", "a", "--compile", "eager", "--weights", "fp16",
+                        "--repeats", "2", "--out", str(tmp_path))
+    (rows,) = cells_of(result).values()
+    assert stuck and not stuck[0].enabled
+    for row in rows:
+        assert "ms" not in row and "left the cache of smoothcache blocks enabled" in row["error"], row
+
+
 def part_a_result(rows: list[tuple[str, str, float]]) -> dict[str, Any]:
     """A result file of part a rows (weights, method, ms), eager, as a run writes it."""
     args = stacking_speed.parse_args(["--tiny", "--device", "cpu"])
