@@ -156,6 +156,10 @@ import and build)::
     # ~8-10 min: uncached and blocks; the budget stops the rest (each compiled Flux configuration ~3-4 min)
     python3 benchmarks/pipeline_speed.py --model flux --compile compile --prefetch off --max-minutes 5 --out "$OUT/flux-c"
     python3 benchmarks/pipeline_speed.py --model wan --compile eager --prefetch off --repeats 1 --no-step-clock --no-in-turn --methods blocks cache-dit --out "$OUT/wan-eager"  # ~5-8 min
+    # every DiT column in one process (~16 min, longer than one command): a process in its own session
+    # outlives its command on the lent machine; a later command on the same warm machine collects /tmp/all
+    setsid nohup python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs graphs compile eager eager-graphs \\
+        --prefetch on --methods blocks layers cache-dit --max-minutes 20 --out /tmp/all > /tmp/all.log 2>&1 < /dev/null &
 
 Then ``--plot-from A/pipeline-speed-dit.json B/pipeline-speed-dit.json ... --out DIR`` merges one
 model's parts into one JSON and plot (each cell's rows from one file: every speedup within one process;
@@ -1502,6 +1506,17 @@ def plotted_panels(rows: Sequence[dict[str, Any]]) -> tuple[list[tuple[str, int]
     return (timed, [c for c in cells if c not in timed]) if timed else (cells, [])
 
 
+def marker_ceiling(rows: Sequence[dict[str, Any]], plotted: Plotted) -> float:
+    """The axes' top: the tallest bar or ideal tick, or a step-graph marker no more than half again
+    as tall. A marker against plain eager can stand several times the bars (the graphs' own gain);
+    scaling to it would flatten every bar, so such a marker is drawn at this ceiling, its value written."""
+    heights = [v for v in plotted.bars.values() if not isinstance(v, str)]
+    heights += [r["ideal_speedup"] for r in rows if r.get("ideal_speedup")]
+    top = max(heights, default=1.0)
+    markers = [v for v in plotted.markers.values() if v <= 1.5 * top]
+    return max([top, *markers])
+
+
 def plot(result: dict[str, Any], path: Path) -> Path:
     """One panel per (compile, batch) cell: speedup of each method over the plain uncached
     ``pipe(...)`` (hatched: with prefetch), black ticks at the ideal speedup, a line at 1.0."""
@@ -1522,6 +1537,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(down, across, figsize=(1.6 + 3.0 * across, 0.8 + 3.6 * down), sharey=True, squeeze=False)
     for ax in axes.flat[len(panels):]:  # a last row not full
         ax.set_visible(False)
+    top = marker_ceiling(rows, plotted)
     for ax, (compile_mode, batch) in zip(axes.flat, panels):
         for j, prefetch in enumerate(prefetches):
             for i, method in enumerate(methods):
@@ -1539,8 +1555,14 @@ def plot(result: dict[str, Any], path: Path) -> Path:
                     ax.plot([x - width / 2, x + width / 2], [row["ideal_speedup"]] * 2, color="black", linewidth=2)
                 instead = plotted.markers.get((compile_mode, batch, prefetch, method))
                 if instead is not None:  # a step-graphs row against the pipeline a user would run instead
-                    ax.plot(x, instead, marker="D", markersize=5, markerfacecolor="white", markeredgecolor="tab:red")
+                    # one far above the bars (graphs against plain eager) sits on the top edge, its value written
+                    ax.plot(x, min(instead, top), marker="D", markersize=5, markerfacecolor="white",
+                            markeredgecolor="tab:red", clip_on=False)
+                    if instead > top:
+                        ax.annotate(f"{instead:.2f}x", (x, top), xytext=(4, -3), textcoords="offset points",
+                                    fontsize=6, color="tab:red")
         ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_ylim(0, top * 1.05)
         ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], fontsize=6)
         ax.set_title(f"{compile_mode}, batch {batch}\n(against uncached {plotted.baselines[(compile_mode, batch)]})", fontsize=8)
     for ax in axes[:, 0]:

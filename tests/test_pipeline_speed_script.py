@@ -304,6 +304,19 @@ def test_a_cell_run_with_prefetch_only_plots_against_its_own_uncached_call(tmp_p
     assert pipeline_speed.plot(result, tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_the_axes_stop_below_a_step_graph_marker_far_above_the_bars():
+    """Step graphs against plain eager measured 5.5x and 17.3x beside 2x bars on one H100; scaling
+    the shared axis to them flattened every bar. The top follows the bars and ideal ticks, and a
+    marker at most half again as tall; a taller one is drawn on the edge with its value."""
+    bars = {("eager", 1, True, "uncached"): 1.0, ("eager", 1, True, BLOCKS): 1.9, ("eager", 1, True, LAYERS): "failed"}
+    rows = [{"method": BLOCKS, "ideal_speedup": 2.08}, {"method": "uncached"}]
+    near = pipeline_speed.Plotted({}, bars, {("graphs", 1, True, BLOCKS): 2.5})
+    far = pipeline_speed.Plotted({}, bars, {("eager-graphs", 1, True, BLOCKS): 17.3})
+    assert pipeline_speed.marker_ceiling(rows, near) == 2.5
+    assert pipeline_speed.marker_ceiling(rows, far) == 2.08
+    assert pipeline_speed.marker_ceiling([], pipeline_speed.Plotted({}, {}, {})) == 1.0
+
+
 def test_a_cell_with_no_timed_row_is_named_not_drawn():
     """A cell cut by the time budget gets no empty panel: the title lists it as not run. A run with
     no timed row at all still draws every cell (its labels say why)."""
