@@ -7,10 +7,13 @@ depend on them). Eager cells time their methods in turn on one pipeline set-up (
 borrowed GPU host's speed drifts by up to 1.5x within a minute and eager DiT is bound by the host's
 kernel launches, so rows timed one after the other did not compare. Each smoothcache schedule is
 attached once and enabled for its own generations only; cache-dit is enabled before each of its
-generations and disabled after. The other settings time one configuration after another
-(``"sequential"``), since each compiles or captures its own; so do eager cells with
-``--no-in-turn``, whose rows are then written one by one (an in-turn cell's rows are written when
-the cell ends, which a command's time limit could cut where a generation takes a minute).
+generations and disabled after. Plain compile cells time uncached and smoothcache's methods in turn
+the same way on one compiled transformer (compiled, then cached, as a user does; cache-dit, enabled
+before compiling, would recompile at every switch, so it is compiled alone after them). The other
+settings time one configuration after another (``"sequential"``), since each compiles or captures
+its own; so does every cell with ``--no-in-turn``, whose rows are then written one by one (an
+in-turn cell's rows are written when the cell ends, which a command's time limit could cut where
+a generation takes a minute).
 
 Models:
 
@@ -119,7 +122,7 @@ the device's time on both; None with ``--no-step-clock``, which saves that gener
 trace of one more generation (``trace-*.json.gz``, each model call a range "step N computing" or
 "step N reusing") and list their busiest host operators (``top_host_ops``); and ``error`` where a configuration failed (the run goes on).
 
-Cells run most wanted first, so that ``--max-minutes`` (no configuration or eager cell starts past
+Cells run most wanted first, so that ``--max-minutes`` (no configuration or in-turn cell starts past
 it) trims the least wanted: DiT: CUDA graphs at each batch (largest first), compile at the largest,
 eager at each, compile at the others; Flux and Wan: eager, compile, CUDA graphs. The JSON is written after every
 row, so a run cut short keeps what it measured. One line is printed per row, and an estimate of the
@@ -422,11 +425,20 @@ def cells(model: str, compiles: Sequence[str], batches: Sequence[int]) -> list[t
     return [cell for cell in order if cell[0] in compiles]
 
 
+IN_TURN_COMPILES = ("eager", "compile")  # settings whose cells can time their methods in turn
+
+
 def timed_in_turn(config: Config, in_turn: bool = True) -> bool:
-    """Whether ``config``'s cell times its methods in turn on one set-up (eager, unless ``in_turn``
-    is off: nothing to compile or capture per method); the other settings compile or capture each
-    configuration's own."""
-    return in_turn and config.compile == "eager"
+    """Whether ``config`` takes turns with its cell's other methods on one set-up (unless ``in_turn``
+    is off): eager, every method; plain compile, uncached and smoothcache's, on one compiled
+    transformer, as a user compiles once and caches after (dynamo keeps each method's graphs; the
+    cache's decisions pick them). cache-dit, enabled before compiling as its docs say, and switched
+    on and off by re-wrapping its blocks, would recompile at every turn: under compile it is timed
+    alone after the cell, as every configuration of the other settings is (each compiles or
+    captures its own)."""
+    if not in_turn or config.compile not in IN_TURN_COMPILES:
+        return False
+    return config.compile == "eager" or config.method != CACHE_DIT
 
 
 def timing_groups(plan: Sequence[Config], in_turn: bool = True) -> list[list[Config]]:
@@ -469,13 +481,9 @@ def configured(work: Workload, config: Config, backend: str) -> Iterator[Attache
     torch._dynamo.reset()
 
     def compile_transformer() -> None:
-        if config.compile in ("eager", "eager-graphs"):
-            return
-        mode = {"mode": "reduce-overhead"} if config.compile == "cudagraphs" and backend == "inductor" else {}
-        pipe.transformer = torch.compile(pipe.transformer, backend=backend, **mode)
-        undo.append(lambda: setattr(pipe, "transformer", unwrapped(pipe.transformer)))
-        shown = ", mode='reduce-overhead'" if mode else ""
-        attached.how.append(f"pipe.transformer = torch.compile(pipe.transformer, backend={backend!r}{shown})")
+        how = compile_transformer_of(pipe, config.compile, backend, undo)
+        if how:
+            attached.how.append(how)
 
     try:
         if config.method == CACHE_DIT:  # cache-dit's docs: enable_cache(pipe), then torch.compile
@@ -502,6 +510,18 @@ def configured(work: Workload, config: Config, backend: str) -> Iterator[Attache
         yield attached
     finally:
         undo_all(undo, attached.teardown_errors)
+
+
+def compile_transformer_of(pipe: Any, compile_mode: str, backend: str, undo: list[Callable[[], Any]]) -> str | None:
+    """``pipe.transformer`` compiled as ``compile_mode`` says (nothing for the eager settings), its
+    undoing appended to ``undo``; how, in words."""
+    if compile_mode in ("eager", "eager-graphs"):
+        return None
+    mode = {"mode": "reduce-overhead"} if compile_mode == "cudagraphs" and backend == "inductor" else {}
+    pipe.transformer = torch.compile(pipe.transformer, backend=backend, **mode)
+    undo.append(lambda: setattr(pipe, "transformer", unwrapped(pipe.transformer)))
+    shown = ", mode='reduce-overhead'" if mode else ""
+    return f"pipe.transformer = torch.compile(pipe.transformer, backend={backend!r}{shown})"
 
 
 def undo_all(undo: Sequence[Callable[[], Any]], errors: list[str]) -> None:
@@ -929,16 +949,19 @@ class Runner:
             "step_clock": self.args.step_clock,
             "timing": {"eager": ("interleaved: the cell's methods in turn on one set-up, each round starting one method later"
                                  if self.args.in_turn else "sequential (--no-in-turn)"),
+                       "compile": ("interleaved: uncached and smoothcache's methods in turn on one compiled transformer, "
+                                   "each round starting one method later; cache-dit compiled alone after them"
+                                   if self.args.in_turn else "sequential (--no-in-turn)"),
                        "others": "sequential: one configuration after another, each compiling or capturing its own"},
             "ideal_speedup": "FLOPs of one eager uncached generation / FLOPs of one eager generation of the method "
                              "(torch.utils.flop_counter), same batch",
         }
 
 
-# ---- eager cells: the methods in turn ----------------------------------------------------------
+# ---- eager and plain compile cells: the methods in turn -----------------------------------------
 @dataclass
 class Turn:
-    """One method of an eager cell: how it is switched on for its own generations only, and what
+    """One method of an in-turn cell: how it is switched on for its own generations only, and what
     those generations measured."""
 
     config: Config
@@ -961,15 +984,19 @@ class Turn:
 
 
 class InTurnCell:
-    """An eager (batch, prefetch) cell's methods on one pipeline set-up, taking turns: after the
-    warm-up rounds, ``--repeats`` rounds of one generation each, every round starting one method
-    later. Eager DiT is bound by the host's kernel launches and a borrowed host's speed drifts
-    within a minute, so methods timed one after the other would not compare; in turn, the drift
-    hits them alike."""
+    """A (compile, batch, prefetch) cell's methods on one pipeline set-up, taking turns (which
+    methods: ``timed_in_turn``): after the warm-up rounds, ``--repeats`` rounds of one generation
+    each, every round starting one method later. Eager DiT and plain compile at small batches are
+    bound by the host, and a borrowed host's speed drifts within a minute (one H100 timed compiled
+    whole blocks above their ideal speedup, one configuration after the other), so methods timed
+    one after the other would not compare; in turn, the drift hits them alike."""
 
     def __init__(self, runner: Runner, configs: Sequence[Config]) -> None:
         self.runner, self.work = runner, runner.work
-        self.generate = runner.generation(configs[0].batch, compiled=False)
+        self.compile_mode = configs[0].compile
+        self.compiled = self.compile_mode != "eager"
+        self.warmup = WARMUP[self.compile_mode]
+        self.generate = runner.generation(configs[0].batch, compiled=self.compiled)
         self.turns = [Turn(config) for config in configs]
         self.timed_since: float | None = None  # when the first timed generation started
         self.teardown_errors: list[str] = []
@@ -996,18 +1023,20 @@ class InTurnCell:
 
     @contextlib.contextmanager
     def set_up(self) -> Iterator[None]:
-        """Prefetch where the cell has it, then each method made ready and switched off; all of it
-        undone afterwards in reverse (what cache-dit leaves on the transformer put back last)."""
+        """The transformer compiled where the cell is compiled, prefetch where it has it, then each
+        method made ready and switched off; all of it undone afterwards in reverse (what cache-dit
+        leaves on the transformer put back last)."""
         pipe, undo = self.work.pipe, []
         torch._dynamo.reset()
         try:
             undo.append(gpu_peers.restorer(pipe.transformer))
+            compiled_how = compile_transformer_of(pipe, self.compile_mode, self.runner.args.backend, undo)
             prefetch = None
             if self.turns[0].config.prefetch:
                 prefetch = smoothcache.prefetch_timesteps(pipe, device_once=True)
                 undo.append(prefetch.disable)
             for turn in self.turns:
-                turn.how = [PREFETCH_HOW] if prefetch else []
+                turn.how = [how for how in (compiled_how, PREFETCH_HOW if prefetch else None) if how]
                 self.make_ready(turn, prefetch)
                 if turn.handle is not None:
                     undo.append(turn.handle.disable)
@@ -1040,7 +1069,7 @@ class InTurnCell:
     def take_rounds(self) -> None:
         """The warm-up rounds, then the timed ones; each round starts one method later than the last,
         so that no method always runs first (after another's last) or last."""
-        for round_index in range(WARMUP["eager"] + self.runner.args.repeats):
+        for round_index in range(self.warmup + self.runner.args.repeats):
             for turn in in_rotation(self.turns, round_index):
                 if turn.error is None:
                     try:
@@ -1059,13 +1088,13 @@ class InTurnCell:
         found = [f"{t.config.method} (its handle)" for t in self.turns if t.handle is not None and t.handle.enabled]
         if "_original_call" in vars(type(self.work.pipe)):
             found.append("cache-dit's pipeline __call__")
-        if "forward" in vars(self.work.pipe.transformer):
+        if "forward" in vars(unwrapped(self.work.pipe.transformer)):  # torch.compile's wrapper sets its own
             found.append("a forward set on the transformer")
         return found
 
     def take_turn(self, turn: Turn, round_index: int) -> None:
         """One generation of ``turn``'s method, switched on for it alone."""
-        warming_up = round_index < WARMUP["eager"]
+        warming_up = round_index < self.warmup
         with self.switched_on(turn, "warmup" if warming_up else "timed"):
             if warming_up:
                 self.warm_up_generation(turn, round_index)
@@ -1073,14 +1102,19 @@ class InTurnCell:
                 self.timed_generation(turn)
 
     def warm_up_generation(self, turn: Turn, round_index: int) -> None:
-        """As ``Runner.warm_up`` does eagerly: the run's first generation of a (batch, method) is the
-        counted one; the last warm-up counts the host's waits for the GPU."""
+        """As ``Runner.warm_up`` does: the run's first generation of a (batch, method) is counted,
+        eagerly (compiled: one more, under ``force_eager``, before the method's first compiled
+        one); the last warm-up counts the host's waits for the GPU."""
         key = (turn.config.batch, turn.config.method)
         run = self.generate
         if round_index == 0 and key not in self.runner.counts:
-            run = partial(self.runner.count, key, self.generate)
+            if self.compiled:  # not part of the warm-up's seconds, as in Runner.warm_up
+                with torch.compiler.set_stance("force_eager"):
+                    self.runner.count(key, self.generate)
+            else:
+                run = partial(self.runner.count, key, self.generate)
         start = time.perf_counter()
-        if round_index == WARMUP["eager"] - 1:
+        if round_index == self.warmup - 1:
             turn.host_syncs = host_syncs_of(run, self.runner.device)
         else:
             run()
@@ -1673,7 +1707,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="compiled configurations (uncached too) run their timed generations under "
                              "torch.compiler.set_stance(skip_guard_eval_unsafe=True), after the warm-up")
     parser.add_argument("--in-turn", action=argparse.BooleanOptionalAction, default=True,
-                        help="eager cells time their methods in turn (default); --no-in-turn times them one after "
+                        help="eager and plain compile cells time their methods in turn (default; under compile "
+                             "cache-dit alone after them); --no-in-turn times them one after "
                              "another, each row written as it ends (a Wan cell's generations take a minute each)")
     parser.add_argument("--step-clock", action=argparse.BooleanOptionalAction, default=True,
                         help="one more generation per configuration with its steps clocked (step_ms); "
