@@ -43,6 +43,10 @@ class BenchResult:
     timing: str = "interleaved"  # or "sequential": uncached runs, then cached ones (step graphs)
     step_graphs: dict[str, Any] | None = None  # uncached and cached: the step graphs' counts, where replayed
     skip_guards: bool = False  # timed under torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+    # with step graphs: the plain pipeline, uncached and without them (what a user runs before either),
+    # and the cached replayed pipeline's speedup over it: the graphs' gain and the cache's together
+    plain_uncached_seconds: float | None = None
+    speedup_over_plain: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -220,6 +224,8 @@ def benchmark_schedule(
     ``step_graphs`` replays each step's model call from a CUDA graph (:func:`smoothcache.step_graphs`)
     in both: the uncached runs, then the cached ones, each after a plain generation, the capture
     and one replay (attaching or removing the cache drops the graphs, so the two cannot take turns).
+    Before them the plain pipeline is timed too, uncached and without step graphs: ``speedup`` is
+    the cache's gain with graphs on both sides, ``speedup_over_plain`` the user's gain from both.
     ``skip_guards`` times compiled runs under ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``,
     after the warm-up.
 
@@ -240,7 +246,8 @@ def benchmark_schedule(
         cuda_graphs = cuda_graphs_anywhere(model) if cuda_graphs is None else cuda_graphs
     if step_graphs:
         warmup, cuda_graphs = STEP_GRAPHS_WARMUP, True
-    calls = int(measure_ideal) + 2 * warmup + 2 * repeats + int(device.type == "cuda")  # the last: counting syncs
+    phases = 3 if step_graphs else 2  # with step graphs, the plain uncached pipeline first
+    calls = int(measure_ideal) + phases * (warmup + repeats) + int(device.type == "cuda")  # the last: counting syncs
     bar = tqdm(total=calls, desc="bench", unit="call", disable=not progress)
     run = _counted(run, bar)
     ideal = None
@@ -260,9 +267,11 @@ def benchmark_schedule(
     uncached, cached = (statistics.median(times[n]) for n in ("uncached", "cached"))
     speedup = uncached / cached
     efficiency = speedup / ideal if ideal else None
+    plain = statistics.median(times["plain"]) if "plain" in times else None
     result = BenchResult(
         uncached, cached, speedup, ideal, efficiency, schedule.compute_fraction(), peaks or None, host_syncs,
         timing="sequential" if step_graphs else "interleaved", step_graphs=graph_counts, skip_guards=skip_guards and compiled,
+        plain_uncached_seconds=plain, speedup_over_plain=None if plain is None else plain / cached,
     )
     caches_layers = any(layer.streams is None for layer in handle.layers)
     graphs = cuda_graphs if device.type == "cuda" else None  # launches cost the host on a GPU only
@@ -309,12 +318,18 @@ def _timed_in_turn(pipe: Any, handle: Any, run: Callable[[], Any], device: torch
 
 def _timed_one_after_the_other(pipe: Any, handle: Any, run: Callable[[], Any], device: torch.device, warmup: int,
                                repeats: int, *, skip_guards: bool) -> Timings:
-    """With step graphs: the uncached runs, then the cached ones, each with step graphs attached
-    afresh and warmed up through one replay; the host's waits counted in one more cached replay."""
-    times: dict[str, list[float]] = {"uncached": [], "cached": []}
+    """With step graphs: the plain pipeline's runs (uncached, no graphs), then the uncached runs and
+    the cached ones, each with step graphs attached afresh and warmed up through one replay; the
+    host's waits counted in one more cached replay."""
+    times: dict[str, list[float]] = {"plain": [], "uncached": [], "cached": []}
     peaks: dict[str, float] = {}
     counts: dict[str, Any] = {}
     host_syncs = None
+    for _ in range(warmup):
+        run()
+    timed_plain = unchecked(run) if skip_guards else run
+    for _ in range(repeats):
+        times["plain"].append(_timed_with_peak(timed_plain, device, peaks, "plain"))
     for name in ("uncached", "cached"):
         try:
             if name == "cached":

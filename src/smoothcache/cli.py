@@ -426,6 +426,9 @@ def _print_bench_cell(args: argparse.Namespace, schedule: Schedule, cell: dict[s
         counts = cell["step_graphs"]
         print("step graphs (uncached runs, then cached ones): " + "; ".join(
             f"{name} {c['replayed']} calls replayed, {c['captured']} captured" for name, c in counts.items()))
+    if cell.get("plain_uncached_seconds") is not None:
+        print(f"without step graphs: uncached {cell['plain_uncached_seconds']:.3f}s; cached with step graphs "
+              f"{cell['speedup_over_plain']:.2f}x faster than that (the graphs' gain and the cache's)")
     if cell["skip_guards"]:
         print("timed with torch.compiler.set_stance(skip_guard_eval_unsafe=True)")
     for warning in cell["warnings"]:
@@ -721,7 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prefetch_arg(bench)
     bench.add_argument("--step-graphs", action="store_true",
                        help="replay each step's model call from a CUDA graph (smoothcache.step_graphs), uncached and "
-                       "cached alike; timed one after the other, not in turn (CUDA; with --compile none or model)")
+                       "cached alike, after timing the plain uncached pipeline without them (the cached call's "
+                       "speedup over it: graphs and cache together); timed one after the other, not in turn "
+                       "(CUDA; with --compile none or model)")
     bench.add_argument("--skip-guards", action="store_true",
                        help="time compiled runs under torch.compiler.set_stance(skip_guard_eval_unsafe=True), after "
                        "the warm-up (docs/speed.md says when that is safe)")
