@@ -61,9 +61,11 @@ torch.compile(pipe.transformer)``, default mode); ``cudagraphs``, the same with
 docs/user_guide/CUDA_GRAPH.md shows). Each library is combined with compile its documented way:
 smoothcache caches the compiled pipeline (docs/speed.md; its hooks sit on the model inside the
 wrapper, as ``smoothcache bench --compile`` does); cache-dit is enabled first, then the transformer
-compiled (cache-dit's docs/user_guide/COMPILE.md). Every configuration starts from a reset dynamo
-(``torch._dynamo.reset()``: no graphs, guards or CUDA graph trees left from the last), and the
-compiled wrapper is removed after it. Under compile, every ``pipe(...)`` call is preceded by
+compiled (cache-dit's docs/user_guide/COMPILE.md). Every configuration, or in-turn cell, starts
+from a reset dynamo (``torch._dynamo.reset()``: no graphs, guards or CUDA graph trees left from the
+last), and the compiled wrapper is removed after it; an in-turn compile cell's methods share one
+wrapper and one dynamo, so its rows' ``graphs_compiled_in_warmup`` counts the graphs each method's
+own turns compiled (what an earlier turn compiled is not compiled again), unlike a sequential row's. Under compile, every ``pipe(...)`` call is preceded by
 ``torch.compiler.cudagraph_mark_step_begin()``, as ``smoothcache bench`` does: once anything in the
 process marked a step (smoothcache marks each generation's start, so that kept outputs survive its
 steps), cudagraph trees start a new generation only at marks, for every compiled function.
@@ -87,6 +89,8 @@ where the run has the same method without step graphs (``compile``, ``eager``),
 its warm-up, which compiled every graph it needs) under
 ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: dynamo checks only the guards that tell
 its graphs apart (the cache's decisions among them), not every parameter's; the settings say so.
+cache-dit's rows keep every guard: under the stance its compiled transformer recompiled after the
+warm-up, which the stance refuses (a row of errors otherwise; tested on the CPU).
 
 ``--prefetch on`` applies ``smoothcache.prefetch_timesteps(pipe, device_once=True)`` (opt-in,
 bit-identical outputs: it removes the per-step host wait of pipelines whose scheduler keeps
@@ -156,8 +160,9 @@ import and build)::
     python3 benchmarks/pipeline_speed.py --model dit --compile compile --batches 1 --out "$OUT/dit-c1"      # ~5-7 min
     # Flux and Wan keep their timesteps on the device (nothing to prefetch): --prefetch off
     python3 benchmarks/pipeline_speed.py --model flux --compile eager --prefetch off --out "$OUT/flux-eager"  # ~2-3 min
-    # ~8-10 min: uncached and blocks; the budget stops the rest (each compiled Flux configuration ~3-4 min)
-    python3 benchmarks/pipeline_speed.py --model flux --compile compile --prefetch off --max-minutes 5 --out "$OUT/flux-c"
+    # uncached and blocks in turn, then cache-dit alone (one after another on one H100: 5.4 min with --repeats 2;
+    # layers would add ~2 min to the in-turn cell, whose rows are written only when it ends)
+    python3 benchmarks/pipeline_speed.py --model flux --compile compile --prefetch off --methods blocks cache-dit --repeats 2 --max-minutes 5.5 --out "$OUT/flux-c"
     python3 benchmarks/pipeline_speed.py --model wan --compile eager --prefetch off --repeats 1 --no-step-clock --no-in-turn --methods blocks cache-dit --out "$OUT/wan-eager"  # ~5-8 min
     # every DiT column in one process (~16 min, longer than one command): a process in its own session
     # outlives its command on the lent machine; a later command on the same warm machine collects /tmp/all
@@ -435,15 +440,17 @@ def timed_in_turn(config: Config, in_turn: bool = True) -> bool:
     cache's decisions pick them). cache-dit, enabled before compiling as its docs say, and switched
     on and off by re-wrapping its blocks, would recompile at every turn: under compile it is timed
     alone after the cell, as every configuration of the other settings is (each compiles or
-    captures its own)."""
+    captures its own), so its speedup and the column's ratio to it still compare times taken
+    minutes apart."""
     if not in_turn or config.compile not in IN_TURN_COMPILES:
         return False
     return config.compile == "eager" or config.method != CACHE_DIT
 
 
 def timing_groups(plan: Sequence[Config], in_turn: bool = True) -> list[list[Config]]:
-    """The plan as it is timed, in the order of first appearance: each eager (compile, batch,
-    prefetch) cell's configurations together, every other configuration alone."""
+    """The plan as it is timed, in the order of first appearance: the configurations of each
+    (compile, batch, prefetch) cell that take turns (``timed_in_turn``) together, every other
+    configuration alone."""
     groups: dict[tuple[Any, ...], list[Config]] = {}
     for config in plan:
         groups.setdefault(config[:3] if timed_in_turn(config, in_turn) else config, []).append(config)
@@ -803,7 +810,7 @@ class Runner:
         before = gpu_bench.dynamo_counts()
         syncs, warmup_s = self.warm_up(config, generate)
         after_warmup = gpu_bench.dynamo_counts()
-        if self.args.skip_guards and compiled:
+        if self.args.skip_guards and compiled and config.method != CACHE_DIT:
             generate = unchecked(generate)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -934,7 +941,8 @@ class Runner:
             "traced": sorted(args.trace),
             "prefetch_available": prefetch_available(), "repeats": args.repeats, "warmup": WARMUP,
             "backend": args.backend, "max_minutes": args.max_minutes,
-            "skip_guard_eval_unsafe": "timed, clocked and traced runs of compiled configurations" if args.skip_guards else False,
+            "skip_guard_eval_unsafe": ("timed, clocked and traced runs of compiled configurations but cache-dit's"
+                                       if args.skip_guards else False),
             "recompile_limit": torch._dynamo.config.recompile_limit,
             "accumulated_recompile_limit": torch._dynamo.config.accumulated_recompile_limit,
             "compile_how": {
@@ -997,9 +1005,15 @@ class InTurnCell:
         self.compiled = self.compile_mode != "eager"
         self.warmup = WARMUP[self.compile_mode]
         self.generate = runner.generation(configs[0].batch, compiled=self.compiled)
+        self.skip_guards = runner.args.skip_guards and self.compiled
         self.turns = [Turn(config) for config in configs]
         self.timed_since: float | None = None  # when the first timed generation started
         self.teardown_errors: list[str] = []
+
+    def after_warmup(self) -> Callable[[], torch.Tensor]:
+        """The generation the timed, clocked and traced runs make: with ``--skip-guards`` under the
+        stance (the warm-up compiled every graph), else ``generate`` as it is."""
+        return unchecked(self.generate) if self.skip_guards else self.generate
 
     def measure(self) -> list[dict[str, Any]]:
         """A row per method, in the cell's order; a failed set-up fails every row."""
@@ -1127,7 +1141,7 @@ class InTurnCell:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        output = self.generate()
+        output = self.after_warmup()()
         sync()
         turn.times.append(time.perf_counter() - start)
         self.timed_since = start if self.timed_since is None else self.timed_since
@@ -1157,12 +1171,12 @@ class InTurnCell:
             try:
                 if args.step_clock:
                     with self.switched_on(turn, "timed"), step_clock(self.work.pipe.transformer, self.runner.device) as marks:
-                        self.generate()
+                        self.after_warmup()()
                         sync()
                     turn.step_ms = step_times(marks, self.work.mask, self.work.calls_per_step)
                 if turn.config.method in args.trace:
                     with self.switched_on(turn, "timed"):
-                        turn.traced = traced_generation(self.work, self.generate, self.runner.device,
+                        turn.traced = traced_generation(self.work, self.after_warmup(), self.runner.device,
                                                         self.runner.trace_path(turn.config))
             except Exception as error:  # noqa: BLE001 - its timed runs stand; the row says what failed after them
                 turn.after_rounds_error = error_text(error)
@@ -1428,8 +1442,9 @@ def targets(rows: Sequence[dict[str, Any]], model: str) -> dict[str, Any]:
     One entry per column, a user's compile setting (eager, compile, cudagraphs) and batch; step-graph
     rows count in the setting they stand in for, as smoothcache configurations. The baseline is the
     column's fastest plain uncached row, prefetch off or on, not the step-graph uncached rows
-    (smoothcache's own feature): conservative on purpose, every speedup here is against the best
-    pipeline a user gets without smoothcache. ``one_process`` says whether the baseline and both
+    (smoothcache's own feature): conservative on purpose, every ``speedup`` here is against the best
+    pipeline a user gets without smoothcache; ``own_cell_speedup`` and ``efficiency`` are the fastest
+    row's against its own cell's uncached row (step graphs' gain is not caching's). ``one_process`` says whether the baseline and both
     fastest rows came from one file (``from_file``, set by ``merge``). Missing data gives None."""
     columns = sorted({column_of(r) for r in rows}, key=lambda c: (DEFAULT_COMPILES.index(c[0]), -c[1]))
     timed = [r for r in rows if r.get("ms") is not None]
@@ -1540,6 +1555,9 @@ def plotted_panels(rows: Sequence[dict[str, Any]]) -> tuple[list[tuple[str, int]
     return (timed, [c for c in cells if c not in timed]) if timed else (cells, [])
 
 
+CAPPED_AT, HEADROOM_CAPPED = 1.1, 1.35  # where a capped marker is drawn, and the axes' top then (x the ceiling)
+
+
 def marker_ceiling(rows: Sequence[dict[str, Any]], plotted: Plotted) -> float:
     """The axes' top: the tallest bar or ideal tick, or a step-graph marker no more than half again
     as tall. A marker against plain eager can stand several times the bars (the graphs' own gain);
@@ -1589,14 +1607,16 @@ def plot(result: dict[str, Any], path: Path) -> Path:
                     ax.plot([x - width / 2, x + width / 2], [row["ideal_speedup"]] * 2, color="black", linewidth=2)
                 instead = plotted.markers.get((compile_mode, batch, prefetch, method))
                 if instead is not None:  # a step-graphs row against the pipeline a user would run instead
-                    # one far above the bars (graphs against plain eager) sits on the top edge, its value written
-                    ax.plot(x, min(instead, top), marker="D", markersize=5, markerfacecolor="white",
-                            markeredgecolor="tab:red", clip_on=False)
-                    if instead > top:
-                        ax.annotate(f"{instead:.2f}x", (x, top), xytext=(4, -3), textcoords="offset points",
-                                    fontsize=6, color="tab:red")
+                    # one far above the bars (graphs against plain eager) sits above them, its value written
+                    # (staggered by prefetch setting, so that neighbours' labels do not collide)
+                    capped = instead > top
+                    ax.plot(x, top * CAPPED_AT if capped else instead, marker="D", markersize=5,
+                            markerfacecolor="white", markeredgecolor="tab:red", clip_on=False)
+                    if capped:
+                        ax.annotate(f"{instead:.1f}x", (x, top * CAPPED_AT), xytext=(0, 4 + 7 * j),
+                                    textcoords="offset points", fontsize=6, color="tab:red", ha="center")
         ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.set_ylim(0, top * 1.05)
+        ax.set_ylim(0, top * (HEADROOM_CAPPED if any(v > top for v in plotted.markers.values()) else 1.05))
         ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], fontsize=6)
         ax.set_title(f"{compile_mode}, batch {batch}\n(against uncached {plotted.baselines[(compile_mode, batch)]})", fontsize=8)
     for ax in axes[:, 0]:

@@ -246,12 +246,36 @@ def test_step_graph_rows_are_also_compared_with_the_pipeline_they_stand_in_for()
     assert rows[1]["speedup_vs_eager_uncached"] == 4.0 and "speedup_vs_cudagraphs_uncached" not in cached
 
 
-def test_skip_guards_times_compiled_rows_with_only_the_guards_that_tell_graphs_apart(run):
-    """--skip-guards: after the warm-up, every compiled configuration runs under
-    set_stance(skip_guard_eval_unsafe=True); nothing compiles and every output is as checked."""
-    args = ("--model", "dit", "--compile", "compile", "--batches", "1", "--prefetch", "off", "--methods", "layers")
+def test_skip_guards_times_compiled_rows_with_only_the_guards_that_tell_graphs_apart(run, monkeypatch):
+    """--skip-guards: after the warm-up, every compiled configuration's timed and clocked generations
+    run under set_stance(skip_guard_eval_unsafe=True), those taking turns (plain compile) and those
+    timed alone (CUDA graphs; dynamo only here) alike; nothing compiles and every output is as checked."""
+    stanced, real_unchecked = [], pipeline_speed.unchecked
+
+    def counting(generate: Any) -> Any:
+        fast = real_unchecked(generate)
+
+        def counted() -> Any:
+            stanced.append(1)
+            return fast()
+
+        return counted
+
+    monkeypatch.setattr(pipeline_speed, "unchecked", counting)
+    repeats = 2
+    args = ("--model", "dit", "--compile", "compile", "cudagraphs", "--batches", "1", "--prefetch", "off",
+            "--methods", "layers", "--repeats", str(repeats))
     (checked,) = run(*args, out="checked")
+    assert stanced == []
     (unchecked,) = run(*args, "--skip-guards", out="unchecked")
+    assert [r["timing"] for r in unchecked["rows"]] == ["sequential", "sequential", "interleaved", "interleaved"]
+    assert len(stanced) == 4 * (repeats + 1)  # each row's timed generations and its clocked one
+    # cache-dit recompiles after its warm-up, which the stance refuses: its rows keep every guard
+    stanced.clear()
+    (with_cache_dit,) = run("--model", "dit", "--compile", "compile", "--batches", "1", "--prefetch", "off",
+                            "--methods", "cache-dit", "--skip-guards", out="cache-dit")
+    assert stanced and all("error" not in r and positive(r["ms"]) for r in with_cache_dit["rows"])
+    assert with_cache_dit["settings"]["skip_guard_eval_unsafe"].endswith("but cache-dit's")
     assert checked["settings"]["skip_guard_eval_unsafe"] is False
     assert unchecked["settings"]["skip_guard_eval_unsafe"].startswith("timed")
     for plain, fast in zip(checked["rows"], unchecked["rows"], strict=True):

@@ -40,7 +40,7 @@ class BenchResult:
     peak_memory_mib: dict[str, float] | None
     host_syncs: int | None = None  # times one cached generation made the host wait for the GPU (CUDA only)
     warnings: list[str] = field(default_factory=list)
-    timing: str = "interleaved"  # or "sequential": uncached runs, then cached ones (step graphs)
+    timing: str = "interleaved"  # or "sequential" (step graphs): plain uncached runs, uncached ones, then cached ones
     step_graphs: dict[str, Any] | None = None  # uncached and cached: the step graphs' counts, where replayed
     skip_guards: bool = False  # timed under torch.compiler.set_stance(skip_guard_eval_unsafe=True)
     # with step graphs: the plain pipeline, uncached and without them (what a user runs before either),
@@ -186,7 +186,8 @@ def _attach_step_graphs(pipe: Any) -> Any:
         raise ValueError(f"--step-graphs cannot replay this pipeline: {error}") from error
 
 
-# step graphs per timed phase: a plain generation (compiling where compiled), the capture, one replay
+# step graphs per timed phase: a plain generation (compiling where compiled), the capture, one replay;
+# also the warm-up of the plain uncached phase before them (three where eager needs one: a little time, no harm)
 STEP_GRAPHS_WARMUP = 3
 
 
