@@ -990,6 +990,10 @@ class Turn:
     traced: dict[str, Any] = field(default_factory=dict)
     error: dict[str, str] | None = None  # set: the method has left the rounds
 
+    @property
+    def method(self) -> str:
+        return self.config.method
+
 
 class InTurnCell:
     """A (compile, batch, prefetch) cell's methods on one pipeline set-up, taking turns (which
@@ -1081,20 +1085,8 @@ class InTurnCell:
             turn.error = error_fields(error)
 
     def take_rounds(self) -> None:
-        """The warm-up rounds, then the timed ones; each round starts one method later than the last,
-        so that no method always runs first (after another's last) or last."""
-        for round_index in range(self.warmup + self.runner.args.repeats):
-            for turn in in_rotation(self.turns, round_index):
-                if turn.error is None:
-                    try:
-                        self.take_turn(turn, round_index)
-                    except Exception as error:  # noqa: BLE001 - this method leaves the rounds; the others go on
-                        turn.error = error_fields(error)
-                        left = self.left_on()
-                        if left:  # switching it off failed: every later turn would run with it on
-                            raise RuntimeError(
-                                f"{turn.config.method}'s turn failed and left {', '.join(left)} switched on, which the "
-                                "other methods' turns would run with; the cell stops") from error
+        """The warm-up rounds, then the timed ones (``take_rounds``)."""
+        take_rounds(self.turns, self.warmup + self.runner.args.repeats, self.take_turn, self.left_on)
 
     def left_on(self) -> list[str]:
         """What a method left switched on: an enabled smoothcache handle, cache-dit's pipeline class
@@ -1205,6 +1197,28 @@ class InTurnCell:
             **self.runner.counts[(config.batch, config.method)],
             **self.runner.differences(config),
         }
+
+
+def take_rounds(turns: Sequence[Any], rounds: int, take_turn: Callable[[Any, int], None],
+                left_on: Callable[[], list[str]]) -> None:
+    """``rounds`` rounds in which each method still in (``turn.error`` None) takes its turn
+    (``take_turn(turn, round_index)``), each round starting one method later (``in_rotation``). A
+    turn that raises takes its method out of the rounds, its error on ``turn.error``, and the others
+    go on; unless it left something switched on (``left_on()``, what the cell would otherwise time
+    the other methods with): then the cell stops. Shared by pipeline_speed's and stacking_speed's cells."""
+    for round_index in range(rounds):
+        for turn in in_rotation(turns, round_index):
+            if turn.error is not None:
+                continue
+            try:
+                take_turn(turn, round_index)
+            except Exception as error:  # noqa: BLE001 - this method leaves the rounds; the others go on
+                turn.error = error_fields(error)
+                left = left_on()
+                if left:  # switching it off failed: every later turn would run with it on
+                    raise RuntimeError(
+                        f"{turn.method}'s turn failed and left {', '.join(left)} switched on, which the other "
+                        "methods' turns would run with; the cell stops") from error
 
 
 def in_rotation(turns: Sequence[Any], round_index: int) -> list[Any]:

@@ -429,21 +429,17 @@ def timed_cell(run: Run, weights: str, compile_mode: str) -> list[dict[str, Any]
                 if turn.method != UNCACHED:
                     attach_switched(turn, work, attached.how)
             device = compute_device(work)
-            timed_since: float | None = None  # None: warming up
-            for round_index in range(warmup + args.repeats):
-                if round_index == warmup:
-                    timed_since = time.perf_counter()
-                for turn in pipeline_speed.in_rotation(turns, round_index):
-                    if turn.error is None:
-                        try:
-                            take_turn(turn, generate, timed_since, device)
-                        except Exception as error:  # noqa: BLE001 - this method leaves the rounds; the others go on
-                            turn.error = pipeline_speed.error_fields(error)
-                            left_on = [t.method for t in turns if t.handle is not None and t.handle.enabled]
-                            if left_on:  # its disable() failed: every later turn would run with its cache
-                                raise RuntimeError(
-                                    f"{turn.method}'s turn failed and left the cache of {', '.join(left_on)} enabled, "
-                                    "which the other methods' turns would run with; the cell stops") from error
+            timed_since: list[float] = []  # the first timed turn's start; empty: warming up
+
+            def take(turn: MethodTurns, round_index: int) -> None:
+                if round_index >= warmup and not timed_since:
+                    timed_since.append(time.perf_counter())
+                take_turn(turn, generate, timed_since[0] if timed_since else None, device)
+
+            def left_on() -> list[str]:  # a disable() that failed: every later turn would run with its cache
+                return [f"the cache of {t.method}" for t in turns if t.handle is not None and t.handle.enabled]
+
+            pipeline_speed.take_rounds(turns, warmup + args.repeats, take, left_on)
         finally:
             for turn in turns:
                 if turn.handle is not None:

@@ -214,7 +214,7 @@ def test_a_cache_that_cannot_be_disabled_stops_its_cell_rather_than_time_the_oth
     (rows,) = cells_of(result).values()
     assert stuck and not stuck[0].enabled
     for row in rows:
-        assert "ms" not in row and "left the cache of smoothcache blocks enabled" in row["error"], row
+        assert "ms" not in row and "left the cache of smoothcache blocks switched on" in row["error"], row
 
 
 def part_a_result(rows: list[tuple[str, str, float]]) -> dict[str, Any]:
