@@ -8,8 +8,9 @@ borrowed GPU host's speed drifts by up to 1.5x within a minute and eager DiT is 
 kernel launches, so rows timed one after the other did not compare. Each smoothcache schedule is
 attached once and enabled for its own generations only; cache-dit is enabled before each of its
 generations and disabled after. Plain compile cells time uncached and smoothcache's methods in turn
-the same way on one compiled transformer (compiled, then cached, as a user does; cache-dit, enabled
-before compiling, would recompile at every switch, so it is compiled alone after them). The other
+the same way on one compiled transformer (compiled, then cached, as a user does; cache-dit's docs
+enable it before compiling, and enabled after, as switching it per turn would need, it fails on
+DiTPipeline, so it is compiled alone after them). The other
 settings time one configuration after another (``"sequential"``), since each compiles or captures
 its own; so does every cell with ``--no-in-turn``, whose rows are then written one by one (an
 in-turn cell's rows are written when the cell ends, which a command's time limit could cut where
@@ -437,9 +438,9 @@ def timed_in_turn(config: Config, in_turn: bool = True) -> bool:
     """Whether ``config`` takes turns with its cell's other methods on one set-up (unless ``in_turn``
     is off): eager, every method; plain compile, uncached and smoothcache's, on one compiled
     transformer, as a user compiles once and caches after (dynamo keeps each method's graphs; the
-    cache's decisions pick them). cache-dit, enabled before compiling as its docs say, and switched
-    on and off by re-wrapping its blocks, would recompile at every turn: under compile it is timed
-    alone after the cell, as every configuration of the other settings is (each compiles or
+    cache's decisions pick them). cache-dit's docs enable it before compiling; switched on and off per
+    turn it would be enabled after, which fails on DiTPipeline (its block container replaces the
+    blocks the transformer's own forward reads; tested): under compile it is timed alone after the cell, as every configuration of the other settings is (each compiles or
     captures its own), so its speedup and the column's ratio to it still compare times taken
     minutes apart."""
     if not in_turn or config.compile not in IN_TURN_COMPILES:

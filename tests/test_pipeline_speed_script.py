@@ -703,8 +703,9 @@ def test_a_cell_whose_set_up_fails_records_it_in_each_row(run, monkeypatch):
 def test_plain_compile_cells_time_uncached_and_smoothcache_in_turn_on_one_compiled_transformer(run, watched):
     """One H100 timed compiled whole blocks at 2.58x against an ideal 2.08x, one configuration after
     the other, as the host sped up between them. Uncached, blocks and layers now take turns on one
-    compiled transformer, nothing compiling once warm; cache-dit, which would recompile at every
-    switch, is compiled alone after them; CUDA graphs cells stay one configuration at a time."""
+    compiled transformer, nothing compiling once warm; cache-dit, which cannot be enabled after
+    compiling (next test), is compiled alone after them; CUDA graphs cells stay one configuration
+    at a time."""
     repeats, in_turn = 2, METHODS[:3]
     (result,) = run("--model", "dit", "--compile", "compile", "cudagraphs", "--batches", "2", "--prefetch", "off",
                     "--repeats", str(repeats))
@@ -731,6 +732,22 @@ def test_plain_compile_cells_time_uncached_and_smoothcache_in_turn_on_one_compil
         config = pipeline_speed.Config("compile", 2, False, method)
         assert torch.equal(watched.runner.outputs[config], alone(config)), config
     watched.pristine.check(watched.work, compiled=True)  # the compiled wrapper and every handle taken off
+
+
+def test_cache_dit_enabled_after_compiling_fails_on_dit_so_it_cannot_take_turns_under_compile():
+    """Why a compile cell times cache-dit alone: switching it per turn would enable it on the compiled
+    transformer, and there its block container replaces the blocks DiT's own forward reads. If a
+    cache-dit release lifts this, compile cells could time it in turn too."""
+    work = pipeline_speed.dit_workload(True, "cpu")
+    torch._dynamo.reset()
+    work.pipe.transformer = torch.compile(work.pipe.transformer, backend="eager")
+    try:
+        work.generate(1, torch.Generator("cpu").manual_seed(0))
+        with pytest.raises(AttributeError, match="norm1"), pipeline_speed.cache_dit_on(work, None):
+            work.generate(1, torch.Generator("cpu").manual_seed(0))
+    finally:
+        work.pipe.transformer = pipeline_speed.unwrapped(work.pipe.transformer)
+        torch._dynamo.reset()
 
 
 def test_a_compiled_turn_that_fails_leaves_the_rounds_without_stopping_the_cell(run, watched, monkeypatch):
