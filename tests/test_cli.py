@@ -350,8 +350,18 @@ def test_bench_times_one_cell_per_compile_setting_and_batch_size(one_block_dir, 
     assert all(c["speedup"] > 0 and c["ideal_speedup"] > 1 for c in record["cells"])
     assert compiled_modes == [None] and set(batches_run) == {1, 3}  # labels 1,2 repeated to fill 3
     assert record["steps"] == 10 and record["repeats"] == 1
-    table = capsys.readouterr().out.split("peak MiB (uncached/cached)")[-1].strip().splitlines()
+    printed = capsys.readouterr().out
+    table = printed.split("peak MiB (uncached/cached)")[-1].strip().splitlines()
     assert [line.split()[:2] for line in table] == [["none", "1"], ["none", "3"], ["model", "1"], ["model", "3"]]
+    assert "over plain" not in printed  # a column for step graphs only
+
+
+def test_the_bench_table_shows_the_speedup_over_the_plain_pipeline_where_step_graphs_ran():
+    cell = {"compile": "none", "batch": 1, "uncached_seconds": 0.5, "cached_seconds": 0.25, "speedup": 2.0,
+            "ideal_speedup": 2.08, "efficiency": 0.96, "peak_memory_mib": None}
+    table = smoothcache.cli.bench_cells_table([{**cell, "speedup_over_plain": 5.5}, {**cell, "compile": "model"}])
+    header, graphs, plain = table.splitlines()
+    assert "over plain" in header and graphs.split()[-2] == "5.50x" and plain.split()[-2] == "-"
 
 
 def test_bench_diagnoses_caches_that_gain_little():

@@ -436,17 +436,22 @@ def _print_bench_cell(args: argparse.Namespace, schedule: Schedule, cell: dict[s
 
 
 def bench_cells_table(cells: list[dict[str, Any]]) -> str:
-    """The bench's cells side by side: compile setting, batch, times, speedup against ideal, memory."""
+    """The bench's cells side by side: compile setting, batch, times, speedup against ideal, memory;
+    with step graphs also the cached call's speedup over the plain pipeline (graphs and cache together)."""
+    over_plain = any(c.get("speedup_over_plain") is not None for c in cells)
     header = (f"{'compile':<16} {'batch':>5} {'uncached':>9} {'cached':>8} {'speedup':>7} {'ideal':>6} "
-              f"{'efficiency':>10} {'peak MiB (uncached/cached)':>27}")
+              f"{'efficiency':>10}" + (f" {'over plain':>10}" if over_plain else "") + f" {'peak MiB (uncached/cached)':>27}")
     lines = [header]
     for c in cells:
         peaks = c["peak_memory_mib"] or {}
         memory = f"{peaks['uncached']:.0f}/{peaks['cached']:.0f}" if peaks else "-"
         ideal = f"{c['ideal_speedup']:5.2f}x" if c["ideal_speedup"] else "     -"
         efficiency = f"{c['efficiency']:10.2f}" if c["efficiency"] else f"{'-':>10}"
+        plain = ""
+        if over_plain:
+            plain = f" {c['speedup_over_plain']:9.2f}x" if c.get("speedup_over_plain") is not None else f" {'-':>10}"
         lines.append(f"{c['compile']:<16} {c['batch']:>5} {c['uncached_seconds']:8.3f}s {c['cached_seconds']:7.3f}s "
-                     f"{c['speedup']:6.2f}x {ideal} {efficiency} {memory:>27}")
+                     f"{c['speedup']:6.2f}x {ideal} {efficiency}{plain} {memory:>27}")
     return "\n".join(lines)
 
 
