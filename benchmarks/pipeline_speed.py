@@ -532,6 +532,17 @@ def compile_transformer_of(pipe: Any, compile_mode: str, backend: str, undo: lis
     return f"pipe.transformer = torch.compile(pipe.transformer, backend={backend!r}{shown})"
 
 
+def skips_guards(args: argparse.Namespace, config: Config) -> bool:
+    """Whether ``config``'s runs after the warm-up go under ``skip_guard_eval_unsafe``: with
+    ``--skip-guards``, compiled configurations but cache-dit's (it recompiled after its warm-up)."""
+    return args.skip_guards and config.compile not in ("eager", "eager-graphs") and config.method != CACHE_DIT
+
+
+def counts_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """dynamo's counts (``gpu_bench.dynamo_counts``) from ``before`` to ``after``."""
+    return {key: value - before[key] for key, value in after.items()}
+
+
 def undo_all(undo: Sequence[Callable[[], Any]], errors: list[str]) -> None:
     """Run ``undo`` in reverse, each failure recorded in ``errors`` (the rest still run), then reset
     dynamo and free memory: the next configuration starts from nothing left by this one."""
@@ -811,7 +822,7 @@ class Runner:
         before = gpu_bench.dynamo_counts()
         syncs, warmup_s = self.warm_up(config, generate)
         after_warmup = gpu_bench.dynamo_counts()
-        if self.args.skip_guards and compiled and config.method != CACHE_DIT:
+        if skips_guards(self.args, config):
             generate = unchecked(generate)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -839,22 +850,34 @@ class Runner:
         # replays do not refill the cache's Python state (it forgets its kept outputs at each
         # generation's start), so under step_graphs its kept memory is in the graphs' pool, unread
         kept = attached.handle.state.kept_bytes() if attached.handle is not None and attached.graphs is None else None
-        graph_stats = None if attached.graphs is None else dataclasses.asdict(attached.graphs.stats)
+        return self.row_fields(
+            config, times=times, warmup_s=warmup_s, syncs=syncs, peaks=(peak_mib, peak_reserved_mib), kept=kept,
+            step_ms=step_ms, traced=traced, warmup_counts=counts_between(before, after_warmup),
+            timed_counts=counts_between(after_warmup, end),
+            step_graphs=None if attached.graphs is None else dataclasses.asdict(attached.graphs.stats))
+
+    def row_fields(self, config: Config, *, times: Sequence[float], warmup_s: float, syncs: int | None,
+                   peaks: tuple[float | None, float | None], kept: dict[str, int] | None, step_ms: dict[str, Any] | None,
+                   traced: dict[str, Any], warmup_counts: dict[str, int], timed_counts: dict[str, int],
+                   step_graphs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A measured row's fields, timed one configuration after another or in turn alike: times
+        (seconds), peak memory (allocated, reserved; graph pools' memory is reserved at capture and
+        not allocated again by replays), what the cache kept (bytes by device), and dynamo's counts
+        in the warm-up and after it (``counts_between``)."""
         return {
             "ms": 1000 * statistics.median(times), "runs_ms": [1000 * t for t in times], "warmup_s": warmup_s,
             "warmup_generations": WARMUP[config.compile], "repeats": self.args.repeats,
-            # graph pools' memory is reserved at capture and not allocated again by replays
-            "peak_mib": peak_mib, "peak_reserved_mib": peak_reserved_mib,
+            "peak_mib": peaks[0], "peak_reserved_mib": peaks[1],
             "kept_mib": None if kept is None else sum(kept.values()) / 2**20, "kept_bytes_by_device": kept,
             "host_syncs_per_generation": syncs,
-            "step_graphs": graph_stats,
+            "step_graphs": step_graphs,
             "step_ms": step_ms,
             **traced,
-            "graphs_compiled_in_warmup": after_warmup["graphs"] - before["graphs"],
-            "graphs_compiled_while_timed": end["graphs"] - after_warmup["graphs"],
-            "recompiles_while_timed": end["frames"] - after_warmup["frames"],
-            "graph_breaks": end["graph_breaks"] - before["graph_breaks"],
-            "cudagraph_skips": end["cudagraph_skips"] - before["cudagraph_skips"],
+            "graphs_compiled_in_warmup": warmup_counts["graphs"],
+            "graphs_compiled_while_timed": timed_counts["graphs"],
+            "recompiles_while_timed": timed_counts["frames"],
+            "graph_breaks": warmup_counts["graph_breaks"] + timed_counts["graph_breaks"],
+            "cudagraph_skips": warmup_counts["cudagraph_skips"] + timed_counts["cudagraph_skips"],
             **self.counts[(config.batch, config.method)],
             **self.differences(config),
         }
@@ -1010,7 +1033,7 @@ class InTurnCell:
         self.compiled = self.compile_mode != "eager"
         self.warmup = WARMUP[self.compile_mode]
         self.generate = runner.generation(configs[0].batch, compiled=self.compiled)
-        self.skip_guards = runner.args.skip_guards and self.compiled
+        self.skip_guards = skips_guards(runner.args, configs[0])  # the same for every method taking turns
         self.turns = [Turn(config) for config in configs]
         self.timed_since: float | None = None  # when the first timed generation started
         self.teardown_errors: list[str] = []
@@ -1153,7 +1176,7 @@ class InTurnCell:
             yield
             if turn.handle is not None:
                 turn.kept = turn.handle.state.kept_bytes()
-        turn.dynamo[phase].update({key: value - before[key] for key, value in gpu_bench.dynamo_counts().items()})
+        turn.dynamo[phase].update(counts_between(before, gpu_bench.dynamo_counts()))
 
     def finish(self) -> None:
         """After the rounds, per method: one generation with its steps clocked, and one traced where asked."""
@@ -1179,25 +1202,12 @@ class InTurnCell:
         how = "; then ".join(turn.how) or "pipe(...)"
         if turn.error is not None:
             return {"how": how, **turn.error}
-        config, kept, warmup, timed = turn.config, turn.kept, turn.dynamo["warmup"], turn.dynamo["timed"]
-        return {
-            "how": how, "ms": 1000 * statistics.median(turn.times), "runs_ms": [1000 * t for t in turn.times],
-            "runs_at_s": turn.starts, "warmup_s": turn.warmup_s, "warmup_generations": WARMUP[config.compile],
-            "repeats": self.runner.args.repeats, "peak_mib": turn.peak_mib, "peak_reserved_mib": turn.peak_reserved_mib,
-            "kept_mib": None if kept is None else sum(kept.values()) / 2**20, "kept_bytes_by_device": kept,
-            "host_syncs_per_generation": turn.host_syncs,
-            "step_graphs": None,
-            "step_ms": turn.step_ms,
-            **({"after_rounds_error": turn.after_rounds_error} if turn.after_rounds_error else {}),
-            **turn.traced,
-            "graphs_compiled_in_warmup": warmup["graphs"],
-            "graphs_compiled_while_timed": timed["graphs"],
-            "recompiles_while_timed": timed["frames"],
-            "graph_breaks": warmup["graph_breaks"] + timed["graph_breaks"],
-            "cudagraph_skips": warmup["cudagraph_skips"] + timed["cudagraph_skips"],
-            **self.runner.counts[(config.batch, config.method)],
-            **self.runner.differences(config),
-        }
+        fields = self.runner.row_fields(
+            turn.config, times=turn.times, warmup_s=turn.warmup_s, syncs=turn.host_syncs,
+            peaks=(turn.peak_mib, turn.peak_reserved_mib), kept=turn.kept, step_ms=turn.step_ms, traced=turn.traced,
+            warmup_counts=turn.dynamo["warmup"], timed_counts=turn.dynamo["timed"])
+        after_rounds = {"after_rounds_error": turn.after_rounds_error} if turn.after_rounds_error else {}
+        return {"how": how, **fields, "runs_at_s": turn.starts, **after_rounds}
 
 
 def take_rounds(turns: Sequence[Any], rounds: int, take_turn: Callable[[Any, int], None],
