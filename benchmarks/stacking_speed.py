@@ -98,6 +98,7 @@ the unquantized ones of the other file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -380,9 +381,7 @@ def take_turn(turn: MethodTurns, generate: Callable[[], torch.Tensor], timed_sin
     ``timed_since`` is the cell's first timed start) it adds its time, start, peak memory (the counter
     reset first), recompiles, output and kept bytes (by ``device``, where the model computes); else
     its seconds and graphs to the warm-up."""
-    if turn.handle is not None:
-        turn.handle.enable()
-    try:
+    with turn.handle if turn.handle is not None else contextlib.nullcontext():  # a handle enables for its block
         if turn.generations == 0:
             turn.allocated_before = allocated_mib()
         before = gpu_bench.dynamo_counts()
@@ -408,9 +407,6 @@ def take_turn(turn: MethodTurns, generate: Callable[[], torch.Tensor], timed_sin
         turn.output = output.detach()
         if turn.handle is not None:  # what it holds after a generation: disable() releases it
             turn.kept = kept_fields(turn.handle, device)
-    finally:
-        if turn.handle is not None:
-            turn.handle.disable()
 
 
 def timed_cell(run: Run, weights: str, compile_mode: str) -> list[dict[str, Any]]:
