@@ -218,7 +218,8 @@ def test_the_step_graphs_cells_run_through_the_script_under_a_graphs_semantics(r
         for method in ("uncached", "smoothcache blocks"):
             row = rows[(setting, method)]
             assert "error" not in row and "skipped" not in row, row
-            assert row["max_abs_diff_vs_plain_path"] == 0.0, (setting, method)
+            assert row["max_abs_diff_vs_plain_path"] == 0.0, (setting, method)  # its own set-up, graphs removed
+            assert row["max_abs_diff_vs_plain_cell"] == 0.0, (setting, method)  # the cell without step graphs
             assert row["max_abs_diff_vs_uncached"] == rows[(plain, method)]["max_abs_diff_vs_uncached"]
             stats = row["step_graphs"]
             # the run's first row of a method counts its work with hooks on every linear layer: then,
@@ -284,18 +285,35 @@ def test_skip_guards_times_compiled_rows_with_only_the_guards_that_tell_graphs_a
         assert fast["max_abs_diff_vs_uncached"] == plain["max_abs_diff_vs_uncached"]
 
 
-def test_step_graph_rows_are_compared_with_the_same_method_on_the_plain_path_in_either_order() -> None:
+def test_the_exactness_claim_compares_the_replays_with_their_own_set_up_with_the_graphs_removed() -> None:
+    """``max_abs_diff_vs_plain_path``: the step graphs are removed first, then one more generation runs
+    on the same set-up; a replay off that path shows."""
+    calls: list[str] = []
+    graphs = SimpleNamespace(disable=lambda: calls.append("disable"))
+
+    def generate(batch: int, generator: torch.Generator) -> torch.Tensor:
+        calls.append(f"generate b{batch}")
+        return torch.tensor([1.0, 2.0])
+
+    runner = pipeline_speed.Runner(work=SimpleNamespace(generate=generate), args=SimpleNamespace(device="cpu"), out=None)
+    config = pipeline_speed.Config("eager-graphs", 1, False, "smoothcache blocks")
+    runner.outputs[config] = torch.tensor([1.0, 2.25])  # what the replays gave
+    assert runner.plain_path_difference(config, graphs) == 0.25
+    assert calls == ["disable", "generate b1"]
+
+
+def test_step_graph_rows_are_compared_with_the_same_method_in_the_plain_cell_in_either_order() -> None:
     Config = pipeline_speed.Config
     runner = pipeline_speed.Runner(work=None, args=None, out=None)
     replayed, plain = Config("eager-graphs", 1, False, "smoothcache blocks"), Config("eager", 1, False, "smoothcache blocks")
     runner.outputs[replayed] = torch.ones(2)
     runner.rows.append({**replayed._asdict(), "ms": 1.0})
     runner.compare_plain_paths()
-    assert "max_abs_diff_vs_plain_path" not in runner.rows[0]  # the plain path has not run yet
+    assert "max_abs_diff_vs_plain_cell" not in runner.rows[0]  # the plain path has not run yet
     runner.outputs[plain] = torch.tensor([1.0, 1.5])
     runner.rows.append({**plain._asdict(), "ms": 2.0})
     runner.compare_plain_paths()
-    assert runner.rows[0]["max_abs_diff_vs_plain_path"] == 0.5 and "max_abs_diff_vs_plain_path" not in runner.rows[1]
+    assert runner.rows[0]["max_abs_diff_vs_plain_cell"] == 0.5 and "max_abs_diff_vs_plain_cell" not in runner.rows[1]
 
 
 def test_a_cell_run_with_prefetch_only_plots_against_its_own_uncached_call(tmp_path):
@@ -775,3 +793,20 @@ def test_no_in_turn_times_eager_cells_one_configuration_after_another(run):
     assert [r["method"] for r in rows] == ["uncached", "smoothcache blocks"] and all(positive(r["ms"]) for r in rows)
     assert all(r["timing"] == "sequential" and "runs_at_s" not in r and "speedup_paired" not in r for r in rows)
     assert result["settings"]["timing"]["eager"] == result["settings"]["timing"]["compile"] == "sequential (--no-in-turn)"
+
+
+def test_compile_variation_separates_replays_from_fresh_compiles(tmp_path: Path, stand_in_graphs) -> None:
+    """benchmarks/compile_variation.py on the tiny DiT with dynamo only: one compiled model against
+    itself, its replays and a fresh compile, all 0 here (no inductor to pick other kernels); the
+    JSON keeps every batch and the graphs' counts."""
+    compile_variation = importlib.import_module("compile_variation")
+    path = compile_variation.main(["--tiny", "--device", "cpu", "--backend", "eager", "--batches", "2", "1",
+                                   "--out", str(tmp_path)])
+    result = json.loads(path.read_text())
+    assert [b["batch"] for b in result["batches"]] == [2, 1]
+    for found in result["batches"]:
+        assert found["eager_vs_eager_prefetched"] == 0.0 and found["compiled_generation_1_vs_2_vs_3"] == [0.0, 0.0]
+        assert found["step_graphs_vs_compiled"] == [0.0] * 4 and found["graphs_removed_vs_compiled"] == 0.0
+        assert found["step_graph_stats"]["captured"] == result["settings"]["steps"]
+        assert found["step_graph_stats"]["replayed"] == result["settings"]["steps"]  # the fourth generation
+        assert found["recompiled_vs_compiled"] == [0.0, 0.0]
