@@ -16,7 +16,7 @@ host), so each recorder is read and then ended with ``smoothcache.disable``.
   tokens and 512 text tokens, batch 1, one call per step (guidance-distilled).
 - ``dit-xl``: DiT-XL/2 at 256px (benchmarks/gpu_bench.py ``dit_xl``), fp16, batch 8 with
   classifier-free guidance: 16 rows in one call per step, as DiTPipeline runs it.
-- ``wan``: Wan 2.1 T2V 1.3B (benchmarks/pipeline_speed.py ``WAN_2_1_T2V_1_3B``), bf16 with the
+- ``wan``: Wan 2.1 T2V 1.3B (benchmarks/pipeline_workloads.py ``WAN_2_1_T2V_1_3B``), bf16 with the
   modules its class keeps in float32 as loaded, 480x832, 81 frames (21x60x104 latents), 512 text
   tokens, batch 1, two calls per step (WanPipeline runs guidance as separate calls).
 
@@ -57,7 +57,7 @@ from smoothcache.files import atomic_write_text
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import dit_xl
 from gpu_peers import FLUX_DEV, FLUX_TINY
-from pipeline_speed import WAN_2_1_T2V_1_3B, WAN_TINY, cast_as_loaded
+from pipeline_workloads import WAN_2_1_T2V_1_3B, WAN_TINY, cast_as_loaded
 
 RESULT_NAME = "calibration-history-meta.json"
 MODELS = ("flux", "dit-xl", "wan")

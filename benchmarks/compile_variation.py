@@ -3,7 +3,7 @@
 ``pipeline_speed.py`` first checked step graphs' exactness against the plain compile cell of the same
 run. On one H100 that cell differed at batch 8 by as much as the uncached row did, so the question
 was whether step graphs or the comparison was wrong. This script separates the two on
-``DiTPipeline`` (``pipeline_speed.dit_workload``), per batch:
+``DiTPipeline`` (``pipeline_workloads.dit_workload``), per batch:
 
 1. eager, without and with ``prefetch_timesteps`` (which claims bit-identical outputs);
 2. compiled (default mode), three generations: one compiled model against itself;
@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pipeline_speed
+import pipeline_workloads
 
 import smoothcache
 from smoothcache.files import atomic_write_text
@@ -43,7 +44,7 @@ def largest_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def measure_batch(work: pipeline_speed.Workload, batch: int, device: torch.device, backend: str) -> dict[str, Any]:
+def measure_batch(work: pipeline_workloads.Workload, batch: int, device: torch.device, backend: str) -> dict[str, Any]:
     """The five comparisons above for one batch size; the pipeline is left as it was found."""
     pipe = work.pipe
 
@@ -98,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.deterministic:
         torch._inductor.config.deterministic = True
     device = torch.device(args.device)
-    work = pipeline_speed.dit_workload(args.tiny, args.device)
+    work = pipeline_workloads.dit_workload(args.tiny, args.device)
     result: dict[str, Any] = {
         "benchmark": "compile_variation: step-graph replays and fresh compiles against one compiled DiTPipeline (issue 20)",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

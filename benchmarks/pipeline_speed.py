@@ -16,6 +16,10 @@ its own; so does every cell with ``--no-in-turn``, whose rows are then written o
 in-turn cell's rows are written when the cell ends, which a command's time limit could cut where
 a generation takes a minute).
 
+Beside this script: ``pipeline_workloads.py`` builds the models' pipelines, ``pipeline_settings.py``
+names the settings and methods, ``pipeline_results.py`` reads result files (speedups, the verdict,
+the plot, merging); this script measures.
+
 Models:
 
 - ``dit``: ``DiTPipeline`` with a DiT-XL/2-256 transformer (``gpu_bench.dit_xl``), fp16, 50 DDIM
@@ -210,14 +214,13 @@ import time
 import traceback
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import metadata
 from itertools import pairwise
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -226,204 +229,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_bench
 import gpu_peers
 import trace_steps
+from pipeline_results import merge, plot, targets, targets_table, with_speedups
+from pipeline_settings import (
+    BLOCKS,
+    CACHE_DIT,
+    COMPILES,
+    DEFAULT_COMPILES,
+    LAYERS,
+    METHOD_NAMES,
+    METHOD_TAGS,
+    MODELS,
+    PLAIN_PATH,
+    STEP_GRAPHS,
+    UNCACHED,
+    WARMUP,
+    Config,
+)
+from pipeline_workloads import BUILDERS, DEFAULT_BATCHES, DEFAULT_REPEATS, Workload
 
 import smoothcache
 from smoothcache import Schedule
 from smoothcache.bench import count_host_syncs, unchecked
 from smoothcache.files import atomic_path, atomic_write_text
 
-MODELS = ("dit", "flux", "wan")
-COMPILES = ("eager", "compile", "cudagraphs", "graphs", "eager-graphs")
-DEFAULT_COMPILES = ("eager", "compile", "cudagraphs")  # the step-graphs settings need CUDA: asked for by name
-STEP_GRAPHS = {"graphs": 2, "eager-graphs": 1}  # the settings that replay step graphs: their plain warm-up generations
-STANDS_IN_FOR = {"graphs": "cudagraphs", "eager-graphs": "eager"}  # what a user without step graphs runs
-PLAIN_PATH = {"graphs": "compile", "eager-graphs": "eager"}  # the same kernels without step graphs
-UNCACHED, BLOCKS, LAYERS, CACHE_DIT = "uncached", "smoothcache blocks", "smoothcache layers", "cache-dit F1B0 static mask"
-METHODS = (UNCACHED, BLOCKS, LAYERS, CACHE_DIT)
-METHOD_NAMES = {"uncached": UNCACHED, "blocks": BLOCKS, "layers": LAYERS, "cache-dit": CACHE_DIT}
-METHOD_TAGS = {method: tag for tag, method in METHOD_NAMES.items()}
-# cudagraph trees record on the 2nd call and replay from the 3rd; step graphs warm up (STEP_GRAPHS), capture,
-# then replay once more untimed, so that the last warm-up (where host syncs are counted) is a replay
-WARMUP = {"eager": 1, "compile": 2, "cudagraphs": 3, "graphs": 4, "eager-graphs": 3}
-
-# The tiny DiT: 10 steps, every 2nd computed plus the first and last, as the alpha=0.18 pattern does
-DIT_TINY_MASK = (1, 0, 1, 0, 1, 0, 1, 0, 1, 1)
-WAN_2_1_T2V_1_3B = {  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json
-    "patch_size": (1, 2, 2), "num_attention_heads": 12, "attention_head_dim": 128, "in_channels": 16,
-    "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 8960, "num_layers": 30,
-    "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024,
-}
-WAN_TINY = {
-    "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 16,
-    "out_channels": 16, "text_dim": 32, "freq_dim": 16, "ffn_dim": 32, "num_layers": 2,
-    "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 32,
-}
-WAN_SCHEDULER = {  # Wan 2.1's UniPC flow scheduler; flow_shift 3.0 for 480p (5.0 for 720p)
-    "prediction_type": "flow_prediction", "use_flow_sigmas": True, "num_train_timesteps": 1000, "flow_shift": 3.0,
-}
-
-
-# ---- the pipelines ----------------------------------------------------------------------------
-@dataclass
-class Workload:
-    """One model's pipeline, how a generation calls it, and what each cache is given."""
-
-    model: str
-    pipe: Any
-    steps: int
-    mask: tuple[int, ...]
-    block_keys: tuple[str, ...]
-    layer_keys: tuple[str, ...]
-    calls_per_step: int  # transformer calls per denoising step
-    generate: Callable[[int, torch.Generator], torch.Tensor]  # (batch, generator) -> output compared
-    attentions: Callable[[nn.Module], list[nn.Module]]  # each block's self-attention: every method here skips it on a reused step
-    settings: dict[str, Any]
-    compile_guess_s: float  # for the run-time estimate only
-    compiled_factor: float  # a compiled generation's time over an eager one, for the estimate only
-
-
-class LatentsOut(nn.Module):
-    """Stands in for DiTPipeline's VAE, which the pipeline always calls: ``decode`` returns three of
-    the four latent channels (the pipeline then scales and clamps them) and keeps the latents it
-    was handed, the output this benchmark compares."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.config = SimpleNamespace(scaling_factor=1.0)  # DiTPipeline divides the latents by it
-        self.register_buffer("anchor", torch.zeros(()), persistent=False)  # for the pipeline's device lookup
-        self.latents: torch.Tensor | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.anchor.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.anchor.dtype
-
-    def decode(self, latents: torch.Tensor) -> SimpleNamespace:
-        self.latents = latents
-        return SimpleNamespace(sample=latents[:, :3])
-
-
-def dtype_for(device: str, dtype: torch.dtype) -> torch.dtype:
-    """The model's dtype, except float32 on the CPU (half precision is slow there and checks nothing more)."""
-    return torch.float32 if torch.device(device).type == "cpu" else dtype
-
-
-def dit_workload(tiny: bool, device: str) -> Workload:
-    from diffusers import DDIMScheduler, DiTPipeline
-
-    dtype = dtype_for(device, torch.float16)
-    torch.manual_seed(0)
-    pipe = DiTPipeline(transformer=gpu_bench.dit_xl(device, dtype, tiny), vae=LatentsOut().to(device), scheduler=DDIMScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    mask = DIT_TINY_MASK if tiny else gpu_bench.ALPHA_018
-
-    def generate(batch: int, generator: torch.Generator) -> torch.Tensor:
-        pipe(class_labels=[i % 1000 for i in range(batch)], guidance_scale=4.0, num_inference_steps=len(mask),
-             generator=generator, output_type="pt")
-        return pipe.vae.latents
-
-    return Workload(
-        "dit", pipe, len(mask), tuple(mask), ("block",), ("attn1", "ff"), 1, generate,
-        attentions=lambda model: [block.attn1 for block in model.transformer_blocks],
-        settings={"pipeline": "DiTPipeline", "transformer": "DiT-XL/2-256 shape" + (" (tiny)" if tiny else ""),
-                  "dtype": str(dtype), "scheduler": "DDIMScheduler()", "guidance_scale": 4.0, "cfg": "batched (2x batch)",
-                  "vae": "LatentsOut stand-in: decode returns 3 of 4 latent channels (no convolution)",
-                  "output_compared": "the latents handed to decode", "image": "256x256 (32x32 latents)"},
-        compile_guess_s=2.0 if tiny else 45.0, compiled_factor=0.3,
-    )
-
-
-def flux_workload(tiny: bool, device: str) -> Workload:
-    dtype = dtype_for(device, torch.bfloat16)
-    setup = gpu_peers.build(tiny, device, dtype)
-    mask = medium_mask(setup.steps)
-
-    def generate(batch: int, generator: torch.Generator) -> torch.Tensor:
-        return setup.pipe(
-            prompt_embeds=setup.prompt_embeds, pooled_prompt_embeds=setup.pooled_prompt_embeds, height=setup.size,
-            width=setup.size, num_inference_steps=setup.steps, guidance_scale=3.5, num_images_per_prompt=batch,
-            generator=generator, output_type="latent",
-        ).images
-
-    return Workload(
-        "flux", setup.pipe, setup.steps, mask, ("block", "single_block"),
-        ("attn", "ff", "ff_context", "single_attn", "single_proj_mlp"), 1, generate,
-        attentions=lambda model: [block.attn for block in gpu_peers.blocks_of(model)],
-        settings={"pipeline": "FluxPipeline", "transformer": gpu_peers.FLUX_TINY if tiny else gpu_peers.FLUX_DEV,
-                  "dtype": str(dtype), "scheduler": gpu_peers.FLUX_DEV_SCHEDULER, "guidance_scale": 3.5,
-                  "image": f"{setup.size}x{setup.size}", "text_tokens": setup.prompt_embeds.shape[1],
-                  "vae": "excluded (output_type='latent')", "output_compared": "packed latents"},
-        compile_guess_s=2.0 if tiny else 100.0, compiled_factor=0.85,
-    )
-
-
-def cast_as_loaded(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``model``'s parameters in ``dtype`` except those of the modules its class keeps in float32,
-    as ``from_pretrained(torch_dtype=dtype)`` loads them (Wan: rope, time embedder, modulation
-    tables, norms); buffers stay as built (Wan's rotary tables: float32)."""
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    for name, parameter in model.named_parameters():
-        if not keep.intersection(name.split(".")):
-            parameter.data = parameter.data.to(dtype)
-    return model
-
-
-def wan_workload(tiny: bool, device: str) -> Workload:
-    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-
-    dtype = dtype_for(device, torch.bfloat16)
-    config = WAN_TINY if tiny else WAN_2_1_T2V_1_3B
-    torch.manual_seed(0)
-    with torch.device(device):  # made on the device: no copy on the host
-        transformer = cast_as_loaded(WanTransformer3DModel(**config), dtype).eval().requires_grad_(False)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
-                       scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER))
-    pipe.set_progress_bar_config(disable=True)
-    height, width, frames, steps, tokens = (32, 32, 5, 12, 8) if tiny else (480, 832, 81, 30, 512)
-    g = torch.Generator().manual_seed(100)
-    prompt, negative = (torch.randn(1, tokens, config["text_dim"], generator=g).to(device, dtype) for _ in range(2))
-
-    def generate(batch: int, generator: torch.Generator) -> torch.Tensor:
-        return pipe(
-            prompt_embeds=prompt, negative_prompt_embeds=negative, height=height, width=width, num_frames=frames,
-            num_inference_steps=steps, guidance_scale=5.0, num_videos_per_prompt=batch, generator=generator,
-            output_type="latent",
-        ).frames
-
-    return Workload(
-        "wan", pipe, steps, medium_mask(steps), ("block",), ("attn1", "ffn"), 2, generate,
-        attentions=lambda model: [block.attn1 for block in model.blocks],
-        settings={"pipeline": "WanPipeline", "transformer": config, "dtype": str(dtype),
-                  "scheduler": {"class": "UniPCMultistepScheduler", **WAN_SCHEDULER}, "guidance_scale": 5.0,
-                  "cfg": "sequential (two transformer calls per step)", "video": f"{frames}x{height}x{width}",
-                  "text_tokens": tokens, "vae": "excluded (output_type='latent')", "output_compared": "latents"},
-        compile_guess_s=2.0 if tiny else 60.0, compiled_factor=0.9,
-    )
-
-
-def medium_mask(steps: int) -> tuple[int, ...]:
-    """cache-dit's 'medium' step mask for ``steps`` (15 of 28 steps computed at 28)."""
-    import cache_dit
-
-    return tuple(int(m) for m in cache_dit.steps_mask(mask_policy="medium", total_steps=steps))
-
-
-BUILDERS: dict[str, Callable[[bool, str], Workload]] = {"dit": dit_workload, "flux": flux_workload, "wan": wan_workload}
-DEFAULT_BATCHES = {"dit": (1, 8), "flux": (1,), "wan": (1,)}
-DEFAULT_REPEATS = {"dit": 5, "flux": 3, "wan": 2}
-
 
 # ---- configurations ----------------------------------------------------------------------------
-class Config(NamedTuple):
-    compile: str
-    batch: int
-    prefetch: bool
-    method: str
-
-
 def cells(model: str, compiles: Sequence[str], batches: Sequence[int]) -> list[tuple[str, int]]:
     """The (compile, batch) cells, most wanted first (issue 20): DiT, CUDA graphs at each batch
     (largest first), compile at the largest, eager at each, compile at the others; Flux and Wan,
@@ -1320,50 +1150,6 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def with_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Copies of ``rows`` with speedups against the uncached row of the same (compile, batch,
-    prefetch) cell and against the plain one (no prefetch), ideal speedups from the uncached FLOPs
-    of the same batch, and efficiency; where the cell's methods took turns, also round by round."""
-    rows = [dict(row) for row in rows]
-
-    def uncached(row: dict[str, Any], prefetch: bool) -> dict[str, Any]:
-        return next((r for r in rows if r["method"] == UNCACHED and r["compile"] == row["compile"]
-                     and r["batch"] == row["batch"] and r["prefetch"] == prefetch and "ms" in r), {})
-
-    for row in rows:
-        base_flops = next((r["flops"] for r in rows if r["method"] == UNCACHED and r["batch"] == row["batch"] and "flops" in r), None)
-        if base_flops and row.get("flops"):
-            row["ideal_speedup"] = base_flops / row["flops"]
-        if "ms" not in row:
-            continue
-        base, plain = uncached(row, row["prefetch"]), uncached(row, False)
-        if base:
-            row["speedup"] = base["ms"] / row["ms"]
-            row["speedup_of_fastest"] = min(base["runs_ms"]) / min(row["runs_ms"])
-            if "ideal_speedup" in row:
-                row["efficiency"] = row["speedup"] / row["ideal_speedup"]
-            row.update(paired_speedups(base, row))
-        if plain:
-            row["speedup_vs_plain_uncached"] = plain["ms"] / row["ms"]
-        if row["compile"] in STANDS_IN_FOR:  # against the uncached pipeline a user would run instead, where this run has it
-            instead = STANDS_IN_FOR[row["compile"]]
-            without = uncached({**row, "compile": instead}, row["prefetch"])
-            if without:
-                row[f"speedup_vs_{instead}_uncached"] = without["ms"] / row["ms"]
-    return rows
-
-
-def paired_speedups(uncached: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
-    """Where a cell's methods took turns: each round's uncached time over the method's (seconds
-    apart, where the medians may come from different rounds) and their median, which a host
-    drifting between rounds moves less."""
-    base_runs, runs = uncached.get("runs_ms") or [], row.get("runs_ms") or []
-    if row.get("timing") != "interleaved" or row is uncached or not runs or len(base_runs) != len(runs):
-        return {}
-    per_round = [base / own for base, own in zip(base_runs, runs, strict=True)]
-    return {"speedup_per_round": per_round, "speedup_paired": statistics.median(per_round)}
-
-
 def row_line(row: dict[str, Any]) -> str:
     head = f"{row['model']} {row['compile']:10} b{row['batch']:<2} prefetch {'on ' if row['prefetch'] else 'off'} {row['method']:27}"
     if "ms" not in row:
@@ -1410,296 +1196,6 @@ def print_estimate(runner: Runner) -> None:
         total += work.compile_guess_s if compiled else 0.0
     print(f"first uncached generation {first_s:.2f} s (eager, batch {first_batch}); {len(runner.plan)} configurations, "
           f"expected about {total / 60:.1f} min (a guess); none starts after {runner.args.max_minutes} min", flush=True)
-
-
-# ---- issue 20's verdict -----------------------------------------------------------------------
-# The issue's targets; every figure they are held against comes from the rows
-RATIO_TO_CACHE_DIT_TARGET = 1.05  # smoothcache's fastest over cache-dit's fastest, in each column
-NO_CELL_BELOW = 1.0  # every smoothcache row against its own cell's uncached row
-SPEEDUP_TARGETS = {("dit", "cudagraphs", 8): 1.9, ("dit", "cudagraphs", 1): 1.6}  # (model, compile, batch)
-EFFICIENCY_TARGETS = {"flux": 0.95, "wan": 0.95}  # measured / ideal speedup of the fastest smoothcache row
-SMOOTHCACHE_METHODS = (BLOCKS, LAYERS)
-
-
-def column_of(row: dict[str, Any]) -> tuple[str, int]:
-    """The user's compile setting and batch a row answers for: step-graph rows stand in for theirs."""
-    return STANDS_IN_FOR.get(row["compile"], row["compile"]), row["batch"]
-
-
-def at_least(value: float | None, target: float | None) -> bool | None:
-    return None if value is None or target is None else value >= target
-
-
-def described(row: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A row picked for the verdict: which configuration, its time and the file it came from."""
-    if row is None:
-        return None
-    return {"compile": row["compile"], "prefetch": row["prefetch"], "method": row["method"], "ms": row["ms"],
-            "timing": row.get("timing"), "from_file": row.get("from_file")}
-
-
-def column_verdict(rows: Sequence[dict[str, Any]], compile_mode: str, batch: int, model: str) -> dict[str, Any]:
-    """One column's verdict from its timed rows (see ``targets``)."""
-    def fastest(candidates: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
-        return min(candidates, key=lambda r: r["ms"], default=None)
-
-    plain = [r for r in rows if r["compile"] == compile_mode]
-    ours = [r for r in rows if r["method"] in SMOOTHCACHE_METHODS]
-    baseline_row = fastest(r for r in plain if r["method"] == UNCACHED)
-    best_row = fastest(ours)
-    their_row = fastest(r for r in plain if r["method"] == CACHE_DIT)  # never run under step graphs
-
-    def against_baseline(row: dict[str, Any] | None) -> dict[str, Any] | None:
-        if row is None:
-            return None
-        return {**described(row), "speedup": None if baseline_row is None else baseline_row["ms"] / row["ms"]}
-
-    best, theirs = against_baseline(best_row), against_baseline(their_row)
-    if best is not None:
-        # efficiency is measured against the same pipeline without caching: a step-graph row against the
-        # step-graph uncached row, so that the graphs' own gain over plain eager is not counted as caching's
-        best["own_cell_speedup"], best["efficiency"] = best_row.get("speedup"), best_row.get("efficiency")
-    ratio = None if best is None or theirs is None else theirs["ms"] / best["ms"]
-    # a smoothcache row without its own cell's uncached row has no speedup to hold to 1.0: no verdict
-    slowest = None if any(r.get("speedup") is None for r in ours) else min(ours, key=lambda r: r["speedup"], default=None)
-    speedup_target, efficiency_target = SPEEDUP_TARGETS.get((model, compile_mode, batch)), EFFICIENCY_TARGETS.get(model)
-    picked = [r for r in (baseline_row, best_row, their_row) if r is not None]
-    return {
-        "compile": compile_mode, "batch": batch,
-        "baseline": described(baseline_row),
-        "smoothcache_fastest": best, "cache_dit_fastest": theirs,
-        "ratio_to_cache_dit": ratio, "meets_1_05": at_least(ratio, RATIO_TO_CACHE_DIT_TARGET),
-        "slowest_smoothcache_speedup": None if slowest is None else slowest["speedup"],
-        "slowest_smoothcache": None if slowest is None else {k: slowest[k] for k in ("compile", "prefetch", "method")},
-        "none_below_1": None if slowest is None else slowest["speedup"] >= NO_CELL_BELOW,
-        "speedup_target": speedup_target,
-        "meets_speedup_target": at_least(None if best is None else best["speedup"], speedup_target),
-        "efficiency_target": efficiency_target,
-        "meets_efficiency_target": at_least(None if best is None else best["efficiency"], efficiency_target),
-        "one_process": len({r.get("from_file") for r in picked}) == 1 if picked else None,
-    }
-
-
-def targets(rows: Sequence[dict[str, Any]], model: str) -> dict[str, Any]:
-    """Issue 20's verdict from ``rows`` (as ``with_speedups`` gives them; untimed rows are left out).
-
-    One entry per column, a user's compile setting (eager, compile, cudagraphs) and batch; step-graph
-    rows count in the setting they stand in for, as smoothcache configurations. The baseline is the
-    column's fastest plain uncached row, prefetch off or on, not the step-graph uncached rows
-    (smoothcache's own feature): conservative on purpose, every ``speedup`` here is against the best
-    pipeline a user gets without smoothcache; ``own_cell_speedup`` and ``efficiency`` are the fastest
-    row's against its own cell's uncached row (step graphs' gain is not caching's). ``one_process`` says whether the baseline and both
-    fastest rows came from one file (``from_file``, set by ``merge``). Missing data gives None."""
-    columns = sorted({column_of(r) for r in rows}, key=lambda c: (DEFAULT_COMPILES.index(c[0]), -c[1]))
-    timed = [r for r in rows if r.get("ms") is not None]
-    diffs = [r["max_abs_diff_vs_plain_path"] for r in rows if r.get("max_abs_diff_vs_plain_path") is not None]
-    return {
-        "model": model,
-        "thresholds": {"ratio_to_cache_dit": RATIO_TO_CACHE_DIT_TARGET, "every_smoothcache_row_speedup": NO_CELL_BELOW,
-                       "speedup": {f"{c} b{b}": t for (m, c, b), t in SPEEDUP_TARGETS.items() if m == model},
-                       "efficiency": EFFICIENCY_TARGETS.get(model)},
-        "baseline": "the column's fastest plain uncached row (prefetch off or on, no step graphs): conservative",
-        "columns": [column_verdict([r for r in timed if column_of(r) == column], *column, model) for column in columns],
-        # the issue asks for every cell from one run: merged parts are several processes
-        "one_run": len({r.get("from_file") for r in timed}) <= 1,
-        "bit_identical": {"compared": len(diffs), "identical": sum(d == 0.0 for d in diffs),
-                          "all_identical": all(d == 0.0 for d in diffs) if diffs else None},
-    }
-
-
-def targets_table(found: dict[str, Any]) -> str:
-    """The verdict as text, one line per column."""
-    def number(value: float | None, spec: str, suffix: str = "") -> str:
-        return "-" if value is None else f"{value:{spec}}{suffix}"
-
-    def flag(value: bool | None) -> str:
-        return {True: "yes", False: "NO", None: "-"}[value]
-
-    def fastest(row: dict[str, Any] | None) -> str:
-        if row is None:
-            return "-"
-        where = f" {row['compile']}" if row["compile"] in STANDS_IN_FOR else ""
-        return (f"{number(row['ms'], '.1f', ' ms')} {number(row['speedup'], '.2f', 'x')} "
-                f"({METHOD_TAGS[row['method']]}{where}, prefetch {'on' if row['prefetch'] else 'off'})")
-
-    lines = [f"issue 20's targets, {found['model']}; speedups against {found['baseline']}",
-             (f"{'column':14} {'baseline':>10}  {'smoothcache fastest':52} {'eff':>5}  {'cache-dit fastest':42} "
-             f"{'ratio':>7} >=1.05  {'slowest':>7} >=1.0  {'target':14} one process")]
-    for c in found["columns"]:
-        ours, base = c["smoothcache_fastest"], c["baseline"]
-        if c["speedup_target"] is not None:
-            target = f"{c['speedup_target']}x: {flag(c['meets_speedup_target'])}"
-        elif c["efficiency_target"] is not None:
-            target = f"eff {c['efficiency_target']}: {flag(c['meets_efficiency_target'])}"
-        else:
-            target = "-"
-        lines.append(f"{c['compile'] + ' b' + str(c['batch']):14} {number(base['ms'] if base else None, '.1f', ' ms'):>10}  "
-                     f"{fastest(ours):52} {number(ours['efficiency'] if ours else None, '.2f'):>5}  "
-                     f"{fastest(c['cache_dit_fastest']):42} {number(c['ratio_to_cache_dit'], '.4f', 'x'):>7} "
-                     f"{flag(c['meets_1_05']):6}  {number(c['slowest_smoothcache_speedup'], '.2f', 'x'):>7} "
-                     f"{flag(c['none_below_1']):5}  {target:14} {flag(c['one_process'])}")
-    bits = found["bit_identical"]
-    lines.append(f"step graphs bit-identical to the plain path: {flag(bits['all_identical'])} "
-                 f"({bits['identical']} of {bits['compared']} rows compared)")
-    lines.append(f"every row from one run (one process): {flag(found['one_run'])}")
-    return "\n".join(lines)
-
-
-# ---- the plot ----------------------------------------------------------------------------------
-PANELS_PER_ROW = 4  # more cells wrap to further rows: seven side by side were too wide to read
-COLOURS = {UNCACHED: "tab:gray", BLOCKS: "tab:blue", LAYERS: "tab:cyan", CACHE_DIT: "tab:green"}
-LABELS = {UNCACHED: "uncached", BLOCKS: "smoothcache\nblocks", LAYERS: "smoothcache\nlayers", CACHE_DIT: "cache-dit\nF1B0 mask"}
-
-
-class Plotted(NamedTuple):
-    """What the plot draws: per (compile, batch) cell, the words for its baseline; per row (compile,
-    batch, prefetch, method), its bar (or why there is none) and, for step-graph rows, the marker
-    against the pipeline without step graphs, on the same kind of baseline."""
-
-    baselines: dict[tuple[str, int], str]
-    bars: dict[tuple[str, int, bool, str], float | str]
-    markers: dict[tuple[str, int, bool, str], float]
-
-
-def plotted_speedups(result: dict[str, Any]) -> Plotted:
-    """Each bar is a speedup over its cell's plain uncached ``pipe(...)`` (no prefetch) or, in a
-    cell that ran with prefetch only (a merged run may mix both kinds), over its uncached call with
-    prefetch; "skipped", "failed" or "no uncached row" where there is no bar."""
-    rows = result["rows"]
-
-    def uncached_of(compile_mode: str, batch: int) -> tuple[str, dict[str, Any] | None]:
-        timed = {r["prefetch"]: r for r in rows if (r["compile"], r["batch"], r["method"]) == (compile_mode, batch, UNCACHED)
-                 and "ms" in r}
-        ran_plain = any(not r["prefetch"] for r in rows if (r["compile"], r["batch"]) == (compile_mode, batch))
-        return ("no prefetch", timed.get(False)) if ran_plain else ("with prefetch", timed.get(True))
-
-    plotted = Plotted({}, {}, {})
-    for row in rows:
-        cell, where = (row["compile"], row["batch"]), (row["compile"], row["batch"], row["prefetch"], row["method"])
-        plotted.baselines[cell], base = uncached_of(*cell)
-        if "ms" not in row:
-            plotted.bars[where] = "skipped" if "skipped" in row else "failed"
-            continue
-        if base is None:
-            plotted.bars[where] = "no uncached row"
-            continue
-        plotted.bars[where] = base["ms"] / row["ms"]
-        if row["compile"] in STANDS_IN_FOR:
-            _, instead = uncached_of(STANDS_IN_FOR[row["compile"]], row["batch"])
-            if instead is not None and instead["prefetch"] == base["prefetch"]:
-                plotted.markers[where] = instead["ms"] / row["ms"]
-    return plotted
-
-
-def plotted_panels(rows: Sequence[dict[str, Any]]) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """The (compile, batch) cells that get a panel, and those that do not: a cell none of whose
-    rows was timed (all skipped or failed) is only named in the title, unless no cell was timed at all."""
-    cells = list(dict.fromkeys((r["compile"], r["batch"]) for r in rows))
-    timed = [c for c in cells if any("ms" in r for r in rows if (r["compile"], r["batch"]) == c)]
-    return (timed, [c for c in cells if c not in timed]) if timed else (cells, [])
-
-
-CAPPED_AT, HEADROOM_CAPPED = 1.1, 1.35  # where a capped marker is drawn, and the axes' top then (x the ceiling)
-
-
-def marker_ceiling(rows: Sequence[dict[str, Any]], plotted: Plotted) -> float:
-    """The axes' top: the tallest bar or ideal tick, or a step-graph marker no more than half again
-    as tall. A marker against plain eager can stand several times the bars (the graphs' own gain);
-    scaling to it would flatten every bar, so such a marker is drawn at this ceiling, its value written."""
-    heights = [v for v in plotted.bars.values() if not isinstance(v, str)]
-    heights += [r["ideal_speedup"] for r in rows if r.get("ideal_speedup")]
-    top = max(heights, default=1.0)
-    markers = [v for v in plotted.markers.values() if v <= 1.5 * top]
-    return max([top, *markers])
-
-
-def plot(result: dict[str, Any], path: Path) -> Path:
-    """One panel per (compile, batch) cell: speedup of each method over the plain uncached
-    ``pipe(...)`` (hatched: with prefetch), black ticks at the ideal speedup, a line at 1.0."""
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
-    from smoothcache.plots import pyplot, save_figure
-
-    plt = pyplot()
-    rows = result["rows"]
-    plotted = plotted_speedups(result)
-    panels, not_run = plotted_panels(rows)
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    prefetches = sorted({r["prefetch"] for r in rows})
-    width = 0.8 / len(prefetches)
-    across = min(len(panels), PANELS_PER_ROW)
-    down = -(-len(panels) // across)
-    fig, axes = plt.subplots(down, across, figsize=(1.6 + 3.0 * across, 0.8 + 3.6 * down), sharey=True, squeeze=False)
-    for ax in axes.flat[len(panels):]:  # a last row not full
-        ax.set_visible(False)
-    top = marker_ceiling(rows, plotted)
-    for ax, (compile_mode, batch) in zip(axes.flat, panels):
-        for j, prefetch in enumerate(prefetches):
-            for i, method in enumerate(methods):
-                row = next((r for r in rows if (r["compile"], r["batch"], r["prefetch"], r["method"])
-                            == (compile_mode, batch, prefetch, method)), None)
-                if row is None:
-                    continue
-                x = i + (j - (len(prefetches) - 1) / 2) * width
-                value = plotted.bars[(compile_mode, batch, prefetch, method)]
-                if isinstance(value, str):
-                    ax.text(x, 0.05, value, rotation=90, fontsize=6, ha="center")
-                    continue
-                ax.bar(x, value, width, color=COLOURS[method], hatch="///" if prefetch else None, edgecolor="black", linewidth=0.4)
-                if method != UNCACHED and "ideal_speedup" in row:
-                    ax.plot([x - width / 2, x + width / 2], [row["ideal_speedup"]] * 2, color="black", linewidth=2)
-                instead = plotted.markers.get((compile_mode, batch, prefetch, method))
-                if instead is not None:  # a step-graphs row against the pipeline a user would run instead
-                    # one far above the bars (graphs against plain eager) sits above them, its value written
-                    # (staggered by prefetch setting, so that neighbours' labels do not collide)
-                    capped = instead > top
-                    ax.plot(x, top * CAPPED_AT if capped else instead, marker="D", markersize=5,
-                            markerfacecolor="white", markeredgecolor="tab:red", clip_on=False)
-                    if capped:
-                        ax.annotate(f"{instead:.1f}x", (x, top * CAPPED_AT), xytext=(0, 4 + 7 * j),
-                                    textcoords="offset points", fontsize=6, color="tab:red", ha="center")
-        ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.set_ylim(0, top * (HEADROOM_CAPPED if any(v > top for v in plotted.markers.values()) else 1.05))
-        ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], fontsize=6)
-        ax.set_title(f"{compile_mode}, batch {batch}\n(against uncached {plotted.baselines[(compile_mode, batch)]})", fontsize=8)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("speedup over uncached pipe()\n(same compile and batch)", fontsize=8)
-    handles = [Patch(facecolor="white", edgecolor="black", label="prefetch off")] if False in prefetches else []
-    if True in prefetches:
-        handles.append(Patch(facecolor="white", edgecolor="black", hatch="///", label="prefetch on"))
-    handles.append(Line2D([], [], color="black", linewidth=2, label="ideal (FLOPs)"))
-    if plotted.markers:
-        handles.append(Line2D([], [], linestyle="", marker="D", markerfacecolor="white", markeredgecolor="tab:red",
-                              label="step graphs against the uncached pipeline without them"))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7)
-    s = result["settings"]
-    missing = f"\nnot timed (skipped or failed): {', '.join(f'{c} batch {b}' for c, b in not_run)}" if not_run else ""
-    fig.suptitle(f"{s['pipeline']}, {s['steps']} steps ({s['computed_steps_in_mask']} computed), {s['dtype']},\n"
-                 f"{result['device']}{' (tiny)' if s['tiny'] else ''}{missing}", fontsize=9)
-    fig.tight_layout(rect=(0, 0.06 / down, 1, 1))
-    return save_figure(fig, path)
-
-
-def merge(files: Sequence[Path]) -> dict[str, Any]:
-    """Parts of one model's run on one device (e.g. one command per compile setting) as one result:
-    each cell's rows from one file only (the last that has the cell), so that every speedup stays
-    within one process; each row says which (``from_file``, an index into ``merged_from``, where
-    each part's own settings are kept); issue 20's verdict drawn afresh from the merged rows."""
-    results = [json.loads(f.read_text()) for f in files]
-    for key, values in (("models", {r["settings"]["model"] for r in results}), ("devices", {r["device"] for r in results})):
-        if len(values) != 1:
-            raise SystemExit(f"--plot-from: the files are of different {key}: {sorted(values)}")
-    owner = {(row["compile"], row["batch"]): i for i, r in enumerate(results) for row in r["rows"]}
-    merged = dict(results[-1])
-    merged["rows"] = [{**row, "from_file": i} for i, r in enumerate(results) for row in r["rows"]
-                      if owner[(row["compile"], row["batch"])] == i]
-    merged["settings"] = {**results[-1]["settings"], "compile": list(dict.fromkeys(c for c, _ in owner)),
-                          "batches": sorted({b for _, b in owner}, reverse=True)}
-    merged["merged_from"] = [{"file": str(f), "date": r["date"], "minutes": r.get("minutes"), "settings": r["settings"]}
-                             for f, r in zip(files, results, strict=True)]
-    merged["targets"] = targets(merged["rows"], merged["settings"]["model"])
-    return merged
 
 
 # ---- the command line --------------------------------------------------------------------------

@@ -29,7 +29,7 @@ Parts (``--parts``):
   same caching forwards back, which the graphs compiled in the warm-up accept (no recompiles
   while timed: ``recompiles_while_timed``, counted per method), and ``disable()`` releases the
   kept outputs, so no method's memory stays behind for the next. Then
-  ``pipeline_speed.WARMUP[compile]`` rounds of uncached, blocks, layers (each method compiles its
+  ``pipeline_settings.WARMUP[compile]`` rounds of uncached, blocks, layers (each method compiles its
   own graphs there: ``graphs_compiled_in_warmup``), then ``--repeats`` timed rounds, one
   generation of each per round, each round starting one method later than the one before (so no
   method always runs first or last) (enabling and disabling a cache is not timed). Each method keeps its own row: ``ms`` the median of its
@@ -116,8 +116,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_bench
+import pipeline_results
+import pipeline_settings
 import pipeline_speed
-from pipeline_speed import BLOCKS, LAYERS, UNCACHED, Config, Workload
+import pipeline_workloads
+from pipeline_settings import BLOCKS, LAYERS, UNCACHED, Config
+from pipeline_workloads import Workload
 
 import smoothcache
 from smoothcache.files import atomic_write_text
@@ -184,7 +188,7 @@ class Pipelines:
 
     def get(self, weights: str) -> Workload:
         if weights not in self.built:
-            self.built[weights] = quantized(pipeline_speed.dit_workload(self.tiny, self.device), weights)
+            self.built[weights] = quantized(pipeline_workloads.dit_workload(self.tiny, self.device), weights)
         return self.built[weights]
 
     def keep_only(self, weights: Sequence[str]) -> None:
@@ -416,7 +420,7 @@ def timed_cell(run: Run, weights: str, compile_mode: str) -> list[dict[str, Any]
     args = run.args
     work = run.pipelines.get(weights)
     generate = generation(work, args.batch, args.device)
-    warmup = pipeline_speed.WARMUP[compile_mode]
+    warmup = pipeline_settings.WARMUP[compile_mode]
     turns = [MethodTurns(method) for method in CELL_METHODS]
     with pipeline_speed.configured(work, Config(compile_mode, args.batch, False, UNCACHED), args.backend) as attached:
         try:
@@ -569,7 +573,7 @@ def with_derived(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             base = find(part="a", weights=row["weights"], compile=row["compile"], method=UNCACHED)
             if base:
                 row["speedup"] = base["ms"] / row["ms"]
-                row.update(pipeline_speed.paired_speedups(base, row))
+                row.update(pipeline_results.paired_speedups(base, row))
         elif row["part"] == "b":
             base = find(part="b", method=UNCACHED)
             if base:
@@ -626,12 +630,12 @@ def versions() -> dict[str, str | None]:
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
-    mask = pipeline_speed.DIT_TINY_MASK if args.tiny else gpu_bench.ALPHA_018
+    mask = pipeline_workloads.DIT_TINY_MASK if args.tiny else gpu_bench.ALPHA_018
     return {
         "pipeline": "DiTPipeline", "transformer": "DiT-XL/2-256 shape" + (" (tiny)" if args.tiny else ""),
         "tiny": args.tiny, "steps": len(mask), "mask": list(mask), "computed_steps": sum(mask), "batch": args.batch,
         "parts": args.parts, "weights": args.weights, "compile": args.compile, "lookaheads": args.lookaheads,
-        "repeats": args.repeats, "warmup": {c: pipeline_speed.WARMUP[c] for c in COMPILES}, "backend": args.backend,
+        "repeats": args.repeats, "warmup": {c: pipeline_settings.WARMUP[c] for c in COMPILES}, "backend": args.backend,
         "max_minutes": args.max_minutes,
         "torchao": "quantize_(transformer, Int8WeightOnlyConfig / Float8WeightOnlyConfig(set_inductor_config=False))",
         "compile_how": "pipe.transformer = torch.compile(pipe.transformer), then smoothcache.cache(pipe, schedule) per "

@@ -24,6 +24,9 @@ from smoothcache.device_once import base_class
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 pipeline_speed = importlib.import_module("pipeline_speed")
+pipeline_results = importlib.import_module("pipeline_results")
+pipeline_settings = importlib.import_module("pipeline_settings")
+pipeline_workloads = importlib.import_module("pipeline_workloads")
 
 METHODS = ("uncached", "smoothcache blocks", "smoothcache layers", "cache-dit F1B0 static mask")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -214,7 +217,7 @@ def test_the_step_graphs_cells_run_through_the_script_under_a_graphs_semantics(r
                     "--prefetch", "on", "--methods", "blocks")
     rows = {(r["compile"], r["method"]): r for r in result["rows"]}
     steps = result["settings"]["steps"]
-    for setting, plain in pipeline_speed.PLAIN_PATH.items():
+    for setting, plain in pipeline_settings.PLAIN_PATH.items():
         for method in ("uncached", "smoothcache blocks"):
             row = rows[(setting, method)]
             assert "error" not in row and "skipped" not in row, row
@@ -228,7 +231,7 @@ def test_the_step_graphs_cells_run_through_the_script_under_a_graphs_semantics(r
             assert stats["capture_error"] is None and stats["incomplete"] == 0
             assert stats["invalidated"] == int(counted_here)
             assert stats["captured"] == steps  # one generation captured, a call per step
-            replayed = row["repeats"] + 1 + (pipeline_speed.WARMUP[setting] - pipeline_speed.STEP_GRAPHS[setting] - 1)
+            replayed = row["repeats"] + 1 + (pipeline_settings.WARMUP[setting] - pipeline_settings.STEP_GRAPHS[setting] - 1)
             assert stats["replayed"] == steps * replayed  # the timed, the clocked and the warm-up's last
             assert row["graphs_compiled_while_timed"] == 0 and row["kept_mib"] is None
 
@@ -240,7 +243,7 @@ def test_step_graph_rows_are_also_compared_with_the_pipeline_they_stand_in_for()
         return {"model": "dit", "compile": setting, "batch": 1, "prefetch": False, "method": method,
                 "ms": ms, "runs_ms": [ms], "flops": 100.0 if method == "uncached" else 50.0}
 
-    rows = pipeline_speed.with_speedups([row("eager", "uncached", 400.0), row("eager-graphs", "uncached", 100.0),
+    rows = pipeline_results.with_speedups([row("eager", "uncached", 400.0), row("eager-graphs", "uncached", 100.0),
                                          row("eager-graphs", "smoothcache blocks", 50.0)])
     cached = rows[-1]
     assert cached["speedup"] == 2.0 and cached["speedup_vs_eager_uncached"] == 8.0
@@ -296,14 +299,14 @@ def test_the_exactness_claim_compares_the_replays_with_their_own_set_up_with_the
         return torch.tensor([1.0, 2.0])
 
     runner = pipeline_speed.Runner(work=SimpleNamespace(generate=generate), args=SimpleNamespace(device="cpu"), out=None)
-    config = pipeline_speed.Config("eager-graphs", 1, False, "smoothcache blocks")
+    config = pipeline_settings.Config("eager-graphs", 1, False, "smoothcache blocks")
     runner.outputs[config] = torch.tensor([1.0, 2.25])  # what the replays gave
     assert runner.plain_path_difference(config, graphs) == 0.25
     assert calls == ["disable", "generate b1"]
 
 
 def test_step_graph_rows_are_compared_with_the_same_method_in_the_plain_cell_in_either_order() -> None:
-    Config = pipeline_speed.Config
+    Config = pipeline_settings.Config
     runner = pipeline_speed.Runner(work=None, args=None, out=None)
     replayed, plain = Config("eager-graphs", 1, False, "smoothcache blocks"), Config("eager", 1, False, "smoothcache blocks")
     runner.outputs[replayed] = torch.ones(2)
@@ -331,8 +334,8 @@ def test_a_cell_run_with_prefetch_only_plots_against_its_own_uncached_call(tmp_p
             row("eager", "smoothcache blocks", True, 100.0), row("eager", "smoothcache layers", True, None),
             row("eager-graphs", "uncached", True, 150.0)]
     settings = {"pipeline": "DiTPipeline", "steps": 50, "computed_steps_in_mask": 24, "dtype": "torch.float16", "tiny": True}
-    result = {"device": "cpu", "settings": settings, "rows": pipeline_speed.with_speedups(rows)}
-    plotted = pipeline_speed.plotted_speedups(result)
+    result = {"device": "cpu", "settings": settings, "rows": pipeline_results.with_speedups(rows)}
+    plotted = pipeline_results.plotted_speedups(result)
     assert plotted.baselines == {("cudagraphs", 1): "with prefetch", ("graphs", 1): "with prefetch",
                                  ("eager", 1): "no prefetch", ("eager-graphs", 1): "with prefetch"}
     assert plotted.bars[("cudagraphs", 1, True, "smoothcache blocks")] == pytest.approx(166.5 / 106.6)
@@ -343,7 +346,7 @@ def test_a_cell_run_with_prefetch_only_plots_against_its_own_uncached_call(tmp_p
                                ("graphs", 1, True, "smoothcache blocks"): pytest.approx(166.5 / 100.0)}
     # eager-graphs stands in for eager, whose baseline is the plain call: no marker on another baseline
     assert ("eager-graphs", 1, True, "uncached") not in plotted.markers
-    assert pipeline_speed.plot(result, tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
+    assert pipeline_results.plot(result, tmp_path / "p.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_the_axes_stop_below_a_step_graph_marker_far_above_the_bars():
@@ -352,11 +355,11 @@ def test_the_axes_stop_below_a_step_graph_marker_far_above_the_bars():
     marker at most half again as tall; a taller one is drawn on the edge with its value."""
     bars = {("eager", 1, True, "uncached"): 1.0, ("eager", 1, True, BLOCKS): 1.9, ("eager", 1, True, LAYERS): "failed"}
     rows = [{"method": BLOCKS, "ideal_speedup": 2.08}, {"method": "uncached"}]
-    near = pipeline_speed.Plotted({}, bars, {("graphs", 1, True, BLOCKS): 2.5})
-    far = pipeline_speed.Plotted({}, bars, {("eager-graphs", 1, True, BLOCKS): 17.3})
-    assert pipeline_speed.marker_ceiling(rows, near) == 2.5
-    assert pipeline_speed.marker_ceiling(rows, far) == 2.08
-    assert pipeline_speed.marker_ceiling([], pipeline_speed.Plotted({}, {}, {})) == 1.0
+    near = pipeline_results.Plotted({}, bars, {("graphs", 1, True, BLOCKS): 2.5})
+    far = pipeline_results.Plotted({}, bars, {("eager-graphs", 1, True, BLOCKS): 17.3})
+    assert pipeline_results.marker_ceiling(rows, near) == 2.5
+    assert pipeline_results.marker_ceiling(rows, far) == 2.08
+    assert pipeline_results.marker_ceiling([], pipeline_results.Plotted({}, {}, {})) == 1.0
 
 
 def test_a_cell_with_no_timed_row_is_named_not_drawn():
@@ -368,9 +371,9 @@ def test_a_cell_with_no_timed_row_is_named_not_drawn():
 
     rows = [row("cudagraphs", "uncached", 164.7), row("cudagraphs", "smoothcache blocks", 95.1),
             row("compile", "uncached", None), row("compile", "smoothcache blocks", None)]
-    assert pipeline_speed.plotted_panels(rows) == ([("cudagraphs", 1)], [("compile", 1)])
+    assert pipeline_results.plotted_panels(rows) == ([("cudagraphs", 1)], [("compile", 1)])
     skipped = [r for r in rows if "skipped" in r]
-    assert pipeline_speed.plotted_panels(skipped) == ([("compile", 1)], [])
+    assert pipeline_results.plotted_panels(skipped) == ([("compile", 1)], [])
 
 
 # ---- issue 20's verdict from the rows ----------------------------------------------------------
@@ -393,7 +396,7 @@ def test_the_verdict_counts_step_graph_rows_where_they_stand_in_against_the_fast
     """Step-graph rows are smoothcache configurations of the column they stand in for; the baseline
     is the fastest plain uncached row (here the prefetched one), never the step-graph uncached row,
     even where that is faster; a failed row is left out."""
-    rows = pipeline_speed.with_speedups([
+    rows = pipeline_results.with_speedups([
         verdict_row("cudagraphs", "uncached", 200.0, prefetch=False), verdict_row("cudagraphs", "uncached", 160.0),
         verdict_row("cudagraphs", BLOCKS, 120.0, prefetch=False), verdict_row("cudagraphs", BLOCKS, 100.0),
         verdict_row("cudagraphs", LAYERS, None), verdict_row("cudagraphs", CACHE_DIT, 150.0),
@@ -402,7 +405,7 @@ def test_the_verdict_counts_step_graph_rows_where_they_stand_in_against_the_fast
         {"model": "dit", "compile": "graphs", "batch": 1, "prefetch": True, "method": CACHE_DIT,
          "skipped": "step_graphs is smoothcache's"},
     ])
-    found = pipeline_speed.targets(rows, "dit")
+    found = pipeline_results.targets(rows, "dit")
     assert [(c["compile"], c["batch"]) for c in found["columns"]] == [("cudagraphs", 1)]
     verdict = column(found, "cudagraphs")
     assert verdict["baseline"] == {"compile": "cudagraphs", "prefetch": True, "method": "uncached", "ms": 160.0,
@@ -431,7 +434,7 @@ def test_the_verdict_holds_flux_to_its_efficiency_and_says_none_where_rows_are_m
         verdict_row("eager", "uncached", 1000.0), verdict_row("eager", BLOCKS, 1100.0), verdict_row("eager", LAYERS, 800.0),
         verdict_row("compile", "uncached", None), verdict_row("compile", BLOCKS, None),
         verdict_row("cudagraphs", "uncached", None), verdict_row("cudagraphs", BLOCKS, 500.0))]
-    found = pipeline_speed.targets(pipeline_speed.with_speedups(flux), "flux")
+    found = pipeline_results.targets(pipeline_results.with_speedups(flux), "flux")
     assert [c["compile"] for c in found["columns"]] == ["eager", "compile", "cudagraphs"]
     eager = column(found, "eager")
     assert eager["smoothcache_fastest"]["method"] == LAYERS and eager["smoothcache_fastest"]["speedup"] == 1.25
@@ -448,17 +451,17 @@ def test_the_verdict_holds_flux_to_its_efficiency_and_says_none_where_rows_are_m
     assert unbased["smoothcache_fastest"]["speedup"] is None and unbased["smoothcache_fastest"]["efficiency"] is None
     assert unbased["meets_efficiency_target"] is None and unbased["none_below_1"] is None
     assert found["bit_identical"] == {"compared": 0, "identical": 0, "all_identical": None}
-    table = pipeline_speed.targets_table(found).splitlines()
+    table = pipeline_results.targets_table(found).splitlines()
     assert len(table) == 2 + len(found["columns"]) + 2 and table[2].startswith("eager b1")
     assert table[-1] == "every row from one run (one process): yes"
 
 
 def test_one_step_graph_row_off_the_plain_path_fails_bit_identity():
-    rows = pipeline_speed.with_speedups([
+    rows = pipeline_results.with_speedups([
         verdict_row("eager", "uncached", 400.0),
         verdict_row("eager-graphs", "uncached", 300.0, max_abs_diff_vs_plain_path=0.0),
         verdict_row("eager-graphs", BLOCKS, 150.0, max_abs_diff_vs_plain_path=0.0078125)])
-    found = pipeline_speed.targets(rows, "dit")
+    found = pipeline_results.targets(rows, "dit")
     assert found["bit_identical"] == {"compared": 2, "identical": 1, "all_identical": False}
     assert column(found, "eager")["smoothcache_fastest"]["speedup"] == 400 / 150
 
@@ -478,13 +481,13 @@ def test_merged_parts_say_which_file_each_row_came_from_and_a_column_across_file
     for index, rows in enumerate(parts):
         files.append(tmp_path / f"part{index}.json")
         files[-1].write_text(json.dumps({"device": "cpu", "date": "today", "settings": settings,
-                                         "rows": pipeline_speed.with_speedups(rows)}))
+                                         "rows": pipeline_results.with_speedups(rows)}))
     path, _ = pipeline_speed.main(["--plot-from", *map(str, files), "--out", str(tmp_path / "merged")])
     merged = json.loads(path.read_text())
     assert sorted({(r["compile"], r["from_file"]) for r in merged["rows"]}) == [
         ("cudagraphs", 0), ("eager", 1), ("graphs", 1)]
     assert [Path(m["file"]).name for m in merged["merged_from"]] == ["part0.json", "part1.json"]
-    assert merged["targets"] == pipeline_speed.targets(merged["rows"], "dit")
+    assert merged["targets"] == pipeline_results.targets(merged["rows"], "dit")
     cudagraphs, eager = column(merged["targets"], "cudagraphs"), column(merged["targets"], "eager")
     assert cudagraphs["baseline"]["from_file"] == 0 and cudagraphs["smoothcache_fastest"]["from_file"] == 1
     assert cudagraphs["smoothcache_fastest"]["speedup"] == 2.0 and cudagraphs["one_process"] is False
@@ -567,7 +570,7 @@ def watched(monkeypatch) -> SimpleNamespace:
     seen = SimpleNamespace(work=None, pristine=None, runner=None, turns=[])
 
     def build(tiny: bool, device: str) -> Any:
-        seen.work = pipeline_speed.dit_workload(tiny, device)
+        seen.work = pipeline_workloads.dit_workload(tiny, device)
         seen.pristine = Pristine.of(seen.work)
         return seen.work
 
@@ -591,7 +594,7 @@ def watched(monkeypatch) -> SimpleNamespace:
         finally:
             cell.generate = generate
 
-    monkeypatch.setitem(pipeline_speed.BUILDERS, "dit", build)
+    monkeypatch.setitem(pipeline_workloads.BUILDERS, "dit", build)
     monkeypatch.setattr(pipeline_speed.Runner, "run", run)
     monkeypatch.setattr(pipeline_speed.InTurnCell, "take_turn", take_turn)
     return seen
@@ -600,7 +603,7 @@ def watched(monkeypatch) -> SimpleNamespace:
 def alone(config: Any) -> torch.Tensor:
     """``config``'s output from a fresh tiny DiT pipeline with that method alone, set up as the
     sequential cells set up each configuration (``configured``)."""
-    work = pipeline_speed.dit_workload(True, "cpu")
+    work = pipeline_workloads.dit_workload(True, "cpu")
     with pipeline_speed.configured(work, config, "eager"):
         return uncached_output(work, config.batch)
 
@@ -612,7 +615,7 @@ def test_eager_cells_time_their_methods_in_turn_each_round_one_method_later(run,
     check_rows(result)
     rows = result["rows"]
     assert [(r["prefetch"], r["method"]) for r in rows] == [(p, m) for p in (False, True) for m in METHODS]
-    warmup = pipeline_speed.WARMUP["eager"]
+    warmup = pipeline_settings.WARMUP["eager"]
     for prefetch in (False, True):
         cell = {r["method"]: r for r in rows if r["prefetch"] == prefetch}
         turns = [(t.method, t.round) for t in watched.turns if t.cell == ("eager", 2, prefetch)]
@@ -732,7 +735,7 @@ def test_plain_compile_cells_time_uncached_and_smoothcache_in_turn_on_one_compil
     assert [(r["compile"], r["method"], r["timing"]) for r in rows] == [  # DiT's cells: CUDA graphs first
         *(("cudagraphs", m, "sequential") for m in METHODS),
         *(("compile", m, "interleaved") for m in in_turn), ("compile", METHODS[3], "sequential")]
-    warmup = pipeline_speed.WARMUP["compile"]
+    warmup = pipeline_settings.WARMUP["compile"]
     turns = [(t.method, t.round) for t in watched.turns]
     assert {t.cell for t in watched.turns} == {("compile", 2, False)}
     for round_index in range(warmup + repeats):
@@ -747,7 +750,7 @@ def test_plain_compile_cells_time_uncached_and_smoothcache_in_turn_on_one_compil
     assert result["settings"]["timing"]["compile"].startswith("interleaved")
     assert [t for t in watched.turns if t.leftovers] == []
     for method in in_turn:  # as each method gives alone (dynamo's eager backend here: the same kernels)
-        config = pipeline_speed.Config("compile", 2, False, method)
+        config = pipeline_settings.Config("compile", 2, False, method)
         assert torch.equal(watched.runner.outputs[config], alone(config)), config
     watched.pristine.check(watched.work, compiled=True)  # the compiled wrapper and every handle taken off
 
@@ -756,7 +759,7 @@ def test_cache_dit_enabled_after_compiling_fails_on_dit_so_it_cannot_take_turns_
     """Why a compile cell times cache-dit alone: switching it per turn would enable it on the compiled
     transformer, and there its block container replaces the blocks DiT's own forward reads. If a
     cache-dit release lifts this, compile cells could time it in turn too."""
-    work = pipeline_speed.dit_workload(True, "cpu")
+    work = pipeline_workloads.dit_workload(True, "cpu")
     torch._dynamo.reset()
     work.pipe.transformer = torch.compile(work.pipe.transformer, backend="eager")
     try:

@@ -1,0 +1,31 @@
+"""The names pipeline_speed.py's configurations are made of: models, compile settings, methods and
+each setting's warm-up. A module of their own because the measuring script and the readers of its
+result files (``pipeline_results.py``) both speak them."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+MODELS = ("dit", "flux", "wan")
+COMPILES = ("eager", "compile", "cudagraphs", "graphs", "eager-graphs")
+DEFAULT_COMPILES = ("eager", "compile", "cudagraphs")  # the step-graphs settings need CUDA: asked for by name
+STEP_GRAPHS = {"graphs": 2, "eager-graphs": 1}  # the settings that replay step graphs: their plain warm-up generations
+STANDS_IN_FOR = {"graphs": "cudagraphs", "eager-graphs": "eager"}  # what a user without step graphs runs
+PLAIN_PATH = {"graphs": "compile", "eager-graphs": "eager"}  # the same kernels without step graphs
+UNCACHED, BLOCKS, LAYERS, CACHE_DIT = "uncached", "smoothcache blocks", "smoothcache layers", "cache-dit F1B0 static mask"
+METHODS = (UNCACHED, BLOCKS, LAYERS, CACHE_DIT)
+METHOD_NAMES = {"uncached": UNCACHED, "blocks": BLOCKS, "layers": LAYERS, "cache-dit": CACHE_DIT}
+METHOD_TAGS = {method: tag for tag, method in METHOD_NAMES.items()}
+# cudagraph trees record on the 2nd call and replay from the 3rd; step graphs warm up (STEP_GRAPHS), capture,
+# then replay once more untimed, so that the last warm-up (where host syncs are counted) is a replay
+WARMUP = {"eager": 1, "compile": 2, "cudagraphs": 3, "graphs": 4, "eager-graphs": 3}
+
+
+
+class Config(NamedTuple):
+    """One configuration, a row of the result: compile setting, batch, prefetch on or off, method."""
+
+    compile: str
+    batch: int
+    prefetch: bool
+    method: str
