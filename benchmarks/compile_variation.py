@@ -7,12 +7,15 @@ was whether step graphs or the comparison was wrong. This script separates the t
 
 1. eager, without and with ``prefetch_timesteps`` (which claims bit-identical outputs);
 2. compiled (default mode), three generations: one compiled model against itself;
-3. ``smoothcache.step_graphs`` on that compiled model: each replayed generation against (2);
+3. ``smoothcache.step_graphs`` on that compiled model: its four generations (two plain ones, its
+   warm-up; the capture; a replay), each against (2);
 4. the graphs removed: the plain path again, against (2);
 5. the same model compiled afresh (``torch._dynamo.reset()``): against (2).
 
 Every generation is ``pipe(...)`` with seed 0; each figure is the largest absolute difference of the
-latents handed to the VAE. ``--deterministic`` sets ``torch._inductor.config.deterministic`` (no
+latents handed to the VAE. ``graphs_compiled`` counts what dynamo compiled in each phase: (3) and
+(4) compiling nothing is what makes them the same graphs as (2). Why a fresh compile differs is not
+established here (it does with inductor's on-device benchmarking off too). ``--deterministic`` sets ``torch._inductor.config.deterministic`` (no
 on-device benchmarking in inductor). Step graphs need CUDA: elsewhere (3) and (4) are skipped and
 the JSON says so; ``--tiny --device cpu --backend eager`` checks the code paths in seconds.
 
@@ -33,6 +36,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_bench
 import pipeline_speed
 import pipeline_workloads
 
@@ -52,14 +56,23 @@ def measure_batch(work: pipeline_workloads.Workload, batch: int, device: torch.d
         torch.compiler.cudagraph_mark_step_begin()
         return work.generate(batch, torch.Generator(device).manual_seed(0)).detach().clone()
 
-    found: dict[str, Any] = {"batch": batch}
+    counted = gpu_bench.dynamo_counts()
+
+    def compiled_since() -> int:
+        nonlocal counted
+        before, counted = counted, gpu_bench.dynamo_counts()
+        return counted["graphs"] - before["graphs"]
+
+    found: dict[str, Any] = {"batch": batch, "graphs_compiled": {}}
     torch._dynamo.reset()
     eager = generate()
     prefetch = smoothcache.prefetch_timesteps(pipe, device_once=True)
     try:
         found["eager_vs_eager_prefetched"] = largest_difference(eager, generate())
         pipe.transformer = torch.compile(pipe.transformer, backend=backend)
+        compiled_since()
         compiled = [generate() for _ in range(3)]
+        found["graphs_compiled"]["compiled"] = compiled_since()
         found["compiled_generation_1_vs_2_vs_3"] = [largest_difference(compiled[0], compiled[1]),
                                                     largest_difference(compiled[1], compiled[2])]
         found["compiled_vs_eager"] = largest_difference(compiled[2], eager)
@@ -68,14 +81,18 @@ def measure_batch(work: pipeline_workloads.Workload, batch: int, device: torch.d
             replays = [generate() for _ in range(4)]  # two plain (the warm-up), a capture, a replay
             found["step_graphs_vs_compiled"] = [largest_difference(r, compiled[2]) for r in replays]
             found["step_graph_stats"] = dataclasses.asdict(graphs.stats)
+            found["graphs_compiled"]["step_graphs"] = compiled_since()
             graphs.disable()
             found["graphs_removed_vs_compiled"] = largest_difference(generate(), compiled[2])
+            found["graphs_compiled"]["graphs_removed"] = compiled_since()
         else:
             found["step_graphs_vs_compiled"] = "skipped: step graphs replay CUDA graphs"
         pipe.transformer = pipeline_speed.unwrapped(pipe.transformer)
         torch._dynamo.reset()
         pipe.transformer = torch.compile(pipe.transformer, backend=backend)
+        compiled_since()
         found["recompiled_vs_compiled"] = [largest_difference(generate(), compiled[2]) for _ in range(2)]
+        found["graphs_compiled"]["recompiled"] = compiled_since()
     finally:
         pipe.transformer = pipeline_speed.unwrapped(pipe.transformer)
         torch._dynamo.reset()

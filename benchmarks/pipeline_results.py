@@ -335,12 +335,29 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+# Written into every result's settings since step-graph rows are checked on their own set-up; files
+# without it compared them with the cell without step graphs under the same field name
+EXACTNESS_REFERENCE = "max_abs_diff_vs_plain_path: the row's own set-up, one more generation with the step graphs removed"
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """A result file, its older step-graph comparisons under their present name: a file written
+    before ``EXACTNESS_REFERENCE`` compared each step-graph row with the other cell, which is
+    ``max_abs_diff_vs_plain_cell`` now (under compile, a second compile: no exactness verdict)."""
+    result = json.loads(path.read_text())
+    if "exactness_reference" not in result["settings"]:
+        for row in result["rows"]:
+            if "max_abs_diff_vs_plain_path" in row:
+                row["max_abs_diff_vs_plain_cell"] = row.pop("max_abs_diff_vs_plain_path")
+    return result
+
+
 def merge(files: Sequence[Path]) -> dict[str, Any]:
     """Parts of one model's run on one device (e.g. one command per compile setting) as one result:
     each cell's rows from one file only (the last that has the cell), so that every speedup stays
     within one process; each row says which (``from_file``, an index into ``merged_from``, where
     each part's own settings are kept); issue 20's verdict drawn afresh from the merged rows."""
-    results = [json.loads(f.read_text()) for f in files]
+    results = [read_result(f) for f in files]
     for key, values in (("models", {r["settings"]["model"] for r in results}), ("devices", {r["device"] for r in results})):
         if len(values) != 1:
             raise SystemExit(f"--plot-from: the files are of different {key}: {sorted(values)}")

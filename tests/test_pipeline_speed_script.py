@@ -288,9 +288,10 @@ def test_skip_guards_times_compiled_rows_with_only_the_guards_that_tell_graphs_a
         assert fast["max_abs_diff_vs_uncached"] == plain["max_abs_diff_vs_uncached"]
 
 
-def test_the_exactness_claim_compares_the_replays_with_their_own_set_up_with_the_graphs_removed() -> None:
+def test_the_exactness_claim_compares_the_replays_with_their_own_set_up_with_the_graphs_removed(monkeypatch) -> None:
     """``max_abs_diff_vs_plain_path``: the step graphs are removed first, then one more generation runs
-    on the same set-up; a replay off that path shows."""
+    on the same set-up; a replay off that path shows. If that generation compiled anything it ran
+    other graphs, and if removing the graphs fails the check is lost, not the row: both say so."""
     calls: list[str] = []
     graphs = SimpleNamespace(disable=lambda: calls.append("disable"))
 
@@ -301,8 +302,20 @@ def test_the_exactness_claim_compares_the_replays_with_their_own_set_up_with_the
     runner = pipeline_speed.Runner(work=SimpleNamespace(generate=generate), args=SimpleNamespace(device="cpu"), out=None)
     config = pipeline_settings.Config("eager-graphs", 1, False, "smoothcache blocks")
     runner.outputs[config] = torch.tensor([1.0, 2.25])  # what the replays gave
-    assert runner.plain_path_difference(config, graphs) == 0.25
+    assert runner.plain_path_difference(config, graphs) == {"max_abs_diff_vs_plain_path": 0.25}
     assert calls == ["disable", "generate b1"]
+
+    counts = iter([{"graphs": 3, "frames": 3, "graph_breaks": 0, "cudagraph_skips": 0},
+                   {"graphs": 4, "frames": 4, "graph_breaks": 0, "cudagraph_skips": 0}])
+    monkeypatch.setattr(pipeline_speed.gpu_bench, "dynamo_counts", lambda: next(counts))
+    assert runner.plain_path_difference(config, graphs) == {"max_abs_diff_vs_plain_path": None,
+                                                            "plain_path_graphs_compiled": 1}
+
+    def refusing() -> None:
+        raise RuntimeError("The model's forward was replaced after step_graphs attached; undo that first")
+
+    found = runner.plain_path_difference(config, SimpleNamespace(disable=refusing))
+    assert found["max_abs_diff_vs_plain_path"] is None and found["plain_path_error"].startswith("RuntimeError: The model")
 
 
 def test_step_graph_rows_are_compared_with_the_same_method_in_the_plain_cell_in_either_order() -> None:
@@ -798,18 +811,58 @@ def test_no_in_turn_times_eager_cells_one_configuration_after_another(run):
     assert result["settings"]["timing"]["eager"] == result["settings"]["timing"]["compile"] == "sequential (--no-in-turn)"
 
 
-def test_compile_variation_separates_replays_from_fresh_compiles(tmp_path: Path, stand_in_graphs) -> None:
-    """benchmarks/compile_variation.py on the tiny DiT with dynamo only: one compiled model against
-    itself, its replays and a fresh compile, all 0 here (no inductor to pick other kernels); the
-    JSON keeps every batch and the graphs' counts."""
+def test_compile_variation_separates_replays_from_fresh_compiles(tmp_path: Path, stand_in_graphs, monkeypatch) -> None:
+    """benchmarks/compile_variation.py on the tiny DiT, with a backend whose fresh compile (after the
+    script's second dynamo reset) adds 1e-3 to every graph's output, as a compile that picked other
+    kernels would differ: the compiled model equals itself and its step-graph generations (which
+    compile nothing), the fresh compile does not; the pipeline is left as it was found."""
+    compile_variation = importlib.import_module("compile_variation")
+    resets, real_reset = [], torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: (resets.append(1), real_reset())[1])
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        if len(resets) != 2:
+            return gm.forward
+        def shifted(*args: Any) -> Any:
+            return torch.utils._pytree.tree_map(
+                lambda t: t + 1e-3 if isinstance(t, torch.Tensor) and t.is_floating_point() else t, gm.forward(*args))
+        return shifted
+
+    work = pipeline_workloads.dit_workload(True, "cpu")
+    model, forward = work.pipe.transformer, work.pipe.transformer.forward
+    found = compile_variation.measure_batch(work, 2, torch.device("cpu"), backend)
+    assert found["eager_vs_eager_prefetched"] == 0.0 and found["compiled_generation_1_vs_2_vs_3"] == [0.0, 0.0]
+    assert found["step_graphs_vs_compiled"] == [0.0] * 4 and found["graphs_removed_vs_compiled"] == 0.0
+    assert found["graphs_compiled"]["compiled"] > 0
+    assert found["graphs_compiled"]["step_graphs"] == 0 and found["graphs_compiled"]["graphs_removed"] == 0
+    assert found["graphs_compiled"]["recompiled"] > 0
+    assert all(d > 1e-4 for d in found["recompiled_vs_compiled"]), found["recompiled_vs_compiled"]
+    steps = len(pipeline_workloads.DIT_TINY_MASK)
+    assert found["step_graph_stats"]["captured"] == steps and found["step_graph_stats"]["replayed"] == steps
+    assert work.pipe.transformer is model and "forward" not in vars(model) and model.forward == forward
+
+
+def test_compile_variation_writes_every_batch(tmp_path: Path, stand_in_graphs) -> None:
     compile_variation = importlib.import_module("compile_variation")
     path = compile_variation.main(["--tiny", "--device", "cpu", "--backend", "eager", "--batches", "2", "1",
                                    "--out", str(tmp_path)])
     result = json.loads(path.read_text())
-    assert [b["batch"] for b in result["batches"]] == [2, 1]
-    for found in result["batches"]:
-        assert found["eager_vs_eager_prefetched"] == 0.0 and found["compiled_generation_1_vs_2_vs_3"] == [0.0, 0.0]
-        assert found["step_graphs_vs_compiled"] == [0.0] * 4 and found["graphs_removed_vs_compiled"] == 0.0
-        assert found["step_graph_stats"]["captured"] == result["settings"]["steps"]
-        assert found["step_graph_stats"]["replayed"] == result["settings"]["steps"]  # the fourth generation
-        assert found["recompiled_vs_compiled"] == [0.0, 0.0]
+    assert [b["batch"] for b in result["batches"]] == [2, 1] and result["settings"]["backend"] == "eager"
+    assert all(b["step_graphs_vs_compiled"] == [0.0] * 4 for b in result["batches"])
+
+
+def test_files_written_before_the_own_set_up_check_read_their_comparison_as_the_cells(tmp_path: Path) -> None:
+    """A result file without ``settings.exactness_reference`` compared each step-graph row with the
+    cell without step graphs under ``max_abs_diff_vs_plain_path``: read back, that is the cell
+    comparison, and the verdict holds no exactness figure it did not measure. Newer files keep theirs."""
+    row = {"model": "dit", "compile": "graphs", "batch": 8, "prefetch": True, "method": "uncached", "ms": 480.0,
+           "max_abs_diff_vs_plain_path": 0.22}
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"settings": {"model": "dit"}, "rows": [row]}))
+    (read,) = pipeline_results.read_result(old)["rows"]
+    assert read["max_abs_diff_vs_plain_cell"] == 0.22 and "max_abs_diff_vs_plain_path" not in read
+    assert pipeline_results.targets([read], "dit")["bit_identical"]["compared"] == 0
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps({"settings": {"model": "dit", "exactness_reference": pipeline_results.EXACTNESS_REFERENCE},
+                               "rows": [{**row, "max_abs_diff_vs_plain_path": 0.0}]}))
+    assert pipeline_results.read_result(new)["rows"][0]["max_abs_diff_vs_plain_path"] == 0.0
