@@ -131,13 +131,17 @@ the host clock and by CUDA events, the median milliseconds of a computing and of
 the host and on the device (where the time goes: a host that waits for the GPU at every step shows
 the device's time on both; None with ``--no-step-clock``, which saves that generation); with ``--trace METHOD...``, those methods' rows also write a profiler
 trace of one more generation (``trace-*.json.gz``, each model call a range "step N computing" or
-"step N reusing") and list their busiest host operators (``top_host_ops``); and ``error`` where a configuration failed (the run goes on).
+"step N reusing") and list their busiest host operators (``top_host_ops``); ``wall_s``, the seconds
+the configuration took from set-up to teardown, warm-up and compiling included (an in-turn cell's
+rows share its time), for planning a lease; and ``error`` where a configuration failed (the run goes on).
 
 Cells run most wanted first, so that ``--max-minutes`` (no configuration or in-turn cell starts past
 it) trims the least wanted: DiT: CUDA graphs at each batch (largest first), compile at the largest,
 eager at each, compile at the others; Flux and Wan: eager, compile, CUDA graphs. The JSON is written after every
-row, so a run cut short keeps what it measured. One line is printed per row, and an estimate of the
-run's length after the first uncached generation.
+row, so a run cut short keeps what it measured. One line is printed per row; after the first
+uncached generation, a guess at the run's length (from that generation, which counts FLOPs and so
+errs long: 35 minutes guessed for a run of 17.6 on one H100); after each configuration or in-turn
+cell, the minutes so far and what the rest should take at the run's own paces per compile setting.
 
     python benchmarks/pipeline_speed.py --model dit --tiny --out /tmp/ps     # CPU smoke: ~2 min on 2 cores
     python benchmarks/pipeline_speed.py --plot-from /tmp/ps/pipeline-speed-dit.json   # redraw its plot
@@ -606,6 +610,7 @@ class Runner:
     outputs: dict[Config, torch.Tensor] = field(default_factory=dict)  # every configuration's, for the differences
     plan: list[Config] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    paces: dict[str, list[float]] = field(default_factory=dict)  # compile setting -> seconds per configuration
 
     @property
     def device(self) -> torch.device:
@@ -615,11 +620,19 @@ class Runner:
         return (time.perf_counter() - self.started) / 60
 
     def run(self) -> dict[str, Any]:
-        for configs in timing_groups(self.plan, self.args.in_turn):
+        groups = timing_groups(self.plan, self.args.in_turn)
+        for index, configs in enumerate(groups):
             in_turn = timed_in_turn(configs[0], self.args.in_turn)
+            started = time.perf_counter()
             rows = InTurnCell(self, configs).measure() if in_turn else [self.measure(configs[0])]
+            measured = [row for row in rows if "skipped" not in row]
+            for row in measured:  # an in-turn cell's configurations share its time
+                row["wall_s"] = (time.perf_counter() - started) / len(measured)
+                self.paces.setdefault(row["compile"], []).append(row["wall_s"])
             for row in rows:
                 self.add(row)
+            if measured and index + 1 < len(groups):
+                print_progress(self, [config for group in groups[index + 1:] for config in group])
         return self.result()
 
     def over_budget(self) -> str | None:
@@ -644,11 +657,9 @@ class Runner:
         if skip:
             row["skipped"] = skip
             return row
-        if config.compile in STEP_GRAPHS and not replays_on(self.device):
-            row["skipped"] = "smoothcache.step_graphs replays CUDA graphs: it needs a CUDA GPU"
-            return row
-        if config.compile in STEP_GRAPHS and config.method == CACHE_DIT:
-            row["skipped"] = "step_graphs is smoothcache's; cache-dit's CUDA graphs are the cudagraphs cell"
+        never = never_runs(config, self.device)
+        if never:
+            row["skipped"] = never
             return row
         attached = None
         try:
@@ -1196,25 +1207,59 @@ def step_line(step_ms: dict[str, Any] | None) -> str:
     return f"step ms computing/reusing: host {pair('host')}, device {pair('device')}"
 
 
-def print_estimate(runner: Runner) -> None:
-    """Expected run time from the first (eager, counted) uncached generation: generations scaled by
-    batch (never below a quarter: small batches are bound by the host), compiled ones by the model's
-    compiled factor, cached ones by their computed share, plus a compile allowance per compiled
-    configuration; a guess."""
+def never_runs(config: Config, device: torch.device) -> str | None:
+    """Why ``config`` is never measured, whatever the time: step graphs off CUDA, or cache-dit with step graphs."""
+    if config.compile in STEP_GRAPHS and not replays_on(device):
+        return "smoothcache.step_graphs replays CUDA graphs: it needs a CUDA GPU"
+    if config.compile in STEP_GRAPHS and config.method == CACHE_DIT:
+        return "step_graphs is smoothcache's; cache-dit's CUDA graphs are the cudagraphs cell"
+    return None
+
+
+def guessed_seconds(runner: Runner, config: Config, counted: bool) -> float:
+    """A configuration's seconds guessed from the run's first (eager, counted) uncached generation:
+    scaled by batch (never below a quarter: small batches are bound by the host), by the model's
+    compiled factor where compiled, by the computed share where cached; plus a compile allowance,
+    and the counting generation where ``counted``. The counted generation is slower than a plain
+    one (its FLOP counter), so this errs long: a guess until the run has its own paces."""
     work, first_s, first_batch = runner.work, runner.extra["first_generation_s"], runner.extra["first_generation_batch"]
     share = sum(work.mask) / work.steps + 0.1
-    seen, total = set(), 0.0
-    for config in runner.plan:
-        compiled = config.compile not in ("eager", "eager-graphs")
-        counted = compiled and (config.batch, config.method) not in seen  # an extra eager generation
+    compiled = config.compile not in ("eager", "eager-graphs")
+    one = first_s * max(config.batch / first_batch, 0.25) * (1.0 if config.method == UNCACHED else share)
+    clocked = 1 if runner.args.step_clock else 0
+    seconds = (WARMUP[config.compile] + runner.args.repeats + clocked) * one * (work.compiled_factor if compiled else 1.0)
+    return seconds + (one if counted and compiled else 0.0) + (work.compile_guess_s if compiled else 0.0)
+
+
+def remaining_seconds(runner: Runner, configs: Sequence[Config]) -> float:
+    """``configs``' seconds: each at the run's median pace for its compile setting where one has been
+    measured, else guessed (``guessed_seconds``); configurations that never run cost nothing."""
+    seen = {(row["batch"], row["method"]) for row in runner.rows}
+    total = 0.0
+    for config in configs:
+        if never_runs(config, runner.device):
+            continue
+        paces = runner.paces.get(config.compile)
+        counted = (config.batch, config.method) not in seen
         seen.add((config.batch, config.method))
-        one = first_s * max(config.batch / first_batch, 0.25) * (1.0 if config.method == UNCACHED else share)
-        clocked = 1 if runner.args.step_clock else 0
-        total += (WARMUP[config.compile] + runner.args.repeats + clocked) * one * (work.compiled_factor if compiled else 1.0)
-        total += one if counted else 0.0
-        total += work.compile_guess_s if compiled else 0.0
+        total += statistics.median(paces) if paces else guessed_seconds(runner, config, counted)
+    return total
+
+
+def print_estimate(runner: Runner) -> None:
+    """The whole run's expected length, from the first generation only (``guessed_seconds``)."""
+    total = remaining_seconds(runner, runner.plan)
+    first_s, first_batch = runner.extra["first_generation_s"], runner.extra["first_generation_batch"]
     print(f"first uncached generation {first_s:.2f} s (eager, batch {first_batch}); {len(runner.plan)} configurations, "
           f"expected about {total / 60:.1f} min (a guess); none starts after {runner.args.max_minutes} min", flush=True)
+
+
+def print_progress(runner: Runner, remaining: Sequence[Config]) -> None:
+    """After each configuration or in-turn cell: the time so far and what the rest should take at
+    this run's paces (``remaining_seconds``), against the ``--max-minutes`` gate."""
+    left = remaining_seconds(runner, remaining) / 60
+    print(f"  {runner.elapsed_min():.1f} min so far, {len(runner.plan) - len(remaining)} of {len(runner.plan)} "
+          f"configurations; about {left:.1f} min more (none starts after {runner.args.max_minutes} min)", flush=True)
 
 
 # ---- the command line --------------------------------------------------------------------------

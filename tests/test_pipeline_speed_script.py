@@ -78,6 +78,7 @@ def check_rows(result: dict[str, Any]) -> None:
         for key in ("ms", "speedup", "speedup_of_fastest", "speedup_vs_plain_uncached", "ideal_speedup", "efficiency"):
             assert positive(row[key]), (key, row)
         assert len(row["runs_ms"]) == settings["repeats"] and all(t > 0 for t in row["runs_ms"])
+        assert positive(row["wall_s"]) and row["wall_s"] > row["ms"] * settings["repeats"] / 1000
         assert math.isfinite(row["max_abs_diff_vs_uncached"])
         assert row["graphs_compiled_while_timed"] == 0 and row["recompiles_while_timed"] == 0
         assert row["peak_mib"] is None and row["host_syncs_per_generation"] is None  # no GPU here
@@ -866,3 +867,23 @@ def test_files_written_before_the_own_set_up_check_read_their_comparison_as_the_
     new.write_text(json.dumps({"settings": {"model": "dit", "exactness_reference": pipeline_results.EXACTNESS_REFERENCE},
                                "rows": [{**row, "max_abs_diff_vs_plain_path": 0.0}]}))
     assert pipeline_results.read_result(new)["rows"][0]["max_abs_diff_vs_plain_path"] == 0.0
+
+
+def test_the_time_left_is_taken_at_the_runs_own_paces_and_guessed_where_it_has_none() -> None:
+    """``remaining_seconds``: a compile setting already measured costs its median seconds per
+    configuration; one not yet measured is guessed from the first generation (its compile allowance
+    and, first time per batch and method, the counting generation); one that never runs costs nothing."""
+    Config, UNCACHED, BLOCKS = pipeline_settings.Config, pipeline_settings.UNCACHED, pipeline_settings.BLOCKS
+    work = SimpleNamespace(mask=(1, 0), steps=2, compiled_factor=0.5, compile_guess_s=10.0)
+    args = SimpleNamespace(device="cpu", step_clock=False, repeats=1, max_minutes=5.0)
+    runner = pipeline_speed.Runner(work=work, args=args, out=None)
+    runner.extra.update(first_generation_s=1.0, first_generation_batch=1)
+    runner.paces["eager"] = [2.0, 4.0, 100.0]
+    eager, graphs, compiled = (Config("eager", 1, False, UNCACHED), Config("graphs", 1, False, UNCACHED),
+                               Config("compile", 1, False, BLOCKS))
+    assert pipeline_speed.never_runs(graphs, torch.device("cpu")) and not pipeline_speed.never_runs(eager, torch.device("cpu"))
+    one = 1.0 * (0.5 + 0.1)  # a cached generation: the first's time at the computed share (and a margin)
+    guessed = (pipeline_settings.WARMUP["compile"] + 1) * one * 0.5 + one + 10.0
+    assert pipeline_speed.remaining_seconds(runner, [eager, graphs, compiled]) == pytest.approx(4.0 + guessed)
+    runner.rows.append({"batch": 1, "method": BLOCKS})  # counted already: no counting generation
+    assert pipeline_speed.remaining_seconds(runner, [compiled]) == pytest.approx(guessed - one)
