@@ -610,7 +610,7 @@ class Runner:
     outputs: dict[Config, torch.Tensor] = field(default_factory=dict)  # every configuration's, for the differences
     plan: list[Config] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
-    paces: dict[str, list[float]] = field(default_factory=dict)  # compile setting -> seconds per configuration
+    paces: dict[tuple[str, int, str], list[float]] = field(default_factory=dict)  # pace_key -> seconds per configuration
 
     @property
     def device(self) -> torch.device:
@@ -625,13 +625,15 @@ class Runner:
             in_turn = timed_in_turn(configs[0], self.args.in_turn)
             started = time.perf_counter()
             rows = InTurnCell(self, configs).measure() if in_turn else [self.measure(configs[0])]
-            measured = [row for row in rows if "skipped" not in row]
-            for row in measured:  # an in-turn cell's configurations share its time
-                row["wall_s"] = (time.perf_counter() - started) / len(measured)
-                self.paces.setdefault(row["compile"], []).append(row["wall_s"])
+            elapsed = time.perf_counter() - started
+            ran = [row for row in rows if "skipped" not in row]  # measured or failed
+            for row in ran:  # an in-turn cell's configurations share its time
+                row["wall_s"] = elapsed / len(ran)
+                if "ms" in row:  # a failure's seconds say nothing of the pace
+                    self.paces.setdefault(pace_key(row["compile"], row["batch"], row["timing"]), []).append(row["wall_s"])
             for row in rows:
                 self.add(row)
-            if measured and index + 1 < len(groups):
+            if ran and index + 1 < len(groups):
                 print_progress(self, [config for group in groups[index + 1:] for config in group])
         return self.result()
 
@@ -1231,35 +1233,56 @@ def guessed_seconds(runner: Runner, config: Config, counted: bool) -> float:
     return seconds + (one if counted and compiled else 0.0) + (work.compile_guess_s if compiled else 0.0)
 
 
-def remaining_seconds(runner: Runner, configs: Sequence[Config]) -> float:
-    """``configs``' seconds: each at the run's median pace for its compile setting where one has been
-    measured, else guessed (``guessed_seconds``); configurations that never run cost nothing."""
-    seen = {(row["batch"], row["method"]) for row in runner.rows}
+def pace_key(compile_mode: str, batch: int, timing: str) -> tuple[str, int, str]:
+    """What a configuration's seconds are kept and looked up under: its setting, batch and timing (a
+    configuration in turn shares its cell's one compile, one timed alone compiles its own)."""
+    return compile_mode, batch, timing
+
+
+def remaining_seconds(runner: Runner, configs: Sequence[Config]) -> float | None:
+    """``configs``' seconds: each at the run's median pace for its setting, batch and timing where
+    one has been measured, else for its setting, else guessed (``guessed_seconds``); configurations
+    that never run cost nothing. None while there is neither a pace nor a first generation to go by."""
+    seen = set(runner.counts)  # (batch, method) pairs whose counting generation has run
     total = 0.0
     for config in configs:
         if never_runs(config, runner.device):
             continue
-        paces = runner.paces.get(config.compile)
+        timing = "interleaved" if timed_in_turn(config, runner.args.in_turn) else "sequential"
+        paces = runner.paces.get(pace_key(config.compile, config.batch, timing)) or [
+            seconds for key, values in runner.paces.items() if key[0] == config.compile for seconds in values]
         counted = (config.batch, config.method) not in seen
         seen.add((config.batch, config.method))
-        total += statistics.median(paces) if paces else guessed_seconds(runner, config, counted)
+        if paces:
+            total += statistics.median(paces)
+        elif "first_generation_s" in runner.extra:
+            total += guessed_seconds(runner, config, counted)
+        else:
+            return None
     return total
+
+
+def runnable(runner: Runner, configs: Sequence[Config]) -> int:
+    return sum(not never_runs(config, runner.device) for config in configs)
 
 
 def print_estimate(runner: Runner) -> None:
     """The whole run's expected length, from the first generation only (``guessed_seconds``)."""
-    total = remaining_seconds(runner, runner.plan)
+    total = remaining_seconds(runner, runner.plan) or 0.0
     first_s, first_batch = runner.extra["first_generation_s"], runner.extra["first_generation_batch"]
-    print(f"first uncached generation {first_s:.2f} s (eager, batch {first_batch}); {len(runner.plan)} configurations, "
-          f"expected about {total / 60:.1f} min (a guess); none starts after {runner.args.max_minutes} min", flush=True)
+    print(f"first uncached generation {first_s:.2f} s (eager, batch {first_batch}); {runnable(runner, runner.plan)} "
+          f"configurations, expected about {total / 60:.1f} min (a guess); none starts after {runner.args.max_minutes} min",
+          flush=True)
 
 
 def print_progress(runner: Runner, remaining: Sequence[Config]) -> None:
     """After each configuration or in-turn cell: the time so far and what the rest should take at
     this run's paces (``remaining_seconds``), against the ``--max-minutes`` gate."""
-    left = remaining_seconds(runner, remaining) / 60
-    print(f"  {runner.elapsed_min():.1f} min so far, {len(runner.plan) - len(remaining)} of {len(runner.plan)} "
-          f"configurations; about {left:.1f} min more (none starts after {runner.args.max_minutes} min)", flush=True)
+    left = remaining_seconds(runner, remaining)
+    total, to_go = runnable(runner, runner.plan), runnable(runner, remaining)
+    rest = "" if left is None else f"; about {left / 60:.1f} min more"
+    print(f"  {runner.elapsed_min():.1f} min so far, {total - to_go} of {total} configurations{rest} "
+          f"(none starts after {runner.args.max_minutes} min)", flush=True)
 
 
 # ---- the command line --------------------------------------------------------------------------

@@ -867,23 +867,60 @@ def test_files_written_before_the_own_set_up_check_read_their_comparison_as_the_
     new.write_text(json.dumps({"settings": {"model": "dit", "exactness_reference": pipeline_results.EXACTNESS_REFERENCE},
                                "rows": [{**row, "max_abs_diff_vs_plain_path": 0.0}]}))
     assert pipeline_results.read_result(new)["rows"][0]["max_abs_diff_vs_plain_path"] == 0.0
+    for parts in ([new, old], [old, new]):  # merged, in either order, the file says its naming
+        for f in parts:
+            f.write_text(json.dumps({**json.loads(f.read_text()), "device": "cpu", "date": "today"}))
+        merged = pipeline_results.merge(parts)
+        assert merged["settings"]["exactness_reference"] == pipeline_results.EXACTNESS_REFERENCE
 
 
-def test_the_time_left_is_taken_at_the_runs_own_paces_and_guessed_where_it_has_none() -> None:
-    """``remaining_seconds``: a compile setting already measured costs its median seconds per
-    configuration; one not yet measured is guessed from the first generation (its compile allowance
-    and, first time per batch and method, the counting generation); one that never runs costs nothing."""
+def test_the_time_left_is_taken_at_the_runs_own_paces_and_guessed_where_it_has_none(capsys) -> None:
+    """``remaining_seconds``: a configuration like one measured (setting, batch, timing) costs that
+    median, one of a measured setting only that setting's; one of a setting not yet measured is
+    guessed from the first generation (its compile allowance and, first time per batch and method,
+    the counting generation); one that never runs costs nothing. Before any pace or first generation
+    (a first configuration that failed) there is no figure, and the progress line says only the time."""
     Config, UNCACHED, BLOCKS = pipeline_settings.Config, pipeline_settings.UNCACHED, pipeline_settings.BLOCKS
     work = SimpleNamespace(mask=(1, 0), steps=2, compiled_factor=0.5, compile_guess_s=10.0)
-    args = SimpleNamespace(device="cpu", step_clock=False, repeats=1, max_minutes=5.0)
+    args = SimpleNamespace(device="cpu", step_clock=False, repeats=1, max_minutes=5.0, in_turn=True)
     runner = pipeline_speed.Runner(work=work, args=args, out=None)
+    eager, eager8, graphs, compiled = (Config("eager", 1, False, UNCACHED), Config("eager", 8, False, UNCACHED),
+                                       Config("graphs", 1, False, UNCACHED), Config("compile", 1, False, BLOCKS))
+    assert pipeline_speed.remaining_seconds(runner, [eager, compiled]) is None
+    pipeline_speed.print_progress(runner, [eager, compiled])
+    assert "configurations (none starts" in capsys.readouterr().out
+
     runner.extra.update(first_generation_s=1.0, first_generation_batch=1)
-    runner.paces["eager"] = [2.0, 4.0, 100.0]
-    eager, graphs, compiled = (Config("eager", 1, False, UNCACHED), Config("graphs", 1, False, UNCACHED),
-                               Config("compile", 1, False, BLOCKS))
+    runner.paces[("eager", 1, "interleaved")] = [2.0, 4.0, 100.0]
+    runner.paces[("eager", 2, "interleaved")] = [1.0]
     assert pipeline_speed.never_runs(graphs, torch.device("cpu")) and not pipeline_speed.never_runs(eager, torch.device("cpu"))
     one = 1.0 * (0.5 + 0.1)  # a cached generation: the first's time at the computed share (and a margin)
     guessed = (pipeline_settings.WARMUP["compile"] + 1) * one * 0.5 + one + 10.0
     assert pipeline_speed.remaining_seconds(runner, [eager, graphs, compiled]) == pytest.approx(4.0 + guessed)
-    runner.rows.append({"batch": 1, "method": BLOCKS})  # counted already: no counting generation
+    assert pipeline_speed.remaining_seconds(runner, [eager8]) == pytest.approx(3.0)  # the setting's median
+    runner.counts[(1, BLOCKS)] = {}  # counted already: no counting generation
     assert pipeline_speed.remaining_seconds(runner, [compiled]) == pytest.approx(guessed - one)
+    runner.plan = [eager8, eager, graphs, compiled]
+    pipeline_speed.print_progress(runner, [eager, graphs, compiled])
+    assert "1 of 3 configurations; about" in capsys.readouterr().out  # the step-graph one never runs on the CPU
+
+
+def test_a_first_configuration_that_fails_before_any_generation_leaves_the_run_going(run, monkeypatch) -> None:
+    """The progress line after a failed first configuration has no first generation to guess from:
+    it says the time so far, and the next configurations are measured."""
+    real, failed = pipeline_speed.configured, []
+
+    @contextlib.contextmanager
+    def failing_once(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("out of memory")
+        with real(*args, **kwargs) as attached:
+            yield attached
+
+    monkeypatch.setattr(pipeline_speed, "configured", failing_once)
+    (result,) = run("--model", "dit", "--compile", "cudagraphs", "--batches", "1", "--prefetch", "off",
+                    "--methods", "blocks")
+    first, second = result["rows"]
+    assert first["error"].startswith("RuntimeError: out of memory") and first["wall_s"] >= 0
+    assert "error" not in second and positive(second["ms"]) and positive(second["wall_s"])
