@@ -136,12 +136,14 @@ the configuration took from set-up to teardown, warm-up and compiling included (
 rows share its time), for planning a lease; and ``error`` where a configuration failed (the run goes on).
 
 Cells run most wanted first, so that ``--max-minutes`` (no configuration or in-turn cell starts past
-it) trims the least wanted: DiT: CUDA graphs at each batch (largest first), compile at the largest,
-eager at each, compile at the others; Flux and Wan: eager, compile, CUDA graphs. The JSON is written after every
+it) trims the least wanted: DiT: CUDA graphs at each batch (largest first), then step graphs on
+compile at each, compile at the largest, eager at each, step graphs on eager at each, compile at the
+others; Flux and Wan: eager, compile, CUDA graphs. The JSON is written after every
 row, so a run cut short keeps what it measured. One line is printed per row; after the first
 uncached generation, a guess at the run's length (from that generation, which counts FLOPs and so
 errs long: 35 minutes guessed for a run of 17.6 on one H100); after each configuration or in-turn
-cell, the minutes so far and what the rest should take at the run's own paces per compile setting.
+cell, the minutes so far and what the rest should take at the run's own paces (per setting, batch
+and timing; per setting where that is not measured yet).
 
     python benchmarks/pipeline_speed.py --model dit --tiny --out /tmp/ps     # CPU smoke: ~2 min on 2 cores
     python benchmarks/pipeline_speed.py --plot-from /tmp/ps/pipeline-speed-dit.json   # redraw its plot
