@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 MODELS = ("dit", "flux", "wan")
+DEFAULT_BATCHES = {"dit": (1, 8), "flux": (1,), "wan": (1,)}  # each model's batches unless --batches
+DEFAULT_REPEATS = {"dit": 5, "flux": 3, "wan": 2}  # timed generations per configuration unless --repeats
 COMPILES = ("eager", "compile", "cudagraphs", "graphs", "eager-graphs")
 DEFAULT_COMPILES = ("eager", "compile", "cudagraphs")  # the step-graphs settings need CUDA: asked for by name
 STEP_GRAPHS = {"graphs": 2, "eager-graphs": 1}  # the settings that replay step graphs: their plain warm-up generations

@@ -249,7 +249,9 @@ from pipeline_settings import (
     BLOCKS,
     CACHE_DIT,
     COMPILES,
+    DEFAULT_BATCHES,
     DEFAULT_COMPILES,
+    DEFAULT_REPEATS,
     LAYERS,
     METHOD_NAMES,
     METHOD_TAGS,
@@ -260,7 +262,7 @@ from pipeline_settings import (
     WARMUP,
     Config,
 )
-from pipeline_workloads import BUILDERS, DEFAULT_BATCHES, DEFAULT_REPEATS, Workload
+from pipeline_workloads import BUILDERS, Workload
 
 import smoothcache
 from smoothcache import Schedule

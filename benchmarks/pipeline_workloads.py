@@ -179,5 +179,3 @@ def medium_mask(steps: int) -> tuple[int, ...]:
 
 
 BUILDERS: dict[str, Callable[[bool, str], Workload]] = {"dit": dit_workload, "flux": flux_workload, "wan": wan_workload}
-DEFAULT_BATCHES = {"dit": (1, 8), "flux": (1,), "wan": (1,)}
-DEFAULT_REPEATS = {"dit": 5, "flux": 3, "wan": 2}
