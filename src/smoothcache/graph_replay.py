@@ -554,7 +554,9 @@ def step_graphs(pipe: Any, *, warmup_generations: int = 1, copy_outputs: bool = 
     Works cached (``smoothcache.cache``, before or after) or not, eager or compiled without CUDA
     graphs; outputs are the plain path's (the same kernels, replayed), except, with a cache, in a
     generation whose calls change after its first (it replays up to the change, then runs as it
-    is, computing where the cache would reuse, and warns). The first
+    is, computing where the cache would reuse, and warns). To check that, compare with the same
+    compiled model after ``disable()``: a second torch.compile of a model can itself differ a
+    little from the first. The first
     ``warmup_generations`` generations run as they are (compiling), the next captures. A change of
     parameters, hooks or caches is noticed and captured afresh; each signature (batch size,
     resolution) gets its own set of graphs, of which the ``max_sets`` used last are kept.
