@@ -10,6 +10,7 @@ MODELS = ("dit", "flux", "wan")
 DEFAULT_BATCHES = {"dit": (1, 8), "flux": (1,), "wan": (1,)}  # each model's batches unless --batches
 DEFAULT_REPEATS = {"dit": 5, "flux": 3, "wan": 2}  # timed generations per configuration unless --repeats
 COMPILES = ("eager", "compile", "cudagraphs", "graphs", "eager-graphs")
+EAGER_COMPILES = ("eager", "eager-graphs")  # the settings that run the transformer without torch.compile
 DEFAULT_COMPILES = ("eager", "compile", "cudagraphs")  # the step-graphs settings need CUDA: asked for by name
 STEP_GRAPHS = {"graphs": 2, "eager-graphs": 1}  # the settings that replay step graphs: their plain warm-up generations
 STANDS_IN_FOR = {"graphs": "cudagraphs", "eager-graphs": "eager"}  # what a user without step graphs runs
@@ -31,3 +32,8 @@ class Config(NamedTuple):
     batch: int
     prefetch: bool
     method: str
+
+
+def is_compiled(compile_mode: str) -> bool:
+    """Whether the setting runs the transformer under torch.compile."""
+    return compile_mode not in EAGER_COMPILES

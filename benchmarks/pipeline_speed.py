@@ -261,6 +261,7 @@ from pipeline_settings import (
     UNCACHED,
     WARMUP,
     Config,
+    is_compiled,
 )
 from pipeline_workloads import BUILDERS, Workload
 
@@ -273,8 +274,8 @@ from smoothcache.files import atomic_path, atomic_write_text
 # ---- configurations ----------------------------------------------------------------------------
 def cells(model: str, compiles: Sequence[str], batches: Sequence[int]) -> list[tuple[str, int]]:
     """The (compile, batch) cells, most wanted first (issue 20): DiT, CUDA graphs at each batch
-    (largest first), compile at the largest, eager at each, compile at the others; Flux and Wan,
-    eager, compile, CUDA graphs."""
+    (largest first), step graphs on compile at each, compile at the largest, eager at each, step
+    graphs on eager at each, compile at the others; Flux and Wan, the settings in ``COMPILES`` order."""
     big_first = sorted(set(batches), reverse=True)
     if model == "dit":
         order = [("cudagraphs", b) for b in big_first] + [("graphs", b) for b in big_first] + [("compile", big_first[0])]
@@ -312,11 +313,16 @@ def timing_groups(plan: Sequence[Config], in_turn: bool = True) -> list[list[Con
     return list(groups.values())
 
 
+def timing_of(config: Config, in_turn: bool = True) -> str:
+    """How ``config`` is timed, as its row says: "interleaved" (``timed_in_turn``) or "sequential"."""
+    return "interleaved" if timed_in_turn(config, in_turn) else "sequential"
+
+
 def row_head(model: str, config: Config, in_turn: bool = True) -> dict[str, Any]:
     """What every row of ``config`` says, measured or not."""
     return {"model": model, **config._asdict(),
             "implementation": {UNCACHED: "none", CACHE_DIT: "cache-dit"}.get(config.method, "smoothcache"),
-            "timing": "interleaved" if timed_in_turn(config, in_turn) else "sequential"}
+            "timing": timing_of(config, in_turn)}
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
@@ -377,7 +383,7 @@ def configured(work: Workload, config: Config, backend: str) -> Iterator[Attache
 def compile_transformer_of(pipe: Any, compile_mode: str, backend: str, undo: list[Callable[[], Any]]) -> str | None:
     """``pipe.transformer`` compiled as ``compile_mode`` says (nothing for the eager settings), its
     undoing appended to ``undo``; how, in words."""
-    if compile_mode in ("eager", "eager-graphs"):
+    if not is_compiled(compile_mode):
         return None
     mode = {"mode": "reduce-overhead"} if compile_mode == "cudagraphs" and backend == "inductor" else {}
     pipe.transformer = torch.compile(pipe.transformer, backend=backend, **mode)
@@ -389,7 +395,7 @@ def compile_transformer_of(pipe: Any, compile_mode: str, backend: str, undo: lis
 def skips_guards(args: argparse.Namespace, config: Config) -> bool:
     """Whether ``config``'s runs after the warm-up go under ``skip_guard_eval_unsafe``: with
     ``--skip-guards``, compiled configurations but cache-dit's (it recompiled after its warm-up)."""
-    return args.skip_guards and config.compile not in ("eager", "eager-graphs") and config.method != CACHE_DIT
+    return args.skip_guards and is_compiled(config.compile) and config.method != CACHE_DIT
 
 
 def counts_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -614,7 +620,8 @@ class Runner:
     outputs: dict[Config, torch.Tensor] = field(default_factory=dict)  # every configuration's, for the differences
     plan: list[Config] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
-    paces: dict[tuple[str, int, str], list[float]] = field(default_factory=dict)  # pace_key -> seconds per configuration
+    # (compile, batch, timing) -> seconds per configuration: in turn, a cell shares one compile; alone, each compiles its own
+    paces: dict[tuple[str, int, str], list[float]] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -634,7 +641,7 @@ class Runner:
             for row in ran:  # an in-turn cell's configurations share its time
                 row["wall_s"] = elapsed / len(ran)
                 if "ms" in row:  # a failure's seconds say nothing of the pace
-                    self.paces.setdefault(pace_key(row["compile"], row["batch"], row["timing"]), []).append(row["wall_s"])
+                    self.paces.setdefault((row["compile"], row["batch"], row["timing"]), []).append(row["wall_s"])
             for row in rows:
                 self.add(row)
             if ran and index + 1 < len(groups):
@@ -680,8 +687,7 @@ class Runner:
 
     def timed(self, config: Config, attached: Attached) -> dict[str, Any]:
         """The configuration in place: its work counted where not yet, warmed up, then timed."""
-        compiled = config.compile not in ("eager", "eager-graphs")
-        generate = self.generation(config.batch, compiled=compiled)
+        generate = self.generation(config.batch, compiled=is_compiled(config.compile))
         before = gpu_bench.dynamo_counts()
         syncs, warmup_s = self.warm_up(config, generate)
         after_warmup = gpu_bench.dynamo_counts()
@@ -731,9 +737,8 @@ class Runner:
         found: dict[str, Any] = {"max_abs_diff_vs_plain_path": None}
         try:
             graphs.disable()
-            compiled = config.compile not in ("eager", "eager-graphs")
             before = gpu_bench.dynamo_counts()
-            plain = self.generation(config.batch, compiled=compiled)()
+            plain = self.generation(config.batch, compiled=is_compiled(config.compile))()
             graphs_compiled = counts_between(before, gpu_bench.dynamo_counts())["graphs"]
         except Exception as error:  # noqa: BLE001 - the timed row stands; only this check is lost
             return found | {"plain_path_error": error_text(error)}
@@ -771,20 +776,26 @@ class Runner:
         """Warm-up generations (the last one counting the host's waits for the GPU) and their
         seconds. The first of each (batch, method) is also counted (FLOPs, steps): eagerly, the
         warm-up is that generation; compiled, it is an extra one run eagerly before anything compiles."""
-        key = (config.batch, config.method)
         calls: list[Callable[[], Any]] = [generate] * WARMUP[config.compile]
-        if key not in self.counts:
-            if config.compile not in ("eager", "eager-graphs"):
-                with torch.compiler.set_stance("force_eager"):
-                    self.count(key, generate)
-            else:
-                calls[0] = partial(self.count, key, generate)
+        calls[0] = self.counting_first((config.batch, config.method), generate, is_compiled(config.compile))
         start = time.perf_counter()
         for call in calls[:-1]:
             call()
         syncs = host_syncs_of(calls[-1], self.device)
         sync()
         return syncs, time.perf_counter() - start
+
+    def counting_first(self, key: tuple[int, str], generate: Callable[[], Any], compiled: bool) -> Callable[[], Any]:
+        """The first warm-up generation of ``key`` (batch, method): where the run has not counted its
+        work yet, eagerly it is the counted generation; compiled, the counted one runs now under
+        ``force_eager`` (before anything compiles, outside the warm-up's seconds) and it is ``generate``."""
+        if key in self.counts:
+            return generate
+        if not compiled:
+            return partial(self.count, key, generate)
+        with torch.compiler.set_stance("force_eager"):
+            self.count(key, generate)
+        return generate
 
     def count(self, key: tuple[int, str], generate: Callable[[], Any]) -> None:
         """The counted generation of ``key``; the run's first one also sets the time estimate."""
@@ -919,7 +930,7 @@ class InTurnCell:
     def __init__(self, runner: Runner, configs: Sequence[Config]) -> None:
         self.runner, self.work = runner, runner.work
         self.compile_mode = configs[0].compile
-        self.compiled = self.compile_mode != "eager"
+        self.compiled = is_compiled(self.compile_mode)
         self.warmup = WARMUP[self.compile_mode]
         self.generate = runner.generation(configs[0].batch, compiled=self.compiled)
         self.skip_guards = skips_guards(runner.args, configs[0])  # the same for every method taking turns
@@ -1024,14 +1035,9 @@ class InTurnCell:
         """As ``Runner.warm_up`` does: the run's first generation of a (batch, method) is counted,
         eagerly (compiled: one more, under ``force_eager``, before the method's first compiled
         one); the last warm-up counts the host's waits for the GPU."""
-        key = (turn.config.batch, turn.config.method)
         run = self.generate
-        if round_index == 0 and key not in self.runner.counts:
-            if self.compiled:  # not part of the warm-up's seconds, as in Runner.warm_up
-                with torch.compiler.set_stance("force_eager"):
-                    self.runner.count(key, self.generate)
-            else:
-                run = partial(self.runner.count, key, self.generate)
+        if round_index == 0:
+            run = self.runner.counting_first((turn.config.batch, turn.config.method), self.generate, self.compiled)
         start = time.perf_counter()
         if round_index == self.warmup - 1:
             turn.host_syncs = host_syncs_of(run, self.runner.device)
@@ -1230,17 +1236,11 @@ def guessed_seconds(runner: Runner, config: Config, counted: bool) -> float:
     one (its FLOP counter), so this errs long: a guess until the run has its own paces."""
     work, first_s, first_batch = runner.work, runner.extra["first_generation_s"], runner.extra["first_generation_batch"]
     share = sum(work.mask) / work.steps + 0.1
-    compiled = config.compile not in ("eager", "eager-graphs")
+    compiled = is_compiled(config.compile)
     one = first_s * max(config.batch / first_batch, 0.25) * (1.0 if config.method == UNCACHED else share)
     clocked = 1 if runner.args.step_clock else 0
     seconds = (WARMUP[config.compile] + runner.args.repeats + clocked) * one * (work.compiled_factor if compiled else 1.0)
     return seconds + (one if counted and compiled else 0.0) + (work.compile_guess_s if compiled else 0.0)
-
-
-def pace_key(compile_mode: str, batch: int, timing: str) -> tuple[str, int, str]:
-    """What a configuration's seconds are kept and looked up under: its setting, batch and timing (a
-    configuration in turn shares its cell's one compile, one timed alone compiles its own)."""
-    return compile_mode, batch, timing
 
 
 def remaining_seconds(runner: Runner, configs: Sequence[Config]) -> float | None:
@@ -1252,8 +1252,7 @@ def remaining_seconds(runner: Runner, configs: Sequence[Config]) -> float | None
     for config in configs:
         if never_runs(config, runner.device):
             continue
-        timing = "interleaved" if timed_in_turn(config, runner.args.in_turn) else "sequential"
-        paces = runner.paces.get(pace_key(config.compile, config.batch, timing)) or [
+        paces = runner.paces.get((config.compile, config.batch, timing_of(config, runner.args.in_turn))) or [
             seconds for key, values in runner.paces.items() if key[0] == config.compile for seconds in values]
         counted = (config.batch, config.method) not in seen
         seen.add((config.batch, config.method))
