@@ -68,7 +68,10 @@ def paired_speedups(uncached: dict[str, Any], row: dict[str, Any]) -> dict[str, 
 
 # ---- issue 20's verdict -----------------------------------------------------------------------
 # The issue's targets; every figure they are held against comes from the rows
-RATIO_TO_CACHE_DIT_TARGET = 1.05  # smoothcache's fastest over cache-dit's fastest, in each column
+# smoothcache's fastest over cache-dit's fastest, in each column: the issue holds its DiT table to it. Flux
+# and Wan are held to efficiency: there the model sets the pace, both caches run near their ideal, and the
+# ideals differ by cache-dit's always-computed first block (1-2%), so no implementation leads by 5%
+RATIO_TO_CACHE_DIT_TARGETS = {"dit": 1.05}
 NO_CELL_BELOW = 1.0  # every smoothcache row against its own cell's uncached row
 SPEEDUP_TARGETS = {("dit", "cudagraphs", 8): 1.9, ("dit", "cudagraphs", 1): 1.6}  # (model, compile, batch)
 EFFICIENCY_TARGETS = {"flux": 0.95, "wan": 0.95}  # measured / ideal speedup of the fastest smoothcache row
@@ -117,12 +120,16 @@ def column_verdict(rows: Sequence[dict[str, Any]], compile_mode: str, batch: int
     # a smoothcache row without its own cell's uncached row has no speedup to hold to 1.0: no verdict
     slowest = None if any(r.get("speedup") is None for r in ours) else min(ours, key=lambda r: r["speedup"], default=None)
     speedup_target, efficiency_target = SPEEDUP_TARGETS.get((model, compile_mode, batch)), EFFICIENCY_TARGETS.get(model)
+    # the most the ratio can be with both caches at their ideal: what equal efficiency would give
+    ideal_ratio = (None if best_row is None or their_row is None or not best_row.get("ideal_speedup")
+                   or not their_row.get("ideal_speedup") else best_row["ideal_speedup"] / their_row["ideal_speedup"])
     picked = [r for r in (baseline_row, best_row, their_row) if r is not None]
     return {
         "compile": compile_mode, "batch": batch,
         "baseline": described(baseline_row),
         "smoothcache_fastest": best, "cache_dit_fastest": theirs,
-        "ratio_to_cache_dit": ratio, "meets_1_05": at_least(ratio, RATIO_TO_CACHE_DIT_TARGET),
+        "ratio_to_cache_dit": ratio, "ideal_ratio_to_cache_dit": ideal_ratio,
+        "meets_1_05": at_least(ratio, RATIO_TO_CACHE_DIT_TARGETS.get(model)),
         "slowest_smoothcache_speedup": None if slowest is None else slowest["speedup"],
         "slowest_smoothcache": None if slowest is None else {k: slowest[k] for k in ("compile", "prefetch", "method")},
         "none_below_1": None if slowest is None else slowest["speedup"] >= NO_CELL_BELOW,
@@ -142,14 +149,16 @@ def targets(rows: Sequence[dict[str, Any]], model: str) -> dict[str, Any]:
     column's fastest plain uncached row, prefetch off or on, not the step-graph uncached rows
     (smoothcache's own feature): conservative on purpose, every ``speedup`` here is against the best
     pipeline a user gets without smoothcache; ``own_cell_speedup`` and ``efficiency`` are the fastest
-    row's against its own cell's uncached row (step graphs' gain is not caching's). ``one_process`` says whether the baseline and both
+    row's against its own cell's uncached row (step graphs' gain is not caching's). The ratio to cache-dit
+    is held to 1.05 on DiT only (``RATIO_TO_CACHE_DIT_TARGETS``); ``ideal_ratio_to_cache_dit`` is the
+    ratio with both at their ideal speedups. ``one_process`` says whether the baseline and both
     fastest rows came from one file (``from_file``, set by ``merge``). Missing data gives None."""
     columns = sorted({column_of(r) for r in rows}, key=lambda c: (DEFAULT_COMPILES.index(c[0]), -c[1]))
     timed = [r for r in rows if r.get("ms") is not None]
     diffs = [r["max_abs_diff_vs_plain_path"] for r in rows if r.get("max_abs_diff_vs_plain_path") is not None]
     return {
         "model": model,
-        "thresholds": {"ratio_to_cache_dit": RATIO_TO_CACHE_DIT_TARGET, "every_smoothcache_row_speedup": NO_CELL_BELOW,
+        "thresholds": {"ratio_to_cache_dit": RATIO_TO_CACHE_DIT_TARGETS.get(model), "every_smoothcache_row_speedup": NO_CELL_BELOW,
                        "speedup": {f"{c} b{b}": t for (m, c, b), t in SPEEDUP_TARGETS.items() if m == model},
                        "efficiency": EFFICIENCY_TARGETS.get(model)},
         "baseline": "the column's fastest plain uncached row (prefetch off or on, no step graphs): conservative",
@@ -178,7 +187,7 @@ def targets_table(found: dict[str, Any]) -> str:
 
     lines = [f"issue 20's targets, {found['model']}; speedups against {found['baseline']}",
              (f"{'column':14} {'baseline':>10}  {'smoothcache fastest':52} {'eff':>5}  {'cache-dit fastest':42} "
-             f"{'ratio':>7} >=1.05  {'slowest':>7} >=1.0  {'target':14} one process")]
+             f"{'ratio':>7} {'ideal':>7} >=1.05  {'slowest':>7} >=1.0  {'target':14} one process")]
     for c in found["columns"]:
         ours, base = c["smoothcache_fastest"], c["baseline"]
         if c["speedup_target"] is not None:
@@ -190,6 +199,7 @@ def targets_table(found: dict[str, Any]) -> str:
         lines.append(f"{c['compile'] + ' b' + str(c['batch']):14} {number(base['ms'] if base else None, '.1f', ' ms'):>10}  "
                      f"{fastest(ours):52} {number(ours['efficiency'] if ours else None, '.2f'):>5}  "
                      f"{fastest(c['cache_dit_fastest']):42} {number(c['ratio_to_cache_dit'], '.4f', 'x'):>7} "
+                     f"{number(c.get('ideal_ratio_to_cache_dit'), '.4f', 'x'):>7} "
                      f"{flag(c['meets_1_05']):6}  {number(c['slowest_smoothcache_speedup'], '.2f', 'x'):>7} "
                      f"{flag(c['none_below_1']):5}  {target:14} {flag(c['one_process'])}")
     bits = found["bit_identical"]

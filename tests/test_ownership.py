@@ -56,9 +56,8 @@ def test_a_with_block_refused_at_its_start_does_not_count_as_entered(pipe, uncac
     ``with`` on the same handle must still be the outermost and disable it at its end."""
     waiting = smoothcache.cache(pipe, OTHER)
     waiting.disable()
-    with smoothcache.cache(pipe, SKIPPING), pytest.raises(ModelInUseError):
-        with waiting:
-            pass
+    with smoothcache.cache(pipe, SKIPPING), pytest.raises(ModelInUseError), waiting:
+        pass
     with waiting:
         assert waiting.enabled
     assert not waiting.enabled

@@ -431,6 +431,7 @@ def test_the_verdict_counts_step_graph_rows_where_they_stand_in_against_the_fast
     theirs = verdict["cache_dit_fastest"]
     assert (theirs["compile"], theirs["ms"], theirs["speedup"]) == ("cudagraphs", 150.0, pytest.approx(160 / 150))
     assert verdict["ratio_to_cache_dit"] == pytest.approx(150 / 80) and verdict["meets_1_05"] is True
+    assert verdict["ideal_ratio_to_cache_dit"] == pytest.approx(2.5 / 2.0)  # FLOPS' ideals
     # each row against its own cell's uncached row: the graphs row against 130 ms, the others against 160 or 200
     assert verdict["slowest_smoothcache_speedup"] == 1.6 and verdict["none_below_1"] is True
     assert verdict["slowest_smoothcache"] == {"compile": "cudagraphs", "prefetch": True, "method": BLOCKS}
@@ -468,6 +469,23 @@ def test_the_verdict_holds_flux_to_its_efficiency_and_says_none_where_rows_are_m
     table = pipeline_results.targets_table(found).splitlines()
     assert len(table) == 2 + len(found["columns"]) + 2 and table[2].startswith("eager b1")
     assert table[-1] == "every row from one run (one process): yes"
+
+
+def test_flux_and_wan_report_the_ratio_to_cache_dit_without_holding_it_to_dits_target():
+    """The 1.05x lead is the DiT table's target; on Flux and Wan the verdict gives the ratio and the
+    ratio at both ideals, and holds the fastest row to efficiency alone."""
+    rows = [{**r, "model": "wan"} for r in (
+        verdict_row("eager", "uncached", 1000.0), verdict_row("eager", BLOCKS, 420.0), verdict_row("eager", CACHE_DIT, 520.0))]
+    found = pipeline_results.targets(pipeline_results.with_speedups(rows), "wan")
+    eager = column(found, "eager")
+    assert eager["ratio_to_cache_dit"] == pytest.approx(520 / 420) and eager["meets_1_05"] is None
+    assert eager["ideal_ratio_to_cache_dit"] == pytest.approx(2.5 / 2.0)
+    assert (eager["efficiency_target"], eager["meets_efficiency_target"]) == (0.95, True)
+    assert found["thresholds"]["ratio_to_cache_dit"] is None and found["thresholds"]["efficiency"] == 0.95
+    line = pipeline_results.targets_table(found).splitlines()[2]
+    assert " 1.2381x 1.2500x -  " in line and "eff 0.95: yes" in line
+    dit = pipeline_results.targets(pipeline_results.with_speedups([{**r, "model": "dit"} for r in rows]), "dit")
+    assert column(dit, "eager")["meets_1_05"] is True and dit["thresholds"]["ratio_to_cache_dit"] == 1.05
 
 
 def test_one_step_graph_row_off_the_plain_path_fails_bit_identity():
