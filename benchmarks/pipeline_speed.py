@@ -176,17 +176,20 @@ import and build)::
     # uncached and blocks in turn, then cache-dit alone (one after another on one H100: 5.4 min with --repeats 2;
     # layers would add ~2 min to the in-turn cell, whose rows are written only when it ends)
     python3 benchmarks/pipeline_speed.py --model flux --compile compile --prefetch off --methods blocks cache-dit --repeats 2 --max-minutes 5.5 --out "$OUT/flux-c"
+    python3 benchmarks/pipeline_speed.py --model flux --compile cudagraphs --prefetch off --methods blocks cache-dit --max-minutes 5.5 --out "$OUT/flux-cg"  # one H100: 4.1 min
     python3 benchmarks/pipeline_speed.py --model wan --compile eager --prefetch off --repeats 1 --no-step-clock --no-in-turn --methods blocks cache-dit --out "$OUT/wan-eager"  # ~5-8 min
-    # every DiT column in one process, longer than one command (one H100: 17.6 min with --max-minutes 17,
-    # which left out only cache-dit's compile b1, about a minute; --max-minutes gates starts only, so 18
-    # keeps the end within two commands): a process in its own session outlives its command on the lent
-    # machine, and a second command on the same warm machine (called within its idle time) waits for it
-    # by its pid and collects /tmp/all, whatever is written by then (a third collects the rest)
-    setsid nohup python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs graphs compile eager eager-graphs \\
-        --prefetch on --methods blocks layers cache-dit --max-minutes 18 --out /tmp/all > /tmp/all.log 2>&1 < /dev/null &
-    echo $! > /tmp/all.pid; sleep 570; tail -5 /tmp/all.log
-    # the second command (not pgrep -f: it would find its own command line)
-    timeout 585 bash -c 'while kill -0 "$(cat /tmp/all.pid)" 2>/dev/null; do sleep 5; done'; cp /tmp/all/* /tmp/all.log "$OUT/"
+    # every DiT cell in one process, longer than one command (one H100: 12.2 min with --max-minutes 18; on a
+    # host that launched kernels half as fast, 17.6 min with 17, which left out cache-dit's compile b1;
+    # --max-minutes gates starts only): a process in its own session outlives its command on the lent
+    # machine, and a second command on the same warm machine (called within its idle time) waits for its
+    # marker file and collects /tmp/all, whatever is written by then (a third collects the rest). Not $!:
+    # setsid forks where it leads a process group (the device tool's shell runs jobs so), and $! is gone
+    setsid nohup bash -c 'python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs graphs compile eager \\
+        eager-graphs --prefetch on --methods blocks layers cache-dit --max-minutes 18 --out /tmp/all > /tmp/all.log 2>&1;
+        touch /tmp/all.done' < /dev/null > /dev/null 2>&1 &
+    sleep 570; tail -5 /tmp/all.log
+    # the second command
+    timeout 585 bash -c 'until [ -e /tmp/all.done ]; do sleep 5; done'; cp /tmp/all/* /tmp/all.log "$OUT/"
 
 Then ``--plot-from A/pipeline-speed-dit.json B/pipeline-speed-dit.json ... --out DIR`` merges one
 model's parts into one JSON and plot (each cell's rows from one file: every speedup within one process;
