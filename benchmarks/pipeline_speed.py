@@ -462,6 +462,16 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def clocked(generate: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float, float]:
+    """One generation between two device syncs, so that its time is its own: its output, its start
+    (``time.perf_counter``) and its seconds. Every timed generation in these benchmarks is one."""
+    sync()
+    start = time.perf_counter()
+    output = generate()
+    sync()
+    return output, start, time.perf_counter() - start
+
+
 def first_linear(module: nn.Module) -> nn.Linear:
     return next(m for m in module.modules() if isinstance(m, nn.Linear))
 
@@ -700,11 +710,8 @@ class Runner:
             torch.cuda.reset_peak_memory_stats()
         times, output = [], None
         for _ in range(self.args.repeats):
-            sync()
-            start = time.perf_counter()
-            output = generate()
-            sync()
-            times.append(time.perf_counter() - start)
+            output, _, seconds = clocked(generate)
+            times.append(seconds)
         # the timed generations' peaks, before the clocked and traced ones add their own
         peak_mib = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
         peak_reserved_mib = torch.cuda.max_memory_reserved() / 2**20 if torch.cuda.is_available() else None
@@ -1054,10 +1061,8 @@ class InTurnCell:
         sync()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        output = self.after_warmup()()
-        sync()
-        turn.times.append(time.perf_counter() - start)
+        output, start, seconds = clocked(self.after_warmup())
+        turn.times.append(seconds)
         self.timed_since = start if self.timed_since is None else self.timed_since
         turn.starts.append(start - self.timed_since)
         turn.output = output.detach().float().cpu()  # off the GPU: the next methods' peaks are their own

@@ -392,10 +392,7 @@ def take_turn(turn: MethodTurns, generate: Callable[[], torch.Tensor], timed_sin
         pipeline_speed.sync()
         if timed_since is not None and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        output = generate()
-        pipeline_speed.sync()
-        seconds = time.perf_counter() - start
+        output, start, seconds = pipeline_speed.clocked(generate)
         after = gpu_bench.dynamo_counts()
         turn.generations += 1
         if timed_since is None:
