@@ -183,8 +183,8 @@ import and build)::
     # --max-minutes gates starts only): a process in its own session outlives its command on the lent
     # machine, and a second command on the same warm machine (called within its idle time) waits for its
     # marker file and collects /tmp/all, whatever is written by then (a third collects the rest). Not $!:
-    # setsid forks where it leads a process group (the device tool's shell runs jobs so), and $! is gone
-    setsid nohup bash -c 'python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs graphs compile eager \\
+    # setsid forks where it leads a process group, and on the lent machine $! was gone at once
+    rm -f /tmp/all.done; setsid nohup bash -c 'python3 benchmarks/pipeline_speed.py --model dit --compile cudagraphs graphs compile eager \\
         eager-graphs --prefetch on --methods blocks layers cache-dit --max-minutes 18 --out /tmp/all > /tmp/all.log 2>&1;
         touch /tmp/all.done' < /dev/null > /dev/null 2>&1 &
     sleep 570; tail -5 /tmp/all.log

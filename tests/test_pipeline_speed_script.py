@@ -457,6 +457,7 @@ def test_the_verdict_holds_flux_to_its_efficiency_and_says_none_where_rows_are_m
     assert (eager["efficiency_target"], eager["meets_efficiency_target"]) == (0.95, False)
     assert eager["speedup_target"] is None and eager["meets_speedup_target"] is None
     assert eager["cache_dit_fastest"] is None and eager["ratio_to_cache_dit"] is None and eager["meets_1_05"] is None
+    assert eager["ideal_ratio_to_cache_dit"] is None
     assert eager["slowest_smoothcache_speedup"] == pytest.approx(1000 / 1100) and eager["none_below_1"] is False
     failed = column(found, "compile")
     assert failed["baseline"] is None and failed["smoothcache_fastest"] is None and failed["one_process"] is None
@@ -471,12 +472,13 @@ def test_the_verdict_holds_flux_to_its_efficiency_and_says_none_where_rows_are_m
     assert table[-1] == "every row from one run (one process): yes"
 
 
-def test_flux_and_wan_report_the_ratio_to_cache_dit_without_holding_it_to_dits_target():
+@pytest.mark.parametrize("model", ["flux", "wan"])
+def test_flux_and_wan_report_the_ratio_to_cache_dit_without_holding_it_to_dits_target(model: str):
     """The 1.05x lead is the DiT table's target; on Flux and Wan the verdict gives the ratio and the
     ratio at both ideals, and holds the fastest row to efficiency alone."""
-    rows = [{**r, "model": "wan"} for r in (
+    rows = [{**r, "model": model} for r in (
         verdict_row("eager", "uncached", 1000.0), verdict_row("eager", BLOCKS, 420.0), verdict_row("eager", CACHE_DIT, 520.0))]
-    found = pipeline_results.targets(pipeline_results.with_speedups(rows), "wan")
+    found = pipeline_results.targets(pipeline_results.with_speedups(rows), model)
     eager = column(found, "eager")
     assert eager["ratio_to_cache_dit"] == pytest.approx(520 / 420) and eager["meets_1_05"] is None
     assert eager["ideal_ratio_to_cache_dit"] == pytest.approx(2.5 / 2.0)
@@ -486,6 +488,16 @@ def test_flux_and_wan_report_the_ratio_to_cache_dit_without_holding_it_to_dits_t
     assert " 1.2381x 1.2500x -  " in line and "eff 0.95: yes" in line
     dit = pipeline_results.targets(pipeline_results.with_speedups([{**r, "model": "dit"} for r in rows]), "dit")
     assert column(dit, "eager")["meets_1_05"] is True and dit["thresholds"]["ratio_to_cache_dit"] == 1.05
+
+
+def test_the_ratio_at_both_ideals_needs_both_rows_counted():
+    """Rows whose FLOPs were not counted have no ideal: the ratio stands, its ideal is None, "-"."""
+    rows = [{key: value for key, value in r.items() if key != "flops"} for r in (
+        verdict_row("eager", "uncached", 1000.0), verdict_row("eager", BLOCKS, 420.0), verdict_row("eager", CACHE_DIT, 520.0))]
+    found = pipeline_results.targets(pipeline_results.with_speedups(rows), "dit")
+    eager = column(found, "eager")
+    assert eager["ratio_to_cache_dit"] == pytest.approx(520 / 420) and eager["ideal_ratio_to_cache_dit"] is None
+    assert " 1.2381x       - yes" in pipeline_results.targets_table(found).splitlines()[2]
 
 
 def test_one_step_graph_row_off_the_plain_path_fails_bit_identity():
