@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_bench
+import pipeline_methods
 import pipeline_speed
 import pipeline_workloads
 
@@ -76,8 +77,8 @@ def measure_batch(work: pipeline_workloads.Workload, batch: int, device: torch.d
         found["compiled_generation_1_vs_2_vs_3"] = [largest_difference(compiled[0], compiled[1]),
                                                     largest_difference(compiled[1], compiled[2])]
         found["compiled_vs_eager"] = largest_difference(compiled[2], eager)
-        if pipeline_speed.replays_on(device):
-            graphs = pipeline_speed.attach_step_graphs(pipe, 2)
+        if pipeline_methods.replays_on(device):
+            graphs = pipeline_methods.attach_step_graphs(pipe, 2)
             replays = [generate() for _ in range(4)]  # two plain (the warm-up), a capture, a replay
             found["step_graphs_vs_compiled"] = [largest_difference(r, compiled[2]) for r in replays]
             found["step_graph_stats"] = dataclasses.asdict(graphs.stats)
@@ -87,14 +88,14 @@ def measure_batch(work: pipeline_workloads.Workload, batch: int, device: torch.d
             found["graphs_compiled"]["graphs_removed"] = compiled_since()
         else:
             found["step_graphs_vs_compiled"] = "skipped: step graphs replay CUDA graphs"
-        pipe.transformer = pipeline_speed.unwrapped(pipe.transformer)
+        pipe.transformer = pipeline_methods.unwrapped(pipe.transformer)
         torch._dynamo.reset()
         pipe.transformer = torch.compile(pipe.transformer, backend=backend)
         compiled_since()
         found["recompiled_vs_compiled"] = [largest_difference(generate(), compiled[2]) for _ in range(2)]
         found["graphs_compiled"]["recompiled"] = compiled_since()
     finally:
-        pipe.transformer = pipeline_speed.unwrapped(pipe.transformer)
+        pipe.transformer = pipeline_methods.unwrapped(pipe.transformer)
         torch._dynamo.reset()
         prefetch.disable()
     return found

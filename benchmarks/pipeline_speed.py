@@ -17,8 +17,10 @@ in-turn cell's rows are written when the cell ends, which a command's time limit
 a generation takes a minute).
 
 Beside this script: ``pipeline_workloads.py`` builds the models' pipelines, ``pipeline_settings.py``
-names the settings and methods, ``pipeline_results.py`` reads result files (speedups, the verdict,
-the plot, merging); this script measures.
+names the settings and methods, ``pipeline_methods.py`` puts each method in place and takes it
+down, ``pipeline_measures.py`` measures one generation (time, FLOPs, steps, traces),
+``pipeline_results.py`` reads result files (speedups, the verdict, the plot, merging); this script
+runs the configurations, in turn or one after another, and keeps the result file.
 
 Models:
 
@@ -213,32 +215,55 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gc
 import json
-import logging
 import os
 import platform
 import statistics
 import sys
 import time
-import traceback
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import metadata
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_bench
 import gpu_peers
-import trace_steps
+
+# the seams the tests replace, called through their modules: pipeline_methods.configured and
+# .enabled, pipeline_measures.step_clock
+import pipeline_measures
+import pipeline_methods
+from pipeline_measures import (
+    clocked,
+    counted_generation,
+    counts_between,
+    error_fields,
+    error_text,
+    host_syncs_of,
+    max_abs_diff,
+    step_times,
+    sync,
+    traced_generation,
+)
+from pipeline_methods import (
+    CACHE_DIT_HOW,
+    PREFETCH_HOW,
+    Attached,
+    cache_dit_on,
+    compile_transformer_of,
+    never_runs,
+    prefetch_available,
+    schedule_of,
+    smoothcache_how,
+    undo_all,
+    unwrapped,
+)
 from pipeline_results import (
     EXACTNESS_REFERENCE,
     merge,
@@ -260,7 +285,6 @@ from pipeline_settings import (
     METHOD_TAGS,
     MODELS,
     PLAIN_PATH,
-    STEP_GRAPHS,
     UNCACHED,
     WARMUP,
     Config,
@@ -269,9 +293,8 @@ from pipeline_settings import (
 from pipeline_workloads import BUILDERS, Workload
 
 import smoothcache
-from smoothcache import Schedule
-from smoothcache.bench import count_host_syncs, unchecked
-from smoothcache.files import atomic_path, atomic_write_text
+from smoothcache.bench import unchecked
+from smoothcache.files import atomic_write_text
 
 
 # ---- configurations ----------------------------------------------------------------------------
@@ -328,298 +351,13 @@ def row_head(model: str, config: Config, in_turn: bool = True) -> dict[str, Any]
             "timing": timing_of(config, in_turn)}
 
 
-def unwrapped(model: nn.Module) -> nn.Module:
-    """The model inside a ``torch.compile`` wrapper."""
-    return getattr(model, "_orig_mod", model)
-
-
-@dataclass
-class Attached:
-    """A configuration in place: smoothcache's handle where it caches, how it was set up, and what
-    failed while taking it down."""
-
-    handle: Any = None
-    graphs: Any = None  # smoothcache.step_graphs' handle, under the "graphs" setting
-    how: list[str] = field(default_factory=list)
-    teardown_errors: list[str] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def configured(work: Workload, config: Config, backend: str) -> Iterator[Attached]:
-    """Compile (as ``config`` says) and attach the method, each library its documented way round;
-    then prefetch; undo all of it afterwards, in reverse, from a reset dynamo."""
-    pipe, attached, undo = work.pipe, Attached(), []
-    torch._dynamo.reset()
-
-    def compile_transformer() -> None:
-        how = compile_transformer_of(pipe, config.compile, backend, undo)
-        if how:
-            attached.how.append(how)
-
-    try:
-        if config.method == CACHE_DIT:  # cache-dit's docs: enable_cache(pipe), then torch.compile
-            import cache_dit
-
-            undo.append(gpu_peers.restorer(pipe.transformer))
-            cache_dit.enable_cache(pipe, cache_config=cache_dit_config(work))
-            undo.append(lambda: cache_dit.disable_cache(pipe))
-            attached.how.append(CACHE_DIT_HOW)
-        compile_transformer()
-        if config.method in (BLOCKS, LAYERS):  # smoothcache's docs: cache the compiled pipeline
-            attached.handle = smoothcache.cache(pipe, schedule_of(work, config.method))
-            undo.append(attached.handle.disable)
-            attached.how.append(smoothcache_how(work, config.method))
-        if config.prefetch:
-            undo.append(smoothcache.prefetch_timesteps(pipe, device_once=True).disable)
-            attached.how.append(PREFETCH_HOW)
-        if config.compile in STEP_GRAPHS:
-            # compiled, two plain generations: the first of a (batch, method) may be the counting
-            # one, run under force_eager, and nothing may compile inside a capture
-            attached.graphs = attach_step_graphs(pipe, STEP_GRAPHS[config.compile])
-            undo.append(attached.graphs.disable)
-            attached.how.append("smoothcache.step_graphs(pipe)")
-        yield attached
-    finally:
-        undo_all(undo, attached.teardown_errors)
-
-
-def compile_transformer_of(pipe: Any, compile_mode: str, backend: str, undo: list[Callable[[], Any]]) -> str | None:
-    """``pipe.transformer`` compiled as ``compile_mode`` says (nothing for the eager settings), its
-    undoing appended to ``undo``; how, in words."""
-    if not is_compiled(compile_mode):
-        return None
-    mode = {"mode": "reduce-overhead"} if compile_mode == "cudagraphs" and backend == "inductor" else {}
-    pipe.transformer = torch.compile(pipe.transformer, backend=backend, **mode)
-    undo.append(lambda: setattr(pipe, "transformer", unwrapped(pipe.transformer)))
-    shown = ", mode='reduce-overhead'" if mode else ""
-    return f"pipe.transformer = torch.compile(pipe.transformer, backend={backend!r}{shown})"
-
-
 def skips_guards(args: argparse.Namespace, config: Config) -> bool:
     """Whether ``config``'s runs after the warm-up go under ``skip_guard_eval_unsafe``: with
     ``--skip-guards``, compiled configurations but cache-dit's (it recompiled after its warm-up)."""
     return args.skip_guards and is_compiled(config.compile) and config.method != CACHE_DIT
 
 
-def counts_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    """dynamo's counts (``gpu_bench.dynamo_counts``) from ``before`` to ``after``."""
-    return {key: value - before[key] for key, value in after.items()}
-
-
-def undo_all(undo: Sequence[Callable[[], Any]], errors: list[str]) -> None:
-    """Run ``undo`` in reverse, each failure recorded in ``errors`` (the rest still run), then reset
-    dynamo and free memory: the next configuration starts from nothing left by this one."""
-    for step in reversed(undo):
-        try:
-            step()
-        except Exception as error:  # noqa: BLE001 - recorded in the rows; the next configuration goes on
-            errors.append(f"{type(error).__name__}: {error}"[:500])
-    torch._dynamo.reset()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-PREFETCH_HOW = "smoothcache.prefetch_timesteps(pipe, device_once=True)"
-CACHE_DIT_HOW = ("cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, "
-                 "steps_computation_mask=mask, steps_computation_policy='static'))")
-
-
-def cache_dit_config(work: Workload) -> Any:
-    """cache-dit's F1B0 static mask: its first block at every step, the others at the mask's steps."""
-    import cache_dit
-
-    return cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, num_inference_steps=work.steps,
-                                   steps_computation_mask=list(work.mask), steps_computation_policy="static")
-
-
-def cached_keys(work: Workload, method: str) -> tuple[str, ...]:
-    """The schedule's keys: whole blocks (``BLOCKS``) or the family's default layers (``LAYERS``)."""
-    return work.block_keys if method == BLOCKS else work.layer_keys
-
-
-def schedule_of(work: Workload, method: str) -> Schedule:
-    return Schedule({key: list(work.mask) for key in cached_keys(work, method)})
-
-
-def smoothcache_how(work: Workload, method: str) -> str:
-    return f"smoothcache.cache(pipe, Schedule({{{', '.join(map(repr, cached_keys(work, method)))}: mask}}))"
-
-
-def attach_step_graphs(pipe: Any, warmup_generations: int) -> smoothcache.StepGraphs:
-    """``smoothcache.step_graphs``: the seam where the tests put a CPU stand-in for CUDA graphs."""
-    return smoothcache.step_graphs(pipe, warmup_generations=warmup_generations)
-
-
-def replays_on(device: torch.device) -> bool:
-    """Whether step graphs can replay on ``device`` (the tests' stand-in replays on the CPU)."""
-    return device.type == "cuda"
-
-
-# ---- measuring ---------------------------------------------------------------------------------
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def clocked(generate: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float, float]:
-    """One generation between two device syncs, so that its time is its own: its output, its start
-    (``time.perf_counter``) and its seconds. Every timed generation in these benchmarks is one."""
-    sync()
-    start = time.perf_counter()
-    output = generate()
-    sync()
-    return output, start, time.perf_counter() - start
-
-
-def first_linear(module: nn.Module) -> nn.Linear:
-    return next(m for m in module.modules() if isinstance(m, nn.Linear))
-
-
-@contextlib.contextmanager
-def calls_counted(modules: Sequence[nn.Module]) -> Iterator[list[int]]:
-    """How often ``modules`` ran: a pre-hook on each (a cache that skips a module never reaches it)."""
-    count = [0]
-
-    def hook(*_: Any) -> None:
-        count[0] += 1
-
-    handles = [module.register_forward_pre_hook(hook) for module in modules]
-    try:
-        yield count
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def counted_generation(work: Workload, generate: Callable[[], Any]) -> dict[str, float]:
-    """One generation under the FLOP counter: the FLOPs dispatched; ``computed_steps``, the steps
-    that ran the last block's self-attention; ``attention_fraction``, the share of all blocks'
-    self-attention calls that ran (counted at each attention's first Linear: a reused layer, a
-    block cached whole and a block cache-dit skips never reach it; cache-dit runs its first block
-    at every step)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    attentions = [first_linear(a) for a in work.attentions(unwrapped(work.pipe.transformer))]
-    with calls_counted(attentions) as all_calls, calls_counted(attentions[-1:]) as last_calls, \
-            FlopCounterMode(display=False) as flops, warnings.catch_warnings():
-        # the counter's global module hooks meet the compiled wrapper (run eagerly here): torch warns they fire twice
-        warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
-        generate()
-    return {"flops": float(flops.get_total_flops()), "computed_steps": last_calls[0] / work.calls_per_step,
-            "attention_fraction": all_calls[0] / (len(attentions) * work.calls_per_step * work.steps)}
-
-
-def host_syncs_of(run: Callable[[], Any], device: torch.device) -> int | None:
-    """Runs ``run`` once, counting the host's waits for the GPU where there is a GPU
-    (``count_host_syncs`` runs nothing off CUDA)."""
-    if device.type != "cuda":
-        run()
-        return None
-    return count_host_syncs(run, device)
-
-
-@contextlib.contextmanager
-def step_clock(model: nn.Module, device: torch.device) -> Iterator[list[tuple[float, Any]]]:
-    """Marks each call of ``model`` (the pipeline's transformer, or its compiled wrapper: the hook
-    runs outside any graph) with the host's clock and, on a GPU, a CUDA event in the stream: the
-    host's time from one call to the next is what the host spent on a step (all of it where the
-    loop never waits for the GPU), the events' time is what the GPU did in it (idle gaps included
-    where the host is behind)."""
-    marks: list[tuple[float, Any]] = []
-
-    def mark(*_: Any) -> None:
-        event = None
-        if device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-        marks.append((time.perf_counter(), event))
-
-    handle = model.register_forward_pre_hook(mark)
-    try:
-        yield marks
-    finally:
-        handle.remove()
-
-
-def step_times(marks: Sequence[tuple[float, Any]], mask: Sequence[int], calls_per_step: int) -> dict[str, Any]:
-    """Median host and device milliseconds of computing and of reusing steps, from the marks of one
-    generation's model calls (a step runs from its first call to the next step's; the last step,
-    which runs into the pipeline's ending, is left out). Steps are named by the cell's mask, so for
-    the uncached row "reusing" means the steps the cached rows reuse (it computes them all)."""
-    firsts = marks[::calls_per_step]
-    spans: dict[str, list[float]] = {"host_computing": [], "host_reusing": [], "device_computing": [], "device_reusing": []}
-    for step, ((host, event), (next_host, next_event)) in enumerate(pairwise(firsts)):
-        kind = "computing" if mask[step] else "reusing"
-        spans[f"host_{kind}"].append(1000 * (next_host - host))
-        if event is not None:
-            spans[f"device_{kind}"].append(event.elapsed_time(next_event))
-    found: dict[str, Any] = {key: statistics.median(values) if values else None for key, values in spans.items()}
-    found["steps_measured"] = len(firsts) - 1
-    return found
-
-
-@contextlib.contextmanager
-def steps_named(model: nn.Module, mask: Sequence[int], calls_per_step: int) -> Iterator[None]:
-    """Each call of ``model`` as a profiler range named by its step and the mask ("step 7
-    reusing"), so that a trace shows where each step's host and device time goes."""
-    calls, open_ranges = [0], []
-
-    def enter(*_: Any) -> None:
-        step = calls[0] // calls_per_step
-        open_ranges.append(torch.profiler.record_function(trace_steps.range_name(step, step < len(mask) and bool(mask[step]))))
-        open_ranges[-1].__enter__()
-        calls[0] += 1
-
-    def leave(*_: Any) -> None:
-        if open_ranges:
-            open_ranges.pop().__exit__(None, None, None)
-
-    handles = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def traced_generation(work: Workload, generate: Callable[[], Any], device: torch.device, path: Path) -> dict[str, Any]:
-    """One generation under the torch profiler (host, and the GPU where there is one), each model
-    call a range named by its step: the trace written to ``path`` (gzipped Chrome trace, for
-    Perfetto or chrome://tracing), the host operators that took most of the time summarised, and
-    each kind of step's host and device time split by :mod:`trace_steps` (``step_us``)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as profiler, steps_named(work.pipe.transformer, work.mask, work.calls_per_step):
-        generate()
-        sync()
-    with atomic_path(path) as temporary:
-        profiler.export_chrome_trace(str(temporary))
-    events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    steps = trace_steps.summarise(path)
-    return {
-        "trace_file": path.name,
-        "generation_us": steps["generation"],
-        "step_us": {"by_kind": steps["by_kind"], "by_kind_after": steps["by_kind_after"]},
-        "top_host_ops": [{"name": e.key, "count": e.count, "self_host_ms": e.self_cpu_time_total / 1000}
-                         for e in events[:15]],
-    }
-
-
-def max_abs_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
-    return None if a is None or b is None else float((a - b).abs().max())
-
-
-def error_text(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"[:1000]
-
-
-def error_fields(error: BaseException) -> dict[str, str]:
-    """A failure as a row records it; call it inside the ``except`` block (it reads the traceback there)."""
-    return {"error": error_text(error), "traceback": traceback.format_exc(limit=8)[-4000:]}
-
-
+# ---- the run: configurations one after another -------------------------------------------------
 @dataclass
 class Runner:
     """Measures one model's configurations in order and keeps the result file current."""
@@ -689,7 +427,7 @@ class Runner:
             return row
         attached = None
         try:
-            with configured(self.work, config, self.args.backend) as attached:
+            with pipeline_methods.configured(self.work, config, self.args.backend) as attached:
                 row["how"] = "; then ".join(attached.how) or "pipe(...)"
                 row.update(self.timed(config, attached))
         except Exception as error:  # noqa: BLE001 - a configuration that cannot run here is recorded, not fatal
@@ -717,7 +455,7 @@ class Runner:
         peak_reserved_mib = torch.cuda.max_memory_reserved() / 2**20 if torch.cuda.is_available() else None
         step_ms = None
         if self.args.step_clock:
-            with step_clock(self.work.pipe.transformer, self.device) as marks:
+            with pipeline_measures.step_clock(self.work.pipe.transformer, self.device) as marks:
                 generate()  # one more, its steps clocked
                 sync()
             step_ms = step_times(marks, self.work.mask, self.work.calls_per_step)
@@ -1005,7 +743,7 @@ class InTurnCell:
             if method in (BLOCKS, LAYERS):
                 turn.handle = smoothcache.cache(self.work.pipe, schedule_of(self.work, method))
                 turn.handle.disable()
-                turn.switched_on = partial(enabled, turn.handle)
+                turn.switched_on = partial(pipeline_methods.enabled, turn.handle)
                 turn.how += [smoothcache_how(self.work, method), ("handle.disable(); handle.enable() before each of its "
                              "generations, handle.disable() after")]
             elif method == CACHE_DIT:
@@ -1089,7 +827,7 @@ class InTurnCell:
                 continue
             try:
                 if args.step_clock:
-                    with self.switched_on(turn, "timed"), step_clock(self.work.pipe.transformer, self.runner.device) as marks:
+                    with self.switched_on(turn, "timed"), pipeline_measures.step_clock(self.work.pipe.transformer, self.runner.device) as marks:
                         self.after_warmup()()
                         sync()
                     turn.step_ms = step_times(marks, self.work.mask, self.work.calls_per_step)
@@ -1142,53 +880,6 @@ def in_rotation(turns: Sequence[Any], round_index: int) -> list[Any]:
     return [*turns[shift:], *turns[:shift]]
 
 
-def enabled(handle: Any) -> contextlib.AbstractContextManager[Any]:
-    """A smoothcache handle enabled for one generation: the handle is its own context manager
-    (``with handle:`` enables it, leaving the block disables it). A seam for the tests."""
-    return handle
-
-
-@contextlib.contextmanager
-def cache_dit_on(work: Workload, prefetch: Any) -> Iterator[None]:
-    """cache-dit for one generation, enabled as ``configured`` enables it: before prefetch, which
-    is suspended around ``enable_cache`` (cache-dit then wraps the pipeline's own class and the
-    device memo stays off, as for a user who enables cache-dit first); afterwards disabled, and the
-    forward its ``disable_cache`` leaves on the transformer put back, so that no other method runs it."""
-    import cache_dit
-
-    pipe = work.pipe
-    with contextlib.ExitStack() as undo:  # unwinds every step, even past one that fails
-        undo.callback(gpu_peers.restorer(pipe.transformer))
-        if prefetch is not None:
-            prefetch.disable()
-            undo.callback(prefetch.enable)
-        cache_dit.enable_cache(pipe, cache_config=cache_dit_config(work))
-        undo.callback(silenced(cache_dit.disable_cache, "cache_dit.caching.cache_interface"), pipe)
-        if prefetch is not None:
-            silenced(prefetch.enable, "smoothcache.device_once")()
-            undo.callback(prefetch.disable)
-        yield
-
-
-def silenced(call: Callable[..., Any], logger_name: str) -> Callable[..., Any]:
-    """``call`` with the logger ``logger_name`` off: cache-dit's turns toggle it every generation, and
-    each toggle logs what is meant here (cache-dit's hooks released; the device memo left off)."""
-    logger = logging.getLogger(logger_name)
-
-    def quietly(*args: Any) -> Any:
-        was, logger.disabled = logger.disabled, True
-        try:
-            return call(*args)
-        finally:
-            logger.disabled = was
-
-    return quietly
-
-
-def prefetch_available() -> bool:
-    return hasattr(smoothcache, "prefetch_timesteps")
-
-
 def versions() -> dict[str, str | None]:
     found: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
                                     "cuda": torch.version.cuda, "smoothcache": smoothcache.__version__}
@@ -1225,15 +916,6 @@ def step_line(step_ms: dict[str, Any] | None) -> str:
         return "/".join("-" if v is None else f"{v:.2f}" for v in values)
 
     return f"step ms computing/reusing: host {pair('host')}, device {pair('device')}"
-
-
-def never_runs(config: Config, device: torch.device) -> str | None:
-    """Why ``config`` is never measured, whatever the time: step graphs off CUDA, or cache-dit with step graphs."""
-    if config.compile in STEP_GRAPHS and not replays_on(device):
-        return "smoothcache.step_graphs replays CUDA graphs: it needs a CUDA GPU"
-    if config.compile in STEP_GRAPHS and config.method == CACHE_DIT:
-        return "step_graphs is smoothcache's; cache-dit's CUDA graphs are the cudagraphs cell"
-    return None
 
 
 def guessed_seconds(runner: Runner, config: Config, counted: bool) -> float:

@@ -22,7 +22,7 @@ Parts (``--parts``):
   (under torch.compile at batch 8 one H100 process timed fp16 uncached at 626 ms and, minutes
   later, the blocks schedule at 720 ms, 0.87x; another 1080 ms and 565 ms), so rows timed one
   after another do not compare. In a cell the transformer is compiled once
-  (pipeline_speed.configured: dynamo reset before and after the cell), then each schedule attached
+  (pipeline_methods.configured: dynamo reset before and after the cell), then each schedule attached
   with ``smoothcache.cache(pipe, schedule)`` and at once disabled. One handle may hold a model at
   a time (a second one enabled is refused, ``ModelInUseError``) but disabled handles coexist, so
   each cached generation runs between its handle's ``enable()`` and ``disable()``: that puts the
@@ -116,6 +116,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_bench
+import pipeline_measures
+import pipeline_methods
 import pipeline_results
 import pipeline_settings
 import pipeline_speed
@@ -206,12 +208,12 @@ def release_memory() -> None:
 
 
 def dtype_of(work: Workload) -> str:
-    return str(pipeline_speed.unwrapped(work.pipe.transformer).dtype)
+    return str(pipeline_methods.unwrapped(work.pipe.transformer).dtype)
 
 
 def compute_device(work: Workload) -> str:
     """Where the transformer computes, as ``kept_bytes()`` names devices ("cuda:0")."""
-    return str(next(pipeline_speed.unwrapped(work.pipe.transformer).parameters()).device)
+    return str(next(pipeline_methods.unwrapped(work.pipe.transformer).parameters()).device)
 
 
 # ---- measuring ------------------------------------------------------------------------------------
@@ -310,7 +312,7 @@ class Run:
         try:
             fields = {**fields, **measure_row()}
         except Exception as error:  # noqa: BLE001 - a configuration that cannot run here is recorded, not fatal
-            fields = {**fields, **pipeline_speed.error_fields(error)}
+            fields = {**fields, **pipeline_measures.error_fields(error)}
         release_memory()
         self.add(fields)
 
@@ -326,7 +328,7 @@ class Run:
         try:
             measured = measure_cell()
         except Exception as error:  # noqa: BLE001 - a cell that cannot run here is recorded, not fatal
-            measured = [pipeline_speed.error_fields(error)] * len(rows)
+            measured = [pipeline_measures.error_fields(error)] * len(rows)
         release_memory()
         for fields, found in zip(rows, measured, strict=True):
             self.add({**fields, **found})
@@ -389,10 +391,10 @@ def take_turn(turn: MethodTurns, generate: Callable[[], torch.Tensor], timed_sin
         if turn.generations == 0:
             turn.allocated_before = allocated_mib()
         before = gpu_bench.dynamo_counts()
-        pipeline_speed.sync()
+        pipeline_measures.sync()
         if timed_since is not None and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        output, start, seconds = pipeline_speed.clocked(generate)
+        output, start, seconds = pipeline_measures.clocked(generate)
         after = gpu_bench.dynamo_counts()
         turn.generations += 1
         if timed_since is None:
@@ -419,7 +421,7 @@ def timed_cell(run: Run, weights: str, compile_mode: str) -> list[dict[str, Any]
     generate = generation(work, args.batch, args.device)
     warmup = pipeline_settings.WARMUP[compile_mode]
     turns = [MethodTurns(method) for method in CELL_METHODS]
-    with pipeline_speed.configured(work, Config(compile_mode, args.batch, False, UNCACHED), args.backend) as attached:
+    with pipeline_methods.configured(work, Config(compile_mode, args.batch, False, UNCACHED), args.backend) as attached:
         try:
             for turn in turns:
                 turn.how = "; then ".join(attached.how) or turn.how
@@ -453,13 +455,13 @@ def attach_switched(turn: MethodTurns, work: Workload, compiled: list[str]) -> N
     """``turn``'s schedule cached on the (compiled) pipeline, then disabled at once: one handle may
     hold a model at a time (a second enabled one is refused), disabled ones coexist, and each is
     enabled for its own generations only. An error is the method's, not the cell's."""
-    turn.how = "; then ".join([*compiled, pipeline_speed.smoothcache_how(work, turn.method),
+    turn.how = "; then ".join([*compiled, pipeline_methods.smoothcache_how(work, turn.method),
                                "handle.disable(); handle.enable() before each of its generations, handle.disable() after"])
     try:
-        turn.handle = smoothcache.cache(work.pipe, pipeline_speed.schedule_of(work, turn.method))
+        turn.handle = smoothcache.cache(work.pipe, pipeline_methods.schedule_of(work, turn.method))
         turn.handle.disable()
     except Exception as error:  # noqa: BLE001 - this method's row records it; the others go on
-        turn.error = pipeline_speed.error_fields(error)
+        turn.error = pipeline_measures.error_fields(error)
 
 
 def turn_row(turn: MethodTurns, warmup: int, dtype: str, uncached: torch.Tensor | None) -> dict[str, Any]:
@@ -499,7 +501,7 @@ def kept_form_row(run: Run, method: str, kept: str | None, outputs: dict[str, to
     if method == UNCACHED:
         row, outputs[UNCACHED] = measure(generate, 1, run.args.repeats)
         return {**row, "dtype": dtype_of(work)}
-    with smoothcache.cache(work.pipe, pipeline_speed.schedule_of(work, method), **KEPT_FORMS[kept]) as handle:
+    with smoothcache.cache(work.pipe, pipeline_methods.schedule_of(work, method), **KEPT_FORMS[kept]) as handle:
         row, output = measure(generate, 1, run.args.repeats)
         row.update(kept_fields(handle, compute_device(work)), dtype=dtype_of(work))
     if kept == "default":
@@ -530,7 +532,7 @@ def calibration_row(
 ) -> dict[str, Any]:
     """``layer_groups`` ``pipe(...)`` calls (one uncalibrated where ``components`` is None), calibrated
     with ``components``: seconds, peak GPU memory, and the history calibration held."""
-    pipeline_speed.sync()
+    pipeline_measures.sync()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     allocated_before, start = allocated_mib(), time.perf_counter()
@@ -544,7 +546,7 @@ def calibration_row(
                 generate()
         profile_layers = len(recorder.profile.layers)
         history_mib = recorder.profile.metadata.get("history_peak_mib")
-    pipeline_speed.sync()
+    pipeline_measures.sync()
     row = {"seconds": time.perf_counter() - start, "peak_mib": peak_mib(), "allocated_before_mib": allocated_before,
            "profile_layers": profile_layers, "history_peak_mib": history_mib, "generations": layer_groups}
     if not torch.cuda.is_available():

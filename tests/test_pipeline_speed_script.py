@@ -24,6 +24,8 @@ from smoothcache.device_once import base_class
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 pipeline_speed = importlib.import_module("pipeline_speed")
+pipeline_measures = importlib.import_module("pipeline_measures")
+pipeline_methods = importlib.import_module("pipeline_methods")
 pipeline_results = importlib.import_module("pipeline_results")
 pipeline_settings = importlib.import_module("pipeline_settings")
 pipeline_workloads = importlib.import_module("pipeline_workloads")
@@ -57,8 +59,8 @@ def stand_in_graphs(monkeypatch) -> None:
 
     from smoothcache import StepGraphs
 
-    monkeypatch.setattr(pipeline_speed, "replays_on", lambda device: True)
-    monkeypatch.setattr(pipeline_speed, "attach_step_graphs",
+    monkeypatch.setattr(pipeline_methods, "replays_on", lambda device: True)
+    monkeypatch.setattr(pipeline_methods, "attach_step_graphs",
                         lambda pipe, warmup: StepGraphs(pipe, warmup_generations=warmup, capture=OpReplayCapture()))
 
 
@@ -546,8 +548,8 @@ def test_no_step_clock_saves_the_clocked_generation_and_says_so(run, capsys, mon
     """A Wan generation takes a minute on the GPU: --no-step-clock runs one generation fewer per
     configuration, and the rows and lines say their steps were not clocked."""
     clocked = []
-    real_clock = pipeline_speed.step_clock
-    monkeypatch.setattr(pipeline_speed, "step_clock", lambda *a: (clocked.append(a), real_clock(*a))[1])
+    real_clock = pipeline_measures.step_clock
+    monkeypatch.setattr(pipeline_measures, "step_clock", lambda *a: (clocked.append(a), real_clock(*a))[1])
     (result,) = run("--model", "wan", "--compile", "eager", "--batches", "1", "--prefetch", "off",
                     "--methods", "blocks", "--no-step-clock")
     rows = result["rows"]
@@ -593,7 +595,7 @@ def uncached_output(work: Any, batch: int = 2) -> torch.Tensor:
 
 def leftovers(cell: Any) -> list[str]:
     """What another method left switched on, seen at the start of a turn."""
-    pipe, transformer = cell.work.pipe, pipeline_speed.unwrapped(cell.work.pipe.transformer)
+    pipe, transformer = cell.work.pipe, pipeline_methods.unwrapped(cell.work.pipe.transformer)
     found = [t.config.method for t in cell.turns if t.handle is not None and t.handle.enabled]
     found += [name for name in ("_is_patched", "_original_forward", "forward", "_norm1_emb") if name in attributes(transformer)]
     return found + (["cache-dit's __call__"] if "_original_call" in vars(type(pipe)) else [])
@@ -648,7 +650,7 @@ def alone(config: Any) -> torch.Tensor:
     """``config``'s output from a fresh tiny DiT pipeline with that method alone, set up as the
     sequential cells set up each configuration (``configured``)."""
     work = pipeline_workloads.dit_workload(True, "cpu")
-    with pipeline_speed.configured(work, config, "eager"):
+    with pipeline_methods.configured(work, config, "eager"):
         return uncached_output(work, config.batch)
 
 
@@ -718,7 +720,7 @@ def test_a_method_failing_in_its_turn_leaves_the_rounds_and_the_others_go_on(run
 def test_a_method_that_cannot_be_switched_off_stops_its_cell_rather_than_time_the_others_with_it(run, watched, monkeypatch):
     """Its handle's disable() raises once, leaving it enabled: no other method may take a turn with
     it on (the uncached turns would run cached), so the cell's every row records why it stopped."""
-    enabled = pipeline_speed.enabled
+    enabled = pipeline_methods.enabled
     broke = []
 
     @contextlib.contextmanager
@@ -732,7 +734,7 @@ def test_a_method_that_cannot_be_switched_off_stops_its_cell_rather_than_time_th
         broke.append(handle)
         raise RuntimeError("disable failed")
 
-    monkeypatch.setattr(pipeline_speed, "enabled", sticking_once)
+    monkeypatch.setattr(pipeline_methods, "enabled", sticking_once)
     (result,) = run("--model", "dit", "--compile", "eager", "--batches", "2", "--prefetch", "off", "--repeats", "2")
     rows = result["rows"]
     assert len(rows) == 4 and broke
@@ -746,7 +748,7 @@ def test_a_failing_step_clocked_generation_keeps_the_timed_runs(run, monkeypatch
     def broken_clock(*_: Any) -> Any:
         raise RuntimeError("no clock")
 
-    monkeypatch.setattr(pipeline_speed, "step_clock", broken_clock)
+    monkeypatch.setattr(pipeline_measures, "step_clock", broken_clock)
     (result,) = run("--model", "dit", "--compile", "eager", "--batches", "1", "--prefetch", "off", "--methods", "blocks",
                     "--repeats", "2")
     for row in result["rows"]:
@@ -808,10 +810,10 @@ def test_cache_dit_enabled_after_compiling_fails_on_dit_so_it_cannot_take_turns_
     work.pipe.transformer = torch.compile(work.pipe.transformer, backend="eager")
     try:
         work.generate(1, torch.Generator("cpu").manual_seed(0))
-        with pytest.raises(AttributeError, match="norm1"), pipeline_speed.cache_dit_on(work, None):
+        with pytest.raises(AttributeError, match="norm1"), pipeline_methods.cache_dit_on(work, None):
             work.generate(1, torch.Generator("cpu").manual_seed(0))
     finally:
-        work.pipe.transformer = pipeline_speed.unwrapped(work.pipe.transformer)
+        work.pipe.transformer = pipeline_methods.unwrapped(work.pipe.transformer)
         torch._dynamo.reset()
 
 
@@ -923,7 +925,7 @@ def test_the_time_left_is_taken_at_the_runs_own_paces_and_guessed_where_it_has_n
     runner.extra.update(first_generation_s=1.0, first_generation_batch=1)
     runner.paces[("eager", 1, "interleaved")] = [2.0, 4.0, 100.0]
     runner.paces[("eager", 2, "interleaved")] = [1.0]
-    assert pipeline_speed.never_runs(graphs, torch.device("cpu")) and not pipeline_speed.never_runs(eager, torch.device("cpu"))
+    assert pipeline_methods.never_runs(graphs, torch.device("cpu")) and not pipeline_methods.never_runs(eager, torch.device("cpu"))
     one = 1.0 * (0.5 + 0.1)  # a cached generation: the first's time at the computed share (and a margin)
     guessed = (pipeline_settings.WARMUP["compile"] + 1) * one * 0.5 + one + 10.0
     assert pipeline_speed.remaining_seconds(runner, [eager, graphs, compiled]) == pytest.approx(4.0 + guessed)
@@ -938,7 +940,7 @@ def test_the_time_left_is_taken_at_the_runs_own_paces_and_guessed_where_it_has_n
 def test_a_first_configuration_that_fails_before_any_generation_leaves_the_run_going(run, monkeypatch) -> None:
     """The progress line after a failed first configuration has no first generation to guess from:
     it says the time so far, and the next configurations are measured."""
-    real, failed = pipeline_speed.configured, []
+    real, failed = pipeline_methods.configured, []
 
     @contextlib.contextmanager
     def failing_once(*args: Any, **kwargs: Any) -> Iterator[Any]:
@@ -948,7 +950,7 @@ def test_a_first_configuration_that_fails_before_any_generation_leaves_the_run_g
         with real(*args, **kwargs) as attached:
             yield attached
 
-    monkeypatch.setattr(pipeline_speed, "configured", failing_once)
+    monkeypatch.setattr(pipeline_methods, "configured", failing_once)
     (result,) = run("--model", "dit", "--compile", "cudagraphs", "--batches", "1", "--prefetch", "off",
                     "--methods", "blocks")
     first, second = result["rows"]

@@ -162,8 +162,8 @@ def test_a_cell_past_the_time_budget_is_skipped_whole(tmp_path, monkeypatch):
 
 
 def test_an_error_is_recorded_in_its_methods_row_or_its_cells_rows_and_the_run_goes_on(tmp_path, monkeypatch):
-    pipeline_speed = stacking_speed.pipeline_speed
-    cache, configured = stacking_speed.smoothcache.cache, pipeline_speed.configured
+    pipeline_methods = stacking_speed.pipeline_methods
+    cache, configured = stacking_speed.smoothcache.cache, pipeline_methods.configured
 
     def failing_cache(pipe: Any, schedule: Any, **kwargs: Any) -> Any:
         if "ff" in schedule.keys:
@@ -176,7 +176,7 @@ def test_an_error_is_recorded_in_its_methods_row_or_its_cells_rows_and_the_run_g
         return configured(work, config, backend)
 
     monkeypatch.setattr(stacking_speed.smoothcache, "cache", failing_cache)
-    monkeypatch.setattr(pipeline_speed, "configured", failing_configured)
+    monkeypatch.setattr(pipeline_methods, "configured", failing_configured)
     result = run_script("--tiny", "--device", "cpu", "--parts", "a", "--compile", "eager", "compile", "--weights", "fp16",
                         "--repeats", "2", "--out", str(tmp_path))
     eager, compiled = cells_of(result).values()
