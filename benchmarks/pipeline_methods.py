@@ -4,8 +4,10 @@ torch.compile, smoothcache's whole blocks and layers, cache-dit's F1B0 static ma
 graphs, each library set up its documented way round (``configured``), or switched on for one
 generation of an in-turn cell (``enabled``, ``cache_dit_on``); then undone, so that the next
 configuration starts from nothing this one left. ``pipeline_speed.py`` and ``stacking_speed.py``
-time them. The tests replace ``configured``, ``enabled``, ``attach_step_graphs`` and ``replays_on``
-here, so the scripts call those through this module.
+time them; ``compile_variation.py`` uses the step-graph parts. The tests replace ``configured``,
+``enabled``, ``attach_step_graphs`` and ``replays_on`` here: the scripts call them through this
+module, and this module by their global names, so a patch here also reaches ``configured`` and
+``never_runs``.
 """
 
 from __future__ import annotations

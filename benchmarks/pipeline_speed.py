@@ -235,8 +235,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_bench
 import gpu_peers
 
-# the seams the tests replace, called through their modules: pipeline_methods.configured and
-# .enabled, pipeline_measures.step_clock
+# the seams the tests replace, called through their modules (never from-imported here, which would
+# bypass a patch): pipeline_methods.configured and .enabled, pipeline_measures.step_clock
 import pipeline_measures
 import pipeline_methods
 from pipeline_measures import (

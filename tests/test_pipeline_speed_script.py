@@ -502,6 +502,11 @@ def test_the_ratio_at_both_ideals_needs_both_rows_counted():
     assert " 1.2381x       - yes" in pipeline_results.targets_table(found).splitlines()[2]
 
 
+def test_the_runner_calls_the_patched_seams_through_their_modules():
+    """A from-imported copy of a seam in pipeline_speed would bypass the tests' patches silently."""
+    assert not {"configured", "enabled", "step_clock", "attach_step_graphs", "replays_on"} & set(vars(pipeline_speed))
+
+
 def test_one_step_graph_row_off_the_plain_path_fails_bit_identity():
     rows = pipeline_results.with_speedups([
         verdict_row("eager", "uncached", 400.0),
