@@ -145,6 +145,18 @@ def smoothcache_how(work: Workload, method: str) -> str:
     return f"smoothcache.cache(pipe, Schedule({{{', '.join(map(repr, cached_keys(work, method)))}: mask}}))"
 
 
+SWITCHED_HOW = "handle.disable(); handle.enable() before each of its generations, handle.disable() after"
+
+
+def cached_switched_off(work: Workload, method: str) -> Any:
+    """smoothcache's schedule for ``method`` cached on the (compiled) pipeline, then disabled at
+    once, for an in-turn cell: one handle may hold a model at a time (a second enabled one is
+    refused), disabled ones coexist, and each is enabled for its own generations only (``SWITCHED_HOW``)."""
+    handle = smoothcache.cache(work.pipe, schedule_of(work, method))
+    handle.disable()
+    return handle
+
+
 def attach_step_graphs(pipe: Any, warmup_generations: int) -> smoothcache.StepGraphs:
     """``smoothcache.step_graphs``: the seam where the tests put a CPU stand-in for CUDA graphs."""
     return smoothcache.step_graphs(pipe, warmup_generations=warmup_generations)

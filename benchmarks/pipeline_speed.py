@@ -254,12 +254,13 @@ from pipeline_measures import (
 from pipeline_methods import (
     CACHE_DIT_HOW,
     PREFETCH_HOW,
+    SWITCHED_HOW,
     Attached,
     cache_dit_on,
+    cached_switched_off,
     compile_transformer_of,
     never_runs,
     prefetch_available,
-    schedule_of,
     smoothcache_how,
     undo_all,
     unwrapped,
@@ -741,11 +742,9 @@ class InTurnCell:
         method = turn.config.method
         try:
             if method in (BLOCKS, LAYERS):
-                turn.handle = smoothcache.cache(self.work.pipe, schedule_of(self.work, method))
-                turn.handle.disable()
+                turn.handle = cached_switched_off(self.work, method)
                 turn.switched_on = partial(pipeline_methods.enabled, turn.handle)
-                turn.how += [smoothcache_how(self.work, method), ("handle.disable(); handle.enable() before each of its "
-                             "generations, handle.disable() after")]
+                turn.how += [smoothcache_how(self.work, method), SWITCHED_HOW]
             elif method == CACHE_DIT:
                 import cache_dit  # noqa: F401 - missing, the method fails here, not in its first turn
 

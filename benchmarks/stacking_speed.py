@@ -452,14 +452,11 @@ def timed_cell(run: Run, weights: str, compile_mode: str) -> list[dict[str, Any]
 
 
 def attach_switched(turn: MethodTurns, work: Workload, compiled: list[str]) -> None:
-    """``turn``'s schedule cached on the (compiled) pipeline, then disabled at once: one handle may
-    hold a model at a time (a second enabled one is refused), disabled ones coexist, and each is
-    enabled for its own generations only. An error is the method's, not the cell's."""
-    turn.how = "; then ".join([*compiled, pipeline_methods.smoothcache_how(work, turn.method),
-                               "handle.disable(); handle.enable() before each of its generations, handle.disable() after"])
+    """``turn``'s schedule cached on the (compiled) pipeline, switched off until its turns
+    (``pipeline_methods.cached_switched_off``). An error is the method's, not the cell's."""
+    turn.how = "; then ".join([*compiled, pipeline_methods.smoothcache_how(work, turn.method), pipeline_methods.SWITCHED_HOW])
     try:
-        turn.handle = smoothcache.cache(work.pipe, pipeline_methods.schedule_of(work, turn.method))
-        turn.handle.disable()
+        turn.handle = pipeline_methods.cached_switched_off(work, turn.method)
     except Exception as error:  # noqa: BLE001 - this method's row records it; the others go on
         turn.error = pipeline_measures.error_fields(error)
 
