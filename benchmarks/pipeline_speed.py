@@ -180,6 +180,9 @@ import and build)::
     python3 benchmarks/pipeline_speed.py --model flux --compile compile --prefetch off --methods blocks cache-dit --repeats 2 --max-minutes 5.5 --out "$OUT/flux-c"
     python3 benchmarks/pipeline_speed.py --model flux --compile cudagraphs --prefetch off --methods blocks cache-dit --max-minutes 5.5 --out "$OUT/flux-cg"  # one H100: 4.1 min
     python3 benchmarks/pipeline_speed.py --model wan --compile eager --prefetch off --repeats 1 --no-step-clock --no-in-turn --methods blocks cache-dit --out "$OUT/wan-eager"  # ~5-8 min
+    # batch 8, where a generation takes minutes (Wan about 8x batch 1's 40 s, by estimate): no eager warm-up and
+    # each method's work counted at batch 1, so each method runs one batch-1 and one batch-8 generation
+    python3 benchmarks/pipeline_speed.py --model wan --compile eager --batches 8 --prefetch off --repeats 1 --no-step-clock --no-in-turn --eager-warmup 0 --count-batch 1 --methods blocks cache-dit --out "$OUT/wan-eager-b8"
     # every DiT cell in one process, longer than one command (one H100: 12.2 min with --max-minutes 18; on a
     # host that launched kernels half as fast, 17.6 min with 17, which left out cache-dit's compile b1;
     # --max-minutes gates starts only): a process in its own session outlives its command on the lent
@@ -286,6 +289,7 @@ from pipeline_settings import (
     METHOD_TAGS,
     MODELS,
     PLAIN_PATH,
+    STEP_GRAPHS,
     UNCACHED,
     WARMUP,
     Config,
@@ -505,7 +509,7 @@ class Runner:
         in the warm-up and after it (``counts_between``)."""
         return {
             "ms": 1000 * statistics.median(times), "runs_ms": [1000 * t for t in times], "warmup_s": warmup_s,
-            "warmup_generations": WARMUP[config.compile], "repeats": self.args.repeats,
+            "warmup_generations": self.warmups(config.compile), "repeats": self.args.repeats,
             "peak_mib": peaks[0], "peak_reserved_mib": peaks[1],
             "kept_mib": None if kept is None else sum(kept.values()) / 2**20, "kept_bytes_by_device": kept,
             "host_syncs_per_generation": syncs,
@@ -521,12 +525,29 @@ class Runner:
             **self.differences(config),
         }
 
+    def warmups(self, compile_mode: str) -> int:
+        """Warm-up generations before the timed ones: ``WARMUP``'s, or ``--eager-warmup``'s for eager."""
+        if compile_mode == "eager" and self.args.eager_warmup is not None:
+            return self.args.eager_warmup
+        return WARMUP[compile_mode]
+
+    def count_batch(self, config: Config) -> int:
+        """The batch ``config``'s work is counted at: ``--count-batch``, else its own. Step-graph cells
+        count at their own: a generation at another batch would be one of the graphs' warm-ups."""
+        if config.compile in STEP_GRAPHS:
+            return config.batch
+        return self.args.count_batch or config.batch
+
     def warm_up(self, config: Config, generate: Callable[[], Any]) -> tuple[int | None, float]:
         """Warm-up generations (the last one counting the host's waits for the GPU) and their
         seconds. The first of each (batch, method) is also counted (FLOPs, steps): eagerly, the
         warm-up is that generation; compiled, it is an extra one run eagerly before anything compiles."""
-        calls: list[Callable[[], Any]] = [generate] * WARMUP[config.compile]
-        calls[0] = self.counting_first((config.batch, config.method), generate, is_compiled(config.compile))
+        warmups = self.warmups(config.compile)
+        first = self.counting_first((config.batch, config.method), generate, is_compiled(config.compile), warmups,
+                                    self.count_batch(config))
+        if warmups == 0:
+            return None, 0.0
+        calls: list[Callable[[], Any]] = [first] + [generate] * (warmups - 1)
         start = time.perf_counter()
         for call in calls[:-1]:
             call()
@@ -534,26 +555,30 @@ class Runner:
         sync()
         return syncs, time.perf_counter() - start
 
-    def counting_first(self, key: tuple[int, str], generate: Callable[[], Any], compiled: bool) -> Callable[[], Any]:
+    def counting_first(self, key: tuple[int, str], generate: Callable[[], Any], compiled: bool,
+                       warmups: int, batch: int) -> Callable[[], Any]:
         """The first warm-up generation of ``key`` (batch, method): where the run has not counted its
-        work yet, eagerly it is the counted generation; compiled, the counted one runs now under
-        ``force_eager`` (before anything compiles, outside the warm-up's seconds) and it is ``generate``."""
+        work yet, eagerly it is the counted generation; else (compiled, no warm-up, or counted at
+        another ``batch``: ``count_batch``) the counted one runs now, eagerly (``force_eager``: before
+        anything compiles), outside the warm-up's seconds, and it is ``generate``. FLOPs scale with
+        the batch alike for every method, so counts at one batch give another's ideal speedups."""
         if key in self.counts:
             return generate
-        if not compiled:
-            return partial(self.count, key, generate)
+        if not compiled and warmups > 0 and batch == key[0]:
+            return partial(self.count, key, generate, batch)
+        counted = generate if batch == key[0] else self.generation(batch, compiled)
         with torch.compiler.set_stance("force_eager"):
-            self.count(key, generate)
+            self.count(key, counted, batch)
         return generate
 
-    def count(self, key: tuple[int, str], generate: Callable[[], Any]) -> None:
-        """The counted generation of ``key``; the run's first one also sets the time estimate."""
+    def count(self, key: tuple[int, str], generate: Callable[[], Any], batch: int) -> None:
+        """The counted generation of ``key``, at ``batch``; the run's first one also sets the time estimate."""
         start = time.perf_counter()
-        self.counts[key] = counted_generation(self.work, generate)
+        self.counts[key] = {**counted_generation(self.work, generate), "counted_at_batch": batch}
         sync()
         if "first_generation_s" not in self.extra:
             self.extra["first_generation_s"] = time.perf_counter() - start
-            self.extra["first_generation_batch"] = key[0]
+            self.extra["first_generation_batch"] = batch
             print_estimate(self)
 
     def trace_path(self, config: Config) -> Path:
@@ -611,7 +636,9 @@ class Runner:
             "block_keys": list(work.block_keys), "layer_keys": list(work.layer_keys),
             "batches": args.batches, "compile": args.compile, "prefetch": args.prefetch, "methods": list(args.methods),
             "traced": sorted(args.trace),
-            "prefetch_available": prefetch_available(), "repeats": args.repeats, "warmup": WARMUP,
+            "prefetch_available": prefetch_available(), "repeats": args.repeats,
+            "warmup": {compile_mode: self.warmups(compile_mode) for compile_mode in WARMUP},
+            "count_batch": args.count_batch or "each configuration's own",
             "backend": args.backend, "max_minutes": args.max_minutes,
             "skip_guard_eval_unsafe": ("timed, clocked and traced runs of compiled configurations but cache-dit's"
                                        if args.skip_guards else False),
@@ -680,7 +707,7 @@ class InTurnCell:
         self.runner, self.work = runner, runner.work
         self.compile_mode = configs[0].compile
         self.compiled = is_compiled(self.compile_mode)
-        self.warmup = WARMUP[self.compile_mode]
+        self.warmup = runner.warmups(self.compile_mode)
         self.generate = runner.generation(configs[0].batch, compiled=self.compiled)
         self.skip_guards = skips_guards(runner.args, configs[0])  # the same for every method taking turns
         self.turns = [Turn(config) for config in configs]
@@ -756,8 +783,17 @@ class InTurnCell:
             turn.error = error_fields(error)
 
     def take_rounds(self) -> None:
-        """The warm-up rounds, then the timed ones (``take_rounds``)."""
+        """The warm-up rounds, then the timed ones (``take_rounds``); without warm-up rounds, each
+        method's work is counted first, in a round of its own."""
+        if self.warmup == 0:
+            take_rounds(self.turns, 1, self.counting_turn, self.left_on)
         take_rounds(self.turns, self.warmup + self.runner.args.repeats, self.take_turn, self.left_on)
+
+    def counting_turn(self, turn: Turn, _: int) -> None:
+        """``turn``'s method counted (``Runner.counting_first``), switched on for it alone."""
+        with self.switched_on(turn, "warmup"):
+            self.runner.counting_first((turn.config.batch, turn.config.method), self.generate, self.compiled, 0,
+                                       self.runner.count_batch(turn.config))
 
     def left_on(self) -> list[str]:
         """What a method left switched on: an enabled smoothcache handle, cache-dit's pipeline class
@@ -784,7 +820,8 @@ class InTurnCell:
         one); the last warm-up counts the host's waits for the GPU."""
         run = self.generate
         if round_index == 0:
-            run = self.runner.counting_first((turn.config.batch, turn.config.method), self.generate, self.compiled)
+            run = self.runner.counting_first((turn.config.batch, turn.config.method), self.generate, self.compiled,
+                                             self.warmup, self.runner.count_batch(turn.config))
         start = time.perf_counter()
         if round_index == self.warmup - 1:
             turn.host_syncs = host_syncs_of(run, self.runner.device)
@@ -928,8 +965,12 @@ def guessed_seconds(runner: Runner, config: Config, counted: bool) -> float:
     compiled = is_compiled(config.compile)
     one = first_s * max(config.batch / first_batch, 0.25) * (1.0 if config.method == UNCACHED else share)
     clocked = 1 if runner.args.step_clock else 0
-    seconds = (WARMUP[config.compile] + runner.args.repeats + clocked) * one * (work.compiled_factor if compiled else 1.0)
-    return seconds + (one if counted and compiled else 0.0) + (work.compile_guess_s if compiled else 0.0)
+    warmups = runner.warmups(config.compile)
+    seconds = (warmups + runner.args.repeats + clocked) * one * (work.compiled_factor if compiled else 1.0)
+    count_batch = runner.count_batch(config)
+    counted_apart = counted and (compiled or warmups == 0 or count_batch != config.batch)
+    counting = one * max(count_batch / config.batch, 0.25) if counted_apart else 0.0
+    return seconds + counting + (work.compile_guess_s if compiled else 0.0)
 
 
 def remaining_seconds(runner: Runner, configs: Sequence[Config]) -> float | None:
@@ -1049,6 +1090,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="eager and plain compile cells time their methods in turn (default; under compile "
                              "cache-dit alone after them); --no-in-turn times them one after "
                              "another, each row written as it ends (a Wan cell's generations take a minute each)")
+    parser.add_argument("--eager-warmup", type=int, choices=range(10), metavar="N",
+                        help=f"warm-up generations of eager cells (default {WARMUP['eager']}); 0 where one generation "
+                             "takes minutes and its first-call costs are lost in it (Wan at batch 8)")
+    parser.add_argument("--count-batch", type=int, metavar="B",
+                        help="count each method's work (FLOPs, steps) in a generation at batch B, not at each "
+                             "configuration's batch: the ideal speedups do not depend on it, a small batch costs less")
     parser.add_argument("--step-clock", action=argparse.BooleanOptionalAction, default=True,
                         help="one more generation per configuration with its steps clocked (step_ms); "
                              "--no-step-clock saves it where a generation takes a minute (Wan)")

@@ -549,6 +549,51 @@ def test_merged_parts_say_which_file_each_row_came_from_and_a_column_across_file
     assert [line.split()[:2] for line in printed[2:4]] == [["eager", "b1"], ["cudagraphs", "b1"]]
 
 
+def test_count_batch_counts_the_work_at_that_batch_with_the_same_ideal_speedups(run):
+    """--count-batch 1: a batch-2 cell's work is counted in a batch-1 generation, a cheaper one; the
+    computed steps and ideal speedups are those of counting at batch 2, the FLOPs those of batch 1."""
+    args = ("--model", "dit", "--compile", "eager", "compile", "--prefetch", "off", "--methods", "blocks", "cache-dit",
+            "--repeats", "1")
+    (own,) = run(*args, "--batches", "2", out="own")
+    (small,) = run(*args, "--batches", "2", "--count-batch", "1", out="small")
+    (one,) = run(*args, "--batches", "1", out="one")
+    assert small["settings"]["count_batch"] == 1 and own["settings"]["count_batch"] == "each configuration's own"
+    by_method = {(r["compile"], r["method"]): r for r in own["rows"]}
+    flops_at_1 = {r["method"]: r["flops"] for r in one["rows"]}
+    for row in small["rows"]:
+        reference = by_method[(row["compile"], row["method"])]
+        assert row["counted_at_batch"] == 1 and reference["counted_at_batch"] == 2 and row["batch"] == 2
+        assert row["flops"] == flops_at_1[row["method"]] < reference["flops"]
+        assert row["computed_steps"] == reference["computed_steps"]
+        assert row["ideal_speedup"] == pytest.approx(reference["ideal_speedup"], rel=1e-6)
+        assert len(row["runs_ms"]) == 1 and "error" not in row
+    assert small["first_generation_batch"] == 1
+
+
+def test_count_batch_leaves_step_graph_cells_counting_at_their_own_batch(run, stand_in_graphs):
+    """A generation at another batch would be one of the step graphs' own warm-ups: a step-graph
+    cell that counts first counts at its own batch."""
+    (result,) = run("--model", "dit", "--compile", "eager-graphs", "--batches", "2", "--prefetch", "off",
+                    "--methods", "blocks", "--repeats", "1", "--count-batch", "1")
+    assert [r["counted_at_batch"] for r in result["rows"]] == [2, 2] and all("ms" in r for r in result["rows"])
+
+
+@pytest.mark.parametrize("in_turn", ["--in-turn", "--no-in-turn"])
+def test_eager_warmup_0_times_the_first_generations_and_still_counts_the_work(run, in_turn):
+    """--eager-warmup 0 (a generation of minutes: Wan at batch 8): no warm-up generation, each
+    method's work counted in a generation of its own before the timed ones; compiled cells keep theirs."""
+    (result,) = run("--model", "dit", "--compile", "eager", "compile", "--batches", "1", "--prefetch", "off",
+                    "--methods", "blocks", "--repeats", "2", "--eager-warmup", "0", in_turn)
+    assert result["settings"]["warmup"]["eager"] == 0 and result["settings"]["warmup"]["compile"] == 2
+    for row in result["rows"]:
+        assert "error" not in row and len(row["runs_ms"]) == 2 and positive(row["flops"]), row
+        assert row["warmup_generations"] == (0 if row["compile"] == "eager" else 2)
+        if row["compile"] == "eager" and in_turn == "--no-in-turn":
+            assert row["warmup_s"] == 0.0
+    eager = {r["method"]: r for r in result["rows"] if r["compile"] == "eager"}
+    assert eager["uncached"]["ideal_speedup"] == 1.0 and eager["smoothcache blocks"]["ideal_speedup"] > 1.0
+
+
 def test_no_step_clock_saves_the_clocked_generation_and_says_so(run, capsys, monkeypatch):
     """A Wan generation takes a minute on the GPU: --no-step-clock runs one generation fewer per
     configuration, and the rows and lines say their steps were not clocked."""
@@ -919,7 +964,8 @@ def test_the_time_left_is_taken_at_the_runs_own_paces_and_guessed_where_it_has_n
     (a first configuration that failed) there is no figure, and the progress line says only the time."""
     Config, UNCACHED, BLOCKS = pipeline_settings.Config, pipeline_settings.UNCACHED, pipeline_settings.BLOCKS
     work = SimpleNamespace(mask=(1, 0), steps=2, compiled_factor=0.5, compile_guess_s=10.0)
-    args = SimpleNamespace(device="cpu", step_clock=False, repeats=1, max_minutes=5.0, in_turn=True)
+    args = SimpleNamespace(device="cpu", step_clock=False, repeats=1, max_minutes=5.0, in_turn=True,
+                           eager_warmup=None, count_batch=None)
     runner = pipeline_speed.Runner(work=work, args=args, out=None)
     eager, eager8, graphs, compiled = (Config("eager", 1, False, UNCACHED), Config("eager", 8, False, UNCACHED),
                                        Config("graphs", 1, False, UNCACHED), Config("compile", 1, False, BLOCKS))
@@ -940,6 +986,11 @@ def test_the_time_left_is_taken_at_the_runs_own_paces_and_guessed_where_it_has_n
     runner.plan = [eager8, eager, graphs, compiled]
     pipeline_speed.print_progress(runner, [eager, graphs, compiled])
     assert "1 of 3 configurations; about" in capsys.readouterr().out  # the step-graph one never runs on the CPU
+    # --eager-warmup 0 --count-batch 1: one timed generation at batch 8, and its counting one apart, at batch 1
+    runner = pipeline_speed.Runner(work=work, args=SimpleNamespace(**{**vars(args), "eager_warmup": 0, "count_batch": 1}),
+                                   out=None)
+    runner.extra.update(first_generation_s=1.0, first_generation_batch=1)
+    assert pipeline_speed.remaining_seconds(runner, [eager8]) == pytest.approx(8.0 + 8.0 * 0.25)
 
 
 def test_a_first_configuration_that_fails_before_any_generation_leaves_the_run_going(run, monkeypatch) -> None:
