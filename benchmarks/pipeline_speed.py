@@ -181,8 +181,11 @@ import and build)::
     python3 benchmarks/pipeline_speed.py --model flux --compile cudagraphs --prefetch off --methods blocks cache-dit --max-minutes 5.5 --out "$OUT/flux-cg"  # one H100: 4.1 min
     python3 benchmarks/pipeline_speed.py --model wan --compile eager --prefetch off --repeats 1 --no-step-clock --no-in-turn --methods blocks cache-dit --out "$OUT/wan-eager"  # ~5-8 min
     # batch 8, where a generation takes minutes (Wan about 8x batch 1's 40 s, by estimate): no eager warm-up and
-    # each method's work counted at batch 1, so each method runs one batch-1 and one batch-8 generation
-    python3 benchmarks/pipeline_speed.py --model wan --compile eager --batches 8 --prefetch off --repeats 1 --no-step-clock --no-in-turn --eager-warmup 0 --count-batch 1 --methods blocks cache-dit --out "$OUT/wan-eager-b8"
+    # each method's work counted at batch 1, so each method runs one batch-1 and one batch-8 generation (one H100:
+    # about 14 min by estimate, not measured; longer than one command: the setsid and marker recipe below)
+    python3 benchmarks/pipeline_speed.py --model wan --compile eager --batches 8 --prefetch off --repeats 1 --no-step-clock --no-in-turn --eager-warmup 0 --count-batch 1 --methods blocks cache-dit --max-minutes 14 --out "$OUT/wan-eager-b8"
+    # Wan compiled and under CUDA graphs at batch 1 (about 20 min by estimate, not measured; the same recipe)
+    python3 benchmarks/pipeline_speed.py --model wan --compile compile cudagraphs --prefetch off --repeats 1 --no-step-clock --methods blocks cache-dit --max-minutes 18 --out "$OUT/wan-compiled"
     # every DiT cell in one process, longer than one command (one H100: 12.2 min with --max-minutes 18; on a
     # host that launched kernels half as fast, 17.6 min with 17, which left out cache-dit's compile b1;
     # --max-minutes gates starts only): a process in its own session outlives its command on the lent
