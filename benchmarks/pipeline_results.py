@@ -25,17 +25,22 @@ from pipeline_settings import (
 def with_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Copies of ``rows`` with speedups against the uncached row of the same (compile, batch,
     prefetch) cell and against the plain one (no prefetch), ideal speedups from the uncached FLOPs
-    of the same batch, and efficiency; where the cell's methods took turns, also round by round."""
+    of the same batch (per sample, as counted), and efficiency; where the cell's methods took turns, also round by round."""
     rows = [dict(row) for row in rows]
 
     def uncached(row: dict[str, Any], prefetch: bool) -> dict[str, Any]:
         return next((r for r in rows if r["method"] == UNCACHED and r["compile"] == row["compile"]
                      and r["batch"] == row["batch"] and r["prefetch"] == prefetch and "ms" in r), {})
 
+    def flops_per_sample(row: dict[str, Any]) -> float:
+        # counted at the row's own batch, or at --count-batch's (counted_at_batch): per sample, they compare
+        return row["flops"] / row.get("counted_at_batch", row["batch"])
+
     for row in rows:
-        base_flops = next((r["flops"] for r in rows if r["method"] == UNCACHED and r["batch"] == row["batch"] and "flops" in r), None)
+        base_flops = next((flops_per_sample(r) for r in rows if r["method"] == UNCACHED and r["batch"] == row["batch"]
+                           and "flops" in r), None)
         if base_flops and row.get("flops"):
-            row["ideal_speedup"] = base_flops / row["flops"]
+            row["ideal_speedup"] = base_flops / flops_per_sample(row)
         if "ms" not in row:
             continue
         base, plain = uncached(row, row["prefetch"]), uncached(row, False)

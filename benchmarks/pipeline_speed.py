@@ -183,7 +183,7 @@ import and build)::
     # batch 8, where a generation takes minutes (Wan about 8x batch 1's 40 s, by estimate): no eager warm-up and
     # each method's work counted at batch 1, so each method runs one batch-1 and one batch-8 generation (one H100:
     # about 14 min by estimate, not measured; longer than one command: the setsid and marker recipe below)
-    python3 benchmarks/pipeline_speed.py --model wan --compile eager --batches 8 --prefetch off --repeats 1 --no-step-clock --no-in-turn --eager-warmup 0 --count-batch 1 --methods blocks cache-dit --max-minutes 14 --out "$OUT/wan-eager-b8"
+    python3 benchmarks/pipeline_speed.py --model wan --compile eager --batches 8 --prefetch off --repeats 1 --no-step-clock --no-in-turn --eager-warmup 0 --count-batch 1 --methods blocks cache-dit --max-minutes 20 --out "$OUT/wan-eager-b8"
     # Wan compiled and under CUDA graphs at batch 1 (about 20 min by estimate, not measured; the same recipe)
     python3 benchmarks/pipeline_speed.py --model wan --compile compile cudagraphs --prefetch off --repeats 1 --no-step-clock --methods blocks cache-dit --max-minutes 18 --out "$OUT/wan-compiled"
     # every DiT cell in one process, longer than one command (one H100: 12.2 min with --max-minutes 18; on a
@@ -566,6 +566,10 @@ class Runner:
         anything compiles), outside the warm-up's seconds, and it is ``generate``. FLOPs scale with
         the batch alike for every method, so counts at one batch give another's ideal speedups."""
         if key in self.counts:
+            return generate
+        same = self.counts.get((batch, key[1]))
+        if same is not None and same["counted_at_batch"] == batch:  # that batch's own count serves
+            self.counts[key] = same
             return generate
         if not compiled and warmups > 0 and batch == key[0]:
             return partial(self.count, key, generate, batch)
@@ -972,7 +976,8 @@ def guessed_seconds(runner: Runner, config: Config, counted: bool) -> float:
     seconds = (warmups + runner.args.repeats + clocked) * one * (work.compiled_factor if compiled else 1.0)
     count_batch = runner.count_batch(config)
     counted_apart = counted and (compiled or warmups == 0 or count_batch != config.batch)
-    counting = one * max(count_batch / config.batch, 0.25) if counted_apart else 0.0
+    per_batch = 1.0 if config.method == UNCACHED else share  # the counted generation at count_batch, scaled as ``one``
+    counting = first_s * max(count_batch / first_batch, 0.25) * per_batch if counted_apart else 0.0
     return seconds + counting + (work.compile_guess_s if compiled else 0.0)
 
 
@@ -1022,6 +1027,13 @@ def print_progress(runner: Runner, remaining: Sequence[Config]) -> None:
 
 
 # ---- the command line --------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def result_path(out: Path, model: str) -> Path:
     return out / f"pipeline-speed-{model}.json"
 
@@ -1096,7 +1108,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--eager-warmup", type=int, choices=range(10), metavar="N",
                         help=f"warm-up generations of eager cells (default {WARMUP['eager']}); 0 where one generation "
                              "takes minutes and its first-call costs are lost in it (Wan at batch 8)")
-    parser.add_argument("--count-batch", type=int, metavar="B",
+    parser.add_argument("--count-batch", type=positive_int, metavar="B",
                         help="count each method's work (FLOPs, steps) in a generation at batch B, not at each "
                              "configuration's batch: the ideal speedups do not depend on it, a small batch costs less")
     parser.add_argument("--step-clock", action=argparse.BooleanOptionalAction, default=True,

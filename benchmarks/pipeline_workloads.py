@@ -109,10 +109,11 @@ def flux_workload(tiny: bool, device: str) -> Workload:
     mask = medium_mask(setup.steps)
 
     def generate(batch: int, generator: torch.Generator) -> torch.Tensor:
+        # the embeddings repeated to the batch, as encode_prompt gives them from prompts (passed in, they are not)
         return setup.pipe(
-            prompt_embeds=setup.prompt_embeds, pooled_prompt_embeds=setup.pooled_prompt_embeds, height=setup.size,
-            width=setup.size, num_inference_steps=setup.steps, guidance_scale=3.5, num_images_per_prompt=batch,
-            generator=generator, output_type="latent",
+            prompt_embeds=setup.prompt_embeds.repeat(batch, 1, 1), pooled_prompt_embeds=setup.pooled_prompt_embeds.repeat(batch, 1),
+            height=setup.size, width=setup.size, num_inference_steps=setup.steps, guidance_scale=3.5,
+            num_images_per_prompt=1, generator=generator, output_type="latent",
         ).images
 
     return Workload(
@@ -154,10 +155,12 @@ def wan_workload(tiny: bool, device: str) -> Workload:
     prompt, negative = (torch.randn(1, tokens, config["text_dim"], generator=g).to(device, dtype) for _ in range(2))
 
     def generate(batch: int, generator: torch.Generator) -> torch.Tensor:
+        # the embeddings repeated to the batch, as encode_prompt gives them from prompt strings: passed in,
+        # they are not repeated, and cross-attention with a batch-1 key falls back to torch's math kernel
         return pipe(
-            prompt_embeds=prompt, negative_prompt_embeds=negative, height=height, width=width, num_frames=frames,
-            num_inference_steps=steps, guidance_scale=5.0, num_videos_per_prompt=batch, generator=generator,
-            output_type="latent",
+            prompt_embeds=prompt.repeat(batch, 1, 1), negative_prompt_embeds=negative.repeat(batch, 1, 1),
+            height=height, width=width, num_frames=frames, num_inference_steps=steps, guidance_scale=5.0,
+            num_videos_per_prompt=1, generator=generator, output_type="latent",
         ).frames
 
     return Workload(

@@ -570,6 +570,16 @@ def test_count_batch_counts_the_work_at_that_batch_with_the_same_ideal_speedups(
     assert small["first_generation_batch"] == 1
 
 
+def test_ideal_speedups_compare_flops_per_sample_where_rows_were_counted_at_different_batches():
+    """A step-graph cell that counts first counts at its own batch, a later method at --count-batch's:
+    per sample, their FLOPs still compare."""
+    rows = pipeline_results.with_speedups([
+        verdict_row("graphs", "uncached", 100.0, batch=8, flops=800.0, counted_at_batch=8),
+        verdict_row("cudagraphs", BLOCKS, 50.0, batch=8, flops=40.0, counted_at_batch=1),
+        verdict_row("cudagraphs", CACHE_DIT, 60.0, batch=8, flops=400.0)])  # no counted_at_batch: its own batch
+    assert [r["ideal_speedup"] for r in rows] == [1.0, 2.5, 2.0]
+
+
 def test_count_batch_leaves_step_graph_cells_counting_at_their_own_batch(run, stand_in_graphs):
     """A generation at another batch would be one of the step graphs' own warm-ups: a step-graph
     cell that counts first counts at its own batch."""
@@ -990,7 +1000,7 @@ def test_the_time_left_is_taken_at_the_runs_own_paces_and_guessed_where_it_has_n
     runner = pipeline_speed.Runner(work=work, args=SimpleNamespace(**{**vars(args), "eager_warmup": 0, "count_batch": 1}),
                                    out=None)
     runner.extra.update(first_generation_s=1.0, first_generation_batch=1)
-    assert pipeline_speed.remaining_seconds(runner, [eager8]) == pytest.approx(8.0 + 8.0 * 0.25)
+    assert pipeline_speed.remaining_seconds(runner, [eager8]) == pytest.approx(8.0 + 1.0)
 
 
 def test_a_first_configuration_that_fails_before_any_generation_leaves_the_run_going(run, monkeypatch) -> None:
