@@ -40,13 +40,10 @@ import gpu_bench
 import pipeline_methods
 import pipeline_speed
 import pipeline_workloads
+from pipeline_measures import max_abs_diff
 
 import smoothcache
 from smoothcache.files import atomic_write_text
-
-
-def largest_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
 
 
 def measure_batch(work: pipeline_workloads.Workload, batch: int, device: torch.device, backend: str) -> dict[str, Any]:
@@ -55,7 +52,7 @@ def measure_batch(work: pipeline_workloads.Workload, batch: int, device: torch.d
 
     def generate() -> torch.Tensor:
         torch.compiler.cudagraph_mark_step_begin()
-        return work.generate(batch, torch.Generator(device).manual_seed(0)).detach().clone()
+        return work.generate(batch, torch.Generator(device).manual_seed(0)).detach().float().clone()
 
     counted = gpu_bench.dynamo_counts()
 
@@ -69,22 +66,22 @@ def measure_batch(work: pipeline_workloads.Workload, batch: int, device: torch.d
     eager = generate()
     prefetch = smoothcache.prefetch_timesteps(pipe, device_once=True)
     try:
-        found["eager_vs_eager_prefetched"] = largest_difference(eager, generate())
+        found["eager_vs_eager_prefetched"] = max_abs_diff(eager, generate())
         pipe.transformer = torch.compile(pipe.transformer, backend=backend)
         compiled_since()
         compiled = [generate() for _ in range(3)]
         found["graphs_compiled"]["compiled"] = compiled_since()
-        found["compiled_generation_1_vs_2_vs_3"] = [largest_difference(compiled[0], compiled[1]),
-                                                    largest_difference(compiled[1], compiled[2])]
-        found["compiled_vs_eager"] = largest_difference(compiled[2], eager)
+        found["compiled_generation_1_vs_2_vs_3"] = [max_abs_diff(compiled[0], compiled[1]),
+                                                    max_abs_diff(compiled[1], compiled[2])]
+        found["compiled_vs_eager"] = max_abs_diff(compiled[2], eager)
         if pipeline_methods.replays_on(device):
             graphs = pipeline_methods.attach_step_graphs(pipe, 2)
             replays = [generate() for _ in range(4)]  # two plain (the warm-up), a capture, a replay
-            found["step_graphs_vs_compiled"] = [largest_difference(r, compiled[2]) for r in replays]
+            found["step_graphs_vs_compiled"] = [max_abs_diff(r, compiled[2]) for r in replays]
             found["step_graph_stats"] = dataclasses.asdict(graphs.stats)
             found["graphs_compiled"]["step_graphs"] = compiled_since()
             graphs.disable()
-            found["graphs_removed_vs_compiled"] = largest_difference(generate(), compiled[2])
+            found["graphs_removed_vs_compiled"] = max_abs_diff(generate(), compiled[2])
             found["graphs_compiled"]["graphs_removed"] = compiled_since()
         else:
             found["step_graphs_vs_compiled"] = "skipped: step graphs replay CUDA graphs"
@@ -92,7 +89,7 @@ def measure_batch(work: pipeline_workloads.Workload, batch: int, device: torch.d
         torch._dynamo.reset()
         pipe.transformer = torch.compile(pipe.transformer, backend=backend)
         compiled_since()
-        found["recompiled_vs_compiled"] = [largest_difference(generate(), compiled[2]) for _ in range(2)]
+        found["recompiled_vs_compiled"] = [max_abs_diff(generate(), compiled[2]) for _ in range(2)]
         found["graphs_compiled"]["recompiled"] = compiled_since()
     finally:
         pipe.transformer = pipeline_methods.unwrapped(pipe.transformer)

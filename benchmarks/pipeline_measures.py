@@ -36,6 +36,24 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def reset_peaks() -> None:
+    """Start counting peak GPU memory afresh (nothing off CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peaks_mib() -> tuple[float | None, float | None]:
+    """Peak GPU memory since ``reset_peaks``, allocated and reserved (graph pools are reserved at
+    capture and not allocated again by replays); None off CUDA."""
+    if not torch.cuda.is_available():
+        return None, None
+    return torch.cuda.max_memory_allocated() / 2**20, torch.cuda.max_memory_reserved() / 2**20
+
+
+def allocated_mib() -> float | None:
+    return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
 def clocked(generate: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float, float]:
     """One generation between two device syncs, so that its time is its own: its output, its start
     (``time.perf_counter``) and its seconds. Every timed generation in these benchmarks is one."""
@@ -131,6 +149,14 @@ def step_times(marks: Sequence[tuple[float, Any]], mask: Sequence[int], calls_pe
     found: dict[str, Any] = {key: statistics.median(values) if values else None for key, values in spans.items()}
     found["steps_measured"] = len(firsts) - 1
     return found
+
+
+def clocked_steps(work: Workload, generate: Callable[[], Any], device: torch.device) -> dict[str, Any]:
+    """One more generation with each step clocked (``step_clock``): ``step_times``' medians."""
+    with step_clock(work.pipe.transformer, device) as marks:
+        generate()
+        sync()
+    return step_times(marks, work.mask, work.calls_per_step)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,6 @@ METHOD_TAGS = {method: tag for tag, method in METHOD_NAMES.items()}
 WARMUP = {"eager": 1, "compile": 2, "cudagraphs": 3, "graphs": 4, "eager-graphs": 3}
 
 
-
 class Config(NamedTuple):
     """One configuration, a row of the result: compile setting, batch, prefetch on or off, method."""
 

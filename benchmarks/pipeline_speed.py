@@ -242,7 +242,8 @@ import gpu_bench
 import gpu_peers
 
 # the seams the tests replace, called through their modules (never from-imported here, which would
-# bypass a patch): pipeline_methods.configured and .enabled, pipeline_measures.step_clock
+# bypass a patch): pipeline_methods.configured and .enabled, pipeline_measures.step_clock (reached
+# through pipeline_measures.clocked_steps)
 import pipeline_measures
 import pipeline_methods
 from pipeline_measures import (
@@ -253,7 +254,8 @@ from pipeline_measures import (
     error_text,
     host_syncs_of,
     max_abs_diff,
-    step_times,
+    peaks_mib,
+    reset_peaks,
     sync,
     traced_generation,
 )
@@ -452,21 +454,13 @@ class Runner:
         after_warmup = gpu_bench.dynamo_counts()
         if skips_guards(self.args, config):
             generate = unchecked(generate)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        reset_peaks()
         times, output = [], None
         for _ in range(self.args.repeats):
             output, _, seconds = clocked(generate)
             times.append(seconds)
-        # the timed generations' peaks, before the clocked and traced ones add their own
-        peak_mib = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-        peak_reserved_mib = torch.cuda.max_memory_reserved() / 2**20 if torch.cuda.is_available() else None
-        step_ms = None
-        if self.args.step_clock:
-            with pipeline_measures.step_clock(self.work.pipe.transformer, self.device) as marks:
-                generate()  # one more, its steps clocked
-                sync()
-            step_ms = step_times(marks, self.work.mask, self.work.calls_per_step)
+        peaks = peaks_mib()  # the timed generations' peaks, before the clocked and traced ones add their own
+        step_ms = pipeline_measures.clocked_steps(self.work, generate, self.device) if self.args.step_clock else None
         traced = {}
         if config.method in self.args.trace:
             traced = traced_generation(self.work, generate, self.device, self.trace_path(config))
@@ -477,7 +471,7 @@ class Runner:
         # generation's start), so under step_graphs its kept memory is in the graphs' pool, unread
         kept = attached.handle.state.kept_bytes() if attached.handle is not None and attached.graphs is None else None
         return self.row_fields(
-            config, times=times, warmup_s=warmup_s, syncs=syncs, peaks=(peak_mib, peak_reserved_mib), kept=kept,
+            config, times=times, warmup_s=warmup_s, syncs=syncs, peaks=peaks, kept=kept,
             step_ms=step_ms, traced=traced, warmup_counts=counts_between(before, after_warmup),
             timed_counts=counts_between(after_warmup, end),
             step_graphs=None if attached.graphs is None else dataclasses.asdict(attached.graphs.stats)) | plain_path
@@ -840,16 +834,16 @@ class InTurnCell:
     def timed_generation(self, turn: Turn) -> None:
         """One timed generation: its time and start, and the peak memory of it alone."""
         sync()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        reset_peaks()
         output, start, seconds = clocked(self.after_warmup())
         turn.times.append(seconds)
         self.timed_since = start if self.timed_since is None else self.timed_since
         turn.starts.append(start - self.timed_since)
         turn.output = output.detach().float().cpu()  # off the GPU: the next methods' peaks are their own
-        if torch.cuda.is_available():
-            turn.peak_mib = max(turn.peak_mib or 0.0, torch.cuda.max_memory_allocated() / 2**20)
-            turn.peak_reserved_mib = max(turn.peak_reserved_mib or 0.0, torch.cuda.max_memory_reserved() / 2**20)
+        allocated, reserved = peaks_mib()
+        if allocated is not None:
+            turn.peak_mib = max(turn.peak_mib or 0.0, allocated)
+            turn.peak_reserved_mib = max(turn.peak_reserved_mib or 0.0, reserved)
 
     @contextlib.contextmanager
     def switched_on(self, turn: Turn, phase: str) -> Iterator[None]:
@@ -870,10 +864,8 @@ class InTurnCell:
                 continue
             try:
                 if args.step_clock:
-                    with self.switched_on(turn, "timed"), pipeline_measures.step_clock(self.work.pipe.transformer, self.runner.device) as marks:
-                        self.after_warmup()()
-                        sync()
-                    turn.step_ms = step_times(marks, self.work.mask, self.work.calls_per_step)
+                    with self.switched_on(turn, "timed"):
+                        turn.step_ms = pipeline_measures.clocked_steps(self.work, self.after_warmup(), self.runner.device)
                 if turn.config.method in args.trace:
                     with self.switched_on(turn, "timed"):
                         turn.traced = traced_generation(self.work, self.after_warmup(), self.runner.device,

@@ -217,14 +217,6 @@ def compute_device(work: Workload) -> str:
 
 
 # ---- measuring ------------------------------------------------------------------------------------
-def allocated_mib() -> float | None:
-    return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else None
-
-
-def peak_mib() -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-
-
 def generation(work: Workload, batch: int, device: str) -> Callable[[], torch.Tensor]:
     """A user's ``pipe(...)`` call from a fixed seed; returns the latents it decoded."""
     return lambda: work.generate(batch, torch.Generator(device).manual_seed(0))
@@ -238,7 +230,7 @@ def measure(generate: Callable[[], torch.Tensor], warmup: int, repeats: int) -> 
     def run() -> None:
         last[:] = [generate()]
 
-    allocated_before = allocated_mib()
+    allocated_before = pipeline_measures.allocated_mib()
     before = gpu_bench.dynamo_counts()
     start = time.perf_counter()
     gpu_bench.time_runs(run, 0, warmup)
@@ -248,7 +240,7 @@ def measure(generate: Callable[[], torch.Tensor], warmup: int, repeats: int) -> 
     end = gpu_bench.dynamo_counts()
     return {
         "ms": 1000 * statistics.median(times), "runs_ms": [1000 * t for t in times], "warmup_s": warmup_s,
-        "warmup_generations": warmup, "peak_mib": peak_mib(), "allocated_before_mib": allocated_before,
+        "warmup_generations": warmup, "peak_mib": pipeline_measures.peaks_mib()[0], "allocated_before_mib": allocated_before,
         "graphs_compiled_in_warmup": after_warmup["graphs"] - before["graphs"],
         "recompiles_while_timed": end["frames"] - after_warmup["frames"],
     }, last[0].detach().float().cpu()
@@ -389,11 +381,11 @@ def take_turn(turn: MethodTurns, generate: Callable[[], torch.Tensor], timed_sin
     its seconds and graphs to the warm-up."""
     with turn.handle if turn.handle is not None else contextlib.nullcontext():  # a handle enables for its block
         if turn.generations == 0:
-            turn.allocated_before = allocated_mib()
+            turn.allocated_before = pipeline_measures.allocated_mib()
         before = gpu_bench.dynamo_counts()
         pipeline_measures.sync()
-        if timed_since is not None and torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        if timed_since is not None:
+            pipeline_measures.reset_peaks()
         output, start, seconds = pipeline_measures.clocked(generate)
         after = gpu_bench.dynamo_counts()
         turn.generations += 1
@@ -403,7 +395,7 @@ def take_turn(turn: MethodTurns, generate: Callable[[], torch.Tensor], timed_sin
             return
         turn.times.append(seconds)
         turn.starts.append(start - timed_since)
-        peak = peak_mib()
+        peak = pipeline_measures.peaks_mib()[0]
         if peak is not None:
             turn.peak = max(turn.peak or 0.0, peak)
         turn.recompiles += after["frames"] - before["frames"]
@@ -530,9 +522,8 @@ def calibration_row(
     """``layer_groups`` ``pipe(...)`` calls (one uncalibrated where ``components`` is None), calibrated
     with ``components``: seconds, peak GPU memory, and the history calibration held."""
     pipeline_measures.sync()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    allocated_before, start = allocated_mib(), time.perf_counter()
+    pipeline_measures.reset_peaks()
+    allocated_before, start = pipeline_measures.allocated_mib(), time.perf_counter()
     profile_layers = history_mib = None
     if components is None:
         generate()
@@ -544,7 +535,7 @@ def calibration_row(
         profile_layers = len(recorder.profile.layers)
         history_mib = recorder.profile.metadata.get("history_peak_mib")
     pipeline_measures.sync()
-    row = {"seconds": time.perf_counter() - start, "peak_mib": peak_mib(), "allocated_before_mib": allocated_before,
+    row = {"seconds": time.perf_counter() - start, "peak_mib": pipeline_measures.peaks_mib()[0], "allocated_before_mib": allocated_before,
            "profile_layers": profile_layers, "history_peak_mib": history_mib, "generations": layer_groups}
     if not torch.cuda.is_available():
         row["peak_not_measured"] = "no CUDA GPU: peak memory is measured on the GPU only"
