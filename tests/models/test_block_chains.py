@@ -53,3 +53,44 @@ def test_a_call_that_skips_the_lists_last_block_closes_its_run_in_its_own_slot(f
     with smoothcache.cache(pipe, Schedule({f"block-{i}": plan for i in range(blocks)}), forecast=forecast):
         per_block = generate(pipe, **guidance)
     torch.testing.assert_close(chained, per_block, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["flux", "hunyuan_video"])
+def test_double_and_single_stream_lists_on_the_same_steps_are_one_chain(name):
+    """Flux's and HunyuanVideo's single-stream blocks run right after the double-stream ones on the
+    same streams: cached on the same steps, both lists are one chain, which keeps one residual per
+    stream (half of what two chains keep) and reuses as the blocks reused one by one do."""
+    import importlib
+
+    family_test = importlib.import_module(f".test_{name}", __package__)
+    pipe, generate = family_test.make_pipeline(), family_test.generate
+    transformer = pipe.transformer
+    blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+    plan = (1, 0, 1, 0, 0, 1)
+    same = Schedule({"block": plan, "single_block": plan})
+    apart = Schedule({"block": plan, "single_block": (1, 1, 0, 1, 0, 1)})
+    per_block = Schedule({f"{kind}-{i}": plan for kind, count in (("block", len(transformer.transformer_blocks)),
+                                                                   ("single_block", len(transformer.single_transformer_blocks)))
+                          for i in range(count)})
+
+    def run(schedule):
+        with smoothcache.cache(pipe, schedule) as handle:
+            output = generate(pipe)
+            links = {layer_plan.chain for layer_plan in handle.plan.layers}
+            return output, sum(handle.state.kept_bytes().values()), links
+
+    one_chain, one_chain_bytes, links = run(same)
+    assert {link.chain for link in links} == {0} and {link.length for link in links} == {blocks}
+    assert sorted(link.position for link in links) == list(range(blocks))
+    two_chains, two_chains_bytes, links = run(apart)
+    assert {link.chain for link in links} == {0, 1}
+    one_by_one, _, links = run(per_block)
+    assert links == {None}
+    torch.testing.assert_close(one_chain, one_by_one, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(two_chains).all()
+    # both streams, once: one block's residual, where two chains kept one each
+    residual = one_chain_bytes
+    with smoothcache.cache(pipe, Schedule({"block": plan})) as handle:
+        generate(pipe)
+        double_only = sum(handle.state.kept_bytes().values())
+    assert residual == double_only and two_chains_bytes > residual

@@ -45,7 +45,10 @@ class BlockFamily:
     per call, with how often and on what (CogView4's ff: 2, image then text tokens); they are found
     only for callers that keep one output per occurrence. ``model_class_names`` restricts the
     family to those models, for models built from another family's generic blocks (Latte's are
-    ``BasicTransformerBlock``).
+    ``BasicTransformerBlock``). ``back_to_back`` pairs two block lists (by list name) that the
+    model's forward runs one right after the other, the first list's last outputs going into the
+    second's first block and nowhere else (Flux's double-, then single-stream blocks): cached whole
+    on the same steps, both are reused as one chain, with one kept residual per stream.
     """
 
     name: str
@@ -58,6 +61,7 @@ class BlockFamily:
     model_class_names: tuple[str, ...] = ()
     streams: tuple[tuple[str, tuple[str, ...]], ...] = ()
     guidance_first: tuple[tuple[str, str], ...] = ()  # (pipeline class, "cond" or "uncond"): its CFG batch's first half
+    back_to_back: tuple[tuple[str, str], ...] = ()  # (first list, second list), by list name
 
     def prefix_of(self, block: nn.Module, block_name: str) -> str:
         """The prefix of the layer types in ``block``, found at module path ``block_name``."""
@@ -68,6 +72,16 @@ class BlockFamily:
     def streams_of(self, block: nn.Module) -> tuple[str, ...] | None:
         """The input arguments ``block``'s outputs continue, if the family names them."""
         return dict(self.streams).get(type(block).__name__)
+
+    def list_before(self, block_name: str) -> str | None:
+        """The module path of the block list that runs right before the list holding ``block_name``
+        (``transformer_blocks`` for ``single_transformer_blocks.0``), if the family names one."""
+        list_path = block_name.rpartition(".")[0]
+        parent, _, list_name = list_path.rpartition(".")
+        before = next((first for first, second in self.back_to_back if second == list_name), None)
+        if before is None:
+            return None
+        return f"{parent}.{before}" if parent else before
 
 
 _VACE_CHILDREN = ("proj_in", "attn1", "attn2", "ffn", "proj_out", "block")
@@ -113,6 +127,7 @@ FAMILIES: tuple[BlockFamily, ...] = (
         ("attn", "ff", "ff_context", "single_attn", "single_proj_mlp"),
         prefixes=(("FluxSingleTransformerBlock", "single_"),),
         streams=(("FluxTransformerBlock", _TEXT_THEN_IMAGE), ("FluxSingleTransformerBlock", _TEXT_THEN_IMAGE)),
+        back_to_back=(("transformer_blocks", "single_transformer_blocks"),),
     ),
     # HunyuanDiT: self-attention, cross-attention, feed-forward, each added to the residual.
     BlockFamily("hunyuan-dit", ("HunyuanDiTBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff"), guidance_first=(("HunyuanDiTPipeline", "uncond"),)),
@@ -187,6 +202,7 @@ FAMILIES: tuple[BlockFamily, ...] = (
                 "HunyuanVideoTokenReplaceSingleTransformerBlock",
             )
         ),
+        back_to_back=(("transformer_blocks", "single_transformer_blocks"),),
     ),
     # LTX-Video: self-attention, cross-attention, feed-forward.
     BlockFamily("ltx-video", ("LTXVideoTransformerBlock",), ("attn1", "ff"), ("attn1", "attn2", "ff"), guidance_first=(("LTXPipeline", "uncond"),)),
@@ -246,6 +262,7 @@ class CacheableLayer:
     block: int | None
     repeats: int = 1  # calls per block call; more than one: keep an output per occurrence
     streams: tuple[str, ...] | None = None  # a whole block: the input arguments its outputs continue
+    list_before: str | None = None  # a whole block: the list its own list runs right after (BlockFamily.back_to_back)
 
     @property
     def block_key(self) -> str:
@@ -382,7 +399,8 @@ def _whole_block(
         if first is None:
             raise NoCacheableLayersError(f"{name} ({type(block).__name__}) takes no input, so it cannot be cached whole")
         streams = (first,)
-    return CacheableLayer(name, block, layer_type, int(name.rpartition(".")[2]), streams=streams)
+    list_before = family.list_before(name) if family is not None and block_classes is None else None
+    return CacheableLayer(name, block, layer_type, int(name.rpartition(".")[2]), streams=streams, list_before=list_before)
 
 
 def _is_block(

@@ -46,12 +46,13 @@ class Column:
 
 @dataclass(frozen=True)
 class ChainLink:
-    """A block's place in a chain: every block of one module list, cached whole on one column, which
-    a reusing step skips with one kept residual per stream (:class:`~.streams.BlockChain`)."""
+    """A block's place in a chain: every block of one module list, cached whole on one column (or of
+    two lists run back to back on the same steps), which a reusing step skips with one kept residual
+    per stream (:class:`~.streams.BlockChain`)."""
 
     chain: int  # which chain of the plan
-    position: int  # the block's index in its list
-    length: int  # the list's blocks
+    position: int  # the block's index in its chain
+    length: int  # the chain's blocks
 
 
 @dataclass(frozen=True)
@@ -179,25 +180,26 @@ def plan_cache(
     )
     barriers = _barriers(sorted(block_columns.items(), key=lambda item: module_order[item[0]]))
     layer_plans = tuple(plans[id(layer)] for layer in ordered)
-    links = _chains(layer_plans, module_order)
+    links = _chains(layer_plans, module_order, columns)
     layer_plans = tuple(replace(p, chain=links[id(p.layer)]) if id(p.layer) in links else p for p in layer_plans)
     return CachePlan(schedule.num_steps, columns, layer_plans, barriers, tuple(reused_plainly),
                      splits_guidance=branch_order is not None)
 
 
-def _chains(layer_plans: Sequence[LayerPlan], module_names: Mapping[str, int]) -> dict[int, ChainLink]:
-    """The blocks (by ``id`` of their layer) that chain: all of one module list's blocks, two or
-    more, cached whole on the same column, with the same streams, each called once per model call.
+def _chains(
+    layer_plans: Sequence[LayerPlan], module_names: Mapping[str, int], columns: Sequence[Column]
+) -> dict[int, ChainLink]:
+    """The blocks (by ``id`` of their layer) that chain: all of one module list's blocks, cached
+    whole on the same column, with the same streams, each called once per model call; two or more.
+    A list that its family runs right after another (``BlockFamily.back_to_back``) continues that
+    list's chain where both are whole and alike and their columns compute, keep and extrapolate on
+    the same steps: Flux's 57 blocks keep one residual per stream instead of two.
 
-    Only a whole list, on one column: a block's output may be read beyond the next block (HunyuanDiT
-    passes first-half outputs to second-half blocks), so a chain must reuse or compute as one."""
-    by_list: dict[str, list[LayerPlan]] = {}
-    for layer_plan in layer_plans:
-        if layer_plan.kind in ("block", "block-forecast"):
-            by_list.setdefault(_list_of(layer_plan.layer.name), []).append(layer_plan)
-    links: dict[int, ChainLink] = {}
-    chains = 0
-    for list_path, members in by_list.items():
+    Only whole lists, each on one column: a block's output may be read beyond the next block
+    (HunyuanDiT passes first-half outputs to second-half blocks), so a chain must reuse or compute
+    as one."""
+    lists: dict[str, list[LayerPlan]] = {}  # list path -> its blocks, in order, for lists that can chain
+    for list_path, members in _blocks_by_list(layer_plans).items():
         indices = [member.layer.name.rpartition(".")[2] for member in members]
         if not all(index.isdigit() for index in indices):
             continue
@@ -205,12 +207,46 @@ def _chains(layer_plans: Sequence[LayerPlan], module_names: Mapping[str, int]) -
         whole_list = sorted(map(int, indices)) == list(range(len(members))) and f"{list_path}.{len(members)}" not in module_names
         alike = (len({m.columns for m in members}) == 1 and len({m.layer.streams for m in members}) == 1
                  and all(m.layer.repeats == 1 for m in members))
-        if len(members) < 2 or not whole_list or not alike:
+        if whole_list and alike:
+            lists[list_path] = members
+    following: dict[str, str] = {}  # list path -> the list that continues its chain
+    for list_path, members in lists.items():
+        before = lists.get(members[0].layer.list_before or "")
+        if before is not None and _same_steps(before[0], members[0], columns):
+            following[members[0].layer.list_before] = list_path  # type: ignore[index]
+    links: dict[int, ChainLink] = {}
+    chains = 0
+    for list_path in lists:
+        if list_path in following.values():
+            continue  # part of the chain of the list before it
+        run: list[LayerPlan] = []
+        next_list: str | None = list_path
+        while next_list is not None:
+            run += lists[next_list]
+            next_list = following.get(next_list)
+        if len(run) < 2:
             continue
-        for position, member in enumerate(members):
-            links[id(member.layer)] = ChainLink(chains, position, len(members))
+        for position, member in enumerate(run):
+            links[id(member.layer)] = ChainLink(chains, position, len(run))
         chains += 1
     return links
+
+
+def _blocks_by_list(layer_plans: Sequence[LayerPlan]) -> dict[str, list[LayerPlan]]:
+    """The plans of blocks cached whole, by the module list holding them."""
+    by_list: dict[str, list[LayerPlan]] = {}
+    for layer_plan in layer_plans:
+        if layer_plan.kind in ("block", "block-forecast"):
+            by_list.setdefault(_list_of(layer_plan.layer.name), []).append(layer_plan)
+    return by_list
+
+
+def _same_steps(first: LayerPlan, second: LayerPlan, columns: Sequence[Column]) -> bool:
+    """Whether two blocks' lists can be one chain: the same streams, the same kind, and columns that
+    compute, keep and extrapolate alike at every step (one reuse decision for both)."""
+    a, b = columns[first.columns[0]], columns[second.columns[0]]
+    return (first.layer.streams == second.layer.streams and first.kind == second.kind
+            and (a.compute, a.keep, a.ratio) == (b.compute, b.keep, b.ratio))
 
 
 def _assign_keys(schedule: Schedule, layers: Sequence[CacheableLayer], model_name: str) -> dict[str, list[CacheableLayer]]:
