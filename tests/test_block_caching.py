@@ -203,3 +203,27 @@ def test_a_model_call_that_raises_mid_chain_leaves_the_next_generation_exact():
             generate(pipe)
         hook.remove()
         assert torch.equal(generate(pipe), expected)
+
+
+def test_a_call_that_skips_a_runs_first_block_computes_the_blocks_after_it():
+    """A model call that leaves out a run's first block on a reusing step (the previous call reused
+    that run) cannot add the run's residual: the blocks after it compute, rather than passing on an
+    input that lacks what the skipped block would have added."""
+    pipe = make_dit_pipeline(num_layers=3)
+    blocks = pipe.transformer.transformer_blocks
+    reusing_twice = next(step for step in range(1, STEPS) if not PLAN[step - 1] and not PLAN[step])
+    calls = [0]
+
+    class SkippingList(nn.ModuleList):
+        def __iter__(self):  # DiT's forward iterates its block list
+            members = list(super().__iter__())
+            return iter(members[1:] if calls[0] == reusing_twice else members)
+
+    attn_calls: list[int] = []
+    blocks[1].attn1.register_forward_hook(lambda module, args, out: attn_calls.append(calls[0]))
+    pipe.transformer.register_forward_hook(lambda module, args, out: calls.__setitem__(0, calls[0] + 1))
+    blocks.__class__ = SkippingList
+    with smoothcache.cache(pipe, Schedule({"block": PLAN})):
+        generate(pipe)
+    assert reusing_twice in attn_calls  # computed, where the first block was left out
+    assert [step for step in attn_calls if step != reusing_twice] == [s for s in range(STEPS) if PLAN[s]]

@@ -311,8 +311,8 @@ class CacheHandle:
                 "a cache handle follows one generation at a time. Give each thread its own pipeline (and handle), "
                 "or let one pipeline call finish before the next starts (a lock around pipe(...))"
             )
-        for chain in self._chains.values():  # a run the last call left open (it skipped the list's end)
-            chain.end_call()
+        for chain in self._chains.values():  # a run the last call left open (it skipped the chain's end)
+            chain.start_call()
         try:
             step, slot, new_generation = self._tracker.advance(args, kwargs)
         except StepMismatchError:

@@ -189,11 +189,12 @@ def plan_cache(
 def _chains(
     layer_plans: Sequence[LayerPlan], module_names: Mapping[str, int], columns: Sequence[Column]
 ) -> dict[int, ChainLink]:
-    """The blocks (by ``id`` of their layer) that chain: all of one module list's blocks, cached
-    whole on the same column, with the same streams, each called once per model call; two or more.
-    A list that its family runs right after another (``BlockFamily.back_to_back``) continues that
-    list's chain where both are whole and alike and their columns compute, keep and extrapolate on
-    the same steps: Flux's 57 blocks keep one residual per stream instead of two.
+    """The blocks (by ``id`` of their layer) that chain, two or more: all of one module list's
+    blocks, cached whole on the same column, with the same streams, each called once per model
+    call. A list that its family runs right after another (``BlockFamily.back_to_back``, which the
+    family vouches for: nothing here can see what reads a list's last output) continues that list's
+    chain where both qualify and their two columns compute, keep and extrapolate on the same steps:
+    Flux's 57 blocks keep one residual per stream instead of two.
 
     Only whole lists, each on one column: a block's output may be read beyond the next block
     (HunyuanDiT passes first-half outputs to second-half blocks), so a chain must reuse or compute
@@ -242,8 +243,9 @@ def _blocks_by_list(layer_plans: Sequence[LayerPlan]) -> dict[str, list[LayerPla
 
 
 def _same_steps(first: LayerPlan, second: LayerPlan, columns: Sequence[Column]) -> bool:
-    """Whether two blocks' lists can be one chain: the same streams, the same kind, and columns that
-    compute, keep and extrapolate alike at every step (one reuse decision for both)."""
+    """Whether two blocks' lists can be one chain: columns that compute, keep and extrapolate alike
+    at every step (one reuse decision for both), and (for families other than Flux's, whose blocks
+    always agree) the same streams and kind."""
     a, b = columns[first.columns[0]], columns[second.columns[0]]
     return (first.layer.streams == second.layer.streams and first.kind == second.kind
             and (a.compute, a.keep, a.ratio) == (b.compute, b.keep, b.ratio))

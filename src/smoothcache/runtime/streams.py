@@ -170,16 +170,17 @@ class Follows(NamedTuple):
 
 
 class BlockChain:
-    """A module list's blocks cached whole on one schedule, reused as one.
+    """A module list's blocks cached whole on one schedule, reused as one (or two lists the model
+    runs back to back, planned alike: :func:`.plan._chains`).
 
-    Where each block's input is its predecessor's output, the list adds ``output_last - input_first``
+    Where each block's input is its predecessor's output, the chain adds ``output_last - input_first``
     to its stream, so a reusing step needs one kept residual per stream instead of one per block:
     the first block returns its input plus that residual and the others pass their input on. That
     is a block's worth of memory instead of the list's (DiT-XL/2: 28 blocks), and one addition
     instead of one per block. The chain is checked at every computing step that keeps: where
     something changes the stream between two blocks (a ControlNet residual, say), the next block
     starts a run of its own, with its own residual, and reuse stays exact. A block's output read
-    elsewhere is why only whole lists on one column chain (:func:`.plan._chains`).
+    elsewhere is why only whole lists chain, each planned on one column (:func:`.plan._chains`).
 
     ``kept`` holds each block's per-slot entries (a :class:`RunKept`, a :class:`Follows` or None);
     ``reusing`` is the position of the run whose first block reused in the current call.
@@ -202,7 +203,7 @@ class BlockChain:
     def link(self, position: int, slot: int, states: KeptStates, earlier: Any) -> RunKept | Follows:
         """Record a computed block and return what it keeps (``earlier``: what it kept before): a
         :class:`Follows` where it continues the open run (its inputs are the previous block's
-        outputs), else a new :class:`RunKept`, which opens a run; the list's last block closes the
+        outputs), else a new :class:`RunKept`, which opens a run; the chain's last block closes the
         run (a call that stops earlier leaves it to :meth:`end_call`). The block stores the entry
         in its own kept entries."""
         continues = (
@@ -220,6 +221,13 @@ class BlockChain:
         if position == len(self.kept) - 1:
             self.end_call()
         return entry
+
+    def start_call(self) -> None:
+        """At every model call's start: close a run the last call left open (:meth:`end_call`) and
+        forget which run reused in it, so that a call skipping a run's first block computes the
+        blocks after it instead of passing their input on."""
+        self.end_call()
+        self.reusing = None
 
     @property
     def open(self) -> bool:
