@@ -186,6 +186,10 @@ import and build)::
     # each method's work counted at batch 1, so each method runs one batch-1 and one batch-8 generation (one H100:
     # about 14 min by estimate, not measured; longer than one command: the setsid and marker recipe below)
     python3 benchmarks/pipeline_speed.py --model wan --compile eager --batches 8 --prefetch off --repeats 1 --no-step-clock --no-in-turn --eager-warmup 0 --count-batch 1 --methods blocks cache-dit --max-minutes 20 --out "$OUT/wan-eager-b8"
+    # Wan compiled at batch 8 does not fit one lease with all three methods (by estimate ~4.5 min a batch-8
+    # generation on one H100, two per method plus compiling: ~27 min). Flux's and Wan's target is each
+    # method's efficiency against its own uncached pipeline, so a lease may time uncached with one method
+    # (--methods blocks, then --methods cache-dit in another; ~16 min each by estimate, not measured)
     # Wan compiled and under CUDA graphs at batch 1 (about 20 min by estimate, not measured; the same recipe)
     python3 benchmarks/pipeline_speed.py --model wan --compile compile cudagraphs --prefetch off --repeats 1 --no-step-clock --methods blocks cache-dit --max-minutes 18 --out "$OUT/wan-compiled"
     # every DiT cell in one process, longer than one command (one H100: 12.2 min with --max-minutes 18; on a
