@@ -212,9 +212,10 @@ def _chains(
             lists[list_path] = members
     following: dict[str, str] = {}  # list path -> the list that continues its chain
     for list_path, members in lists.items():
-        before = lists.get(members[0].layer.list_before or "")
-        if before is not None and _same_steps(before[0], members[0], columns):
-            following[members[0].layer.list_before] = list_path  # type: ignore[index]
+        before_path = members[0].layer.list_before
+        before = lists.get(before_path) if before_path is not None else None
+        if before_path is not None and before is not None and _same_steps(before[0], members[0], columns):
+            following[before_path] = list_path
     links: dict[int, ChainLink] = {}
     chains = 0
     for list_path in lists:
@@ -244,8 +245,8 @@ def _blocks_by_list(layer_plans: Sequence[LayerPlan]) -> dict[str, list[LayerPla
 
 def _same_steps(first: LayerPlan, second: LayerPlan, columns: Sequence[Column]) -> bool:
     """Whether two blocks' lists can be one chain: columns that compute, keep and extrapolate alike
-    at every step (one reuse decision for both), and (for families other than Flux's, whose blocks
-    always agree) the same streams and kind."""
+    at every step (one reuse decision for both), the same streams and the same kind (plain or
+    forecasting; both lists always agree on these today, but a family's declaration cannot promise it)."""
     a, b = columns[first.columns[0]], columns[second.columns[0]]
     return (first.layer.streams == second.layer.streams and first.kind == second.kind
             and (a.compute, a.keep, a.ratio) == (b.compute, b.keep, b.ratio))
