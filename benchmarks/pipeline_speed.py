@@ -179,7 +179,7 @@ import and build)::
     # layers would add ~2 min to the in-turn cell, whose rows are written only when it ends)
     python3 benchmarks/pipeline_speed.py --model flux --compile compile --prefetch off --methods blocks cache-dit --repeats 2 --max-minutes 5.5 --out "$OUT/flux-c"
     python3 benchmarks/pipeline_speed.py --model flux --compile cudagraphs --prefetch off --methods blocks cache-dit --max-minutes 5.5 --out "$OUT/flux-cg"  # one H100: 4.1 min
-    # Flux at batch 8, eager: one batch-8 generation per method, work counted at batch 1 (~3-4 min by estimate)
+    # Flux at batch 8, eager: one batch-8 generation per method, work counted at batch 1 (one H200: 2.2 min)
     python3 benchmarks/pipeline_speed.py --model flux --compile eager --batches 8 --prefetch off --repeats 1 --no-step-clock --no-in-turn --eager-warmup 0 --count-batch 1 --methods blocks cache-dit --max-minutes 6 --out "$OUT/flux-eager-b8"
     python3 benchmarks/pipeline_speed.py --model wan --compile eager --prefetch off --repeats 1 --no-step-clock --no-in-turn --methods blocks cache-dit --out "$OUT/wan-eager"  # ~5-8 min
     # batch 8, where a generation takes minutes (Wan about 8x batch 1's 40 s, by estimate): no eager warm-up and
