@@ -96,3 +96,56 @@ def test_double_and_single_stream_lists_on_the_same_steps_are_one_chain(name):
         generate(pipe)
         double_only = sum(handle.state.kept_bytes().values())
     assert one_chain_bytes == double_only and two_chains_bytes > one_chain_bytes
+
+
+def _flux_controlnet():
+    from diffusers import FluxControlNetModel
+
+    model = FluxControlNetModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                                axes_dims_rope=(2, 2, 4))
+    tokens, text = 16, 8
+    inputs = {"hidden_states": torch.randn(1, tokens, 16), "controlnet_cond": torch.randn(1, tokens, 16),
+              "encoder_hidden_states": torch.randn(1, text, 32), "pooled_projections": torch.randn(1, 16),
+              "img_ids": torch.zeros(tokens, 3), "txt_ids": torch.zeros(text, 3)}
+    lists = {"block": 2, "single_block": 3}
+    return model, inputs, lists
+
+
+def _sd3_controlnet():
+    from diffusers import SD3ControlNetModel
+
+    model = SD3ControlNetModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                               num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                               pooled_projection_dim=32, out_channels=4, pos_embed_max_size=8)
+    inputs = {"hidden_states": torch.randn(1, 4, 8, 8), "controlnet_cond": torch.randn(1, 4, 8, 8),
+              "encoder_hidden_states": torch.randn(1, 6, 16), "pooled_projections": torch.randn(1, 32)}
+    return model, inputs, {"block": 3}
+
+
+@pytest.mark.parametrize("make", [_flux_controlnet, _sd3_controlnet], ids=["flux", "sd3"])
+def test_a_controlnet_models_lists_never_chain_since_it_returns_every_blocks_output(make):
+    """A ControlNet model returns each block's output (projected) as a control residual. A chain's
+    inner blocks pass their input on when it reuses, which would make every residual the last
+    block's: its blocks reuse one by one, and its residuals match per-block keys on every step."""
+    torch.manual_seed(0)
+    model, inputs, lists = make()
+    for name, module in model.named_modules():  # diffusers zero-initialises these: nothing would differ
+        if name.startswith("controlnet_") and hasattr(module, "weight"):
+            torch.nn.init.normal_(module.weight, std=0.2)
+    plan = (1, 0, 1)
+
+    def residuals(schedule):
+        outputs = []
+        with torch.no_grad(), smoothcache.cache(model.eval(), schedule) as handle:
+            for step in range(len(plan)):  # the latents move from step to step, as they do in denoising
+                step_inputs = {**inputs, "hidden_states": inputs["hidden_states"] * (1.0 - 0.2 * step)}
+                samples = model(timestep=torch.tensor([1.0 - 0.3 * step]), return_dict=False, **step_inputs)
+                outputs.append(torch.cat([s.flatten() for part in samples if part is not None for s in part]))
+            chained = [layer_plan.layer.name for layer_plan in handle.plan.layers if layer_plan.chain is not None]
+        return torch.stack(outputs), chained
+
+    whole, chained = residuals(Schedule(dict.fromkeys(lists, plan)))
+    one_by_one, _ = residuals(Schedule({f"{key}-{i}": plan for key, count in lists.items() for i in range(count)}))
+    assert chained == []
+    torch.testing.assert_close(whole, one_by_one, rtol=1e-5, atol=1e-5)

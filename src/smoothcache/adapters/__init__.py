@@ -263,6 +263,7 @@ class CacheableLayer:
     repeats: int = 1  # calls per block call; more than one: keep an output per occurrence
     streams: tuple[str, ...] | None = None  # a whole block: the input arguments its outputs continue
     list_before: str | None = None  # a whole block: the list its own list runs right after (BlockFamily.back_to_back)
+    chains: bool = True  # a whole block: whether its list may reuse as one chain (not where the model hands its output on)
 
     @property
     def block_key(self) -> str:
@@ -338,7 +339,8 @@ def find_layers(
             continue
         parts = name.split(".")
         if whole_blocks and parts[-1].isdigit() and _is_block(module, name, family, block_classes, whole=True):
-            layer = _whole_block(name, module, family, block_classes, whole_blocks)
+            owner = modules[name.rpartition(".")[0].rpartition(".")[0]]  # the module holding the block list
+            layer = _whole_block(name, module, family, block_classes, whole_blocks, owner)
             if layer is not None:
                 layers.append(layer)
             continue
@@ -383,9 +385,15 @@ def _repeats(
 
 
 def _whole_block(
-    name: str, block: nn.Module, family: BlockFamily | None, block_classes: Sequence[type] | None, wanted: Sequence[str]
+    name: str,
+    block: nn.Module,
+    family: BlockFamily | None,
+    block_classes: Sequence[type] | None,
+    wanted: Sequence[str],
+    owner: nn.Module,
 ) -> CacheableLayer | None:
-    """The block at ``name`` as one cacheable layer, if ``wanted`` asks for its kind of block."""
+    """The block at ``name``, in a list that ``owner`` holds, as one cacheable layer, if ``wanted``
+    asks for its kind of block."""
     prefix = family.prefix_of(block, name) if family is not None and block_classes is None else ""
     layer_type = prefix + WHOLE_BLOCK
     if layer_type not in wanted:
@@ -400,7 +408,16 @@ def _whole_block(
             raise NoCacheableLayersError(f"{name} ({type(block).__name__}) takes no input, so it cannot be cached whole")
         streams = (first,)
     list_before = family.list_before(name) if family is not None and block_classes is None else None
-    return CacheableLayer(name, block, layer_type, int(name.rpartition(".")[2]), streams=streams, list_before=list_before)
+    return CacheableLayer(name, block, layer_type, int(name.rpartition(".")[2]), streams=streams, list_before=list_before,
+                          chains=not _hands_on_every_block_output(owner))
+
+
+def _hands_on_every_block_output(model: nn.Module) -> bool:
+    """Whether ``model``'s forward hands each block's output on beyond the next block: diffusers'
+    ControlNet models (``FluxControlNetModel``, ``SD3ControlNetModel``, ...) return every block's
+    output, projected, as a control residual. A chain's inner blocks pass their input on when it
+    reuses, so those residuals would all be the last block's: such lists never chain."""
+    return "ControlNet" in type(model).__name__
 
 
 def _is_block(

@@ -198,7 +198,7 @@ def _chains(
 
     Only whole lists, each on one column: a block's output may be read beyond the next block
     (HunyuanDiT passes first-half outputs to second-half blocks), so a chain must reuse or compute
-    as one."""
+    as one; and no list whose outputs leave the model (``CacheableLayer.chains``: a ControlNet's)."""
     lists: dict[str, list[LayerPlan]] = {}  # list path -> its blocks, in order, for lists that can chain
     for list_path, members in _blocks_by_list(layer_plans).items():
         indices = [member.layer.name.rpartition(".")[2] for member in members]
@@ -207,7 +207,7 @@ def _chains(
         members = [member for _, member in sorted(zip(map(int, indices), members, strict=True), key=lambda pair: pair[0])]
         whole_list = sorted(map(int, indices)) == list(range(len(members))) and f"{list_path}.{len(members)}" not in module_names
         alike = (len({m.columns for m in members}) == 1 and len({m.layer.streams for m in members}) == 1
-                 and all(m.layer.repeats == 1 for m in members))
+                 and all(m.layer.repeats == 1 and m.layer.chains for m in members))
         if whole_list and alike:
             lists[list_path] = members
     following: dict[str, str] = {}  # list path -> the list that continues its chain
