@@ -87,6 +87,8 @@ class BlockFamily:
 _VACE_CHILDREN = ("proj_in", "attn1", "attn2", "ffn", "proj_out", "block")
 _TEXT_THEN_IMAGE = ("encoder_hidden_states", "hidden_states")
 _IMAGE_THEN_TEXT = ("hidden_states", "encoder_hidden_states")
+# Were VACE's control blocks ever cached: like a ControlNet, they hand every block's output on (as
+# hints), so their list must not chain (``_hands_on_every_block_output`` goes by class name)
 _VACE_RUNS_FIRST = (
     "VACE's control blocks run before blocks.0 and feed it hints; caching them is not tested yet "
     "(the main blocks are cached)"
