@@ -149,3 +149,43 @@ def test_a_controlnet_models_lists_never_chain_since_it_returns_every_blocks_out
     one_by_one, _ = residuals(Schedule({f"{key}-{i}": plan for key, count in lists.items() for i in range(count)}))
     assert chained == []
     torch.testing.assert_close(whole, one_by_one, rtol=1e-5, atol=1e-5)
+
+
+def test_flux_controlnet_pipeline_with_both_models_cached_whole_matches_per_block_keys():
+    """The user's path: FluxControlNetPipeline with its transformer and its ControlNet each cached
+    on whole blocks. The transformer's lists take a residual after every block (its chain splits
+    into one-block runs) and the ControlNet's never chain; both match per-block keys exactly."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxControlNetModel,
+        FluxControlNetPipeline,
+    )
+
+    from .conftest import STEPS, text_embeddings, tiny_pipeline, tiny_vae
+    from .tiny_configs import FLUX_TRANSFORMER
+
+    shared = ("patch_size", "in_channels", "num_layers", "num_single_layers", "attention_head_dim",
+              "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds",
+              "axes_dims_rope")  # fmt: skip
+    torch.manual_seed(1)
+    controlnet = FluxControlNetModel(**{name: FLUX_TRANSFORMER[name] for name in shared})
+    for name, module in controlnet.named_modules():  # zero-initialised by diffusers
+        if name.startswith("controlnet_") and hasattr(module, "weight"):
+            torch.nn.init.normal_(module.weight, std=0.2)
+    pipe = tiny_pipeline(FluxControlNetPipeline, scheduler=FlowMatchEulerDiscreteScheduler(), controlnet=controlnet,
+                         vae=tiny_vae(latent_channels=1, shift_factor=0.0609, scaling_factor=1.5035),
+                         transformer=FLUX_TRANSFORMER)
+    control_image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    prompt, pooled = text_embeddings(2, 6, FLUX_TRANSFORMER["joint_attention_dim"]), text_embeddings(2, 16)
+
+    def generate(schedule):
+        with smoothcache.cache(pipe, schedule), smoothcache.cache(pipe.controlnet, schedule):
+            return pipe(prompt_embeds=prompt, pooled_prompt_embeds=pooled, control_image=control_image, height=16,
+                        width=16, guidance_scale=3.5, controlnet_conditioning_scale=0.7, num_inference_steps=STEPS,
+                        generator=torch.Generator().manual_seed(0), output_type="pt")[0]
+
+    plan = tuple(int(step in (0, 2, STEPS - 1)) for step in range(STEPS))
+    lists = {"block": FLUX_TRANSFORMER["num_layers"], "single_block": FLUX_TRANSFORMER["num_single_layers"]}
+    whole = generate(Schedule(dict.fromkeys(lists, plan)))
+    per_block = generate(Schedule({f"{key}-{i}": plan for key, count in lists.items() for i in range(count)}))
+    torch.testing.assert_close(whole, per_block, rtol=1e-5, atol=1e-5)
