@@ -98,6 +98,15 @@ def test_double_and_single_stream_lists_on_the_same_steps_are_one_chain(name):
     assert one_chain_bytes == double_only and two_chains_bytes > one_chain_bytes
 
 
+def _randomise_control_projections(controlnet):
+    """``controlnet`` with random control projections: diffusers zero-initialises them, which would
+    make every control residual zero, reused or not."""
+    for name, module in controlnet.named_modules():
+        if name.startswith("controlnet_") and hasattr(module, "weight"):
+            torch.nn.init.normal_(module.weight, std=0.2)
+    return controlnet
+
+
 def _flux_controlnet():
     from diffusers import FluxControlNetModel
 
@@ -130,9 +139,7 @@ def test_a_controlnet_models_lists_never_chain_since_it_returns_every_blocks_out
     block's: its blocks reuse one by one, and its residuals match per-block keys on every step."""
     torch.manual_seed(0)
     model, inputs, lists = make()
-    for name, module in model.named_modules():  # diffusers zero-initialises these: nothing would differ
-        if name.startswith("controlnet_") and hasattr(module, "weight"):
-            torch.nn.init.normal_(module.weight, std=0.2)
+    _randomise_control_projections(model)
     plan = (1, 0, 1)
 
     def residuals(schedule):
@@ -168,10 +175,7 @@ def test_flux_controlnet_pipeline_with_both_models_cached_whole_matches_per_bloc
               "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds",
               "axes_dims_rope")  # fmt: skip
     torch.manual_seed(1)
-    controlnet = FluxControlNetModel(**{name: FLUX_TRANSFORMER[name] for name in shared})
-    for name, module in controlnet.named_modules():  # zero-initialised by diffusers
-        if name.startswith("controlnet_") and hasattr(module, "weight"):
-            torch.nn.init.normal_(module.weight, std=0.2)
+    controlnet = _randomise_control_projections(FluxControlNetModel(**{name: FLUX_TRANSFORMER[name] for name in shared}))
     pipe = tiny_pipeline(FluxControlNetPipeline, scheduler=FlowMatchEulerDiscreteScheduler(), controlnet=controlnet,
                          vae=tiny_vae(latent_channels=1, shift_factor=0.0609, scaling_factor=1.5035),
                          transformer=FLUX_TRANSFORMER)
