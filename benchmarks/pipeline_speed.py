@@ -182,17 +182,18 @@ import and build)::
     # Flux at batch 8, eager: one batch-8 generation per method, work counted at batch 1 (one H200: 2.2 min)
     python3 benchmarks/pipeline_speed.py --model flux --compile eager --batches 8 --prefetch off --repeats 1 --no-step-clock --no-in-turn --eager-warmup 0 --count-batch 1 --methods blocks cache-dit --max-minutes 6 --out "$OUT/flux-eager-b8"
     python3 benchmarks/pipeline_speed.py --model wan --compile eager --prefetch off --repeats 1 --no-step-clock --no-in-turn --methods blocks cache-dit --out "$OUT/wan-eager"  # ~5-8 min
-    # batch 8, where a generation takes minutes (Wan about 8x batch 1's 40 s, by estimate): no eager warm-up and
-    # each method's work counted at batch 1, so each method runs one batch-1 and one batch-8 generation (one H100:
-    # about 14 min by estimate, not measured; longer than one command: the setsid and marker recipe below)
+    # batch 8, where a generation takes minutes: no eager warm-up and each method's work counted at batch 1,
+    # so each method runs one batch-1 and one batch-8 generation (one H200: 5.0 min an uncached batch-8
+    # generation, 3.0 with blocks; the three methods about 13 min; longer than one command: the setsid and
+    # marker recipe below). A lease short of that may time uncached with one method (see below)
     python3 benchmarks/pipeline_speed.py --model wan --compile eager --batches 8 --prefetch off --repeats 1 --no-step-clock --no-in-turn --eager-warmup 0 --count-batch 1 --methods blocks cache-dit --max-minutes 20 --out "$OUT/wan-eager-b8"
     # Wan compiled at batch 8 does not fit one lease with all three methods (by estimate ~4.5 min a batch-8
     # generation on one H100, two per method plus compiling: ~27 min). Flux's and Wan's target is each
     # method's efficiency against its own uncached pipeline, so a lease may time uncached with one method
     # (--methods blocks, then --methods cache-dit in another; ~16 min each by estimate, not measured)
-    # Wan under CUDA graphs at batch 1, the issue's column (about 9-12 min by estimate, not measured; the same
-    # recipe; add compile before cudagraphs for the plain compile cell, which the issue's table does not have:
-    # about 20 min, and its uncached and blocks rows, timed in turn, are written only when that cell ends)
+    # Wan under CUDA graphs at batch 1, the issue's column (one H200: 11 min, each method's warm-up 2.2-2.7 min;
+    # the same recipe; add compile before cudagraphs for the plain compile cell, which the issue's table does not
+    # have: about 20 min, and its uncached and blocks rows, timed in turn, are written only when that cell ends)
     python3 benchmarks/pipeline_speed.py --model wan --compile cudagraphs --prefetch off --repeats 1 --no-step-clock --methods blocks cache-dit --max-minutes 8 --out "$OUT/wan-cg1"
     # Flux compiled and under CUDA graphs at batch 8 (about 20 min by estimate from eager batch 8's 38.5 s on one
     # H200, not measured; the same recipe)
