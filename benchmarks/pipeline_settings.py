@@ -22,6 +22,9 @@ METHOD_TAGS = {method: tag for tag, method in METHOD_NAMES.items()}
 # cudagraph trees record on the 2nd call and replay from the 3rd; step graphs warm up (STEP_GRAPHS), capture,
 # then replay once more untimed, so that the last warm-up (where host syncs are counted) is a replay
 WARMUP = {"eager": 1, "compile": 2, "cudagraphs": 3, "graphs": 4, "eager-graphs": 3}
+# the fewest that still leave nothing to compile, record or capture in a timed generation (``--warmup``, where one
+# generation takes minutes): compile compiles every pattern in its first; cudagraph trees replay from the 3rd call
+FEWEST_WARMUPS = {"eager": 0, "compile": 1, "cudagraphs": 2, "graphs": 4, "eager-graphs": 3}
 
 
 class Config(NamedTuple):

@@ -187,17 +187,20 @@ import and build)::
     # generation, 3.0 with blocks; the three methods about 13 min; longer than one command: the setsid and
     # marker recipe below). A lease short of that may time uncached with one method (see below)
     python3 benchmarks/pipeline_speed.py --model wan --compile eager --batches 8 --prefetch off --repeats 1 --no-step-clock --no-in-turn --eager-warmup 0 --count-batch 1 --methods blocks cache-dit --max-minutes 20 --out "$OUT/wan-eager-b8"
-    # Wan compiled at batch 8 does not fit one lease with all three methods (by estimate ~4.5 min a batch-8
-    # generation on one H100, two per method plus compiling: ~27 min). Flux's and Wan's target is each
-    # method's efficiency against its own uncached pipeline, so a lease may time uncached with one method
-    # (--methods blocks, then --methods cache-dit in another; ~16 min each by estimate, not measured)
+    # Wan compiled at batch 8 does not fit one lease with all three methods (~25 min with one warm-up, by
+    # estimate from eager batch 8's 5.0 and 3.0 min a generation on one H200). Flux's and Wan's target is each
+    # method's efficiency against its own uncached pipeline, so a lease may time uncached with one method, with
+    # the fewest warm-ups (--warmup; the rows still count recompiles while timed): about 18 min a lease for
+    # compile, 25 for CUDA graphs (--compile cudagraphs --warmup cudagraphs=2), by estimate, not measured
+    python3 benchmarks/pipeline_speed.py --model wan --compile compile --batches 8 --prefetch off --repeats 1 --no-step-clock --no-in-turn --count-batch 1 --warmup compile=1 --methods blocks --max-minutes 14 --out "$OUT/wan-c8-blocks"
+    python3 benchmarks/pipeline_speed.py --model wan --compile compile --batches 8 --prefetch off --repeats 1 --no-step-clock --no-in-turn --count-batch 1 --warmup compile=1 --methods cache-dit --max-minutes 14 --out "$OUT/wan-c8-cache-dit"
     # Wan under CUDA graphs at batch 1, the issue's column (one H200: 11 min, each method's warm-up 2.2-2.7 min;
     # the same recipe; add compile before cudagraphs for the plain compile cell, which the issue's table does not
     # have: about 20 min, and its uncached and blocks rows, timed in turn, are written only when that cell ends)
     python3 benchmarks/pipeline_speed.py --model wan --compile cudagraphs --prefetch off --repeats 1 --no-step-clock --methods blocks cache-dit --max-minutes 8 --out "$OUT/wan-cg1"
-    # Flux compiled and under CUDA graphs at batch 8 (about 20 min by estimate from eager batch 8's 38.5 s on one
-    # H200, not measured; the same recipe)
-    python3 benchmarks/pipeline_speed.py --model flux --compile compile cudagraphs --batches 8 --prefetch off --repeats 1 --no-step-clock --no-in-turn --count-batch 1 --methods blocks cache-dit --max-minutes 18 --out "$OUT/flux-compiled-b8"
+    # Flux compiled and under CUDA graphs at batch 8 with the fewest warm-ups (about 13 min by estimate from
+    # eager batch 8's 38.5 s a generation on one H200, not measured; the same recipe)
+    python3 benchmarks/pipeline_speed.py --model flux --compile compile cudagraphs --batches 8 --prefetch off --repeats 1 --no-step-clock --no-in-turn --count-batch 1 --warmup compile=1 cudagraphs=2 --methods blocks cache-dit --max-minutes 14 --out "$OUT/flux-compiled-b8"
     # every DiT cell in one process, longer than one command (one H100: 12.2 min with --max-minutes 18; on a
     # host that launched kernels half as fast, 17.6 min with 17, which left out cache-dit's compile b1;
     # --max-minutes gates starts only): a process in its own session outlives its command on the lent
@@ -301,6 +304,7 @@ from pipeline_settings import (
     DEFAULT_BATCHES,
     DEFAULT_COMPILES,
     DEFAULT_REPEATS,
+    FEWEST_WARMUPS,
     LAYERS,
     METHOD_NAMES,
     METHOD_TAGS,
@@ -535,10 +539,8 @@ class Runner:
         }
 
     def warmups(self, compile_mode: str) -> int:
-        """Warm-up generations before the timed ones: ``WARMUP``'s, or ``--eager-warmup``'s for eager."""
-        if compile_mode == "eager" and self.args.eager_warmup is not None:
-            return self.args.eager_warmup
-        return WARMUP[compile_mode]
+        """Warm-up generations before the timed ones: ``--warmup``'s (``--eager-warmup``'s), else ``WARMUP``'s."""
+        return self.args.warmup.get(compile_mode, WARMUP[compile_mode])
 
     def count_batch(self, config: Config) -> int:
         """The batch ``config``'s work is counted at: ``--count-batch``, else its own. Step-graph cells
@@ -1038,6 +1040,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def warmup_setting(text: str) -> tuple[str, int]:
+    """``--warmup``'s ``SETTING=N``: a compile setting and its warm-up generations, no fewer than it needs."""
+    setting, _, count = text.partition("=")
+    if setting not in FEWEST_WARMUPS or not count.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SETTING=N with SETTING one of {', '.join(COMPILES)}")
+    if int(count) < FEWEST_WARMUPS[setting]:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {setting} needs at least {FEWEST_WARMUPS[setting]} warm-up generations, or a timed one "
+            "would still compile, record or capture")
+    return setting, int(count)
+
+
 def result_path(out: Path, model: str) -> Path:
     return out / f"pipeline-speed-{model}.json"
 
@@ -1112,6 +1126,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--eager-warmup", type=int, choices=range(10), metavar="N",
                         help=f"warm-up generations of eager cells (default {WARMUP['eager']}); 0 where one generation "
                              "takes minutes and its first-call costs are lost in it (Wan at batch 8)")
+    parser.add_argument("--warmup", type=warmup_setting, nargs="+", metavar="SETTING=N",
+                        help=f"warm-up generations of a compile setting's cells (default {WARMUP}), at least "
+                             f"{FEWEST_WARMUPS}: fewer where a generation takes minutes (Wan at batch 8); each row "
+                             "still counts recompiles while timed")
     parser.add_argument("--count-batch", type=positive_int, metavar="B",
                         help="count each method's work (FLOPs, steps) in a generation at batch B, not at each "
                              "configuration's batch: the ideal speedups do not depend on it, a small batch costs less")
@@ -1124,6 +1142,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.methods = [UNCACHED, *(METHOD_NAMES[m] for m in dict.fromkeys(args.methods) if m != "uncached")]
     args.trace = {METHOD_NAMES[m] for m in args.trace}
+    args.warmup = dict(args.warmup or ())
+    if args.eager_warmup is not None:
+        args.warmup["eager"] = args.eager_warmup
     if args.backend is None:
         args.backend = "eager" if torch.device(args.device).type == "cpu" else "inductor"
     return args

@@ -604,6 +604,27 @@ def test_eager_warmup_0_times_the_first_generations_and_still_counts_the_work(ru
     assert eager["uncached"]["ideal_speedup"] == 1.0 and eager["smoothcache blocks"]["ideal_speedup"] > 1.0
 
 
+def test_warmup_sets_a_compiled_cells_warmups_and_eager_warmup_stays_its_shorthand(run):
+    """--warmup compile=1 (a compiled Wan generation at batch 8 takes minutes): one warm-up generation,
+    which compiles every pattern, so nothing recompiles while timed; --eager-warmup N is eager=N."""
+    (result,) = run("--model", "dit", "--compile", "eager", "compile", "--batches", "1", "--prefetch", "off",
+                    "--methods", "blocks", "--repeats", "1", "--warmup", "compile=1", "--eager-warmup", "0")
+    assert result["settings"]["warmup"] == {**pipeline_settings.WARMUP, "compile": 1, "eager": 0}
+    for row in result["rows"]:
+        assert "error" not in row and row["warmup_generations"] == (1 if row["compile"] == "compile" else 0), row
+        if row["compile"] == "compile":
+            assert row["recompiles_while_timed"] == 0, row
+
+
+@pytest.mark.parametrize(("setting", "says"), [("cudagraphs=1", "cudagraphs needs at least 2"),
+                                               ("compile=0", "compile needs at least 1"),
+                                               ("fast=1", "expected SETTING=N"), ("compile", "expected SETTING=N")])
+def test_warmup_refuses_fewer_generations_than_a_setting_needs_and_says_how_many(setting, says, capsys):
+    with pytest.raises(SystemExit):
+        pipeline_speed.parse_args(["--warmup", setting])
+    assert says in capsys.readouterr().err
+
+
 def test_no_step_clock_saves_the_clocked_generation_and_says_so(run, capsys, monkeypatch):
     """A Wan generation takes a minute on the GPU: --no-step-clock runs one generation fewer per
     configuration, and the rows and lines say their steps were not clocked."""
@@ -975,7 +996,7 @@ def test_the_time_left_is_taken_at_the_runs_own_paces_and_guessed_where_it_has_n
     Config, UNCACHED, BLOCKS = pipeline_settings.Config, pipeline_settings.UNCACHED, pipeline_settings.BLOCKS
     work = SimpleNamespace(mask=(1, 0), steps=2, compiled_factor=0.5, compile_guess_s=10.0)
     args = SimpleNamespace(device="cpu", step_clock=False, repeats=1, max_minutes=5.0, in_turn=True,
-                           eager_warmup=None, count_batch=None)
+                           warmup={}, count_batch=None)
     runner = pipeline_speed.Runner(work=work, args=args, out=None)
     eager, eager8, graphs, compiled = (Config("eager", 1, False, UNCACHED), Config("eager", 8, False, UNCACHED),
                                        Config("graphs", 1, False, UNCACHED), Config("compile", 1, False, BLOCKS))
@@ -997,7 +1018,7 @@ def test_the_time_left_is_taken_at_the_runs_own_paces_and_guessed_where_it_has_n
     pipeline_speed.print_progress(runner, [eager, graphs, compiled])
     assert "1 of 3 configurations; about" in capsys.readouterr().out  # the step-graph one never runs on the CPU
     # --eager-warmup 0 --count-batch 1: one timed generation at batch 8, and its counting one apart, at batch 1
-    runner = pipeline_speed.Runner(work=work, args=SimpleNamespace(**{**vars(args), "eager_warmup": 0, "count_batch": 1}),
+    runner = pipeline_speed.Runner(work=work, args=SimpleNamespace(**{**vars(args), "warmup": {"eager": 0}, "count_batch": 1}),
                                    out=None)
     runner.extra.update(first_generation_s=1.0, first_generation_batch=1)
     assert pipeline_speed.remaining_seconds(runner, [eager8]) == pytest.approx(8.0 + 1.0)
