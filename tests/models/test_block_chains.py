@@ -158,6 +158,16 @@ def test_a_controlnet_models_lists_never_chain_since_it_returns_every_blocks_out
     torch.testing.assert_close(whole, one_by_one, rtol=1e-5, atol=1e-5)
 
 
+def test_a_controlnet_subclass_under_another_name_is_known_by_its_projections_and_never_chains():
+    """A user's subclass named without "ControlNet" still returns every block's output through its
+    ``controlnet_blocks``: its lists never chain either."""
+    model, _, lists = _flux_controlnet()
+    model.__class__ = type("BrandedControlModel", (type(model),), {})
+    with smoothcache.cache(model.eval(), Schedule(dict.fromkeys(lists, (1, 0, 1)))) as handle:
+        layers = handle.plan.layers
+        assert layers and all(layer_plan.chain is None for layer_plan in layers)
+
+
 def test_flux_controlnet_pipeline_with_both_models_cached_whole_matches_per_block_keys():
     """The user's path: FluxControlNetPipeline with its transformer and its ControlNet each cached
     on whole blocks. The transformer's lists take a residual after every block (its chain splits

@@ -88,7 +88,7 @@ _VACE_CHILDREN = ("proj_in", "attn1", "attn2", "ffn", "proj_out", "block")
 _TEXT_THEN_IMAGE = ("encoder_hidden_states", "hidden_states")
 _IMAGE_THEN_TEXT = ("hidden_states", "encoder_hidden_states")
 # Were VACE's control blocks ever cached: like a ControlNet, they hand every block's output on (as
-# hints), so their list must not chain (``_hands_on_every_block_output`` goes by class name)
+# hints), so their list must not chain (``_hands_on_every_block_output`` knows ControlNets only)
 _VACE_RUNS_FIRST = (
     "VACE's control blocks run before blocks.0 and feed it hints; caching them is not tested yet "
     "(the main blocks are cached)"
@@ -417,9 +417,10 @@ def _whole_block(
 def _hands_on_every_block_output(model: nn.Module) -> bool:
     """Whether ``model``'s forward hands each block's output on beyond the next block: diffusers'
     ControlNet models (``FluxControlNetModel``, ``SD3ControlNetModel``, ...) return every block's
-    output, projected, as a control residual. A chain's inner blocks pass their input on when it
-    reuses, so those residuals would all be the last block's: such lists never chain."""
-    return "ControlNet" in type(model).__name__
+    output, projected by their ``controlnet_blocks``, as a control residual. A chain's inner blocks
+    pass their input on when it reuses, so those residuals would all be the last block's: such lists
+    never chain. Known by either mark, so that a user's subclass under another name is one too."""
+    return "ControlNet" in type(model).__name__ or hasattr(model, "controlnet_blocks")
 
 
 def _is_block(
