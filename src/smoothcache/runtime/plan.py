@@ -213,8 +213,8 @@ def _chains(
     following: dict[str, str] = {}  # list path -> the list that continues its chain
     for list_path, members in lists.items():
         before_path = members[0].layer.list_before
-        before = lists.get(before_path) if before_path is not None else None
-        if before_path is not None and before is not None and _same_steps(before[0], members[0], columns):
+        before = lists.get(before_path or "")
+        if before_path and before and _same_steps(before[0], members[0], columns):
             following[before_path] = list_path
     links: dict[int, ChainLink] = {}
     chains = 0
