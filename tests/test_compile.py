@@ -222,7 +222,7 @@ def test_more_patterns_than_the_recompile_limit_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="smoothcache.runtime"):
         with smoothcache.cache(pipe, per_block) as handle:  # not compiled: nothing to say
             patterns = handle.decision_patterns()
-        assert not caplog.records
+        assert not [r for r in caplog.records if r.name.startswith("smoothcache")]  # others' imports may warn
         pipe.transformer.compile(backend="eager")
         with torch._dynamo.config.patch(recompile_limit=patterns - 1), smoothcache.cache(pipe, per_block):
             pass

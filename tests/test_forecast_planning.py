@@ -168,7 +168,7 @@ def test_a_schedule_remembers_how_it_was_planned_and_running_it_otherwise_is_war
     with caplog.at_level("WARNING", logger="smoothcache"):
         with smoothcache.cache(dit_pipe, loaded, forecast="linear"):
             pass
-        assert not caplog.records
+        assert not [r for r in caplog.records if r.name.startswith("smoothcache")]  # others' imports may warn
         with smoothcache.cache(dit_pipe, loaded):
             pass
     assert "planned for forecast='linear' but runs with forecast='none'" in caplog.text
