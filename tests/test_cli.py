@@ -356,6 +356,42 @@ def test_bench_times_one_cell_per_compile_setting_and_batch_size(one_block_dir, 
     assert "over plain" not in printed  # a column for step graphs only
 
 
+def test_bench_warms_up_as_often_as_warmups_says_and_records_it(one_block_dir, tmp_path, capsys, monkeypatch):
+    """--warmups 2: one FLOP-counting run, then two warm-ups and one timed run of each (uncached,
+    cached), and the host's waits counted on CUDA only: seven pipeline calls on the CPU."""
+    schedule, out = tmp_path / "s.json", tmp_path / "bench.json"
+    Schedule.fixed_interval(["block"], 10, 2).save(schedule)
+    calls = []
+    real_run_request = smoothcache.cli_pipelines.run_request
+    monkeypatch.setattr(smoothcache.cli_pipelines, "run_request",
+                        lambda *args, **kwargs: calls.append(1) or real_run_request(*args, **kwargs))
+    args = ["bench", "--model", str(one_block_dir), "--schedule", str(schedule), "--classes", "1,2", "--repeats", "1",
+            "--warmups", "2", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    assert len(calls) == 1 + 2 * (2 + 1)
+    (cell,) = json.loads(out.read_text())["cells"]
+    assert cell["warmups"] == 2
+    assert "median of 1 after 2 warm-ups each" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--compile", "model-cudagraphs", "--warmups", "1"],
+         "--warmups 1 would time capture under --compile model-cudagraphs: give --warmups 2 or more"),
+        (["--step-graphs", "--warmups", "2"], "--step-graphs warms up its own way"),
+    ],
+)
+def test_bench_refuses_warmups_that_would_time_capture_before_loading_the_model(extra, message, tmp_path, capsys,
+                                                                                monkeypatch):
+    schedule = tmp_path / "s.json"
+    Schedule.fixed_interval(["block"], 10, 2).save(schedule)
+    monkeypatch.setattr(smoothcache.cli, "_replays_on", lambda device: True)  # --step-graphs asks for CUDA first
+    monkeypatch.setattr(smoothcache.cli, "_load", lambda args: pytest.fail("the model loaded before the refusal"))
+    assert main(["bench", "--model", "demo", "--schedule", str(schedule), *extra]) == 1
+    assert message in capsys.readouterr().err
+
+
 def test_the_bench_table_shows_the_speedup_over_the_plain_pipeline_where_step_graphs_ran():
     cell = {"compile": "none", "batch": 1, "uncached_seconds": 0.5, "cached_seconds": 0.25, "speedup": 2.0,
             "ideal_speedup": 2.08, "efficiency": 0.96, "peak_memory_mib": None}

@@ -341,6 +341,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--step-graphs replays CUDA graphs: run on a CUDA device (--device cuda), not {args.device}")
     if args.skip_guards and set(args.compile) == {"none"}:
         print("note: --skip-guards applies to compiled runs only (--compile model or model-cudagraphs)")
+    warmups = {setting: _bench_warmups(args, setting) for setting in args.compile}  # refused before the model loads
     pipe, requests, extra = _load(args)
     batches = args.batch_sizes or [requests[0].size]
     prefetch = _prefetch_if_asked(args, pipe)  # uncached and cached runs alike: it is on the pipeline
@@ -352,11 +353,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             request = _request_of_size(requests, batch)
             result = benchmark_schedule(
                 pipe, schedule, lambda request=request: run_request(pipe, request, schedule.num_steps, **extra),
-                repeats=args.repeats, forecast=_forecast_of(args, schedule), warmup=1 if compile_setting == "none" else 3,
+                repeats=args.repeats, forecast=_forecast_of(args, schedule), warmup=warmups[compile_setting],
                 cuda_graphs=compile_setting == "model-cudagraphs", progress=not args.quiet,
                 step_graphs=args.step_graphs, skip_guards=args.skip_guards,
             )
-            cell = {"compile": compile_setting, "batch": batch, "prefetch_timesteps": bool(prefetch)} | result.to_dict()
+            cell = {"compile": compile_setting, "batch": batch, "prefetch_timesteps": bool(prefetch),
+                    "warmups": warmups[compile_setting]} | result.to_dict()
             cells.append(cell)
             _print_bench_cell(args, schedule, cell, prefetch)
     pipe.transformer = transformer
@@ -367,6 +369,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   "repeats": args.repeats, "schedule": args.schedule, "cells": cells}
         atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
     return 0
+
+
+# warm-up runs of each (uncached, cached) before timing, per --compile setting. Compiled, the first
+# run compiles the cached patterns; under CUDA graphs torch's cudagraph trees warm a function up in its
+# first run and record it in its second, so the third replays. The default keeps one spare.
+BENCH_WARMUPS = {"none": 1, "model": 3, "model-cudagraphs": 3}
+FEWEST_BENCH_WARMUPS = {"none": 1, "model": 1, "model-cudagraphs": 2}
+
+
+def _bench_warmups(args: argparse.Namespace, setting: str) -> int:
+    """The warm-up runs for one ``--compile`` setting: ``--warmups`` where given, refused where it would
+    time compilation or capture; step graphs warm up their own way."""
+    if args.step_graphs:
+        if args.warmups is not None:
+            raise ValueError("--step-graphs warms up its own way (a plain run, the capture, one replay): leave --warmups out")
+        from .bench import STEP_GRAPHS_WARMUP
+
+        return STEP_GRAPHS_WARMUP
+    if args.warmups is None:
+        return BENCH_WARMUPS[setting]
+    fewest = FEWEST_BENCH_WARMUPS[setting]
+    if args.warmups < fewest:
+        raise ValueError(f"--warmups {args.warmups} would time {'capture' if setting == 'model-cudagraphs' else 'compilation'} "
+                         f"under --compile {setting}: give --warmups {fewest} or more")
+    return args.warmups
 
 
 def _replays_on(device: str) -> bool:
@@ -415,7 +442,8 @@ def _print_bench_cell(args: argparse.Namespace, schedule: Schedule, cell: dict[s
     efficiency = f"{cell['efficiency']:.2f}" if cell["efficiency"] else "n/a"
     compiled = "" if cell["compile"] == "none" else f", torch.compile {cell['compile']}"
     compiled += f", timesteps prefetched ({prefetch.served} device moves served)" if prefetch else ""
-    print(f"{args.model}, {schedule.num_steps} steps, batch {cell['batch']}, {args.device}{compiled}; median of {args.repeats}")
+    print(f"{args.model}, {schedule.num_steps} steps, batch {cell['batch']}, {args.device}{compiled}; median of {args.repeats} "
+          f"after {cell['warmups']} warm-up{'s' if cell['warmups'] > 1 else ''} each")
     print(f"uncached {cell['uncached_seconds']:.3f}s  cached {cell['cached_seconds']:.3f}s  "
           f"speedup {cell['speedup']:.2f}x  ideal {ideal}  efficiency {efficiency}  compute {cell['compute_fraction']:.2f}")
     if cell["peak_memory_mib"]:
@@ -723,7 +751,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time the cache with forecast='linear' (default: as the schedule was planned, else none)")
     bench.add_argument("--compile", nargs="+", choices=["none", "model", "model-cudagraphs"], default=["none"],
                        help="time both runs with the transformer under torch.compile (model-cudagraphs: "
-                       "mode='reduce-overhead'), after three warm-ups each; several settings: one cell each")
+                       "mode='reduce-overhead'), after three warm-ups each (--warmups); several settings: one cell each")
+    bench.add_argument("--warmups", type=positive_int,
+                       help="warm-up runs of each before timing (default: 1, compiled 3; at least 2 with "
+                       "model-cudagraphs): fewer save minutes on a large model")
     bench.add_argument("--batch-sizes", nargs="+", type=positive_int,
                        help="samples per call, one cell each (default: --batch); labels or prompts repeat to fill a batch")
     _add_prefetch_arg(bench)
