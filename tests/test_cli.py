@@ -13,6 +13,7 @@ from conftest import make_dit_pipeline
 import smoothcache.bench
 import smoothcache.cli
 import smoothcache.cli_pipelines
+import smoothcache.plots
 from smoothcache import CalibrationProfile, Schedule
 from smoothcache.cli import build_parser, main
 
@@ -242,6 +243,15 @@ def test_a_plot_without_matplotlib_names_the_plot_extra(tmp_path, monkeypatch, c
     assert capsys.readouterr().err.endswith('error: inspect needs matplotlib, which is not installed: pip install "smoothcache[plot]"\n')
 
 
+def test_a_bench_plot_without_matplotlib_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    schedule = tmp_path / "s.json"
+    Schedule({"attn1": (1, 0, 1)}).save(schedule)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(smoothcache.cli, "_load", lambda args: pytest.fail("the model loaded before the refusal"))
+    assert main(["bench", "--model", "demo", "--schedule", str(schedule), "--plot", str(tmp_path / "b.png")]) == 1
+    assert 'bench needs matplotlib, which is not installed: pip install "smoothcache[plot]"' in capsys.readouterr().err
+
+
 def test_a_mistyped_model_folder_is_named_and_a_hub_id_is_left_to_the_hub(tmp_path, monkeypatch, capsys):
     import smoothcache.cli_pipelines
 
@@ -340,8 +350,11 @@ def test_bench_times_one_cell_per_compile_setting_and_batch_size(one_block_dir, 
         return real_run_request(pipe, request, *args, **kwargs)
 
     monkeypatch.setattr(smoothcache.cli_pipelines, "run_request", counting_run_request)
+    plotted = []
+    monkeypatch.setattr(smoothcache.plots, "plot_bench_cells", lambda cells, path, title: plotted.append(cells) or path)
     args = ["bench", "--model", str(one_block_dir), "--schedule", str(schedule), "--classes", "1,2", "--repeats", "1",
-            "--compile", "none", "model", "--batch-sizes", "1", "3", "--quiet", "--out", str(out)]
+            "--compile", "none", "model", "--batch-sizes", "1", "3", "--quiet", "--out", str(out),
+            "--plot", str(tmp_path / "plots" / "bench.png")]
     assert main(args) == 0
     torch._dynamo.reset()
     record = json.loads(out.read_text())
@@ -351,9 +364,24 @@ def test_bench_times_one_cell_per_compile_setting_and_batch_size(one_block_dir, 
     assert compiled_modes == [None] and set(batches_run) == {1, 3}  # labels 1,2 repeated to fill 3
     assert record["steps"] == 10 and record["repeats"] == 1
     printed = capsys.readouterr().out
-    table = printed.split("peak MiB (uncached/cached)")[-1].strip().splitlines()
+    table = printed.split("peak MiB (uncached/cached)")[-1].split("plot ->")[0].strip().splitlines()
     assert [line.split()[:2] for line in table] == [["none", "1"], ["none", "3"], ["model", "1"], ["model", "3"]]
     assert "over plain" not in printed  # a column for step graphs only
+    assert plotted == [record["cells"]] and (tmp_path / "plots").is_dir()
+
+
+def test_the_bench_plot_draws_speedups_ideals_step_graph_gains_and_memory(tmp_path):
+    from smoothcache.plots import plot_bench_cells
+
+    cell = {"compile": "none", "batch": 1, "speedup": 1.8, "ideal_speedup": 2.0, "peak_memory_mib": None}
+    cpu = plot_bench_cells([cell, {**cell, "batch": 8, "ideal_speedup": None}], tmp_path / "cpu.png", "title")
+    gpu_cells = [{**cell, "peak_memory_mib": {"uncached": 900.0, "cached": 950.0}},
+                 {**cell, "compile": "model", "speedup_over_plain": 3.6, "peak_memory_mib": {"uncached": 800.0, "cached": 820.0}}]
+    gpu = plot_bench_cells(gpu_cells, tmp_path / "gpu.png")
+    from PIL import Image
+
+    cpu_width, gpu_width = Image.open(cpu).size[0], Image.open(gpu).size[0]
+    assert gpu_width > cpu_width  # the memory panel beside the speed panel
 
 
 def test_bench_warms_up_as_often_as_warmups_says_and_records_it(one_block_dir, tmp_path, capsys, monkeypatch):

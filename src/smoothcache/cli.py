@@ -342,6 +342,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.skip_guards and set(args.compile) == {"none"}:
         print("note: --skip-guards applies to compiled runs only (--compile model or model-cudagraphs)")
     warmups = {setting: _bench_warmups(args, setting) for setting in args.compile}  # refused before the model loads
+    if args.plot:  # matplotlib missing, or a folder that cannot be made: said now, not after the timing
+        from .plots import pyplot
+
+        pyplot()
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     pipe, requests, extra = _load(args)
     batches = args.batch_sizes or [requests[0].size]
     prefetch = _prefetch_if_asked(args, pipe)  # uncached and cached runs alike: it is on the pipeline
@@ -368,6 +373,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         record = {"model": args.model, "steps": schedule.num_steps, "device": args.device, "dtype": args.dtype,
                   "repeats": args.repeats, "schedule": args.schedule, "cells": cells}
         atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
+    if args.plot:
+        from .plots import plot_bench_cells
+
+        title = f"{args.model}, {schedule.num_steps} steps, {args.device}, {args.dtype}; median of {args.repeats}"
+        print(f"plot -> {plot_bench_cells(cells, args.plot, title)}")
     return 0
 
 
@@ -767,6 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time compiled runs under torch.compiler.set_stance(skip_guard_eval_unsafe=True), after "
                        "the warm-up (docs/speed.md says when that is safe)")
     bench.add_argument("--out", help="JSON file: the settings and one entry per cell under 'cells'")
+    bench.add_argument("--plot", help="PNG to write: each cell's speedup against its ideal, and peak GPU memory")
     bench.set_defaults(func=cmd_bench)
 
     inspect_ = _command(commands, "inspect", help="summarise a profile or schedule, optionally as a PNG plot")

@@ -1,8 +1,9 @@
-"""Pictures of profiles and schedules (matplotlib, imported only when a plot is asked for)."""
+"""Pictures of profiles, schedules and bench cells (matplotlib, imported only when a plot is asked for)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -10,7 +11,7 @@ from .files import atomic_path
 from .profile import CalibrationProfile
 from .schedule import Schedule
 
-__all__ = ["plot_profile", "plot_schedule", "pyplot", "save_figure"]
+__all__ = ["plot_bench_cells", "plot_profile", "plot_schedule", "pyplot", "save_figure"]
 
 
 def pyplot():
@@ -86,4 +87,52 @@ def plot_schedule(schedule: Schedule, path: str | Path) -> Path:
     ax.set_xlabel("step (dark = compute, light = reuse)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_bench_cells(cells: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """``smoothcache bench``'s cells side by side: the cached call's speedup over the uncached one
+    with its ideal (from the FLOPs skipped) as a black tick and, with step graphs, a diamond for the
+    gain over the plain pipeline; beside it, where measured on a GPU, both calls' peak memory, since
+    what the cache keeps is the other half of its price."""
+    plt = pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    labels = [f"{c['compile']}\nbatch {c['batch']}" for c in cells]
+    with_memory = any(c.get("peak_memory_mib") for c in cells)
+    fig, axes = plt.subplots(1, 2 if with_memory else 1, figsize=(2.5 + 1.1 * len(cells) * (2 if with_memory else 1), 3.8),
+                             squeeze=False)
+    speed = axes[0, 0]
+    for x, cell in enumerate(cells):
+        speed.bar(x, cell["speedup"], 0.6, color="tab:blue", edgecolor="black", linewidth=0.4)
+        speed.text(x, cell["speedup"] / 2, f"{cell['speedup']:.2f}x", ha="center", va="center", fontsize=8, color="white")
+        if cell.get("ideal_speedup"):
+            speed.plot([x - 0.3, x + 0.3], [cell["ideal_speedup"]] * 2, color="black", linewidth=2)
+        if cell.get("speedup_over_plain") is not None:
+            speed.plot(x, cell["speedup_over_plain"], marker="D", markerfacecolor="white", markeredgecolor="tab:red")
+    speed.axhline(1.0, color="grey", linewidth=0.8)
+    speed.set_xticks(range(len(cells)), labels, fontsize=7)
+    speed.set_ylabel("cached call's speedup over uncached")
+    speed.set_ylim(0, 1.15 * max(max(c["speedup"], c.get("ideal_speedup") or 0, c.get("speedup_over_plain") or 0)
+                                 for c in cells))
+    handles = [Line2D([], [], color="black", linewidth=2, label="ideal (FLOPs skipped)")]
+    if any(c.get("speedup_over_plain") is not None for c in cells):
+        handles.append(Line2D([], [], linestyle="", marker="D", markerfacecolor="white", markeredgecolor="tab:red",
+                              label="over the plain pipeline (step graphs)"))
+    if with_memory:
+        memory, runs = axes[0, 1], {"uncached": ("tab:gray", -0.18), "cached": ("tab:blue", 0.18)}
+        for x, cell in enumerate(cells):
+            peaks = cell.get("peak_memory_mib") or {}
+            for run, (colour, offset) in runs.items():
+                if run in peaks:
+                    memory.bar(x + offset, peaks[run], 0.36, color=colour, edgecolor="black", linewidth=0.4)
+        handles += [Patch(facecolor=colour, edgecolor="black", label=f"peak memory, {run}") for run, (colour, _) in runs.items()]
+        memory.set_xticks(range(len(cells)), labels, fontsize=7)
+        memory.set_ylabel("peak GPU memory (MiB)")
+    columns = min(len(handles), 2)
+    fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=7)  # below: over no bar
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.07 * -(-len(handles) // columns), 1, 1))
     return save_figure(fig, path)
