@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,18 +34,21 @@ CACHED_METHODS = (BLOCKS, LAYERS, CACHE_DIT)
 
 
 def card_of(device: str) -> str:
-    """The card's short name in a device string (``"NVIDIA H100 80GB HBM3"`` -> ``"H100"``)."""
-    return next((word for word in device.split() if word[:1] in "HABL" and word[1:].isdigit()), device)
+    """The card's short name in a device string (``"NVIDIA H100 80GB HBM3"`` -> ``"H100"``,
+    ``"NVIDIA A100-SXM4-80GB"`` -> ``"A100"``): a letter or two and digits, or RTX and its number,
+    else the string itself."""
+    found = re.search(r"\b(RTX \d{4}|[A-Z]{1,2}\d{2,4}[A-Z]?)\b", device.replace("-", " "))
+    return found.group(1) if found else device
 
 
-def cells_of(path: Path) -> list[dict[str, Any]]:
+def cells_of(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The cells of one result file with each cached method's speedup over its cell's uncached row
     (no prefetch: Flux and Wan keep their timesteps on the device), its ideal and efficiency; the
-    date is the part's where the file was merged from several."""
+    date is the part's where the file was merged from several. Also the cells left out, and why."""
     result = read_result(path)
     plotted = plotted_speedups(result)
     rows = [r for r in result["rows"] if not r["prefetch"]]
-    cells = []
+    cells, left_out = [], []
     for compile_mode, batch in dict.fromkeys((r["compile"], r["batch"]) for r in rows):
         own = [r for r in rows if (r["compile"], r["batch"]) == (compile_mode, batch)]
         uncached = next((r for r in own if r["method"] == UNCACHED and "ms" in r), None)
@@ -57,29 +61,34 @@ def cells_of(path: Path) -> list[dict[str, Any]]:
             methods[row["method"]] = {"ms": row["ms"], "speedup": speedup, "ideal_speedup": ideal,
                                       "efficiency": speedup / ideal if ideal else None}
         if uncached is None or not methods:
+            why = "no timed uncached row" if uncached is None else "no timed cached row"
+            left_out.append(f"{path.name}: {compile_mode}, batch {batch} ({why})")
             continue
         date = result["merged_from"][uncached["from_file"]]["date"] if "from_file" in uncached else result["date"]
         cells.append({"model": result["settings"]["model"], "compile": compile_mode, "batch": batch,
                       "card": card_of(result["device"]), "device": result["device"], "date": date[:10],
                       "file": path.name, "uncached_ms": uncached["ms"], "methods": methods})
-    return cells
+    return cells, left_out
 
 
 def overview(files: Sequence[Path], models: Sequence[str]) -> dict[str, Any]:
     """The cells of ``files`` for ``models``, in the order a reader scans them: model, compile
     setting, batch, then date; with each model's workload as its files describe it."""
-    cells, workloads = [], {}
+    cells, left_out, workloads = [], [], {}
     for path in files:
-        found = [c for c in cells_of(path) if c["model"] in models]
+        settings = read_result(path)["settings"]
+        if settings["model"] not in models:
+            continue
+        found, missing = cells_of(path)
         if found:
-            settings = read_result(path)["settings"]
             workloads.setdefault(settings["model"], {key: settings.get(key) for key in
                                                      ("pipeline", "dtype", "steps", "computed_steps_in_mask")})
         cells += found
+        left_out += missing
     rank = {mode: i for i, mode in enumerate(COMPILE_ORDER)}
     cells.sort(key=lambda c: (models.index(c["model"]), rank.get(c["compile"], len(rank)), c["batch"], c["date"], c["card"]))
     return {"benchmark": "pipeline-overview", "models": list(models), "files": [p.name for p in files],
-            "workloads": workloads, "cells": cells}
+            "workloads": workloads, "cells": cells, "left_out": left_out}
 
 
 def plot(found: dict[str, Any], path: Path) -> Path:
@@ -146,10 +155,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     atomic_write_text(out.with_suffix(".json"), json.dumps(found, indent=1) + "\n")
     plot(found, out.with_suffix(".png"))
     for cell in found["cells"]:
-        measured = ", ".join(f"{m.removeprefix('smoothcache ')} {v['speedup']:.2f}x (ideal {v['ideal_speedup']:.2f}x)"
+        measured = ", ".join(f"{m.removeprefix('smoothcache ')} {v['speedup']:.2f}x (ideal "
+                             f"{'n/a' if v['ideal_speedup'] is None else format(v['ideal_speedup'], '.2f') + 'x'})"
                              for m, v in cell["methods"].items())
         print(f"{cell['model']:<5} {cell['compile']:<10} b{cell['batch']:<2} {cell['card']} {cell['date']}  {measured}  "
               f"[{cell['file']}]")
+    for reason in found["left_out"]:
+        print(f"left out: {reason}")
     print(out.with_suffix(".json"), out.with_suffix(".png"))
     return 0
 

@@ -14,7 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 pipeline_overview = importlib.import_module("pipeline_overview")
 pipeline_results = importlib.import_module("pipeline_results")
 
-pytest.importorskip("matplotlib")
 FILES = sorted(p for m in ("flux", "wan") for p in pipeline_overview.RESULTS.glob(f"pipeline-speed-{m}-*.json"))
 
 
@@ -38,17 +37,45 @@ def test_a_cell_measured_on_two_cards_is_two_groups_each_with_its_own_methods():
     assert by_card == {"H100": {"cache-dit F1B0 static mask"}, "H200": {"smoothcache blocks"}}
 
 
-def test_a_merged_files_cells_carry_their_parts_dates_and_the_order_is_compile_then_batch():
+def test_the_order_is_compile_setting_then_batch():
     found = pipeline_overview.overview(FILES, ["flux"])
     keys = [(c["compile"], c["batch"]) for c in found["cells"]]
     rank = {"eager": 0, "compile": 1, "cudagraphs": 2}
     assert keys == sorted(keys, key=lambda k: (rank[k[0]], k[1]))
-    first = next(c for c in found["cells"] if c["file"] == "pipeline-speed-flux-h100.json" and c["compile"] == "eager")
-    merged = json.loads((pipeline_overview.RESULTS / first["file"]).read_text())["merged_from"]
-    assert first["date"] == merged[0]["date"][:10]
+
+
+def _row(compile_mode: str, method: str, ms: float, ideal: float | None, part: int) -> dict:
+    return {"compile": compile_mode, "batch": 1, "prefetch": False, "method": method, "ms": ms,
+            "ideal_speedup": ideal, "from_file": part}
+
+
+def test_a_merged_files_cells_carry_their_parts_dates_a_missing_ideal_prints_and_cells_without_rows_are_named(
+    tmp_path, capsys
+):
+    """Parts on different days: each cell takes its own part's date; a method without a FLOP count has
+    no ideal (printed n/a); a cell whose uncached row is missing is left out, and the run says so."""
+    settings = {"model": "flux", "pipeline": "FluxPipeline", "dtype": "torch.bfloat16", "steps": 28,
+                "computed_steps_in_mask": 15, "exactness_reference": pipeline_results.EXACTNESS_REFERENCE}
+    merged = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-12-06 10:00:00", "settings": settings,
+              "merged_from": [{"date": "2026-12-01 09:00:00"}, {"date": "2026-12-06 10:00:00"}],
+              "rows": [_row("eager", "uncached", 100.0, 1.0, 0), _row("eager", "smoothcache blocks", 50.0, None, 0),
+                       _row("compile", "uncached", 80.0, 1.0, 1), _row("compile", "smoothcache blocks", 40.0, 2.1, 1),
+                       _row("cudagraphs", "smoothcache blocks", 40.0, 2.1, 1)]}
+    path = tmp_path / "pipeline-speed-flux-merged.json"
+    path.write_text(json.dumps(merged))
+    found = pipeline_overview.overview([path], ["flux"])
+    assert [(c["compile"], c["date"]) for c in found["cells"]] == [("eager", "2026-12-01"), ("compile", "2026-12-06")]
+    eager = found["cells"][0]["methods"]["smoothcache blocks"]
+    assert eager["speedup"] == 2.0 and eager["ideal_speedup"] is None and eager["efficiency"] is None
+    assert found["left_out"] == ["pipeline-speed-flux-merged.json: cudagraphs, batch 1 (no timed uncached row)"]
+    pytest.importorskip("matplotlib")
+    assert pipeline_overview.main(["--files", str(path), "--models", "flux", "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "blocks 2.00x (ideal n/a)" in printed and "left out: pipeline-speed-flux-merged.json: cudagraphs" in printed
 
 
 def test_the_command_writes_the_json_and_the_plot_and_refuses_a_model_without_cells(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     out = tmp_path / "overview"
     assert pipeline_overview.main(["--files", *map(str, FILES), "--out", str(out)]) == 0
     written = json.loads(out.with_suffix(".json").read_text())
@@ -62,4 +89,6 @@ def test_the_command_writes_the_json_and_the_plot_and_refuses_a_model_without_ce
 def test_the_card_is_read_from_the_device_name():
     assert pipeline_overview.card_of("NVIDIA H100 80GB HBM3") == "H100"
     assert pipeline_overview.card_of("NVIDIA H200") == "H200"
+    assert pipeline_overview.card_of("NVIDIA A100-SXM4-80GB") == "A100"
+    assert pipeline_overview.card_of("NVIDIA GeForce RTX 4090") == "RTX 4090"
     assert pipeline_overview.card_of("cpu") == "cpu"
