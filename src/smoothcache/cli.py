@@ -342,10 +342,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.skip_guards and set(args.compile) == {"none"}:
         print("note: --skip-guards applies to compiled runs only (--compile model or model-cudagraphs)")
     warmups = {setting: _bench_warmups(args, setting) for setting in args.compile}  # refused before the model loads
-    if args.plot:  # matplotlib missing, or a folder that cannot be made: said now, not after the timing
+    if args.plot:  # matplotlib missing, a format it cannot write, a folder that cannot be made: said now, not after the timing
         from .plots import pyplot
 
-        pyplot()
+        formats = pyplot().figure().canvas.get_supported_filetypes()
+        pyplot().close("all")
+        if Path(args.plot).suffix.lstrip(".").lower() not in formats:
+            raise ValueError(f"--plot {args.plot}: give a file name ending in .png (or {', '.join(sorted(formats))})")
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     pipe, requests, extra = _load(args)
     batches = args.batch_sizes or [requests[0].size]
@@ -383,7 +386,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # warm-up runs of each (uncached, cached) before timing, per --compile setting. Compiled, the first
 # run compiles the cached patterns; under CUDA graphs torch's cudagraph trees warm a function up in its
-# first run and record it in its second, so the third replays. The default keeps one spare.
+# first run and record it in its second, so the third replays. The defaults keep a margin (two for
+# plain compile, one for CUDA graphs): a few seconds on a small model, no harm.
 BENCH_WARMUPS = {"none": 1, "model": 3, "model-cudagraphs": 3}
 FEWEST_BENCH_WARMUPS = {"none": 1, "model": 1, "model-cudagraphs": 2}
 
@@ -401,8 +405,8 @@ def _bench_warmups(args: argparse.Namespace, setting: str) -> int:
         return BENCH_WARMUPS[setting]
     fewest = FEWEST_BENCH_WARMUPS[setting]
     if args.warmups < fewest:
-        raise ValueError(f"--warmups {args.warmups} would time {'capture' if setting == 'model-cudagraphs' else 'compilation'} "
-                         f"under --compile {setting}: give --warmups {fewest} or more")
+        raise ValueError(f"--warmups {args.warmups} would time CUDA graphs' capture under --compile {setting}: "
+                         f"give --warmups {fewest} or more")
     return args.warmups
 
 
