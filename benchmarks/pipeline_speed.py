@@ -198,8 +198,8 @@ import and build)::
     # the same recipe; add compile before cudagraphs for the plain compile cell, which the table does not
     # have: about 20 min, and its uncached and blocks rows, timed in turn, are written only when that cell ends)
     python3 benchmarks/pipeline_speed.py --model wan --compile cudagraphs --prefetch off --repeats 1 --no-step-clock --methods blocks cache-dit --max-minutes 8 --out "$OUT/wan-cg1"
-    # Flux compiled and under CUDA graphs at batch 8 with the fewest warm-ups (one H100: 10.5 min, each
-    # warm-up 26-116 s; the same recipe)
+    # Flux compiled and under CUDA graphs at batch 8 with the fewest warm-ups (one H100: 10.3 min, 26-116 s
+    # of warm-up per configuration; the same recipe)
     python3 benchmarks/pipeline_speed.py --model flux --compile compile cudagraphs --batches 8 --prefetch off --repeats 1 --no-step-clock --no-in-turn --count-batch 1 --warmup compile=1 cudagraphs=2 --methods blocks cache-dit --max-minutes 14 --out "$OUT/flux-compiled-b8"
     # every DiT cell in one process, longer than one command (one H100: 12.2 min with --max-minutes 18; on a
     # host that launched kernels half as fast, 17.6 min with 17, which left out cache-dit's compile b1;
