@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from smoothcache.bench import FEWEST_WARMUPS_COMPILED, FEWEST_WARMUPS_CUDA_GRAPHS
+
 MODELS = ("dit", "flux", "wan")
 DEFAULT_BATCHES = {"dit": (1, 8), "flux": (1,), "wan": (1,)}  # each model's batches unless --batches
 DEFAULT_REPEATS = {"dit": 5, "flux": 3, "wan": 2}  # timed generations per configuration unless --repeats
@@ -23,8 +25,9 @@ METHOD_TAGS = {method: tag for tag, method in METHOD_NAMES.items()}
 # then replay once more untimed, so that the last warm-up (where host syncs are counted) is a replay
 WARMUP = {"eager": 1, "compile": 2, "cudagraphs": 3, "graphs": 4, "eager-graphs": 3}
 # the fewest that still leave nothing to compile, record or capture in a timed generation (``--warmup``, where one
-# generation takes minutes): compile compiles every pattern in its first; cudagraph trees replay from the 3rd call
-FEWEST_WARMUPS = {"eager": 0, "compile": 1, "cudagraphs": 2, "graphs": 4, "eager-graphs": 3}
+# generation takes minutes): the library's own floors for compile and CUDA graphs; step graphs' as WARMUP's
+FEWEST_WARMUPS = {"eager": 0, "compile": FEWEST_WARMUPS_COMPILED, "cudagraphs": FEWEST_WARMUPS_CUDA_GRAPHS,
+                  "graphs": 4, "eager-graphs": 3}
 
 
 class Config(NamedTuple):

@@ -189,6 +189,11 @@ def _attach_step_graphs(pipe: Any) -> Any:
 # step graphs per timed phase: a plain generation (compiling where compiled), the capture, one replay;
 # also the warm-up of the plain uncached phase before them (three where eager needs one: a little time, no harm)
 STEP_GRAPHS_WARMUP = 3
+# the fewest warm-up runs that leave nothing to compile or record while timed: under torch.compile the
+# first run compiles every compute/reuse pattern; torch's cudagraph trees warm a function up in its
+# first run, record it in its second and replay it from its third
+FEWEST_WARMUPS_COMPILED = 1
+FEWEST_WARMUPS_CUDA_GRAPHS = 2
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
@@ -220,7 +225,7 @@ def benchmark_schedule(
     """Time ``run()`` (one pipeline call) uncached and cached on ``schedule``, interleaved, after
     ``warmup`` runs of each (under torch.compile the cached patterns compile there, not while
     timed; with CUDA graphs, cudagraph trees record on a function's second run and replay from its
-    third, so warm up three times).
+    third, so warm up at least twice: ``FEWEST_WARMUPS_CUDA_GRAPHS``).
 
     ``step_graphs`` replays each step's model call from a CUDA graph (:func:`smoothcache.step_graphs`)
     in both: the uncached runs, then the cached ones, each after a plain generation, the capture

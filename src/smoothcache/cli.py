@@ -342,14 +342,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.skip_guards and set(args.compile) == {"none"}:
         print("note: --skip-guards applies to compiled runs only (--compile model or model-cudagraphs)")
     warmups = {setting: _bench_warmups(args, setting) for setting in args.compile}  # refused before the model loads
-    if args.plot:  # matplotlib missing, a format it cannot write, a folder that cannot be made: said now, not after the timing
-        from .plots import pyplot
-
-        formats = pyplot().figure().canvas.get_supported_filetypes()
-        pyplot().close("all")
-        if Path(args.plot).suffix.lstrip(".").lower() not in formats:
-            raise ValueError(f"--plot {args.plot}: give a file name ending in .png (or {', '.join(sorted(formats))})")
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     pipe, requests, extra = _load(args)
     batches = args.batch_sizes or [requests[0].size]
     prefetch = _prefetch_if_asked(args, pipe)  # uncached and cached runs alike: it is on the pipeline
@@ -384,26 +376,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-# warm-up runs of each (uncached, cached) before timing, per --compile setting. Compiled, the first
-# run compiles the cached patterns; under CUDA graphs torch's cudagraph trees warm a function up in its
-# first run and record it in its second, so the third replays. The defaults keep a margin (two for
-# plain compile, one for CUDA graphs): a few seconds on a small model, no harm.
+# warm-up runs of each (uncached, cached) before timing, per --compile setting, unless --warmups: a
+# margin over the fewest (smoothcache.bench's FEWEST_WARMUPS_*), a few seconds on a small model
 BENCH_WARMUPS = {"none": 1, "model": 3, "model-cudagraphs": 3}
-FEWEST_BENCH_WARMUPS = {"none": 1, "model": 1, "model-cudagraphs": 2}
 
 
 def _bench_warmups(args: argparse.Namespace, setting: str) -> int:
     """The warm-up runs for one ``--compile`` setting: ``--warmups`` where given, refused where it would
     time compilation or capture; step graphs warm up their own way."""
+    from .bench import (
+        FEWEST_WARMUPS_COMPILED,
+        FEWEST_WARMUPS_CUDA_GRAPHS,
+        STEP_GRAPHS_WARMUP,
+    )
+
     if args.step_graphs:
         if args.warmups is not None:
             raise ValueError("--step-graphs warms up its own way (a plain run, the capture, one replay): leave --warmups out")
-        from .bench import STEP_GRAPHS_WARMUP
-
         return STEP_GRAPHS_WARMUP
     if args.warmups is None:
         return BENCH_WARMUPS[setting]
-    fewest = FEWEST_BENCH_WARMUPS[setting]
+    fewest = {"none": 1, "model": FEWEST_WARMUPS_COMPILED, "model-cudagraphs": FEWEST_WARMUPS_CUDA_GRAPHS}[setting]
     if args.warmups < fewest:
         raise ValueError(f"--warmups {args.warmups} would time CUDA graphs' capture under --compile {setting}: "
                          f"give --warmups {fewest} or more")
@@ -856,6 +849,23 @@ def _check_out(args: argparse.Namespace) -> None:
         ) from exc
 
 
+def _check_plot(args: argparse.Namespace) -> None:
+    """Before the work, what would fail --plot after it: matplotlib missing, a format it cannot
+    write, a folder that cannot be made."""
+    plot = getattr(args, "plot", None)
+    if plot is None:
+        return
+    from .plots import pyplot
+
+    plt = pyplot()
+    figure = plt.figure()
+    formats = figure.canvas.get_supported_filetypes()
+    plt.close(figure)
+    if Path(plot).suffix.lstrip(".").lower() not in formats:
+        raise ValueError(f"--plot {plot}: give a file name ending in .png (or {', '.join(sorted(formats))})")
+    Path(plot).parent.mkdir(parents=True, exist_ok=True)
+
+
 # ---- failures: one line on stderr, in the command line's own terms ----
 
 _EXTRAS = {"diffusers": "diffusers", "accelerate": "diffusers", "matplotlib": "plot", "torchmetrics": "demo"}
@@ -907,6 +917,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_model(args)
         _check_out(args)
+        _check_plot(args)
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
