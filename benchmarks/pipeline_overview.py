@@ -66,7 +66,7 @@ def cells_of(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
             continue
         date = result["merged_from"][uncached["from_file"]]["date"] if "from_file" in uncached else result["date"]
         cells.append({"model": result["settings"]["model"], "compile": compile_mode, "batch": batch,
-                      "card": card_of(result["device"]), "device": result["device"], "date": date[:10],
+                      "card": card_of(result["device"]), "device": result["device"], "date": date[:10], "time": date[11:16],
                       "file": path.name, "uncached_ms": uncached["ms"], "methods": methods})
     return cells, left_out
 
@@ -89,6 +89,13 @@ def overview(files: Sequence[Path], models: Sequence[str]) -> dict[str, Any]:
     cells.sort(key=lambda c: (models.index(c["model"]), rank.get(c["compile"], len(rank)), c["batch"], c["date"], c["card"]))
     return {"benchmark": "pipeline-overview", "models": list(models), "files": [p.name for p in files],
             "workloads": workloads, "cells": cells, "left_out": left_out}
+
+
+def tick_labels(cells: Sequence[dict[str, Any]]) -> list[str]:
+    """Each cell's label under its group: setting and batch, then card and day; with the time of day
+    where two cells of one panel would otherwise read alike (one cell re-measured the same day)."""
+    labels = [f"{c['compile']}, b{c['batch']}\n{c['card']} {c['date'][5:]}" for c in cells]
+    return [f"{label} {c['time']}" if labels.count(label) > 1 else label for label, c in zip(labels, cells, strict=True)]
 
 
 def plot(found: dict[str, Any], path: Path) -> Path:
@@ -124,8 +131,7 @@ def plot(found: dict[str, Any], path: Path) -> Path:
                     ax.plot([left - width / 2, left + width / 2], [measured["ideal_speedup"]] * 2, color="black", linewidth=2)
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_ylim(bottom, top + 0.06 * (top - 1.0))
-        ax.set_xticks(range(len(cells)), [f"{c['compile']}, b{c['batch']}\n{c['card']} {c['date'][5:]}" for c in cells],
-                      fontsize=7)
+        ax.set_xticks(range(len(cells)), tick_labels(cells), fontsize=7)
         ax.set_ylabel("speedup over uncached pipe()\n(same cell, same process)", fontsize=8)
         w = found["workloads"][model]
         ax.set_title(f"{w['pipeline']}, {w['dtype'].removeprefix('torch.')}, "
@@ -158,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         measured = ", ".join(f"{m.removeprefix('smoothcache ')} {v['speedup']:.2f}x (ideal "
                              f"{'n/a' if v['ideal_speedup'] is None else format(v['ideal_speedup'], '.2f') + 'x'})"
                              for m, v in cell["methods"].items())
-        print(f"{cell['model']:<5} {cell['compile']:<10} b{cell['batch']:<2} {cell['card']} {cell['date']}  {measured}  "
+        print(f"{cell['model']:<5} {cell['compile']:<10} b{cell['batch']:<2} {cell['card']} {cell['date']} {cell['time']}  {measured}  "
               f"[{cell['file']}]")
     for reason in found["left_out"]:
         print(f"left out: {reason}")

@@ -86,6 +86,23 @@ def test_the_command_writes_the_json_and_the_plot_and_refuses_a_model_without_ce
         pipeline_overview.main(["--models", "dit", "--files", *map(str, FILES[:1]), "--out", str(out)])
 
 
+def test_a_cell_re_measured_the_same_day_on_the_same_card_is_told_apart_by_its_time(tmp_path):
+    settings = {"model": "wan", "pipeline": "WanPipeline", "dtype": "torch.bfloat16", "steps": 30,
+                "computed_steps_in_mask": 18, "exactness_reference": pipeline_results.EXACTNESS_REFERENCE}
+    paths = []
+    for name, time, method in (("a", "05:28:42", "smoothcache blocks"), ("b", "07:10:00", "cache-dit F1B0 static mask")):
+        rows = [{"compile": "compile", "batch": 8, "prefetch": False, "method": m, "ms": ms, "ideal_speedup": ideal}
+                for m, ms, ideal in (("uncached", 250.0, 1.0), (method, 150.0, 1.67))]
+        path = tmp_path / f"pipeline-speed-wan-{name}.json"
+        path.write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "date": f"2026-12-06 {time}",
+                                    "settings": settings, "rows": rows}))
+        paths.append(path)
+    other = {"compile": "eager", "batch": 1, "card": "H100", "date": "2026-12-06", "time": "04:00"}
+    cells = pipeline_overview.overview(paths, ["wan"])["cells"]
+    assert pipeline_overview.tick_labels([*cells, other]) == [
+        "compile, b8\nH100 12-06 05:28", "compile, b8\nH100 12-06 07:10", "eager, b1\nH100 12-06"]
+
+
 def test_the_card_is_read_from_the_device_name():
     assert pipeline_overview.card_of("NVIDIA H100 80GB HBM3") == "H100"
     assert pipeline_overview.card_of("NVIDIA H200") == "H200"
