@@ -398,7 +398,8 @@ def _bench_warmups(args: argparse.Namespace, setting: str) -> int:
         return BENCH_WARMUPS[setting]
     fewest = {"none": 1, "model": FEWEST_WARMUPS_COMPILED, "model-cudagraphs": FEWEST_WARMUPS_CUDA_GRAPHS}[setting]
     if args.warmups < fewest:
-        raise ValueError(f"--warmups {args.warmups} would time CUDA graphs' capture under --compile {setting}: "
+        timed_work = "CUDA graphs' capture" if setting == "model-cudagraphs" else "compilation"
+        raise ValueError(f"--warmups {args.warmups} would time {timed_work} under --compile {setting}: "
                          f"give --warmups {fewest} or more")
     return args.warmups
 
