@@ -131,6 +131,9 @@ class CacheHandle:
             self.schedule.num_steps, self.target.timesteps, calls_per_step, scheduler_step_index(self.target)
         )
         self._decisions: list[Decision] = []  # one per column of the plan
+        # kept entries a computing call replaces, released before it runs: (decision, entries, refilled
+        # at every computing call, not only where the next step reuses); see _release_replaced
+        self._replaced: list[tuple[Decision, dict[int, Any], bool]] = []
         self._restore: list[Callable[[], None]] = []
         self._with_depth = 0  # nested ``with`` blocks on this handle: the outermost one disables
         self._warned_launch_bound = False  # see _warn_if_launch_bound
@@ -155,6 +158,7 @@ class CacheHandle:
                                        "Disable that handle first (handle.disable(), or leave its with block)"))
         self._forget_generation()
         self._decisions = [Decision() for _ in self.plan.columns]
+        self._replaced = []
         self._chains = {}  # fresh chains, over fresh kept entries
         for layer_plan in self.plan.layers:
             forward = self._forward_for(layer_plan)
@@ -210,6 +214,8 @@ class CacheHandle:
         layer, kind = layer_plan.layer, layer_plan.kind
         original, outputs = layer.module.forward, self.state.new_outputs()
         decision = self._decisions[layer_plan.columns[0]]
+        if kind in ("layer", "block"):  # forecasting reads the entry it replaces; guidance halves and repeats splice into it
+            self._replaced.append((decision, outputs, kind == "layer"))
         if kind in ("block", "block-forecast"):
             streams = BlockStreams.of(layer.module, layer.name, layer.streams)  # type: ignore[arg-type]
             if self.kept_form is not None:
@@ -350,10 +356,25 @@ class CacheHandle:
                 )
             for decision in self._decisions:
                 decision.compute, decision.keep, decision.ratio, decision.slot = True, False, 0.0, slot
+            self._release_replaced(slot)
             return
         for decision, column in zip(self._decisions, self.plan.columns, strict=True):
             decision.compute, decision.keep, decision.ratio, decision.slot = (
                 column.compute[step], column.keep[step], column.ratio[step], slot)
+        self._release_replaced(slot)
+
+    def _release_replaced(self, slot: int) -> None:
+        """Empty the kept entries this call's computing layers will replace, before the model runs.
+
+        Eagerly an entry is replaced as its layer finishes, but a model compiled whole stores what
+        its graph kept only after the graph returns: the entries it replaces would stay alive
+        through the whole graph, raising its peak by what they hold (a chained run's residual,
+        one hidden state per call slot). A block stores eagerly only where the next step reuses, so
+        elsewhere its entry stays, as it was."""
+        traced = self.state.whole_model_compiled[0]
+        for decision, outputs, refilled in self._replaced:
+            if decision.compute and (refilled or traced or decision.keep):
+                outputs[slot] = None
 
     def _start_generation(self) -> None:
         state, num_steps = self.state, self.schedule.num_steps
