@@ -4,15 +4,19 @@ a generation's peak rises by no more than what the cache keeps, compiled whole o
 
 from __future__ import annotations
 
-import json
+import importlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import STEPS, generate, make_dit_pipeline
-from torch.profiler import ProfilerActivity, profile
 
 import smoothcache
 from smoothcache import Schedule, ScheduleError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+peak_memory = importlib.import_module("peak_memory")
 
 PLAN = (1, 0, 1, 1, 0, 1, 0, 1, 1, 1)
 LAYERS = Schedule({"attn1": PLAN, "ff": PLAN})
@@ -53,22 +57,16 @@ def test_forms_that_cannot_be_stored_are_refused(pipe):
         smoothcache.cache(pipe, LAYERS, forecast="linear", kept_dtype=torch.bfloat16)
 
 
-def peak_rise(run, trace_path) -> int:
-    """Bytes a second ``run()`` allocated on the CPU at its peak over what was allocated before it
-    (the profiler's memory events: torch's CPU allocator reports no peak of its own)."""
-    run()  # the first run compiles, where compiled
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    prof.export_chrome_trace(str(trace_path))
-    events = [e for e in json.loads(trace_path.read_text())["traceEvents"] if e.get("name") == "[memory]"]
-    events.sort(key=lambda e: e["ts"])
-    before = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
-    return max(e["args"]["Total Allocated"] for e in events) - before
+def peak_rise(run) -> int:
+    """What a second ``run()`` allocated at its peak above what was allocated before it (the first
+    compiles, where compiled); measured as benchmarks/peak_memory.py measures it on the CPU."""
+    run()
+    return peak_memory.peak_bytes(run, "cpu")
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-whole"])
 @pytest.mark.parametrize("schedule", [LAYERS, BLOCKS], ids=["layers", "blocks"])
-def test_a_generation_peaks_at_most_what_the_cache_keeps_above_uncached(schedule, compiled, tmp_path):
+def test_a_generation_peaks_at_most_what_the_cache_keeps_above_uncached(schedule, compiled):
     """A model compiled whole stores what its graph keeps only after the graph returns, so the
     entries a computing call replaces are emptied before it runs: otherwise they stayed alive through
     the graph, beside the new ones (1.4x the kept bytes above uncached for blocks, 1.8x for layers,
@@ -78,9 +76,9 @@ def test_a_generation_peaks_at_most_what_the_cache_keeps_above_uncached(schedule
     if compiled:
         pipe.transformer = torch.compile(pipe.transformer, backend="eager")
     try:
-        uncached = peak_rise(lambda: generate(pipe), tmp_path / "uncached.json")
+        uncached = peak_rise(lambda: generate(pipe))
         with smoothcache.cache(pipe, schedule) as handle:
-            cached = peak_rise(lambda: generate(pipe), tmp_path / "cached.json")
+            cached = peak_rise(lambda: generate(pipe))
             kept = sum(handle.state.kept_bytes().values())
     finally:
         torch._dynamo.reset()
