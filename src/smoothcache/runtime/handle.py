@@ -68,7 +68,7 @@ from .forwards import (
 )
 from .plan import CachePlan, LayerPlan, plan_cache, split_branches
 from .state import CacheState
-from .streams import BlockChain, BlockStreams
+from .streams import BlockChain, BlockStreams, RunKept
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -134,6 +134,7 @@ class CacheHandle:
         # kept entries a computing call replaces, released before it runs: (decision, entries, refilled
         # at every computing call, not only where the next step reuses); see _release_replaced
         self._replaced: list[tuple[Decision, dict[int, Any], bool]] = []
+        self._forecasting: list[tuple[Decision, dict[int, Any]]] = []  # entries keeping two outputs: the older goes
         self._restore: list[Callable[[], None]] = []
         self._with_depth = 0  # nested ``with`` blocks on this handle: the outermost one disables
         self._warned_launch_bound = False  # see _warn_if_launch_bound
@@ -158,7 +159,7 @@ class CacheHandle:
                                        "Disable that handle first (handle.disable(), or leave its with block)"))
         self._forget_generation()
         self._decisions = [Decision() for _ in self.plan.columns]
-        self._replaced = []
+        self._replaced, self._forecasting = [], []
         self._chains = {}  # fresh chains, over fresh kept entries
         for layer_plan in self.plan.layers:
             forward = self._forward_for(layer_plan)
@@ -214,8 +215,10 @@ class CacheHandle:
         layer, kind = layer_plan.layer, layer_plan.kind
         original, outputs = layer.module.forward, self.state.new_outputs()
         decision = self._decisions[layer_plan.columns[0]]
-        if kind in ("layer", "block"):  # forecasting reads the entry it replaces; guidance halves and repeats splice into it
+        if kind in ("layer", "block"):  # guidance halves and repeated layers splice into the entry they replace
             self._replaced.append((decision, outputs, kind == "layer"))
+        elif kind in ("forecast", "block-forecast"):  # reads the last output, not the one before it
+            self._forecasting.append((decision, outputs))
         if kind in ("block", "block-forecast"):
             streams = BlockStreams.of(layer.module, layer.name, layer.streams)  # type: ignore[arg-type]
             if self.kept_form is not None:
@@ -370,11 +373,20 @@ class CacheHandle:
         its graph kept only after the graph returns: the entries it replaces would stay alive
         through the whole graph, raising its peak by what they hold (a chained run's residual,
         one hidden state per call slot). A block stores eagerly only where the next step reuses, so
-        elsewhere its entry stays, as it was."""
+        elsewhere its entry stays, as it was. Forecasting keeps the last two outputs and a computing
+        call makes the last one the older: the one before it goes (it is read only by a reusing
+        step, and a reuse follows a computing call that keeps)."""
         traced = self.state.whole_model_compiled[0]
         for decision, outputs, refilled in self._replaced:
             if decision.compute and (refilled or traced or decision.keep):
                 outputs[slot] = None
+        for decision, outputs in self._forecasting:
+            if decision.compute:
+                kept = outputs[slot]
+                if isinstance(kept, tuple):  # (last, previous)
+                    outputs[slot] = (kept[0], None)
+                elif isinstance(kept, RunKept):  # a chained run's first block
+                    kept.previous = None
 
     def _start_generation(self) -> None:
         state, num_steps = self.state, self.schedule.num_steps
