@@ -1,7 +1,7 @@
 """benchmarks/peak_memory.py end to end on a small, narrow WanPipeline (guidance as two model calls a step),
 eager and compiled whole with dynamo's eager backend: each cache's peak rises above uncached by at
-most what it keeps, and it keeps one hidden state per call slot (whole blocks: one chain) or per
-layer and slot (attn1 + ffn)."""
+most what it keeps, and it keeps one hidden state per call slot (whole blocks: one chain), two with
+forecasting (the last two residuals), or one per layer and slot (attn1 + ffn)."""
 
 from __future__ import annotations
 
@@ -19,12 +19,14 @@ def test_each_cache_peaks_at_most_what_it_keeps_above_uncached(tmp_path):
     result = json.loads(path.read_text())
     assert path.name == "peak-memory-wan-cpu.json" and path.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     rows = {(r["mode"], r["method"]): r for r in result["rows"]}
-    assert list(rows) == [(mode, method) for mode in ("eager", "compile") for method in ("uncached", "blocks", "layers")]
+    methods = ("uncached", "blocks", "layers", "blocks-forecast")
+    assert list(rows) == [(mode, method) for mode in ("eager", "compile") for method in methods]
     layers = peak_memory.WAN_NARROW["num_layers"]
     for mode in ("eager", "compile"):
         assert rows[mode, "uncached"]["peak_bytes"] > 0 and rows[mode, "uncached"]["kept_bytes"] == 0
         assert rows[mode, "blocks"]["kept_in_hidden_states"] == 2  # one residual per call slot
         assert rows[mode, "layers"]["kept_in_hidden_states"] == 2 * 2 * layers  # attn1 and ffn, per block and slot
-        for method in ("blocks", "layers"):
+        assert rows[mode, "blocks-forecast"]["kept_in_hidden_states"] == 2 * 2
+        for method in methods[1:]:
             row = rows[mode, method]
             assert 0 <= row["rise_over_uncached_bytes"] <= row["kept_bytes"]
