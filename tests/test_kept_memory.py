@@ -66,8 +66,8 @@ def peak_rise(run) -> int:
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-whole"])
-@pytest.mark.parametrize(("schedule", "forecast"), [(LAYERS, "none"), (BLOCKS, "none"), (BLOCKS, "linear")],
-                         ids=["layers", "blocks", "blocks-forecast"])
+@pytest.mark.parametrize(("schedule", "forecast"), [(LAYERS, "none"), (BLOCKS, "none"), (LAYERS, "linear"), (BLOCKS, "linear")],
+                         ids=["layers", "blocks", "layers-forecast", "blocks-forecast"])
 def test_a_generation_peaks_at_most_what_the_cache_keeps_above_uncached(schedule, forecast, compiled):
     """A model compiled whole stores what its graph keeps only after the graph returns, so the
     entries a computing call replaces are emptied before it runs: otherwise they stayed alive through
