@@ -78,6 +78,21 @@ __all__ = ["CacheHandle", "cache"]
 logger = logging.getLogger(__name__)
 
 
+# One plan column's kept entries of one kind: (its decision, refilled at every computing call, the entries)
+EntryGroup = tuple[Decision, bool, list[dict[int, Any]]]
+
+
+def _group_of(groups: list[EntryGroup], decision: Decision, refilled: bool) -> list[dict[int, Any]]:
+    """The entries of ``groups`` under ``decision`` and ``refilled``, a new group where there is none
+    (at enable: a handful of columns)."""
+    for known, known_refilled, entries in groups:
+        if known is decision and known_refilled == refilled:
+            return entries
+    entries: list[dict[int, Any]] = []
+    groups.append((decision, refilled, entries))
+    return entries
+
+
 class CacheHandle:
     """SmoothCache attached to one model; a context manager, and ``enable()``/``disable()`` for manual use."""
 
@@ -131,10 +146,11 @@ class CacheHandle:
             self.schedule.num_steps, self.target.timesteps, calls_per_step, scheduler_step_index(self.target)
         )
         self._decisions: list[Decision] = []  # one per column of the plan
-        # kept entries a computing call replaces, released before it runs: (decision, entries, refilled
-        # at every computing call, not only where the next step reuses); see _release_replaced
-        self._replaced: list[tuple[Decision, dict[int, Any], bool]] = []
-        self._forecasting: list[tuple[Decision, dict[int, Any]]] = []  # entries keeping two outputs: the older goes
+        # kept entries a computing call replaces, released before it runs, grouped by decision so that a
+        # reusing call looks at each column once: (decision, refilled at every computing call rather than
+        # only where the next step reuses, the layers' entries); see _release_replaced
+        self._replaced: list[EntryGroup] = []
+        self._forecasting: list[EntryGroup] = []  # entries keeping two outputs: the older goes
         self._restore: list[Callable[[], None]] = []
         self._with_depth = 0  # nested ``with`` blocks on this handle: the outermost one disables
         self._warned_launch_bound = False  # see _warn_if_launch_bound
@@ -216,9 +232,9 @@ class CacheHandle:
         original, outputs = layer.module.forward, self.state.new_outputs()
         decision = self._decisions[layer_plan.columns[0]]
         if kind in ("layer", "block"):  # guidance halves and repeated layers splice into the entry they replace
-            self._replaced.append((decision, outputs, kind == "layer"))
+            _group_of(self._replaced, decision, refilled=kind == "layer").append(outputs)
         elif kind in ("forecast", "block-forecast"):  # reads the last output, not the one before it
-            self._forecasting.append((decision, outputs))
+            _group_of(self._forecasting, decision, refilled=True).append(outputs)
         if kind in ("block", "block-forecast"):
             streams = BlockStreams.of(layer.module, layer.name, layer.streams)  # type: ignore[arg-type]
             if self.kept_form is not None:
@@ -377,16 +393,18 @@ class CacheHandle:
         call makes the last one the older: the one before it goes (it is read only by a reusing
         step, and a reuse follows a computing call that keeps)."""
         traced = self.state.whole_model_compiled[0]
-        for decision, outputs, refilled in self._replaced:
+        for decision, refilled, entries in self._replaced:
             if decision.compute and (refilled or traced or decision.keep):
-                outputs[slot] = None
-        for decision, outputs in self._forecasting:
+                for outputs in entries:
+                    outputs[slot] = None
+        for decision, _, entries in self._forecasting:
             if decision.compute:
-                kept = outputs[slot]
-                if isinstance(kept, tuple):  # (last, previous)
-                    outputs[slot] = (kept[0], None)
-                elif isinstance(kept, RunKept):  # a chained run's first block
-                    kept.previous = None
+                for outputs in entries:
+                    kept = outputs[slot]
+                    if isinstance(kept, tuple):  # (last, previous)
+                        outputs[slot] = (kept[0], None)
+                    elif isinstance(kept, RunKept):  # a chained run's first block
+                        kept.previous = None
 
     def _start_generation(self) -> None:
         state, num_steps = self.state, self.schedule.num_steps
