@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pipeline_workloads import WAN_2_1_T2V_1_3B, WAN_SCHEDULER, WAN_TINY, cast_as_loaded
+from pipeline_workloads import WAN_2_1_T2V_1_3B, WAN_TINY, wan_pipeline
 
 import smoothcache
 from smoothcache.files import atomic_write_text
@@ -61,15 +61,8 @@ def step_mask(steps: int) -> list[int]:
 
 def build(size: dict[str, Any], device: str) -> tuple[Any, Callable[[], Any], int]:
     """The pipeline, one generation as a call, and the bytes of one call's hidden states."""
-    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-
     config, dtype = size["config"], torch.bfloat16 if device == "cuda" else torch.float32
-    torch.manual_seed(0)
-    with torch.device(device):
-        transformer = cast_as_loaded(WanTransformer3DModel(**config), dtype).eval().requires_grad_(False)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
-                       scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = wan_pipeline(config, device, dtype)
     g = torch.Generator().manual_seed(100)
     prompt, negative = (torch.randn(size["batch"], TEXT_TOKENS, config["text_dim"], generator=g).to(device, dtype)
                         for _ in range(2))

@@ -139,17 +139,25 @@ def cast_as_loaded(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def wan_workload(tiny: bool, device: str) -> Workload:
+def wan_pipeline(config: dict[str, Any], device: str, dtype: torch.dtype) -> Any:
+    """A ``WanPipeline`` around a transformer of ``config`` with random weights (seed 0), as loaded
+    in ``dtype``, with Wan 2.1's scheduler and no text encoder or VAE (embeddings are passed in,
+    latents come out)."""
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
-    dtype = dtype_for(device, torch.bfloat16)
-    config = WAN_TINY if tiny else WAN_2_1_T2V_1_3B
     torch.manual_seed(0)
     with torch.device(device):  # made on the device: no copy on the host
         transformer = cast_as_loaded(WanTransformer3DModel(**config), dtype).eval().requires_grad_(False)
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
                        scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER))
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def wan_workload(tiny: bool, device: str) -> Workload:
+    dtype = dtype_for(device, torch.bfloat16)
+    config = WAN_TINY if tiny else WAN_2_1_T2V_1_3B
+    pipe = wan_pipeline(config, device, dtype)
     height, width, frames, steps, tokens = (32, 32, 5, 12, 8) if tiny else (480, 832, 81, 30, 512)
     g = torch.Generator().manual_seed(100)
     prompt, negative = (torch.randn(1, tokens, config["text_dim"], generator=g).to(device, dtype) for _ in range(2))
