@@ -1022,6 +1022,9 @@ def print_estimate(runner: Runner) -> None:
     print(f"first uncached generation {first_s:.2f} s (eager, batch {first_batch}); {runnable(runner, runner.plan)} "
           f"configurations, expected about {total / 60:.1f} min (a guess); none starts after {runner.args.max_minutes} min",
           flush=True)
+    if total / 60 > runner.args.max_minutes:
+        print(f"  the guess runs past --max-minutes {runner.args.max_minutes}: configurations due after it will not "
+              f"start (the guess errs long); raise --max-minutes to time them all", flush=True)
 
 
 def print_progress(runner: Runner, remaining: Sequence[Config]) -> None:

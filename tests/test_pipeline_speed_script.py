@@ -149,6 +149,20 @@ def test_nothing_starts_past_the_budget_and_parts_of_runs_merge_cell_by_cell(run
     assert sorted(merged["settings"]["compile"]) == ["compile", "eager"]
 
 
+@pytest.mark.parametrize(("guess_s", "warned"), [(20 * 60.0, True), (5 * 60.0, False)])
+def test_a_run_guessed_past_its_budget_says_up_front_that_rows_will_not_start(monkeypatch, capsys, guess_s, warned):
+    """``--max-minutes`` defaults to one command's share; a longer run would drop its last rows with
+    only the budget's number printed, so the first estimate says so where the guess exceeds it."""
+    monkeypatch.setattr(pipeline_speed, "remaining_seconds", lambda runner, configs: guess_s)
+    monkeypatch.setattr(pipeline_speed, "runnable", lambda runner, configs: 2)
+    runner = SimpleNamespace(plan=[], extra={"first_generation_s": 43.4, "first_generation_batch": 1},
+                             args=SimpleNamespace(max_minutes=7.5))
+    pipeline_speed.print_estimate(runner)
+    out = capsys.readouterr().out
+    assert f"2 configurations, expected about {guess_s / 60:.1f} min" in out
+    assert ("the guess runs past --max-minutes 7.5: configurations due after it will not start" in out) is warned
+
+
 def test_methods_chosen_run_in_the_order_given_after_the_uncached_one(run):
     (result,) = run("--model", "dit", "--compile", "eager", "--batches", "1", "--prefetch", "both", "--max-minutes", "0",
                     "--methods", "cache-dit", "blocks", "uncached")
