@@ -23,6 +23,7 @@ Writes peak-memory-wan-DEVICE.json and .png into --out.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import platform
 import tempfile
@@ -167,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.machine()})"
     result = {
         "benchmark": "peak_memory.py", "device": device, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "versions": {"torch": torch.__version__, "smoothcache": smoothcache.__version__},
+        "versions": {"torch": torch.__version__, "diffusers": importlib.metadata.version("diffusers"),
+                     "smoothcache": smoothcache.__version__},
         "settings": {"size": size_name, **{k: v for k, v in size.items() if k != "config"}, "transformer": size["config"],
                      "guidance_scale": GUIDANCE, "text_tokens": TEXT_TOKENS, "mask": mask, "backend": args.backend,
                      "hidden_state_bytes": hidden, "measured": "peak allocated during one generation above what was "
@@ -202,18 +204,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for bars in (rise, kept):
         ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=1)
     ax.set_xticks(list(positions), [f"{r['mode']}\n{r['method']}" for r in cached])
-    ax.set_ylabel("hidden states (batch x tokens x dim)")
     settings = result["settings"]
     ax.set_title(f"WanPipeline ({settings['size']}), {result['device']}: peak rise vs kept", fontsize=9)
     top = max(max(r["rise_in_hidden_states"], r["kept_in_hidden_states"]) for r in cached)
     low = min(0.0, *(r["rise_in_hidden_states"] for r in cached))
     smallest = min((r["kept_in_hidden_states"] for r in cached if r["kept_in_hidden_states"] > 0), default=top)
-    if top > 20 * smallest:  # layers keep one per layer: a linear axis would flatten the blocks' bars to nothing
+    logarithmic = top > 20 * smallest  # layers keep one per layer: a linear axis would flatten the blocks' bars
+    if logarithmic:
         ax.set_yscale("symlog", linthresh=1.0)
-        ax.set_ylabel("hidden states (batch x tokens x dim),\nlogarithmic above 1", fontsize=8)
-        ax.set_ylim(low, 12 * top)  # room for the labels under the legend
-    else:
-        ax.set_ylim(low, 1.3 * top if top > 0 else 1.0)
+    ax.set_ylabel("hidden states (batch x tokens x dim)" + (",\nlogarithmic above 1" if logarithmic else ""),
+                  fontsize=8 if logarithmic else None)
+    ax.set_ylim(low, 12 * top if logarithmic else 1.3 * top if top > 0 else 1.0)  # room for the bar labels
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.legend(fontsize=8, loc="upper left", ncols=2)
     fig.tight_layout()
