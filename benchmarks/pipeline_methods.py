@@ -125,11 +125,15 @@ CACHE_DIT_HOW = ("cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(Fn_com
 
 
 def cache_dit_config(work: Workload) -> Any:
+    return f1b0_static_mask(work.steps, work.mask)
+
+
+def f1b0_static_mask(steps: int, mask: Sequence[int]) -> Any:
     """cache-dit's F1B0 static mask: its first block at every step, the others at the mask's steps."""
     import cache_dit
 
-    return cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, num_inference_steps=work.steps,
-                                   steps_computation_mask=list(work.mask), steps_computation_policy="static")
+    return cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, num_inference_steps=steps,
+                                   steps_computation_mask=list(mask), steps_computation_policy="static")
 
 
 def cached_keys(work: Workload, method: str) -> tuple[str, ...]:

@@ -1,7 +1,8 @@
 """benchmarks/peak_memory.py end to end on a small, narrow WanPipeline (guidance as two model calls a step),
 eager and compiled whole with dynamo's eager backend: each cache's peak rises above uncached by at
 most what it keeps, and it keeps one hidden state per call slot (whole blocks: one chain), two with
-forecasting (the last two residuals), or one per layer and slot (attn1 + ffn)."""
+forecasting (the last two residuals), or one per layer and slot (attn1 + ffn); the measure sees what
+each method holds between generations, cache-dit's too."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import importlib
 import json
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 peak_memory = importlib.import_module("peak_memory")
@@ -19,14 +22,29 @@ def test_each_cache_peaks_at_most_what_it_keeps_above_uncached(tmp_path):
     result = json.loads(path.read_text())
     assert path.name == "peak-memory-wan-cpu.json" and path.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     rows = {(r["mode"], r["method"]): r for r in result["rows"]}
-    methods = ("uncached", "blocks", "layers", "blocks-forecast")
+    methods = ("uncached", "blocks", "layers", "blocks-forecast", "cache-dit")
     assert list(rows) == [(mode, method) for mode in ("eager", "compile") for method in methods]
+    assert result["versions"]["cache-dit"] == "1.5.3"
     layers = peak_memory.WAN_NARROW["num_layers"]
     for mode in ("eager", "compile"):
         assert rows[mode, "uncached"]["peak_bytes"] > 0 and rows[mode, "uncached"]["kept_bytes"] == 0
         assert rows[mode, "blocks"]["kept_in_hidden_states"] == 2  # one residual per call slot
         assert rows[mode, "layers"]["kept_in_hidden_states"] == 2 * 2 * layers  # attn1 and ffn, per block and slot
         assert rows[mode, "blocks-forecast"]["kept_in_hidden_states"] == 2 * 2
-        for method in methods[1:]:
+        for method in methods[1:4]:
             row = rows[mode, method]
+            assert row["held_over_uncached_bytes"] == row["kept_bytes"]  # measured as the handle reports it
             assert 0 <= row["rise_over_uncached_bytes"] <= row["kept_bytes"]
+        # cache-dit F1B0 holds, per call slot, its first block's residual and the other blocks' (and a little more)
+        dit = rows[mode, "cache-dit"]
+        assert dit["kept_bytes"] is None and 4 <= dit["held_in_hidden_states"] < 5
+        assert dit["rise_over_uncached_bytes"] >= dit["held_over_uncached_bytes"] > rows[mode, "blocks"]["kept_bytes"]
+
+
+def test_uncached_is_always_measured_and_a_missing_peer_is_named(tmp_path, monkeypatch, capsys):
+    args = peak_memory.parse_args(["--out", str(tmp_path), "--methods", "cache-dit", "blocks"])
+    assert args.methods == ["uncached", "blocks", "cache-dit"]
+    monkeypatch.setattr(peak_memory.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit):
+        peak_memory.parse_args(["--out", str(tmp_path), "--methods", "cache-dit"])
+    assert "pip install cache-dit==1.5.3, or leave it out of --methods" in capsys.readouterr().err
