@@ -194,6 +194,8 @@ STEP_GRAPHS_WARMUP = 3
 # first run, record it in its second and replay it from its third
 FEWEST_WARMUPS_COMPILED = 1
 FEWEST_WARMUPS_CUDA_GRAPHS = 2
+# the same per ``smoothcache bench --compile`` setting (eager needs one: the first run allocates and loads kernels)
+FEWEST_WARMUPS = {"none": 1, "model": FEWEST_WARMUPS_COMPILED, "model-cudagraphs": FEWEST_WARMUPS_CUDA_GRAPHS}
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:

@@ -377,18 +377,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # warm-up runs of each (uncached, cached) before timing, per --compile setting, unless --warmups: a
-# margin over the fewest (smoothcache.bench's FEWEST_WARMUPS_*), a few seconds on a small model
+# margin over the fewest (smoothcache.bench.FEWEST_WARMUPS), a few seconds on a small model
 BENCH_WARMUPS = {"none": 1, "model": 3, "model-cudagraphs": 3}
 
 
 def _bench_warmups(args: argparse.Namespace, setting: str) -> int:
     """The warm-up runs for one ``--compile`` setting: ``--warmups`` where given, refused where it would
     time compilation or capture; step graphs warm up their own way."""
-    from .bench import (
-        FEWEST_WARMUPS_COMPILED,
-        FEWEST_WARMUPS_CUDA_GRAPHS,
-        STEP_GRAPHS_WARMUP,
-    )
+    from .bench import FEWEST_WARMUPS, STEP_GRAPHS_WARMUP
 
     if args.step_graphs:
         if args.warmups is not None:
@@ -396,7 +392,7 @@ def _bench_warmups(args: argparse.Namespace, setting: str) -> int:
         return STEP_GRAPHS_WARMUP
     if args.warmups is None:
         return BENCH_WARMUPS[setting]
-    fewest = {"none": 1, "model": FEWEST_WARMUPS_COMPILED, "model-cudagraphs": FEWEST_WARMUPS_CUDA_GRAPHS}[setting]
+    fewest = FEWEST_WARMUPS[setting]
     if args.warmups < fewest:
         timed_work = "CUDA graphs' capture" if setting == "model-cudagraphs" else "compilation"
         raise ValueError(f"--warmups {args.warmups} would time {timed_work} under --compile {setting}: "
