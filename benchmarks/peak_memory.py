@@ -97,13 +97,15 @@ def build(size: dict[str, Any], device: str) -> tuple[Any, Callable[[], Any], in
 
 
 class AllocationCount:
-    """Bytes allocated above what was allocated when it was entered: as one window inside it began
-    (``held``) and at the window's peak (``peak``), so that whatever a configuration set up inside it
-    holds between generations counts, whichever library it is.
+    """Bytes allocated since it was entered: as one window inside it began (``held``) and at the
+    window's peak (``peak``), so that whatever a configuration set up inside it holds between
+    generations counts, whichever library it is.
 
-    On a GPU from the CUDA allocator's statistics. On the CPU from the profiler's memory events (torch's
-    CPU allocator keeps no peak), which count only memory allocated while the profiler runs: it runs
-    from entry on, so nothing allocated since is missed."""
+    On a GPU from the CUDA allocator's statistics: the net change, so memory allocated before entry
+    and freed inside (the scheduler's state from the configuration before) counts against it. On the
+    CPU from the profiler's memory events (torch's CPU allocator keeps no peak), which see only memory
+    allocated while the profiler runs: it runs from entry on, and counts what was allocated since and
+    is still live, so such frees count nothing. Only figures above uncached's compare across devices."""
 
     def __init__(self, device: str) -> None:
         self.device, self.peak, self.held, self.baseline = device, 0, 0, 0
@@ -133,12 +135,14 @@ class AllocationCount:
             torch.cuda.synchronize()
             self.held = torch.cuda.memory_allocated() - self.baseline
             torch.cuda.reset_peak_memory_stats()
+        collecting = gc.isenabled()
         gc.disable()
         try:
             with record_function(MEASURED) if self.device == "cpu" else contextlib.nullcontext():
                 yield
         finally:
-            gc.enable()
+            if collecting:
+                gc.enable()
         if self.device == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated() - self.baseline
@@ -162,7 +166,8 @@ def allocated_since_start(events: list[dict[str, Any]], start: float, end: float
     peak between ``start`` and ``end`` and as ``start`` came. Counted by address, not from the
     profiler's own running total: that total and its table of sizes carry over from earlier profiles,
     so a free of memory an earlier profile saw allocated would count against this one."""
-    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])  # stable: ties keep their order
+    memory = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0),
+                    key=lambda e: e["ts"])  # the CPU's (device type 0); a stable sort: ties keep their order
     live: dict[int, int] = {}
     total, peak, held = 0, 0, None
     for event in memory:
@@ -188,22 +193,24 @@ def configured(pipe: Any, original: Any, mode: str, method: str, mask: list[int]
     documented way round (cache-dit's ``enable_cache`` before ``torch.compile``; smoothcache's
     ``cache`` after it); smoothcache's handle, or None. Undone afterwards from a reset dynamo."""
     torch._dynamo.reset()
-    with contextlib.ExitStack() as undo:
-        if method == CACHE_DIT:
-            import cache_dit
+    try:
+        with contextlib.ExitStack() as undo:
+            if method == CACHE_DIT:
+                import cache_dit
 
-            undo.callback(gpu_peers.restorer(original))  # cache-dit leaves its patched forward behind
-            cache_dit.enable_cache(pipe, cache_config=f1b0_static_mask(steps, mask))
-            undo.callback(cache_dit.disable_cache, pipe)
-        undo.callback(setattr, pipe, "transformer", original)
-        pipe.transformer = original if mode == "eager" else torch.compile(original, backend=backend)
-        handle = None
-        if method in SMOOTHCACHE:
-            keys, forecast = SMOOTHCACHE[method]
-            handle = smoothcache.cache(pipe, smoothcache.Schedule({key: mask for key in keys}), forecast=forecast)
-            undo.callback(handle.disable)
-        yield handle
-    torch._dynamo.reset()
+                undo.callback(gpu_peers.restorer(original))  # cache-dit leaves its patched forward behind
+                undo.callback(cache_dit.disable_cache, pipe)  # first: it also undoes an enable_cache that failed halfway
+                cache_dit.enable_cache(pipe, cache_config=f1b0_static_mask(steps, mask))
+            undo.callback(setattr, pipe, "transformer", original)
+            pipe.transformer = original if mode == "eager" else torch.compile(original, backend=backend)
+            handle = None
+            if method in SMOOTHCACHE:
+                keys, forecast = SMOOTHCACHE[method]
+                handle = smoothcache.cache(pipe, smoothcache.Schedule({key: mask for key in keys}), forecast=forecast)
+                undo.callback(handle.disable)
+            yield handle
+    finally:
+        torch._dynamo.reset()
 
 
 def measure(generate: Callable[[], Any], setup: contextlib.AbstractContextManager[Any], device: str) -> dict[str, Any]:
@@ -262,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         uncached = next(r for r in rows if r["mode"] == row["mode"] and r["method"] == "uncached")
         row["rise_over_uncached_bytes"] = row["peak_bytes"] - uncached["peak_bytes"]
         row["rise_in_hidden_states"] = row["rise_over_uncached_bytes"] / hidden
-        # uncached holds the scheduler's state between generations (UniPC's last outputs): the same for all
+        # on the CPU every configuration holds the scheduler's state (UniPC's last outputs) anew: above uncached, not
         row["held_over_uncached_bytes"] = row["held_bytes"] - uncached["held_bytes"]
         row["held_in_hidden_states"] = row["held_over_uncached_bytes"] / hidden
         row["kept_in_hidden_states"] = None if row["kept_bytes"] is None else row["kept_bytes"] / hidden
@@ -280,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                      "Bn_compute_blocks=0, steps_computation_mask=mask, steps_computation_policy='static'), "
                      "enable_cache(pipe) before torch.compile", "measured": "the third generation of each "
                      "configuration: its peak allocated and what was allocated as it began (held), above what was "
-                     "allocated before the configuration was set up (CPU: before the second generation)"},
+                     "allocated before the configuration was set up"},
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -316,7 +323,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     settings = result["settings"]
     ax.set_title(f"WanPipeline ({settings['size']}), {result['device']}: peak rise vs held", fontsize=9)
     top = max(max(r["rise_in_hidden_states"], r["held_in_hidden_states"]) for r in cached)
-    low = min(0.0, *(r["rise_in_hidden_states"] for r in cached))
+    low = min(0.0, *(min(r["rise_in_hidden_states"], r["held_in_hidden_states"]) for r in cached))
     smallest = min((r["held_in_hidden_states"] for r in cached if r["held_in_hidden_states"] > 0), default=top)
     logarithmic = top > 20 * smallest  # layers keep one per layer: a linear axis would flatten the blocks' bars
     if logarithmic:

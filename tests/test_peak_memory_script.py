@@ -48,3 +48,25 @@ def test_uncached_is_always_measured_and_a_missing_peer_is_named(tmp_path, monke
     with pytest.raises(SystemExit):
         peak_memory.parse_args(["--out", str(tmp_path), "--methods", "cache-dit"])
     assert "pip install cache-dit==1.5.3, or leave it out of --methods" in capsys.readouterr().err
+
+
+def memory_event(ts: float, size: int, address: int, device_type: int = 0) -> dict:
+    return {"name": "[memory]", "ts": ts, "args": {"Bytes": size, "Addr": address, "Device Type": device_type}}
+
+
+def test_the_cpu_count_counts_what_was_allocated_since_the_profile_began_and_is_still_live():
+    """Frees of memory allocated before (an earlier profile saw it: the profiler still reports them)
+    count nothing; a reused address counts anew; another device's events are not the CPU's."""
+    events = [
+        memory_event(0, -500, 1),  # allocated before this profile, freed in it
+        memory_event(1, 100, 2),   # live as the window begins
+        memory_event(2, 40, 3),
+        memory_event(3, -40, 3),
+        memory_event(4, 10_000, 9, device_type=1),  # a GPU's
+        memory_event(5, 60, 3),    # the address again, inside the window
+        memory_event(6, 30, 4),    # the window's peak: 100 + 60 + 30
+        memory_event(7, -60, 3),
+        memory_event(8, 999, 5),   # after the window
+    ]
+    assert peak_memory.allocated_since_start(events, start=5, end=7) == (190, 100)
+    assert peak_memory.allocated_since_start(events, start=20, end=30) == (1129, 1129)  # nothing from the start on
