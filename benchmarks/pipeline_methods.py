@@ -69,7 +69,7 @@ def configured(work: Workload, config: Config, backend: str) -> Iterator[Attache
             import cache_dit
 
             undo.append(gpu_peers.restorer(pipe.transformer))
-            cache_dit.enable_cache(pipe, cache_config=cache_dit_config(work))
+            cache_dit.enable_cache(pipe, cache_config=f1b0_static_mask(work.steps, work.mask))
             undo.append(lambda: cache_dit.disable_cache(pipe))
             attached.how.append(CACHE_DIT_HOW)
         compile_transformer()
@@ -122,10 +122,6 @@ PREFETCH_HOW = "smoothcache.prefetch_timesteps(pipe, device_once=True)"
 
 CACHE_DIT_HOW = ("cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, "
                  "steps_computation_mask=mask, steps_computation_policy='static'))")
-
-
-def cache_dit_config(work: Workload) -> Any:
-    return f1b0_static_mask(work.steps, work.mask)
 
 
 def f1b0_static_mask(steps: int, mask: Sequence[int]) -> Any:
@@ -200,7 +196,7 @@ def cache_dit_on(work: Workload, prefetch: Any) -> Iterator[None]:
         if prefetch is not None:
             prefetch.disable()
             undo.callback(prefetch.enable)
-        cache_dit.enable_cache(pipe, cache_config=cache_dit_config(work))
+        cache_dit.enable_cache(pipe, cache_config=f1b0_static_mask(work.steps, work.mask))
         undo.callback(silenced(cache_dit.disable_cache, "cache_dit.caching.cache_interface"), pipe)
         if prefetch is not None:
             silenced(prefetch.enable, "smoothcache.device_once")()
