@@ -98,6 +98,12 @@ def tick_labels(cells: Sequence[dict[str, Any]]) -> list[str]:
     return [f"{label} {c['time']}" if labels.count(label) > 1 else label for label, c in zip(labels, cells, strict=True)]
 
 
+def bar_centres(x: float, count: int, width: float) -> list[float]:
+    """Where a group's ``count`` bars stand: side by side, centred on the group's label at ``x``, so a
+    cell that measured one method has its bar under its label rather than in its slot of three."""
+    return [x + (i - (count - 1) / 2) * width for i in range(count)]
+
+
 def plot(found: dict[str, Any], path: Path) -> Path:
     """One row of panels per model; per cell a group of bars (each cached method's speedup over its
     cell's uncached ``pipe(...)``, drawn from 1.0 up: the gain) with its ideal as a black tick."""
@@ -118,11 +124,9 @@ def plot(found: dict[str, Any], path: Path) -> Path:
     for ax, model in zip(axes[:, 0], models, strict=True):
         cells = [c for c in found["cells"] if c["model"] == model]
         for x, cell in enumerate(cells):
-            for i, method in enumerate(methods):
-                measured = cell["methods"].get(method)
-                if measured is None:
-                    continue
-                left = x + (i - (len(methods) - 1) / 2) * width
+            present = [m for m in methods if m in cell["methods"]]  # in legend order
+            for method, left in zip(present, bar_centres(x, len(present), width), strict=True):
+                measured = cell["methods"][method]
                 ax.bar(left, measured["speedup"] - 1.0, width, bottom=1.0, color=COLOURS[method], edgecolor="black",
                        linewidth=0.4)
                 ax.text(left, (1.0 + measured["speedup"]) / 2, f"{measured['speedup']:.2f}x", rotation=90, fontsize=7,

@@ -109,3 +109,9 @@ def test_the_card_is_read_from_the_device_name():
     assert pipeline_overview.card_of("NVIDIA A100-SXM4-80GB") == "A100"
     assert pipeline_overview.card_of("NVIDIA GeForce RTX 4090") == "RTX 4090"
     assert pipeline_overview.card_of("cpu") == "cpu"
+
+
+def test_a_groups_bars_are_centred_on_its_label_however_many_methods_it_measured():
+    assert pipeline_overview.bar_centres(3, 1, 0.25) == [3]
+    assert pipeline_overview.bar_centres(3, 2, 0.25) == pytest.approx([2.875, 3.125])
+    assert pipeline_overview.bar_centres(0, 3, 0.25) == pytest.approx([-0.25, 0, 0.25])
