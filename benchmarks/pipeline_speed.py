@@ -193,7 +193,9 @@ import and build)::
     # the fewest warm-ups (--warmup; the rows still count recompiles while timed). Compile, uncached and
     # blocks, took 17.7 min on one H100 (warm-ups 5.4 and 4.2 min, generations 4.2 and 2.5), uncached and
     # cache-dit 16.4 (cache-dit's warm-up 2.7 min, generation 2.5); CUDA graphs (--compile cudagraphs
-    # --warmup cudagraphs=2), uncached and blocks, 24.4 (warm-ups 9.8 and 6.5 min) with --max-minutes 16
+    # --warmup cudagraphs=2), uncached and blocks, 24.4 (warm-ups 9.8 and 6.5 min) with --max-minutes 16,
+    # uncached and cache-dit 24.2 (cache-dit's warm-up 6.5 min): the two commands below with --compile cudagraphs
+    # --warmup cudagraphs=2 --max-minutes 16, each a lease of its own
     python3 benchmarks/pipeline_speed.py --model wan --compile compile --batches 8 --prefetch off --repeats 1 --no-step-clock --no-in-turn --count-batch 1 --warmup compile=1 --methods blocks --max-minutes 14 --out "$OUT/wan-c8-blocks"
     python3 benchmarks/pipeline_speed.py --model wan --compile compile --batches 8 --prefetch off --repeats 1 --no-step-clock --no-in-turn --count-batch 1 --warmup compile=1 --methods cache-dit --max-minutes 14 --out "$OUT/wan-c8-cache-dit"
     # Wan under CUDA graphs at batch 1, the column (one H200: 11 min, each method's warm-up 2.2-2.7 min;
