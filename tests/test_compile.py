@@ -419,28 +419,37 @@ def test_layers_launched_kernel_by_kernel_are_warned_about_once(keys, warns, mon
         assert "components=['block']" in caplog.text and "mode='reduce-overhead'" in caplog.text
 
 
-def test_blocks_compiled_one_by_one_keep_their_own_residuals():
-    """Regional compile: a chained block's graphs would specialise on its place in the chain (a
-    graph per block), so each block keeps its own residual there, as with per-block keys; compiled
-    whole or not at all, the list keeps one."""
+def test_blocks_compiled_one_by_one_chain_around_their_graphs_as_eagerly():
+    """Regional compile (each block compiled on its own, as diffusers' compile_repeated_blocks does):
+    the chain's bookkeeping runs around each block's compiled call, so the list keeps one residual as
+    it does eagerly, and every graph is the plain block's, run at computing steps only: the same graphs
+    for every step, none made in a second generation. Disabling gives the blocks their compiled calls back."""
     pipe = make_dit_pipeline(num_layers=4)
+    blocks = pipe.transformer.transformer_blocks
     schedule = Schedule({"block": FF})
 
-    def kept_bytes() -> int:
+    def run() -> tuple[torch.Tensor, int]:
         with smoothcache.cache(pipe, schedule) as handle:
             generate(pipe)
             with torch._dynamo.config.patch(error_on_recompile=True):
-                generate(pipe)
-            return sum(handle.state.kept_bytes().values())
+                output = generate(pipe)
+            return output, sum(handle.state.kept_bytes().values())
 
-    chained = kept_bytes()
+    eager, chained = run()
     backend = GraphCounter()
-    for block in pipe.transformer.transformer_blocks:
+    compiled_calls = []
+    for block in blocks:
         block.compile(backend=backend)
-    assert kept_bytes() >= 4 * chained  # a residual or the states of each block (see KeptStates)
-    # compute-and-keep and reuse, for the first block's strided input and the others': four graphs
-    # for four blocks, not one per block
-    assert len(backend.graphs) == 4
+        compiled_calls.append(block._compiled_call_impl)
+    with fresh_compiler():
+        output, kept = run()
+        graph_calls_per_generation = backend.calls // 2
+    assert kept == chained  # one residual for the list, as eagerly
+    assert torch.allclose(output, eager, atol=1e-6)
+    assert len(backend.graphs) <= 2  # the plain block: the first block's strided input and the others'
+    assert not any(barrier_calls(gm) for gm in backend.graphs)
+    assert graph_calls_per_generation == len(blocks) * sum(FF)  # reusing steps enter no graph
+    assert [block._compiled_call_impl for block in blocks] == compiled_calls
 
 
 def test_blocks_get_their_stream_barrier_only_when_the_model_is_compiled_whole():

@@ -203,3 +203,27 @@ def test_flux_controlnet_pipeline_with_both_models_cached_whole_matches_per_bloc
     whole = generate(Schedule(dict.fromkeys(lists, plan)))
     per_block = generate(Schedule({f"{key}-{i}": plan for key, count in lists.items() for i in range(count)}))
     torch.testing.assert_close(whole, per_block, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_chain_of_blocks_compiled_one_by_one_reuses_and_keeps_as_it_does_eagerly(name):
+    """Regional compile, each chained block compiled on its own after cache() (as diffusers'
+    compile_repeated_blocks does): the chain runs around the blocks' compiled calls, with the same
+    outputs and the same kept memory as eagerly."""
+    pipe, generate, _, schedule, _ = blocks_of_family(name)
+    with smoothcache.cache(pipe, schedule) as handle:
+        eager = generate(pipe)
+        eager_bytes = sum(handle.state.kept_bytes().values())
+        chained = [plan.layer.module for plan in handle.plan.layers if plan.chain is not None]
+        torch._dynamo.reset()
+        try:
+            for block in chained:
+                block.compile(backend="eager")
+            regional = generate(pipe)
+            regional_bytes = sum(handle.state.kept_bytes().values())
+        finally:
+            for block in chained:
+                block._compiled_call_impl = None
+            torch._dynamo.reset()
+    torch.testing.assert_close(regional, eager, rtol=1e-5, atol=1e-5)
+    assert regional_bytes == eager_bytes > 0, name

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..guidance import check_layer_rows, splice_half, take_half
 from .compile import stream_barrier
-from .streams import BlockChain, BlockStreams, Follows, RunKept, extrapolate
+from .streams import BlockChain, BlockStreams, Follows, KeptStates, RunKept, extrapolate
 
 __all__ = [
     "Decision",
@@ -38,6 +38,7 @@ __all__ = [
     "caching_forward",
     "chained_block_forward",
     "forecasting_forward",
+    "link_block",
     "repeated_caching_forward",
     "shadow_forward",
     "stored_block_caching_forward",
@@ -213,6 +214,7 @@ def chained_block_forward(
     position: int,
     streams: BlockStreams,
     one_by_one: Callable[..., Any],
+    inside: list[bool],
 ) -> Callable[..., Any]:
     """A block of a :class:`~.streams.BlockChain`: a reusing step adds its run's kept residual at
     the run's first block (extrapolated with forecasting) and passes the stream on through the
@@ -220,12 +222,16 @@ def chained_block_forward(
     keeps eagerly where the next step reuses (or where nothing was kept), traced at every
     computing step; a reusing step that finds nothing kept computes.
 
-    Where the chain is off for the generation (blocks compiled one by one: a compiled block's
-    graphs would specialise on its place in the chain, one per block), ``one_by_one``, the block's
-    own forward keeping its own residual, runs instead."""
+    Where the block is compiled on its own (regional compile), its compiled call runs the chain's
+    bookkeeping around the graph (:class:`~.regional.CompiledBlockCall`) and sets ``inside`` while
+    the graph runs, so that the graph holds the plain block. Where the chain is off for the
+    generation (a block traced inside some other compiled region), ``one_by_one``, the block's own
+    forward keeping its own residual, runs instead."""
     outputs = chain.kept[position]
 
     def forward(*args: Any, **kwargs: Any) -> Any:
+        if inside[0]:
+            return original(*args, **kwargs)
         if not chain.active:
             return one_by_one(*args, **kwargs)
         inputs = streams.inputs(args, kwargs)
@@ -239,11 +245,17 @@ def chained_block_forward(
             chain.reusing = None
         output = original(*args, **kwargs)
         if torch.compiler.is_compiling() or decision.keep or not decision.compute:
-            earlier = outputs[decision.slot] if chain.forecast else None  # (a read is a guard under torch.compile)
-            outputs[decision.slot] = chain.link(position, decision.slot, streams.states(output, inputs), earlier)
+            link_block(chain, position, outputs, decision, streams.states(output, inputs))
         return output
 
     return forward
+
+
+def link_block(chain: BlockChain, position: int, outputs: dict[int, Any], decision: Decision, states: KeptStates) -> None:
+    """Record a computed block of a chain in its kept entries (``outputs``), for this call slot: what
+    :meth:`~.streams.BlockChain.link` returns."""
+    earlier = outputs[decision.slot] if chain.forecast else None  # (a read is a guard under torch.compile)
+    outputs[decision.slot] = chain.link(position, decision.slot, states, earlier)
 
 
 def repeated_caching_forward(

@@ -67,6 +67,7 @@ from .forwards import (
     stream_barrier_forward,
 )
 from .plan import CachePlan, LayerPlan, plan_cache, split_branches
+from .regional import ChainedBlock, route_chains, unwrap_compiled_calls
 from .state import CacheState
 from .streams import BlockChain, BlockStreams, RunKept
 
@@ -155,6 +156,7 @@ class CacheHandle:
         self._with_depth = 0  # nested ``with`` blocks on this handle: the outermost one disables
         self._warned_launch_bound = False  # see _warn_if_launch_bound
         self._chains: dict[int, BlockChain] = {}  # the plan's chains, made at enable
+        self._chained_blocks: list[ChainedBlock] = []  # their blocks, for regional compile (see .regional)
         if getattr(model, "_parallel_config", None) is not None:  # diffusers' context parallelism
             from ..distributed import check_ranks_agree
 
@@ -176,7 +178,7 @@ class CacheHandle:
         self._forget_generation()
         self._decisions = [Decision() for _ in self.plan.columns]
         self._replaced, self._forecasting = [], []
-        self._chains = {}  # fresh chains, over fresh kept entries
+        self._chains, self._chained_blocks = {}, []  # fresh chains, over fresh kept entries
         for layer_plan in self.plan.layers:
             forward = self._forward_for(layer_plan)
             self._restore.append(shadow_forward(layer_plan.layer.module, forward))
@@ -250,7 +252,9 @@ class CacheHandle:
                 chain = BlockChain(link.length, streams, forecast=kind == "block-forecast", form=self.kept_form)
                 self._chains[link.chain] = chain
             chain.kept[link.position] = outputs
-            return chained_block_forward(original, decision, chain, link.position, streams, one_by_one)
+            inside = [False]
+            self._chained_blocks.append(ChainedBlock(layer.module, layer.name, chain, link.position, decision, streams, inside))
+            return chained_block_forward(original, decision, chain, link.position, streams, one_by_one, inside)
         if self.kept_form is not None:
             return stored_caching_forward(original, decision, outputs, self.kept_form)
         if kind == "branches":
@@ -284,6 +288,7 @@ class CacheHandle:
                 "was replaced after smoothcache attached, so disabling would drop that change; undo it first "
                 "(disable the other cache or wrapper), then disable this handle"
             )
+        unwrap_compiled_calls(self._chained_blocks)
         for restore in reversed(self._restore):
             restore()
         self._restore.clear()
@@ -422,8 +427,7 @@ class CacheHandle:
             )
         state.new_generation()
         compiled = compiled_anywhere(self.target.model)
-        for chain in self._chains.values():  # blocks compiled one by one: each keeps its own residual
-            chain.active = state.whole_model_compiled[0] or not compiled
+        route_chains(self.target.model, self._chained_blocks, state.whole_model_compiled[0])
         if compiled:
             # CUDA graphs (mode="reduce-overhead"): cudagraph trees recycle a replay's outputs when a
             # new generation starts, at every compiled call until this was called once, then only
