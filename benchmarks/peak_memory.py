@@ -1,6 +1,7 @@
 """How far a cached generation's peak memory rises above an uncached one's, against what the cache
 holds between generations (issue 20's item 4): ``WanPipeline`` with guidance run as two model calls a
-step (two call slots, each keeping its own), eagerly and compiled whole, for whole blocks (``block``,
+step (two call slots, each keeping its own), eagerly, compiled whole and (``--modes regional``) with each
+block compiled on its own, for whole blocks (``block``,
 one chain), layers (``attn1`` + ``ffn``), whole blocks with ``forecast="linear"`` (the last two
 residuals), and cache-dit's F1B0 on the same steps (``--methods``), set up the way its docs say
 (``enable_cache`` before ``torch.compile``).
@@ -15,12 +16,12 @@ keeps in: whole blocks keep one per call slot, layers one per layer and slot. Th
 peak's worth by design; a rise above it is memory the cache's bookkeeping costs (the test of that is
 ``tests/test_kept_memory.py``).
 
-    python benchmarks/peak_memory.py --out docs/benchmarks          # CPU, narrow Wan, inductor: about 3 min on 2 cores
+    python benchmarks/peak_memory.py --out docs/benchmarks          # CPU, narrow Wan, inductor: about 5 min on 2 cores
     python benchmarks/peak_memory.py --size tiny --backend eager --out /tmp/pm   # small, dynamo only: 20 s (the test)
     # a GPU: the Wan 2.1 1.3B shape on a short video (33 frames of 480x832), bf16; one H100: 8.3 min (before cache-dit)
     python3 benchmarks/peak_memory.py --device cuda --size full --out "$OUT/peak"
     # the shape of issue 20's Wan batch-8 cells (81 frames, batch 8), compiled, against cache-dit in one process
-    python3 benchmarks/peak_memory.py --device cuda --size wan-b8 --modes compile --methods uncached blocks cache-dit --out "$OUT/peak-b8"
+    python3 benchmarks/peak_memory.py --device cuda --size wan-b8 --modes compile regional eager --methods uncached blocks cache-dit --out "$OUT/peak-b8"
 
 Writes peak-memory-wan-DEVICE.json and .png into --out.
 """
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 
 # the Wan block's proportions (ffn 5.8x the width, 2 heads here), narrow enough for a CPU
 WAN_NARROW = {**WAN_TINY, "num_attention_heads": 2, "attention_head_dim": 48, "ffn_dim": 560, "num_layers": 3}
+MODES = ("eager", "compile", "regional")  # regional: each block compiled on its own
 SIZES: dict[str, dict[str, Any]] = {  # model config, batch, frames, height, width, steps; tiny still peaks in the blocks
     "tiny": {"config": WAN_NARROW, "batch": 1, "frames": 5, "height": 128, "width": 128, "steps": 6},
     "narrow": {"config": WAN_NARROW, "batch": 2, "frames": 9, "height": 512, "width": 512, "steps": 10},
@@ -189,7 +191,7 @@ def allocated_since_start(events: list[dict[str, Any]], start: float, end: float
 @contextlib.contextmanager
 def configured(pipe: Any, original: Any, mode: str, method: str, mask: list[int], steps: int,
                backend: str) -> Iterator[Any]:
-    """The pipeline with ``method`` in place, compiled whole where ``mode`` says, each library its
+    """The pipeline with ``method`` in place, compiled whole or by blocks where ``mode`` says, each library its
     documented way round (cache-dit's ``enable_cache`` before ``torch.compile``; smoothcache's
     ``cache`` after it); smoothcache's handle, or None. Undone afterwards from a reset dynamo."""
     torch._dynamo.reset()
@@ -202,7 +204,10 @@ def configured(pipe: Any, original: Any, mode: str, method: str, mask: list[int]
                 undo.callback(cache_dit.disable_cache, pipe)  # first: it also undoes an enable_cache that failed halfway
                 cache_dit.enable_cache(pipe, cache_config=f1b0_static_mask(steps, mask))
             undo.callback(setattr, pipe, "transformer", original)
-            pipe.transformer = original if mode == "eager" else torch.compile(original, backend=backend)
+            pipe.transformer = torch.compile(original, backend=backend) if mode == "compile" else original
+            if mode == "regional":  # diffusers' regional compilation: each block compiled in place
+                undo.callback(uncompile_blocks, original)
+                original.compile_repeated_blocks(backend=backend)
             handle = None
             if method in SMOOTHCACHE:
                 keys, forecast = SMOOTHCACHE[method]
@@ -211,6 +216,13 @@ def configured(pipe: Any, original: Any, mode: str, method: str, mask: list[int]
             yield handle
     finally:
         torch._dynamo.reset()
+
+
+def uncompile_blocks(model: torch.nn.Module) -> None:
+    """Undo ``compile_repeated_blocks``: ``Module.compile`` compiles in place, keeping the compiled
+    call on the module itself, and torch offers no call that takes it away."""
+    for module in model.modules():
+        module._compiled_call_impl = None
 
 
 def measure(generate: Callable[[], Any], setup: contextlib.AbstractContextManager[Any], device: str) -> dict[str, Any]:
@@ -234,7 +246,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--size", choices=tuple(SIZES), help="default: narrow on the CPU, full on a GPU")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled rows (eager: dynamo only)")
-    parser.add_argument("--modes", nargs="+", choices=("eager", "compile"), default=["eager", "compile"])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="compile: the transformer compiled whole; regional: each block compiled on its own "
+                             "(diffusers' compile_repeated_blocks)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="uncached is always measured: the rises are above it")
     args = parser.parse_args(argv)

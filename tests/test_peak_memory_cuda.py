@@ -24,7 +24,7 @@ pytest.importorskip("cache_dit")
 def test_the_gpu_count_sees_what_each_cache_holds(tmp_path):
     path = peak_memory.main(["--device", "cuda", "--size", "tiny", "--backend", "eager", "--out", str(tmp_path)])
     rows = {(r["mode"], r["method"]): r for r in json.loads(path.read_text())["rows"]}
-    for mode in ("eager", "compile"):
+    for mode in peak_memory.MODES:
         for method in ("blocks", "layers", "blocks-forecast"):
             row = rows[mode, method]
             # exact: one tiny hidden state (128 tokens x 96 x bf16, 24,576 bytes) is whole 512-byte allocator blocks

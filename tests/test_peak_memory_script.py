@@ -1,6 +1,6 @@
 """benchmarks/peak_memory.py end to end on a small, narrow WanPipeline (guidance as two model calls a step),
-eager and compiled whole with dynamo's eager backend: each cache's peak rises above uncached by at
-most what it keeps, and it keeps one hidden state per call slot (whole blocks: one chain), two with
+eager, compiled whole and compiled block by block with dynamo's eager backend: each cache's peak rises
+above uncached by at most what it keeps, and it keeps one hidden state per call slot (whole blocks: one chain), two with
 forecasting (the last two residuals), or one per layer and slot (attn1 + ffn); the measure sees what
 each method holds between generations, cache-dit's too."""
 
@@ -23,10 +23,10 @@ def test_each_cache_peaks_at_most_what_it_keeps_above_uncached(tmp_path):
     assert path.name == "peak-memory-wan-cpu.json" and path.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     rows = {(r["mode"], r["method"]): r for r in result["rows"]}
     methods = ("uncached", "blocks", "layers", "blocks-forecast", "cache-dit")
-    assert list(rows) == [(mode, method) for mode in ("eager", "compile") for method in methods]
+    assert list(rows) == [(mode, method) for mode in peak_memory.MODES for method in methods]
     assert result["versions"]["cache-dit"] == "1.5.3"
     layers = peak_memory.WAN_NARROW["num_layers"]
-    for mode in ("eager", "compile"):
+    for mode in peak_memory.MODES:
         assert rows[mode, "uncached"]["peak_bytes"] > 0 and rows[mode, "uncached"]["kept_bytes"] == 0
         assert rows[mode, "blocks"]["kept_in_hidden_states"] == 2  # one residual per call slot
         assert rows[mode, "layers"]["kept_in_hidden_states"] == 2 * 2 * layers  # attn1 and ffn, per block and slot
