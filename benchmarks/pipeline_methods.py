@@ -96,11 +96,26 @@ def compile_transformer_of(pipe: Any, compile_mode: str, backend: str, undo: lis
     undoing appended to ``undo``; how, in words."""
     if not is_compiled(compile_mode):
         return None
+    if compile_mode == "regional":
+        return compile_blocks_of(pipe.transformer, backend, undo)
     mode = {"mode": "reduce-overhead"} if compile_mode == "cudagraphs" and backend == "inductor" else {}
     pipe.transformer = torch.compile(pipe.transformer, backend=backend, **mode)
     undo.append(lambda: setattr(pipe, "transformer", unwrapped(pipe.transformer)))
     shown = ", mode='reduce-overhead'" if mode else ""
     return f"pipe.transformer = torch.compile(pipe.transformer, backend={backend!r}{shown})"
+
+
+def compile_blocks_of(transformer: Any, backend: str, undo: list[Callable[[], Any]]) -> str:
+    """Regional compile, each block compiled in place: diffusers' ``compile_repeated_blocks`` where
+    the model names its repeated blocks (Flux, Wan), else each of ``transformer_blocks`` (DiT names
+    none); undone by taking every module's compiled call away (torch has no call for it)."""
+    undo.append(lambda: [setattr(module, "_compiled_call_impl", None) for module in transformer.modules()])
+    if getattr(transformer, "_repeated_blocks", None):
+        transformer.compile_repeated_blocks(backend=backend)
+        return f"pipe.transformer.compile_repeated_blocks(backend={backend!r})"
+    for block in transformer.transformer_blocks:
+        block.compile(backend=backend)
+    return f"block.compile(backend={backend!r}) for each block of pipe.transformer.transformer_blocks"
 
 
 def undo_all(undo: Sequence[Callable[[], Any]], errors: list[str]) -> None:

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from pipeline_settings import (
     BLOCKS,
     CACHE_DIT,
-    DEFAULT_COMPILES,
+    COLUMNS,
     LAYERS,
     METHOD_TAGS,
     METHODS,
@@ -151,7 +151,7 @@ def column_verdict(rows: Sequence[dict[str, Any]], compile_mode: str, batch: int
 def targets(rows: Sequence[dict[str, Any]], model: str) -> dict[str, Any]:
     """Issue 20's verdict from ``rows`` (as ``with_speedups`` gives them; untimed rows are left out).
 
-    One entry per column, a user's compile setting (eager, compile, cudagraphs) and batch; step-graph
+    One entry per column, a user's compile setting (``COLUMNS``) and batch; step-graph
     rows count in the setting they stand in for, as smoothcache configurations. The baseline is the
     column's fastest plain uncached row, prefetch off or on, not the step-graph uncached rows
     (smoothcache's own feature): conservative on purpose, every ``speedup`` here is against the best
@@ -161,7 +161,7 @@ def targets(rows: Sequence[dict[str, Any]], model: str) -> dict[str, Any]:
     ratio with both at their ideal speedups (FLOPs only: where a step-graph row is the fastest, the
     measured ratio also holds the graphs' gain, which no FLOP count does). ``one_process`` says whether the baseline and both
     fastest rows came from one file (``from_file``, set by ``merge``). Missing data gives None."""
-    columns = sorted({column_of(r) for r in rows}, key=lambda c: (DEFAULT_COMPILES.index(c[0]), -c[1]))
+    columns = sorted({column_of(r) for r in rows}, key=lambda c: (COLUMNS.index(c[0]), -c[1]))
     timed = [r for r in rows if r.get("ms") is not None]
     diffs = [r["max_abs_diff_vs_plain_path"] for r in rows if r.get("max_abs_diff_vs_plain_path") is not None]
     return {

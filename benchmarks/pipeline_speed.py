@@ -65,7 +65,9 @@ given to smoothcache unchanged.
 Compile settings: ``eager``; ``compile``, the transformer compiled whole (``pipe.transformer =
 torch.compile(pipe.transformer)``, default mode); ``cudagraphs``, the same with
 ``mode="reduce-overhead"`` (which is ``options={"triton.cudagraphs": True}``, the form cache-dit's
-docs/user_guide/CUDA_GRAPH.md shows). Each library is combined with compile its documented way:
+docs/user_guide/CUDA_GRAPH.md shows); ``regional`` (not a default, name it), each block compiled on its
+own, default mode (diffusers' ``compile_repeated_blocks``; DiT names no repeated blocks, so each of its
+``transformer_blocks``). Each library is combined with compile its documented way:
 smoothcache caches the compiled pipeline (docs/speed.md; its hooks sit on the model inside the
 wrapper, as ``smoothcache bench --compile`` does); cache-dit is enabled first, then the transformer
 compiled (cache-dit's docs/user_guide/COMPILE.md). Every configuration, or in-turn cell, starts
@@ -331,12 +333,13 @@ from smoothcache.files import atomic_write_text
 def cells(model: str, compiles: Sequence[str], batches: Sequence[int]) -> list[tuple[str, int]]:
     """The (compile, batch) cells, most wanted first (issue 20): DiT, CUDA graphs at each batch
     (largest first), step graphs on compile at each, compile at the largest, eager at each, step
-    graphs on eager at each, compile at the others; Flux and Wan, the settings in ``COMPILES`` order."""
+    graphs on eager at each, compile at the others, regional compile at each; Flux and Wan, the
+    settings in ``COMPILES`` order."""
     big_first = sorted(set(batches), reverse=True)
     if model == "dit":
         order = [("cudagraphs", b) for b in big_first] + [("graphs", b) for b in big_first] + [("compile", big_first[0])]
         order += [("eager", b) for b in big_first] + [("eager-graphs", b) for b in big_first]
-        order += [("compile", b) for b in big_first[1:]]
+        order += [("compile", b) for b in big_first[1:]] + [("regional", b) for b in big_first]
     else:
         order = [(c, b) for c in COMPILES for b in big_first]
     return [cell for cell in order if cell[0] in compiles]
@@ -669,6 +672,8 @@ class Runner:
                 "cache-dit": "cache_dit.enable_cache(pipe, ...), then pipe.transformer = torch.compile(pipe.transformer"
                              "[, mode='reduce-overhead']) (cache-dit docs/user_guide/COMPILE.md; reduce-overhead is "
                              "options={'triton.cudagraphs': True}, its docs/user_guide/CUDA_GRAPH.md)",
+                "regional": "pipe.transformer.compile_repeated_blocks() (DiT: block.compile() for each of its "
+                            "transformer_blocks) in place of torch.compile(pipe.transformer), in the same order",
                 "every configuration": "torch._dynamo.reset() before and after; under compile each pipe(...) call "
                                        "follows torch.compiler.cudagraph_mark_step_begin()",
             },

@@ -102,7 +102,9 @@ def check_rows(result: dict[str, Any]) -> None:
             smoothcache_ideal = next(r["ideal_speedup"] for r in rows if r["method"] == "smoothcache blocks"
                                      and r["batch"] == row["batch"])
             assert row["ideal_speedup"] < smoothcache_ideal
-        if row["compile"] != "eager":
+        if row["compile"] == "regional":
+            assert "compile_repeated_blocks(" in row["how"] or "block.compile(" in row["how"]
+        elif row["compile"] != "eager":
             assert "torch.compile(pipe.transformer" in row["how"]
 
 
@@ -129,6 +131,22 @@ def test_dit_rows_compiled_each_library_its_documented_way(run):
     how = {r["method"]: r["how"] for r in result["rows"]}
     assert how["cache-dit F1B0 static mask"].startswith("cache_dit.enable_cache")  # then compiled
     assert how["smoothcache blocks"].startswith("pipe.transformer = torch.compile")  # then cached
+
+
+@pytest.mark.parametrize("model", ["dit", "wan"])
+def test_regional_compile_compiles_each_block_and_gives_every_method_its_own_graphs(run, model):
+    """Each block compiled on its own (diffusers' compile_repeated_blocks; DiT's transformer_blocks):
+    every method timed with nothing compiled while timed, smoothcache's chain keeping one residual
+    per call slot as it does compiled whole, and the blocks uncompiled afterwards."""
+    (result,) = run("--model", model, "--compile", "regional", "compile", "--batches", "1", "--prefetch", "off",
+                    "--backend", "eager", "--no-in-turn", "--methods", "blocks", "cache-dit")
+    rows = {(r["compile"], r["method"]): r for r in result["rows"]}
+    for row in rows.values():
+        assert "error" not in row and row["graphs_compiled_while_timed"] == 0 and row["recompiles_while_timed"] == 0, row
+    regional, whole = rows["regional", "smoothcache blocks"], rows["compile", "smoothcache blocks"]
+    assert regional["kept_mib"] == whole["kept_mib"] > 0
+    assert rows["regional", "uncached"]["how"].startswith("pipe.transformer.compile_repeated_blocks(" if model == "wan"
+                                                          else "block.compile(")
 
 
 def test_nothing_starts_past_the_budget_and_parts_of_runs_merge_cell_by_cell(run, tmp_path):
