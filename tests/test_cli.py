@@ -330,6 +330,44 @@ def test_bench_compiles_the_transformer_measures_the_ideal_eagerly_and_compiles_
     assert "torch.compile model" in capsys.readouterr().out
 
 
+def test_bench_compiles_each_block_on_its_own_under_regional_and_compiles_nothing_while_timed(
+    one_block_dir, tmp_path, capsys, monkeypatch
+):
+    """--compile regional: each of DiT's transformer_blocks compiled in place (DiT names no repeated
+    blocks for diffusers' compile_repeated_blocks); whole blocks cached, nothing compiled while timed."""
+    schedule, out = tmp_path / "s.json", tmp_path / "bench.json"
+    Schedule.fixed_interval(["block"], 10, 2).save(schedule)
+    compiled: list[object] = []
+    real_compile = torch.compile
+
+    def compile_with_dynamo_only(model, *args, **kwargs):
+        compiled.append(model)
+        return real_compile(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_with_dynamo_only)
+    from torch._dynamo.utils import counters
+
+    compiled_while_timed = []
+    real_timed = smoothcache.bench.timed
+
+    def counting_timed(fn, device):
+        before = counters["frames"]["total"]
+        result = real_timed(fn, device)
+        compiled_while_timed.append(counters["frames"]["total"] - before)
+        return result
+
+    monkeypatch.setattr(smoothcache.bench, "timed", counting_timed)
+    torch._dynamo.reset()
+    assert main(["bench", "--model", str(one_block_dir), "--schedule", str(schedule), "--classes", "1,2",
+                 "--repeats", "2", "--compile", "regional", "--out", str(out)]) == 0
+    torch._dynamo.reset()
+    (result,) = json.loads(out.read_text())["cells"]
+    assert [type(getattr(fn, "__self__", None)).__name__ for fn in compiled] == ["BasicTransformerBlock"]  # the one block
+    assert compiled_while_timed == [0, 0, 0, 0] and result["compile"] == "regional"
+    assert result["ideal_speedup"] > 1 and result["speedup"] > 0
+    assert "torch.compile regional" in capsys.readouterr().out
+
+
 def test_bench_times_one_cell_per_compile_setting_and_batch_size(one_block_dir, tmp_path, capsys, monkeypatch):
     """--compile none model --batch-sizes 1 3: four cells, each against its own uncached runs; the
     transformer is compiled afresh per setting (dynamo only here) and put back at the end."""

@@ -195,7 +195,8 @@ STEP_GRAPHS_WARMUP = 3
 FEWEST_WARMUPS_COMPILED = 1
 FEWEST_WARMUPS_CUDA_GRAPHS = 2
 # the same per ``smoothcache bench --compile`` setting (eager needs one: the first run allocates and loads kernels)
-FEWEST_WARMUPS = {"none": 1, "model": FEWEST_WARMUPS_COMPILED, "model-cudagraphs": FEWEST_WARMUPS_CUDA_GRAPHS}
+FEWEST_WARMUPS = {"none": 1, "model": FEWEST_WARMUPS_COMPILED, "model-cudagraphs": FEWEST_WARMUPS_CUDA_GRAPHS,
+                  "regional": FEWEST_WARMUPS_COMPILED}
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:

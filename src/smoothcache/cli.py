@@ -348,6 +348,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     transformer, cells = pipe.transformer, []
     for compile_setting in dict.fromkeys(args.compile):
         torch._dynamo.reset()  # the last setting's graphs: each setting compiles afresh
+        _uncompile_blocks(transformer)  # (regional compiles in place)
         pipe.transformer = _compiled(transformer, compile_setting)
         for batch in batches:
             request = _request_of_size(requests, batch)
@@ -362,6 +363,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             cells.append(cell)
             _print_bench_cell(args, schedule, cell, prefetch)
     pipe.transformer = transformer
+    _uncompile_blocks(transformer)
     if len(cells) > 1:
         print(bench_cells_table(cells))
     if args.out:
@@ -378,7 +380,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # warm-up runs of each (uncached, cached) before timing, per --compile setting, unless --warmups: a
 # margin over the fewest (smoothcache.bench.FEWEST_WARMUPS), a few seconds on a small model
-BENCH_WARMUPS = {"none": 1, "model": 3, "model-cudagraphs": 3}
+BENCH_WARMUPS = {"none": 1, "model": 3, "model-cudagraphs": 3, "regional": 3}
 
 
 def _bench_warmups(args: argparse.Namespace, setting: str) -> int:
@@ -417,12 +419,30 @@ def _prefetch_if_asked(args: argparse.Namespace, pipe: Any) -> Any:
 
 
 def _compiled(transformer: Any, setting: str) -> Any:
-    """The transformer as diffusers' docs compile it: wrapped whole (``model-cudagraphs``: with CUDA graphs)."""
+    """The transformer as diffusers' docs compile it: wrapped whole (``model-cudagraphs``: with CUDA
+    graphs), or each repeated block in place (``regional``: ``compile_repeated_blocks``; a model that
+    names none, as DiT, each of its ``transformer_blocks``)."""
     if setting == "none":
         return transformer
     import torch
 
+    if setting == "regional":
+        if getattr(transformer, "_repeated_blocks", None):
+            transformer.compile_repeated_blocks()
+        elif isinstance(getattr(transformer, "transformer_blocks", None), torch.nn.ModuleList):
+            for block in transformer.transformer_blocks:
+                block.compile()
+        else:
+            raise ValueError(f"--compile regional: {type(transformer).__name__} names no repeated blocks "
+                             "(_repeated_blocks) and has no transformer_blocks; use --compile model")
+        return transformer
     return torch.compile(transformer, mode="reduce-overhead" if setting == "model-cudagraphs" else None)
+
+
+def _uncompile_blocks(transformer: Any) -> None:
+    """Undo ``--compile regional``: ``Module.compile`` keeps the compiled call on each module."""
+    for module in transformer.modules():
+        module._compiled_call_impl = None
 
 
 def _request_of_size(requests: list[Any], size: int) -> Any:
@@ -753,9 +773,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=positive_int, default=3, help="timed runs of each, interleaved (the median counts)")
     bench.add_argument("--forecast", choices=["none", "linear"],
                        help="time the cache with forecast='linear' (default: as the schedule was planned, else none)")
-    bench.add_argument("--compile", nargs="+", choices=["none", "model", "model-cudagraphs"], default=["none"],
+    bench.add_argument("--compile", nargs="+", choices=["none", "model", "model-cudagraphs", "regional"], default=["none"],
                        help="time both runs with the transformer under torch.compile (model-cudagraphs: "
-                       "mode='reduce-overhead'), after three warm-ups each (--warmups); several settings: one cell each")
+                       "mode='reduce-overhead'; regional: each block compiled on its own, diffusers' "
+                       "compile_repeated_blocks), after three warm-ups each (--warmups); several settings: one cell each")
     bench.add_argument("--warmups", type=positive_int,
                        help="warm-up runs of each before timing (default: 1, compiled 3; at least 2 with "
                        "model-cudagraphs): fewer save minutes on a large model")
