@@ -23,7 +23,8 @@ peak's worth by design; a rise above it is memory the cache's bookkeeping costs 
     # the shape of issue 20's Wan batch-8 cells (81 frames, batch 8), compiled, against cache-dit in one process
     python3 benchmarks/peak_memory.py --device cuda --size wan-b8 --modes compile regional eager --methods uncached blocks cache-dit --out "$OUT/peak-b8"
 
-Writes peak-memory-wan-DEVICE.json and .png into --out.
+Writes peak-memory-wan-DEVICE.json and .png into --out after every configuration: a run cut short (a
+GPU lease running out) keeps what it measured, ``"complete": false``. Modes run in the order given.
 """
 
 from __future__ import annotations
@@ -270,46 +271,54 @@ def main(argv: Sequence[str] | None = None) -> Path:
     # every configuration then starts alike: the scheduler holds a generation's last outputs, and the
     # GPU's libraries have their workspaces (else counted against the first configuration alone)
     generate()
-    rows = []
-    for mode in args.modes:
-        for method in args.methods:
-            setup = configured(pipe, original, mode, method, mask, size["steps"], args.backend)
-            row = {"mode": mode, "method": method, **measure(generate, setup, args.device)}
-            if method == "uncached":
-                row["kept_bytes"] = 0
-            rows.append(row)
-            print(line(row, hidden), flush=True)
-    for row in rows:
-        uncached = next(r for r in rows if r["mode"] == row["mode"] and r["method"] == "uncached")
-        row["rise_over_uncached_bytes"] = row["peak_bytes"] - uncached["peak_bytes"]
-        row["rise_in_hidden_states"] = row["rise_over_uncached_bytes"] / hidden
-        # on the CPU every configuration holds the scheduler's state (UniPC's last outputs) anew: above uncached, not
-        row["held_over_uncached_bytes"] = row["held_bytes"] - uncached["held_bytes"]
-        row["held_in_hidden_states"] = row["held_over_uncached_bytes"] / hidden
-        row["kept_in_hidden_states"] = None if row["kept_bytes"] is None else row["kept_bytes"] / hidden
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.machine()})"
     versions = {"torch": torch.__version__, "diffusers": importlib.metadata.version("diffusers"),
                 "smoothcache": smoothcache.__version__}
     if CACHE_DIT in args.methods:
         versions[CACHE_DIT] = importlib.metadata.version("cache-dit")
+    rows: list[dict[str, Any]] = []
     result = {
         "benchmark": "peak_memory.py", "device": device, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "versions": versions,
         "settings": {"size": size_name, **{k: v for k, v in size.items() if k != "config"}, "transformer": size["config"],
                      "guidance_scale": GUIDANCE, "text_tokens": TEXT_TOKENS, "mask": mask, "backend": args.backend,
+                     "modes": args.modes, "methods": args.methods,
                      "hidden_state_bytes": hidden, "cache-dit": "DBCacheConfig(Fn_compute_blocks=1, "
                      "Bn_compute_blocks=0, steps_computation_mask=mask, steps_computation_policy='static'), "
                      "enable_cache(pipe) before torch.compile", "measured": "the third generation of each "
                      "configuration: its peak allocated and what was allocated as it began (held), above what was "
                      "allocated before the configuration was set up"},
+        "complete": False,  # written after every row: a run cut short keeps what it measured
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"peak-memory-wan-{args.device}.json"
-    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
-    plot(result, path.with_suffix(".png"))
+    for mode in args.modes:
+        for method in args.methods:  # uncached first: the rows after it are counted above it
+            setup = configured(pipe, original, mode, method, mask, size["steps"], args.backend)
+            row = {"mode": mode, "method": method, **measure(generate, setup, args.device)}
+            if method == "uncached":
+                row["kept_bytes"] = 0
+            rows.append(above_uncached(row, next(r for r in rows + [row] if r["mode"] == mode and r["method"] == "uncached"),
+                                       hidden))
+            print(line(row, hidden), flush=True)
+            result["complete"] = len(rows) == len(args.modes) * len(args.methods)
+            atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+            if any(r["method"] != "uncached" for r in rows):
+                plot(result, path.with_suffix(".png"))
     print(path)
     return path
+
+
+def above_uncached(row: dict[str, Any], uncached: dict[str, Any], hidden: int) -> dict[str, Any]:
+    """``row`` with its peak and held bytes above its mode's uncached row, also in hidden states."""
+    row["rise_over_uncached_bytes"] = row["peak_bytes"] - uncached["peak_bytes"]
+    row["rise_in_hidden_states"] = row["rise_over_uncached_bytes"] / hidden
+    # on the CPU every configuration holds the scheduler's state (UniPC's last outputs) anew: above uncached, not
+    row["held_over_uncached_bytes"] = row["held_bytes"] - uncached["held_bytes"]
+    row["held_in_hidden_states"] = row["held_over_uncached_bytes"] / hidden
+    row["kept_in_hidden_states"] = None if row["kept_bytes"] is None else row["kept_bytes"] / hidden
+    return row
 
 
 def line(row: dict[str, Any], hidden: int) -> str:

@@ -24,7 +24,7 @@ def test_each_cache_peaks_at_most_what_it_keeps_above_uncached(tmp_path):
     rows = {(r["mode"], r["method"]): r for r in result["rows"]}
     methods = ("uncached", "blocks", "layers", "blocks-forecast", "cache-dit")
     assert list(rows) == [(mode, method) for mode in peak_memory.MODES for method in methods]
-    assert result["versions"]["cache-dit"] == "1.5.3"
+    assert result["versions"]["cache-dit"] == "1.5.3" and result["complete"]
     layers = peak_memory.WAN_NARROW["num_layers"]
     for mode in peak_memory.MODES:
         assert rows[mode, "uncached"]["peak_bytes"] > 0 and rows[mode, "uncached"]["kept_bytes"] == 0
@@ -39,6 +39,25 @@ def test_each_cache_peaks_at_most_what_it_keeps_above_uncached(tmp_path):
         dit = rows[mode, "cache-dit"]
         assert dit["kept_bytes"] is None and 4 <= dit["held_in_hidden_states"] < 5
         assert dit["rise_over_uncached_bytes"] >= dit["held_over_uncached_bytes"] > rows[mode, "blocks"]["kept_bytes"]
+
+
+def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    real_measure, measured = peak_memory.measure, []
+
+    def measure_two(*args, **kwargs):
+        if len(measured) == 2:
+            raise KeyboardInterrupt  # the lease ran out
+        measured.append(1)
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(peak_memory, "measure", measure_two)
+    with pytest.raises(KeyboardInterrupt):
+        peak_memory.main(["--size", "tiny", "--backend", "eager", "--modes", "eager", "--methods", "blocks", "layers",
+                          "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "peak-memory-wan-cpu.json").read_text())
+    assert not result["complete"] and [r["method"] for r in result["rows"]] == ["uncached", "blocks"]
+    assert result["rows"][1]["held_over_uncached_bytes"] == result["rows"][1]["kept_bytes"] > 0
+    assert (tmp_path / "peak-memory-wan-cpu.png").exists()
 
 
 def test_uncached_is_always_measured_and_a_missing_peer_is_named(tmp_path, monkeypatch, capsys):
