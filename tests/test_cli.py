@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -291,79 +293,70 @@ def test_bench_reports_speedup_ideal_and_warns_when_caching_gains_nothing(pipeli
     assert json.loads(out.read_text())["cells"][0]["compute_fraction"] == pytest.approx(0.6)
 
 
-def test_bench_compiles_the_transformer_measures_the_ideal_eagerly_and_compiles_nothing_while_timed(
-    one_block_dir, tmp_path, capsys, monkeypatch
-):
-    """--compile wraps the transformer whole (dynamo only here: inductor would make this slow);
-    the FLOP count runs eagerly, and after the warm-up no graph is compiled."""
-    schedule, out = tmp_path / "s.json", tmp_path / "bench.json"
-    Schedule.fixed_interval(["attn1", "ff"], 10, 2).save(schedule)
-    compiled: list[torch.nn.Module] = []
-    real_compile = torch.compile
+@dataclass
+class CompileCounts:
+    """What a bench under ``dynamo_only_compiles`` compiled: each ``torch.compile`` target, and the
+    frames dynamo compiled during each timed run."""
 
-    def compile_with_dynamo_only(model, mode=None):
-        compiled.append(model)
-        return real_compile(model, backend="eager")
+    compiled: list[object] = field(default_factory=list)
+    while_timed: list[int] = field(default_factory=list)
 
-    monkeypatch.setattr(torch, "compile", compile_with_dynamo_only)
-    torch._dynamo.reset()
-    args = ["bench", "--model", str(one_block_dir), "--schedule", str(schedule), "--classes", "1,2", "--repeats", "2",
-            "--compile", "model", "--out", str(out)]
+
+@pytest.fixture
+def dynamo_only_compiles(monkeypatch) -> Iterator[CompileCounts]:
+    """torch.compile with dynamo only (inductor would make these tests slow), counted."""
     from torch._dynamo.utils import counters
 
-    compiled_while_timed = []
-    real_timed = smoothcache.bench.timed
+    counts, real_compile, real_timed = CompileCounts(), torch.compile, smoothcache.bench.timed
+
+    def compile_with_dynamo_only(model, *args, **kwargs):
+        counts.compiled.append(model)
+        return real_compile(model, backend="eager")
 
     def counting_timed(fn, device):
         before = counters["frames"]["total"]
         result = real_timed(fn, device)
-        compiled_while_timed.append(counters["frames"]["total"] - before)
+        counts.while_timed.append(counters["frames"]["total"] - before)
         return result
 
+    monkeypatch.setattr(torch, "compile", compile_with_dynamo_only)
     monkeypatch.setattr(smoothcache.bench, "timed", counting_timed)
-    assert main(args) == 0
-    assert counters["frames"]["total"] > 0  # the warm-up compiled
     torch._dynamo.reset()
+    yield counts
+    torch._dynamo.reset()
+
+
+def test_bench_compiles_the_transformer_measures_the_ideal_eagerly_and_compiles_nothing_while_timed(
+    one_block_dir, tmp_path, capsys, dynamo_only_compiles
+):
+    """--compile wraps the transformer whole; the FLOP count runs eagerly, and after the warm-up no
+    graph is compiled."""
+    from torch._dynamo.utils import counters
+
+    schedule, out = tmp_path / "s.json", tmp_path / "bench.json"
+    Schedule.fixed_interval(["attn1", "ff"], 10, 2).save(schedule)
+    assert main(["bench", "--model", str(one_block_dir), "--schedule", str(schedule), "--classes", "1,2",
+                 "--repeats", "2", "--compile", "model", "--out", str(out)]) == 0
+    assert counters["frames"]["total"] > 0  # the warm-up compiled
     (result,) = json.loads(out.read_text())["cells"]
-    assert len(compiled) == 1 and compiled_while_timed == [0, 0, 0, 0]
+    assert len(dynamo_only_compiles.compiled) == 1 and dynamo_only_compiles.while_timed == [0, 0, 0, 0]
     assert result["ideal_speedup"] > 1 and result["speedup"] > 0
     assert "torch.compile model" in capsys.readouterr().out
 
 
 def test_bench_compiles_each_block_on_its_own_under_regional_and_compiles_nothing_while_timed(
-    one_block_dir, tmp_path, capsys, monkeypatch
+    one_block_dir, tmp_path, capsys, dynamo_only_compiles
 ):
     """--compile regional: each of DiT's transformer_blocks compiled in place (DiT names no repeated
     blocks for diffusers' compile_repeated_blocks); whole blocks cached, nothing compiled while timed."""
     schedule, out = tmp_path / "s.json", tmp_path / "bench.json"
     Schedule.fixed_interval(["block"], 10, 2).save(schedule)
-    compiled: list[object] = []
-    real_compile = torch.compile
-
-    def compile_with_dynamo_only(model, *args, **kwargs):
-        compiled.append(model)
-        return real_compile(model, backend="eager")
-
-    monkeypatch.setattr(torch, "compile", compile_with_dynamo_only)
-    from torch._dynamo.utils import counters
-
-    compiled_while_timed = []
-    real_timed = smoothcache.bench.timed
-
-    def counting_timed(fn, device):
-        before = counters["frames"]["total"]
-        result = real_timed(fn, device)
-        compiled_while_timed.append(counters["frames"]["total"] - before)
-        return result
-
-    monkeypatch.setattr(smoothcache.bench, "timed", counting_timed)
-    torch._dynamo.reset()
     assert main(["bench", "--model", str(one_block_dir), "--schedule", str(schedule), "--classes", "1,2",
                  "--repeats", "2", "--compile", "regional", "--out", str(out)]) == 0
-    torch._dynamo.reset()
     (result,) = json.loads(out.read_text())["cells"]
-    assert [type(getattr(fn, "__self__", None)).__name__ for fn in compiled] == ["BasicTransformerBlock"]  # the one block
-    assert compiled_while_timed == [0, 0, 0, 0] and result["compile"] == "regional"
+    compiled = [type(getattr(fn, "__self__", None)).__name__ for fn in dynamo_only_compiles.compiled]
+    assert compiled == ["BasicTransformerBlock"]  # its one block's call
+    assert dynamo_only_compiles.while_timed == [0, 0, 0, 0] and result["compile"] == "regional"
     assert result["ideal_speedup"] > 1 and result["speedup"] > 0
     assert "torch.compile regional" in capsys.readouterr().out
 
