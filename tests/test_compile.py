@@ -510,3 +510,54 @@ def test_after_one_generation_only_the_guards_that_tell_graphs_apart_are_needed(
         assert torch._dynamo.utils.counters["frames"]["total"] == frames
     assert all(torch.equal(output, checked) for output in unchecked)
     torch._dynamo.reset()
+
+
+def scaled_stream(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A forward pre-hook that changes the stream entering a block (as a steering hook would)."""
+    if args:
+        return (args[0] * 1.5, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * 1.5}
+
+
+@pytest.mark.parametrize("case", ["block hooks", "wrapped blocks", "calls marked by the first block"])
+def test_where_a_chain_cannot_run_around_compiled_blocks_they_keep_their_own_and_match_eager(case):
+    """Regional compile where running the chain around each block's compiled call would not be
+    exact: blocks with hooks of their own (the wrapper would see the stream before and after them),
+    blocks replaced by compiled wrappers (nothing in place to wrap), and the original DiT, whose
+    forward_with_cfg bypasses the model's hooks so that the first block marks each call from inside
+    (its decisions are set after a wrapper would read them). The chain is off there, each block keeps
+    its own, and the outputs match eager caching's."""
+    from conftest import OriginalStyleDiT, sample_loop
+
+    plan = (1, 0, 1, 0, 0, 1, 0, 1, 0, 1)
+    if case == "calls marked by the first block":
+        torch.manual_seed(0)
+        model = OriginalStyleDiT(depth=3).eval()
+        blocks = model.blocks
+        x, y = torch.randn(4, 6, 16), torch.tensor([0, 1, 4, 4])
+
+        def run() -> torch.Tensor:
+            with torch.no_grad():
+                return sample_loop(model.forward_with_cfg, x, len(plan), y=y, cfg_scale=4.0)
+        target = model
+    else:
+        pipe = make_dit_pipeline(num_layers=3)
+        blocks, target = pipe.transformer.transformer_blocks, pipe
+        if case == "block hooks":
+            for block in blocks:
+                block.register_forward_pre_hook(scaled_stream, with_kwargs=True)
+
+        def run() -> torch.Tensor:
+            return generate(pipe, steps=len(plan))
+    schedule = Schedule({"block": plan})
+    with smoothcache.cache(target, schedule) as handle:
+        eager, chained = run(), sum(handle.state.kept_bytes().values())
+    with fresh_compiler(), smoothcache.cache(target, schedule) as handle:
+        for i, block in enumerate(list(blocks)):  # after cache(): the next generation sees them compiled
+            if case == "wrapped blocks":
+                blocks[i] = torch.compile(block, backend="eager")
+            else:
+                block.compile(backend="eager")
+        for _ in range(2):
+            torch.testing.assert_close(run(), eager, rtol=1e-5, atol=1e-5)
+        assert sum(handle.state.kept_bytes().values()) > chained  # a residual or the states of each block

@@ -98,7 +98,7 @@ def step_anchor(model: nn.Module, first_layer_name: str, *, whole_block: bool = 
 
 def attach_step_hooks(
     model: nn.Module, anchor: nn.Module, on_model_call: Callable[..., None], *, pass_inputs: bool = False,
-    on_model_error: Callable[[], None] | None = None,
+    on_model_error: Callable[[], None] | None = None, on_anchor_call: Callable[..., None] | None = None,
 ) -> list[Callable[[], None]]:
     """Call ``on_model_call`` once at the start of every model call; return the undo functions.
 
@@ -108,14 +108,16 @@ def attach_step_hooks(
     For :class:`Experts`, each expert's call marks a model call. With ``pass_inputs``,
     ``on_model_call`` receives the call's positional and keyword arguments. ``on_model_error`` is
     called where a model call raised (its step is then unfinished: the caller starts over).
+    ``on_anchor_call``, where given, is called in place of ``on_model_call`` where the anchor marks
+    the call (the model's own hooks did not run).
     """
     inside_model = False
 
-    def mark(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def mark(args: tuple[Any, ...], kwargs: dict[str, Any], call: Callable[..., None] = on_model_call) -> None:
         if pass_inputs:
-            on_model_call(args, kwargs)
+            call(args, kwargs)
         else:
-            on_model_call()
+            call()
 
     def before_model(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         nonlocal inside_model
@@ -130,7 +132,7 @@ def attach_step_hooks(
 
     def before_anchor(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not inside_model:
-            mark(args, kwargs)
+            mark(args, kwargs, on_anchor_call or on_model_call)
 
     models = list(model.children()) if isinstance(model, Experts) else [model]
     handles = [anchor.register_forward_pre_hook(before_anchor, with_kwargs=True)]

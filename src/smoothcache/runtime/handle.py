@@ -157,6 +157,8 @@ class CacheHandle:
         self._warned_launch_bound = False  # see _warn_if_launch_bound
         self._chains: dict[int, BlockChain] = {}  # the plan's chains, made at enable
         self._chained_blocks: list[ChainedBlock] = []  # their blocks, for regional compile (see .regional)
+        self._anchor: torch.nn.Module | None = None  # the block whose pre-hook marks calls that bypass the model's hooks
+        self._marked_by_anchor = False  # while such a call is marked
         if getattr(model, "_parallel_config", None) is not None:  # diffusers' context parallelism
             from ..distributed import check_ranks_agree
 
@@ -193,10 +195,12 @@ class CacheHandle:
             )
         first = self.layers[0]
         anchor = step_anchor(self.target.model, first.name, whole_block=first.streams is not None)
+        self._anchor = anchor
         # the step bookkeeping is plain Python state: traced, it would put every counter in a guard
         on_model_call = torch.compiler.disable(self._before_model_call)
+        on_anchor_call = torch.compiler.disable(self._before_call_marked_by_anchor)
         self._restore.extend(attach_step_hooks(self.target.model, anchor, on_model_call, pass_inputs=True,
-                                               on_model_error=self._after_model_error))
+                                               on_model_error=self._after_model_error, on_anchor_call=on_anchor_call))
         logger.debug("SmoothCache enabled on %d layers under %d keys", len(self.state.outputs), len(self.schedule.keys))
         warn_if_past_recompile_limit(self.target.model, self.plan.patterns())
         return self
@@ -331,6 +335,15 @@ class CacheHandle:
             self.disable()
 
     # ---- per model call ---------------------------------------------------------------------
+    def _before_call_marked_by_anchor(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """A model call whose own hooks did not run (the original DiT's ``forward_with_cfg``): its
+        first block marked it, from inside that block's call."""
+        self._marked_by_anchor = True
+        try:
+            self._before_model_call(args, kwargs)
+        finally:
+            self._marked_by_anchor = False
+
     def _before_model_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         num_steps, state, me = self.schedule.num_steps, self.state, threading.get_ident()  # per model call: keep cheap
         running = state.thread is not None and state.last_step < num_steps - 1  # a generation is under way
@@ -427,7 +440,8 @@ class CacheHandle:
             )
         state.new_generation()
         compiled = compiled_anywhere(self.target.model)
-        route_chains(self.target.model, self._chained_blocks, state.whole_model_compiled[0])
+        route_chains(self.target.model, self._chained_blocks, state.whole_model_compiled[0], self._anchor,
+                     marked_by_anchor=self._marked_by_anchor)
         if compiled:
             # CUDA graphs (mode="reduce-overhead"): cudagraph trees recycle a replay's outputs when a
             # new generation starts, at every compiled call until this was called once, then only

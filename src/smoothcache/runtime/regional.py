@@ -10,8 +10,8 @@ call instead (:class:`CompiledBlockCall`): the graph holds the plain block, the 
 step, and the chain keeps what it keeps eagerly.
 
 :func:`route_chains` decides, at each generation's start, how every chain runs: traced in the
-model's one graph (compiled whole), around the blocks' own compiled calls, eagerly, or, where a
-block is traced inside some other compiled region, switched off (each block on its own again).
+model's one graph (compiled whole), around the blocks' own compiled calls, eagerly, or, where that
+would not be exact, switched off (each block on its own again, traced in its own graph).
 """
 
 from __future__ import annotations
@@ -76,25 +76,46 @@ class CompiledBlockCall:
         return get_config() if callable(get_config) else None
 
 
-def route_chains(model: nn.Module, blocks: Sequence[ChainedBlock], whole_model_compiled: bool) -> None:
+def route_chains(model: nn.Module, blocks: Sequence[ChainedBlock], whole_model_compiled: bool,
+                 anchor: nn.Module | None = None, *, marked_by_anchor: bool = False) -> None:
     """Set each chain on or off for the next generation and wrap or unwrap its blocks' compiled
-    calls: a model compiled whole traces every chain in its graph (no wrapping); otherwise a chain
-    runs eagerly, a block compiled on its own through its :class:`CompiledBlockCall`, unless one of
-    its blocks sits inside another compiled module, whose graph would trace the bookkeeping."""
+    calls. A model compiled whole traces every chain in its graph (no wrapping). Otherwise a chain
+    none of whose blocks runs compiled runs eagerly; one whose blocks are compiled in place runs
+    around their compiled calls (:class:`CompiledBlockCall`) where that is exact, else it is off and
+    each block keeps its own residual, traced in its own graph: where a block sits in another
+    compiled module (its graph would trace the bookkeeping), where a block has hooks of its own
+    (they would see the stream before and after it, not the chained forward; the ``anchor``'s step
+    hook aside), or where the generation's calls are marked by the ``anchor`` from inside its call
+    (``marked_by_anchor``: the model's own hooks do not run, so the first block's decisions are
+    set only inside it, after its wrapper has read them)."""
     chains: dict[int, list[ChainedBlock]] = {}
     for block in blocks:
         chains.setdefault(id(block.chain), []).append(block)
     for members in chains.values():
         chain = members[0].chain
-        chain.active = whole_model_compiled or not any(_inside_compiled(model, block.name) for block in members)
+        if whole_model_compiled or not any(_runs_compiled(model, block) for block in members):
+            chain.active, wrapped = True, False  # traced in the model's graph, or eager
+        else:
+            chain.active = wrapped = all(
+                _compiled_in_place_alone(model, block)
+                and _hooks_of(block.module) == (int(block.module is anchor), 0)
+                and not (block.module is anchor and marked_by_anchor)
+                for block in members
+            ) and not _global_hooks()
         for block in members:
-            compiled = block.module._compiled_call_impl
-            if not chain.active or whole_model_compiled or compiled is None:
+            if wrapped and block.module._compiled_call_impl is not None:
+                _wrap(block)
+            else:
                 _unwrap(block)
-            elif not (isinstance(compiled, CompiledBlockCall) and compiled.block is block):
-                if isinstance(compiled, CompiledBlockCall):  # another handle's, left behind
-                    compiled = compiled.compiled
-                block.module._compiled_call_impl = CompiledBlockCall(compiled, block)
+
+
+def _wrap(block: ChainedBlock) -> None:
+    compiled = block.module._compiled_call_impl
+    if isinstance(compiled, CompiledBlockCall):
+        if compiled.block is block:
+            return
+        compiled = compiled.compiled  # another handle's, left behind
+    block.module._compiled_call_impl = CompiledBlockCall(compiled, block)
 
 
 def unwrap_compiled_calls(blocks: Sequence[ChainedBlock]) -> None:
@@ -107,6 +128,31 @@ def _unwrap(block: ChainedBlock) -> None:
     call = block.module._compiled_call_impl
     if isinstance(call, CompiledBlockCall) and call.block is block:
         block.module._compiled_call_impl = call.compiled
+
+
+def _runs_compiled(model: nn.Module, block: ChainedBlock) -> bool:
+    """Whether the block runs inside some compiled region: its own, a module's above it, or a
+    compiled wrapper put in its place."""
+    return (block.module._compiled_call_impl is not None or _inside_compiled(model, block.name)
+            or model.get_submodule(block.name) is not block.module)
+
+
+def _compiled_in_place_alone(model: nn.Module, block: ChainedBlock) -> bool:
+    """Whether the block runs eagerly or compiled in place (``Module.compile``), in no other
+    compiled module and not replaced by a compiled wrapper (``blocks[i] = torch.compile(block)``)."""
+    return not _inside_compiled(model, block.name) and model.get_submodule(block.name) is block.module
+
+
+def _hooks_of(module: nn.Module) -> tuple[int, int]:
+    """The module's own forward pre-hooks and forward hooks."""
+    return len(module._forward_pre_hooks), len(module._forward_hooks)
+
+
+def _global_hooks() -> bool:
+    """Whether forward hooks are registered for every module (``register_module_forward_hook``)."""
+    from torch.nn.modules import module as torch_module
+
+    return any(getattr(torch_module, name, None) for name in ("_global_forward_pre_hooks", "_global_forward_hooks"))
 
 
 def _inside_compiled(model: nn.Module, name: str) -> bool:
