@@ -107,6 +107,14 @@ def test_keys_that_match_no_layer_are_an_error(dit_pipe):
         smoothcache.cache(object(), SKIPPING)
 
 
+def test_blocks_wrapped_by_torch_compile_are_refused_with_what_to_do_instead(dit_pipe):
+    blocks = dit_pipe.transformer.transformer_blocks
+    for i, block in enumerate(list(blocks)):
+        blocks[i] = torch.compile(block, backend="eager")
+    with pytest.raises(NoCacheableLayersError, match=r"its blocks are torch.compile wrappers .*compile_repeated_blocks"):
+        smoothcache.cache(dit_pipe, Schedule({"block": (1, 0)}))
+
+
 class TupleLayer(nn.Module):
     def __init__(self) -> None:
         super().__init__()

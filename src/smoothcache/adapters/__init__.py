@@ -460,6 +460,13 @@ def _nothing_found_message(model: nn.Module, components: Sequence[str], block_cl
             children = {child for child, _ in module.named_children()}
             blocks.setdefault(type(module).__name__, set()).update(children)
     where = f" in blocks of {[c.__name__ for c in block_classes]}" if block_classes else ""
+    if "OptimizedModule" in blocks:  # blocks[i] = torch.compile(block): the layers sit under _orig_mod
+        return (
+            f"No cacheable layer of {type(model).__name__} matches components {list(components)}: its blocks are "
+            "torch.compile wrappers (blocks[i] = torch.compile(block)). Cache the model first and compile it "
+            "afterwards, or compile the blocks in place (block.compile(), or diffusers' "
+            "transformer.compile_repeated_blocks()), which smoothcache caches as they are"
+        )
     if blocks:
         found = "; ".join(f"{cls} with children {sorted(children)}" for cls, children in blocks.items())
         hint = f"it has indexed blocks: {found}"
