@@ -49,6 +49,7 @@ from pipeline_methods import f1b0_static_mask
 from pipeline_workloads import WAN_2_1_T2V_1_3B, WAN_TINY, wan_pipeline
 
 import smoothcache
+from smoothcache.bench import compile_blocks, uncompile_blocks
 from smoothcache.files import atomic_write_text
 
 if TYPE_CHECKING:
@@ -208,7 +209,7 @@ def configured(pipe: Any, original: Any, mode: str, method: str, mask: list[int]
             pipe.transformer = torch.compile(original, backend=backend) if mode == "compile" else original
             if mode == "regional":  # diffusers' regional compilation: each block compiled in place
                 undo.callback(uncompile_blocks, original)
-                original.compile_repeated_blocks(backend=backend)
+                compile_blocks(original, backend=backend)
             handle = None
             if method in SMOOTHCACHE:
                 keys, forecast = SMOOTHCACHE[method]
@@ -217,13 +218,6 @@ def configured(pipe: Any, original: Any, mode: str, method: str, mask: list[int]
             yield handle
     finally:
         torch._dynamo.reset()
-
-
-def uncompile_blocks(model: torch.nn.Module) -> None:
-    """Undo ``compile_repeated_blocks``: ``Module.compile`` compiles in place, keeping the compiled
-    call on the module itself, and torch offers no call that takes it away."""
-    for module in model.modules():
-        module._compiled_call_impl = None
 
 
 def measure(generate: Callable[[], Any], setup: contextlib.AbstractContextManager[Any], device: str) -> dict[str, Any]:

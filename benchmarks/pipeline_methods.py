@@ -34,6 +34,7 @@ from torch import nn
 
 import smoothcache
 from smoothcache import Schedule
+from smoothcache.bench import compile_blocks, uncompile_blocks
 
 
 def unwrapped(model: nn.Module) -> nn.Module:
@@ -106,16 +107,9 @@ def compile_transformer_of(pipe: Any, compile_mode: str, backend: str, undo: lis
 
 
 def compile_blocks_of(transformer: Any, backend: str, undo: list[Callable[[], Any]]) -> str:
-    """Regional compile, each block compiled in place: diffusers' ``compile_repeated_blocks`` where
-    the model names its repeated blocks (Flux, Wan), else each of ``transformer_blocks`` (DiT names
-    none); undone by taking every module's compiled call away (torch has no call for it)."""
-    undo.append(lambda: [setattr(module, "_compiled_call_impl", None) for module in transformer.modules()])
-    if getattr(transformer, "_repeated_blocks", None):
-        transformer.compile_repeated_blocks(backend=backend)
-        return f"pipe.transformer.compile_repeated_blocks(backend={backend!r})"
-    for block in transformer.transformer_blocks:
-        block.compile(backend=backend)
-    return f"block.compile(backend={backend!r}) for each block of pipe.transformer.transformer_blocks"
+    """Regional compile (``smoothcache.bench.compile_blocks``), its undoing appended to ``undo``; how, in words."""
+    undo.append(lambda: uncompile_blocks(transformer))
+    return compile_blocks(transformer, backend=backend)
 
 
 def undo_all(undo: Sequence[Callable[[], Any]], errors: list[str]) -> None:

@@ -21,7 +21,8 @@ from .runtime import cache
 from .runtime.compile import compiled_anywhere, cuda_graphs_anywhere
 from .schedule import Schedule
 
-__all__ = ["BenchResult", "benchmark_schedule", "count_host_syncs", "diagnose", "timed", "unchecked"]
+__all__ = ["BenchResult", "benchmark_schedule", "compile_blocks", "count_host_syncs", "diagnose", "timed", "unchecked",
+           "uncompile_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +198,30 @@ FEWEST_WARMUPS_CUDA_GRAPHS = 2
 # the same per ``smoothcache bench --compile`` setting (eager needs one: the first run allocates and loads kernels)
 FEWEST_WARMUPS = {"none": 1, "model": FEWEST_WARMUPS_COMPILED, "model-cudagraphs": FEWEST_WARMUPS_CUDA_GRAPHS,
                   "regional": FEWEST_WARMUPS_COMPILED}
+
+
+def compile_blocks(transformer: torch.nn.Module, **compile_kwargs: Any) -> str:
+    """Regional compile, each block compiled in place (``Module.compile``): diffusers'
+    ``compile_repeated_blocks`` where the model names its repeated blocks (Flux, Wan), else each of
+    its ``transformer_blocks`` (DiT names none). Returns how, in words; undone by :func:`uncompile_blocks`."""
+    shown = "".join(f", {k}={v!r}" for k, v in compile_kwargs.items()).removeprefix(", ")
+    if getattr(transformer, "_repeated_blocks", None):
+        transformer.compile_repeated_blocks(**compile_kwargs)  # type: ignore[operator]
+        return f"pipe.transformer.compile_repeated_blocks({shown})"
+    blocks = getattr(transformer, "transformer_blocks", None)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        raise TypeError(f"{type(transformer).__name__} names no repeated blocks (_repeated_blocks) and has no "
+                         "transformer_blocks to compile one by one: compile it whole instead")
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return f"block.compile({shown}) for each block of pipe.transformer.transformer_blocks"
+
+
+def uncompile_blocks(model: torch.nn.Module) -> None:
+    """Undo :func:`compile_blocks`: ``Module.compile`` keeps the compiled call on each module, and
+    torch has no call that takes it away."""
+    for module in model.modules():
+        module._compiled_call_impl = None
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:

@@ -330,7 +330,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """One cell per compile setting and batch size: uncached against cached, in this process."""
     import torch
 
-    from .bench import benchmark_schedule
+    from .bench import benchmark_schedule, uncompile_blocks
     from .cli_pipelines import run_request
 
     schedule = Schedule.load(args.schedule)
@@ -348,7 +348,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     transformer, cells = pipe.transformer, []
     for compile_setting in dict.fromkeys(args.compile):
         torch._dynamo.reset()  # the last setting's graphs: each setting compiles afresh
-        _uncompile_blocks(transformer)  # (regional compiles in place)
+        uncompile_blocks(transformer)  # (regional compiles in place)
         pipe.transformer = _compiled(transformer, compile_setting)
         for batch in batches:
             request = _request_of_size(requests, batch)
@@ -363,7 +363,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             cells.append(cell)
             _print_bench_cell(args, schedule, cell, prefetch)
     pipe.transformer = transformer
-    _uncompile_blocks(transformer)
+    uncompile_blocks(transformer)
     if len(cells) > 1:
         print(bench_cells_table(cells))
     if args.out:
@@ -427,22 +427,14 @@ def _compiled(transformer: Any, setting: str) -> Any:
     import torch
 
     if setting == "regional":
-        if getattr(transformer, "_repeated_blocks", None):
-            transformer.compile_repeated_blocks()
-        elif isinstance(getattr(transformer, "transformer_blocks", None), torch.nn.ModuleList):
-            for block in transformer.transformer_blocks:
-                block.compile()
-        else:
-            raise ValueError(f"--compile regional: {type(transformer).__name__} names no repeated blocks "
-                             "(_repeated_blocks) and has no transformer_blocks; use --compile model")
+        from .bench import compile_blocks
+
+        try:
+            compile_blocks(transformer)
+        except TypeError as error:
+            raise ValueError(f"--compile regional: {error} (--compile model)") from error
         return transformer
     return torch.compile(transformer, mode="reduce-overhead" if setting == "model-cudagraphs" else None)
-
-
-def _uncompile_blocks(transformer: Any) -> None:
-    """Undo ``--compile regional``: ``Module.compile`` keeps the compiled call on each module."""
-    for module in transformer.modules():
-        module._compiled_call_impl = None
 
 
 def _request_of_size(requests: list[Any], size: int) -> Any:

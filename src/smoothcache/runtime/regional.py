@@ -93,15 +93,16 @@ def route_chains(model: nn.Module, blocks: Sequence[ChainedBlock], whole_model_c
         chains.setdefault(id(block.chain), []).append(block)
     for members in chains.values():
         chain = members[0].chain
-        if whole_model_compiled or not any(_runs_compiled(model, block) for block in members):
+        in_place = all(_compiled_in_place_alone(model, block) for block in members)
+        eager = in_place and all(block.module._compiled_call_impl is None for block in members)
+        if whole_model_compiled or eager:
             chain.active, wrapped = True, False  # traced in the model's graph, or eager
         else:
-            chain.active = wrapped = all(
-                _compiled_in_place_alone(model, block)
-                and _hooks_of(block.module) == (int(block.module is anchor), 0)
+            chain.active = wrapped = in_place and not _global_hooks() and all(
+                _hooks_of(block.module) == (int(block.module is anchor), 0)
                 and not (block.module is anchor and marked_by_anchor)
                 for block in members
-            ) and not _global_hooks()
+            )
         for block in members:
             if wrapped and block.module._compiled_call_impl is not None:
                 _wrap(block)
@@ -128,13 +129,6 @@ def _unwrap(block: ChainedBlock) -> None:
     call = block.module._compiled_call_impl
     if isinstance(call, CompiledBlockCall) and call.block is block:
         block.module._compiled_call_impl = call.compiled
-
-
-def _runs_compiled(model: nn.Module, block: ChainedBlock) -> bool:
-    """Whether the block runs inside some compiled region: its own, a module's above it, or a
-    compiled wrapper put in its place."""
-    return (block.module._compiled_call_impl is not None or _inside_compiled(model, block.name)
-            or model.get_submodule(block.name) is not block.module)
 
 
 def _compiled_in_place_alone(model: nn.Module, block: ChainedBlock) -> bool:
