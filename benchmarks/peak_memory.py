@@ -322,13 +322,28 @@ def line(row: dict[str, Any], hidden: int) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Per mode, each cached method's peak rise above uncached beside what it held as the measured
-    generation began (for smoothcache, what it keeps), in hidden states."""
+    """Left: per mode, each cached method's peak rise above uncached beside what it held as the measured
+    generation began (for smoothcache, what it keeps). Right: every method's peak per mode, uncached
+    included, since modes differ in the model's own activations as much as caches differ in what they
+    keep. Both in hidden states."""
     from smoothcache.plots import pyplot, save_figure
 
     plt = pyplot()
     cached = [r for r in result["rows"] if r["method"] != "uncached"]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(cached), 3.6))
+    modes = list(dict.fromkeys(r["mode"] for r in result["rows"]))
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    fig, (ax, peaks) = plt.subplots(2, 1, figsize=(max(6.0, 1.6 + 0.95 * len(cached)), 7.0))
+    rise_and_held(ax, cached)
+    peaks_by_mode(peaks, result, modes, methods)
+    settings = result["settings"]
+    fig.suptitle(f"WanPipeline ({settings['size']}), {result['device']}", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def rise_and_held(ax: Any, cached: list[dict[str, Any]]) -> None:
+    """Each cached row's peak rise above its mode's uncached row beside what it held as the measured
+    generation began: the two match where the cache's bookkeeping costs nothing."""
     positions = range(len(cached))
     rise = ax.bar([p - 0.2 for p in positions], [r["rise_in_hidden_states"] for r in cached], 0.4,
                   label="peak above uncached")
@@ -336,9 +351,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                   label="held between generations, above uncached")
     for bars in (rise, held):
         ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=1)
-    ax.set_xticks(list(positions), [f"{r['mode']}\n{r['method']}" for r in cached])
-    settings = result["settings"]
-    ax.set_title(f"WanPipeline ({settings['size']}), {result['device']}: peak rise vs held", fontsize=9)
+    ax.set_xticks(list(positions), [f"{r['mode']}\n{r['method']}" for r in cached], fontsize=8)
+    ax.set_title("peak rise vs held, above the same mode's uncached", fontsize=9)
     top = max(max(r["rise_in_hidden_states"], r["held_in_hidden_states"]) for r in cached)
     low = min(0.0, *(min(r["rise_in_hidden_states"], r["held_in_hidden_states"]) for r in cached))
     smallest = min((r["held_in_hidden_states"] for r in cached if r["held_in_hidden_states"] > 0), default=top)
@@ -346,12 +360,27 @@ def plot(result: dict[str, Any], path: Path) -> None:
     if logarithmic:
         ax.set_yscale("symlog", linthresh=1.0)
     ax.set_ylabel("hidden states (batch x tokens x dim)" + (",\nlogarithmic above 1" if logarithmic else ""),
-                  fontsize=8 if logarithmic else None)
+                  fontsize=8)
     ax.set_ylim(low, 12 * top if logarithmic else 1.3 * top if top > 0 else 1.0)  # room for the bar labels
     ax.axhline(0, color="grey", linewidth=0.8)
-    ax.legend(fontsize=8, loc="upper left", ncols=2)
-    fig.tight_layout()
-    save_figure(fig, path)
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def peaks_by_mode(ax: Any, result: dict[str, Any], modes: list[str], methods: list[str]) -> None:
+    """Every row's peak above what was allocated before its configuration was set up, grouped by mode:
+    which mode and method gives the lowest peak."""
+    hidden = result["settings"]["hidden_state_bytes"]
+    width = 0.8 / len(methods)
+    for index, method in enumerate(methods):
+        rows = {r["mode"]: r for r in result["rows"] if r["method"] == method}
+        xs = [m + (index - (len(methods) - 1) / 2) * width for m, mode in enumerate(modes) if mode in rows]
+        bars = ax.bar(xs, [rows[mode]["peak_bytes"] / hidden for mode in modes if mode in rows], width, label=method)
+        ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=1)
+    ax.set_xticks(range(len(modes)), modes, fontsize=8)
+    ax.set_title("peak per mode", fontsize=9)
+    ax.set_ylabel("hidden states above the configuration's start", fontsize=8)
+    ax.set_ylim(0, 1.2 * max(r["peak_bytes"] / hidden for r in result["rows"]))
+    ax.legend(fontsize=7, loc="upper left", ncols=len(methods))
 
 
 if __name__ == "__main__":
