@@ -60,6 +60,27 @@ def test_a_run_cut_short_keeps_the_rows_it_measured(tmp_path, monkeypatch):
     assert (tmp_path / "peak-memory-wan-cpu.png").exists()
 
 
+
+def test_the_plot_draws_every_rows_peak_per_mode_and_leaves_unmeasured_cells_out(tmp_path, monkeypatch):
+    """The second panel shows each row's own peak beside its mode's uncached one (modes differ in the
+    model's activations as much as caches in what they keep); a run cut short lacks bars, not panels."""
+    import smoothcache.plots
+
+    hidden = 1000
+    rows = [{"mode": mode, "method": method, "peak_bytes": peak, "held_bytes": held, "kept_bytes": held}
+            for mode, method, peak, held in [("compile", "uncached", 13000, 0), ("compile", "blocks", 15000, 2000),
+                                             ("regional", "uncached", 9000, 0)]]
+    uncached = {r["mode"]: r for r in rows if r["method"] == "uncached"}
+    result = {"device": "test", "settings": {"size": "wan-b8", "hidden_state_bytes": hidden},
+              "rows": [peak_memory.above_uncached(r, uncached[r["mode"]], hidden) for r in rows]}
+    figures = []
+    monkeypatch.setattr(smoothcache.plots, "save_figure", lambda fig, path: figures.append(fig))
+    peak_memory.plot(result, tmp_path / "plot.png")
+    rise_and_held, peaks = figures[0].axes
+    assert [round(b.get_height(), 3) for b in rise_and_held.patches] == [2.0, 2.0]  # blocks: rise, held
+    assert sorted(round(b.get_height(), 3) for b in peaks.patches) == [9.0, 13.0, 15.0]
+    assert [t.get_text() for t in peaks.get_xticklabels()] == ["compile", "regional"]
+
 def test_uncached_is_always_measured_and_a_missing_peer_is_named(tmp_path, monkeypatch, capsys):
     args = peak_memory.parse_args(["--out", str(tmp_path), "--methods", "cache-dit", "blocks"])
     assert args.methods == ["uncached", "blocks", "cache-dit"]
