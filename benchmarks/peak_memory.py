@@ -322,8 +322,8 @@ def line(row: dict[str, Any], hidden: int) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Left: per mode, each cached method's peak rise above uncached beside what it held as the measured
-    generation began (for smoothcache, what it keeps). Right: every method's peak per mode, uncached
+    """Top: per mode, each cached method's peak rise above uncached beside what it held as the measured
+    generation began (for smoothcache, what it keeps). Bottom: every method's peak per mode, uncached
     included, since modes differ in the model's own activations as much as caches differ in what they
     keep. Both in hidden states."""
     from smoothcache.plots import pyplot, save_figure
