@@ -43,9 +43,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import gpu_peers
 import torch
-from pipeline_methods import f1b0_static_mask
+from pipeline_methods import cache_dit_enabled
 from pipeline_workloads import WAN_2_1_T2V_1_3B, WAN_TINY, wan_pipeline
 
 import smoothcache
@@ -200,11 +199,7 @@ def configured(pipe: Any, original: Any, mode: str, method: str, mask: list[int]
     try:
         with contextlib.ExitStack() as undo:
             if method == CACHE_DIT:
-                import cache_dit
-
-                undo.callback(gpu_peers.restorer(original))  # cache-dit leaves its patched forward behind
-                undo.callback(cache_dit.disable_cache, pipe)  # first: it also undoes an enable_cache that failed halfway
-                cache_dit.enable_cache(pipe, cache_config=f1b0_static_mask(steps, mask))
+                undo.enter_context(cache_dit_enabled(pipe, steps, mask))
             undo.callback(setattr, pipe, "transformer", original)
             pipe.transformer = torch.compile(original, backend=backend) if mode == "compile" else original
             if mode == "regional":  # diffusers' regional compilation: each block compiled in place

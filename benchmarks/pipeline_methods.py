@@ -67,11 +67,9 @@ def configured(work: Workload, config: Config, backend: str) -> Iterator[Attache
 
     try:
         if config.method == CACHE_DIT:  # cache-dit's docs: enable_cache(pipe), then torch.compile
-            import cache_dit
-
-            undo.append(gpu_peers.restorer(pipe.transformer))
-            cache_dit.enable_cache(pipe, cache_config=f1b0_static_mask(work.steps, work.mask))
-            undo.append(lambda: cache_dit.disable_cache(pipe))
+            cache_dit_undo = contextlib.ExitStack()
+            cache_dit_undo.enter_context(cache_dit_enabled(pipe, work.steps, work.mask))
+            undo.append(cache_dit_undo.close)
             attached.how.append(CACHE_DIT_HOW)
         compile_transformer()
         if config.method in (BLOCKS, LAYERS):  # smoothcache's docs: cache the compiled pipeline
@@ -197,19 +195,29 @@ def cache_dit_on(work: Workload, prefetch: Any) -> Iterator[None]:
     is suspended around ``enable_cache`` (cache-dit then wraps the pipeline's own class and the
     device memo stays off, as for a user who enables cache-dit first); afterwards disabled, and the
     forward its ``disable_cache`` leaves on the transformer put back, so that no other method runs it."""
-    import cache_dit
-
-    pipe = work.pipe
     with contextlib.ExitStack() as undo:  # unwinds every step, even past one that fails
-        undo.callback(gpu_peers.restorer(pipe.transformer))
         if prefetch is not None:
             prefetch.disable()
             undo.callback(prefetch.enable)
-        cache_dit.enable_cache(pipe, cache_config=f1b0_static_mask(work.steps, work.mask))
-        undo.callback(silenced(cache_dit.disable_cache, "cache_dit.caching.cache_interface"), pipe)
+        undo.enter_context(cache_dit_enabled(work.pipe, work.steps, work.mask, quiet=True))
         if prefetch is not None:
             silenced(prefetch.enable, "smoothcache.device_once")()
             undo.callback(prefetch.disable)
+        yield
+
+
+@contextlib.contextmanager
+def cache_dit_enabled(pipe: Any, steps: int, mask: Sequence[int], *, quiet: bool = False) -> Iterator[None]:
+    """cache-dit's F1B0 static mask on ``pipe``, its documented way (``enable_cache(pipe)``), undone
+    afterwards: disabled (also after an ``enable_cache`` that failed halfway; ``quiet``: without the
+    line cache-dit logs), and the forward its ``disable_cache`` leaves on the transformer put back."""
+    import cache_dit
+
+    with contextlib.ExitStack() as undo:
+        undo.callback(gpu_peers.restorer(pipe.transformer))
+        disable = silenced(cache_dit.disable_cache, "cache_dit.caching.cache_interface") if quiet else cache_dit.disable_cache
+        undo.callback(disable, pipe)
+        cache_dit.enable_cache(pipe, cache_config=f1b0_static_mask(steps, mask))
         yield
 
 
