@@ -93,10 +93,10 @@ def route_chains(model: nn.Module, blocks: Sequence[ChainedBlock], whole_model_c
         chains.setdefault(id(block.chain), []).append(block)
     for members in chains.values():
         chain = members[0].chain
-        in_place = all(_compiled_in_place_alone(model, block) for block in members)
+        in_place = whole_model_compiled or all(_compiled_in_place_alone(model, block) for block in members)
         eager = in_place and all(block.module._compiled_call_impl is None for block in members)
         if whole_model_compiled or eager:
-            chain.active, wrapped = True, False  # traced in the model's graph, or eager
+            chain.active, wrapped = True, False  # traced in the model's graph (no path looked up), or eager
         else:
             chain.active = wrapped = in_place and not _global_hooks() and all(
                 _hooks_of(block.module) == (int(block.module is anchor), 0)
